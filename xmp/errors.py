@@ -1,0 +1,74 @@
+"""xmp's exception tree.
+
+One root, a few subclasses that carry fields and survive pickling (they
+cross process boundaries).  Errors say whose fault it was: ``LocalError``
+means this side misused an API; ``RemoteProtocolError`` means the peer
+(another domain, a shared page it writes) sent garbage -- the caller should
+disconnect that peer, not die.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class XmpError(Exception):
+    """Root of every error xmp raises on purpose."""
+
+    def __reduce__(self):
+        return (self.__class__, self.args)
+
+
+class LocalError(XmpError):
+    """The caller misused an API (wrong size, ring full, bad argument)."""
+
+
+class RemoteProtocolError(XmpError):
+    """The other end broke a protocol: e.g. a producer index claiming more
+    than a ring's worth of entries.  Disconnect that peer; serve the rest."""
+
+
+class RingFull(LocalError):
+    """No free slot: the producer must wait for the consumer."""
+
+
+class HypercallError(XmpError):
+    """A hypercall failed with a Xen errno (positive, as in errno.h)."""
+
+    def __init__(self, errno: int, op: str, detail: str = ""):
+        self.errno = errno
+        self.op = op
+        self.detail = detail
+        name = _errno.errorcode.get(errno, str(errno))
+        super().__init__(errno, op, detail)
+        self._msg = f"{op}: {name}" + (f" ({detail})" if detail else "")
+
+    def __str__(self) -> str:
+        return self._msg
+
+
+class GrantError(XmpError):
+    """A grant operation failed with a GNTST_* status."""
+
+    def __init__(self, domid: int, gref: int, status: int, op: str = "map_grant_ref"):
+        self.domid = domid
+        self.gref = gref
+        self.status = status
+        self.op = op
+        super().__init__(domid, gref, status, op)
+
+    def __str__(self) -> str:
+        from xmp.sharedmem.grant import gntst_name
+
+        return f"{self.op} of gref {self.gref} (granted by dom{self.domid}): {gntst_name(self.status)}"
+
+
+class DomainGone(XmpError):
+    """The domain no longer exists."""
+
+    def __init__(self, domid: int):
+        self.domid = domid
+        super().__init__(domid)
+
+    def __str__(self) -> str:
+        return f"domain {self.domid} is gone"

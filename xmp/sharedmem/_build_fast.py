@@ -1,0 +1,95 @@
+"""cffi (API mode) build of xmp's C fast path, ``xmp.sharedmem._fast``.
+
+Run by setuptools during ``pip install`` (see setup.py); the declarations
+below are the whole C interface Python may call.
+"""
+
+from pathlib import Path
+
+from cffi import FFI
+
+CDEF = """
+typedef struct {
+    uint8_t *sring;
+    uint32_t nr_ents;
+    uint32_t slot_size;
+    uint32_t prod_pvt;
+    uint32_t cons;
+    int back;
+} xmp_ring_t;
+
+uint32_t xmp_load32(const uint32_t *p);
+void xmp_store32(uint32_t *p, uint32_t v);
+void xmp_mb(void);
+
+void xmp_ring_init_shared(uint8_t *sring);
+uint32_t xmp_ring_free(const xmp_ring_t *r);
+int64_t xmp_ring_unconsumed(const xmp_ring_t *r);
+uint32_t xmp_ring_put(xmp_ring_t *r, const uint8_t *src, uint32_t n, uint32_t msg_size);
+int xmp_ring_push(xmp_ring_t *r);
+int64_t xmp_ring_get(xmp_ring_t *r, uint8_t *dst, uint32_t max, uint32_t msg_size);
+int64_t xmp_ring_final_check(xmp_ring_t *r);
+void xmp_ring_set_event(xmp_ring_t *r, uint32_t value);
+
+int64_t xmp_bytering_write(uint8_t *data, uint32_t size, uint32_t *cons_p,
+                           uint32_t *prod_p, const uint8_t *src, uint32_t len);
+int64_t xmp_bytering_read(uint8_t *data, uint32_t size, uint32_t *cons_p,
+                          uint32_t *prod_p, uint8_t *dst, uint32_t len);
+
+typedef struct { uint16_t flags; uint16_t domid; uint32_t frame; } xmp_grant_entry_t;
+typedef struct xmp_active_table xmp_active_table_t;
+typedef struct {
+    uint8_t *mem;
+    uint64_t mem_len;
+    xmp_grant_entry_t *tab;
+    uint32_t nr;
+    xmp_active_table_t *act;
+    uint32_t ref;
+    uint32_t offset;
+} xmp_copy_ptr_t;
+
+xmp_active_table_t *xmp_active_new(uint32_t nr);
+void xmp_active_free(xmp_active_table_t *t);
+uint32_t xmp_active_pins(xmp_active_table_t *t, uint32_t ref, int writers);
+void xmp_gnttab_grant(xmp_grant_entry_t *tab, uint32_t ref, uint16_t domid,
+                      uint32_t frame, int readonly);
+int xmp_gnttab_end_access(xmp_grant_entry_t *tab, uint32_t ref);
+int xmp_gnttab_make_readonly(xmp_grant_entry_t *tab, uint32_t ref);
+uint32_t xmp_gnttab_map(xmp_grant_entry_t *tab, uint32_t nr, xmp_active_table_t *act,
+                        const uint32_t *refs, uint32_t n, uint16_t mapper, int readonly,
+                        uint32_t *frames, int16_t *statuses);
+void xmp_gnttab_unmap(xmp_grant_entry_t *tab, xmp_active_table_t *act,
+                      const uint32_t *refs, uint32_t n, int readonly);
+int xmp_gnttab_copy(xmp_copy_ptr_t *src, xmp_copy_ptr_t *dst, uint32_t len, uint16_t caller);
+
+uint32_t xmp_evtchn_sizeof_upcall(void);
+int xmp_evtchn_init(uint8_t *ev, uint32_t nr_vcpus);
+void xmp_evtchn_destroy(uint8_t *ev, uint32_t nr_vcpus);
+int xmp_evtchn_send(uint8_t *ev, uint32_t port, uint32_t vcpu);
+void xmp_evtchn_mask(uint8_t *ev, uint32_t port);
+int xmp_evtchn_unmask(uint8_t *ev, uint32_t port, uint32_t vcpu);
+void xmp_evtchn_clear(uint8_t *ev, uint32_t port);
+int xmp_evtchn_is_pending(uint8_t *ev, uint32_t port);
+int xmp_evtchn_is_masked(uint8_t *ev, uint32_t port);
+uint32_t xmp_evtchn_scan(uint8_t *ev, uint32_t vcpu, uint32_t *ports, uint32_t max);
+int xmp_evtchn_wait(uint8_t *ev, uint32_t vcpu, int64_t timeout_ns, int64_t spin_ns);
+void xmp_evtchn_request_shutdown(uint8_t *ev, uint32_t vcpu);
+
+int xmp_bench_sem_init(uint8_t *area);
+void xmp_bench_sem_destroy(uint8_t *area);
+void xmp_bench_sem_pingpong(uint8_t *area, int initiator, uint32_t rounds, int64_t spin_ns,
+                            int64_t *lat);
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+_src = Path(__file__).with_name("fast.c")
+ffibuilder.set_source(
+    "xmp.sharedmem._fast",
+    _src.read_text(),
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
+    libraries=["pthread"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,756 @@
+/*
+ * xmp's fast path: everything that touches memory shared with another
+ * process concurrently.  Python cannot fence and cannot load a 32-bit word
+ * atomically from a buffer, so every shared index, flag and bitmap is read
+ * and written here, with GCC's __atomic builtins as the barriers that
+ * xen/include/public/io/ring.h spells xen_wmb()/xen_mb().
+ *
+ * cffi releases the GIL around each call, so nothing here touches Python.
+ * Layouts (all little-endian, x86-64 ABI) follow Xen's public headers:
+ *   io/ring.h           sring header + slots
+ *   io/console.h        xencons_interface
+ *   io/xs_wire.h        xenstore_domain_interface
+ *   grant_table.h       grant_entry_v1
+ *   xen.h               shared_info / vcpu_info (2-level event channels)
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <semaphore.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define LOAD_RLX(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define STORE_REL(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define STORE_RLX(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+#define MB() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+uint32_t xmp_load32(const uint32_t *p) { return LOAD_ACQ(p); }
+void xmp_store32(uint32_t *p, uint32_t v) { STORE_REL(p, v); }
+void xmp_mb(void) { MB(); }
+
+/* ------------------------------------------------------------------ */
+/* io/ring.h                                                           */
+/* ------------------------------------------------------------------ */
+
+/* Offsets of the four shared indices in the 64-byte sring header. */
+#define SR_REQ_PROD 0
+#define SR_REQ_EVENT 1
+#define SR_RSP_PROD 2
+#define SR_RSP_EVENT 3
+
+typedef struct {
+    uint8_t *sring;      /* shared header, slots follow at +64 */
+    uint32_t nr_ents;    /* power of two */
+    uint32_t slot_size;
+    uint32_t prod_pvt;   /* front: req_prod_pvt   back: rsp_prod_pvt */
+    uint32_t cons;       /* front: rsp_cons       back: req_cons */
+    int back;            /* 0 = front ring, 1 = back ring */
+} xmp_ring_t;
+
+static inline uint32_t *sr_idx(const xmp_ring_t *r, int which)
+{
+    return (uint32_t *)r->sring + which;
+}
+/* The backend is the frontend with input and output swapped. */
+static inline uint32_t *out_prod(const xmp_ring_t *r) { return sr_idx(r, r->back ? SR_RSP_PROD : SR_REQ_PROD); }
+static inline uint32_t *out_event(const xmp_ring_t *r) { return sr_idx(r, r->back ? SR_RSP_EVENT : SR_REQ_EVENT); }
+static inline uint32_t *in_prod(const xmp_ring_t *r) { return sr_idx(r, r->back ? SR_REQ_PROD : SR_RSP_PROD); }
+static inline uint32_t *in_event(const xmp_ring_t *r) { return sr_idx(r, r->back ? SR_REQ_EVENT : SR_RSP_EVENT); }
+static inline uint8_t *slot(const xmp_ring_t *r, uint32_t idx)
+{
+    return r->sring + 64 + (size_t)(idx & (r->nr_ents - 1)) * r->slot_size;
+}
+
+/* SHARED_RING_INIT: only the frontend initialises the header. */
+void xmp_ring_init_shared(uint8_t *sring)
+{
+    uint32_t *h = (uint32_t *)sring;
+    memset(sring + 16, 0, 48);
+    STORE_RLX(&h[SR_REQ_PROD], 0);
+    STORE_RLX(&h[SR_RSP_PROD], 0);
+    STORE_RLX(&h[SR_REQ_EVENT], 1);
+    STORE_RLX(&h[SR_RSP_EVENT], 1);
+    MB();
+}
+
+/* Slots the caller may still fill before pushing.
+ * front: RING_FREE_REQUESTS; back: requests consumed but not answered. */
+uint32_t xmp_ring_free(const xmp_ring_t *r)
+{
+    if (r->back)
+        return r->cons - r->prod_pvt;
+    return r->nr_ents - (r->prod_pvt - r->cons);
+}
+
+/* Messages waiting to be consumed, or -1 if the peer's producer index
+ * claims more than a ring's worth (RING_{REQUEST,RESPONSE}_PROD_OVERFLOW):
+ * a hostile or broken peer, never a reason to loop or read out of bounds. */
+int64_t xmp_ring_unconsumed(const xmp_ring_t *r)
+{
+    uint32_t prod = LOAD_ACQ(in_prod(r));
+    if (r->back) {
+        if (prod - r->prod_pvt > r->nr_ents)
+            return -1;
+        uint32_t reqs = prod - r->cons;
+        uint32_t rsps = r->nr_ents - (r->cons - r->prod_pvt);
+        return reqs < rsps ? reqs : rsps;
+    }
+    if (prod - r->cons > r->nr_ents)
+        return -1;
+    return prod - r->cons;
+}
+
+/* Copy up to n messages of msg_size bytes (contiguous in src) into free
+ * slots; returns how many were placed.  Nothing is visible to the peer
+ * until xmp_ring_push. */
+uint32_t xmp_ring_put(xmp_ring_t *r, const uint8_t *src, uint32_t n, uint32_t msg_size)
+{
+    uint32_t room = xmp_ring_free(r);
+    if (n > room)
+        n = room;
+    if (msg_size > r->slot_size)
+        return 0;
+    for (uint32_t i = 0; i < n; i++)
+        memcpy(slot(r, r->prod_pvt + i), src + (size_t)i * msg_size, msg_size);
+    r->prod_pvt += n;
+    return n;
+}
+
+/* RING_PUSH_{REQUESTS,RESPONSES}_AND_CHECK_NOTIFY: publish, then notify iff
+ * the peer's event index lies in (old, new]. */
+int xmp_ring_push(xmp_ring_t *r)
+{
+    uint32_t *prod = out_prod(r);
+    uint32_t old = LOAD_RLX(prod);
+    uint32_t new = r->prod_pvt;
+    STORE_REL(prod, new);       /* xen_wmb(): slots before index */
+    MB();                       /* xen_mb(): index before reading event */
+    uint32_t ev = LOAD_RLX(out_event(r));
+    return (uint32_t)(new - ev) < (uint32_t)(new - old);
+}
+
+/* Copy up to max waiting messages out of the shared slots into private
+ * memory (each slot is read exactly once) and consume them.
+ * Returns the count, or -1 on a producer-index overflow. */
+int64_t xmp_ring_get(xmp_ring_t *r, uint8_t *dst, uint32_t max, uint32_t msg_size)
+{
+    int64_t avail = xmp_ring_unconsumed(r);   /* acquire: slots after index */
+    if (avail < 0)
+        return -1;
+    if (msg_size > r->slot_size)
+        return -1;
+    uint32_t n = (uint32_t)avail < max ? (uint32_t)avail : max;
+    for (uint32_t i = 0; i < n; i++)
+        memcpy(dst + (size_t)i * msg_size, slot(r, r->cons + i), msg_size);
+    /* Our reads of the slots must complete before the peer may reuse them:
+     * the release is carried by the next push of our own index (front) or
+     * by the consumer index being private (back).  A full fence here keeps
+     * the front's reuse of response slots ordered too. */
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    r->cons += n;
+    return n;
+}
+
+/* RING_FINAL_CHECK_FOR_{REQUESTS,RESPONSES}: if nothing is waiting, ask to
+ * be notified at the next message, fence, and look again -- a message
+ * published between the two looks is then either seen here or notified.
+ * Returns the waiting count (0 = safe to sleep) or -1 on overflow. */
+int64_t xmp_ring_final_check(xmp_ring_t *r)
+{
+    int64_t work = xmp_ring_unconsumed(r);
+    if (work != 0)
+        return work;
+    STORE_RLX(in_event(r), r->cons + 1);
+    MB();
+    return xmp_ring_unconsumed(r);
+}
+
+/* Set the event index by hand (batching: "wake me after k more"). */
+void xmp_ring_set_event(xmp_ring_t *r, uint32_t value)
+{
+    STORE_RLX(in_event(r), value);
+    MB();
+}
+
+/* ------------------------------------------------------------------ */
+/* Byte rings: io/console.h and io/xs_wire.h                           */
+/* ------------------------------------------------------------------ */
+
+/* A byte ring is `data[size]` with free-running u32 cons/prod indices
+ * elsewhere in the same page; size is a power of two.  Each side owns one
+ * index.  Returns bytes moved, or -1 when the indices claim more than
+ * `size` bytes in flight (a hostile peer). */
+int64_t xmp_bytering_write(uint8_t *data, uint32_t size, uint32_t *cons_p,
+                           uint32_t *prod_p, const uint8_t *src, uint32_t len)
+{
+    uint32_t cons = LOAD_ACQ(cons_p);   /* the reader is done with those bytes */
+    uint32_t prod = LOAD_RLX(prod_p);
+    if (prod - cons > size)
+        return -1;
+    uint32_t room = size - (prod - cons);
+    uint32_t n = len < room ? len : room;
+    for (uint32_t done = 0; done < n;) {
+        uint32_t off = (prod + done) & (size - 1);
+        uint32_t chunk = size - off;
+        if (chunk > n - done)
+            chunk = n - done;
+        memcpy(data + off, src + done, chunk);
+        done += chunk;
+    }
+    STORE_REL(prod_p, prod + n);
+    return n;
+}
+
+int64_t xmp_bytering_read(uint8_t *data, uint32_t size, uint32_t *cons_p,
+                          uint32_t *prod_p, uint8_t *dst, uint32_t len)
+{
+    uint32_t prod = LOAD_ACQ(prod_p);
+    uint32_t cons = LOAD_RLX(cons_p);
+    if (prod - cons > size)
+        return -1;
+    uint32_t avail = prod - cons;
+    uint32_t n = len < avail ? len : avail;
+    for (uint32_t done = 0; done < n;) {
+        uint32_t off = (cons + done) & (size - 1);
+        uint32_t chunk = size - off;
+        if (chunk > n - done)
+            chunk = n - done;
+        memcpy(dst + done, data + off, chunk);
+        done += chunk;
+    }
+    STORE_REL(cons_p, cons + n);
+    return n;
+}
+
+/* ------------------------------------------------------------------ */
+/* Grant table v1 (grant_table.h)                                      */
+/* ------------------------------------------------------------------ */
+
+#define GTF_type_mask 3u
+#define GTF_permit_access 1u
+#define GTF_readonly (1u << 2)
+#define GTF_reading (1u << 3)
+#define GTF_writing (1u << 4)
+
+#define GNTST_okay 0
+#define GNTST_general_error (-1)
+#define GNTST_bad_gntref (-3)
+#define GNTST_permission_denied (-8)
+#define GNTST_bad_page (-9)
+#define GNTST_bad_copy_arg (-10)
+#define GNTST_eagain (-12)
+
+typedef struct {
+    uint16_t flags;
+    uint16_t domid;
+    uint32_t frame;
+} xmp_grant_entry_t;
+
+/* Xen's private "active entry": how many live mappings pin a grant.  It
+ * lives only in the supervisor; the shared GTF_reading/GTF_writing bits
+ * are its public shadow. */
+typedef struct {
+    uint32_t readers;
+    uint32_t writers;
+} xmp_active_t;
+
+typedef struct xmp_active_table {
+    pthread_mutex_t lock;
+    uint32_t nr;
+    xmp_active_t ent[];
+} xmp_active_table_t;
+
+xmp_active_table_t *xmp_active_new(uint32_t nr)
+{
+    xmp_active_table_t *t = calloc(1, sizeof(*t) + (size_t)nr * sizeof(xmp_active_t));
+    if (!t)
+        return NULL;
+    pthread_mutex_init(&t->lock, NULL);
+    t->nr = nr;
+    return t;
+}
+
+void xmp_active_free(xmp_active_table_t *t)
+{
+    if (t) {
+        pthread_mutex_destroy(&t->lock);
+        free(t);
+    }
+}
+
+uint32_t xmp_active_pins(xmp_active_table_t *t, uint32_t ref, int writers)
+{
+    if (ref >= t->nr)
+        return 0;
+    return writers ? t->ent[ref].writers : t->ent[ref].readers;
+}
+
+/* The granting side: domid and frame first, barrier, then flags. */
+void xmp_gnttab_grant(xmp_grant_entry_t *tab, uint32_t ref, uint16_t domid,
+                      uint32_t frame, int readonly)
+{
+    xmp_grant_entry_t *e = &tab[ref];
+    STORE_RLX(&e->domid, domid);
+    STORE_RLX(&e->frame, frame);
+    STORE_REL(&e->flags, (uint16_t)(GTF_permit_access | (readonly ? GTF_readonly : 0)));
+}
+
+/* gnttab_end_foreign_access_ref: clear the entry only if nobody has it
+ * mapped (cmpxchg flags -> 0).  Returns 0, or -EBUSY while in use. */
+int xmp_gnttab_end_access(xmp_grant_entry_t *tab, uint32_t ref)
+{
+    uint16_t *fp = &tab[ref].flags;
+    uint16_t flags = LOAD_ACQ(fp);
+    do {
+        if (flags & (GTF_reading | GTF_writing))
+            return -EBUSY;
+    } while (!__atomic_compare_exchange_n(fp, &flags, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
+    return 0;
+}
+
+/* Writable -> read-only, allowed only while nobody writes through it. */
+int xmp_gnttab_make_readonly(xmp_grant_entry_t *tab, uint32_t ref)
+{
+    uint16_t *fp = &tab[ref].flags;
+    uint16_t flags = LOAD_ACQ(fp);
+    do {
+        if (flags & GTF_writing)
+            return -EBUSY;
+    } while (!__atomic_compare_exchange_n(fp, &flags, (uint16_t)(flags | GTF_readonly), 0,
+                                          __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
+    return 0;
+}
+
+/* The check Xen makes when a grant is mapped or copied (_set_status_v1):
+ * flags and domid are one 32-bit word, compared and updated with a single
+ * cmpxchg so a granter rewriting the entry concurrently cannot slip a
+ * different domid or a revocation past the check.  Caller holds act->lock. */
+static int acquire(xmp_grant_entry_t *tab, uint32_t nr, xmp_active_table_t *act,
+                   uint32_t ref, uint16_t mapper, int readonly, uint32_t *frame)
+{
+    if (ref >= nr || ref >= act->nr)
+        return GNTST_bad_gntref;
+    uint32_t *word = (uint32_t *)&tab[ref];   /* flags | domid << 16 */
+    uint32_t cur = LOAD_ACQ(word);
+    for (int retries = 0;; retries++) {
+        uint16_t flags = (uint16_t)cur;
+        uint16_t domid = (uint16_t)(cur >> 16);
+        if ((flags & GTF_type_mask) != GTF_permit_access || domid != mapper)
+            return GNTST_permission_denied;
+        if (!readonly && (flags & GTF_readonly))
+            return GNTST_permission_denied;
+        uint32_t want = cur | GTF_reading | (readonly ? 0 : GTF_writing);
+        if (want == cur || __atomic_compare_exchange_n(word, &cur, want, 0, __ATOMIC_ACQ_REL,
+                                                       __ATOMIC_ACQUIRE))
+            break;
+        if (retries > 64)   /* a granter flipping the entry forever */
+            return GNTST_general_error;
+    }
+    *frame = LOAD_ACQ(&tab[ref].frame);
+    act->ent[ref].readers++;
+    if (!readonly)
+        act->ent[ref].writers++;
+    return GNTST_okay;
+}
+
+static void release(xmp_grant_entry_t *tab, xmp_active_table_t *act, uint32_t ref, int readonly)
+{
+    xmp_active_t *a = &act->ent[ref];
+    uint16_t clear = 0;
+    if (a->readers && --a->readers == 0)
+        clear |= GTF_reading;
+    if (!readonly && a->writers && --a->writers == 0)
+        clear |= GTF_writing;
+    if (clear)
+        __atomic_fetch_and(&tab[ref].flags, (uint16_t)~clear, __ATOMIC_ACQ_REL);
+}
+
+/* map_grant_ref on a batch of refs; stops at the first failure.  Returns
+ * the number mapped; statuses[i] and frames[i] are filled per ref. */
+uint32_t xmp_gnttab_map(xmp_grant_entry_t *tab, uint32_t nr, xmp_active_table_t *act,
+                        const uint32_t *refs, uint32_t n, uint16_t mapper, int readonly,
+                        uint32_t *frames, int16_t *statuses)
+{
+    uint32_t done = 0;
+    pthread_mutex_lock(&act->lock);
+    for (; done < n; done++) {
+        int st = acquire(tab, nr, act, refs[done], mapper, readonly, &frames[done]);
+        statuses[done] = (int16_t)st;
+        if (st != GNTST_okay)
+            break;
+    }
+    pthread_mutex_unlock(&act->lock);
+    return done;
+}
+
+/* unmap_grant_ref: drop one pin per ref, clearing the in-use bits when the
+ * last mapping of that kind goes. */
+void xmp_gnttab_unmap(xmp_grant_entry_t *tab, xmp_active_table_t *act,
+                      const uint32_t *refs, uint32_t n, int readonly)
+{
+    pthread_mutex_lock(&act->lock);
+    for (uint32_t i = 0; i < n; i++)
+        if (refs[i] < act->nr)
+            release(tab, act, refs[i], readonly);
+    pthread_mutex_unlock(&act->lock);
+}
+
+/* One side of GNTTABOP_copy.  With `tab` set, `ref` is a grant reference
+ * into that table (checked against `caller`); with `tab` NULL, `ref` is a
+ * frame of the caller's own memory. */
+typedef struct {
+    uint8_t *mem;
+    uint64_t mem_len;
+    xmp_grant_entry_t *tab;
+    uint32_t nr;
+    xmp_active_table_t *act;
+    uint32_t ref;
+    uint32_t offset;
+} xmp_copy_ptr_t;
+
+static int copy_side(xmp_copy_ptr_t *p, uint16_t caller, int readonly, uint32_t len,
+                     uint8_t **addr)
+{
+    uint32_t frame = p->ref;
+    if (p->tab) {
+        pthread_mutex_lock(&p->act->lock);
+        int st = acquire(p->tab, p->nr, p->act, p->ref, caller, readonly, &frame);
+        pthread_mutex_unlock(&p->act->lock);
+        if (st != GNTST_okay)
+            return st;
+    }
+    if ((uint64_t)frame * 4096 + 4096 > p->mem_len) {
+        if (p->tab) {
+            pthread_mutex_lock(&p->act->lock);
+            release(p->tab, p->act, p->ref, readonly);
+            pthread_mutex_unlock(&p->act->lock);
+        }
+        return GNTST_bad_page;
+    }
+    *addr = p->mem + (uint64_t)frame * 4096 + p->offset;
+    (void)len;
+    return GNTST_okay;
+}
+
+static void copy_done(xmp_copy_ptr_t *p, int readonly)
+{
+    if (p->tab) {
+        pthread_mutex_lock(&p->act->lock);
+        release(p->tab, p->act, p->ref, readonly);
+        pthread_mutex_unlock(&p->act->lock);
+    }
+}
+
+/* GNTTABOP_copy of one segment: both ends pinned for the copy only; a
+ * segment may not cross a page boundary on either side. */
+int xmp_gnttab_copy(xmp_copy_ptr_t *src, xmp_copy_ptr_t *dst, uint32_t len, uint16_t caller)
+{
+    uint8_t *s, *d;
+    if (src->offset + len > 4096 || dst->offset + len > 4096)
+        return GNTST_bad_copy_arg;
+    int st = copy_side(src, caller, 1, len, &s);
+    if (st != GNTST_okay)
+        return st;
+    st = copy_side(dst, caller, 0, len, &d);
+    if (st != GNTST_okay) {
+        copy_done(src, 1);
+        return st;
+    }
+    memmove(d, s, len);
+    copy_done(dst, 0);
+    copy_done(src, 1);
+    return GNTST_okay;
+}
+
+/* ------------------------------------------------------------------ */
+/* Event channels, 2-level ABI (xen.h shared_info / vcpu_info)         */
+/* ------------------------------------------------------------------ */
+
+/* Page 0 of an event object is Xen's shared_info (vcpu_info[32] at 0,
+ * evtchn_pending at 2048, evtchn_mask at 2560).  Page 1 is xmp's: one
+ * upcall record per vCPU holding the process-shared semaphore that stands
+ * in for Xen's "kick the vCPU".  A sem_t inside shared memory is used, not
+ * a named posix_ipc.Semaphore, because it travels with the memory object's
+ * descriptor: once that object is unlinked nothing can open it by name,
+ * and it dies with its last holder, as every xmp capability must. */
+#define XMP_MAX_VCPUS 32
+#define SHINFO_PENDING 2048
+#define SHINFO_MASK 2560
+#define UPCALL_PAGE 4096
+
+typedef struct {
+    uint8_t evtchn_upcall_pending;
+    uint8_t evtchn_upcall_mask;
+    uint8_t pad[6];
+    uint64_t evtchn_pending_sel;
+    uint8_t arch[16];
+    uint8_t time[32];
+} xmp_vcpu_info_t;
+
+typedef struct {
+    sem_t sem;
+    uint32_t shutdown;      /* set by whoever wants the waiter to return */
+    uint32_t sleepers;
+    uint8_t pad[128 - sizeof(sem_t) - 8];
+} xmp_upcall_t;
+
+static inline xmp_vcpu_info_t *vcpu_info(uint8_t *ev, uint32_t vcpu)
+{
+    return (xmp_vcpu_info_t *)(ev + vcpu * 64);
+}
+static inline uint64_t *pending_words(uint8_t *ev) { return (uint64_t *)(ev + SHINFO_PENDING); }
+static inline uint64_t *mask_words(uint8_t *ev) { return (uint64_t *)(ev + SHINFO_MASK); }
+static inline xmp_upcall_t *upcall(uint8_t *ev, uint32_t vcpu)
+{
+    return (xmp_upcall_t *)(ev + UPCALL_PAGE) + vcpu;
+}
+
+uint32_t xmp_evtchn_sizeof_upcall(void) { return sizeof(xmp_upcall_t); }
+
+/* Initialise the semaphores of a fresh event object (creator only). */
+int xmp_evtchn_init(uint8_t *ev, uint32_t nr_vcpus)
+{
+    if (nr_vcpus > XMP_MAX_VCPUS)
+        return -EINVAL;
+    for (uint32_t v = 0; v < nr_vcpus; v++) {
+        xmp_upcall_t *u = upcall(ev, v);
+        if (sem_init(&u->sem, 1, 0) != 0)
+            return -errno;
+        STORE_RLX(&u->shutdown, 0);
+    }
+    MB();
+    return 0;
+}
+
+void xmp_evtchn_destroy(uint8_t *ev, uint32_t nr_vcpus)
+{
+    for (uint32_t v = 0; v < nr_vcpus && v < XMP_MAX_VCPUS; v++)
+        sem_destroy(&upcall(ev, v)->sem);
+}
+
+static void kick(uint8_t *ev, uint32_t vcpu, uint32_t port)
+{
+    xmp_vcpu_info_t *vi = vcpu_info(ev, vcpu);
+    uint64_t selbit = 1ULL << (port / 64);
+    uint64_t old_sel = __atomic_fetch_or(&vi->evtchn_pending_sel, selbit, __ATOMIC_SEQ_CST);
+    if (old_sel & selbit)
+        return;
+    if (__atomic_exchange_n(&vi->evtchn_upcall_pending, 1, __ATOMIC_SEQ_CST) == 0)
+        sem_post(&upcall(ev, vcpu)->sem);
+}
+
+/* evtchn_2l_set_pending: test-and-set the pending bit; only a 0->1
+ * transition on an unmasked port goes on to the selector, upcall flag and
+ * semaphore.  Returns 1 if the receiver was kicked. */
+int xmp_evtchn_send(uint8_t *ev, uint32_t port, uint32_t vcpu)
+{
+    if (port >= 4096 || vcpu >= XMP_MAX_VCPUS)
+        return -EINVAL;
+    uint64_t bit = 1ULL << (port % 64);
+    uint64_t old = __atomic_fetch_or(&pending_words(ev)[port / 64], bit, __ATOMIC_SEQ_CST);
+    if (old & bit)
+        return 0;
+    if (LOAD_ACQ(&mask_words(ev)[port / 64]) & bit)
+        return 0;
+    kick(ev, vcpu, port);
+    return 1;
+}
+
+void xmp_evtchn_mask(uint8_t *ev, uint32_t port)
+{
+    __atomic_fetch_or(&mask_words(ev)[port / 64], 1ULL << (port % 64), __ATOMIC_SEQ_CST);
+}
+
+/* EVTCHNOP_unmask: clear the mask and re-deliver an event that arrived
+ * while masked. */
+int xmp_evtchn_unmask(uint8_t *ev, uint32_t port, uint32_t vcpu)
+{
+    if (port >= 4096 || vcpu >= XMP_MAX_VCPUS)
+        return -EINVAL;
+    uint64_t bit = 1ULL << (port % 64);
+    __atomic_fetch_and(&mask_words(ev)[port / 64], ~bit, __ATOMIC_SEQ_CST);
+    if (LOAD_ACQ(&pending_words(ev)[port / 64]) & bit) {
+        kick(ev, vcpu, port);
+        return 1;
+    }
+    return 0;
+}
+
+void xmp_evtchn_clear(uint8_t *ev, uint32_t port)
+{
+    __atomic_fetch_and(&pending_words(ev)[port / 64], ~(1ULL << (port % 64)), __ATOMIC_SEQ_CST);
+}
+
+int xmp_evtchn_is_pending(uint8_t *ev, uint32_t port)
+{
+    return (LOAD_ACQ(&pending_words(ev)[port / 64]) >> (port % 64)) & 1;
+}
+
+int xmp_evtchn_is_masked(uint8_t *ev, uint32_t port)
+{
+    return (LOAD_ACQ(&mask_words(ev)[port / 64]) >> (port % 64)) & 1;
+}
+
+/* The guest's upcall handler: clear upcall_pending first, then take the
+ * selector and harvest pending & ~mask, clearing each pending bit as it is
+ * taken (as Linux's xen_evtchn_do_upcall does).  Masked ports stay pending.
+ * Returns the number of ports written to `ports`. */
+uint32_t xmp_evtchn_scan(uint8_t *ev, uint32_t vcpu, uint32_t *ports, uint32_t max)
+{
+    xmp_vcpu_info_t *vi = vcpu_info(ev, vcpu);
+    uint32_t n = 0;
+    __atomic_store_n(&vi->evtchn_upcall_pending, 0, __ATOMIC_SEQ_CST);
+    uint64_t sel = __atomic_exchange_n(&vi->evtchn_pending_sel, 0, __ATOMIC_SEQ_CST);
+    while (sel) {
+        uint32_t w = (uint32_t)__builtin_ctzll(sel);
+        sel &= sel - 1;
+        uint64_t live = LOAD_ACQ(&pending_words(ev)[w]) & ~LOAD_ACQ(&mask_words(ev)[w]);
+        while (live) {
+            uint32_t b = (uint32_t)__builtin_ctzll(live);
+            live &= live - 1;
+            if (n == max) {
+                /* out of room: leave the rest pending and come back */
+                __atomic_fetch_or(&vi->evtchn_pending_sel, 1ULL << w, __ATOMIC_SEQ_CST);
+                __atomic_store_n(&vi->evtchn_upcall_pending, 1, __ATOMIC_SEQ_CST);
+                return n;
+            }
+            uint64_t bit = 1ULL << b;
+            if (__atomic_fetch_and(&pending_words(ev)[w], ~bit, __ATOMIC_SEQ_CST) & bit)
+                ports[n++] = w * 64 + b;
+        }
+    }
+    return n;
+}
+
+#define WAIT_EVENT 1
+#define WAIT_TIMEOUT 0
+#define WAIT_SHUTDOWN 2
+
+/* Block the vCPU until an upcall is pending, the timeout passes, or a
+ * shutdown is requested.  It first polls for up to spin_ns (a wake-up
+ * through the semaphore costs tens of microseconds across cores; a poll
+ * answers in well under one), then sleeps, so an idle domain uses no CPU.
+ * timeout_ns < 0 waits forever. */
+int xmp_evtchn_wait(uint8_t *ev, uint32_t vcpu, int64_t timeout_ns, int64_t spin_ns)
+{
+    xmp_vcpu_info_t *vi = vcpu_info(ev, vcpu);
+    xmp_upcall_t *u = upcall(ev, vcpu);
+    int64_t start = now_ns();
+    int64_t deadline = timeout_ns < 0 ? INT64_MAX : start + timeout_ns;
+    if (spin_ns > 0) {
+        int64_t spin_end = start + spin_ns;
+        if (spin_end > deadline)
+            spin_end = deadline;
+        for (uint32_t i = 0;; i++) {
+            if (LOAD_ACQ(&u->shutdown))
+                return WAIT_SHUTDOWN;
+            if (LOAD_ACQ(&vi->evtchn_upcall_pending))
+                return WAIT_EVENT;
+            if ((i & 63) == 63 && now_ns() >= spin_end)
+                break;
+            cpu_relax();
+        }
+    }
+    for (;;) {
+        if (LOAD_ACQ(&u->shutdown))
+            return WAIT_SHUTDOWN;
+        if (LOAD_ACQ(&vi->evtchn_upcall_pending))
+            return WAIT_EVENT;
+        int rc;
+        if (deadline == INT64_MAX) {
+            rc = sem_wait(&u->sem);
+        } else {
+            int64_t t = now_ns();
+            if (t >= deadline)
+                return WAIT_TIMEOUT;
+            struct timespec ts = {deadline / 1000000000LL, deadline % 1000000000LL};
+            rc = sem_clockwait(&u->sem, CLOCK_MONOTONIC, &ts);
+        }
+        if (rc != 0 && errno != EINTR && errno != ETIMEDOUT)
+            return -errno;
+        /* a post may be stale (an earlier kick already served): re-check */
+    }
+}
+
+/* Make the waiter return WAIT_SHUTDOWN now and at every later wait. */
+void xmp_evtchn_request_shutdown(uint8_t *ev, uint32_t vcpu)
+{
+    xmp_upcall_t *u = upcall(ev, vcpu);
+    STORE_REL(&u->shutdown, 1);
+    sem_post(&u->sem);
+}
+
+/* ------------------------------------------------------------------ */
+/* Benchmark floor: a raw process-shared semaphore ping-pong.          */
+/* ------------------------------------------------------------------ */
+
+/* Two sem_t at `area` (each 32-byte aligned slot of 64 bytes).  The
+ * initiator posts 0 and waits on 1, `rounds` times; the responder mirrors.
+ * With spin_ns > 0 each side first polls the semaphore with sem_trywait.
+ * Writes each round trip's nanoseconds to `lat` when not NULL. */
+int xmp_bench_sem_init(uint8_t *area)
+{
+    if (sem_init((sem_t *)area, 1, 0) || sem_init((sem_t *)(area + 64), 1, 0))
+        return -errno;
+    return 0;
+}
+
+void xmp_bench_sem_destroy(uint8_t *area)
+{
+    sem_destroy((sem_t *)area);
+    sem_destroy((sem_t *)(area + 64));
+}
+
+static void sem_take(sem_t *s, int64_t spin_ns)
+{
+    if (spin_ns > 0) {
+        int64_t end = now_ns() + spin_ns;
+        for (uint32_t i = 0;; i++) {
+            if (sem_trywait(s) == 0)
+                return;
+            if ((i & 63) == 63 && now_ns() >= end)
+                break;
+            cpu_relax();
+        }
+    }
+    while (sem_wait(s) != 0 && errno == EINTR)
+        ;
+}
+
+void xmp_bench_sem_pingpong(uint8_t *area, int initiator, uint32_t rounds, int64_t spin_ns,
+                            int64_t *lat)
+{
+    sem_t *ping = (sem_t *)area, *pong = (sem_t *)(area + 64);
+    for (uint32_t i = 0; i < rounds; i++) {
+        if (initiator) {
+            int64_t t0 = now_ns();
+            sem_post(ping);
+            sem_take(pong, spin_ns);
+            if (lat)
+                lat[i] = now_ns() - t0;
+        } else {
+            sem_take(ping, spin_ns);
+            sem_post(pong);
+        }
+    }
+}

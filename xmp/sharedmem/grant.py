@@ -1,0 +1,204 @@
+"""Grant tables, v1 (``xen/include/public/grant_table.h``).
+
+A domain shares a page by writing an entry in its own grant table::
+
+    struct grant_entry_v1 { u16 flags; u16 domid; u32 frame; }   /* 8 bytes */
+
+``domid`` is the grantee, ``frame`` the granter's pfn.  Flag bits: type in
+bits 0-1 (``GTF_permit_access`` = 1), ``GTF_readonly`` (bit 2, set by the
+granter), ``GTF_reading``/``GTF_writing`` (bits 3/4, set by the hypervisor
+while a mapping is live).  Refs 0-7 are reserved; 0 is the console page and
+1 the xenstore page, filled in by the domain builder.
+
+Two halves, as in Xen:
+
+* :class:`GrantTable` -- the granting domain's side: grant, end access
+  (refused while mapped: revocation is cooperative), make read-only.
+* :class:`ActiveGrants` -- the hypervisor's private "active entries" for one
+  granting domain: pin counts behind ``map``/``unmap``/``copy``.  The check
+  (permit bit, grantee domid, read-only respected) and the in-use bits are
+  one compare-and-swap on the 32-bit ``flags|domid`` word, in C.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+from xmp.errors import GrantError, HypercallError, LocalError
+from xmp.sharedmem._ffi import ffi, lib
+from xmp.sharedmem.shm import PAGE_SIZE
+
+GRANT_ENTRY_SIZE = 8
+ENTRIES_PER_FRAME = PAGE_SIZE // GRANT_ENTRY_SIZE  # 512
+GNTTAB_NR_RESERVED_ENTRIES = 8
+GNTTAB_RESERVED_CONSOLE = 0
+GNTTAB_RESERVED_XENSTORE = 1
+
+GTF_invalid = 0
+GTF_permit_access = 1
+GTF_type_mask = 3
+GTF_readonly = 1 << 2
+GTF_reading = 1 << 3
+GTF_writing = 1 << 4
+
+GNTST = {
+    0: "GNTST_okay", -1: "GNTST_general_error", -2: "GNTST_bad_domain",
+    -3: "GNTST_bad_gntref", -4: "GNTST_bad_handle", -5: "GNTST_bad_virt_addr",
+    -6: "GNTST_bad_dev_addr", -7: "GNTST_no_device_space", -8: "GNTST_permission_denied",
+    -9: "GNTST_bad_page", -10: "GNTST_bad_copy_arg", -11: "GNTST_address_too_big",
+    -12: "GNTST_eagain", -13: "GNTST_no_space",
+}
+GNTST_okay = 0
+GNTST_bad_gntref = -3
+GNTST_permission_denied = -8
+GNTST_bad_page = -9
+GNTST_bad_copy_arg = -10
+
+
+def gntst_name(status: int) -> str:
+    return GNTST.get(status, f"GNTST({status})")
+
+
+def _table(buf):
+    mem = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
+    if len(mem) % GRANT_ENTRY_SIZE or int(ffi.cast("uintptr_t", mem)) % 8:
+        raise LocalError("grant table memory must be 8-byte aligned whole entries")
+    return mem, ffi.cast("xmp_grant_entry_t *", mem), len(mem) // GRANT_ENTRY_SIZE
+
+
+class GrantTable:
+    """The granting domain's own table (the memory it writes itself)."""
+
+    def __init__(self, buf, domid: int):
+        self._mem, self._tab, self.nr_entries = _table(buf)
+        self.domid = domid
+        self._free = list(range(self.nr_entries - 1, GNTTAB_NR_RESERVED_ENTRIES - 1, -1))
+
+    def grant_access(self, ref: int, domid: int, frame: int, readonly: bool = False) -> None:
+        """Fill ``ref``: domid and frame, a barrier, then the flags."""
+        self._check_ref(ref)
+        lib.xmp_gnttab_grant(self._tab, ref, domid, frame, int(readonly))
+
+    def grant_foreign_access(self, domid: int, frame: int, readonly: bool = False) -> int:
+        """Pick a free ref (never a reserved one), grant it, return it."""
+        if not self._free:
+            raise HypercallError(errno.ENOSPC, "grant_foreign_access",
+                                 f"all {self.nr_entries} grant entries in use")
+        ref = self._free.pop()
+        self.grant_access(ref, domid, frame, readonly)
+        return ref
+
+    def end_foreign_access(self, ref: int) -> None:
+        """Revoke ``ref``.  Refused (EBUSY) while the grantee has it mapped:
+        Xen never pulls a page from under a live mapping."""
+        self._check_ref(ref)
+        if lib.xmp_gnttab_end_access(self._tab, ref) != 0:
+            raise HypercallError(errno.EBUSY, "end_foreign_access", f"gref {ref} is mapped")
+        if ref >= GNTTAB_NR_RESERVED_ENTRIES and ref not in self._free:
+            self._free.append(ref)
+
+    def make_readonly(self, ref: int) -> None:
+        self._check_ref(ref)
+        if lib.xmp_gnttab_make_readonly(self._tab, ref) != 0:
+            raise HypercallError(errno.EBUSY, "make_readonly", f"gref {ref} is mapped writable")
+
+    def entry(self, ref: int) -> tuple[int, int, int]:
+        """(flags, domid, frame) of ``ref``, for inspection."""
+        self._check_ref(ref)
+        word = lib.xmp_load32(ffi.cast("uint32_t *", self._mem + ref * GRANT_ENTRY_SIZE))
+        frame = lib.xmp_load32(ffi.cast("uint32_t *", self._mem + ref * GRANT_ENTRY_SIZE + 4))
+        return word & 0xFFFF, word >> 16, frame
+
+    def _check_ref(self, ref: int) -> None:
+        if not 0 <= ref < self.nr_entries:
+            raise LocalError(f"gref {ref} outside a table of {self.nr_entries} entries")
+
+    def release(self) -> None:
+        ffi.release(self._mem)
+
+
+@dataclass(frozen=True)
+class CopyPtr:
+    """One side of a grant copy: ``gref`` in ``table`` (another domain's
+    page, checked) or, with ``table`` None, ``frame`` of the caller's own
+    memory ``mem``."""
+
+    mem: object
+    offset: int
+    gref: int | None = None
+    frame: int | None = None
+    table: ActiveGrants | None = None
+
+
+class ActiveGrants:
+    """The hypervisor's bookkeeping for the grants of one domain.
+
+    ``table_buf`` is that domain's grant table; ``mem`` (optional) is its
+    RAM, needed only for :func:`grant_copy`.
+    """
+
+    def __init__(self, table_buf, granter: int, mem=None):
+        self._mem, self._tab, self.nr_entries = _table(table_buf)
+        self.granter = granter
+        self._act = ffi.gc(lib.xmp_active_new(self.nr_entries), lib.xmp_active_free)
+        if self._act == ffi.NULL:
+            raise MemoryError("active grant table")
+        self._ram = None if mem is None else ffi.from_buffer("uint8_t[]", mem, require_writable=True)
+
+    def map_grant_ref(self, refs, mapper: int, readonly: bool = False) -> list[int]:
+        """Check and pin every ref for ``mapper``; return their frames.
+        All or nothing: on the first failure the pins taken are dropped and
+        GrantError names the ref and the GNTST status."""
+        n = len(refs)
+        c_refs = ffi.new("uint32_t[]", list(refs))
+        frames = ffi.new("uint32_t[]", n)
+        statuses = ffi.new("int16_t[]", n)
+        done = lib.xmp_gnttab_map(self._tab, self.nr_entries, self._act, c_refs, n, mapper,
+                                  int(readonly), frames, statuses)
+        if done != n:
+            lib.xmp_gnttab_unmap(self._tab, self._act, c_refs, done, int(readonly))
+            raise GrantError(self.granter, refs[done], statuses[done])
+        return list(frames)
+
+    def unmap_grant_ref(self, refs, readonly: bool = False) -> None:
+        c_refs = ffi.new("uint32_t[]", list(refs))
+        lib.xmp_gnttab_unmap(self._tab, self._act, c_refs, len(refs), int(readonly))
+
+    def pins(self, ref: int) -> tuple[int, int]:
+        """(readers, writers) currently pinning ``ref``."""
+        return (lib.xmp_active_pins(self._act, ref, 0), lib.xmp_active_pins(self._act, ref, 1))
+
+    def release(self) -> None:
+        ffi.release(self._mem)
+        if self._ram is not None:
+            ffi.release(self._ram)
+
+
+def grant_copy(src: CopyPtr, dst: CopyPtr, length: int, caller: int) -> None:
+    """GNTTABOP_copy of one segment; neither side may cross a page."""
+    if length < 0 or src.offset < 0 or dst.offset < 0:
+        raise GrantError(caller, src.gref or 0, GNTST_bad_copy_arg, "grant_copy")
+    keep = []
+
+    def side(p: CopyPtr):
+        c = ffi.new("xmp_copy_ptr_t *")
+        if p.table is not None:
+            if p.table._ram is None:
+                raise LocalError(f"dom{p.table.granter}'s memory is needed for a grant copy")
+            c.mem, c.mem_len = p.table._ram, len(p.table._ram)
+            c.tab, c.nr, c.act, c.ref = p.table._tab, p.table.nr_entries, p.table._act, p.gref
+        else:
+            mem = ffi.from_buffer("uint8_t[]", p.mem, require_writable=True)
+            keep.append(mem)
+            c.mem, c.mem_len, c.tab, c.ref = mem, len(mem), ffi.NULL, p.frame
+        c.offset = p.offset
+        return c
+
+    st = lib.xmp_gnttab_copy(side(src), side(dst), length, caller)
+    for m in keep:
+        ffi.release(m)
+    if st != GNTST_okay:
+        bad = src if src.table is not None else dst
+        granter = bad.table.granter if bad.table is not None else caller
+        raise GrantError(granter, bad.gref if bad.gref is not None else -1, st, "grant_copy")
