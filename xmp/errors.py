@@ -47,6 +47,16 @@ class HypercallError(XmpError):
         return self._msg
 
 
+# grant_table.h GNTST_* statuses, by value.
+GNTST_NAMES = {
+    0: "GNTST_okay", -1: "GNTST_general_error", -2: "GNTST_bad_domain",
+    -3: "GNTST_bad_gntref", -4: "GNTST_bad_handle", -5: "GNTST_bad_virt_addr",
+    -6: "GNTST_bad_dev_addr", -7: "GNTST_no_device_space", -8: "GNTST_permission_denied",
+    -9: "GNTST_bad_page", -10: "GNTST_bad_copy_arg", -11: "GNTST_address_too_big",
+    -12: "GNTST_eagain", -13: "GNTST_no_space",
+}
+
+
 class GrantError(XmpError):
     """A grant operation failed with a GNTST_* status."""
 
@@ -58,9 +68,8 @@ class GrantError(XmpError):
         super().__init__(domid, gref, status, op)
 
     def __str__(self) -> str:
-        from xmp.sharedmem.grant import gntst_name
-
-        return f"{self.op} of gref {self.gref} (granted by dom{self.domid}): {gntst_name(self.status)}"
+        name = GNTST_NAMES.get(self.status, f"GNTST({self.status})")
+        return f"{self.op} of gref {self.gref} (granted by dom{self.domid}): {name}"
 
 
 class DomainGone(XmpError):

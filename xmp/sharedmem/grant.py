@@ -25,7 +25,7 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
-from xmp.errors import GrantError, HypercallError, LocalError
+from xmp.errors import GNTST_NAMES, GrantError, HypercallError, LocalError
 from xmp.sharedmem._ffi import ffi, lib
 from xmp.sharedmem.shm import PAGE_SIZE
 
@@ -42,13 +42,6 @@ GTF_readonly = 1 << 2
 GTF_reading = 1 << 3
 GTF_writing = 1 << 4
 
-GNTST = {
-    0: "GNTST_okay", -1: "GNTST_general_error", -2: "GNTST_bad_domain",
-    -3: "GNTST_bad_gntref", -4: "GNTST_bad_handle", -5: "GNTST_bad_virt_addr",
-    -6: "GNTST_bad_dev_addr", -7: "GNTST_no_device_space", -8: "GNTST_permission_denied",
-    -9: "GNTST_bad_page", -10: "GNTST_bad_copy_arg", -11: "GNTST_address_too_big",
-    -12: "GNTST_eagain", -13: "GNTST_no_space",
-}
 GNTST_okay = 0
 GNTST_bad_gntref = -3
 GNTST_permission_denied = -8
@@ -57,7 +50,7 @@ GNTST_bad_copy_arg = -10
 
 
 def gntst_name(status: int) -> str:
-    return GNTST.get(status, f"GNTST({status})")
+    return GNTST_NAMES.get(status, f"GNTST({status})")
 
 
 def _table(buf):

@@ -1,0 +1,221 @@
+"""Grant table v1: the granting side, the hypervisor's check, and copy."""
+
+from __future__ import annotations
+
+import errno
+import struct
+import threading
+
+import pytest
+
+from xmp.errors import GrantError, HypercallError
+from xmp.sharedmem.grant import (
+    GNTST_bad_copy_arg,
+    GNTST_bad_gntref,
+    GNTST_bad_page,
+    GNTST_permission_denied,
+    GNTTAB_NR_RESERVED_ENTRIES,
+    GTF_permit_access,
+    GTF_reading,
+    GTF_readonly,
+    GTF_writing,
+    ActiveGrants,
+    CopyPtr,
+    GrantTable,
+    grant_copy,
+)
+
+GRANTER, BACKEND, OTHER = 5, 0, 7
+
+
+@pytest.fixture
+def tables():
+    buf = bytearray(4096)  # one frame: 512 entries
+    ram = bytearray(16 * 4096)
+    return GrantTable(buf, GRANTER), ActiveGrants(buf, GRANTER, ram), buf, ram
+
+
+def test_entry_layout_is_grant_entry_v1(tables):
+    gt, _act, buf, _ram = tables
+    assert gt.nr_entries == 512
+    gt.grant_access(9, BACKEND, 0x12345, readonly=True)
+    assert struct.unpack_from("<HHI", buf, 9 * 8) == (GTF_permit_access | GTF_readonly, BACKEND, 0x12345)
+    assert gt.entry(9) == (GTF_permit_access | GTF_readonly, BACKEND, 0x12345)
+
+
+def test_allocation_never_hands_out_reserved_refs(tables):
+    gt, *_ = tables
+    refs = [gt.grant_foreign_access(BACKEND, i) for i in range(gt.nr_entries - GNTTAB_NR_RESERVED_ENTRIES)]
+    assert min(refs) == GNTTAB_NR_RESERVED_ENTRIES and len(set(refs)) == len(refs)
+    with pytest.raises(HypercallError) as e:
+        gt.grant_foreign_access(BACKEND, 0)
+    assert e.value.errno == errno.ENOSPC
+    gt.end_foreign_access(refs[3])
+    assert gt.grant_foreign_access(BACKEND, 1) == refs[3]
+
+
+def test_map_sets_in_use_bits_and_unmap_clears_them(tables):
+    gt, act, *_ = tables
+    ref = gt.grant_foreign_access(BACKEND, 3)
+    assert act.map_grant_ref([ref], BACKEND) == [3]
+    assert gt.entry(ref)[0] == GTF_permit_access | GTF_reading | GTF_writing
+    act.map_grant_ref([ref], BACKEND, readonly=True)
+    assert act.pins(ref) == (2, 1)
+    act.unmap_grant_ref([ref])  # the writable mapping goes
+    assert gt.entry(ref)[0] == GTF_permit_access | GTF_reading
+    act.unmap_grant_ref([ref], readonly=True)
+    assert gt.entry(ref)[0] == GTF_permit_access and act.pins(ref) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("setup", "mapper", "readonly", "status"),
+    [
+        (lambda gt: None, BACKEND, True, GNTST_permission_denied),                       # never granted
+        (lambda gt: gt.grant_access(9, OTHER, 1), BACKEND, True, GNTST_permission_denied),  # someone else's
+        (lambda gt: gt.grant_access(9, BACKEND, 1, readonly=True), BACKEND, False, GNTST_permission_denied),
+    ],
+    ids=["not-granted", "wrong-domid", "readonly-mapped-writable"],
+)
+def test_map_refusals(tables, setup, mapper, readonly, status):
+    gt, act, buf, _ = tables
+    setup(gt)
+    before = bytes(buf)
+    with pytest.raises(GrantError) as e:
+        act.map_grant_ref([9], mapper, readonly=readonly)
+    assert (e.value.gref, e.value.status, e.value.domid) == (9, status, GRANTER)
+    assert "GNTST_permission_denied" in str(e.value)
+    assert bytes(buf) == before  # a refused map changes nothing
+
+
+def test_out_of_range_ref_and_batch_is_all_or_nothing(tables):
+    gt, act, *_ = tables
+    good = gt.grant_foreign_access(BACKEND, 1)
+    with pytest.raises(GrantError) as e:
+        act.map_grant_ref([good, 4096], BACKEND)
+    assert e.value.status == GNTST_bad_gntref
+    assert act.pins(good) == (0, 0) and gt.entry(good)[0] == GTF_permit_access
+
+
+def test_end_access_refused_while_mapped(tables):
+    gt, act, *_ = tables
+    ref = gt.grant_foreign_access(BACKEND, 2)
+    act.map_grant_ref([ref], BACKEND, readonly=True)
+    with pytest.raises(HypercallError) as e:
+        gt.end_foreign_access(ref)
+    assert e.value.errno == errno.EBUSY and "is mapped" in str(e.value)
+    act.unmap_grant_ref([ref], readonly=True)
+    gt.end_foreign_access(ref)
+    assert gt.entry(ref)[0] == 0
+    with pytest.raises(GrantError):  # revoked: no new mappings
+        act.map_grant_ref([ref], BACKEND, readonly=True)
+
+
+def test_make_readonly_only_while_not_written(tables):
+    gt, act, *_ = tables
+    ref = gt.grant_foreign_access(BACKEND, 2)
+    act.map_grant_ref([ref], BACKEND)
+    with pytest.raises(HypercallError):
+        gt.make_readonly(ref)
+    act.unmap_grant_ref([ref])
+    gt.make_readonly(ref)
+    with pytest.raises(GrantError):
+        act.map_grant_ref([ref], BACKEND)
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_map_and_end_access_never_revoke_a_live_mapping(tables):
+    """end_foreign_access succeeds only when no mapping is live, whatever the
+    interleaving (the C calls run without the GIL, so this is concurrent)."""
+    gt, act, *_ = tables
+    ref = 20
+    gt.grant_access(ref, BACKEND, 4)
+    live = [0]
+    stop = threading.Event()
+    violations = []
+    counts = {"mapped": 0, "ended": 0}
+
+    def mapper():
+        while not stop.is_set():
+            try:
+                act.map_grant_ref([ref], BACKEND)
+            except GrantError:
+                continue
+            live[0] += 1  # counted only between a successful map and its unmap
+            counts["mapped"] += 1
+            live[0] -= 1
+            act.unmap_grant_ref([ref])
+
+    def revoker():
+        while not stop.is_set():
+            try:
+                gt.end_foreign_access(ref)
+            except HypercallError:
+                continue
+            if live[0]:
+                violations.append("revoked under a live mapping")
+            counts["ended"] += 1
+            gt.grant_access(ref, BACKEND, 4)
+
+    threads = [threading.Thread(target=mapper), threading.Thread(target=revoker)]
+    for t in threads:
+        t.start()
+    deadline = threading.Event()
+    deadline.wait(1.5)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert not violations
+    assert counts["mapped"] > 0 and counts["ended"] > 0
+    flags = gt.entry(ref)[0]
+    assert not flags & (GTF_reading | GTF_writing) and act.pins(ref) == (0, 0)
+
+
+def test_grant_copy_between_granted_page_and_own_frame(tables):
+    gt, act, _buf, ram = tables
+    ram[3 * 4096 + 100:3 * 4096 + 200] = bytes(range(100))
+    ref = gt.grant_foreign_access(BACKEND, 3, readonly=True)
+    mine = bytearray(2 * 4096)
+    grant_copy(CopyPtr(None, 100, gref=ref, table=act), CopyPtr(mine, 10, frame=1), 100, BACKEND)
+    assert mine[4096 + 10:4096 + 110] == bytes(range(100))
+    assert gt.entry(ref)[0] == GTF_permit_access | GTF_readonly  # pinned only for the copy
+    # and the other way, into a writable grant
+    wref = gt.grant_foreign_access(BACKEND, 4)
+    grant_copy(CopyPtr(mine, 10, frame=1), CopyPtr(None, 0, gref=wref, table=act), 100, BACKEND)
+    assert ram[4 * 4096:4 * 4096 + 100] == bytes(range(100))
+
+
+def test_grant_copy_refusals(tables):
+    gt, act, _buf, _ram = tables
+    ro = gt.grant_foreign_access(BACKEND, 3, readonly=True)
+    mine = bytearray(4096)
+    with pytest.raises(GrantError) as e:  # crossing a page
+        grant_copy(CopyPtr(None, 4000, gref=ro, table=act), CopyPtr(mine, 0, frame=0), 200, BACKEND)
+    assert e.value.status == GNTST_bad_copy_arg
+    with pytest.raises(GrantError) as e:  # writing into a read-only grant
+        grant_copy(CopyPtr(mine, 0, frame=0), CopyPtr(None, 0, gref=ro, table=act), 10, BACKEND)
+    assert e.value.status == GNTST_permission_denied
+    with pytest.raises(GrantError) as e:  # copying as a domain it was not granted to
+        grant_copy(CopyPtr(None, 0, gref=ro, table=act), CopyPtr(mine, 0, frame=0), 10, OTHER)
+    assert e.value.status == GNTST_permission_denied
+    far = gt.grant_foreign_access(BACKEND, 999)  # frame beyond the granter's memory
+    with pytest.raises(GrantError) as e:
+        grant_copy(CopyPtr(None, 0, gref=far, table=act), CopyPtr(mine, 0, frame=0), 10, BACKEND)
+    assert e.value.status == GNTST_bad_page
+    assert act.pins(far) == (0, 0) and act.pins(ro) == (0, 0)
+
+
+def test_copy_during_a_live_mapping_keeps_its_in_use_bits(tables):
+    gt, act, _buf, _ram = tables
+    ref = gt.grant_foreign_access(BACKEND, 3)
+    act.map_grant_ref([ref], BACKEND, readonly=True)
+    grant_copy(CopyPtr(None, 0, gref=ref, table=act), CopyPtr(bytearray(4096), 0, frame=0), 8, BACKEND)
+    assert gt.entry(ref)[0] & GTF_reading and act.pins(ref) == (1, 0)
+
+
+def test_errors_survive_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(GrantError(3, 9, GNTST_permission_denied)))
+    assert (err.domid, err.gref, err.status) == (3, 9, GNTST_permission_denied)
+    herr = pickle.loads(pickle.dumps(HypercallError(errno.EBUSY, "end_foreign_access", "gref 9")))
+    assert herr.errno == errno.EBUSY and str(herr) == "end_foreign_access: EBUSY (gref 9)"
