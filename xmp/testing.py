@@ -16,6 +16,7 @@ import multiprocessing
 import socket
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from xmp.sharedmem.evtchn import EVTCHN_OBJECT_SIZE, EventChannels
 from xmp.sharedmem.grant import ActiveGrants, GrantTable
@@ -163,7 +164,7 @@ def spawn_peer(link: SharedLink, target, *args, start_method: str = "spawn"):
     """Start ``target(link, *args)`` in a new OS process that receives the
     link's descriptor over a Unix socket (SCM_RIGHTS).  Returns the started
     ``multiprocessing.Process``; the caller joins it."""
-    ctx = multiprocessing.get_context(start_method)
+    ctx: Any = multiprocessing.get_context(start_method)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     proc = ctx.Process(target=_peer_main, args=(theirs, target, args), daemon=True)
     proc.start()

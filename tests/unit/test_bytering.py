@@ -30,7 +30,8 @@ def test_console_layout_matches_xencons_interface():
 
 def test_xenstore_layout_matches_xenstore_domain_interface():
     assert (XENSTORE_REQ.data, XENSTORE_RSP.data, XENSTORE_REQ.size) == (0, 1024, 1024)
-    assert (XENSTORE_REQ.cons, XENSTORE_REQ.prod, XENSTORE_RSP.cons, XENSTORE_RSP.prod) == (2048, 2052, 2056, 2060)
+    indices = (XENSTORE_REQ.cons, XENSTORE_REQ.prod, XENSTORE_RSP.cons, XENSTORE_RSP.prod)
+    assert indices == (2048, 2052, 2056, 2060)
     assert (XS_SERVER_FEATURES, XS_EVTCHN_PORT) == (2064, 2076)
 
 

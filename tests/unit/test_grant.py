@@ -10,18 +10,18 @@ import pytest
 
 from xmp.errors import GrantError, HypercallError
 from xmp.sharedmem.grant import (
+    GNTTAB_NR_RESERVED_ENTRIES,
+    ActiveGrants,
+    CopyPtr,
     GNTST_bad_copy_arg,
     GNTST_bad_gntref,
     GNTST_bad_page,
     GNTST_permission_denied,
-    GNTTAB_NR_RESERVED_ENTRIES,
+    GrantTable,
     GTF_permit_access,
     GTF_reading,
     GTF_readonly,
     GTF_writing,
-    ActiveGrants,
-    CopyPtr,
-    GrantTable,
     grant_copy,
 )
 

@@ -427,7 +427,8 @@ def test_no_lost_wakeup_between_threads():
     sent = got = 0
     while got < total:
         if sent < total:
-            k = front.put_requests(b"".join(struct.pack("<Q", i) * 8 for i in range(sent, min(total, sent + 7))))
+            batch = b"".join(struct.pack("<Q", i) * 8 for i in range(sent, min(total, sent + 7)))
+            k = front.put_requests(batch)
             sent += k
             if k and front.push_requests_and_check_notify():
                 back_ev.send(1)

@@ -115,7 +115,7 @@ def recv_handles(sock: socket.socket, max_fds: int, bufsize: int = 65536) -> tup
 
 def remove_stale(shm_dir: str = SHM_DIR) -> list[str]:
     """Unlink xmp objects whose owning supervisor is dead; return their names."""
-    removed = []
+    removed: list[str] = []
     try:
         entries = os.listdir(shm_dir)
     except FileNotFoundError:
