@@ -126,8 +126,8 @@ class SharedLink:
     def front_ring(self, req_size: int, rsp_size: int, init: bool = True) -> FrontRing:
         return self._hold(FrontRing(self.ring_buf, req_size, rsp_size, init=init))
 
-    def back_ring(self, req_size: int, rsp_size: int) -> BackRing:
-        return self._hold(BackRing(self.ring_buf, req_size, rsp_size))
+    def back_ring(self, req_size: int, rsp_size: int, resume: bool = False) -> BackRing:
+        return self._hold(BackRing(self.ring_buf, req_size, rsp_size, resume=resume))
 
     def grant_table(self) -> GrantTable:
         return self._hold(GrantTable(self._maps["gnttab"], FRONT_DOMID))

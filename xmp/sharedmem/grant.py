@@ -67,6 +67,7 @@ class GrantTable:
         self._mem, self._tab, self.nr_entries = _table(buf)
         self.domid = domid
         self._free = list(range(self.nr_entries - 1, GNTTAB_NR_RESERVED_ENTRIES - 1, -1))
+        self._free_set = set(self._free)  # membership without scanning the list
 
     def grant_access(self, ref: int, domid: int, frame: int, readonly: bool = False) -> None:
         """Fill ``ref``: domid and frame, a barrier, then the flags."""
@@ -79,6 +80,7 @@ class GrantTable:
             raise HypercallError(errno.ENOSPC, "grant_foreign_access",
                                  f"all {self.nr_entries} grant entries in use")
         ref = self._free.pop()
+        self._free_set.discard(ref)
         self.grant_access(ref, domid, frame, readonly)
         return ref
 
@@ -88,8 +90,9 @@ class GrantTable:
         self._check_ref(ref)
         if lib.xmp_gnttab_end_access(self._tab, ref) != 0:
             raise HypercallError(errno.EBUSY, "end_foreign_access", f"gref {ref} is mapped")
-        if ref >= GNTTAB_NR_RESERVED_ENTRIES and ref not in self._free:
+        if ref >= GNTTAB_NR_RESERVED_ENTRIES and ref not in self._free_set:
             self._free.append(ref)
+            self._free_set.add(ref)
 
     def make_readonly(self, ref: int) -> None:
         self._check_ref(ref)
