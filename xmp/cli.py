@@ -1,13 +1,202 @@
-"""The ``xmp`` command.  Named after xl's commands; more arrive with the
-hypervisor (run, list, create, destroy, …)."""
+"""The ``xmp`` command, after xl.
+
+``xmp run TOPOLOGY`` starts a supervisor (in the foreground, or in the
+background with ``--detach``); every other command talks to a running one
+through ``<rundir>/control.sock``.  The run directory defaults to
+``$XMP_RUNDIR``, else ``$XDG_RUNTIME_DIR/xmp/<host>``, else
+``/tmp/xmp-<uid>/<host>``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import select
+import socket
 import sys
+import termios
+import tty
 from importlib.metadata import version
+from pathlib import Path
+from typing import Any
 
+from xmp.errors import XmpError
 from xmp.sharedmem.shm import remove_stale
+
+ESCAPE = b"\x1d"  # Ctrl-], as xl console
+
+
+def default_rundir(host: str | None = None) -> Path:
+    if os.environ.get("XMP_RUNDIR"):
+        return Path(os.environ["XMP_RUNDIR"])
+    host = host or socket.gethostname()
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(base) / "xmp" / host if base else Path(f"/tmp/xmp-{os.getuid()}") / host
+
+
+class CliError(Exception):
+    """One clear message for the user, and exit status 1."""
+
+
+# -- talking to a supervisor -------------------------------------------------
+
+
+def request(rundir: Path, cmd: str, **fields: Any) -> dict[str, Any]:
+    path = rundir / "control.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise CliError(f"no supervisor runs in {rundir} (start one with `xmp run TOPOLOGY`, "
+                       "or give --rundir)") from None
+    with sock:
+        sock.sendall((json.dumps({"cmd": cmd, **fields}) + "\n").encode())
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise CliError("the supervisor closed the connection")
+            buf += chunk
+    reply = json.loads(buf)
+    if not reply.get("ok"):
+        raise CliError(reply.get("error", "failed"))
+    return reply
+
+
+# -- commands ------------------------------------------------------------------
+
+
+def cmd_run(args) -> int:
+    from xmp.hypervisor import Supervisor
+    from xmp.topology import load_topology
+
+    try:
+        topo = load_topology(args.topology)
+    except XmpError as exc:
+        raise CliError(str(exc)) from None
+    rundir = Path(args.rundir or topo.host.rundir or default_rundir(topo.host.name))
+    if not args.detach:
+        sup = Supervisor(topo, rundir, echo=True)
+        print(f"xmp: supervisor {os.getpid()} running {args.topology} in {rundir}", flush=True)
+        code = sup.run()
+        print(f"xmp: stopped ({sup.stop_reason}), exit status {code}", flush=True)
+        return code
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the detached supervisor
+        os.close(r)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        code = 1
+        try:
+            sup = Supervisor(topo, rundir, echo=False, stop_when_guests_gone=False)
+            def ready() -> None:
+                os.write(w, b"ok\n")
+                os.close(w)
+
+            code = sup.run(ready=ready)
+        except BaseException as exc:
+            try:
+                os.write(w, f"{exc}\n".encode())
+            except OSError:
+                pass
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        status = f.read().strip()
+    if status != "ok":
+        raise CliError(f"the supervisor did not start: {status or 'it exited'}")
+    print(f"xmp: supervisor {pid} running {args.topology} in {rundir}")
+    return 0
+
+
+def _rundir(args) -> Path:
+    return Path(args.rundir) if args.rundir else default_rundir()
+
+
+def cmd_list(args) -> int:
+    doms = request(_rundir(args), "list")["domains"]
+    if args.json:
+        print(json.dumps(doms, indent=2))
+        return 0
+    # xl list's exact header and row formats (tools/xl/xl_info.c)
+    print(f"{'Name':<40}ID   Mem VCPUs\tState\tTime(s)")
+    for d in doms:
+        print(f"{d['name']:<40}{d['domid']:5d} {d['mem_kb'] // 1024:5d} {d['vcpus']:5d}     "
+              f"{d['state_letters']:6}  {d['cpu_time']:8.1f}")
+    return 0
+
+
+def cmd_create(args) -> int:
+    from xmp.topology import load_domain
+
+    try:
+        cfg = load_domain(args.file)
+    except XmpError as exc:
+        raise CliError(str(exc)) from None
+    reply = request(_rundir(args), "create", config=cfg.to_dict(), paused=args.paused)
+    print(f"xmp: created domain {reply['name']!r} (id {reply['domid']})")
+    if args.console:
+        return _attach(_rundir(args), str(reply["domid"]))
+    return 0
+
+
+def _simple(cmd: str):
+    def run(args) -> int:
+        request(_rundir(args), cmd, dom=args.dom)
+        return 0
+    return run
+
+
+def cmd_dmesg(args) -> int:
+    for line in request(_rundir(args), "dmesg", clear=args.clear)["lines"]:
+        print(line)
+    return 0
+
+
+def cmd_console(args) -> int:
+    return _attach(_rundir(args), args.dom)
+
+
+def _attach(rundir: Path, dom: str) -> int:
+    info = request(rundir, "console", dom=dom)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(info["socket"])
+    except OSError as exc:
+        raise CliError(f"console of {info['name']!r} is not available: {exc}") from None
+    stdin = sys.stdin.fileno()
+    raw = os.isatty(stdin)
+    saved = termios.tcgetattr(stdin) if raw else None
+    if raw:
+        tty.setraw(stdin)
+        os.write(1, f"xmp: attached to {info['name']} (Ctrl-] detaches)\r\n".encode())
+    try:
+        stdin_open = True
+        while True:
+            ready, _, _ = select.select([sock] + ([stdin] if stdin_open else []), [], [])
+            if sock in ready:
+                data = sock.recv(65536)
+                if not data:
+                    return 0
+                os.write(1, data)
+            if stdin in ready:
+                data = os.read(stdin, 4096)
+                if not data:
+                    stdin_open = False  # keep showing output until the console goes
+                    continue
+                if ESCAPE in data:
+                    sock.sendall(data.split(ESCAPE)[0])
+                    return 0
+                sock.sendall(data)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+            os.write(1, b"\r\n")
+        sock.close()
 
 
 def cmd_cleanup(args) -> int:
@@ -26,15 +215,48 @@ def cmd_info(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xmp", description="Xen's architecture as Linux processes.")
     parser.add_argument("--version", action="version", version=f"xmp {version('xmp')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("info", help="what this installation has").set_defaults(func=cmd_info)
-    sub.add_parser("cleanup", help="remove shared-memory objects left by dead supervisors").set_defaults(
-        func=cmd_cleanup)
-    args = parser.parse_args(argv)
-    return args.func(args)
+
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        if name not in ("info", "cleanup"):
+            p.add_argument("--rundir", help="the supervisor's run directory")
+        return p
+
+    p = add("run", cmd_run, "start a supervisor and the domains of a topology file")
+    p.add_argument("topology")
+    p.add_argument("--detach", action="store_true", help="return once every domain runs")
+    p = add("list", cmd_list, "list domains (xl list)")
+    p.add_argument("--json", action="store_true")
+    p = add("create", cmd_create, "create one more domain from a TOML file")
+    p.add_argument("file")
+    p.add_argument("-p", dest="paused", action="store_true", help="leave it paused")
+    p.add_argument("-c", dest="console", action="store_true", help="attach to its console")
+    for name, help in (("destroy", "destroy a domain at once (pull the plug)"),
+                       ("pause", "stop scheduling a domain"), ("unpause", "resume a paused domain")):
+        add(name, _simple(name), help).add_argument("dom", help="name or id")
+    p = add("console", cmd_console, "attach to a domain's console (Ctrl-] detaches)")
+    p.add_argument("dom", help="name or id")
+    p = add("dmesg", cmd_dmesg, "the hypervisor's log")
+    p.add_argument("-c", dest="clear", action="store_true", help="clear it after printing")
+    add("info", cmd_info, "what this installation has")
+    add("cleanup", cmd_cleanup, "remove shared-memory objects left by dead supervisors")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"xmp {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -75,6 +75,11 @@ uint32_t xmp_evtchn_scan(uint8_t *ev, uint32_t vcpu, uint32_t *ports, uint32_t m
 int xmp_evtchn_wait(uint8_t *ev, uint32_t vcpu, int64_t timeout_ns, int64_t spin_ns);
 void xmp_evtchn_request_shutdown(uint8_t *ev, uint32_t vcpu);
 
+int xmp_set_pdeathsig(int sig);
+int xmp_set_dumpable(int on);
+int xmp_set_comm(const char *name);
+int xmp_punch_hole(int fd, int64_t offset, int64_t len);
+
 int xmp_bench_sem_init(uint8_t *area);
 void xmp_bench_sem_destroy(uint8_t *area);
 void xmp_bench_sem_pingpong(uint8_t *area, int initiator, uint32_t rounds, int64_t spin_ns,

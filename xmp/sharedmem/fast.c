@@ -754,3 +754,35 @@ void xmp_bench_sem_pingpong(uint8_t *area, int initiator, uint32_t rounds, int64
         }
     }
 }
+
+/* ------------------------------------------------------------------ */
+/* Process and memory facilities the hypervisor needs from the OS.     */
+/* ------------------------------------------------------------------ */
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+/* Die with the parent (the supervisor, or the zygote that forked us). */
+int xmp_set_pdeathsig(int sig)
+{
+    return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) ? -errno : 0;
+}
+
+/* Non-dumpable: other processes of the same user cannot ptrace us or open
+ * our /proc/<pid>/{mem,fd,maps,environ}. */
+int xmp_set_dumpable(int on)
+{
+    return prctl(PR_SET_DUMPABLE, on ? 1 : 0, 0, 0, 0) ? -errno : 0;
+}
+
+int xmp_set_comm(const char *name)
+{
+    return prctl(PR_SET_NAME, (unsigned long)name, 0, 0, 0) ? -errno : 0;
+}
+
+/* Give pages back to the host (ballooning, decrease_reservation). */
+int xmp_punch_hole(int fd, int64_t offset, int64_t len)
+{
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len) ? -errno : 0;
+}

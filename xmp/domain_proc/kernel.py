@@ -1,0 +1,89 @@
+"""`Kernel`: what a guest's entry point receives.
+
+    def main(kernel):
+        kernel.print("hello from", kernel.name)
+        kernel.sleep(0.5)               # set_timer_op + VIRQ_TIMER
+        kernel.poweroff()
+
+Returning from the entry point powers the domain off; an exception is a
+crash (traceback on the console and in the domain's log).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from xmp.domain_proc.console import Console
+from xmp.domain_proc.loop import EventLoop
+from xmp.domain_proc.xen import Xen
+from xmp.sharedmem.evtchn import VIRQ_TIMER
+from xmp.sharedmem.shm import PAGE_SIZE
+from xmp.startinfo import StartInfo, first_free_pfn
+
+
+class ShutdownDone(BaseException):
+    """Raised after a shutdown hypercall: the domain must stop running."""
+
+
+class Kernel:
+    def __init__(self, xen: Xen, loop: EventLoop, boot: dict[str, Any], ram, start_info: StartInfo):
+        self.xen = xen
+        self.loop = loop
+        self.domid: int = boot["domid"]
+        self.name: str = boot["name"]
+        self.config: dict[str, Any] = boot["config"]
+        self.args: dict[str, Any] = dict(self.config.get("args", {}))
+        self.start_info = start_info
+        self.memory = ram
+        self.first_free_pfn = first_free_pfn(start_info.nr_grant_frames)
+        page = memoryview(ram)[start_info.console_mfn * PAGE_SIZE:(start_info.console_mfn + 1) * PAGE_SIZE]
+        self.console = Console(page, start_info.console_evtchn, xen, loop)
+        self._timer_port = xen.bind_virq(VIRQ_TIMER, 0)
+        self._timer_fired = False
+        loop.bind(self._timer_port, self._on_timer)
+
+    # -- console -----------------------------------------------------------
+
+    def print(self, *parts: Any, sep: str = " ", end: str = "\n") -> None:
+        self.console.write(sep.join(str(p) for p in parts) + end)
+
+    # -- time --------------------------------------------------------------
+
+    def _on_timer(self, _port: int) -> None:
+        self._timer_fired = True
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        """Block for ``seconds``: a one-shot timer (set_timer_op) whose
+        VIRQ_TIMER ends the wait; devices are serviced meanwhile."""
+        deadline = time.monotonic_ns() + max(0, int(seconds * 1e9))
+        while time.monotonic_ns() < deadline:
+            self._timer_fired = False
+            self.xen.set_timer_op(deadline)
+            self.loop.run_until(lambda: self._timer_fired)
+
+    def idle(self) -> None:
+        """Do nothing, forever, using no CPU (serving events)."""
+        self.loop.run_forever()
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def detect(self) -> str:
+        """Like xen-detect: the kind of guest this is."""
+        return {"pv": "PV", "pvh": "PVH", "hvm": "HVM"}[self.config.get("type", "pvh")]
+
+    def shutdown(self, reason: str) -> None:
+        self.xen.shutdown(reason)
+        raise ShutdownDone(reason)
+
+    def poweroff(self) -> None:
+        self.shutdown("poweroff")
+
+    def reboot(self) -> None:
+        self.shutdown("reboot")
+
+    def crash(self) -> None:
+        self.shutdown("crash")

@@ -1,0 +1,65 @@
+"""A domain process from boot to exit.
+
+The zygote forks us with the hypercall channel; the supervisor's boot
+message brings our RAM and event object by descriptor.  We map them, read
+start_info, and run the kernel named in the config.  Returning powers off,
+an exception crashes (traceback on the console and in our log).  A domain
+whose supervisor is gone exits at once: the channel's EOF, or the
+PR_SET_PDEATHSIG chain, ends it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import socket
+import sys
+import traceback
+
+from xmp.domain_proc.kernel import Kernel, ShutdownDone
+from xmp.domain_proc.loop import EventLoop
+from xmp.domain_proc.xen import Xen
+from xmp.errors import DomainGone
+from xmp.hypercall import Channel
+from xmp.sharedmem.evtchn import EventChannels
+from xmp.sharedmem.shm import PAGE_SIZE, ShmObject
+from xmp.startinfo import START_INFO_PFN, StartInfo
+
+
+def load_entry(spec: str):
+    module, _, func = spec.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def domain_main(sock: socket.socket) -> int:
+    ch = Channel(sock)
+    boot, fds = ch.recv_boot()
+    ram_obj, evt_obj = ShmObject.from_fd(fds[0]), ShmObject.from_fd(fds[1])
+    extra_fds = fds[2:]
+    ram = ram_obj.map()
+    evt = EventChannels(evt_obj.map())
+    xen = Xen(ch, boot["domid"], evt)
+    start_info = StartInfo.unpack_from(ram, START_INFO_PFN * PAGE_SIZE)
+    loop = EventLoop(evt)
+    kernel = Kernel(xen, loop, boot, ram, start_info)
+    kernel.boot_fds = extra_fds  # type: ignore[attr-defined]
+    kernel.rundir = boot.get("rundir")  # type: ignore[attr-defined]
+    print(f"dom{kernel.domid} {kernel.name}: running {boot['kernel']}", flush=True)
+    try:
+        entry = load_entry(boot["kernel"])
+        entry(kernel)
+        kernel.poweroff()
+    except ShutdownDone:
+        return 0
+    except DomainGone:
+        return 0
+    except BaseException:
+        text = traceback.format_exc()
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        try:
+            kernel.console.write(text)
+            kernel.xen.shutdown("crash")
+        except Exception:  # the supervisor still sees a crash: we exit without a clean shutdown
+            pass
+        return 1
+    return 0

@@ -1,0 +1,179 @@
+"""The domain's view of the hypervisor: hypercalls with Xen's names, plus
+the event-channel fast path.
+
+Sending on a port needs no round trip once the peer is known: the first
+notify goes through the supervisor (``event_channel_op/send``), whose
+reply names the peer's port and vCPU and hands over the peer's event
+object once; later notifies set the bit and post the semaphore directly.
+A stale cache after the peer closes can at worst raise a spurious event,
+which every handler tolerates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from xmp.hypercall import Channel
+from xmp.sharedmem.evtchn import EventChannels
+from xmp.sharedmem.shm import ShmObject
+
+DOMID_SELF = 0x7FF0
+
+
+@dataclass
+class GrantMapping:
+    """Pages of another domain mapped after map_grant_ref (trusted backends)."""
+
+    handle: int
+    granter: int
+    refs: list[int]
+    pages: list = field(default_factory=list)
+
+
+class Xen:
+    def __init__(self, channel: Channel, domid: int, evt: EventChannels):
+        self.ch = channel
+        self.domid = domid
+        self.evt = evt
+        self._peers: dict[int, tuple[ShmObject, EventChannels]] = {}
+        self._route: dict[int, tuple[EventChannels, int, int]] = {}
+        self._foreign: dict[int, ShmObject] = {}
+
+    def call(self, op: str, cmd: str = "", **args: Any) -> Any:
+        return self.ch.call(op, cmd, **args)
+
+    # -- event channels ------------------------------------------------------
+
+    def alloc_unbound(self, remote_dom: int, dom: int = DOMID_SELF) -> int:
+        return self.call("event_channel_op", "alloc_unbound", dom=dom, remote_dom=remote_dom)
+
+    def bind_interdomain(self, remote_dom: int, remote_port: int) -> int:
+        ret, fds = self.ch.call_with_fds("event_channel_op", "bind_interdomain",
+                                         remote_dom=remote_dom, remote_port=remote_port)
+        self._learn(ret, fds)
+        return ret["port"]
+
+    def bind_virq(self, virq: int, vcpu: int = 0) -> int:
+        return self.call("event_channel_op", "bind_virq", virq=virq, vcpu=vcpu)
+
+    def bind_ipi(self, vcpu: int = 0) -> int:
+        return self.call("event_channel_op", "bind_ipi", vcpu=vcpu)
+
+    def close(self, port: int) -> None:
+        self._route.pop(port, None)
+        self.call("event_channel_op", "close", port=port)
+
+    def status(self, port: int, dom: int = DOMID_SELF) -> dict:
+        return self.call("event_channel_op", "status", port=port, dom=dom)
+
+    def unmask(self, port: int, vcpu: int = 0) -> None:
+        self.evt.unmask(port, vcpu)  # our own shared_info: no hypercall needed
+
+    def notify(self, port: int) -> None:
+        route = self._route.get(port)
+        if route is not None:
+            evt, remote_port, vcpu = route
+            evt.send(remote_port, vcpu)
+            return
+        ret, fds = self.ch.call_with_fds("event_channel_op", "send", port=port)
+        if ret:
+            self._learn(ret, fds)
+
+    def _learn(self, info: dict, fds: list[int]) -> None:
+        remote = info["remote_dom"]
+        if fds:
+            obj = ShmObject.from_fd(fds[0])
+            old = self._peers.pop(remote, None)
+            self._peers[remote] = (obj, EventChannels(obj.map()))
+            if old is not None:
+                _close_peer(old)
+        if remote == self.domid:
+            evt = self.evt
+        elif remote in self._peers:
+            evt = self._peers[remote][1]
+        else:
+            return
+        self._route[info["port"]] = (evt, info["remote_port"], info["remote_vcpu"])
+
+    def forget_domain(self, domid: int) -> None:
+        """Drop what we hold of a domain that has gone."""
+        for port in [p for p, r in self._route.items()
+                     if domid in self._peers and r[0] is self._peers[domid][1]]:
+            del self._route[port]
+        peer = self._peers.pop(domid, None)
+        if peer is not None:
+            _close_peer(peer)
+        obj = self._foreign.pop(domid, None)
+        if obj is not None:
+            obj.close()
+
+    # -- grant tables ----------------------------------------------------------
+
+    def map_grant_ref(self, granter: int, refs: list[int], readonly: bool = False) -> GrantMapping:
+        ret, fds = self.ch.call_with_fds("grant_table_op", "map_grant_ref", dom=granter,
+                                         refs=list(refs), readonly=readonly)
+        if fds:
+            old = self._foreign.pop(granter, None)
+            if old is not None:
+                old.close()
+            self._foreign[granter] = ShmObject.from_fd(fds[0])
+        obj = self._foreign[granter]
+        pages = [obj.map(frame, 1, writable=not readonly) for frame in ret["frames"]]
+        return GrantMapping(ret["handle"], granter, list(refs), pages)
+
+    def unmap_grant_ref(self, mapping: GrantMapping) -> None:
+        obj = self._foreign.get(mapping.granter)
+        for page in mapping.pages:
+            if obj is not None and page in obj._maps:
+                obj._maps.remove(page)
+            page.close()
+        mapping.pages.clear()
+        self.call("grant_table_op", "unmap_grant_ref", handle=mapping.handle)
+
+    def grant_copy(self, ops: list[dict]) -> list[int]:
+        return self.call("grant_table_op", "copy", ops=ops)
+
+    def setup_table(self, nr_frames: int) -> list[int]:
+        return self.call("grant_table_op", "setup_table", nr_frames=nr_frames)
+
+    def query_size(self) -> dict:
+        return self.call("grant_table_op", "query_size")
+
+    # -- memory, scheduling, time, console -------------------------------------
+
+    def decrease_reservation(self, pfns: list[int]) -> int:
+        return self.call("memory_op", "decrease_reservation", extent_start=list(pfns))
+
+    def populate_physmap(self, pfns: list[int]) -> int:
+        return self.call("memory_op", "populate_physmap", extent_start=list(pfns))
+
+    def current_reservation(self) -> int:
+        return self.call("memory_op", "current_reservation")
+
+    def maximum_reservation(self) -> int:
+        return self.call("memory_op", "maximum_reservation")
+
+    def set_timer_op(self, deadline_ns: int, vcpu: int = 0) -> None:
+        self.call("set_timer_op", timeout=deadline_ns, vcpu=vcpu)
+
+    def shutdown(self, reason: str) -> None:
+        self.call("sched_op", "shutdown", reason=reason)
+
+    def sched_yield(self) -> None:
+        self.call("sched_op", "yield")
+
+    def console_io(self, text: str) -> None:
+        self.call("console_io", "write", data=text)
+
+    def xen_version(self) -> dict:
+        return self.call("xen_version")
+
+    def domctl(self, cmd: str, **args: Any) -> Any:
+        return self.call("domctl", cmd, **args)
+
+
+def _close_peer(peer: tuple[ShmObject, EventChannels]) -> None:
+    obj, evt = peer
+    evt.release()
+    obj.close()

@@ -1,0 +1,165 @@
+"""The control socket: how the ``xmp`` commands reach a running supervisor.
+
+``<rundir>/control.sock`` (mode 0600 in a 0700 directory) takes one JSON
+object per line and answers one per line::
+
+    {"cmd": "list"}                        -> {"ok": true, "domains": [...]}
+    {"cmd": "create", "config": {...}}     -> {"ok": true, "domid": 7}
+    {"cmd": "destroy" | "pause" | "unpause", "dom": "web" | 7}
+    {"cmd": "dmesg", "clear": false}       -> {"ok": true, "lines": [...]}
+    {"cmd": "console", "dom": "web"}       -> {"ok": true, "socket": "<rundir>/console/7.sock", ...}
+    failures                               -> {"ok": false, "error": "...", "errno": 3}
+
+Clients are served from the supervisor's own loop, never blocking it: a
+client's bytes are buffered until a full line arrives.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import selectors
+import socket
+from pathlib import Path
+from typing import Any
+
+from xmp.errors import HypercallError, XmpError
+
+MAX_REQUEST = 1 << 20
+
+
+class ControlServer:
+    def __init__(self, path: Path, supervisor: Any):
+        self.path = path
+        self.sup = supervisor
+        if path.exists():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # left by a supervisor that died
+            else:
+                probe.close()
+                raise XmpError(f"a supervisor already runs in {path.parent}: "
+                               "stop it (xmp destroy Domain-0) or use another --rundir")
+            finally:
+                probe.close()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self.listener.bind(str(path))
+        finally:
+            os.umask(old)
+        self.listener.listen(16)
+        self.listener.setblocking(False)
+        self.buffers: dict[socket.socket, bytearray] = {}
+
+    def accept(self, sel: selectors.BaseSelector) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        conn.setblocking(False)
+        self.buffers[conn] = bytearray()
+        sel.register(conn, selectors.EVENT_READ, ("ctl", conn))
+
+    def serve(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        buf = self.buffers[conn]
+        buf += data
+        if not data or len(buf) > MAX_REQUEST:
+            self._drop(sel, conn)
+            return
+        while b"\n" in buf:
+            line, _, rest = bytes(buf).partition(b"\n")
+            buf[:] = rest
+            reply = self.handle(line)
+            try:
+                conn.setblocking(True)
+                conn.sendall((json.dumps(reply) + "\n").encode())
+                conn.setblocking(False)
+            except OSError:
+                self._drop(sel, conn)
+                return
+
+    def _drop(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:
+        sel.unregister(conn)
+        del self.buffers[conn]
+        conn.close()
+
+    def handle(self, line: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+                raise HypercallError(errno.EINVAL, "control", "a request is {\"cmd\": ...}")
+            method = getattr(self, "cmd_" + req["cmd"].replace("-", "_"), None)
+            if method is None:
+                raise HypercallError(errno.ENOSYS, "control", f"no command {req['cmd']!r}")
+            return {"ok": True, **method(req)}
+        except HypercallError as exc:
+            return {"ok": False, "errno": exc.errno, "error": exc.detail or str(exc)}
+        except XmpError as exc:
+            return {"ok": False, "errno": errno.EINVAL, "error": str(exc)}
+        except ValueError as exc:
+            return {"ok": False, "errno": errno.EINVAL, "error": f"bad request: {exc}"}
+
+    def _dom(self, req: dict[str, Any]):
+        ref = req.get("dom")
+        if not isinstance(ref, (str, int)) or isinstance(ref, bool):
+            raise HypercallError(errno.EINVAL, "control", "name the domain by name or id")
+        return self.sup.find(ref)
+
+    def cmd_list(self, req):
+        return {"domains": [self.sup.domain_info(d) for d in
+                            sorted(self.sup.domains.values(), key=lambda d: d.domid)]}
+
+    def cmd_create(self, req):
+        cfg = req.get("config")
+        if not isinstance(cfg, dict):
+            raise HypercallError(errno.EINVAL, "create", "config must be an object")
+        dom = self.sup.create_domain(cfg)
+        if req.get("paused"):
+            self.sup.pause_domain(dom)
+        return {"domid": dom.domid, "name": dom.name}
+
+    def cmd_destroy(self, req):
+        dom = self._dom(req)
+        self.sup.destroy_domain(dom)
+        return {"domid": dom.domid}
+
+    def cmd_pause(self, req):
+        dom = self._dom(req)
+        self.sup.pause_domain(dom)
+        return {"domid": dom.domid}
+
+    def cmd_unpause(self, req):
+        dom = self._dom(req)
+        self.sup.unpause_domain(dom)
+        return {"domid": dom.domid}
+
+    def cmd_dmesg(self, req):
+        lines = list(self.sup.dmesg)
+        if req.get("clear"):
+            self.sup.dmesg.clear()
+        return {"lines": lines}
+
+    def cmd_console(self, req):
+        dom = self._dom(req)
+        return {"domid": dom.domid, "name": dom.name,
+                "socket": str(self.sup.rundir / "console" / f"{dom.domid}.sock")}
+
+    def close(self) -> None:
+        for conn in list(self.buffers):
+            conn.close()
+        self.buffers.clear()
+        self.listener.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass

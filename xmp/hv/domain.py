@@ -1,0 +1,189 @@
+"""The supervisor's record of one domain, and the domain builder.
+
+Everything a domain holds is here, so that destroying it can give every
+piece back: its RAM and event objects, its ports, the grants it has mapped
+from others (maptrack), the descriptors of other domains it was handed,
+its reservation from the host pool.
+"""
+
+from __future__ import annotations
+
+import enum
+import mmap
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+from xmp.hypercall import SHUTDOWN_REASONS
+from xmp.sharedmem.evtchn import EVTCHN_OBJECT_SIZE, EventChannels, PortTable
+from xmp.sharedmem.grant import (
+    ENTRIES_PER_FRAME,
+    GNTTAB_RESERVED_CONSOLE,
+    GNTTAB_RESERVED_XENSTORE,
+    ActiveGrants,
+    GrantTable,
+)
+from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, ShmObject
+from xmp.startinfo import (
+    CONSOLE_PFN,
+    GNTTAB_PFN,
+    SIF_INITDOMAIN,
+    SIF_PRIVILEGED,
+    START_INFO_PFN,
+    XENSTORE_PFN,
+    StartInfo,
+    first_free_pfn,
+)
+from xmp.topology import DomainConfig
+
+MIB = 1 << 20
+DOMID_DOM0 = 0
+
+
+class DomState(enum.Enum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"   # reason in Domain.shutdown_reason; "crash" for a crash
+    DYING = "dying"
+
+
+@dataclass
+class Mapping:
+    granter: int
+    refs: list[int]
+    readonly: bool
+
+
+@dataclass
+class Domain:
+    domid: int
+    cfg: DomainConfig
+    name: str
+    ram: ShmObject
+    ram_map: mmap.mmap
+    evt_obj: ShmObject
+    evt: EventChannels
+    ports: PortTable
+    grants: ActiveGrants
+    own_table: GrantTable
+    console_port: int
+    store_port: int
+    sock: socket.socket | None = None
+    pid: int | None = None
+    state: DomState = DomState.RUNNING
+    shutdown_reason: str | None = None
+    tot_pages: int = 0
+    max_pages: int = 0
+    populated: bytearray = field(default_factory=bytearray)
+    nr_grant_frames: int = 1
+    maptrack: dict[int, Mapping] = field(default_factory=dict)
+    next_handle: int = 1
+    holds_ram_of: set[int] = field(default_factory=set)
+    holds_evt_of: set[int] = field(default_factory=set)
+    created: float = field(default_factory=time.monotonic)
+    cpu_time_final: float = 0.0
+    views: list[memoryview] = field(default_factory=list)
+
+    @property
+    def privileged(self) -> bool:
+        return self.domid == DOMID_DOM0
+
+    @property
+    def reserved_pfns(self) -> int:
+        """start_info, console, xenstore and grant-table pages: never ballooned."""
+        return first_free_pfn(self.cfg.max_grant_frames)
+
+    @property
+    def trusted_backend(self) -> bool:
+        return self.privileged or self.cfg.trusted_backend
+
+    def state_letters(self, running: bool) -> str:
+        """xl's six state characters: r b p s <reason> d."""
+        s = ["-"] * 6
+        if self.state == DomState.RUNNING:
+            s[0 if running else 1] = "r" if running else "b"
+        elif self.state == DomState.PAUSED:
+            s[2] = "p"
+        elif self.state == DomState.SHUTDOWN:
+            s[3] = "s"
+            code = SHUTDOWN_REASONS.get(self.shutdown_reason or "", 0)
+            s[4] = "-rscwS"[code]
+        elif self.state == DomState.DYING:
+            s[5] = "d"
+        return "".join(s)
+
+    def release(self) -> None:
+        """Drop the supervisor's hold on every object of this domain."""
+        for thing in (self.grants, self.own_table, self.evt):
+            thing.release()
+        for view in self.views:
+            view.release()
+        self.evt_obj.close()
+        self.ram.close()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def build_domain(ns: ShmNamespace, domid: int, cfg: DomainConfig, name: str | None = None) -> Domain:
+    """Allocate a domain's memory and event object and lay out its special
+    pages, as Xen's domain builder does.  No process yet."""
+    max_pages = cfg.maxmem_mib * MIB // PAGE_SIZE
+    mem_pages = cfg.memory_mib * MIB // PAGE_SIZE
+    ram = ShmObject.create(ns, f"ram{domid}", max_pages * PAGE_SIZE)
+    evt_obj = ShmObject.create(ns, f"evt{domid}", EVTCHN_OBJECT_SIZE)
+    try:
+        ram_map = ram.map()
+        evt = EventChannels(evt_obj.map(), init_vcpus=cfg.maxvcpus)
+        ports = PortTable(domid, cfg.max_event_channels)
+        # Ports the guest offers dom0 for the console and xenstore (console/port, store evtchn).
+        console_port = ports.alloc_unbound(DOMID_DOM0)
+        store_port = ports.alloc_unbound(DOMID_DOM0)
+        whole = memoryview(ram_map)
+        gnttab = whole[GNTTAB_PFN * PAGE_SIZE:(GNTTAB_PFN + cfg.max_grant_frames) * PAGE_SIZE]
+        own_table = GrantTable(gnttab, domid)
+        # The builder pre-fills the reserved refs: 0 console, 1 xenstore, both for dom0.
+        own_table.grant_access(GNTTAB_RESERVED_CONSOLE, DOMID_DOM0, CONSOLE_PFN)
+        own_table.grant_access(GNTTAB_RESERVED_XENSTORE, DOMID_DOM0, XENSTORE_PFN)
+        grants = ActiveGrants(gnttab, domid, ram_map)
+        flags = SIF_PRIVILEGED | SIF_INITDOMAIN if domid == DOMID_DOM0 else 0
+        StartInfo(domid=domid, nr_pages=mem_pages, max_pages=max_pages, flags=flags,
+                  store_evtchn=store_port, console_evtchn=console_port, vcpus=cfg.vcpus,
+                  max_vcpus=cfg.maxvcpus, nr_grant_frames=cfg.max_grant_frames,
+                  ).pack_into(ram_map, START_INFO_PFN * PAGE_SIZE)
+        populated = bytearray(max_pages)
+        populated[:mem_pages] = b"\1" * mem_pages  # above `memory`: pre-ballooned
+        return Domain(domid=domid, cfg=cfg, name=name or cfg.name, ram=ram, ram_map=ram_map,
+                      evt_obj=evt_obj, evt=evt, ports=ports, grants=grants, own_table=own_table,
+                      console_port=console_port, store_port=store_port, tot_pages=mem_pages,
+                      max_pages=max_pages, populated=populated, views=[gnttab, whole])
+    except BaseException:
+        evt_obj.close()
+        ram.close()
+        raise
+
+
+def entries(nr_frames: int) -> int:
+    return nr_frames * ENTRIES_PER_FRAME
+
+
+def process_cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def process_running(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "R"
+    except (OSError, IndexError):
+        return False

@@ -1,0 +1,372 @@
+"""Hypercall handlers: one method per (op, cmd), named ``hc_<op>_<cmd>``.
+
+Each takes the calling domain (known by its channel) and the decoded
+arguments, and returns ``(ret, fds)``.  Failures raise HypercallError with
+Xen's errno, or GrantError with a GNTST status; the dispatcher turns both
+into a reply and the caller alone sees them.  The supervisor's state
+(domain table, host pool, timers) belongs to :class:`xmp.hypervisor.Supervisor`,
+which mixes this class in.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from typing import Any
+
+from xmp.errors import GrantError, HypercallError
+from xmp.hv.domain import DOMID_DOM0, Domain, DomState, Mapping
+from xmp.hypercall import SHUTDOWN_REASONS, arg, int_list
+from xmp.sharedmem._ffi import lib
+from xmp.sharedmem.evtchn import (
+    VIRQ_DOM_EXC,
+    PortState,
+    bind_interdomain,
+    close_port,
+)
+from xmp.sharedmem.grant import CopyPtr, grant_copy
+from xmp.sharedmem.shm import PAGE_SIZE
+
+DOMID_SELF = 0x7FF0
+XEN_VERSION = {"major": 4, "minor": 19, "extra": "-xmp", "capabilities": "xen-3.0-x86_64 xmp"}
+Reply = tuple[Any, list[int]]
+
+
+class HypercallHandlers:
+    domains: dict[int, Domain]
+
+    # Provided by the supervisor.
+    def lookup(self, domid: int, op: str) -> Domain:
+        raise NotImplementedError
+    def log(self, msg: str) -> None: ...
+    def console_line(self, dom: Domain, text: str) -> None: ...
+    def create_domain(self, cfg_dict: dict) -> Domain:
+        raise NotImplementedError
+    def destroy_domain(self, dom: Domain, reason: str = "destroyed") -> None: ...
+    def pause_domain(self, dom: Domain) -> None: ...
+    def unpause_domain(self, dom: Domain) -> None: ...
+    def domain_info(self, dom: Domain) -> dict:
+        raise NotImplementedError
+    def set_timer(self, dom: Domain, vcpu: int, deadline_ns: int) -> None: ...
+    def shutdown_requested(self, dom: Domain, reason: str) -> None: ...
+    def pool_take(self, pages: int, op: str) -> None: ...
+    def pool_give(self, pages: int) -> None: ...
+
+    def _target(self, caller: Domain, args: dict, op: str, name: str = "dom") -> Domain:
+        domid = arg(args, name, int, op, DOMID_SELF)
+        if domid in (DOMID_SELF, caller.domid):
+            return caller
+        if not caller.privileged:
+            raise HypercallError(errno.EPERM, op, f"dom{caller.domid} may not act on dom{domid}")
+        return self.lookup(domid, op)
+
+    # -- domctl (dom0 only; the dispatcher enforces it) --------------------
+
+    def hc_domctl_createdomain(self, caller: Domain, args: dict) -> Reply:
+        dom = self.create_domain(arg(args, "config", dict, "createdomain"))
+        return dom.domid, []
+
+    def hc_domctl_destroydomain(self, caller: Domain, args: dict) -> Reply:
+        self.destroy_domain(self.lookup(arg(args, "domid", int, "destroydomain"), "destroydomain"))
+        return 0, []
+
+    def hc_domctl_pausedomain(self, caller: Domain, args: dict) -> Reply:
+        self.pause_domain(self.lookup(arg(args, "domid", int, "pausedomain"), "pausedomain"))
+        return 0, []
+
+    def hc_domctl_unpausedomain(self, caller: Domain, args: dict) -> Reply:
+        self.unpause_domain(self.lookup(arg(args, "domid", int, "unpausedomain"), "unpausedomain"))
+        return 0, []
+
+    def hc_domctl_getdomaininfo(self, caller: Domain, args: dict) -> Reply:
+        domid = arg(args, "domid", int, "getdomaininfo", None)
+        if domid is None:
+            return [self.domain_info(d) for d in sorted(self.domains.values(), key=lambda d: d.domid)], []
+        return self.domain_info(self.lookup(domid, "getdomaininfo")), []
+
+    def hc_domctl_max_mem(self, caller: Domain, args: dict) -> Reply:
+        dom = self.lookup(arg(args, "domid", int, "max_mem"), "max_mem")
+        pages = arg(args, "max_memkb", int, "max_mem") * 1024 // PAGE_SIZE
+        if not dom.tot_pages <= pages <= len(dom.populated):
+            raise HypercallError(errno.EINVAL, "max_mem",
+                                 f"{pages} pages is below the current reservation or above maxmem")
+        dom.max_pages = pages
+        return 0, []
+
+    def hc_domctl_setvcpuaffinity(self, caller: Domain, args: dict) -> Reply:
+        dom = self.lookup(arg(args, "domid", int, "setvcpuaffinity"), "setvcpuaffinity")
+        cpus = int_list(args, "cpumap", "setvcpuaffinity", limit=1024)
+        if not cpus or dom.pid is None:
+            raise HypercallError(errno.EINVAL, "setvcpuaffinity", "an empty cpumap or no process")
+        try:
+            os.sched_setaffinity(dom.pid, cpus)
+        except OSError as exc:
+            raise HypercallError(exc.errno or errno.EINVAL, "setvcpuaffinity", str(exc)) from None
+        return 0, []
+
+    # -- memory_op ---------------------------------------------------------
+
+    def hc_memory_op_current_reservation(self, caller: Domain, args: dict) -> Reply:
+        return self._target(caller, args, "current_reservation", "domid").tot_pages, []
+
+    def hc_memory_op_maximum_reservation(self, caller: Domain, args: dict) -> Reply:
+        return self._target(caller, args, "maximum_reservation", "domid").max_pages, []
+
+    def hc_memory_op_decrease_reservation(self, caller: Domain, args: dict) -> Reply:
+        """Ballooning out: the pages are punched out of the RAM object, so
+        the host really gets them back."""
+        dom = self._target(caller, args, "decrease_reservation", "domid")
+        pfns = int_list(args, "extent_start", "decrease_reservation", limit=1 << 20)
+        done = 0
+        for pfn in pfns:
+            if pfn >= len(dom.populated) or not dom.populated[pfn] or pfn < dom.reserved_pfns:
+                break  # Xen stops at the first bad extent and returns the count done
+            rc = lib.xmp_punch_hole(dom.ram.fd, pfn * PAGE_SIZE, PAGE_SIZE)
+            if rc:
+                raise HypercallError(-rc, "decrease_reservation", f"punching pfn {pfn}")
+            dom.populated[pfn] = 0
+            done += 1
+        dom.tot_pages -= done
+        self.pool_give(done)
+        return done, []
+
+    def hc_memory_op_populate_physmap(self, caller: Domain, args: dict) -> Reply:
+        dom = self._target(caller, args, "populate_physmap", "domid")
+        pfns = int_list(args, "extent_start", "populate_physmap", limit=1 << 20)
+        fresh = [p for p in dict.fromkeys(pfns) if p < len(dom.populated) and not dom.populated[p]]
+        if len(fresh) != len(set(pfns)):
+            raise HypercallError(errno.EINVAL, "populate_physmap", "pfn already populated or beyond maxmem")
+        if dom.tot_pages + len(fresh) > dom.max_pages:
+            raise HypercallError(errno.ENOMEM, "populate_physmap",
+                                 f"would exceed the domain's maximum of {dom.max_pages} pages")
+        self.pool_take(len(fresh), "populate_physmap")
+        for pfn in fresh:
+            dom.populated[pfn] = 1
+        dom.tot_pages += len(fresh)
+        return len(fresh), []
+
+    # -- grant_table_op ----------------------------------------------------
+
+    def hc_grant_table_op_setup_table(self, caller: Domain, args: dict) -> Reply:
+        n = arg(args, "nr_frames", int, "setup_table")
+        if not 1 <= n <= caller.cfg.max_grant_frames:
+            raise HypercallError(errno.EINVAL, "setup_table",
+                                 f"nr_frames {n} outside 1..{caller.cfg.max_grant_frames}")
+        caller.nr_grant_frames = max(caller.nr_grant_frames, n)
+        from xmp.startinfo import GNTTAB_PFN
+
+        return [GNTTAB_PFN + i for i in range(n)], []
+
+    def hc_grant_table_op_query_size(self, caller: Domain, args: dict) -> Reply:
+        dom = self._target(caller, args, "query_size")
+        return {"nr_frames": dom.nr_grant_frames, "max_nr_frames": dom.cfg.max_grant_frames}, []
+
+    def hc_grant_table_op_map_grant_ref(self, caller: Domain, args: dict) -> Reply:
+        """Trusted backends only: check the grants, pin them, and hand over
+        the granter's memory descriptor (once) so the caller maps exactly
+        those frames.  Everyone else must use grant copy."""
+        op = "map_grant_ref"
+        if not caller.trusted_backend:
+            raise HypercallError(errno.EPERM, op,
+                                 f"dom{caller.domid} is not a trusted backend: use grant copy")
+        granter = self.lookup(arg(args, "dom", int, op), op)
+        refs = int_list(args, "refs", op, limit=1024)
+        readonly = bool(arg(args, "readonly", bool, op, False))
+        frames = granter.grants.map_grant_ref(refs, caller.domid, readonly)
+        handle = caller.next_handle
+        caller.next_handle += 1
+        caller.maptrack[handle] = Mapping(granter.domid, refs, readonly)
+        fds = []
+        if granter.domid not in caller.holds_ram_of:
+            caller.holds_ram_of.add(granter.domid)
+            fds = [granter.ram.fd]
+        return {"handle": handle, "frames": frames, "ram_size": granter.ram.size}, fds
+
+    def hc_grant_table_op_unmap_grant_ref(self, caller: Domain, args: dict) -> Reply:
+        handle = arg(args, "handle", int, "unmap_grant_ref")
+        m = caller.maptrack.pop(handle, None)
+        if m is None:
+            raise HypercallError(errno.EINVAL, "unmap_grant_ref", f"no mapping with handle {handle}")
+        granter = self.domains.get(m.granter)
+        if granter is not None:
+            granter.grants.unmap_grant_ref(m.refs, m.readonly)
+        return 0, []
+
+    def hc_grant_table_op_copy(self, caller: Domain, args: dict) -> Reply:
+        """GNTTABOP_copy: a list of segments, a GNTST status for each."""
+        ops = arg(args, "ops", list, "copy")
+        if len(ops) > 512:
+            raise HypercallError(errno.EINVAL, "copy", "at most 512 segments per call")
+        return [self._copy_one(caller, seg) for seg in ops], []
+
+    def _copy_one(self, caller: Domain, seg: Any) -> int:
+        if not isinstance(seg, dict):
+            return -10  # GNTST_bad_copy_arg
+        try:
+            src = self._copy_ptr(caller, seg.get("source"))
+            dst = self._copy_ptr(caller, seg.get("dest"))
+            length = seg.get("len")
+            if not isinstance(length, int) or isinstance(length, bool):
+                return -10
+            grant_copy(src, dst, length, caller.domid)
+        except GrantError as exc:
+            return exc.status
+        except (HypercallError, TypeError, ValueError):
+            return -10
+        return 0
+
+    def _copy_ptr(self, caller: Domain, side: Any) -> CopyPtr:
+        if not isinstance(side, dict):
+            raise ValueError("segment side")
+        domid, offset = side.get("domid"), side.get("offset", 0)
+        if not isinstance(domid, int) or not isinstance(offset, int) or not 0 <= offset < PAGE_SIZE:
+            raise ValueError("segment side")
+        if "ref" in side:
+            owner = caller if domid in (DOMID_SELF, caller.domid) else self.domains.get(domid)
+            if owner is None:
+                raise GrantError(domid, side["ref"], -2, "grant_copy")  # GNTST_bad_domain
+            return CopyPtr(None, offset, gref=int(side["ref"]), table=owner.grants)
+        if domid not in (DOMID_SELF, caller.domid):
+            raise GrantError(domid, -1, -8, "grant_copy")  # a frame of someone else's memory
+        frame = side.get("frame")
+        if not isinstance(frame, int) or not 0 <= frame < len(caller.populated):
+            raise ValueError("frame")
+        return CopyPtr(caller.ram_map, offset, frame=frame)
+
+    # -- event_channel_op --------------------------------------------------
+
+    def hc_event_channel_op_alloc_unbound(self, caller: Domain, args: dict) -> Reply:
+        dom = self._target(caller, args, "alloc_unbound")
+        remote = arg(args, "remote_dom", int, "alloc_unbound")
+        if remote == DOMID_SELF:
+            remote = dom.domid
+        if not 0 <= remote < DOMID_SELF:
+            raise HypercallError(errno.EINVAL, "alloc_unbound", f"remote_dom {remote}")
+        return dom.ports.alloc_unbound(remote), []
+
+    def hc_event_channel_op_bind_interdomain(self, caller: Domain, args: dict) -> Reply:
+        op = "bind_interdomain"
+        remote_dom = arg(args, "remote_dom", int, op)
+        remote = caller if remote_dom in (DOMID_SELF, caller.domid) else self.domains.get(remote_dom)
+        if remote is None or remote.state == DomState.DYING:
+            raise HypercallError(errno.ESRCH, op, f"no domain {remote_dom}")
+        remote_port = arg(args, "remote_port", int, op)
+        port = bind_interdomain(caller.ports, remote.ports, remote_port)
+        caller.evt.send(port)  # Xen marks a freshly bound port pending
+        return self._peer_reply(caller, port, remote, remote_port)
+
+    def _peer_reply(self, caller: Domain, port: int, remote: Domain, remote_port: int) -> Reply:
+        """What the caller needs to notify ``remote_port`` itself (the fast
+        path): the peer's vCPU, and its event object once."""
+        fds = []
+        if remote.domid != caller.domid and remote.domid not in caller.holds_evt_of:
+            caller.holds_evt_of.add(remote.domid)
+            fds = [remote.evt_obj.fd]
+        vcpu = remote.ports.get(remote_port).vcpu
+        return {"port": port, "remote_dom": remote.domid, "remote_port": remote_port,
+                "remote_vcpu": vcpu}, fds
+
+    def hc_event_channel_op_bind_virq(self, caller: Domain, args: dict) -> Reply:
+        virq, vcpu = arg(args, "virq", int, "bind_virq"), arg(args, "vcpu", int, "bind_virq", 0)
+        if not 0 <= vcpu < caller.cfg.maxvcpus:
+            raise HypercallError(errno.ENOENT, "bind_virq", f"no vcpu {vcpu}")
+        return caller.ports.bind_virq(virq, vcpu), []
+
+    def hc_event_channel_op_bind_ipi(self, caller: Domain, args: dict) -> Reply:
+        vcpu = arg(args, "vcpu", int, "bind_ipi", 0)
+        if not 0 <= vcpu < caller.cfg.maxvcpus:
+            raise HypercallError(errno.ENOENT, "bind_ipi", f"no vcpu {vcpu}")
+        return caller.ports.bind_ipi(vcpu), []
+
+    def hc_event_channel_op_close(self, caller: Domain, args: dict) -> Reply:
+        port = arg(args, "port", int, "close")
+        self.close_port(caller, port)
+        return 0, []
+
+    def close_port(self, dom: Domain, port: int) -> None:
+        p = dom.ports.get(port, "close")
+        peers = {d.domid: d.ports for d in self.domains.values()}
+        close_port(dom.ports, port, peers)
+        if p.state == PortState.INTERDOMAIN:
+            peer = self.domains.get(p.remote_dom)
+            if peer is not None:
+                # Let it notice (handlers re-check on any event).  Clear first: a
+                # sender killed between setting the pending bit and the selector
+                # would otherwise leave the port pending and never delivered.
+                peer.evt.clear(p.remote_port)
+                peer.evt.send(p.remote_port, peer.ports.get(p.remote_port).vcpu)
+
+    def hc_event_channel_op_status(self, caller: Domain, args: dict) -> Reply:
+        dom = self._target(caller, args, "status")
+        p = dom.ports.get(arg(args, "port", int, "status"), "status")
+        return {"status": int(p.state), "state": p.state.name.lower(), "vcpu": p.vcpu,
+                "remote_dom": p.remote_dom, "remote_port": p.remote_port, "virq": p.virq}, []
+
+    def hc_event_channel_op_unmask(self, caller: Domain, args: dict) -> Reply:
+        port = arg(args, "port", int, "unmask")
+        caller.evt.unmask(port, caller.ports.get(port, "unmask").vcpu)
+        return 0, []
+
+    def hc_event_channel_op_send(self, caller: Domain, args: dict) -> Reply:
+        """The slow path of a notify: deliver, and tell the caller how to do
+        it itself next time."""
+        port = arg(args, "port", int, "send")
+        p = caller.ports.get(port, "send")
+        if p.state == PortState.INTERDOMAIN:
+            peer = self.domains.get(p.remote_dom)
+            if peer is None:
+                return None, []
+            vcpu = peer.ports.get(p.remote_port).vcpu
+            peer.evt.send(p.remote_port, vcpu)
+            return self._peer_reply(caller, port, peer, p.remote_port)
+        if p.state == PortState.IPI:
+            caller.evt.send(port, p.vcpu)
+            return None, []
+        if p.state == PortState.UNBOUND:
+            return None, []  # Xen drops it silently
+        raise HypercallError(errno.EINVAL, "send", f"port {port} is {p.state.name.lower()}")
+
+    # -- sched_op, timers, console, version --------------------------------
+
+    def hc_sched_op_yield(self, caller: Domain, args: dict) -> Reply:
+        return 0, []
+
+    def hc_sched_op_block(self, caller: Domain, args: dict) -> Reply:
+        return 0, []  # the domain blocks on its own upcall semaphore
+
+    def hc_sched_op_shutdown(self, caller: Domain, args: dict) -> Reply:
+        reason = arg(args, "reason", str, "shutdown")
+        if reason not in SHUTDOWN_REASONS:
+            raise HypercallError(errno.EINVAL, "shutdown", f"reason {reason!r}")
+        self.shutdown_requested(caller, reason)
+        return 0, []
+
+    def hc_set_timer_op_(self, caller: Domain, args: dict) -> Reply:
+        deadline = arg(args, "timeout", int, "set_timer_op")
+        vcpu = arg(args, "vcpu", int, "set_timer_op", 0)
+        if not 0 <= vcpu < caller.cfg.maxvcpus or deadline < 0:
+            raise HypercallError(errno.EINVAL, "set_timer_op", "bad vcpu or timeout")
+        self.set_timer(caller, vcpu, deadline)
+        return 0, []
+
+    def hc_console_io_write(self, caller: Domain, args: dict) -> Reply:
+        text = arg(args, "data", str, "console_io")
+        self.console_line(caller, text[:4096])
+        return len(text), []
+
+    def hc_xen_version_(self, caller: Domain, args: dict) -> Reply:
+        return dict(XEN_VERSION), []
+
+    # -- dom0 notification -------------------------------------------------
+
+    def raise_dom_exc(self) -> None:
+        dom0 = self.domains.get(DOMID_DOM0)
+        if dom0 is not None:
+            port = dom0.ports.virq_port(VIRQ_DOM_EXC)
+            if port is not None:
+                dom0.evt.send(port)
+
+    @staticmethod
+    def now_ns() -> int:
+        return time.monotonic_ns()

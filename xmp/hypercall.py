@@ -1,0 +1,141 @@
+"""The hypercall channel: the ABI between a domain and the supervisor.
+
+Each domain gets one ``SOCK_SEQPACKET`` socket pair at spawn.  The
+supervisor knows the caller by the socket a message arrives on, never by
+anything the message says.  One datagram is one message, UTF-8 JSON (never
+pickle: a domain is not trusted to hand us code), at most
+:data:`MAX_MESSAGE` bytes, optionally carrying descriptors (SCM_RIGHTS)::
+
+    request  {"op": "event_channel_op", "cmd": "alloc_unbound", "args": {"remote_dom": 0}}
+    reply    {"ret": <value>}                      success
+             {"errno": 22, "detail": "..."}        failure, Xen's errno (positive)
+
+The first message on a channel goes the other way: the supervisor's
+``boot`` message, with the domain's RAM and event object descriptors.
+
+``op`` is the Xen hypercall name; ``cmd`` its sub-operation where Xen has
+one (EVTCHNOP_*, GNTTABOP_*, XENMEM_*, SCHEDOP_*, XEN_DOMCTL_*).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import threading
+from typing import Any
+
+from xmp.errors import DomainGone, GrantError, HypercallError, LocalError
+from xmp.sharedmem.shm import recv_handles
+
+MAX_MESSAGE = 65536
+MAX_FDS = 8
+
+# Hypercalls (xen.h __HYPERVISOR_* names) and their sub-operations.
+OPS: dict[str, frozenset[str]] = {
+    "domctl": frozenset({"createdomain", "destroydomain", "pausedomain", "unpausedomain",
+                         "getdomaininfo", "max_mem", "setvcpuaffinity"}),
+    "memory_op": frozenset({"populate_physmap", "decrease_reservation", "current_reservation",
+                            "maximum_reservation"}),
+    "grant_table_op": frozenset({"setup_table", "query_size", "map_grant_ref", "unmap_grant_ref",
+                                 "copy"}),
+    "event_channel_op": frozenset({"alloc_unbound", "bind_interdomain", "bind_virq", "bind_ipi",
+                                   "close", "status", "unmask", "send"}),
+    "sched_op": frozenset({"yield", "block", "shutdown"}),
+    "set_timer_op": frozenset({""}),
+    "console_io": frozenset({"write"}),
+    "xen_version": frozenset({""}),
+}
+DOM0_ONLY = frozenset({"domctl"})
+
+# sched.h SHUTDOWN_* reasons
+SHUTDOWN_REASONS = {"poweroff": 0, "reboot": 1, "suspend": 2, "crash": 3, "watchdog": 4,
+                    "soft_reset": 5}
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    data = json.dumps(msg, separators=(",", ":")).encode()
+    if len(data) > MAX_MESSAGE:
+        raise LocalError(f"hypercall message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    return data
+
+
+def decode_request(data: bytes) -> tuple[str, str, dict[str, Any]]:
+    """Check a request's shape; anything malformed is EINVAL."""
+    try:
+        msg = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HypercallError(errno.EINVAL, "hypercall", f"not a JSON message: {exc}") from None
+    if not isinstance(msg, dict):
+        raise HypercallError(errno.EINVAL, "hypercall", "a request is a JSON object")
+    op, cmd, args = msg.get("op"), msg.get("cmd", ""), msg.get("args", {})
+    if not isinstance(op, str) or not isinstance(cmd, str) or not isinstance(args, dict):
+        raise HypercallError(errno.EINVAL, "hypercall", "op and cmd are strings, args an object")
+    if op not in OPS:
+        raise HypercallError(errno.ENOSYS, op, "no such hypercall")
+    if cmd not in OPS[op]:
+        raise HypercallError(errno.ENOSYS, f"{op}/{cmd}", "no such sub-operation")
+    return op, cmd, args
+
+
+def arg(args: dict[str, Any], name: str, kind: type, op: str, default: Any = ...) -> Any:
+    """Fetch one argument of the right type, or EINVAL naming it."""
+    if name not in args:
+        if default is ...:
+            raise HypercallError(errno.EINVAL, op, f"missing argument {name!r}")
+        return default
+    value = args[name]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise HypercallError(errno.EINVAL, op, f"argument {name!r} must be an integer")
+    if kind is not int and not isinstance(value, kind):
+        raise HypercallError(errno.EINVAL, op, f"argument {name!r} must be {kind.__name__}")
+    return value
+
+
+def int_list(args: dict[str, Any], name: str, op: str, limit: int = 4096) -> list[int]:
+    value = arg(args, name, list, op)
+    if len(value) > limit or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                     for v in value):
+        raise HypercallError(errno.EINVAL, op, f"argument {name!r} must be ≤{limit} non-negative integers")
+    return value
+
+
+class Channel:
+    """The domain's end: blocking, thread-safe request/reply."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._lock = threading.Lock()
+
+    def recv_boot(self) -> tuple[dict[str, Any], list[int]]:
+        data, fds = recv_handles(self.sock, MAX_FDS, MAX_MESSAGE)
+        if not data:
+            raise DomainGone(-1)
+        return json.loads(data), fds
+
+    def call_with_fds(self, op: str, cmd: str = "", **args: Any) -> tuple[Any, list[int]]:
+        msg = encode({"op": op, "cmd": cmd, "args": args})
+        with self._lock:
+            self.sock.send(msg)
+            data, fds = recv_handles(self.sock, MAX_FDS, MAX_MESSAGE)
+        if not data:
+            raise DomainGone(-1)
+        reply = json.loads(data)
+        if reply.get("errno"):
+            for fd in fds:
+                os.close(fd)
+            if "gntst" in reply:
+                raise GrantError(reply.get("domid", -1), reply.get("gref", -1), reply["gntst"], cmd or op)
+            raise HypercallError(reply["errno"], f"{op}/{cmd}" if cmd else op, reply.get("detail", ""))
+        return reply.get("ret"), fds
+
+    def call(self, op: str, cmd: str = "", **args: Any) -> Any:
+        ret, fds = self.call_with_fds(op, cmd, **args)
+        if fds:  # a reply we did not expect descriptors on
+            for fd in fds:
+                os.close(fd)
+        return ret
+
+    def close(self) -> None:
+        self.sock.close()
