@@ -106,7 +106,7 @@ def cmd_run(args) -> int:
         os._exit(code)
     os.close(w)
     with os.fdopen(r) as f:
-        status = f.read().strip()
+        status = f.readline().strip()  # a line, not EOF: the zygote holds a copy of the pipe
     if status != "ok":
         raise CliError(f"the supervisor did not start: {status or 'it exited'}")
     print(f"xmp: supervisor {pid} running {args.topology} in {rundir}")

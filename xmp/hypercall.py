@@ -23,6 +23,7 @@ import errno
 import json
 import os
 import socket
+import struct
 import threading
 from typing import Any
 
@@ -139,3 +140,35 @@ class Channel:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# -- who is on the other end of a Unix socket ------------------------------
+
+
+def peer_pid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[0]
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Is ``ancestor`` on ``pid``'s parent chain (reading /proc)?"""
+    for _ in range(64):
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return True  # gone or unreadable: refuse rather than guess
+    return True
+
+
+def from_a_domain(conn: socket.socket, zygote_pid: int) -> bool:
+    """A connection made by a domain process (every domain is a child of the
+    zygote) or anything it forked."""
+    try:
+        return descends_from(peer_pid(conn), zygote_pid)
+    except OSError:
+        return True

@@ -48,6 +48,7 @@ from xmp.hv.domain import (
 from xmp.hv.hypercalls import HypercallHandlers
 from xmp.hv.zygote import ZygoteClient
 from xmp.hypercall import DOM0_ONLY, MAX_FDS, MAX_MESSAGE, decode_request, encode
+from xmp.sharedmem._ffi import lib
 from xmp.sharedmem.evtchn import VIRQ_TIMER
 from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, recv_handles, remove_stale, send_handles
 from xmp.topology import DomainConfig, Topology, check_fits
@@ -60,6 +61,9 @@ RESTART_LIMIT = (10, 10.0)  # at most 10 restarts of one name in 10 s
 class Supervisor(HypercallHandlers):
     def __init__(self, topology: Topology, rundir: Path, *, echo: bool = True,
                  stop_when_guests_gone: bool = True):
+        # Nobody may read the supervisor's memory (it maps every domain's RAM)
+        # or its descriptors through /proc; the zygote and domains inherit this.
+        lib.xmp_set_dumpable(0)
         # The zygote is forked first, while we hold nothing it should inherit.
         self.zygote = ZygoteClient()
         self.topology = topology
@@ -85,6 +89,10 @@ class Supervisor(HypercallHandlers):
             self.log(f"removed stale shared-memory object {name}")
         self.sel = selectors.DefaultSelector()
         self.control = ControlServer(self.rundir / "control.sock", self)
+        # No supervisor runs here (the control socket proved it): sockets left
+        # by one that was killed are stale.
+        for sock in (self.rundir / "console").glob("*.sock"):
+            sock.unlink(missing_ok=True)
         self.sel.register(self.control.listener, selectors.EVENT_READ, ("listen", None))
         self.sel.register(self.zygote.sock, selectors.EVENT_READ, ("zygote", None))
         self._wake_r, self._wake_w = socket.socketpair()
@@ -181,7 +189,8 @@ class Supervisor(HypercallHandlers):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         log_fd = os.open(self.rundir / "logs" / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            dom.pid = self.zygote.spawn(domid, f"xmp:{domid}:{name}", theirs.fileno(), log_fd)
+            dom.pid = self.zygote.spawn(domid, f"xmp:{domid}:{name}", theirs.fileno(), log_fd,
+                                        unprivileged=domid != DOMID_DOM0)
         except OSError:
             ours.close()
             dom.release()
@@ -427,10 +436,9 @@ class Supervisor(HypercallHandlers):
             ret, reply_fds = getattr(self, f"hc_{op}_{cmd}")(dom, args)
             reply: dict[str, Any] = {"ret": ret}
         except HypercallError as exc:
-            reply = {"errno": exc.errno, "detail": str(exc)}
+            reply = {"errno": exc.errno, "detail": exc.detail}
         except GrantError as exc:
-            reply = {"errno": errno.EINVAL, "gntst": exc.status, "gref": exc.gref, "domid": exc.domid,
-                     "detail": str(exc)}
+            reply = {"errno": errno.EINVAL, "gntst": exc.status, "gref": exc.gref, "domid": exc.domid}
         except Exception:  # a bug here must not take every domain down; it is logged, not dropped
             self.log(f"internal error serving dom{dom.domid}: {traceback.format_exc()}")
             reply = {"errno": errno.EINVAL, "detail": "internal error (see xmp dmesg)"}

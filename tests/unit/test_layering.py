@@ -9,7 +9,8 @@ from pathlib import Path
 import xmp
 
 ROOT = Path(xmp.__file__).parent
-ORDER = ["errors", "sharedmem", "hypervisor", "xenstore", "drivers", "migration", "cli"]
+ORDER = ["errors", "sharedmem", "topology", "startinfo", "hypercall", "domain_proc", "hv", "hypervisor",
+         "xenstore", "drivers", "guests", "migration", "testing", "cli"]
 
 
 def imports_of(path: Path) -> set[str]:

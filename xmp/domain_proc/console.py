@@ -18,6 +18,7 @@ class Console:
         self.port = port
         self.xen = xen
         self.loop = loop
+        self._line = bytearray()  # input read past the end of the last line
         loop.bind(port, lambda _p: None)  # an event only wakes the waiter
 
     def write(self, data: bytes | str) -> None:
@@ -39,12 +40,15 @@ class Console:
         return data
 
     def readline(self, timeout: float | None = None) -> bytes:
-        buf = bytearray()
-        while b"\n" not in buf:
+        """One line (with its newline), or what there is when ``timeout`` passes."""
+        while b"\n" not in self._line:
             if not self.loop.run_until(lambda: self.inp.available() > 0, timeout):
                 break
-            buf += self.read()
-        return bytes(buf)
+            self._line += self.read()
+        end = self._line.find(b"\n") + 1 or len(self._line)
+        line = bytes(self._line[:end])
+        del self._line[:end]
+        return line
 
     def release(self) -> None:
         self.inp.release()

@@ -30,6 +30,7 @@ from xmp.domain_proc.kernel import Kernel
 from xmp.domain_proc.main import load_entry
 from xmp.domain_proc.xen import GrantMapping
 from xmp.errors import XmpError
+from xmp.hypercall import from_a_domain
 from xmp.sharedmem.bytering import ByteRing, console_rings
 from xmp.sharedmem.evtchn import VIRQ_DOM_EXC
 
@@ -181,6 +182,9 @@ class XenConsoled:
                     try:
                         client, _ = con.listener.accept()
                     except OSError:
+                        continue
+                    if from_a_domain(client, os.getppid()):  # our parent is the zygote
+                        client.close()
                         continue
                     with self.lock:
                         con.clients.append(client)

@@ -143,6 +143,10 @@ def _spawn(req, fds) -> int:
         if os.getppid() != zygote:
             os._exit(1)
         lib.xmp_set_dumpable(0)
+        if req.get("unprivileged"):
+            rc = lib.xmp_drop_privileges()
+            if rc:
+                raise OSError(-rc, "dropping privileges")
         title = req["title"]
         lib.xmp_set_comm(title.encode()[:15])
         _set_title(title)
@@ -185,9 +189,9 @@ class ZygoteClient:
     def preload(self, modules) -> None:
         self.sock.send(json.dumps({"cmd": "preload", "modules": sorted(set(modules))}).encode())
 
-    def spawn(self, domid: int, title: str, hc_fd: int, log_fd: int) -> int:
-        send_handles(self.sock, json.dumps({"cmd": "spawn", "domid": domid, "title": title}).encode(),
-                     [hc_fd, log_fd])
+    def spawn(self, domid: int, title: str, hc_fd: int, log_fd: int, unprivileged: bool = True) -> int:
+        req = {"cmd": "spawn", "domid": domid, "title": title, "unprivileged": unprivileged}
+        send_handles(self.sock, json.dumps(req).encode(), [hc_fd, log_fd])
         while True:
             msg = self._recv()
             if "exited" in msg:

@@ -57,7 +57,7 @@ int xmp_gnttab_end_access(xmp_grant_entry_t *tab, uint32_t ref);
 int xmp_gnttab_make_readonly(xmp_grant_entry_t *tab, uint32_t ref);
 uint32_t xmp_gnttab_map(xmp_grant_entry_t *tab, uint32_t nr, xmp_active_table_t *act,
                         const uint32_t *refs, uint32_t n, uint16_t mapper, int readonly,
-                        uint32_t *frames, int16_t *statuses);
+                        uint64_t frame_limit, uint32_t *frames, int16_t *statuses);
 void xmp_gnttab_unmap(xmp_grant_entry_t *tab, xmp_active_table_t *act,
                       const uint32_t *refs, uint32_t n, int readonly);
 int xmp_gnttab_copy(xmp_copy_ptr_t *src, xmp_copy_ptr_t *dst, uint32_t len, uint16_t caller);
@@ -79,6 +79,7 @@ int xmp_set_pdeathsig(int sig);
 int xmp_set_dumpable(int on);
 int xmp_set_comm(const char *name);
 int xmp_punch_hole(int fd, int64_t offset, int64_t len);
+int xmp_drop_privileges(void);
 
 int xmp_bench_sem_init(uint8_t *area);
 void xmp_bench_sem_destroy(uint8_t *area);

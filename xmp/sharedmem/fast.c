@@ -345,8 +345,11 @@ int xmp_gnttab_make_readonly(xmp_grant_entry_t *tab, uint32_t ref)
  * flags and domid are one 32-bit word, compared and updated with a single
  * cmpxchg so a granter rewriting the entry concurrently cannot slip a
  * different domid or a revocation past the check.  Caller holds act->lock. */
+static void release(xmp_grant_entry_t *tab, xmp_active_table_t *act, uint32_t ref, int readonly);
+
 static int acquire(xmp_grant_entry_t *tab, uint32_t nr, xmp_active_table_t *act,
-                   uint32_t ref, uint16_t mapper, int readonly, uint32_t *frame)
+                   uint32_t ref, uint16_t mapper, int readonly, uint64_t frame_limit,
+                   uint32_t *frame)
 {
     if (ref >= nr || ref >= act->nr)
         return GNTST_bad_gntref;
@@ -370,6 +373,10 @@ static int acquire(xmp_grant_entry_t *tab, uint32_t nr, xmp_active_table_t *act,
     act->ent[ref].readers++;
     if (!readonly)
         act->ent[ref].writers++;
+    if (*frame >= frame_limit) {   /* a frame outside the granter's memory */
+        release(tab, act, ref, readonly);
+        return GNTST_bad_page;
+    }
     return GNTST_okay;
 }
 
@@ -389,12 +396,12 @@ static void release(xmp_grant_entry_t *tab, xmp_active_table_t *act, uint32_t re
  * the number mapped; statuses[i] and frames[i] are filled per ref. */
 uint32_t xmp_gnttab_map(xmp_grant_entry_t *tab, uint32_t nr, xmp_active_table_t *act,
                         const uint32_t *refs, uint32_t n, uint16_t mapper, int readonly,
-                        uint32_t *frames, int16_t *statuses)
+                        uint64_t frame_limit, uint32_t *frames, int16_t *statuses)
 {
     uint32_t done = 0;
     pthread_mutex_lock(&act->lock);
     for (; done < n; done++) {
-        int st = acquire(tab, nr, act, refs[done], mapper, readonly, &frames[done]);
+        int st = acquire(tab, nr, act, refs[done], mapper, readonly, frame_limit, &frames[done]);
         statuses[done] = (int16_t)st;
         if (st != GNTST_okay)
             break;
@@ -434,7 +441,7 @@ static int copy_side(xmp_copy_ptr_t *p, uint16_t caller, int readonly, uint32_t 
     uint32_t frame = p->ref;
     if (p->tab) {
         pthread_mutex_lock(&p->act->lock);
-        int st = acquire(p->tab, p->nr, p->act, p->ref, caller, readonly, &frame);
+        int st = acquire(p->tab, p->nr, p->act, p->ref, caller, readonly, p->mem_len / 4096, &frame);
         pthread_mutex_unlock(&p->act->lock);
         if (st != GNTST_okay)
             return st;
@@ -759,8 +766,10 @@ void xmp_bench_sem_pingpong(uint8_t *area, int initiator, uint32_t rounds, int64
 /* Process and memory facilities the hypervisor needs from the OS.     */
 /* ------------------------------------------------------------------ */
 #include <fcntl.h>
+#include <linux/capability.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 /* Die with the parent (the supervisor, or the zygote that forked us). */
@@ -785,4 +794,23 @@ int xmp_set_comm(const char *name)
 int xmp_punch_hole(int fd, int64_t offset, int64_t len)
 {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len) ? -errno : 0;
+}
+
+/* A guest process keeps no OS privilege: even running as root it must not
+ * read a sibling's /proc/<pid>/mem (CAP_SYS_PTRACE), open others' files
+ * (CAP_DAC_OVERRIDE), or regain anything through exec.  Bounding set first
+ * (needs CAP_SETPCAP, which we still hold), then every set emptied. */
+int xmp_drop_privileges(void)
+{
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+        return -errno;
+    for (int cap = 0; cap <= 63; cap++)
+        prctl(PR_CAPBSET_DROP, cap, 0, 0, 0);   /* EINVAL past the last cap; EPERM when unprivileged */
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof(data));
+    if (syscall(SYS_capset, &hdr, data))
+        return -errno;
+    return 0;
 }

@@ -141,6 +141,8 @@ class ActiveGrants:
         if self._act == ffi.NULL:
             raise MemoryError("active grant table")
         self._ram = None if mem is None else ffi.from_buffer("uint8_t[]", mem, require_writable=True)
+        # With the granter's memory known, a grant naming a frame outside it is GNTST_bad_page.
+        self._frame_limit = 1 << 32 if self._ram is None else len(self._ram) // PAGE_SIZE
 
     def map_grant_ref(self, refs, mapper: int, readonly: bool = False) -> list[int]:
         """Check and pin every ref for ``mapper``; return their frames.
@@ -151,7 +153,7 @@ class ActiveGrants:
         frames = ffi.new("uint32_t[]", n)
         statuses = ffi.new("int16_t[]", n)
         done = lib.xmp_gnttab_map(self._tab, self.nr_entries, self._act, c_refs, n, mapper,
-                                  int(readonly), frames, statuses)
+                                  int(readonly), self._frame_limit, frames, statuses)
         if done != n:
             lib.xmp_gnttab_unmap(self._tab, self._act, c_refs, done, int(readonly))
             raise GrantError(self.granter, refs[done], statuses[done])

@@ -1,0 +1,330 @@
+"""The supervisor end to end: real domain processes driven through ``xmp``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from xmphost import XMP, Host
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(120)
+
+
+def guest(name: str, kernel: str, memory: int = 32, **extra) -> str:
+    lines = [f'[[domain]]\nname = "{name}"\nkernel = "xmp.guests.{kernel}:main"\nmemory = {memory}']
+    for key, value in extra.items():
+        lines.append(f"{key} = {json.dumps(value) if not isinstance(value, dict) else _table(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _table(d: dict) -> str:
+    return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in d.items()) + " }"
+
+
+HOST = "[host]\nmemory = 1024\n[dom0]\nmemory = 64\n"
+
+
+@pytest.fixture
+def hosts(tmp_path):
+    made: list[Host] = []
+
+    def make(topology: str, name: str = "host") -> Host:
+        h = Host(tmp_path, topology, name)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.cleanup()
+
+
+def test_hello_example_runs_to_completion(tmp_path):
+    rundir = tmp_path / "run"
+    out = subprocess.run([*XMP, "run", "--rundir", str(rundir), str(ROOT / "examples" / "hello.toml")],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "hello | Hello from hello (dom1, a PVH guest on Xen 4.19-xmp)" in out.stdout
+    assert "hello | bye" in out.stdout
+    assert [ln for ln in out.stdout.splitlines() if ln.startswith("counter | count ")] == \
+        [f"counter | count {i}" for i in range(1, 6)]
+    assert "stopped (every guest has gone), exit status 0" in out.stdout
+    assert "counted to 5" in (rundir / "console" / "counter.log").read_text()
+    assert not list(rundir.glob("**/*.sock"))
+
+
+def test_list_shows_xl_columns(hosts):
+    h = hosts(HOST + guest("web", "idle", memory=48, vcpus=2)).start(("web",))
+    out = h.xmp("list").stdout.splitlines()
+    assert out[0] == "Name" + " " * 36 + "ID   Mem VCPUs\tState\tTime(s)"
+    row = next(ln for ln in out if ln.startswith("web"))
+    assert re.fullmatch(r"web {37}\s+1\s+48\s+2 {5}-b---- {2}\s+\d+\.\d", row), row
+    dom0 = next(ln for ln in out if ln.startswith("Domain-0"))
+    assert re.fullmatch(r"Domain-0 {32}\s+0\s+64\s+1 {5}[-rb]{2}---- {2}\s+\d+\.\d", dom0), dom0
+    info = h.info("web")
+    assert info["mem_kb"] == 48 * 1024 and info["vcpus"] == 2 and info["state"] == "running"
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_pause_really_stops_the_process(hosts):
+    h = hosts(HOST + guest("spin", "busy")).start(("spin",))
+    pid = h.domain_pid("spin")
+    proc = psutil.Process(pid)
+    h.wait(lambda: sum(proc.cpu_times()[:2]) > 0.2, 10, "the busy guest to burn CPU")
+    h.xmp("pause", "spin")
+    assert h.info("spin")["state_letters"] == "--p---"
+    assert proc.status() == psutil.STATUS_STOPPED
+    before = sum(proc.cpu_times()[:2])
+    time.sleep(0.6)
+    assert sum(proc.cpu_times()[:2]) - before < 0.02
+    h.xmp("unpause", "spin")
+    h.wait(lambda: sum(proc.cpu_times()[:2]) - before > 0.1, 10, "CPU use after unpause")
+    assert h.info("spin")["state"] == "running"
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_create_and_destroy_from_the_cli(hosts, tmp_path):
+    h = hosts(HOST + guest("first", "idle")).start(("first",))
+    cfg = tmp_path / "extra.toml"
+    cfg.write_text(guest("extra", "counter", args={"count": 0, "interval": 0.05}))
+    out = h.xmp("create", str(cfg)).stdout
+    assert "created domain 'extra' (id 2)" in out
+    h.wait(lambda: "count 3" in h.console_log("extra"), 10, "the new guest's console")
+    pid = h.domain_pid("extra")
+    dup = h.xmp("create", str(cfg), check=False)
+    assert dup.returncode == 1 and "a domain named 'extra' already exists" in dup.stderr
+    h.xmp("destroy", "extra")
+    assert h.info("extra") is None
+    h.wait(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+           5, "the destroyed process to go")
+    assert "dom2 'extra' destroyed" in h.dmesg()
+    missing = h.xmp("destroy", "nosuch", check=False)
+    assert missing.returncode == 1 and "no domain named or numbered 'nosuch'" in missing.stderr
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_domain_that_does_not_fit_is_refused(hosts, tmp_path):
+    h = hosts("[host]\nmemory = 200\n[dom0]\nmemory = 64\n" + guest("a", "idle", memory=100)).start(("a",))
+    cfg = tmp_path / "big.toml"
+    cfg.write_text(guest("big", "idle", memory=64))
+    out = h.xmp("create", str(cfg), check=False)
+    assert out.returncode == 1 and "does not fit" in out.stderr
+    assert h.info("big") is None
+    assert h.stop() == 0
+
+
+def test_crash_with_on_crash_restart_gets_a_new_domid(hosts):
+    h = hosts(HOST + guest("crashy", "crasher", on_crash="restart", args={"after": 0.3})).start()
+    h.wait(lambda: h.info("crashy") and h.info("crashy")["domid"] >= 2, 15, "a restart")
+    log = h.console_log("crashy")
+    assert "GuestPanic: crasher: deliberate crash" in log and "Traceback" in log
+    assert "dom1 'crashy' crashed" in h.dmesg()
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_restart_loop_is_stopped(hosts):
+    h = hosts(HOST + guest("loop", "crasher", on_crash="restart"))
+    h.start()
+    assert h.wait_exit(60) == 1
+    assert "restarted 10 times" in (h.rundir / "logs" / "hypervisor.log").read_text()
+    h.assert_clean()
+
+
+def test_crash_with_destroy_fails_the_run(hosts):
+    h = hosts(HOST + guest("crashy", "crasher"))
+    h.start()
+    assert h.wait_exit(30) == 1
+    assert "crasher: deliberate crash" in h.console_log("crashy")
+    assert "crashy | crasher: crashing in 0.0 s" in h.output()
+    h.assert_clean()
+
+
+def test_coredump_and_preserve(hosts):
+    h = hosts(HOST + guest("dumped", "crasher", on_crash="coredump-destroy")
+              + guest("kept", "hello", on_poweroff="preserve", args={"times": 1})
+              + guest("idle", "idle"))
+    h.start(("idle",))
+    dump = h.rundir / "dumps" / "dumped-1.core"
+    h.wait(dump.exists, 15, "the core dump")
+    h.wait(lambda: h.info("dumped") is None, 5, "the crashed domain to go")
+    assert dump.stat().st_size == 32 << 20
+    assert b"xmp-1.0-x86_64" in dump.read_bytes()[:64]  # start_info leads the image
+    h.wait(lambda: (h.info("kept") or {}).get("state") == "shutdown", 15, "the preserved domain")
+    assert h.info("kept")["state_letters"] == "---s--"
+    h.xmp("destroy", "kept")
+    assert h.stop() == 1  # a crash whose policy was not restart fails the run
+    h.assert_clean()
+
+
+def test_kill9_of_a_guest_is_a_crash_and_everything_is_reclaimed(hosts):
+    h = hosts(HOST + guest("victim", "idle") + guest("bystander", "counter",
+                                                     args={"count": 0, "interval": 0.05}))
+    h.start(("victim", "bystander"))
+    pid = h.domain_pid("victim")
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    h.wait(lambda: h.info("victim") is None, 5, "the crash to be handled")
+    assert time.monotonic() - t0 < 1.5
+    assert "dom1 'victim' crashed" in h.dmesg()
+    n = h.console_log("bystander").count("count ")
+    h.wait(lambda: h.console_log("bystander").count("count ") > n + 3, 10, "the bystander to go on")
+    assert h.stop() == 1  # the crash (on_crash = destroy) fails the run
+    h.assert_clean()
+
+
+def test_kill9_of_dom0_takes_the_host_down(hosts):
+    h = hosts(HOST + guest("g", "idle")).start(("g",))
+    os.kill(h.domain_pid("Domain-0"), signal.SIGKILL)
+    assert h.wait_exit(10) == 1
+    assert "dom0 crashed" in h.output()
+    h.assert_clean()
+
+
+def test_kill9_of_the_supervisor_leaves_nothing_running(hosts):
+    h = hosts(HOST + guest("a", "idle") + guest("b", "counter", args={"count": 0})).start(("a", "b"))
+    domains = h.descendants()
+    assert len(domains) >= 4  # zygote, dom0, a, b
+    h.proc.kill()
+    h.proc.wait(5)
+    gone = psutil.wait_procs(domains, timeout=2)[1]
+    assert not gone, f"still running 2 s after the supervisor died: {gone}"
+    shm = [n for n in os.listdir("/dev/shm") if n.startswith(f"xmp.{h.pid}.")]
+    assert not shm
+    # The next supervisor in the same run directory clears what could not be removed.
+    assert (h.rundir / "control.sock").exists()  # a file the killed supervisor could not remove
+    h2 = hosts(HOST + guest("c", "idle"), name=h.dir.name)
+    h2.start(("c",))
+    assert h2.stop() == 0
+    h2.assert_clean()
+
+
+def test_a_guest_cannot_escape(hosts):
+    h = hosts(HOST + guest("probe", "probe") + guest("victim", "idle")).start(("probe", "victim"))
+    h.wait(lambda: "probe: done" in h.console_log("probe"), 15, "the probe")
+    results = {}
+    for line in h.console_log("probe").splitlines():
+        if line.startswith("probe: {"):
+            r = json.loads(line[len("probe: "):])
+            results[r["test"]] = r
+    for op in ("getdomaininfo", "createdomain", "destroydomain", "map_grant", "alloc_in_dom0"):
+        assert results[op]["errno"] == 1, results[op]  # EPERM
+    assert results["malformed"]["errno"] == 22 and "must be an integer" in results["malformed"]["error"]
+    assert results["unknown_op"]["errno"] == 38
+    assert results["bind_not_offered"]["errno"] == 22
+    assert "not offered to dom1" in results["bind_not_offered"]["error"]
+    assert results["shm_openable"] == {"test": "shm_openable", "ok": True, "value": []}
+    siblings = [r for name, r in results.items() if name.startswith("sibling_mem_")]
+    assert len(siblings) >= 3 and not any(r["ok"] for r in siblings)
+    # and the hypervisor still serves everyone
+    assert {d["name"] for d in h.list()} >= {"Domain-0", "probe", "victim"}
+    assert "internal error" not in h.dmesg()
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_proc_of_a_guest_shows_only_its_own_memory(hosts):
+    h = hosts(HOST + guest("a", "idle") + guest("b", "idle")).start(("a", "b"))
+    for name, domid in (("a", 1), ("b", 2)):
+        pid = h.domain_pid(name)
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        objects = set(re.findall(r"/dev/shm/xmp\.\d+\.[0-9a-f]+\.([a-z]+\d+)\.", maps))
+        assert objects == {f"ram{domid}", f"evt{domid}"}, objects
+        fds = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        labels = {m.group(1) for f in fds if (m := re.search(r"xmp\.\d+\.[0-9a-f]+\.([a-z]+\d+)\.", f))}
+        assert labels <= {f"ram{domid}", f"evt{domid}"}, labels
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert re.search(r"CapEff:\s+0+\n", status), "a guest keeps no capability"
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_console_attach_sends_input_and_shows_output(hosts):
+    h = hosts(HOST + guest("echo", "echo")).start(("echo",))
+    h.wait(lambda: "echo: ready" in h.console_log("echo"), 10, "the echo guest")
+    out = h.xmp("console", "echo", input="hello there\nquit\n", timeout=30)
+    assert "echo: hello there" in out.stdout and "echo: bye" in out.stdout
+    assert h.wait_exit(10) == 0  # its only guest powered off
+    h.assert_clean()
+
+
+def test_commands_without_a_supervisor_say_so(tmp_path):
+    out = subprocess.run([*XMP, "list", "--rundir", str(tmp_path / "none")], capture_output=True,
+                         text=True, timeout=30, check=False)
+    assert out.returncode == 1
+    assert f"no supervisor runs in {tmp_path / 'none'}" in out.stderr
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[[domain]]\nname = "a"\nkernel = "xmp.guests.idle:main"\nmemroy = 5\n', ":4: ", ),
+    ('[[domain]]\nname = "a"\nkernel = "xmp.guests.nosuch:main"\n', "not found"),
+    ("[host]\nmemory = 100\n[[domain]]\nname = \"a\"\nkernel = \"xmp.guests.idle:main\"\nmemory = 4096\n",
+     "does not fit"),
+    ("[[domain]\n", "topology.toml:1"),
+])
+def test_bad_topology_starts_nothing(tmp_path, text, message):
+    topo = tmp_path / "topology.toml"
+    topo.write_text(text)
+    rundir = tmp_path / "run"
+    out = subprocess.run([*XMP, "run", "--rundir", str(rundir), str(topo)], capture_output=True,
+                         text=True, timeout=30, check=False)
+    assert out.returncode == 1 and message in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1  # one clear error
+    assert not rundir.exists()
+
+
+def test_parallel_supervisors_do_not_meet(hosts):
+    made = [hosts(HOST + guest("same-name", "counter", args={"count": 0, "interval": 0.05}), f"h{i}")
+            for i in range(3)]
+    for h in made:
+        h.start(("same-name",))
+    for h in made:
+        h.wait(lambda h=h: "count 5" in h.console_log("same-name"), 15, "each host's guest")
+        assert [d["name"] for d in h.list()] == ["Domain-0", "same-name"]
+    for h in made:
+        assert h.stop() == 0
+        h.assert_clean()
+
+
+def test_detach_and_stop_by_destroying_dom0(tmp_path):
+    topo = tmp_path / "t.toml"
+    topo.write_text(HOST + guest("bg", "idle"))
+    rundir = tmp_path / "run"
+    out = subprocess.run([*XMP, "run", "--detach", "--rundir", str(rundir), str(topo)],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 0, out.stderr
+    pid = int(re.search(r"supervisor (\d+) running", out.stdout).group(1))
+    try:
+        listed = subprocess.run([*XMP, "list", "--json", "--rundir", str(rundir)], capture_output=True,
+                                text=True, timeout=30, check=True)
+        assert [d["name"] for d in json.loads(listed.stdout)] == ["Domain-0", "bg"]
+        procs = psutil.Process(pid).children(recursive=True)
+        subprocess.run([*XMP, "destroy", "Domain-0", "--rundir", str(rundir)], timeout=30, check=True)
+        deadline = time.monotonic() + 10
+        while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the detached supervisor did not stop"
+            time.sleep(0.05)
+        assert not psutil.wait_procs(procs, timeout=3)[1]
+        assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"xmp.{pid}.")]
+        assert not list(rundir.glob("**/*.sock"))
+    finally:
+        if psutil.pid_exists(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_sigint_destroys_every_domain_and_exits_zero(hosts):
+    h = hosts(HOST + guest("a", "idle")).start(("a",))
+    assert h.stop(signal.SIGINT) == 0
+    assert "stopping: signal SIGINT" in (h.rundir / "logs" / "hypervisor.log").read_text()
+    h.assert_clean()
+
