@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -301,15 +300,18 @@ def test_detach_and_stop_by_destroying_dom0(tmp_path):
     topo = tmp_path / "t.toml"
     topo.write_text(HOST + guest("bg", "idle"))
     rundir = tmp_path / "run"
+    def ours():
+        return [p for p in psutil.process_iter(["cmdline"])
+                if "--detach" in (p.info["cmdline"] or []) and str(rundir) in p.info["cmdline"]]
+
     try:
         out = subprocess.run([*XMP, "run", "--detach", "--rundir", str(rundir), str(topo)],
                              capture_output=True, text=True, timeout=30, check=False)
-    finally:  # whatever happened, find the supervisor by its command line
-        found = [p for p in psutil.process_iter(["cmdline"])
-                 if "--detach" in (p.info["cmdline"] or []) and str(rundir) in p.info["cmdline"]]
-        if sys.exc_info()[0] is not None:
-            for p in found:
-                p.kill()
+    except BaseException:
+        for p in ours():
+            p.kill()
+        raise
+    found = ours()
     assert out.returncode == 0, out.stderr
     pid = int(re.search(r"supervisor (\d+) running", out.stdout).group(1))
     assert [p.pid for p in found] == [pid]
