@@ -339,3 +339,31 @@ def test_sigint_destroys_every_domain_and_exits_zero(hosts):
     assert "stopping: signal SIGINT" in (h.rundir / "logs" / "hypervisor.log").read_text()
     h.assert_clean()
 
+
+
+def test_trusted_backend_maps_a_grant_and_its_death_releases_it(hosts):
+    h = hosts(HOST
+              + '[[domain]]\nname = "granter"\nkernel = "kernels:granter"\nmemory = 32\nargs = { to = 2 }\n'
+              + '[[domain]]\nname = "backend"\nkernel = "kernels:mapper"\nmemory = 32\n'
+              + 'trusted_backend = true\nargs = { granter = 1 }\n').start(("granter", "backend"))
+    h.wait(lambda: "mapper: holding" in h.console_log("backend"), 10, "the mapping")
+    assert "mapper: read b'granted-page-123'" in h.console_log("backend")
+    # GTF_permit_access | GTF_reading | GTF_writing while mapped, and the backend's bytes arrived
+    h.wait(lambda: "flags=0x19 reply=b'mapper-was-here!'" in h.console_log("granter"), 10,
+           "the in-use bits")
+    os.kill(h.domain_pid("backend"), signal.SIGKILL)
+    # the supervisor drops the dead mapper's pins: in-use bits cleared, access can end
+    h.wait(lambda: "granter: ended" in h.console_log("granter"), 10, "the grant's release")
+    assert "flags=0x1 " in h.console_log("granter")
+    assert h.stop() == 1  # the backend's death was a crash
+    h.assert_clean()
+
+
+def test_console_output_is_never_lost(hosts):
+    h = hosts(HOST + '[[domain]]\nname = "flood"\nkernel = "kernels:flood"\nmemory = 32\n'
+              + "args = { n = 30000 }\n").start()
+    assert h.wait_exit(60) == 0
+    lines = h.console_log("flood").splitlines()
+    assert lines[:-1] == [f"line {i:06d} " + "x" * 40 for i in range(30000)]
+    assert lines[-1] == "flood: done"
+    h.assert_clean()

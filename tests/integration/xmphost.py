@@ -21,6 +21,9 @@ import psutil
 from xmp.sharedmem.shm import leftovers
 
 XMP = [sys.executable, "-m", "xmp.cli"]
+# Test-only guest kernels (tests/integration/kernels.py) are importable by the domains.
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
 class Host:
@@ -39,7 +42,7 @@ class Host:
     def start(self, wait_for: tuple[str, ...] = ()) -> Host:
         out = open(self.out_path, "wb")
         self.proc = subprocess.Popen([*XMP, "run", "--rundir", str(self.rundir), str(self.topology)],
-                                     stdout=out, stderr=subprocess.STDOUT)
+                                     stdout=out, stderr=subprocess.STDOUT, env=ENV)
         out.close()
         # A supervisor may also be done already (every guest gone): that is for the test to judge.
         self.wait(lambda: self.proc.poll() is not None or self._answers(), 20, "exit")
@@ -110,7 +113,7 @@ class Host:
 
     def xmp(self, *args: str, check: bool = True, timeout: float = 30, input: str | None = None):
         out = subprocess.run([*XMP, *args, "--rundir", str(self.rundir)], capture_output=True,
-                             text=True, timeout=timeout, input=input, check=False)
+                             text=True, timeout=timeout, input=input, check=False, env=ENV)
         if check and out.returncode != 0:
             raise AssertionError(f"xmp {' '.join(args)} failed ({out.returncode}): {out.stderr}")
         return out

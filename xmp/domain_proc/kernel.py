@@ -18,6 +18,7 @@ from xmp.domain_proc.console import Console
 from xmp.domain_proc.loop import EventLoop
 from xmp.domain_proc.xen import Xen
 from xmp.sharedmem.evtchn import VIRQ_TIMER
+from xmp.sharedmem.grant import GrantTable
 from xmp.sharedmem.shm import PAGE_SIZE
 from xmp.startinfo import StartInfo, first_free_pfn
 
@@ -39,11 +40,18 @@ class Kernel:
         self.first_free_pfn = first_free_pfn(start_info.nr_grant_frames)
         page = memoryview(ram)[start_info.console_mfn * PAGE_SIZE:(start_info.console_mfn + 1) * PAGE_SIZE]
         self.console = Console(page, start_info.console_evtchn, xen, loop)
+        gnt = start_info.gnttab_pfn * PAGE_SIZE
+        self.grant_table = GrantTable(memoryview(ram)[gnt:gnt + start_info.nr_grant_frames * PAGE_SIZE],
+                                      self.domid)
         self._timer_port = xen.bind_virq(VIRQ_TIMER, 0)
         self._timer_fired = False
         loop.bind(self._timer_port, self._on_timer)
 
     # -- console -----------------------------------------------------------
+
+    def page(self, pfn: int) -> memoryview:
+        """One page of the guest's own memory."""
+        return memoryview(self.memory)[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE]
 
     def print(self, *parts: Any, sep: str = " ", end: str = "\n") -> None:
         self.console.write(sep.join(str(p) for p in parts) + end)
