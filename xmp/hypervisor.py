@@ -56,6 +56,7 @@ from xmp.topology import DomainConfig, Topology, check_fits
 DOM0_KERNEL = "xmp.domain_proc.dom0:main"
 MAX_DOMID = 0x7FEF
 RESTART_LIMIT = (10, 10.0)  # at most 10 restarts of one name in 10 s
+DYING_GRACE = 5.0           # seconds a dying domain waits for its mappers to let go
 
 
 class Supervisor(HypercallHandlers):
@@ -140,7 +141,7 @@ class Supervisor(HypercallHandlers):
 
     def find(self, ref: str | int) -> Domain:
         """A domain by name or id, as the xl commands take it."""
-        for dom in self.domains.values():
+        for dom in sorted(self.domains.values(), key=lambda d: d.state == DomState.DYING):
             if str(dom.domid) == str(ref) or dom.name == ref:
                 return dom
         raise HypercallError(errno.ESRCH, "lookup", f"no domain named or numbered {ref!r}")
@@ -169,7 +170,7 @@ class Supervisor(HypercallHandlers):
 
     def _create(self, cfg: DomainConfig, domid: int | None = None, name: str | None = None) -> Domain:
         name = name or cfg.name
-        if any(d.name == name for d in self.domains.values()):
+        if any(d.name == name and d.state != DomState.DYING for d in self.domains.values()):
             raise HypercallError(errno.EEXIST, "createdomain", f"a domain named {name!r} already exists")
         used = sum(d.tot_pages for d in self.domains.values()) * PAGE_SIZE // MIB
         try:
@@ -216,11 +217,16 @@ class Supervisor(HypercallHandlers):
         return dom
 
     def destroy_domain(self, dom: Domain, reason: str = "destroyed", failed: bool = False) -> None:
-        """Pull the plug and give back everything it held.  ``failed``: the
-        end was not asked for (a crash), which for dom0 fails the run."""
-        if dom.domid not in self.domains:
+        """Pull the plug: the process is killed and everything it *holds* is
+        given back at once.  Like Xen, the domain then stays *dying* while
+        others still map its pages (dom0's xenconsoled draining its last
+        console output), and is freed when they let go or after
+        :data:`DYING_GRACE`.  ``failed``: the end was not asked for (a
+        crash), which for dom0 fails the run."""
+        if dom.domid not in self.domains or dom.state == DomState.DYING:
             return
         dom.state = DomState.DYING
+        dom.dying_since = time.monotonic()
         if dom.pid is not None:
             dom.cpu_time_final = process_cpu_seconds(dom.pid)
             try:
@@ -229,6 +235,8 @@ class Supervisor(HypercallHandlers):
                 pass
         if dom.sock is not None:
             self.sel.unregister(dom.sock)
+            dom.sock.close()
+            dom.sock = None
         # Grants it mapped from others: unpinned, in-use bits cleared.
         for m in dom.maptrack.values():
             granter = self.domains.get(m.granter)
@@ -240,22 +248,43 @@ class Supervisor(HypercallHandlers):
             self.close_port(dom, port)
         for key in [k for k in self.timer_gen if k[0] == dom.domid]:
             del self.timer_gen[key]
-        self.pool_give(dom.tot_pages)
-        del self.domains[dom.domid]
-        dom.release()
         self.log(f"dom{dom.domid} {dom.name!r} {reason}")
         if dom.domid == DOMID_DOM0:
             self.host_down(f"dom0 {reason}", failed=failed)
-        else:
+            return
+        self.raise_dom_exc()
+        self.reap_dying()
+
+    def mapped_by(self, dom: Domain) -> list[int]:
+        """Domains that still map pages of ``dom``."""
+        return [d.domid for d in self.domains.values()
+                if any(m.granter == dom.domid for m in d.maptrack.values())]
+
+    def reap_dying(self, force: bool = False) -> None:
+        """Free dying domains that nobody maps any more and whose last
+        console output dom0 has drained (or that waited long enough)."""
+        now = time.monotonic()
+        for dom in [d for d in self.domains.values() if d.state == DomState.DYING]:
+            holders = self.mapped_by(dom)
+            waiting = holders or (dom.console_undrained() and DOMID_DOM0 in self.domains)
+            if waiting and not force and now - dom.dying_since < DYING_GRACE:
+                continue
+            if holders:
+                self.log(f"dom{dom.domid} freed while still mapped by {holders}")
+            self.pool_give(dom.tot_pages)
+            del self.domains[dom.domid]
+            dom.release()
             self.raise_dom_exc()
 
     def host_down(self, reason: str, failed: bool) -> None:
-        """dom0 is gone: take every domain down and stop."""
+        """dom0 is gone: nobody is left to drain or serve; take every domain
+        down and free everything now."""
         if failed:
             self.exit_code = 1
         self.stop(reason)
         for dom in list(self.domains.values()):
             self.destroy_domain(dom, "destroyed (host going down)")
+        self.reap_dying(force=True)
 
     def pause_domain(self, dom: Domain) -> None:
         if dom.domid == DOMID_DOM0:
@@ -392,20 +421,9 @@ class Supervisor(HypercallHandlers):
                 ready()
             while not self.stopping:
                 timeout = self._fire_timers()
-                timeout = 0.5 if timeout is None else min(max(timeout, 0), 0.5)
-                for key, _ in self.sel.select(timeout):
-                    kind, obj = key.data
-                    if kind == "hc":
-                        self._hypercall(obj)
-                    elif kind == "zygote":
-                        self.zygote.drain()
-                    elif kind == "listen":
-                        self.control.accept(self.sel)
-                    elif kind == "ctl":
-                        self.control.serve(self.sel, obj)
-                    elif kind == "signal":
-                        self._wake_r.recv(64)
+                self._iterate(0.5 if timeout is None else min(max(timeout, 0), 0.5))
                 self._fire_timers()
+                self.reap_dying()
                 if self.stop_when_guests_gone and self.topology.domains and not [
                         d for d in self.domains.values()
                         if d.domid != DOMID_DOM0 and not d.cfg.driver_domain]:
@@ -415,6 +433,20 @@ class Supervisor(HypercallHandlers):
             for s, h in old.items():
                 signal.signal(s, h)
         return self.exit_code
+
+    def _iterate(self, timeout: float) -> None:
+        for key, _ in self.sel.select(timeout):
+            kind, obj = key.data
+            if kind == "hc":
+                self._hypercall(obj)
+            elif kind == "zygote":
+                self.zygote.drain()
+            elif kind == "listen":
+                self.control.accept(self.sel)
+            elif kind == "ctl":
+                self.control.serve(self.sel, obj)
+            elif kind == "signal":
+                self._wake_r.recv(64)
 
     def _hypercall(self, dom: Domain) -> None:
         if dom.sock is None:
@@ -451,7 +483,18 @@ class Supervisor(HypercallHandlers):
 
     def teardown(self) -> None:
         for dom in sorted(self.domains.values(), key=lambda d: -d.domid):
-            self.destroy_domain(dom, "destroyed (supervisor stopping)")
+            if dom.domid != DOMID_DOM0:
+                self.destroy_domain(dom, "destroyed (supervisor stopping)")
+        # dom0 still runs: give it a moment to drain what the guests wrote.
+        deadline = time.monotonic() + 2
+        while [d for d in self.domains.values() if d.state == DomState.DYING] \
+                and time.monotonic() < deadline and DOMID_DOM0 in self.domains:
+            self._iterate(0.05)
+            self.reap_dying()
+        dom0 = self.domains.get(DOMID_DOM0)
+        if dom0 is not None:
+            self.destroy_domain(dom0, "destroyed (supervisor stopping)")
+        self.reap_dying(force=True)
         self.control.close()
         for sock in (self.rundir / "console").glob("*.sock"):  # dom0's, if it could not
             sock.unlink(missing_ok=True)

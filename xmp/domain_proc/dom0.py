@@ -76,11 +76,37 @@ class XenConsoled:
                     self.attach(info)
                 except XmpError as exc:
                     print(f"xenconsoled: dom{domid}: {exc}", flush=True)
+            elif domid not in self.consoles and info["state"] == "dying":
+                self.last_words(info)
         for domid in [d for d in self.consoles if d not in infos or infos[d]["state"] == "dying"]:
             self.detach(domid)
         for domid, info in infos.items():  # renamed (rename-restart)
             if domid in self.consoles and self.consoles[domid].name != info["name"]:
                 self.consoles[domid].name = info["name"]
+
+    def last_words(self, info: dict) -> None:
+        """A domain that died before we attached: drain what it wrote, once."""
+        try:
+            mapping = self.xen.map_grant_ref(info["domid"], [info["console_gref"]])
+        except XmpError:
+            return
+        try:
+            _inp, out = console_rings(mapping.pages[0])
+            data = b""
+            while chunk := out.read():
+                data += chunk
+            if data:
+                with open(self.rundir / "console" / f"{info['name']}.log", "ab") as log:
+                    log.write(data)
+                if self.echo_fd is not None:
+                    prefix = info["name"].encode() + b" | "
+                    lines = data.rstrip(b"\n").split(b"\n")
+                    os.write(self.echo_fd, b"".join(prefix + ln + b"\n" for ln in lines))
+            _inp.release()
+            out.release()
+        finally:
+            self.xen.unmap_grant_ref(mapping)
+            self.xen.forget_domain(info["domid"])
 
     def attach(self, info: dict) -> None:
         domid = info["domid"]

@@ -15,7 +15,9 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from xmp.errors import RemoteProtocolError
 from xmp.hypercall import SHUTDOWN_REASONS
+from xmp.sharedmem.bytering import ByteRing, console_rings
 from xmp.sharedmem.evtchn import EVTCHN_OBJECT_SIZE, EventChannels, PortTable
 from xmp.sharedmem.grant import (
     ENTRIES_PER_FRAME,
@@ -83,11 +85,20 @@ class Domain:
     holds_evt_of: set[int] = field(default_factory=set)
     created: float = field(default_factory=time.monotonic)
     cpu_time_final: float = 0.0
+    dying_since: float = 0.0
+    console_out: ByteRing | None = None
     views: list[memoryview] = field(default_factory=list)
 
     @property
     def privileged(self) -> bool:
         return self.domid == DOMID_DOM0
+
+    def console_undrained(self) -> bool:
+        """Output the guest wrote that xenconsoled has not read yet."""
+        try:
+            return self.console_out is not None and self.console_out.available() > 0
+        except RemoteProtocolError:  # indices it scribbled: nothing worth waiting for
+            return False
 
     @property
     def reserved_pfns(self) -> int:
@@ -115,8 +126,9 @@ class Domain:
 
     def release(self) -> None:
         """Drop the supervisor's hold on every object of this domain."""
-        for thing in (self.grants, self.own_table, self.evt):
-            thing.release()
+        for thing in (self.grants, self.own_table, self.evt, self.console_out):
+            if thing is not None:
+                thing.release()
         for view in self.views:
             view.release()
         self.evt_obj.close()
@@ -147,6 +159,8 @@ def build_domain(ns: ShmNamespace, domid: int, cfg: DomainConfig, name: str | No
         own_table.grant_access(GNTTAB_RESERVED_CONSOLE, DOMID_DOM0, CONSOLE_PFN)
         own_table.grant_access(GNTTAB_RESERVED_XENSTORE, DOMID_DOM0, XENSTORE_PFN)
         grants = ActiveGrants(gnttab, domid, ram_map)
+        console = whole[CONSOLE_PFN * PAGE_SIZE:(CONSOLE_PFN + 1) * PAGE_SIZE]
+        console_out = console_rings(console)[1]
         flags = SIF_PRIVILEGED | SIF_INITDOMAIN if domid == DOMID_DOM0 else 0
         StartInfo(domid=domid, nr_pages=mem_pages, max_pages=max_pages, flags=flags,
                   store_evtchn=store_port, console_evtchn=console_port, vcpus=cfg.vcpus,
@@ -157,7 +171,8 @@ def build_domain(ns: ShmNamespace, domid: int, cfg: DomainConfig, name: str | No
         return Domain(domid=domid, cfg=cfg, name=name or cfg.name, ram=ram, ram_map=ram_map,
                       evt_obj=evt_obj, evt=evt, ports=ports, grants=grants, own_table=own_table,
                       console_port=console_port, store_port=store_port, tot_pages=mem_pages,
-                      max_pages=max_pages, populated=populated, views=[gnttab, whole])
+                      max_pages=max_pages, populated=populated, views=[gnttab, console, whole],
+                      console_out=console_out)
     except BaseException:
         evt_obj.close()
         ram.close()

@@ -66,8 +66,12 @@ class GrantTable:
     def __init__(self, buf, domid: int):
         self._mem, self._tab, self.nr_entries = _table(buf)
         self.domid = domid
-        self._free = list(range(self.nr_entries - 1, GNTTAB_NR_RESERVED_ENTRIES - 1, -1))
-        self._free_set = set(self._free)  # membership without scanning the list
+        # Refs never handed out yet are counted, not listed (64 frames are
+        # 32768 refs: a list of them cost milliseconds per domain); refs
+        # given back are kept for reuse, most recent first.
+        self._next_fresh = GNTTAB_NR_RESERVED_ENTRIES
+        self._free: list[int] = []
+        self._free_set: set[int] = set()
 
     def grant_access(self, ref: int, domid: int, frame: int, readonly: bool = False) -> None:
         """Fill ``ref``: domid and frame, a barrier, then the flags."""
@@ -76,11 +80,15 @@ class GrantTable:
 
     def grant_foreign_access(self, domid: int, frame: int, readonly: bool = False) -> int:
         """Pick a free ref (never a reserved one), grant it, return it."""
-        if not self._free:
+        if self._free:
+            ref = self._free.pop()
+            self._free_set.discard(ref)
+        elif self._next_fresh < self.nr_entries:
+            ref = self._next_fresh
+            self._next_fresh += 1
+        else:
             raise HypercallError(errno.ENOSPC, "grant_foreign_access",
                                  f"all {self.nr_entries} grant entries in use")
-        ref = self._free.pop()
-        self._free_set.discard(ref)
         self.grant_access(ref, domid, frame, readonly)
         return ref
 
@@ -90,7 +98,7 @@ class GrantTable:
         self._check_ref(ref)
         if lib.xmp_gnttab_end_access(self._tab, ref) != 0:
             raise HypercallError(errno.EBUSY, "end_foreign_access", f"gref {ref} is mapped")
-        if ref >= GNTTAB_NR_RESERVED_ENTRIES and ref not in self._free_set:
+        if GNTTAB_NR_RESERVED_ENTRIES <= ref < self._next_fresh and ref not in self._free_set:
             self._free.append(ref)
             self._free_set.add(ref)
 
