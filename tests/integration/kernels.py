@@ -3,6 +3,7 @@ through PYTHONPATH, which xmphost.Host sets)."""
 
 from __future__ import annotations
 
+from xmp.errors import GrantError
 from xmp.sharedmem.grant import GTF_reading, GTF_writing
 
 REF = 8  # the first ref that is not reserved
@@ -32,8 +33,16 @@ def granter(kernel) -> None:
 
 
 def mapper(kernel) -> None:
-    """A trusted backend: map the granter's ref 8, read it, answer in it, hold it."""
-    m = kernel.xen.map_grant_ref(int(kernel.args["granter"]), [REF])
+    """A trusted backend: map the granter's ref 8, read it, answer in it, hold it.
+    The granter runs concurrently: until it has granted, the map is refused."""
+    for _ in range(200):
+        try:
+            m = kernel.xen.map_grant_ref(int(kernel.args["granter"]), [REF])
+            break
+        except GrantError:
+            kernel.sleep(0.02)
+    else:
+        raise RuntimeError("the grant never came")
     page = m.pages[0]
     kernel.print(f"mapper: read {bytes(page[:16])!r}")
     page[16:32] = b"mapper-was-here!"

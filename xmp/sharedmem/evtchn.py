@@ -55,6 +55,9 @@ class Wake(enum.IntEnum):
     SHUTDOWN = 2
 
 
+_WAKE = (Wake.TIMEOUT, Wake.EVENT, Wake.SHUTDOWN)
+
+
 class EventChannels:
     """One domain's event object.  The creator passes ``init_vcpus`` to
     initialise the semaphores; everyone else attaches to a live object."""
@@ -113,7 +116,7 @@ class EventChannels:
         rc = lib.xmp_evtchn_wait(self._mem, vcpu, t, int(spin * 1e9))
         if rc < 0:
             raise HypercallError(-rc, "evtchn_wait")
-        return Wake(rc)
+        return _WAKE[rc]  # a tuple lookup: Wake(rc) costs a microsecond on a hot path
 
     def request_shutdown(self, vcpu: int = 0) -> None:
         """Make ``wait`` on ``vcpu`` return SHUTDOWN, now and from then on."""

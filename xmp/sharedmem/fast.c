@@ -16,6 +16,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <semaphore.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -673,8 +674,13 @@ int xmp_evtchn_wait(uint8_t *ev, uint32_t vcpu, int64_t timeout_ns, int64_t spin
                 return WAIT_SHUTDOWN;
             if (LOAD_ACQ(&vi->evtchn_upcall_pending))
                 return WAIT_EVENT;
-            if ((i & 63) == 63 && now_ns() >= spin_end)
-                break;
+            if ((i & 63) == 63) {
+                if (now_ns() >= spin_end)
+                    break;
+                /* If the sender shares our CPU, spinning only burns its
+                 * time slice: let it run (a no-op when the CPU is ours). */
+                sched_yield();
+            }
             cpu_relax();
         }
     }
