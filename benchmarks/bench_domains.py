@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import report  # benchmarks/report.py: the shared targets shape
 
 KERNEL = "xmp.guests.stamp:main"
 GUEST_MIB = 32
@@ -531,9 +532,7 @@ def targets_of(results: dict) -> dict:
     out = {}
     for name, (key, target, better) in TARGETS.items():
         measured = results["xmp"].get(key)
-        met = None if measured is None else (
-            measured >= target if better == "higher" else measured <= target)
-        out[name] = {"measured": measured, "target": target, "better": better, "met": met}
+        out[name] = report.entry(measured, target, better)
     return out
 
 
@@ -584,12 +583,9 @@ def print_report(results: dict, ratios: dict, targets: dict, errors: list[str],
         print(f"{m:<30}" + "".join(f"{(f'{r[k]:.2f}x' if k in r else '-'):>{w}}"
                                     for k, w in zip(PEERS, (16, 12, 12), strict=True)))
     print()
-    print("targets" + ("" if n == 100 else f" (the 100-guest ones are not measured with {n} guests)"))
-    for name, t in targets.items():
-        op = ">=" if t["better"] == "higher" else "<="
-        meas = "n/a" if t["measured"] is None else f"{t['measured']:.2f}"
-        verdict = {True: "MET", False: "not met", None: "not measured"}[t["met"]]
-        print(f"  {name:<30} measured {meas:>9}  target {op} {t['target']:<7}  {verdict}")
+    report.print_targets("targets" + ("" if n == 100 else
+                                       f" (the 100-guest ones are not measured with {n} guests)"),
+                          targets, 30, 2)
     if errors:
         print()
         print("ERRORS:")

@@ -66,6 +66,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+import report  # benchmarks/report.py: the shared targets shape
+
 from xmp.sharedmem._ffi import ffi, lib
 from xmp.sharedmem.evtchn import Wake
 from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, leftovers
@@ -929,9 +931,7 @@ def targets_of(ratios: dict) -> dict:
     pipe = ratios.get("pipe", {})
     for name, (metric, target, better) in TARGETS.items():
         measured = pipe.get(metric)
-        met = None if measured is None else (
-            measured >= target if better == "higher" else measured <= target)
-        out[name] = {"measured": measured, "target": target, "better": better, "met": met}
+        out[name] = report.entry(measured, target, better)
     return out
 
 
@@ -967,12 +967,7 @@ def print_report(results: dict, ratios: dict, targets: dict, errors: list[str],
         print(f"{peer:<18}" + "".join(
             f"{(f'{vals[m]:.2f}x' if m in vals else '-'):>{w}}" for m in METRICS))
     print()
-    print("targets (xmp vs per-message multiprocessing.Pipe)")
-    for name, t in targets.items():
-        op = ">=" if t["better"] == "higher" else "<="
-        meas = "n/a" if t["measured"] is None else f"{t['measured']:.3f}"
-        verdict = {True: "MET", False: "not met", None: "not measured"}[t["met"]]
-        print(f"  {name:<18} measured {meas:>8}  target {op} {t['target']:<5}  {verdict}")
+    report.print_targets("targets (xmp vs per-message multiprocessing.Pipe)", targets, 18)
     if errors:
         print()
         print("ERRORS (these measurements are missing):")

@@ -174,3 +174,13 @@ def spawn_peer(link: SharedLink, target, *args, start_method: str = "spawn"):
     finally:
         ours.close()
     return proc
+
+
+def reap(proc, timeout: float = 10.0) -> None:
+    """Join a peer process, killing it if it does not end by itself: no
+    child may outlive the test that started it."""
+    proc.join(timeout)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join(10)
+    assert proc.exitcode is not None, f"process {proc.pid} could not be reaped"

@@ -34,8 +34,8 @@ from xmp.sharedmem.grant import (
     GTF_writing,
 )
 from xmp.sharedmem.ring import REQ_PROD, RSP_PROD, BackRing
-from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, leftovers
-from xmp.testing import BACK_DOMID, LINK_PORT, LinkLayout, SharedLink, spawn_peer
+from xmp.sharedmem.shm import PAGE_SIZE
+from xmp.testing import BACK_DOMID, LINK_PORT, LinkLayout, SharedLink, reap, spawn_peer
 
 SPAWN = multiprocessing.get_context("spawn")
 WAIT_SAFETY = 5.0  # a sleeper re-checks after this long; finding work then = a lost wake-up
@@ -45,23 +45,6 @@ PEER_DEADLINE = 240.0  # a peer gives up (and says so) after this long
 # ---------------------------------------------------------------------------
 # Harness
 # ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def ns():
-    """A private namespace per test; nothing of it may stay named in /dev/shm."""
-    space = ShmNamespace()
-    yield space
-    assert [n for n in leftovers() if n.startswith(space.prefix)] == []
-
-
-def _reap(proc, timeout: float = 10.0) -> None:
-    """Join, and kill what does not go by itself: no child outlives a test."""
-    proc.join(timeout)
-    if proc.exitcode is None:
-        proc.kill()
-        proc.join(10)
-    assert proc.exitcode is not None, f"peer {proc.pid} could not be reaped"
 
 
 def _recv_report(rx, proc, timeout: float) -> dict:
@@ -89,7 +72,7 @@ def _stop_peer(link: SharedLink, proc) -> None:
     """Ask a peer still in its loop to leave (its wait() returns SHUTDOWN), reap it."""
     if proc.exitcode is None:
         link.back_ev.request_shutdown()
-    _reap(proc)
+    reap(proc)
 
 
 def _sleep(ev, vcpu: int = 0) -> Wake:
@@ -250,7 +233,7 @@ def test_million_requests_verified_both_sides(ns, start):
         stats = _run_front(link, front, proc, rx, n)
         elapsed = time.perf_counter() - t0
         rep = _recv_report(rx, proc, 30)
-        _reap(proc)
+        reap(proc)
         assert rep["mismatch"] is None, rep
         assert rep["error"] is None and rep["protocol_error"] is None, rep
         assert rep["verified"] == n
@@ -292,7 +275,7 @@ def test_hostile_req_prod_gives_backend_remote_protocol_error(ns, claim):
         link.back_ev.send(LINK_PORT)
         rep = _recv_report(rx, proc, 20)
         took = time.monotonic() - t0
-        _reap(proc)
+        reap(proc)
         assert rep["protocol_error"] == (
             f"RemoteProtocolError: bad frontend: its producer index claims more than the "
             f"ring's {nr} slots"), rep
@@ -514,7 +497,7 @@ def _stream_granted_payloads(ns, count: int) -> None:
         assert not inflight
         f.stop(count)
         rep = _recv_report(rx, proc, 30)
-        _reap(proc)
+        reap(proc)
         assert rep["mismatch"] is None and rep["error"] is None, rep
         assert rep["errors"] == []
         assert rep["ok"] == count
@@ -600,7 +583,7 @@ def test_end_foreign_access_refused_while_backend_holds_mapping(ns):
             assert f.gt.entry(ref)[0] == 0
         f.stop(3)
         rep = _recv_report(rx, proc, 10)
-        _reap(proc)
+        reap(proc)
         assert rep["error"] is None and rep["errors"] == [] and rep["still_held"] == [], rep
         assert proc.exitcode == 0
     finally:
@@ -706,7 +689,7 @@ def test_backend_refuses_bad_grants_and_keeps_serving(ns):
                     gt.end_foreign_access(ref)
         f.stop(seq)
         rep = _recv_report(rx, proc, 10)
-        _reap(proc)
+        reap(proc)
         assert rep["error"] is None and rep["mismatch"] is None, rep
         assert [e[:3] for e in rep["errors"]] == expected_errors
         names = {GNTST_permission_denied: "GNTST_permission_denied", GNTST_bad_gntref: "GNTST_bad_gntref"}

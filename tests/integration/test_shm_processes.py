@@ -34,16 +34,9 @@ from xmp.sharedmem.shm import (
     remove_stale,
     send_handles,
 )
-from xmp.testing import LINK_PORT, LinkLayout, SharedLink, spawn_peer
+from xmp.testing import LINK_PORT, LinkLayout, SharedLink, reap, spawn_peer
 
 SPAWN = multiprocessing.get_context("spawn")
-
-
-@pytest.fixture
-def ns():
-    space = ShmNamespace()
-    yield space
-    assert _named(space.prefix) == []
 
 
 def _named(prefix: str) -> list[str]:
@@ -54,14 +47,6 @@ def _mapped(prefix: str) -> list[str]:
     """Lines of our /proc/self/maps that map an object named with ``prefix``."""
     with open("/proc/self/maps") as maps:
         return [line.strip() for line in maps if prefix in line]
-
-
-def _reap(proc, timeout: float = 10.0) -> None:
-    proc.join(timeout)
-    if proc.exitcode is None:
-        proc.kill()
-        proc.join(10)
-    assert proc.exitcode is not None, f"child {proc.pid} could not be reaped"
 
 
 def _children() -> set[int]:
@@ -144,11 +129,11 @@ def test_descriptor_passing_shares_bytes_and_no_name_exists(ns):
         assert all(line.endswith("(deleted)") for line in _mapped(ns.prefix))
         assert _mapped(ns.prefix)
         bye_tx.send("bye")
-        _reap(proc)
+        reap(proc)
         assert proc.exitcode == 0
     finally:
         if proc is not None:
-            _reap(proc)
+            reap(proc)
         obj.close()
     assert _mapped(ns.prefix) == []
 
@@ -300,14 +285,14 @@ def test_sigkill_backend_mid_exchange_is_noticed_and_leaves_nothing(ns):
         assert rx.poll(30)
         tag, rep = rx.recv()
         assert tag == "done" and rep == {"first": stuck, "bad": None, "error": None, "last": total}
-        _reap(heir)
+        reap(heir)
         assert heir.exitcode == 0
         assert front.ring.shared_index(RSP_PROD) == total and not front.pending
     finally:
         for p in (victim, heir):
             if p is not None and p.exitcode is None:
                 link.back_ev.request_shutdown()
-                _reap(p)
+                reap(p)
         link.close()
     assert {victim.pid, heir.pid} & _children() == set()
     assert _named(ns.prefix) == [] and _mapped(ns.prefix) == []
@@ -376,16 +361,16 @@ def test_sigkill_link_creator_while_other_holds_descriptor():
             if front.step(n) == 0:
                 front.sleep(0.5)
         assert rx.poll(30) and rx.recv() == ("done", {"first": 0, "bad": None, "error": None, "last": n})
-        _reap(peer)
+        reap(peer)
         assert peer.exitcode == 0
     finally:
         if creator.exitcode is None:
             creator.kill()
-        _reap(creator)
+        reap(creator)
         if peer is not None:
             if peer.exitcode is None:
                 link.back_ev.request_shutdown()
-            _reap(peer)
+            reap(peer)
         if link is not None:
             link.close()
     assert creator.pid not in _children() and peer.pid not in _children()
@@ -492,11 +477,11 @@ def test_blocked_waiter_idles_free_and_wakes_promptly(ns):
         assert (wake, ports) == (Wake.SHUTDOWN, [])
         assert t_woke - t0 < 2
         assert rx.poll(5) and rx.recv() == ("after shutdown", Wake.SHUTDOWN, Wake.SHUTDOWN)
-        _reap(proc)
+        reap(proc)
         assert proc.exitcode == 0
     finally:
         if proc is not None:
             if proc.exitcode is None:
                 link.back_ev.request_shutdown()
-            _reap(proc)
+            reap(proc)
         link.close()
