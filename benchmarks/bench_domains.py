@@ -468,6 +468,8 @@ class Sizes:
 
 QUICK = Sizes(creates=15, warm=2, guests=20, cpu_window=2.0, python_runs=7, fork_runs=200,
               forkserver_runs=15)
+SMOKE = Sizes(creates=3, warm=1, guests=3, cpu_window=0.5, python_runs=2, fork_runs=20,
+              forkserver_runs=2)  # --smoke: only proves it works
 FULL = Sizes(creates=50, warm=2, guests=100, cpu_window=5.0, python_runs=15, fork_runs=500,
              forkserver_runs=40)
 
@@ -543,7 +545,8 @@ def print_report(results: dict, ratios: dict, targets: dict, errors: list[str],
     def ms(key):
         return f"{x[key]:8.2f} ms" if key in x else "       - "
 
-    print(f"xmp domain benchmark: {'quick' if sizes is QUICK else 'full'} run, {elapsed:.1f} s, "
+    kind = "smoke" if sizes is SMOKE else "quick" if sizes is QUICK else "full"
+    print(f"xmp domain benchmark: {kind} run, {elapsed:.1f} s, "
           f"{len(os.sched_getaffinity(0))} CPUs, guests of {GUEST_MIB} MiB running {KERNEL}")
     print()
     print(f"(1) create latency, {sizes.creates} creates (after {sizes.warm} warm-up), "
@@ -595,11 +598,12 @@ def print_report(results: dict, ratios: dict, targets: dict, errors: list[str],
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="a tiny run that only proves it works")
     ap.add_argument("--quick", action="store_true",
                     help="15 creates and 20 guests instead of 50 and 100 (under 30 s)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
-    sizes = QUICK if args.quick else FULL
+    sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
     # SIGTERM unwinds like Ctrl-C, so the supervisor is stopped either way.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     t0 = time.monotonic()

@@ -835,6 +835,11 @@ FULL = Sizes(xmp_msgs=20_000_000, pipe_msgs=500_000, pipe_batched_msgs=10_000_00
              queue_msgs=150_000, xmp_payloads=40_000, pipe_payloads=20_000,
              queue_payloads=4_000, warm=2_000, rounds=30_000, repeats=5, timeout=120.0)
 
+# --smoke: just enough to prove every peer still runs and verifies (the suite's check)
+SMOKE = Sizes(xmp_msgs=100_000, pipe_msgs=5_000, pipe_batched_msgs=50_000, queue_msgs=2_000,
+              xmp_payloads=200, pipe_payloads=100, queue_payloads=50, warm=50, rounds=300,
+              repeats=1, timeout=20.0)
+
 SEM_SPIN_NS = 50_000
 METRICS = ("a_msgs_per_s", "b_bytes_per_s", "c_rtt_median_us", "c_rtt_p99_us")
 TARGETS = {  # name: (metric, target, better)
@@ -979,10 +984,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a short run (under 30 s)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--smoke", action="store_true", help="a tiny run that only proves it works")
     ap.add_argument("--pin", action="store_true",
                     help="pin sender and receiver to different CPUs (default: the scheduler places them)")
     args = ap.parse_args(argv)
-    sizes = QUICK if args.quick else FULL
+    sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
     t0 = time.monotonic()
     prev = None
     placement = "not pinned (placed by the scheduler)"

@@ -16,6 +16,7 @@ import select
 import socket
 import sys
 import termios
+import time
 import tty
 from importlib.metadata import version
 from pathlib import Path
@@ -151,6 +152,90 @@ def _simple(cmd: str):
     return run
 
 
+def cmd_shutdown(args, reason: str = "poweroff") -> int:
+    rundir = _rundir(args)
+    domid = request(rundir, "shutdown", dom=args.dom, reason=reason)["domid"]
+    if not getattr(args, "wait", False) and not getattr(args, "force", False):
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            doms = request(rundir, "list")["domains"]
+        except CliError:
+            return 0  # the supervisor stopped (its last guest went): so did this one
+        if not [d for d in doms if d["domid"] == domid and d["state"] != "dying"]:
+            return 0
+        time.sleep(0.05)
+    if args.force:
+        request(rundir, "destroy", dom=str(domid))
+        print(f"xmp shutdown: {args.dom} did not shut down within {args.timeout:g} s: destroyed",
+              file=sys.stderr)
+        return 0
+    raise CliError(f"{args.dom} did not shut down within {args.timeout:g} s (-F destroys it)")
+
+
+def cmd_reboot(args) -> int:
+    return cmd_shutdown(args, "reboot")
+
+
+def cmd_suspend(args) -> int:
+    request(_rundir(args), "shutdown", dom=args.dom, reason="suspend")
+    return 0
+
+
+def cmd_resume(args) -> int:
+    request(_rundir(args), "resume", dom=args.dom)
+    return 0
+
+
+def cmd_xenstore(args) -> int:
+    from xmp.errors import XenStoreError
+    from xmp.xenstore.client import SocketTransport, XsClient
+
+    path = os.environ.get("XENSTORED_PATH") or str(_rundir(args) / "xenstored.sock")
+    try:
+        xs = XsClient(SocketTransport.connect(path))
+    except OSError as exc:
+        raise CliError(f"cannot reach xenstored at {path}: {exc}") from None
+    try:
+        if args.op == "ls":
+            _xs_ls(xs, args.path, 0)
+        elif args.op == "read":
+            sys.stdout.write(xs.read(args.path).decode(errors="replace") + "\n")
+        elif args.op == "write":
+            if len(args.values) != 1:
+                raise CliError("usage: xmp xenstore write PATH VALUE")
+            xs.write(args.path, args.values[0])
+        elif args.op == "rm":
+            xs.rm(args.path)
+        elif args.op == "chmod":
+            if not args.values:
+                raise CliError("usage: xmp xenstore chmod PATH PERM... (e.g. n0 r3)")
+            xs.set_perms(args.path, args.values)
+        elif args.op == "watch":
+            xs.watch(args.path, "xmp")
+            count = int(args.values[0]) if args.values else 0
+            seen = 0
+            while count == 0 or seen < count:
+                event = xs.wait_watch()
+                if event:
+                    print(event[0], flush=True)
+                    seen += 1
+    except XenStoreError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        xs.close()
+    return 0
+
+
+def _xs_ls(xs, path: str, depth: int) -> None:
+    for name in xs.directory(path):
+        child = path.rstrip("/") + "/" + name
+        value = xs.read_or(child, b"") or b""
+        print(f"{'  ' * depth}{name} = \"{value.decode(errors='replace')}\"")
+        _xs_ls(xs, child, depth + 1)
+
+
 def cmd_dmesg(args) -> int:
     for line in request(_rundir(args), "dmesg", clear=args.clear)["lines"]:
         print(line)
@@ -239,6 +324,20 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help in (("destroy", "destroy a domain at once (pull the plug)"),
                        ("pause", "stop scheduling a domain"), ("unpause", "resume a paused domain")):
         add(name, _simple(name), help).add_argument("dom", help="name or id")
+    for name, func, help in (("shutdown", cmd_shutdown, "ask a guest to power off (control/shutdown)"),
+                             ("reboot", cmd_reboot, "ask a guest to reboot (control/shutdown)")):
+        p = add(name, func, help)
+        p.add_argument("dom", help="name or id")
+        p.add_argument("-w", dest="wait", action="store_true", help="wait until it has gone")
+        p.add_argument("-F", "--force", action="store_true", help="destroy it if it does not answer in time")
+        p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
+    add("suspend", cmd_suspend, "ask a guest to suspend (control/shutdown)").add_argument(
+        "dom", help="name or id")
+    add("resume", cmd_resume, "resume a suspended guest in place").add_argument("dom", help="name or id")
+    p = add("xenstore", cmd_xenstore, "read and change xenstore (ls, read, write, rm, watch, chmod)")
+    p.add_argument("op", choices=["ls", "read", "write", "rm", "watch", "chmod"])
+    p.add_argument("path")
+    p.add_argument("values", nargs="*", help="write: VALUE; chmod: PERM...; watch: how many events")
     p = add("console", cmd_console, "attach to a domain's console (Ctrl-] detaches)")
     p.add_argument("dom", help="name or id")
     p = add("dmesg", cmd_dmesg, "the hypervisor's log")

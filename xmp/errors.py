@@ -81,3 +81,18 @@ class DomainGone(XmpError):
 
     def __str__(self) -> str:
         return f"domain {self.domid} is gone"
+
+
+class XenStoreError(XmpError):
+    """A xenstore request answered with ERROR; ``errno`` is the wire's errno
+    name ("ENOENT", "EACCES", "EAGAIN", …)."""
+
+    def __init__(self, errno: str, path: str = "", op: str = ""):
+        self.errno = errno
+        self.path = path
+        self.op = op
+        super().__init__(errno, path, op)
+
+    def __str__(self) -> str:
+        where = f" {self.path}" if self.path else ""
+        return f"xenstore {self.op or 'request'}{where}: {self.errno}"

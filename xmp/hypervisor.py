@@ -45,7 +45,8 @@ from xmp.hv.domain import (
     process_cpu_seconds,
     process_running,
 )
-from xmp.hv.hypercalls import HypercallHandlers
+from xmp.hv.hypercalls import DEFERRED, HypercallHandlers
+from xmp.hv.toolstack import Toolstack, dom0_tree, domain_tree, teardown_tree
 from xmp.hv.zygote import ZygoteClient
 from xmp.hypercall import DOM0_ONLY, MAX_FDS, MAX_MESSAGE, decode_request, encode
 from xmp.sharedmem._ffi import lib
@@ -57,6 +58,8 @@ DOM0_KERNEL = "xmp.domain_proc.dom0:main"
 MAX_DOMID = 0x7FEF
 RESTART_LIMIT = (10, 10.0)  # at most 10 restarts of one name in 10 s
 DYING_GRACE = 5.0           # seconds a dying domain waits for its mappers to let go
+XENSTORED_START = 15.0      # seconds dom0 gets to bring xenstored up
+SHUTDOWN_GRACE = 5.0        # seconds guests get to power off when the supervisor stops
 
 
 class Supervisor(HypercallHandlers):
@@ -89,10 +92,11 @@ class Supervisor(HypercallHandlers):
         for name in remove_stale():
             self.log(f"removed stale shared-memory object {name}")
         self.sel = selectors.DefaultSelector()
+        self.toolstack = Toolstack(self.rundir / "xenstored.sock", self.log)
         self.control = ControlServer(self.rundir / "control.sock", self)
         # No supervisor runs here (the control socket proved it): sockets left
         # by one that was killed are stale.
-        for sock in (self.rundir / "console").glob("*.sock"):
+        for sock in [*(self.rundir / "console").glob("*.sock"), self.rundir / "xenstored.sock"]:
             sock.unlink(missing_ok=True)
         self.sel.register(self.control.listener, selectors.EVENT_READ, ("listen", None))
         self.sel.register(self.zygote.sock, selectors.EVENT_READ, ("zygote", None))
@@ -147,8 +151,18 @@ class Supervisor(HypercallHandlers):
         raise HypercallError(errno.ESRCH, "lookup", f"no domain named or numbered {ref!r}")
 
     def start(self) -> None:
-        """Build dom0, then every domain of the topology, in order."""
+        """Build dom0, wait for its xenstored, then every domain of the
+        topology, in order."""
         self._create(self.topology.dom0, domid=DOMID_DOM0)
+        deadline = time.monotonic() + XENSTORED_START
+        while not self.toolstack.connect():
+            if time.monotonic() > deadline or DOMID_DOM0 not in self.domains:
+                raise XmpError(f"dom0's xenstored did not start within {XENSTORED_START:.0f} s "
+                               f"(see {self.rundir / 'logs' / 'Domain-0.log'})")
+            self._iterate(0.01)
+        assert self.toolstack.sock is not None
+        self.sel.register(self.toolstack.sock, selectors.EVENT_READ, ("xs", None))
+        self.toolstack.send(dom0_tree(), "dom0")
         for cfg in self.topology.domains:
             self._create(cfg)
 
@@ -186,7 +200,7 @@ class Supervisor(HypercallHandlers):
         except BaseException:
             self.pool_give(mem_pages)
             raise
-        dom.uuid = str(uuid.uuid4())  # type: ignore[attr-defined]
+        dom.uuid = str(uuid.uuid4())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         log_fd = os.open(self.rundir / "logs" / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
@@ -212,6 +226,10 @@ class Supervisor(HypercallHandlers):
                 fds.append(self.echo_fd)
         send_handles(ours, encode(boot), fds)
         self.sel.register(ours, selectors.EVENT_READ, ("hc", dom))
+        if domid != DOMID_DOM0:
+            tree = domain_tree(domid, name, dom.uuid, cfg.memory_mib * 1024, cfg.maxmem_mib * 1024,
+                               cfg.vcpus, cfg.maxvcpus, dom.console_port, dom.store_port)
+            self.toolstack.send(tree, f"building dom{domid}")
         self.log(f"created dom{domid} {name!r} ({cfg.memory_mib} MiB, {cfg.vcpus} vcpu, pid {dom.pid})")
         self.raise_dom_exc()
         return dom
@@ -250,8 +268,10 @@ class Supervisor(HypercallHandlers):
             del self.timer_gen[key]
         self.log(f"dom{dom.domid} {dom.name!r} {reason}")
         if dom.domid == DOMID_DOM0:
+            self._drop_toolstack()
             self.host_down(f"dom0 {reason}", failed=failed)
             return
+        self.toolstack.send(teardown_tree(dom.domid, dom.uuid), f"releasing dom{dom.domid}")
         self.raise_dom_exc()
         self.reap_dying()
 
@@ -275,6 +295,30 @@ class Supervisor(HypercallHandlers):
             del self.domains[dom.domid]
             dom.release()
             self.raise_dom_exc()
+
+    def _drop_toolstack(self) -> None:
+        if self.toolstack.sock is not None:
+            self.sel.unregister(self.toolstack.sock)
+            self.toolstack.close()
+
+    def request_shutdown(self, dom: Domain, reason: str) -> None:
+        """xl shutdown/reboot: ask the guest through control/shutdown."""
+        if dom.domid == DOMID_DOM0:
+            raise HypercallError(errno.EINVAL, "shutdown", "dom0 is stopped with `xmp destroy Domain-0`")
+        if dom.state != DomState.RUNNING:
+            raise HypercallError(errno.EINVAL, "shutdown", f"{dom.name} is {dom.state.value}")
+        self.toolstack.write(f"/local/domain/{dom.domid}/control/shutdown", reason,
+                             f"{reason} request to dom{dom.domid}")
+        self.log(f"asked dom{dom.domid} {dom.name!r} to {reason}")
+
+    def resume_domain(self, dom: Domain) -> None:
+        """xl resume: a suspended guest goes on in place; its suspend
+        hypercall returns 1 (cancelled), as SCHEDOP_shutdown(suspend) does."""
+        if dom.state != DomState.SHUTDOWN or dom.shutdown_reason != "suspend" or dom.sock is None:
+            raise HypercallError(errno.EINVAL, "resume", f"{dom.name} is not suspended")
+        dom.state, dom.shutdown_reason = DomState.RUNNING, None
+        send_handles(dom.sock, encode({"ret": 1}), [])
+        self.log(f"dom{dom.domid} {dom.name!r} resumed")
 
     def host_down(self, reason: str, failed: bool) -> None:
         """dom0 is gone: nobody is left to drain or serve; take every domain
@@ -447,6 +491,10 @@ class Supervisor(HypercallHandlers):
                 self.control.serve(self.sel, obj)
             elif kind == "signal":
                 self._wake_r.recv(64)
+            elif kind == "xs":
+                self.toolstack.readable()
+                if self.toolstack.sock is None:
+                    self.sel.unregister(key.fileobj)
 
     def _hypercall(self, dom: Domain) -> None:
         if dom.sock is None:
@@ -466,6 +514,8 @@ class Supervisor(HypercallHandlers):
             if op in DOM0_ONLY and not dom.privileged:
                 raise HypercallError(errno.EPERM, f"{op}/{cmd}", f"dom{dom.domid} is not privileged")
             ret, reply_fds = getattr(self, f"hc_{op}_{cmd}")(dom, args)
+            if ret is DEFERRED:
+                return  # answered later (a suspend, by resume)
             reply: dict[str, Any] = {"ret": ret}
         except HypercallError as exc:
             reply = {"errno": exc.errno, "detail": exc.detail}
@@ -482,6 +532,17 @@ class Supervisor(HypercallHandlers):
             self._gone(dom)
 
     def teardown(self) -> None:
+        # Guests are asked to power off; only those that do not are destroyed.
+        asked = [d for d in self.domains.values()
+                 if d.domid != DOMID_DOM0 and d.state == DomState.RUNNING and self.toolstack.sock is not None]
+        for dom in asked:
+            self.request_shutdown(dom, "poweroff")
+        deadline = time.monotonic() + (SHUTDOWN_GRACE if asked else 0)
+        while time.monotonic() < deadline and any(d.domid in self.domains and d.state != DomState.DYING
+                                                  for d in asked):
+            self._iterate(0.05)
+            self._fire_timers()
+            self.reap_dying()
         for dom in sorted(self.domains.values(), key=lambda d: -d.domid):
             if dom.domid != DOMID_DOM0:
                 self.destroy_domain(dom, "destroyed (supervisor stopping)")
@@ -495,7 +556,9 @@ class Supervisor(HypercallHandlers):
         if dom0 is not None:
             self.destroy_domain(dom0, "destroyed (supervisor stopping)")
         self.reap_dying(force=True)
+        self._drop_toolstack()
         self.control.close()
+        (self.rundir / "xenstored.sock").unlink(missing_ok=True)
         for sock in (self.rundir / "console").glob("*.sock"):  # dom0's, if it could not
             sock.unlink(missing_ok=True)
         self.zygote.close()

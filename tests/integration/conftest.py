@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from xmphost import Host
 
 from xmp.sharedmem.shm import ShmNamespace, leftovers
 
@@ -13,3 +14,17 @@ def ns():
     space = ShmNamespace()
     yield space
     assert [n for n in leftovers() if n.startswith(space.prefix)] == []
+
+
+@pytest.fixture
+def hosts(tmp_path):
+    made: list[Host] = []
+
+    def make(topology: str, name: str = "host") -> Host:
+        h = Host(tmp_path, topology, name)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.cleanup()

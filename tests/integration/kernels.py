@@ -56,3 +56,57 @@ def flood(kernel) -> None:
     for i in range(n):
         kernel.print(f"line {i:06d} " + "x" * 40)
     kernel.print("flood: done")
+
+
+def xsprobe(kernel) -> None:
+    """A hostile xenstore guest: reports each attempt as ``xsprobe: {json}``."""
+    import json
+
+    from xmp.errors import XenStoreError
+
+    xs = kernel.xenstore
+    other = int(kernel.args.get("other", 2))
+
+    def attempt(name, fn):
+        try:
+            value = fn()
+            result = {"ok": True, "value": value.decode() if isinstance(value, bytes) else value}
+        except XenStoreError as exc:
+            result = {"ok": False, "errno": exc.errno}
+        kernel.print("xsprobe: " + json.dumps({"test": name, **result}))
+
+    attempt("read_own_name", lambda: xs.read("name"))
+    attempt("read_other", lambda: xs.read(f"/local/domain/{other}/name"))
+    attempt("write_other", lambda: xs.write(f"/local/domain/{other}/data/x", "evil"))
+    attempt("chmod_other", lambda: xs.set_perms(f"/local/domain/{other}/data", [f"b{kernel.domid}"]))
+    attempt("write_own_name", lambda: xs.write("name", "renamed"))
+    attempt("write_own_data", lambda: xs.write("data/mine", "ok"))
+    attempt("rm_other", lambda: xs.rm(f"/local/domain/{other}"))
+    attempt("introduce", lambda: xs.introduce(other, 2, 2))
+
+    def flood():
+        for i in range(2000):
+            xs.write(f"data/n{i}", "x")
+        return "all 2000 written"
+    attempt("node_quota", flood)
+    attempt("big_node", lambda: xs.write("data/big", "y" * 4000))
+    xs.watch(f"/local/domain/{other}/data", "spy")
+    kernel.print("xsprobe: done")
+    seen = []
+    xs.on_watch("spy", seen.append)
+    while True:
+        kernel.sleep(0.1)
+        if len(seen) > 1:  # the first event is the registration's
+            kernel.print("xsprobe: spied " + seen[-1])
+            seen.clear()
+
+
+def xsgarbage(kernel) -> None:
+    """Sends garbage on its xenstore ring: an oversized header."""
+    import struct
+
+    t = kernel.xenstore.t
+    kernel.print("xsgarbage: sending")
+    t.send(struct.pack("<IIII", 2, 1, 0, 100000))
+    kernel.print("xsgarbage: sent")
+    kernel.idle()

@@ -15,8 +15,8 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", ["bench_ring.py", "bench_domains.py"])
-def test_benchmark_quick_run_reports_every_target(name):
-    out = subprocess.run([sys.executable, str(BENCH / name), "--quick", "--json"], capture_output=True,
+def test_benchmark_smoke_run_reports_every_target(name):
+    out = subprocess.run([sys.executable, str(BENCH / name), "--smoke", "--json"], capture_output=True,
                          text=True, timeout=280, check=False)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     report = json.loads(out.stdout)

@@ -155,3 +155,17 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def guest(name: str, kernel: str, memory: int = 32, **extra) -> str:
+    lines = [f'[[domain]]\nname = "{name}"\nkernel = "xmp.guests.{kernel}:main"\nmemory = {memory}']
+    for key, value in extra.items():
+        lines.append(f"{key} = {json.dumps(value) if not isinstance(value, dict) else _table(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _table(d: dict) -> str:
+    return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in d.items()) + " }"
+
+
+HOST = "[host]\nmemory = 1024\n[dom0]\nmemory = 64\n"

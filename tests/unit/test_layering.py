@@ -9,8 +9,10 @@ from pathlib import Path
 import xmp
 
 ROOT = Path(xmp.__file__).parent
-ORDER = ["errors", "sharedmem", "topology", "startinfo", "hypercall", "domain_proc", "hv", "hypervisor",
-         "xenstore", "drivers", "guests", "migration", "testing", "cli"]
+# xenstore's protocol, store and client are pure and low; its daemon is one
+# of dom0's services (domain_proc/xenstored.py).
+ORDER = ["errors", "sharedmem", "xenstore", "topology", "startinfo", "hypercall", "domain_proc", "hv",
+         "hypervisor", "drivers", "guests", "migration", "testing", "cli"]
 
 
 def imports_of(path: Path) -> set[str]:

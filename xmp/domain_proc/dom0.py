@@ -1,5 +1,5 @@
-"""dom0's own kernel: xenconsoled (and, in later issues, xenstored and the
-backends).
+"""dom0's own kernel: xenstored (``xenstored.py``), xenconsoled, and (in
+later issues) the backends.
 
 xenconsoled, as Xen's ``tools/console/daemon``: for every domain it maps
 the console page (grant ref 0, GNTTAB_RESERVED_CONSOLE, pre-filled by the
@@ -22,6 +22,7 @@ import os
 import selectors
 import socket
 import threading
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -29,6 +30,7 @@ from typing import BinaryIO
 from xmp.domain_proc.kernel import Kernel
 from xmp.domain_proc.main import load_entry
 from xmp.domain_proc.xen import GrantMapping
+from xmp.domain_proc.xenstored import XenStored
 from xmp.errors import XmpError
 from xmp.hypercall import from_a_domain
 from xmp.sharedmem.bytering import ByteRing, console_rings
@@ -57,28 +59,26 @@ class XenConsoled:
         self.rundir = rundir
         self.echo_fd = echo_fd
         self.consoles: dict[int, GuestConsole] = {}
+        self.drained: set[int] = set()  # domains whose last output we took (ids are never reused)
         self.lock = threading.Lock()
         self.sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
-        self.port = self.xen.bind_virq(VIRQ_DOM_EXC)
-        kernel.loop.bind(self.port, lambda _p: self.scan())
         threading.Thread(target=self._serve_clients, name="xenconsoled-clients", daemon=True).start()
-        self.scan()
 
     # -- domains coming and going -------------------------------------------
 
-    def scan(self) -> None:
-        infos = {i["domid"]: i for i in self.xen.domctl("getdomaininfo") if i["domid"] != self.k.domid}
+    def scan(self, infos: dict[int, dict]) -> None:
+        """Attach to new domains, drain and detach from dying or gone ones."""
         for domid, info in infos.items():
             if domid not in self.consoles and info["state"] in ("running", "paused"):
                 try:
                     self.attach(info)
                 except XmpError as exc:
                     print(f"xenconsoled: dom{domid}: {exc}", flush=True)
-            elif domid not in self.consoles and info["state"] == "dying":
+            elif domid not in self.consoles and info["state"] == "dying" and domid not in self.drained:
                 self.last_words(info)
-        for domid in [d for d in self.consoles if d not in infos or infos[d]["state"] == "dying"]:
+        for domid in [d for d in self.consoles if gone(infos, d)]:
             self.detach(domid)
         for domid, info in infos.items():  # renamed (rename-restart)
             if domid in self.consoles and self.consoles[domid].name != info["name"]:
@@ -86,6 +86,7 @@ class XenConsoled:
 
     def last_words(self, info: dict) -> None:
         """A domain that died before we attached: drain what it wrote, once."""
+        self.drained.add(info["domid"])
         try:
             mapping = self.xen.map_grant_ref(info["domid"], [info["console_gref"]])
         except XmpError:
@@ -134,6 +135,7 @@ class XenConsoled:
 
     def detach(self, domid: int) -> None:
         con = self.consoles[domid]
+        self.drained.add(domid)
         self.drain(con)  # whatever it wrote before it went
         if con.partial:
             self._emit(con, con.partial + b"\n")
@@ -246,10 +248,49 @@ class XenConsoled:
             threading.Event().wait(0.01)
 
 
+def gone(infos: dict[int, dict], domid: int) -> bool:
+    """Is ``domid`` dying or gone by this getdomaininfo snapshot?  A domain
+    absent from it but newer than all it lists was created after it was
+    taken (ids only grow): that one is new, not gone."""
+    if domid in infos:
+        return infos[domid]["state"] == "dying"
+    return domid <= max(infos, default=-1)
+
+
+def service(kernel: Kernel):
+    """A dom0 service's event handler: a failure in one is reported to the
+    hypervisor log (and dom0's own log) and the others go on, as separate
+    daemons would."""
+    def wrap(handler):
+        @functools.wraps(handler)
+        def run(port: int) -> None:
+            try:
+                handler(port)
+            except Exception:
+                text = traceback.format_exc()
+                print(text, flush=True)
+                kernel.xen.console_io(f"dom0 service {handler.__name__} failed:\n{text}")
+        return run
+    return wrap
+
+
 def main(kernel: Kernel) -> None:
+    """dom0's services: xenstored and xenconsoled, both told of domains
+    coming and going by VIRQ_DOM_EXC (one binding, shared)."""
     fds = getattr(kernel, "boot_fds", [])
     rundir = Path(getattr(kernel, "rundir", None) or ".")
-    XenConsoled(kernel, rundir, fds[0] if fds else None)
+    xenstored = XenStored(kernel, rundir)
+    consoled = XenConsoled(kernel, rundir, fds[0] if fds else None)
+
+    @service(kernel)
+    def domains_changed(_port: int) -> None:
+        infos = {i["domid"]: i for i in kernel.xen.domctl("getdomaininfo") if i["domid"] != kernel.domid}
+        consoled.scan(infos)
+        xenstored.domains_changed(infos)
+
+    port = kernel.xen.bind_virq(VIRQ_DOM_EXC)
+    kernel.loop.bind(port, domains_changed)
+    domains_changed(port)
     user = kernel.config.get("kernel")
     if user:
         load_entry(user)(kernel)

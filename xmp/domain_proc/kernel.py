@@ -15,12 +15,14 @@ import time
 from typing import Any
 
 from xmp.domain_proc.console import Console
+from xmp.domain_proc.control import ControlDriver
 from xmp.domain_proc.loop import EventLoop
 from xmp.domain_proc.xen import Xen
 from xmp.sharedmem.evtchn import VIRQ_TIMER
 from xmp.sharedmem.grant import GrantTable
 from xmp.sharedmem.shm import PAGE_SIZE
 from xmp.startinfo import StartInfo, first_free_pfn
+from xmp.xenstore.client import RingTransport, XsClient
 
 
 class ShutdownDone(BaseException):
@@ -46,6 +48,29 @@ class Kernel:
         self._timer_port = xen.bind_virq(VIRQ_TIMER, 0)
         self._timer_fired = False
         loop.bind(self._timer_port, self._on_timer)
+        self._xs: XsClient | None = None
+
+    # -- xenstore -------------------------------------------------------------
+
+    @property
+    def xenstore(self) -> XsClient:
+        """This domain's xenstore connection, over its ring page and store
+        port (relative paths are under /local/domain/<domid>)."""
+        if self._xs is None:
+            si = self.start_info
+            page = memoryview(self.memory)[si.store_mfn * PAGE_SIZE:(si.store_mfn + 1) * PAGE_SIZE]
+            self._xs = XsClient(RingTransport(page, si.store_evtchn, self.xen.notify, self.loop.run_until))
+            self.loop.bind(si.store_evtchn, self._store_event)
+        return self._xs
+
+    def _store_event(self, _port: int) -> None:
+        if self._xs is not None:
+            self._xs.pump_nowait()
+            self._xs.dispatch()
+
+    def start_control(self) -> None:
+        """Answer the toolstack's shutdown requests (control/shutdown)."""
+        self.control = ControlDriver(self.xenstore, self.shutdown)
 
     # -- console -----------------------------------------------------------
 
@@ -84,8 +109,20 @@ class Kernel:
         return {"pv": "PV", "pvh": "PVH", "hvm": "HVM"}[self.config.get("type", "pvh")]
 
     def shutdown(self, reason: str) -> None:
+        """SCHEDOP_shutdown.  Every reason but "suspend" ends the domain."""
+        if reason == "suspend":
+            self.suspend()
+            return
         self.xen.shutdown(reason)
         raise ShutdownDone(reason)
+
+    def suspend(self) -> bool:
+        """Suspend in place: returns True when the toolstack resumes us
+        (``xmp resume``; the hypercall reports the suspend as cancelled)."""
+        self.print(f"{self.name}: suspending")
+        resumed = bool(self.xen.call("sched_op", "shutdown", reason="suspend"))
+        self.print(f"{self.name}: resumed")
+        return resumed
 
     def poweroff(self) -> None:
         self.shutdown("poweroff")

@@ -46,6 +46,8 @@ def domain_main(sock: socket.socket) -> int:
     print(f"dom{kernel.domid} {kernel.name}: running {boot['kernel']}", flush=True)
     try:
         entry = load_entry(boot["kernel"])
+        if not start_info.privileged:
+            kernel.start_control()
         entry(kernel)
         kernel.poweroff()
     except ShutdownDone:

@@ -11,6 +11,8 @@ which every handler tolerates.
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,10 @@ class Xen:
         self._peers: dict[int, tuple[ShmObject, EventChannels]] = {}
         self._route: dict[int, tuple[EventChannels, int, int]] = {}
         self._foreign: dict[int, ShmObject] = {}
+        self._port_peer: dict[int, int] = {}
+        # dom0's services call from more than one thread: the caches are shared
+        self._lock = threading.RLock()
+        self._live_granters: set[int] = set()
 
     def call(self, op: str, cmd: str = "", **args: Any) -> Any:
         return self.ch.call(op, cmd, **args)
@@ -49,8 +55,8 @@ class Xen:
         return self.call("event_channel_op", "alloc_unbound", dom=dom, remote_dom=remote_dom)
 
     def bind_interdomain(self, remote_dom: int, remote_port: int) -> int:
-        ret, fds = self.ch.call_with_fds("event_channel_op", "bind_interdomain",
-                                         remote_dom=remote_dom, remote_port=remote_port)
+        ret, fds = self.ch.call_with_fds("event_channel_op", "bind_interdomain", remote_dom=remote_dom,
+                                         remote_port=remote_port, have_evt=remote_dom in self._peers)
         self._learn(ret, fds)
         return ret["port"]
 
@@ -62,6 +68,7 @@ class Xen:
 
     def close(self, port: int) -> None:
         self._route.pop(port, None)
+        self._port_peer.pop(port, None)
         self.call("event_channel_op", "close", port=port)
 
     def status(self, port: int, dom: int = DOMID_SELF) -> dict:
@@ -76,18 +83,26 @@ class Xen:
             evt, remote_port, vcpu = route
             evt.send(remote_port, vcpu)
             return
-        ret, fds = self.ch.call_with_fds("event_channel_op", "send", port=port)
+        ret, fds = self.ch.call_with_fds("event_channel_op", "send", port=port,
+                                         have_evt=self._peer_of_port(port) in self._peers)
         if ret:
             self._learn(ret, fds)
 
+    def _peer_of_port(self, port: int) -> int:
+        return self._port_peer.get(port, -1)
+
     def _learn(self, info: dict, fds: list[int]) -> None:
+        with self._lock:
+            self._learn_locked(info, fds)
+
+    def _learn_locked(self, info: dict, fds: list[int]) -> None:
         remote = info["remote_dom"]
-        if fds:
-            obj = ShmObject.from_fd(fds[0])
-            old = self._peers.pop(remote, None)
-            self._peers[remote] = (obj, EventChannels(obj.map()))
-            if old is not None:
-                _close_peer(old)
+        for fd in fds:
+            if remote in self._peers:  # we hold it already: routes keep using that one
+                os.close(fd)
+            else:
+                obj = ShmObject.from_fd(fd)
+                self._peers[remote] = (obj, EventChannels(obj.map()))
         if remote == self.domid:
             evt = self.evt
         elif remote in self._peers:
@@ -95,39 +110,52 @@ class Xen:
         else:
             return
         self._route[info["port"]] = (evt, info["remote_port"], info["remote_vcpu"])
+        self._port_peer[info["port"]] = remote
 
     def forget_domain(self, domid: int) -> None:
         """Drop what we hold of a domain that has gone."""
-        for port in [p for p, r in self._route.items()
-                     if domid in self._peers and r[0] is self._peers[domid][1]]:
-            del self._route[port]
+        with self._lock:
+            self._forget_locked(domid)
+
+    def _forget_locked(self, domid: int) -> None:
+        self._live_granters.discard(domid)
+        for port in [p for p, peer in self._port_peer.items() if peer == domid]:
+            self._route.pop(port, None)
+            del self._port_peer[port]
         peer = self._peers.pop(domid, None)
         if peer is not None:
             _close_peer(peer)
-        obj = self._foreign.pop(domid, None)
-        if obj is not None:
+        obj = self._foreign.get(domid)
+        if obj is not None and not obj._maps:  # another service may still map pages of it
+            del self._foreign[domid]
             obj.close()
 
     # -- grant tables ----------------------------------------------------------
 
     def map_grant_ref(self, granter: int, refs: list[int], readonly: bool = False) -> GrantMapping:
-        ret, fds = self.ch.call_with_fds("grant_table_op", "map_grant_ref", dom=granter,
-                                         refs=list(refs), readonly=readonly)
-        if fds:
-            old = self._foreign.pop(granter, None)
-            if old is not None:
-                old.close()
-            self._foreign[granter] = ShmObject.from_fd(fds[0])
-        obj = self._foreign[granter]
-        pages = [obj.map(frame, 1, writable=not readonly) for frame in ret["frames"]]
+        ret, fds = self.ch.call_with_fds("grant_table_op", "map_grant_ref", dom=granter, refs=list(refs),
+                                         readonly=readonly, have_ram=granter in self._foreign)
+        with self._lock:
+            self._live_granters.add(granter)
+            for fd in fds:
+                if granter in self._foreign:  # another thread got it meanwhile: keep that one
+                    os.close(fd)
+                else:
+                    self._foreign[granter] = ShmObject.from_fd(fd)
+            obj = self._foreign[granter]
+            pages = [obj.map(frame, 1, writable=not readonly) for frame in ret["frames"]]
         return GrantMapping(ret["handle"], granter, list(refs), pages)
 
     def unmap_grant_ref(self, mapping: GrantMapping) -> None:
-        obj = self._foreign.get(mapping.granter)
-        for page in mapping.pages:
-            if obj is not None and page in obj._maps:
-                obj._maps.remove(page)
-            page.close()
+        with self._lock:
+            obj = self._foreign.get(mapping.granter)
+            for page in mapping.pages:
+                if obj is not None and page in obj._maps:
+                    obj._maps.remove(page)
+                page.close()
+            if obj is not None and not obj._maps and mapping.granter not in self._live_granters:
+                del self._foreign[mapping.granter]  # forgotten already: its last mapping is gone
+                obj.close()
         mapping.pages.clear()
         self.call("grant_table_op", "unmap_grant_ref", handle=mapping.handle)
 

@@ -147,6 +147,19 @@ class ControlServer:
         self.sup.unpause_domain(dom)
         return {"domid": dom.domid}
 
+    def cmd_shutdown(self, req):
+        dom = self._dom(req)
+        reason = req.get("reason", "poweroff")
+        if reason not in ("poweroff", "reboot", "suspend"):
+            raise HypercallError(errno.EINVAL, "shutdown", f"reason {reason!r}")
+        self.sup.request_shutdown(dom, reason)
+        return {"domid": dom.domid}
+
+    def cmd_resume(self, req):
+        dom = self._dom(req)
+        self.sup.resume_domain(dom)
+        return {"domid": dom.domid}
+
     def cmd_dmesg(self, req):
         lines = list(self.sup.dmesg)
         if req.get("clear"):

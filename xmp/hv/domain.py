@@ -81,11 +81,10 @@ class Domain:
     nr_grant_frames: int = 1
     maptrack: dict[int, Mapping] = field(default_factory=dict)
     next_handle: int = 1
-    holds_ram_of: set[int] = field(default_factory=set)
-    holds_evt_of: set[int] = field(default_factory=set)
     created: float = field(default_factory=time.monotonic)
     cpu_time_final: float = 0.0
     dying_since: float = 0.0
+    uuid: str = ""
     console_out: ByteRing | None = None
     views: list[memoryview] = field(default_factory=list)
 

@@ -31,6 +31,7 @@ from xmp.sharedmem.shm import PAGE_SIZE
 DOMID_SELF = 0x7FF0
 XEN_VERSION = {"major": 4, "minor": 19, "extra": "-xmp", "capabilities": "xen-3.0-x86_64 xmp"}
 Reply = tuple[Any, list[int]]
+DEFERRED = object()  # a handler's "no reply now": the caller waits (a suspended guest)
 
 
 class HypercallHandlers:
@@ -177,10 +178,9 @@ class HypercallHandlers:
         handle = caller.next_handle
         caller.next_handle += 1
         caller.maptrack[handle] = Mapping(granter.domid, refs, readonly)
-        fds = []
-        if granter.domid not in caller.holds_ram_of:
-            caller.holds_ram_of.add(granter.domid)
-            fds = [granter.ram.fd]
+        # The caller says whether it still holds the granter's memory descriptor
+        # (it may have dropped it): asking again only gets it a duplicate.
+        fds = [] if arg(args, "have_ram", bool, op, False) else [granter.ram.fd]
         return {"handle": handle, "frames": frames, "ram_size": granter.ram.size}, fds
 
     def hc_grant_table_op_unmap_grant_ref(self, caller: Domain, args: dict) -> Reply:
@@ -254,15 +254,13 @@ class HypercallHandlers:
         remote_port = arg(args, "remote_port", int, op)
         port = bind_interdomain(caller.ports, remote.ports, remote_port)
         caller.evt.send(port)  # Xen marks a freshly bound port pending
-        return self._peer_reply(caller, port, remote, remote_port)
+        return self._peer_reply(caller, port, remote, remote_port, bool(args.get("have_evt")))
 
-    def _peer_reply(self, caller: Domain, port: int, remote: Domain, remote_port: int) -> Reply:
+    def _peer_reply(self, caller: Domain, port: int, remote: Domain, remote_port: int,
+                    have_evt: bool) -> Reply:
         """What the caller needs to notify ``remote_port`` itself (the fast
-        path): the peer's vCPU, and its event object once."""
-        fds = []
-        if remote.domid != caller.domid and remote.domid not in caller.holds_evt_of:
-            caller.holds_evt_of.add(remote.domid)
-            fds = [remote.evt_obj.fd]
+        path): the peer's vCPU, and its event object unless it has it."""
+        fds = [] if have_evt or remote.domid == caller.domid else [remote.evt_obj.fd]
         vcpu = remote.ports.get(remote_port).vcpu
         return {"port": port, "remote_dom": remote.domid, "remote_port": remote_port,
                 "remote_vcpu": vcpu}, fds
@@ -319,7 +317,7 @@ class HypercallHandlers:
                 return None, []
             vcpu = peer.ports.get(p.remote_port).vcpu
             peer.evt.send(p.remote_port, vcpu)
-            return self._peer_reply(caller, port, peer, p.remote_port)
+            return self._peer_reply(caller, port, peer, p.remote_port, bool(args.get("have_evt")))
         if p.state == PortState.IPI:
             caller.evt.send(port, p.vcpu)
             return None, []
@@ -340,6 +338,8 @@ class HypercallHandlers:
         if reason not in SHUTDOWN_REASONS:
             raise HypercallError(errno.EINVAL, "shutdown", f"reason {reason!r}")
         self.shutdown_requested(caller, reason)
+        if reason == "suspend":
+            return DEFERRED, []  # the guest sleeps in this call until resume (or is saved)
         return 0, []
 
     def hc_set_timer_op_(self, caller: Domain, args: dict) -> Reply:

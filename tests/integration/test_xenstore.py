@@ -1,0 +1,150 @@
+"""xenstored in a running host: an independent client (pyxs) on its
+socket, the standard tree and its permissions, hostile guests, and the
+control driver driven through the CLI."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+from xmphost import HOST, guest
+
+pyxs = pytest.importorskip("pyxs")
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_pyxs_speaks_to_xenstored(hosts, monkeypatch):
+    h = hosts(HOST + guest("web", "idle")).start(("web",))
+    monkeypatch.setenv("XENSTORED_PATH", str(h.rundir / "xenstored.sock"))
+    with pyxs.Client() as c:  # unchanged: it finds the socket through XENSTORED_PATH
+        assert c.read(b"/local/domain/1/name") == b"web"
+        assert c.read(b"/local/domain/0/name") == b"Domain-0"
+        assert c.get_domain_path(1) == b"/local/domain/1"
+        assert c.is_domain_introduced(1)
+        c.write(b"/tool/x", b"1")
+        c.mkdir(b"/tool/dir")
+        assert {b"dir", b"x"} <= set(c.list(b"/tool"))
+        c.set_perms(b"/tool/x", [b"n0", b"r1"])
+        assert c.get_perms(b"/tool/x") == [b"n0", b"r1"]
+        c.delete(b"/tool/x")
+        assert not c.exists(b"/tool/x")
+        c.transaction()
+        c.write(b"/tool/tx", b"in")
+        c.commit()
+        assert c.read(b"/tool/tx") == b"in"
+        c.transaction()
+        c.write(b"/tool/tx", b"rolled back")
+        c.rollback()
+        assert c.read(b"/tool/tx") == b"in"
+        with c.monitor() as m:
+            m.watch(b"/tool", b"tok")
+            assert next(m.wait()) == (b"/tool", b"tok")  # fires once on registration
+            c.write(b"/tool/y", b"2")
+            assert next(m.wait()) == (b"/tool/y", b"tok")
+    assert h.stop() == 0
+
+
+def test_the_toolstack_writes_the_standard_tree(hosts):
+    h = hosts(HOST + guest("g", "idle", memory=48, vcpus=1, maxvcpus=2)).start(("g",))
+
+    def read(path):
+        return h.xmp("xenstore", "read", path).stdout.rstrip("\n")
+
+    # written by the guest's control driver once it has booted
+    h.wait(lambda: read("/local/domain/1/control/feature-poweroff") == "1", 10, "the control driver")
+    assert read("/local/domain/1/name") == "g"
+    assert read("/local/domain/1/memory/target") == str(48 * 1024)
+    assert read("/local/domain/1/cpu/0/availability") == "online"
+    assert read("/local/domain/1/cpu/1/availability") == "offline"
+    assert read("/local/domain/1/console/type") == "xenconsoled"
+    with pyxs.Client(unix_socket_path=str(h.rundir / "xenstored.sock")) as c:
+        assert c.get_perms(b"/local/domain/1") == [b"n0", b"r1"]
+        assert c.get_perms(b"/local/domain/1/control/shutdown") == [b"n1"]
+        assert c.get_perms(b"/local/domain/1/data") == [b"n1"]
+        vm = c.read(b"/local/domain/1/vm")
+        assert c.read(vm + b"/name") == b"g"
+    ls = h.xmp("xenstore", "ls", "/local/domain/1").stdout
+    assert 'name = "g"' in ls and "control" in ls
+    h.xmp("destroy", "g")
+    h.wait(lambda: h.xmp("xenstore", "read", "/local/domain/1/name", check=False).returncode == 1, 10,
+           "the tree to go with the domain")
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_a_guest_cannot_reach_other_domains_nodes(hosts):
+    probe = '[[domain]]\nname = "probe"\nkernel = "kernels:xsprobe"\nmemory = 32\nargs = { other = 2 }\n'
+    h = hosts(HOST + probe + guest("victim", "idle")).start(("probe", "victim"))
+    h.wait(lambda: "xsprobe: done" in h.console_log("probe"), 30, "the probe")
+    res = {}
+    for line in h.console_log("probe").splitlines():
+        if line.startswith("xsprobe: {"):
+            r = json.loads(line[len("xsprobe: "):])
+            res[r["test"]] = r
+    assert res["read_own_name"] == {"test": "read_own_name", "ok": True, "value": "probe"}
+    for name in ("read_other", "write_other", "chmod_other", "write_own_name", "rm_other", "introduce"):
+        assert res[name]["ok"] is False and res[name]["errno"] == "EACCES", res[name]
+    assert res["write_own_data"]["ok"] is True
+    assert res["node_quota"]["ok"] is False  # C xenstored's 1000-node quota
+    assert res["big_node"]["ok"] is False
+    # the victim and the tools are unaffected
+    h.xmp("xenstore", "write", "/local/domain/2/data/secret", "s3cret")
+    assert "spied" not in h.console_log("probe")  # no events for nodes it may not read
+    assert h.xmp("xenstore", "read", "/local/domain/2/data/secret").stdout.strip() == "s3cret"
+    assert h.stop() == 0
+
+
+def test_garbage_on_a_ring_closes_only_that_connection(hosts):
+    h = hosts(HOST + '[[domain]]\nname = "bad"\nkernel = "kernels:xsgarbage"\nmemory = 32\n'
+              + guest("good", "idle")).start(("bad", "good"))
+    h.wait(lambda: "xsgarbage: sent" in h.console_log("bad"), 20, "the garbage")
+    # xenstored lives: tools and the other guest's control driver still work
+    h.xmp("xenstore", "write", "/tool/alive", "yes")
+    assert h.xmp("xenstore", "read", "/tool/alive").stdout.strip() == "yes"
+    h.xmp("shutdown", "-w", "good", timeout=60)
+    assert h.info("good") is None
+    assert h.stop() == 0
+
+
+def test_shutdown_reboot_and_force(hosts):
+    h = hosts(HOST + guest("a", "idle") + guest("b", "idle", on_reboot="restart")
+              + guest("spin", "busy")).start(("a", "b", "spin"))
+    h.xmp("shutdown", "-w", "a")
+    assert h.info("a") is None
+    assert "dom1 'a' shut down: poweroff" in h.dmesg()
+    h.xmp("reboot", "b")
+    h.wait(lambda: (h.info("b") or {}).get("domid", 0) >= 4, 15, "b to come back with a new domid")
+    assert "dom2 'b' shut down: reboot" in h.dmesg()
+    slow = h.xmp("shutdown", "-w", "--timeout", "1", "spin", check=False)
+    assert slow.returncode == 1 and "did not shut down within 1 s" in slow.stderr
+    h.xmp("shutdown", "-F", "--timeout", "1", "spin")
+    assert h.info("spin") is None
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_suspend_and_resume_in_place(hosts):
+    h = hosts(HOST + guest("s", "counter", args={"count": 0, "interval": 0.05})).start(("s",))
+    h.wait(lambda: "count 3" in h.console_log("s"), 10, "counting")
+    h.xmp("suspend", "s")
+    h.wait(lambda: (h.info("s") or {}).get("state_letters") == "---ss-", 10, "the suspend")
+    n = h.console_log("s").count("count ")
+    pid = h.domain_pid("s")
+    h.xmp("resume", "s")
+    h.wait(lambda: h.console_log("s").count("count ") > n + 3, 10, "counting again")
+    assert "s: resumed" in h.console_log("s") and h.domain_pid("s") == pid  # in place
+    assert h.info("s")["state"] == "running"
+    assert h.stop() == 0
+
+
+def test_ctrl_c_powers_guests_off_cleanly(hosts):
+    h = hosts(HOST + guest("polite", "idle") + guest("rude", "busy")).start(("polite", "rude"))
+    h.wait(lambda: h.xmp("xenstore", "read", "/local/domain/1/control/feature-poweroff",
+                         check=False).stdout.strip() == "1", 10, "the control driver")
+    assert h.stop(signal.SIGINT, timeout=30) == 0
+    log = (h.rundir / "logs" / "hypervisor.log").read_text()
+    assert "dom1 'polite' shut down: poweroff" in log
+    assert "dom2 'rude' destroyed (supervisor stopping)" in log
+    h.assert_clean()
+

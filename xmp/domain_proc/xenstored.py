@@ -1,0 +1,263 @@
+"""xenstored, as one of dom0's services: the pure store (``xmp.xenstore``)
+behind its two real ways in.
+
+* ``<rundir>/xenstored.sock``: the wire protocol on a Unix stream socket,
+  for dom0's tools and the toolstack; standard clients work against it with
+  ``XENSTORED_PATH`` pointing there.  Domain processes are refused (they
+  run as our uid, so the file mode alone cannot keep them out).
+* For every other domain, its xenstore page (``xenstore_domain_interface``,
+  grant ref 1 pre-filled by the domain builder) and its store event channel,
+  attached when the toolstack sends INTRODUCE and dropped on RELEASE (or
+  when VIRQ_DOM_EXC shows the domain gone).
+
+Theory of operation.  One lock guards the store and every transport write.
+The socket side runs in its own thread (a selectors loop); ring events run
+in dom0's event loop.  After each request the connections the store marked
+dirty are flushed: sockets get their queued bytes, rings as much as fits
+in ``rsp`` (the rest waits for the guest to consume and kick us).  A ring
+connection stops being read while it has too many unread replies (the
+outstanding-requests quota), so a guest that never reads cannot grow our
+memory (XSA-326).  A peer that breaks the protocol (oversized packet,
+impossible ring indices) loses its connection; everyone else is served.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import selectors
+import socket
+import threading
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xmp.domain_proc.kernel import Kernel
+from xmp.domain_proc.xen import GrantMapping
+from xmp.errors import RemoteProtocolError, XmpError
+from xmp.hypercall import from_a_domain
+from xmp.sharedmem.bytering import ByteRing, xenstore_rings
+from xmp.sharedmem.grant import GNTTAB_RESERVED_XENSTORE
+from xmp.xenstore.server import Close, Connection, Introduce, Release, XenStore
+from xmp.xenstore.wire import PacketParser
+
+
+@dataclass
+class RingConn:
+    domid: int
+    conn: Connection
+    mapping: GrantMapping
+    req: ByteRing
+    rsp: ByteRing
+    port: int
+    parser: PacketParser = field(default_factory=PacketParser)
+    dead: bool = False
+
+
+@dataclass
+class SockConn:
+    sock: socket.socket
+    conn: Connection
+    parser: PacketParser = field(default_factory=PacketParser)
+
+
+class XenStored:
+    def __init__(self, kernel: Kernel, rundir: Path, store: XenStore | None = None):
+        self.k = kernel
+        self.xen = kernel.xen
+        self.store = store or XenStore()
+        self.lock = threading.RLock()
+        self.rings: dict[int, RingConn] = {}
+        self.socks: dict[int, SockConn] = {}   # by Connection.id
+        self.path = rundir / "xenstored.sock"
+        self.path.unlink(missing_ok=True)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self.listener.bind(str(self.path))
+        finally:
+            os.umask(old)
+        self.listener.listen(64)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.listener, selectors.EVENT_READ, None)
+        threading.Thread(target=self._serve_sockets, name="xenstored-sockets", daemon=True).start()
+
+    # -- the socket side -------------------------------------------------------
+
+    def _serve_sockets(self) -> None:
+        while True:
+            for key, _ in self.sel.select():
+                try:
+                    if key.data is None:
+                        self._accept()
+                    else:
+                        self._sock_readable(key.data)
+                except Exception:  # reported; the other clients go on being served
+                    text = traceback.format_exc()
+                    print(text, flush=True)
+                    self.xen.console_io(f"xenstored: serving a socket client failed:\n{text}")
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except OSError:
+            return
+        if from_a_domain(sock, os.getppid()):  # our parent is the zygote: a sibling domain
+            sock.close()
+            return
+        with self.lock:
+            sc = SockConn(sock, self.store.connect(self.k.domid, privileged=True))
+            self.socks[sc.conn.id] = sc
+        self.sel.register(sock, selectors.EVENT_READ, sc)
+
+    def _sock_readable(self, sc: SockConn) -> None:
+        try:
+            data = sc.sock.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_sock(sc)
+            return
+        with self.lock:
+            try:
+                packets = sc.parser.feed(data)
+            except RemoteProtocolError:
+                self._drop_sock(sc)
+                return
+            for pkt in packets:
+                self._apply(self.store.handle(sc.conn, pkt))
+            self._flush()
+
+    def _drop_sock(self, sc: SockConn) -> None:
+        with self.lock:
+            if self.socks.pop(sc.conn.id, None) is None:
+                return
+            try:
+                self.sel.unregister(sc.sock)
+            except (KeyError, ValueError):
+                pass
+            sc.sock.close()
+            self.store.disconnect(sc.conn)
+            self._flush()
+
+    # -- the ring side -----------------------------------------------------------
+
+    def introduce(self, domid: int, mfn: int, port: int) -> None:
+        """Attach a domain's xenstore page and store port (INTRODUCE)."""
+        if domid in self.rings:
+            return
+        mapping = self.xen.map_grant_ref(domid, [GNTTAB_RESERVED_XENSTORE])
+        req, rsp = xenstore_rings(mapping.pages[0])
+        local = self.xen.bind_interdomain(domid, port)
+        rc = RingConn(domid, self.store.connect(domid), mapping, req, rsp, local)
+        self.rings[domid] = rc
+        self.k.loop.bind(local, functools.partial(self._guarded_ring_event, rc))
+
+    def _guarded_ring_event(self, rc: RingConn, port: int) -> None:
+        try:
+            self._ring_event(rc, port)
+        except Exception:  # reported, and every other connection goes on being served
+            text = traceback.format_exc()
+            print(text, flush=True)
+            self.xen.console_io(f"xenstored: serving dom{rc.domid} failed:\n{text}")
+
+    def _ring_event(self, rc: RingConn, _port: int) -> None:
+        with self.lock:
+            if rc.dead:
+                return
+            self._flush_ring(rc)  # the guest may have made room for replies still queued
+            try:
+                while rc.conn.wants_requests():
+                    data = rc.req.read()
+                    if not data:
+                        break
+                    self.xen.notify(rc.port)  # room in req for the guest's next request
+                    for pkt in rc.parser.feed(data):
+                        self._apply(self.store.handle(rc.conn, pkt))
+            except RemoteProtocolError:
+                self._kill_ring(rc)
+            self._flush()
+            if not rc.dead and rc.conn.out:
+                self._flush_ring(rc)
+
+    def _kill_ring(self, rc: RingConn) -> None:
+        """A domain that broke the ring protocol: stop serving it (as C
+        xenstored ignores a bad connection); everyone else goes on."""
+        rc.dead = True
+        self.store.disconnect(rc.conn)
+        print(f"xenstored: dom{rc.domid} broke the ring protocol; its connection is closed", flush=True)
+
+    def release(self, domid: int) -> None:
+        rc = self.rings.pop(domid, None)
+        if rc is None:
+            return
+        rc.dead = True
+        self.k.loop.unbind(rc.port)
+        rc.req.release()  # the rings let go of the page before it is unmapped
+        rc.rsp.release()
+        for action in (lambda: self.xen.close(rc.port), lambda: self.xen.unmap_grant_ref(rc.mapping)):
+            try:
+                action()
+            except XmpError:
+                pass
+        self.xen.forget_domain(domid)
+
+    # -- both ----------------------------------------------------------------------
+
+    def _apply(self, actions) -> None:
+        for action in actions:
+            if isinstance(action, Introduce):
+                try:
+                    self.introduce(action.domid, action.mfn, action.port)
+                except XmpError as exc:
+                    print(f"xenstored: introducing dom{action.domid}: {exc}", flush=True)
+            elif isinstance(action, Release):
+                self.release(action.domid)
+            elif isinstance(action, Close):
+                sc = self.socks.get(action.conn.id)
+                if sc is not None:
+                    self._drop_sock(sc)
+                for rc in self.rings.values():
+                    if rc.conn is action.conn:
+                        self._kill_ring(rc)
+
+    def _flush(self) -> None:
+        for conn in self.store.dirty():
+            sc = self.socks.get(conn.id)
+            if sc is not None:
+                data = conn.take(1 << 30)
+                try:
+                    sc.sock.settimeout(2)
+                    sc.sock.sendall(data)
+                except OSError:
+                    self._drop_sock(sc)
+                continue
+            rc = self._ring_of(conn)
+            if rc is None or rc.dead:
+                continue
+            self._flush_ring(rc)
+
+    def _flush_ring(self, rc: RingConn) -> None:
+        try:
+            room = rc.rsp.space()
+            if room:
+                data = rc.conn.take(room)
+                if data:
+                    rc.rsp.write(data)
+                    self.xen.notify(rc.port)
+        except RemoteProtocolError:
+            self._kill_ring(rc)
+
+    def _ring_of(self, conn: Connection) -> RingConn | None:
+        rc = self.rings.get(conn.domid)
+        return rc if rc is not None and rc.conn is conn else None
+
+    def domains_changed(self, infos: dict[int, dict]) -> None:
+        """VIRQ_DOM_EXC: forget domains that are gone even if nobody said RELEASE."""
+        from xmp.domain_proc.dom0 import gone
+
+        with self.lock:
+            for domid in [d for d in self.rings if gone(infos, d)]:
+                self.store.release_domain(domid)
+                self.release(domid)
+            self._flush()

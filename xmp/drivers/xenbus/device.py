@@ -1,0 +1,197 @@
+"""The watch-driven xenbus runner and the driver API.
+
+A split driver is a protocol module plus two classes::
+
+    class PingFront(FrontendDriver):
+        def setup(self, dev): ...        # make ring + evtchn, dev.write("ring-ref", ...)
+        def connected(self, dev): ...    # the device is usable
+        def disconnect(self, dev): ...   # drop ring / evtchn; keep what must be re-issued
+
+    class PingBack(BackendDriver):
+        def publish_features(self, dev): ...   # dev.write("feature-x", "1")
+        def connect(self, dev): ...            # dev.read_other("ring-ref"), map, bind
+        def disconnect(self, dev): ...
+
+A :class:`XenbusDevice` is one end of one device: it watches the other
+end's ``state``, asks the pure state machine (``state.py``) what to do, has
+the driver do it, and publishes its own new state.  A :class:`Bus` finds
+devices: a frontend bus watches ``device/<type>`` in the guest's own
+directory, a backend bus ``backend/<type>`` in the backend domain's.
+
+The xenstore client is injected (a guest's ring client, dom0's in-process
+client, or a socket in tests); watch callbacks run where the client
+dispatches them -- in a domain, its event loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+from xmp.drivers.xenbus.state import Act, XenbusState, backend_step, frontend_step, parse_state
+from xmp.errors import XenStoreError, XmpError
+from xmp.xenstore.client import XsClient
+
+_tokens = itertools.count(1)
+
+
+class FrontendDriver:
+    devtype = ""
+
+    def setup(self, dev: XenbusDevice) -> None:
+        raise NotImplementedError
+
+    def connected(self, dev: XenbusDevice) -> None:
+        pass
+
+    def disconnect(self, dev: XenbusDevice) -> None:
+        pass
+
+
+class BackendDriver:
+    devtype = ""
+
+    def publish_features(self, dev: XenbusDevice) -> None:
+        pass
+
+    def connect(self, dev: XenbusDevice) -> None:
+        raise NotImplementedError
+
+    def disconnect(self, dev: XenbusDevice) -> None:
+        pass
+
+
+class XenbusDevice:
+    def __init__(self, xs: XsClient, nodename: str, driver: FrontendDriver | BackendDriver):
+        self.xs = xs
+        self.nodename = nodename
+        self.driver = driver
+        self.frontend = isinstance(driver, FrontendDriver)
+        other = "backend" if self.frontend else "frontend"
+        self.otherend = xs.read(f"{nodename}/{other}").decode()
+        self.otherend_id = int(xs.read(f"{nodename}/{other}-id"))
+        self.state = parse_state(xs.read_or(f"{nodename}/state"))
+        self.error: str | None = None
+        self.data: dict = {}  # the driver's per-device state
+        self._token = f"xenbus-{next(_tokens)}"
+        xs.on_watch(self._token, lambda _path: self.changed())
+        xs.watch(f"{self.otherend}/state", self._token)  # fires once now
+
+    # -- what drivers use ----------------------------------------------------
+
+    def read(self, key: str) -> bytes:
+        return self.xs.read(f"{self.nodename}/{key}")
+
+    def write(self, key: str, value: str | int) -> None:
+        self.xs.write(f"{self.nodename}/{key}", str(value))
+
+    def read_other(self, key: str, default: bytes | None = None) -> bytes | None:
+        return self.xs.read_or(f"{self.otherend}/{key}", default)
+
+    def other_state(self) -> XenbusState:
+        return parse_state(self.xs.read_or(f"{self.otherend}/state"))
+
+    # -- the machine ---------------------------------------------------------
+
+    def changed(self) -> None:
+        other = self.other_state()
+        step = frontend_step(self.state, other) if self.frontend else backend_step(self.state, other)
+        try:
+            for act in step.actions:
+                self._do(act)
+        except (XmpError, ValueError) as exc:
+            # the other end's garbage or a failure here: report it and close, as
+            # xenbus_dev_fatal does; this process goes on serving its other devices
+            error = self.error = str(exc)
+            self._xs_try(lambda: self.write("error", error[:200]))
+            self._xs_try(lambda: self.driver.disconnect(self))
+            self.switch(XenbusState.CLOSING)
+            return
+        if step.switch_to is not None:
+            self.switch(step.switch_to)
+
+    def _do(self, act: Act) -> None:
+        d = self.driver
+        if act == Act.PUBLISH_FEATURES and isinstance(d, BackendDriver):
+            d.publish_features(self)
+        elif act == Act.CONNECT and isinstance(d, BackendDriver):
+            d.connect(self)
+        elif act == Act.SETUP and isinstance(d, FrontendDriver):
+            d.setup(self)
+        elif act == Act.CONNECTED and isinstance(d, FrontendDriver):
+            d.connected(self)
+        elif act == Act.DISCONNECT:
+            d.disconnect(self)
+
+    def switch(self, state: XenbusState) -> None:
+        if state == self.state:
+            return
+        self.state = state
+        self.xs.write(f"{self.nodename}/state", str(int(state)))
+
+    def start(self) -> None:
+        """Kick the machine once (a backend publishes its features at once)."""
+        self.changed()
+
+    @staticmethod
+    def _xs_try(fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except (XmpError, ValueError):
+            pass
+
+    def close(self) -> None:
+        self._xs_try(lambda: self.xs.unwatch(f"{self.otherend}/state", self._token))
+
+
+class Bus:
+    """Finds the devices of one type under ``root`` and runs them."""
+
+    def __init__(self, xs: XsClient, root: str, driver_factory: Callable[[], FrontendDriver | BackendDriver],
+                 depth: int):
+        self.xs = xs
+        self.root = root
+        self.factory = driver_factory
+        self.depth = depth  # 1: device/<type>/<devid>; 2: backend/<type>/<frontid>/<devid>
+        self.devices: dict[str, XenbusDevice] = {}
+        self._token = f"xenbus-bus-{next(_tokens)}"
+        xs.on_watch(self._token, lambda _path: self.scan())
+        xs.watch(root, self._token)
+
+    def _nodes(self) -> list[str]:
+        level = [self.root]
+        for _ in range(self.depth):
+            nxt = []
+            for path in level:
+                try:
+                    nxt += [f"{path}/{name}" for name in self.xs.directory(path)]
+                except XenStoreError:
+                    pass
+            level = nxt
+        return level
+
+    def scan(self) -> None:
+        present = set()
+        for node in self._nodes():
+            present.add(node)
+            if node in self.devices or self.xs.read_or(f"{node}/state") is None:
+                continue
+            try:
+                dev = XenbusDevice(self.xs, node, self.factory())
+            except (XenStoreError, ValueError):
+                continue  # half-written by the toolstack: the next event brings the rest
+            self.devices[node] = dev
+            dev.start()
+        for node in [n for n in self.devices if n not in present]:
+            dev = self.devices.pop(node)
+            dev.driver.disconnect(dev)
+            dev.close()
+
+
+def frontend_bus(xs: XsClient, devtype: str, factory: Callable[[], FrontendDriver]) -> Bus:
+    return Bus(xs, f"device/{devtype}", factory, 1)
+
+
+def backend_bus(xs: XsClient, backend_domid: int, devtype: str,
+                factory: Callable[[], BackendDriver]) -> Bus:
+    return Bus(xs, f"/local/domain/{backend_domid}/backend/{devtype}", factory, 2)

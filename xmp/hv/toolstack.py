@@ -1,0 +1,149 @@
+"""The toolstack's side of xenstore, inside the supervisor.
+
+When the supervisor builds a domain it writes the domain's standard tree
+(as libxl does, ``docs/misc/xenstore-paths.pandoc``) and INTRODUCEs it to
+xenstored; when the domain goes it RELEASEs it and removes the tree.  The
+connection is dom0's xenstored socket, and it is asynchronous: requests
+are written and the replies read from the supervisor's own loop, because
+xenstored answering an INTRODUCE needs hypercalls the supervisor serves --
+waiting for the reply inline would deadlock.  A reply that is an error is
+logged (dmesg), never dropped silently.
+
+Permissions follow libxl: the domain's directory is dom0's and readable by
+the guest (``n0 r<domid>``); the parts a guest writes -- ``control/shutdown``
+and ``control/feature-*``, ``data``, ``device``, ``drivers``, ``feature``,
+``attr``, ``error`` -- are the guest's (``n<domid>``).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from xmp.errors import RemoteProtocolError
+from xmp.startinfo import CONSOLE_PFN, XENSTORE_PFN
+from xmp.xenstore.wire import Packet, PacketParser, XsType
+
+GUEST_OWNED_DIRS = ("data", "device", "drivers", "feature", "attr", "error")
+GUEST_OWNED_CONTROL = ("shutdown", "feature-poweroff", "feature-reboot", "feature-suspend", "sysrq")
+
+
+def _z(*parts: str) -> bytes:
+    return b"".join(p.encode() + b"\0" for p in parts)
+
+
+def domain_tree(domid: int, name: str, uuid: str, memory_kb: int, maxmem_kb: int, vcpus: int,
+                maxvcpus: int, console_port: int, store_port: int) -> list[tuple[XsType, bytes]]:
+    """The requests that create a guest's tree and introduce it."""
+    base = f"/local/domain/{domid}"
+    vm = f"/vm/{uuid}"
+    ro = ("n0", f"r{domid}")
+    rw = (f"n{domid}",)
+    reqs: list[tuple[XsType, bytes]] = [
+        (XsType.MKDIR, _z(base)), (XsType.SET_PERMS, _z(base, *ro)),
+        (XsType.MKDIR, _z(vm)), (XsType.SET_PERMS, _z(vm, *ro)),
+        (XsType.WRITE, _z(f"{vm}/name") + name.encode()),
+        (XsType.WRITE, _z(f"{vm}/uuid") + uuid.encode()),
+        (XsType.WRITE, _z(f"{base}/name") + name.encode()),
+        (XsType.WRITE, _z(f"{base}/domid") + str(domid).encode()),
+        (XsType.WRITE, _z(f"{base}/vm") + vm.encode()),
+        (XsType.WRITE, _z(f"{base}/memory/target") + str(memory_kb).encode()),
+        (XsType.WRITE, _z(f"{base}/memory/static-max") + str(maxmem_kb).encode()),
+        (XsType.WRITE, _z(f"{base}/console/ring-ref") + str(CONSOLE_PFN).encode()),
+        (XsType.WRITE, _z(f"{base}/console/port") + str(console_port).encode()),
+        (XsType.WRITE, _z(f"{base}/console/type") + b"xenconsoled"),
+        (XsType.WRITE, _z(f"{base}/store/ring-ref") + str(XENSTORE_PFN).encode()),
+        (XsType.WRITE, _z(f"{base}/store/port") + str(store_port).encode()),
+    ]
+    for cpu in range(maxvcpus):
+        state = b"online" if cpu < vcpus else b"offline"
+        reqs.append((XsType.WRITE, _z(f"{base}/cpu/{cpu}/availability") + state))
+    for key in GUEST_OWNED_CONTROL:
+        path = f"{base}/control/{key}"
+        reqs += [(XsType.WRITE, _z(path)), (XsType.SET_PERMS, _z(path, *rw))]
+    for sub in GUEST_OWNED_DIRS:
+        reqs += [(XsType.MKDIR, _z(f"{base}/{sub}")), (XsType.SET_PERMS, _z(f"{base}/{sub}", *rw))]
+    reqs.append((XsType.INTRODUCE, _z(str(domid), str(XENSTORE_PFN), str(store_port))))
+    return reqs
+
+
+def dom0_tree() -> list[tuple[XsType, bytes]]:
+    return [(XsType.WRITE, _z("/local/domain/0/name") + b"Domain-0"),
+            (XsType.WRITE, _z("/local/domain/0/domid") + b"0")]
+
+
+def teardown_tree(domid: int, uuid: str) -> list[tuple[XsType, bytes]]:
+    return [(XsType.RELEASE, _z(str(domid))), (XsType.RM, _z(f"/local/domain/{domid}")),
+            (XsType.RM, _z(f"/vm/{uuid}"))]
+
+
+class Toolstack:
+    """The supervisor's asynchronous xenstore connection."""
+
+    def __init__(self, path: Path, log: Callable[[str], None]):
+        self.path = path
+        self.log = log
+        self.sock: socket.socket | None = None
+        self.parser = PacketParser()
+        self.pending: dict[int, str] = {}
+        self.next_id = 1
+
+    def connect(self) -> bool:
+        if self.sock is not None:
+            return True
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(self.path))
+        except OSError:
+            sock.close()
+            return False
+        self.sock = sock
+        return True
+
+    def send(self, reqs: list[tuple[XsType, bytes]], what: str) -> None:
+        if self.sock is None:
+            self.log(f"xenstore unavailable: {what} not done")
+            return
+        data = bytearray()
+        for op, payload in reqs:
+            req_id = self.next_id
+            self.next_id = (self.next_id + 1) & 0xFFFFFFFF or 1
+            path = payload.split(b"\0")[0].decode(errors="replace")
+            self.pending[req_id] = f"{what}: {op.name} {path}"
+            data += Packet(int(op), req_id, 0, payload).encode()
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            self.log(f"xenstore connection lost ({exc}): {what} not done")
+            self.close()
+
+    def write(self, path: str, value: str, what: str) -> None:
+        self.send([(XsType.WRITE, _z(path) + value.encode())], what)
+
+    def readable(self) -> None:
+        """Take the replies that arrived; report the ones that are errors."""
+        assert self.sock is not None
+        try:
+            data = self.sock.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            self.log("xenstored closed the toolstack's connection")
+            self.close()
+            return
+        try:
+            packets = self.parser.feed(data)
+        except RemoteProtocolError as exc:
+            self.log(f"xenstored sent garbage: {exc}")
+            self.close()
+            return
+        for pkt in packets:
+            what = self.pending.pop(pkt.req_id, None)
+            if pkt.type == XsType.ERROR and what is not None:
+                self.log(f"xenstore {what}: {pkt.payload.rstrip(bytes(1)).decode(errors='replace')}")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
