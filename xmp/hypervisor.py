@@ -54,7 +54,7 @@ from xmp.sharedmem.evtchn import VIRQ_TIMER
 from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, recv_handles, remove_stale, send_handles
 from xmp.topology import DomainConfig, Topology, check_fits
 
-DOM0_KERNEL = "xmp.domain_proc.dom0:main"
+DOM0_KERNEL = "xmp.dom0:main"
 MAX_DOMID = 0x7FEF
 RESTART_LIMIT = (10, 10.0)  # at most 10 restarts of one name in 10 s
 DYING_GRACE = 5.0           # seconds a dying domain waits for its mappers to let go

@@ -184,3 +184,44 @@ def reap(proc, timeout: float = 10.0) -> None:
         proc.kill()
         proc.join(10)
     assert proc.exitcode is not None, f"process {proc.pid} could not be reaped"
+
+
+class StoreTransport:
+    """An XsClient transport straight into an in-memory :class:`XenStore`:
+    the store, the client and the xenbus runner with no process at all."""
+
+    def __init__(self, store, conn):
+        from xmp.xenstore.wire import PacketParser
+
+        self.store = store
+        self.conn = conn
+        self.parser = PacketParser()
+
+    def send(self, data: bytes) -> None:
+        for pkt in self.parser.feed(data):
+            self.store.handle(self.conn, pkt)
+
+    def recv(self, timeout, ready=lambda: False) -> bytes:
+        return self.conn.take(1 << 30)
+
+
+def store_client(store, domid: int, privileged: bool = False):
+    """An XsClient connected to ``store`` as ``domid`` (a socket client of
+    dom0 when ``privileged``)."""
+    from xmp.xenstore.client import XsClient
+
+    return XsClient(StoreTransport(store, store.connect(domid, privileged=privileged)))
+
+
+def settle(*clients, rounds: int = 100) -> None:
+    """Deliver queued watch events to their callbacks until nothing moves."""
+    for _ in range(rounds):
+        moved = False
+        for xs in clients:
+            xs.pump_nowait()
+            if xs.events:
+                moved = True
+                xs.dispatch()
+        if not moved:
+            return
+    raise AssertionError("watch events keep coming: the ends never settle")

@@ -40,6 +40,7 @@ class Kernel:
         self.start_info = start_info
         self.memory = ram
         self.first_free_pfn = first_free_pfn(start_info.nr_grant_frames)
+        self._next_free = self.first_free_pfn
         page = memoryview(ram)[start_info.console_mfn * PAGE_SIZE:(start_info.console_mfn + 1) * PAGE_SIZE]
         self.console = Console(page, start_info.console_evtchn, xen, loop)
         gnt = start_info.gnttab_pfn * PAGE_SIZE
@@ -73,6 +74,15 @@ class Kernel:
         self.control = ControlDriver(self.xenstore, self.shutdown)
 
     # -- console -----------------------------------------------------------
+
+    def alloc_pages(self, n: int = 1) -> int:
+        """Take ``n`` fresh pages of the guest's own memory (for rings and
+        buffers it grants); returns the first pfn.  Never given back."""
+        pfn = self._next_free
+        if pfn + n > self.start_info.nr_pages:
+            raise MemoryError(f"{self.name}: no {n} free pages left")
+        self._next_free += n
+        return pfn
 
     def page(self, pfn: int) -> memoryview:
         """One page of the guest's own memory."""

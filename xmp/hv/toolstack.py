@@ -68,6 +68,24 @@ def domain_tree(domid: int, name: str, uuid: str, memory_kb: int, maxmem_kb: int
     return reqs
 
 
+def device_tree(front: int, back: int, devtype: str, devid: int, back_keys: dict[str, str] | None = None,
+                front_keys: dict[str, str] | None = None) -> list[tuple[XsType, bytes]]:
+    """The two directories of a split device, as libxl__device_generic_add
+    writes them: each owned by its end and readable by the other; both ends
+    start Initialising, the backend ``online``."""
+    bpath = f"/local/domain/{back}/backend/{devtype}/{front}/{devid}"
+    fpath = f"/local/domain/{front}/device/{devtype}/{devid}"
+    reqs: list[tuple[XsType, bytes]] = [(XsType.MKDIR, _z(bpath)),
+                                        (XsType.SET_PERMS, _z(bpath, f"n{back}", f"r{front}"))]
+    for key, value in {"frontend": fpath, "frontend-id": str(front), "online": "1", "state": "1",
+                       **(back_keys or {})}.items():
+        reqs.append((XsType.WRITE, _z(f"{bpath}/{key}") + value.encode()))
+    reqs += [(XsType.MKDIR, _z(fpath)), (XsType.SET_PERMS, _z(fpath, f"n{front}", f"r{back}"))]
+    for key, value in {"backend": bpath, "backend-id": str(back), "state": "1", **(front_keys or {})}.items():
+        reqs.append((XsType.WRITE, _z(f"{fpath}/{key}") + value.encode()))
+    return reqs
+
+
 def dom0_tree() -> list[tuple[XsType, bytes]]:
     return [(XsType.WRITE, _z("/local/domain/0/name") + b"Domain-0"),
             (XsType.WRITE, _z("/local/domain/0/domid") + b"0")]

@@ -61,11 +61,15 @@ NOTHING = Step((), None)
 _BACKEND: dict[tuple[S, S], Step] = {
     (S.INITIALISING, S.INITIALISING): Step((Act.PUBLISH_FEATURES,), S.INIT_WAIT),
     (S.INITIALISING, S.UNKNOWN): Step((Act.PUBLISH_FEATURES,), S.INIT_WAIT),
+    # a frontend that got ahead (it may skip waiting): features first, then connect
+    (S.INITIALISING, S.INITIALISED): Step((Act.PUBLISH_FEATURES,), S.INIT_WAIT),
+    (S.INITIALISING, S.CONNECTED): Step((Act.PUBLISH_FEATURES,), S.INIT_WAIT),
     (S.INIT_WAIT, S.INITIALISED): Step((Act.CONNECT,), S.CONNECTED),
     (S.INIT_WAIT, S.CONNECTED): Step((Act.CONNECT,), S.CONNECTED),
     # the frontend started over (reconnecting, or a new frontend): handshake again
     (S.CONNECTED, S.INITIALISING): Step((Act.DISCONNECT, Act.PUBLISH_FEATURES), S.INIT_WAIT),
-    (S.CONNECTED, S.INITIALISED): Step((Act.DISCONNECT, Act.CONNECT), S.CONNECTED),
+    # (CONNECTED, INITIALISED) needs nothing: watch events are not one per change,
+    # and a frontend that really starts over passes through Initialising first
     (S.CLOSED, S.INITIALISING): Step((Act.PUBLISH_FEATURES,), S.INIT_WAIT),
     (S.CLOSED, S.INITIALISED): Step((Act.PUBLISH_FEATURES,), S.INIT_WAIT),
     (S.CLOSING, S.INITIALISING): Step((Act.PUBLISH_FEATURES,), S.INIT_WAIT),

@@ -1,5 +1,4 @@
-"""dom0's own kernel: xenstored (``xenstored.py``), xenconsoled, and (in
-later issues) the backends.
+"""xenconsoled, one of dom0's services.
 
 xenconsoled, as Xen's ``tools/console/daemon``: for every domain it maps
 the console page (grant ref 0, GNTTAB_RESERVED_CONSOLE, pre-filled by the
@@ -22,19 +21,16 @@ import os
 import selectors
 import socket
 import threading
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from xmp.dom0.xenstored import gone
 from xmp.domain_proc.kernel import Kernel
-from xmp.domain_proc.main import load_entry
 from xmp.domain_proc.xen import GrantMapping
-from xmp.domain_proc.xenstored import XenStored
 from xmp.errors import XmpError
 from xmp.hypercall import from_a_domain
 from xmp.sharedmem.bytering import ByteRing, console_rings
-from xmp.sharedmem.evtchn import VIRQ_DOM_EXC
 
 
 @dataclass
@@ -246,52 +242,3 @@ class XenConsoled:
             if not view:
                 return
             threading.Event().wait(0.01)
-
-
-def gone(infos: dict[int, dict], domid: int) -> bool:
-    """Is ``domid`` dying or gone by this getdomaininfo snapshot?  A domain
-    absent from it but newer than all it lists was created after it was
-    taken (ids only grow): that one is new, not gone."""
-    if domid in infos:
-        return infos[domid]["state"] == "dying"
-    return domid <= max(infos, default=-1)
-
-
-def service(kernel: Kernel):
-    """A dom0 service's event handler: a failure in one is reported to the
-    hypervisor log (and dom0's own log) and the others go on, as separate
-    daemons would."""
-    def wrap(handler):
-        @functools.wraps(handler)
-        def run(port: int) -> None:
-            try:
-                handler(port)
-            except Exception:
-                text = traceback.format_exc()
-                print(text, flush=True)
-                kernel.xen.console_io(f"dom0 service {handler.__name__} failed:\n{text}")
-        return run
-    return wrap
-
-
-def main(kernel: Kernel) -> None:
-    """dom0's services: xenstored and xenconsoled, both told of domains
-    coming and going by VIRQ_DOM_EXC (one binding, shared)."""
-    fds = getattr(kernel, "boot_fds", [])
-    rundir = Path(getattr(kernel, "rundir", None) or ".")
-    xenstored = XenStored(kernel, rundir)
-    consoled = XenConsoled(kernel, rundir, fds[0] if fds else None)
-
-    @service(kernel)
-    def domains_changed(_port: int) -> None:
-        infos = {i["domid"]: i for i in kernel.xen.domctl("getdomaininfo") if i["domid"] != kernel.domid}
-        consoled.scan(infos)
-        xenstored.domains_changed(infos)
-
-    port = kernel.xen.bind_virq(VIRQ_DOM_EXC)
-    kernel.loop.bind(port, domains_changed)
-    domains_changed(port)
-    user = kernel.config.get("kernel")
-    if user:
-        load_entry(user)(kernel)
-    kernel.idle()

@@ -38,8 +38,33 @@ from xmp.errors import RemoteProtocolError, XmpError
 from xmp.hypercall import from_a_domain
 from xmp.sharedmem.bytering import ByteRing, xenstore_rings
 from xmp.sharedmem.grant import GNTTAB_RESERVED_XENSTORE
+from xmp.xenstore.client import XsClient
 from xmp.xenstore.server import Close, Connection, Introduce, Release, XenStore
 from xmp.xenstore.wire import PacketParser
+
+
+class LocalTransport:
+    """An XsClient transport into the daemon's own store (same process)."""
+
+    def __init__(self, daemon: XenStored, conn: Connection):
+        self.d = daemon
+        self.conn = conn
+        self.parser = PacketParser()
+
+    def send(self, data: bytes) -> None:
+        with self.d.lock:
+            for pkt in self.parser.feed(data):
+                self.d._apply(self.d.store.handle(self.conn, pkt))
+            self.d._flush()
+
+    def recv(self, timeout: float | None, ready=lambda: False) -> bytes:
+        with self.d.lock:
+            data = self.conn.take(1 << 30)
+        if data or ready() or timeout == 0:
+            return data
+        self.d.k.loop.run_until(lambda: bool(self.conn.out) or ready(), timeout)
+        with self.d.lock:
+            return self.conn.take(1 << 30)
 
 
 @dataclass
@@ -68,6 +93,8 @@ class XenStored:
         self.store = store or XenStore()
         self.lock = threading.RLock()
         self.rings: dict[int, RingConn] = {}
+        self.locals: dict[int, XsClient] = {}  # by Connection.id
+        self._ipi: int | None = None
         self.socks: dict[int, SockConn] = {}   # by Connection.id
         self.path = rundir / "xenstored.sock"
         self.path.unlink(missing_ok=True)
@@ -202,6 +229,26 @@ class XenStored:
                 pass
         self.xen.forget_domain(domid)
 
+    # -- dom0's own services (in-process) ---------------------------------------------
+
+    def local_client(self) -> XsClient:
+        """A privileged client for dom0's own services (the backends), with
+        no socket: requests go straight into the store.  Watch events that
+        other threads queue for it wake dom0's event loop through an IPI."""
+        if self._ipi is None:
+            self._ipi = self.xen.bind_ipi(0)
+            self.k.loop.bind(self._ipi, self._local_event)
+        with self.lock:
+            conn = self.store.connect(self.k.domid, privileged=True)
+        client = XsClient(LocalTransport(self, conn))
+        self.locals[conn.id] = client
+        return client
+
+    def _local_event(self, _port: int) -> None:
+        for client in list(self.locals.values()):
+            client.pump_nowait()
+            client.dispatch()
+
     # -- both ----------------------------------------------------------------------
 
     def _apply(self, actions) -> None:
@@ -223,6 +270,10 @@ class XenStored:
 
     def _flush(self) -> None:
         for conn in self.store.dirty():
+            if conn.id in self.locals:  # its transport takes the output; wake its loop
+                if self._ipi is not None:
+                    self.xen.evt.send(self._ipi)
+                continue
             sc = self.socks.get(conn.id)
             if sc is not None:
                 data = conn.take(1 << 30)
@@ -254,10 +305,17 @@ class XenStored:
 
     def domains_changed(self, infos: dict[int, dict]) -> None:
         """VIRQ_DOM_EXC: forget domains that are gone even if nobody said RELEASE."""
-        from xmp.domain_proc.dom0 import gone
-
         with self.lock:
             for domid in [d for d in self.rings if gone(infos, d)]:
                 self.store.release_domain(domid)
                 self.release(domid)
             self._flush()
+
+
+def gone(infos: dict[int, dict], domid: int) -> bool:
+    """Is ``domid`` dying or gone by this getdomaininfo snapshot?  A domain
+    absent from it but newer than all it lists was created after it was
+    taken (ids only grow): that one is new, not gone."""
+    if domid in infos:
+        return infos[domid]["state"] == "dying"
+    return domid <= max(infos, default=-1)

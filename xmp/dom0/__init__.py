@@ -1,0 +1,60 @@
+"""dom0's own kernel: its services -- xenstored, xenconsoled -- and the
+backends of the split drivers, all told of domains coming and going by
+VIRQ_DOM_EXC (one binding, shared).  The supervisor starts it as
+``xmp.dom0:main``."""
+
+from __future__ import annotations
+
+import functools
+import traceback
+from pathlib import Path
+
+from xmp.dom0.xenconsoled import XenConsoled
+from xmp.dom0.xenstored import XenStored
+from xmp.domain_proc.kernel import Kernel
+from xmp.domain_proc.main import load_entry
+from xmp.drivers.vping.backend import VpingBack
+from xmp.drivers.xenbus.device import backend_bus
+from xmp.sharedmem.evtchn import VIRQ_DOM_EXC
+
+
+def service(kernel: Kernel):
+    """A dom0 service's event handler: a failure in one is reported to the
+    hypervisor log (and dom0's own log) and the others go on, as separate
+    daemons would."""
+    def wrap(handler):
+        @functools.wraps(handler)
+        def run(port: int) -> None:
+            try:
+                handler(port)
+            except Exception:
+                text = traceback.format_exc()
+                print(text, flush=True)
+                kernel.xen.console_io(f"dom0 service {handler.__name__} failed:\n{text}")
+        return run
+    return wrap
+
+
+def main(kernel: Kernel) -> None:
+    fds = getattr(kernel, "boot_fds", [])
+    rundir = Path(getattr(kernel, "rundir", None) or ".")
+    xenstored = XenStored(kernel, rundir)
+    consoled = XenConsoled(kernel, rundir, fds[0] if fds else None)
+
+    @service(kernel)
+    def domains_changed(_port: int) -> None:
+        infos = {i["domid"]: i for i in kernel.xen.domctl("getdomaininfo") if i["domid"] != kernel.domid}
+        consoled.scan(infos)
+        xenstored.domains_changed(infos)
+
+    # backends: one bus per driver dom0 serves
+    local = xenstored.local_client()
+    backend_bus(local, kernel.domid, "vping", lambda: VpingBack(kernel))
+
+    port = kernel.xen.bind_virq(VIRQ_DOM_EXC)
+    kernel.loop.bind(port, domains_changed)
+    domains_changed(port)
+    user = kernel.config.get("kernel")
+    if user:
+        load_entry(user)(kernel)
+    kernel.idle()

@@ -1,0 +1,91 @@
+"""vping frontend: in a guest, over the guest's own memory and event loop."""
+
+from __future__ import annotations
+
+from xmp.drivers.vping import protocol
+from xmp.drivers.xenbus.device import FrontendDriver, XenbusDevice, frontend_bus
+from xmp.sharedmem.ring import FrontRing
+
+
+class VpingFront(FrontendDriver):
+    devtype = "vping"
+
+    def __init__(self, kernel) -> None:
+        self.k = kernel
+        self.pfn = kernel.alloc_pages(1)  # the ring page, kept across reconnections
+        self.ring: FrontRing | None = None
+        self.gref: int | None = None
+        self.port: int | None = None
+        self.connected_once = False
+        self.is_connected = False
+        self.answers: dict[int, bytes] = {}
+        self.next_id = 1
+
+    def setup(self, dev: XenbusDevice) -> None:
+        page = self.k.page(self.pfn)
+        page[:] = bytes(len(page))
+        self.ring = FrontRing(page, protocol.SLOT, protocol.SLOT)
+        self.gref = self.k.grant_table.grant_foreign_access(dev.otherend_id, self.pfn)
+        self.port = self.k.xen.alloc_unbound(dev.otherend_id)
+        self.k.loop.bind(self.port, self._event)
+        dev.write("ring-ref", self.gref)
+        dev.write("event-channel", self.port)
+
+    def connected(self, dev: XenbusDevice) -> None:
+        self.is_connected = self.connected_once = True
+
+    def disconnect(self, dev: XenbusDevice) -> None:
+        self.is_connected = False
+        if self.port is not None:
+            self.k.loop.unbind(self.port)
+            self.k.xen.close(self.port)
+            self.port = None
+        if self.ring is not None:
+            self.ring.release()
+            self.ring = None
+        if self.gref is not None:
+            self.k.grant_table.end_foreign_access(self.gref)  # the backend has let go
+            self.gref = None
+
+    def _event(self, _port: int) -> None:
+        if self.ring is None:
+            return
+        while True:
+            rsps = self.ring.get_responses()
+            for i in range(0, len(rsps), protocol.SLOT):
+                rsp = rsps[i:i + protocol.SLOT]
+                self.answers[protocol.HEADER.unpack_from(rsp)[0]] = rsp[8:]
+            if not self.ring.final_check_for_responses():
+                return
+
+    def ping(self, data: bytes, timeout: float = 5.0) -> bytes:
+        """Send one request and wait for its answer."""
+        self.k.loop.run_until(lambda: self.is_connected, timeout)
+        if self.ring is None or self.port is None:
+            raise TimeoutError("vping: not connected")
+        req_id = self.next_id
+        self.next_id += 1
+        self.ring.put_request(protocol.request(req_id, data))
+        if self.ring.push_requests_and_check_notify():
+            self.k.xen.notify(self.port)
+        if not self.k.loop.run_until(lambda: req_id in self.answers, timeout):
+            raise TimeoutError(f"vping: no answer to request {req_id}")
+        return self.answers.pop(req_id)
+
+
+def attach(kernel, devid: int = 0) -> VpingFront:
+    """Start the vping frontend bus and return device ``devid``'s driver once
+    the toolstack has created it."""
+    drivers: list[VpingFront] = []
+
+    def make() -> VpingFront:
+        drivers.append(VpingFront(kernel))
+        return drivers[-1]
+
+    bus = frontend_bus(kernel.xenstore, "vping", make)
+    node = f"device/vping/{devid}"
+    kernel.loop.run_until(lambda: node in bus.devices, 10.0)
+    if node not in bus.devices:
+        raise TimeoutError(f"no {node} in xenstore")
+    kernel.vping_bus = bus
+    return bus.devices[node].driver  # type: ignore[return-value]
