@@ -228,7 +228,7 @@ class Supervisor(HypercallHandlers):
         self.sel.register(ours, selectors.EVENT_READ, ("hc", dom))
         if domid != DOMID_DOM0:
             tree = domain_tree(domid, name, dom.uuid, cfg.memory_mib * 1024, cfg.maxmem_mib * 1024,
-                               cfg.vcpus, cfg.maxvcpus, dom.console_port, dom.store_port)
+                               cfg.vcpus, cfg.maxvcpus, dom.console_port, dom.store_port, cfg.xenstore_quota)
             self.toolstack.send(tree, f"building dom{domid}")
         self.log(f"created dom{domid} {name!r} ({cfg.memory_mib} MiB, {cfg.vcpus} vcpu, pid {dom.pid})")
         self.raise_dom_exc()
@@ -388,6 +388,7 @@ class Supervisor(HypercallHandlers):
         self.raise_dom_exc()
         if reason == "crash" and action not in ("restart", "rename-restart", "coredump-restart"):
             self.exit_code = 1
+        configured = action
         if action.startswith("coredump-"):
             self.coredump(dom)
             action = action.removeprefix("coredump-")
@@ -397,7 +398,7 @@ class Supervisor(HypercallHandlers):
             dom.name = f"{dom.name}-{dom.domid}"
             self.log(f"dom{dom.domid} renamed to {dom.name!r} and preserved")
         else:
-            self.destroy_domain(dom, f"destroyed ({reason}: on_{_on(reason)} = {action})")
+            self.destroy_domain(dom, f"destroyed ({reason}: on_{_on(reason)} = {configured})")
         if action in ("restart", "rename-restart") and not self.stopping:
             if self._restart_allowed(cfg.name):
                 self._create(cfg)

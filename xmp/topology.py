@@ -36,6 +36,9 @@ with xl's names, units (MiB) and defaults where xl has them; a complete file::
     trusted_backend = false     # may map grants (else grant copy)
     max_event_channels = 1023   # 2..4096, default 1023
     max_grant_frames = 64       # 1..64, default 64
+    xenstore_quota = { nodes = 2000 }   # xenstored limits for this domain (C xenstored's
+                                # names: nodes, node-size, watches, transactions,
+                                # outstanding, permissions, transaction-nodes)
 
 Actions are xl's: destroy, restart, rename-restart, preserve,
 coredump-destroy, coredump-restart.  ``disk`` and ``vif`` are only checked
@@ -93,7 +96,7 @@ HOST_KEYS = ("name", "memory", "rundir")
 DOM0_KEYS = ("memory", "maxmem", "vcpus", "kernel", "args")
 DOMAIN_KEYS = ("name", "type", "memory", "maxmem", "vcpus", "maxvcpus", "kernel", "args", "disk", "vif",
                "on_poweroff", "on_reboot", "on_crash", "driver_domain", "trusted_backend",
-               "max_event_channels", "max_grant_frames")
+               "max_event_channels", "max_grant_frames", "xenstore_quota")
 TABLES = {"host": "[host]", "dom0": "[dom0]", "domain": "[[domain]]"}
 
 _NAME_RE = re.compile(rf"[A-Za-z0-9_.-]{{1,{NAME_MAX}}}")
@@ -150,6 +153,7 @@ class DomainConfig:
     max_event_channels: int
     max_grant_frames: int
     source: str | None = None
+    xenstore_quota: dict[str, int] = field(default_factory=dict, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The file's keys (``memory``, not ``memory_mib``), JSON-safe.
@@ -165,6 +169,8 @@ class DomainConfig:
             "trusted_backend": self.trusted_backend, "max_event_channels": self.max_event_channels,
             "max_grant_frames": self.max_grant_frames,
         }
+        if self.xenstore_quota:
+            out["xenstore_quota"] = dict(self.xenstore_quota)
         if self.kernel is not None:
             out["kernel"] = self.kernel
         if self.source is not None:
@@ -406,6 +412,23 @@ def _json_problem(value: Any, where: str) -> str | None:
     return f"{where} is {_describe(value)}; only strings, numbers, booleans, arrays and tables can be passed"
 
 
+# xl.cfg xenstore_quota: this domain's limits in xenstored, by C xenstored's names.
+XENSTORE_QUOTAS = ("nodes", "node-size", "watches", "transactions", "outstanding", "permissions",
+                   "transaction-nodes")
+
+
+def _quota(t: _Table, raw: dict) -> dict[str, int]:
+    value = raw.get("xenstore_quota", {})
+    if not isinstance(value, dict):
+        raise t.error("xenstore_quota", f"expected a table like {{ nodes = 2000 }}, got {_describe(value)}")
+    for name, limit in value.items():
+        if name not in XENSTORE_QUOTAS:
+            raise t.error("xenstore_quota", f"no quota named '{name}': {_suggest(name, XENSTORE_QUOTAS)}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise t.error("xenstore_quota", f"{name}: expected a positive integer, got {_describe(limit)}")
+    return dict(value)
+
+
 def _args(t: _Table, raw: dict) -> dict[str, Any]:
     value = raw.get("args", {})
     if not isinstance(value, dict):
@@ -519,6 +542,7 @@ def _domain(t: _Table, raw: dict, known: tuple[str, ...], *, dom0: bool) -> Doma
         max_event_channels=_int(t, raw, "max_event_channels", 1023, *EVTCHN_RANGE),
         max_grant_frames=_int(t, raw, "max_grant_frames", 64, *GRANT_FRAMES_RANGE),
         source=source,
+        xenstore_quota=_quota(t, raw),
     )
 
 

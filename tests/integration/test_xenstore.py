@@ -148,3 +148,35 @@ def test_ctrl_c_powers_guests_off_cleanly(hosts):
     assert "dom2 'rude' destroyed (supervisor stopping)" in log
     h.assert_clean()
 
+
+
+def test_topology_quota_override_reaches_xenstored(hosts):
+    probe = ('[[domain]]\nname = "probe"\nkernel = "kernels:xsprobe"\nmemory = 32\nargs = { other = 2 }\n'
+             "xenstore_quota = { nodes = 3000, node-size = 65536 }\n")
+    h = hosts(HOST + probe + guest("victim", "idle")).start(("probe", "victim"))
+    h.wait(lambda: "xsprobe: done" in h.console_log("probe"), 30, "the probe")
+    line = next(ln for ln in h.console_log("probe").splitlines() if '"node_quota"' in ln)
+    assert json.loads(line[len("xsprobe: "):])["value"] == "all 2000 written"
+    assert h.stop() == 0
+
+
+@pytest.mark.parametrize("action", ["destroy", "restart", "rename-restart", "preserve",
+                                    "coredump-destroy", "coredump-restart"])
+def test_shutdown_applies_each_on_poweroff_action(hosts, action):
+    h = hosts(HOST + guest("g", "idle", on_poweroff=action) + guest("keep", "idle")).start(("g", "keep"))
+    h.xmp("shutdown", "g")
+    names = lambda: {d["name"]: d for d in h.list()}  # noqa: E731
+    if action in ("restart", "coredump-restart", "rename-restart"):
+        h.wait(lambda: names().get("g", {}).get("domid", 0) >= 3, 15, "g to come back")
+    if action == "rename-restart":
+        assert names()["g-1"]["state_letters"] == "---s--"  # the old one, kept
+    if action == "preserve":
+        h.wait(lambda: names().get("g", {}).get("state") == "shutdown", 15, "g to be kept")
+        assert names()["g"]["state_letters"] == "---s--"
+    if action in ("destroy", "coredump-destroy"):
+        h.wait(lambda: "g" not in names(), 15, "g to go")
+    if action.startswith("coredump"):
+        assert (h.rundir / "dumps" / "g-1.core").stat().st_size == 32 << 20
+    assert f"on_poweroff = {action}" in h.dmesg() or action in ("preserve", "rename-restart")
+    assert h.stop() == 0
+    h.assert_clean()

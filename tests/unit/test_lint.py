@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("tool", [["ruff", "check", "xmp", "examples", "tests"], ["mypy", "xmp"]],
+@pytest.mark.parametrize("tool", [["ruff", "check", "xmp", "examples", "tests", "benchmarks"], ["mypy", "xmp"]],
                          ids=["ruff", "mypy"])
 def test_clean(tool):
     pytest.importorskip(tool[0])

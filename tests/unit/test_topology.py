@@ -414,3 +414,16 @@ def test_check_fits():
     with pytest.raises(TopologyError) as info:
         check_fits(100, 0, unsourced)
     assert (info.value.path, info.value.line) == ("restored", None)
+
+
+def test_xenstore_quota_is_checked_and_kept():
+    base = '[[domain]]\nname = "a"\nkernel = "json:dumps"\n'
+    cfg = parse_topology(base + "xenstore_quota = { nodes = 2000, watches = 256 }\n").domains[0]
+    assert cfg.xenstore_quota == {"nodes": 2000, "watches": 256}
+    assert DomainConfig.from_dict(cfg.to_dict()).xenstore_quota == {"nodes": 2000, "watches": 256}
+    with pytest.raises(TopologyError, match="no quota named 'node': did you mean 'nodes'"):
+        parse_topology(base + "xenstore_quota = { node = 5 }\n")
+    with pytest.raises(TopologyError, match="nodes: expected a positive integer"):
+        parse_topology(base + "xenstore_quota = { nodes = 0 }\n")
+    with pytest.raises(TopologyError, match=":4: .*xenstore_quota: expected a table"):
+        parse_topology(base + 'xenstore_quota = "nodes=5"\n', "t.toml")

@@ -807,3 +807,35 @@ def test_any_request_gets_exactly_one_reply(mtype, payload, tx_id, who):
         if path.startswith("/") and path != "/":
             parent = path.rsplit("/", 1)[0] or "/"
             assert path.rsplit("/", 1)[1] in nodes[parent].children
+
+
+def test_quota_set_overrides_one_domains_limit():
+    """CONTROL quota-set <domid> <quota> <value>: what the toolstack sends for
+    a topology's xenstore_quota; only that domain's limit changes."""
+    from xmp.errors import XenStoreError
+    from xmp.testing import store_client
+    from xmp.xenstore.server import XenStore
+    from xmp.xenstore.wire import XsType
+
+    store = XenStore()
+    tool = store_client(store, 0, privileged=True)
+    for domid in (1, 2):
+        tool.mkdir(f"/local/domain/{domid}/data")
+        tool.set_perms(f"/local/domain/{domid}/data", [f"n{domid}"])
+    tool.request(XsType.CONTROL, b"quota-set\x001\x00nodes\x005\x00")
+    one, two = store_client(store, 1), store_client(store, 2)
+    written = 0
+    with pytest.raises(XenStoreError) as exc:
+        for i in range(10):
+            one.write(f"data/n{i}", "x")
+            written += 1
+    assert exc.value.errno == "ENOSPC" and written == 4  # data itself is dom1's fifth node
+    for i in range(10):
+        two.write(f"data/n{i}", "x")  # dom2 keeps the default
+    for bad in (b"quota-set\x001\x00nodez\x005\x00", b"quota-set\x001\x00nodes\x00-1\x00"):
+        with pytest.raises(XenStoreError) as exc:
+            tool.request(XsType.CONTROL, bad)
+        assert exc.value.errno == "EINVAL"
+    with pytest.raises(XenStoreError) as exc:  # not for guests
+        one.request(XsType.CONTROL, b"quota-set\x001\x00nodes\x00999\x00")
+    assert exc.value.errno == "EACCES"

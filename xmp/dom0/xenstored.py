@@ -195,10 +195,12 @@ class XenStored:
             self._flush_ring(rc)  # the guest may have made room for replies still queued
             try:
                 while rc.conn.wants_requests():
+                    full = rc.req.space() == 0
                     data = rc.req.read()
                     if not data:
                         break
-                    self.xen.notify(rc.port)  # room in req for the guest's next request
+                    if full:  # the guest may be waiting for room in req
+                        self.xen.notify(rc.port)
                     for pkt in rc.parser.feed(data):
                         self._apply(self.store.handle(rc.conn, pkt))
             except RemoteProtocolError:

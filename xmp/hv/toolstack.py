@@ -34,7 +34,8 @@ def _z(*parts: str) -> bytes:
 
 
 def domain_tree(domid: int, name: str, uuid: str, memory_kb: int, maxmem_kb: int, vcpus: int,
-                maxvcpus: int, console_port: int, store_port: int) -> list[tuple[XsType, bytes]]:
+                maxvcpus: int, console_port: int, store_port: int,
+                quota: dict[str, int] | None = None) -> list[tuple[XsType, bytes]]:
     """The requests that create a guest's tree and introduce it."""
     base = f"/local/domain/{domid}"
     vm = f"/vm/{uuid}"
@@ -64,6 +65,8 @@ def domain_tree(domid: int, name: str, uuid: str, memory_kb: int, maxmem_kb: int
         reqs += [(XsType.WRITE, _z(path)), (XsType.SET_PERMS, _z(path, *rw))]
     for sub in GUEST_OWNED_DIRS:
         reqs += [(XsType.MKDIR, _z(f"{base}/{sub}")), (XsType.SET_PERMS, _z(f"{base}/{sub}", *rw))]
+    for qname, value in (quota or {}).items():  # xl.cfg xenstore_quota, before the domain is introduced
+        reqs.append((XsType.CONTROL, _z("quota-set", str(domid), qname, str(value))))
     reqs.append((XsType.INTRODUCE, _z(str(domid), str(XENSTORE_PFN), str(store_port))))
     return reqs
 

@@ -90,8 +90,10 @@ class RingTransport:
         # ``ready``: an event handler may have pumped our reply meanwhile.
         if not self.wait(lambda: self.rsp.available() > 0 or ready(), timeout) or ready():
             return b""
+        full = self.rsp.space() == 0
         data = self.rsp.read()
-        self.notify(self.port)  # room again for xenstored's next replies
+        if full:  # xenstored may be waiting for room (as Linux's xb_read, only then)
+            self.notify(self.port)
         return data
 
     def pending(self) -> bool:
@@ -255,7 +257,7 @@ class XsClient:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return None
-            self._pump(left)
+            self._pump(left, lambda: bool(self.events))  # an event handler may queue it meanwhile
         return self.events.popleft()
 
     def close(self) -> None:

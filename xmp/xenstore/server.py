@@ -747,6 +747,21 @@ class XenStore:
         self.targets[domid] = tdomid
         return b"OK\0"
 
+    def _quota_set(self, domid_text: str, name: str, value_text: str) -> bytes:
+        """CONTROL quota-set <domid> <quota> <value>: one domain's own limit
+        (the topology's xenstore_quota, sent by the toolstack)."""
+        field_name = QUOTA_NAMES.get(name)
+        value = _parse_uint(value_text)
+        if field_name is None or value < 1:
+            raise StoreError("EINVAL")
+        domid = _parse_domid(domid_text)
+        quota = replace(self.quota_for(domid), **{field_name: value})
+        self.quota_overrides[domid] = quota
+        for conn in self.connections.values():
+            if conn.domid == domid:
+                conn.quota = quota
+        return b"OK\0"
+
     def _control(self, req: _Request) -> bytes:
         args = _strings(req.pkt.payload)
         if not args:
@@ -758,8 +773,11 @@ class XenStore:
             return b"OK\0"
         if cmd == "log" and len(params) == 1 and params[0] in ("on", "off"):
             return b"OK\0"
+        if cmd == "quota-set" and len(params) == 3:
+            return self._quota_set(*params)
         if cmd == "help" and not params:
-            text = "check\nlog [on|off]\nprint <string>\nquota [<domid>]\nhelp\n"
+            text = ("check\nlog [on|off]\nprint <string>\nquota [<domid>]\n"
+                    "quota-set <domid> <quota> <value>\nhelp\n")
             return text.encode() + b"\0"
         if cmd == "quota" and len(params) <= 1:
             if not params:
@@ -769,14 +787,21 @@ class XenStore:
                 )
                 return text.encode() + b"\0"
             domid = _parse_domid(params[0])
+            limit = self.quota_for(domid)
             text = (
                 f"Domain {domid}:\n"
-                f"{'nodes':<17}: {self.store.owned[domid]:8d}\n"
+                f"{'nodes':<17}: {self.store.owned[domid]:8d} of {limit.nodes}\n"
                 f"{'watches':<17}: {self._count(domid, lambda c: len(c.watches)):8d}\n"
                 f"{'transactions':<17}: {self._count(domid, lambda c: len(c.transactions)):8d}\n"
             )
             return text.encode() + b"\0"
         raise StoreError("EINVAL")
+
+
+# CONTROL quota-set names (C xenstored's) -> Quota fields
+QUOTA_NAMES = {"nodes": "nodes", "node-size": "node_size", "watches": "watches",
+               "transactions": "transactions", "outstanding": "outstanding", "permissions": "perms",
+               "transaction-nodes": "transaction_nodes"}
 
 
 def _strip_perms(perms: tuple[Perm, ...], domid: int) -> tuple[Perm, ...]:
