@@ -180,3 +180,21 @@ def test_shutdown_applies_each_on_poweroff_action(hosts, action):
     assert f"on_poweroff = {action}" in h.dmesg() or action in ("preserve", "rename-restart")
     assert h.stop() == 0
     h.assert_clean()
+
+
+def test_xmp_xenstore_verbs(hosts):
+    h = hosts(HOST + guest("g", "idle")).start(("g",))
+    h.xmp("xenstore", "write", "/tool/demo/key", "value 1")
+    assert h.xmp("xenstore", "read", "/tool/demo/key").stdout == "value 1\n"
+    h.xmp("xenstore", "chmod", "/tool/demo/key", "n0", "r1")
+    with pyxs.Client(unix_socket_path=str(h.rundir / "xenstored.sock")) as c:
+        assert c.get_perms(b"/tool/demo/key") == [b"n0", b"r1"]
+    assert 'key = "value 1"' in h.xmp("xenstore", "ls", "/tool/demo").stdout
+    h.xmp("xenstore", "rm", "/tool/demo")
+    missing = h.xmp("xenstore", "read", "/tool/demo/key", check=False)
+    assert missing.returncode == 1 and "ENOENT" in missing.stderr
+    watch = h.xmp("xenstore", "watch", "/local/domain/1/name", "1")  # one event: the registration's
+    assert watch.stdout == "/local/domain/1/name\n"
+    bad = h.xmp("xenstore", "write", "/tool/x", check=False)
+    assert bad.returncode == 1 and "usage: xmp xenstore write PATH VALUE" in bad.stderr
+    assert h.stop() == 0

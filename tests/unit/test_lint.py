@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("tool", [["ruff", "check", "xmp", "examples", "tests", "benchmarks"], ["mypy", "xmp"]],
-                         ids=["ruff", "mypy"])
+@pytest.mark.parametrize("tool", [["ruff", "check", "xmp", "examples", "tests", "benchmarks"],
+                                  ["mypy", "xmp"]], ids=["ruff", "mypy"])
 def test_clean(tool):
     pytest.importorskip(tool[0])
     out = subprocess.run([sys.executable, "-m", *tool], cwd=ROOT, capture_output=True, text=True,
