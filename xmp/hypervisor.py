@@ -46,13 +46,14 @@ from xmp.hv.domain import (
     process_running,
 )
 from xmp.hv.hypercalls import DEFERRED, HypercallHandlers
-from xmp.hv.toolstack import Toolstack, dom0_tree, domain_tree, teardown_tree
+from xmp.hv.toolstack import Device, Toolstack, device_tree, dom0_tree, domain_tree, teardown_tree
 from xmp.hv.zygote import ZygoteClient
 from xmp.hypercall import DOM0_ONLY, MAX_FDS, MAX_MESSAGE, decode_request, encode
 from xmp.sharedmem._ffi import lib
 from xmp.sharedmem.evtchn import VIRQ_TIMER
 from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, recv_handles, remove_stale, send_handles
 from xmp.topology import DomainConfig, Topology, check_fits
+from xmp.xenstore.wire import XsType
 
 DOM0_KERNEL = "xmp.dom0:main"
 MAX_DOMID = 0x7FEF
@@ -84,6 +85,7 @@ class Supervisor(HypercallHandlers):
         self.stop_reason = ""
         self.stop_when_guests_gone = stop_when_guests_gone
         self.restarts: dict[str, deque[float]] = {}
+        self.devices: list[Device] = []  # split devices the toolstack made, to re-home on restarts
         self.echo_fd = os.dup(sys.stdout.fileno()) if echo else None
         for sub in ("console", "logs", "dumps"):
             (self.rundir / sub).mkdir(parents=True, exist_ok=True)
@@ -272,6 +274,7 @@ class Supervisor(HypercallHandlers):
             self.host_down(f"dom0 {reason}", failed=failed)
             return
         self.toolstack.send(teardown_tree(dom.domid, dom.uuid), f"releasing dom{dom.domid}")
+        self.devices = [d for d in self.devices if d.front != dom.domid]
         self.raise_dom_exc()
         self.reap_dying()
 
@@ -300,6 +303,33 @@ class Supervisor(HypercallHandlers):
         if self.toolstack.sock is not None:
             self.sel.unregister(self.toolstack.sock)
             self.toolstack.close()
+
+    def attach_device(self, front: Domain, back: Domain, devtype: str, devid: int,
+                      back_keys: dict[str, str], front_keys: dict[str, str]) -> Device:
+        """Write a split device's two directories (libxl__device_generic_add)."""
+        if any(d.front == front.domid and d.devtype == devtype and d.devid == devid for d in self.devices):
+            raise HypercallError(errno.EEXIST, "device-attach", f"{front.name} already has {devtype} {devid}")
+        dev = Device(front.domid, back.name, back.domid, devtype, devid, back_keys, front_keys)
+        self.devices.append(dev)
+        self.toolstack.send(device_tree(dev.front, dev.back_domid, devtype, devid, back_keys, front_keys),
+                            f"adding {devtype} {devid} to dom{front.domid}")
+        return dev
+
+    def _rehome_devices(self, old: int, new: Domain) -> None:
+        """A backend domain came back (restart) with a new id: point its
+        devices at it -- the frontends reconnect, as after a backend restart."""
+        for dev in self.devices:
+            if dev.back_domid != old or dev.front not in self.domains:
+                continue
+            dev.back_domid = new.domid
+            fpath = f"/local/domain/{dev.front}/device/{dev.devtype}/{dev.devid}"
+            reqs = [r for r in device_tree(dev.front, new.domid, dev.devtype, dev.devid, dev.back_keys, {})
+                    if not r[1].startswith(fpath.encode())]  # the frontend's own keys stay as they are
+            reqs += [(XsType.WRITE, f"{fpath}/backend-id\0{new.domid}".encode()),
+                     (XsType.WRITE, f"{fpath}/backend\0/local/domain/{new.domid}/backend/"
+                                    f"{dev.devtype}/{dev.front}/{dev.devid}".encode())]
+            self.toolstack.send(reqs, f"moving {dev.devtype} {dev.devid} of dom{dev.front} to dom{new.domid}")
+            self.log(f"{dev.devtype} {dev.devid} of dom{dev.front}: backend now dom{new.domid}")
 
     def request_shutdown(self, dom: Domain, reason: str) -> None:
         """xl shutdown/reboot: ask the guest through control/shutdown."""
@@ -401,7 +431,7 @@ class Supervisor(HypercallHandlers):
             self.destroy_domain(dom, f"destroyed ({reason}: on_{_on(reason)} = {configured})")
         if action in ("restart", "rename-restart") and not self.stopping:
             if self._restart_allowed(cfg.name):
-                self._create(cfg)
+                self._rehome_devices(dom.domid, self._create(cfg))
             else:
                 self.exit_code = 1
                 self.log(f"{cfg.name!r} restarted {RESTART_LIMIT[0]} times in {RESTART_LIMIT[1]:.0f} s: "

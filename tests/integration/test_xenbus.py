@@ -3,6 +3,9 @@ dom0, the handshake through xenstored, requests over a granted ring."""
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 from xmphost import HOST, guest
 
@@ -50,4 +53,27 @@ def test_a_hostile_frontend_is_closed_and_others_are_served(hosts):
     assert "failed" not in h.dmesg()  # no dom0 service fell over
     xs.close()
     assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_device_survives_a_backend_domain_restart(hosts):
+    dd = ('[[domain]]\nname = "dd"\nkernel = "xmp.guests.vping_backend:main"\nmemory = 32\n'
+          'driver_domain = true\ntrusted_backend = true\non_crash = "restart"\n')
+    h = hosts(HOST + dd + guest("pinger", "pinger", args={"count": 20, "forever": True, "interval": 0.02}))
+    h.start(("dd", "pinger"))
+    from xmp.cli import request
+
+    request(h.rundir, "device-attach", dom="pinger", backend="dd", type="vping", devid=0)
+    h.wait(lambda: "pinger: 20 pings verified" in h.console_log("pinger"), 30, "pings through dd")
+    old = h.info("dd")["domid"]
+    os.kill(h.domain_pid("dd"), signal.SIGKILL)
+    h.wait(lambda: (h.info("dd") or {}).get("domid", old) != old, 10, "dd to restart")
+    n = h.console_log("pinger").count("more pings verified")
+    h.wait(lambda: h.console_log("pinger").count("more pings verified") > n + 2, 30,
+           "pings through the restarted dd")
+    new = h.info("dd")["domid"]
+    assert f"vping 0 of dom2: backend now dom{new}" in h.dmesg()
+    assert "Traceback" not in h.console_log("pinger")  # no error, no lost answer
+    assert h.info("pinger")["state"] == "running"
+    assert h.stop() == 0  # dd crashed, but its policy restarted it: not a failure
     h.assert_clean()

@@ -243,6 +243,7 @@ class XenStored:
         with self.lock:
             conn = self.store.connect(self.k.domid, privileged=True)
         client = XsClient(LocalTransport(self, conn))
+        client.events_pending = functools.partial(self.xen.evt.send, self._ipi)
         self.locals[conn.id] = client
         return client
 

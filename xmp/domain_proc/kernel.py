@@ -11,6 +11,7 @@ crash (traceback on the console and in the domain's log).
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -61,6 +62,7 @@ class Kernel:
             si = self.start_info
             page = memoryview(self.memory)[si.store_mfn * PAGE_SIZE:(si.store_mfn + 1) * PAGE_SIZE]
             self._xs = XsClient(RingTransport(page, si.store_evtchn, self.xen.notify, self.loop.run_until))
+            self._xs.events_pending = functools.partial(self.xen.evt.send, si.store_evtchn)
             self.loop.bind(si.store_evtchn, self._store_event)
         return self._xs
 

@@ -166,6 +166,19 @@ class ControlServer:
             self.sup.dmesg.clear()
         return {"lines": lines}
 
+    def cmd_device_attach(self, req):
+        """{"cmd": "device-attach", "dom": guest, "backend": dom, "type": "vping", "devid": 0,
+        "back_keys": {...}, "front_keys": {...}} -- the toolstack's generic device add."""
+        front = self._dom(req)
+        back = self.sup.find(req.get("backend", 0))
+        devtype, devid = req.get("type"), req.get("devid", 0)
+        keys = [req.get("back_keys", {}), req.get("front_keys", {})]
+        if not isinstance(devtype, str) or not devtype.isidentifier() or not isinstance(devid, int) \
+                or not all(isinstance(k, dict) and all(isinstance(v, str) for v in k.values()) for k in keys):
+            raise HypercallError(errno.EINVAL, "device-attach", "type, devid and string keys please")
+        self.sup.attach_device(front, back, devtype, devid, *keys)
+        return {"domid": front.domid, "backend": back.domid}
+
     def cmd_console(self, req):
         dom = self._dom(req)
         return {"domid": dom.domid, "name": dom.name,

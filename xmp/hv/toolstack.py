@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from xmp.errors import RemoteProtocolError
@@ -71,6 +72,19 @@ def domain_tree(domid: int, name: str, uuid: str, memory_kb: int, maxmem_kb: int
     return reqs
 
 
+@dataclass
+class Device:
+    """A split device the toolstack made (so it can move it to a restarted backend)."""
+
+    front: int
+    back_name: str
+    back_domid: int
+    devtype: str
+    devid: int
+    back_keys: dict[str, str]
+    front_keys: dict[str, str]
+
+
 def device_tree(front: int, back: int, devtype: str, devid: int, back_keys: dict[str, str] | None = None,
                 front_keys: dict[str, str] | None = None) -> list[tuple[XsType, bytes]]:
     """The two directories of a split device, as libxl__device_generic_add
@@ -78,14 +92,15 @@ def device_tree(front: int, back: int, devtype: str, devid: int, back_keys: dict
     start Initialising, the backend ``online``."""
     bpath = f"/local/domain/{back}/backend/{devtype}/{front}/{devid}"
     fpath = f"/local/domain/{front}/device/{devtype}/{devid}"
-    reqs: list[tuple[XsType, bytes]] = [(XsType.MKDIR, _z(bpath)),
-                                        (XsType.SET_PERMS, _z(bpath, f"n{back}", f"r{front}"))]
+    # The frontend's directory first: a backend acts as soon as its own appears.
+    reqs: list[tuple[XsType, bytes]] = [(XsType.MKDIR, _z(fpath)),
+                                        (XsType.SET_PERMS, _z(fpath, f"n{front}", f"r{back}"))]
+    for key, value in {"backend": bpath, "backend-id": str(back), "state": "1", **(front_keys or {})}.items():
+        reqs.append((XsType.WRITE, _z(f"{fpath}/{key}") + value.encode()))
+    reqs += [(XsType.MKDIR, _z(bpath)), (XsType.SET_PERMS, _z(bpath, f"n{back}", f"r{front}"))]
     for key, value in {"frontend": fpath, "frontend-id": str(front), "online": "1", "state": "1",
                        **(back_keys or {})}.items():
         reqs.append((XsType.WRITE, _z(f"{bpath}/{key}") + value.encode()))
-    reqs += [(XsType.MKDIR, _z(fpath)), (XsType.SET_PERMS, _z(fpath, f"n{front}", f"r{back}"))]
-    for key, value in {"backend": bpath, "backend-id": str(back), "state": "1", **(front_keys or {})}.items():
-        reqs.append((XsType.WRITE, _z(f"{fpath}/{key}") + value.encode()))
     return reqs
 
 

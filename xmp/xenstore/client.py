@@ -115,6 +115,9 @@ class XsClient:
         self._dispatching = False
         self._posted: set[int] = set()
         self.posted_errors: list[tuple[str, str]] = []
+        # Called when a request returns with watch events queued; a domain
+        # raises its own store port so its event loop dispatches them.
+        self.events_pending: Callable[[], object] | None = None
 
     # -- the protocol --------------------------------------------------------
 
@@ -124,6 +127,8 @@ class XsClient:
         while req_id not in self._replies:
             self._pump(None, lambda: req_id in self._replies)
         reply = self._replies.pop(req_id)
+        if self.events and self.events_pending is not None:
+            self.events_pending()  # events came with the reply: have the owner's loop dispatch them
         if reply.type == XsType.ERROR:
             raise XenStoreError(reply.payload.rstrip(b"\0").decode(errors="replace"), path, op.name)
         if reply.type != op:

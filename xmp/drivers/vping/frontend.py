@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from xmp.drivers.vping import protocol
 from xmp.drivers.xenbus.device import FrontendDriver, XenbusDevice, frontend_bus
+from xmp.errors import HypercallError
 from xmp.sharedmem.ring import FrontRing
 
 
@@ -19,9 +20,12 @@ class VpingFront(FrontendDriver):
         self.connected_once = False
         self.is_connected = False
         self.answers: dict[int, bytes] = {}
+        self.in_flight: dict[int, bytes] = {}  # sent, not answered: re-issued after a reconnection
+        self.stale_grefs: list[int] = []
         self.next_id = 1
 
     def setup(self, dev: XenbusDevice) -> None:
+        self._end_stale_grants()
         page = self.k.page(self.pfn)
         page[:] = bytes(len(page))
         self.ring = FrontRing(page, protocol.SLOT, protocol.SLOT)
@@ -33,6 +37,8 @@ class VpingFront(FrontendDriver):
 
     def connected(self, dev: XenbusDevice) -> None:
         self.is_connected = self.connected_once = True
+        if self.in_flight:  # the backend restarted under them: send them again
+            self._send([self.in_flight[i] for i in sorted(self.in_flight)])
 
     def disconnect(self, dev: XenbusDevice) -> None:
         self.is_connected = False
@@ -44,8 +50,20 @@ class VpingFront(FrontendDriver):
             self.ring.release()
             self.ring = None
         if self.gref is not None:
-            self.k.grant_table.end_foreign_access(self.gref)  # the backend has let go
+            self.stale_grefs.append(self.gref)
             self.gref = None
+        self._end_stale_grants()
+
+    def _end_stale_grants(self) -> None:
+        """End access to old ring grants; one a backend still maps is kept
+        and tried again later (Linux defers it the same way)."""
+        still = []
+        for gref in self.stale_grefs:
+            try:
+                self.k.grant_table.end_foreign_access(gref)
+            except HypercallError:
+                still.append(gref)
+        self.stale_grefs = still
 
     def _event(self, _port: int) -> None:
         if self.ring is None:
@@ -54,7 +72,9 @@ class VpingFront(FrontendDriver):
             rsps = self.ring.get_responses()
             for i in range(0, len(rsps), protocol.SLOT):
                 rsp = rsps[i:i + protocol.SLOT]
-                self.answers[protocol.HEADER.unpack_from(rsp)[0]] = rsp[8:]
+                req_id = protocol.HEADER.unpack_from(rsp)[0]
+                if self.in_flight.pop(req_id, None) is not None:  # a late duplicate is dropped
+                    self.answers[req_id] = rsp[8:]
             if not self.ring.final_check_for_responses():
                 return
 
@@ -65,12 +85,19 @@ class VpingFront(FrontendDriver):
             raise TimeoutError("vping: not connected")
         req_id = self.next_id
         self.next_id += 1
-        self.ring.put_request(protocol.request(req_id, data))
-        if self.ring.push_requests_and_check_notify():
-            self.k.xen.notify(self.port)
+        self.in_flight[req_id] = protocol.request(req_id, data)
+        self._send([self.in_flight[req_id]])
         if not self.k.loop.run_until(lambda: req_id in self.answers, timeout):
             raise TimeoutError(f"vping: no answer to request {req_id}")
         return self.answers.pop(req_id)
+
+    def _send(self, requests: list[bytes]) -> None:
+        if self.ring is None or self.port is None:
+            return  # not connected: connected() sends what is in flight
+        for req in requests:
+            self.ring.put_request(req)
+        if self.ring.push_requests_and_check_notify():
+            self.k.xen.notify(self.port)
 
 
 def attach(kernel, devid: int = 0) -> VpingFront:

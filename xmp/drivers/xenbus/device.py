@@ -25,6 +25,7 @@ dispatches them -- in a domain, its event loop.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 
@@ -76,6 +77,12 @@ class XenbusDevice:
         self._token = f"xenbus-{next(_tokens)}"
         xs.on_watch(self._token, lambda _path: self.changed())
         xs.watch(f"{self.otherend}/state", self._token)  # fires once now
+        self._other_key = f"{nodename}/{other}"
+        if self.frontend:
+            # The toolstack may move the device to a restarted backend domain.
+            self._move_token = f"xenbus-move-{next(_tokens)}"
+            xs.on_watch(self._move_token, lambda _path: self._otherend_moved())
+            xs.watch(self._other_key, self._move_token)
 
     # -- what drivers use ----------------------------------------------------
 
@@ -93,8 +100,33 @@ class XenbusDevice:
 
     # -- the machine ---------------------------------------------------------
 
+    def _otherend_moved(self) -> None:
+        path = (self.xs.read_or(self._other_key) or b"").decode()
+        if not path or path == self.otherend:
+            return
+        self._xs_try(lambda: self.xs.unwatch(f"{self.otherend}/state", self._token))
+        self.otherend = path
+        self.otherend_id = int(self.xs.read(f"{self.nodename}/backend-id"))
+        # Our nodes let the old backend read them: let the new one instead.
+        perms = [self.xs.get_perms(self.nodename)[0], f"r{self.otherend_id}"]
+        for node in [self.nodename, *(f"{self.nodename}/{k}" for k in self.xs.directory(self.nodename))]:
+            self._xs_try(functools.partial(self.xs.set_perms, node, perms))
+        # Start over with the new backend, whatever it has seen of us so far:
+        # it may even have connected to our old ring.
+        if self.state != XenbusState.INITIALISING:
+            self._xs_try(functools.partial(self.driver.disconnect, self))
+            self.switch(XenbusState.INITIALISING)
+        self.xs.watch(f"{self.otherend}/state", self._token)  # its first event runs the machine
+
     def changed(self) -> None:
-        other = self.other_state()
+        try:
+            other = self.other_state()
+        except XenStoreError:
+            if self.frontend:
+                return  # not readable (yet): the next event retries
+            # A backend need not see its frontend to publish its features and
+            # wait (InitWait); the frontend may not have let it read yet.
+            other = XenbusState.UNKNOWN
         step = frontend_step(self.state, other) if self.frontend else backend_step(self.state, other)
         try:
             for act in step.actions:
@@ -155,8 +187,14 @@ class Bus:
         self.depth = depth  # 1: device/<type>/<devid>; 2: backend/<type>/<frontid>/<devid>
         self.devices: dict[str, XenbusDevice] = {}
         self._token = f"xenbus-bus-{next(_tokens)}"
-        xs.on_watch(self._token, lambda _path: self.scan())
+        xs.on_watch(self._token, lambda _path: self._scan_guarded())
         xs.watch(root, self._token)
+
+    def _scan_guarded(self) -> None:
+        try:
+            self.scan()
+        except XenStoreError:
+            pass  # half-written by the toolstack: the next event brings the rest
 
     def _nodes(self) -> list[str]:
         level = [self.root]
@@ -178,7 +216,7 @@ class Bus:
                 continue
             try:
                 dev = XenbusDevice(self.xs, node, self.factory())
-            except (XenStoreError, ValueError):
+            except (XenStoreError, ValueError, MemoryError):
                 continue  # half-written by the toolstack: the next event brings the rest
             self.devices[node] = dev
             dev.start()

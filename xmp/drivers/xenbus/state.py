@@ -65,7 +65,8 @@ _BACKEND: dict[tuple[S, S], Step] = {
     (S.INITIALISING, S.INITIALISED): Step((Act.PUBLISH_FEATURES,), S.INIT_WAIT),
     (S.INITIALISING, S.CONNECTED): Step((Act.PUBLISH_FEATURES,), S.INIT_WAIT),
     (S.INIT_WAIT, S.INITIALISED): Step((Act.CONNECT,), S.CONNECTED),
-    (S.INIT_WAIT, S.CONNECTED): Step((Act.CONNECT,), S.CONNECTED),
+    # (INIT_WAIT, CONNECTED) waits: a frontend still Connected is connected to a
+    # previous backend (this one is a restart); it starts over and comes back Initialised
     # the frontend started over (reconnecting, or a new frontend): handshake again
     (S.CONNECTED, S.INITIALISING): Step((Act.DISCONNECT, Act.PUBLISH_FEATURES), S.INIT_WAIT),
     # (CONNECTED, INITIALISED) needs nothing: watch events are not one per change,
@@ -86,6 +87,10 @@ _FRONTEND: dict[tuple[S, S], Step] = {
     # the backend started over (its domain restarted): handshake again
     (S.CONNECTED, S.INIT_WAIT): Step((Act.DISCONNECT, Act.SETUP), S.INITIALISED),
     (S.CONNECTED, S.INITIALISING): Step((Act.DISCONNECT,), S.INITIALISING),
+    # the backend vanished (its domain died): drop the connection and wait for one
+    (S.CONNECTED, S.UNKNOWN): Step((Act.DISCONNECT,), S.INITIALISING),
+    (S.INITIALISED, S.UNKNOWN): Step((Act.DISCONNECT,), S.INITIALISING),
+    (S.INITIALISING, S.INITIALISING): NOTHING,
     (S.CLOSED, S.INIT_WAIT): Step((Act.SETUP,), S.INITIALISED),
     (S.INITIALISED, S.INIT_WAIT): NOTHING,  # waiting for the backend to connect
 }
