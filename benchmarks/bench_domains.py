@@ -45,13 +45,11 @@ import argparse
 import json
 import multiprocessing
 import os
-import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +57,7 @@ from typing import Any
 
 import psutil
 import report  # benchmarks/report.py: the shared targets shape
+from harness import BenchError, BenchHost  # benchmarks/harness.py: a supervisor under measurement
 
 KERNEL = "xmp.guests.stamp:main"
 GUEST_MIB = 32
@@ -68,10 +67,6 @@ SETTLE = 0.02            # s after each destroy in (1), so one create's aftermat
 START_TIMEOUT = 30.0
 GUEST_TIMEOUT = 20.0     # s for one guest to print its stamp
 MIB = 1 << 20
-
-
-class BenchError(Exception):
-    """A measurement failed: the supervisor refused, died, or a guest never stamped."""
 
 
 def log(msg: str) -> None:
@@ -138,31 +133,21 @@ class Control:
         self.sock.close()
 
 
-class Host:
-    """``xmp run`` in a child process, in a fresh temporary run directory."""
+class Host(BenchHost):
+    """The measured host: dom0 and a long-lived "keeper" guest, so the
+    supervisor goes on while the measured guests come and go."""
 
     def __init__(self, n_guests: int):
-        self.dir = Path(tempfile.mkdtemp(prefix="xmp-bench-domains-"))
-        self.rundir = self.dir / "run"
-        self.consoles = self.rundir / "console"
-        self.topology = self.dir / "topology.toml"
         host_mib = DOM0_MIB + GUEST_MIB * (n_guests + 8)
-        self.topology.write_text(TOPOLOGY.format(host_mib=host_mib, dom0_mib=DOM0_MIB,
-                                                 guest_mib=GUEST_MIB, kernel=KERNEL))
-        self.proc: subprocess.Popen | None = None
+        super().__init__("xmp-bench-domains-", TOPOLOGY.format(host_mib=host_mib, dom0_mib=DOM0_MIB,
+                                                                guest_mib=GUEST_MIB, kernel=KERNEL))
         self.ctl: Control | None = None
-        self.seen: set[int] = set()
 
     def start(self) -> None:
-        out = open(self.dir / "supervisor.out", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "xmp.cli", "run", "--rundir",
-                                      str(self.rundir), str(self.topology)],
-                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        out.close()
+        super().start()
         deadline = time.monotonic() + START_TIMEOUT
         while True:
-            if self.proc.poll() is not None:
-                raise BenchError(f"the supervisor exited ({self.proc.returncode}): {self.output()}")
+            self.check_alive()
             try:
                 self.ctl = Control(self.rundir / "control.sock")
                 break
@@ -173,21 +158,6 @@ class Host:
         # Ready once the keeper has stamped (dom0's xenconsoled is then up too).
         wait_stamp(self.consoles / "keeper.log", deadline)
         self.descendants()
-
-    def output(self) -> str:
-        try:
-            return (self.dir / "supervisor.out").read_text(errors="replace")[-2000:]
-        except OSError:
-            return ""
-
-    def descendants(self) -> list[psutil.Process]:
-        assert self.proc is not None
-        try:
-            procs = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-        self.seen |= {p.pid for p in procs}
-        return procs
 
     def guest_processes(self, names: set[str]) -> dict[str, psutil.Process]:
         """Domain processes by name, found by their title ``xmp:<domid>:<name>``."""
@@ -204,53 +174,10 @@ class Host:
         return found
 
     def stop(self) -> list[str]:
-        """SIGTERM, wait, and check that nothing of this supervisor is left."""
-        problems: list[str] = []
         if self.ctl is not None:
             self.ctl.close()
             self.ctl = None
-        if self.proc is None:
-            return problems
-        pid = self.proc.pid
-        self.descendants()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            problems.append("the supervisor did not stop within 30 s of SIGTERM; killed")
-            self.proc.kill()
-            code = self.proc.wait()
-        if code not in (0, -signal.SIGTERM):
-            problems.append(f"the supervisor exited with status {code}: {self.output()}")
-        deadline = time.monotonic() + 5
-        while True:
-            alive = [p for p in self.seen if _alive(p)]
-            shm = [n for n in os.listdir("/dev/shm") if n.startswith(f"xmp.{pid}.")]
-            if not (alive or shm) or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        if alive:
-            problems.append(f"processes of the supervisor left running: {alive}")
-            for p in alive:
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        if shm:
-            problems.append(f"shared-memory objects left in /dev/shm: {shm}")
-        self.proc = None
-        return problems
-
-    def remove_dir(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+        return super().stop()
 
 
 def read_first_line(path: Path, fd_holder: dict) -> bytes | None:

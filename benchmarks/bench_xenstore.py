@@ -40,18 +40,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import report  # benchmarks/report.py: the shared targets shape
+from harness import BenchError, BenchHost  # benchmarks/harness.py: a supervisor under measurement
 
 from xmp.errors import XmpError
 from xmp.guests.xsbench import TX_WRITES, _timed
@@ -67,10 +64,6 @@ OPS = ("read", "write", "transaction", "watch")
 LABELS = {"read": "READ (existing node)", "write": "WRITE",
           "transaction": f"transaction of {TX_WRITES} writes", "watch": "watch round trip"}
 TOOL_DIR = "/tool/xsbench"
-
-
-class BenchError(Exception):
-    """A measurement failed: the supervisor refused, died, or the guest reported no results."""
 
 
 def log(msg: str) -> None:
@@ -92,44 +85,12 @@ args = {{ seconds = {seconds}, warmup = {warmup} }}
 """
 
 
-class Host:
-    """``xmp run`` in a child process, in a fresh temporary run directory."""
+class Host(BenchHost):
+    """The measured host: dom0 and the xsbench guest."""
 
     def __init__(self, seconds: float, warmup: float):
-        self.dir = Path(tempfile.mkdtemp(prefix="xmp-bench-xenstore-"))
-        self.rundir = self.dir / "run"
-        self.topology = self.dir / "topology.toml"
-        self.topology.write_text(TOPOLOGY.format(guest=GUEST, kernel=KERNEL, seconds=seconds, warmup=warmup))
-        self.proc: subprocess.Popen | None = None
-        self.seen: set[int] = set()
-
-    def start(self) -> None:
-        out = open(self.dir / "supervisor.out", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "xmp.cli", "run", "--rundir",
-                                      str(self.rundir), str(self.topology)],
-                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        out.close()
-        self.descendants()
-
-    def output(self) -> str:
-        try:
-            return (self.dir / "supervisor.out").read_text(errors="replace")[-2000:]
-        except OSError:
-            return ""
-
-    def check_alive(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise BenchError(f"the supervisor exited ({self.proc.returncode}): {self.output()}")
-
-    def descendants(self) -> list[psutil.Process]:
-        assert self.proc is not None
-        try:
-            procs = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-        self.seen |= {p.pid for p in procs}
-        return procs
+        super().__init__("xmp-bench-xenstore-",
+                         TOPOLOGY.format(guest=GUEST, kernel=KERNEL, seconds=seconds, warmup=warmup))
 
     def guest_result(self, timeout: float) -> dict:
         """Wait for the guest's ``xsbench: {json}`` console line."""
@@ -152,52 +113,6 @@ class Host:
                 raise BenchError(f"no xsbench line in {path} within {timeout:.0f} s; "
                                  f"console: {text[-1000:]!r}; supervisor: {self.output()}")
             time.sleep(POLL)
-
-    def stop(self) -> list[str]:
-        """SIGTERM, wait, and check that nothing of this supervisor is left."""
-        problems: list[str] = []
-        if self.proc is None:
-            return problems
-        pid = self.proc.pid
-        self.descendants()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            problems.append("the supervisor did not stop within 30 s of SIGTERM; killed")
-            self.proc.kill()
-            code = self.proc.wait()
-        if code not in (0, -signal.SIGTERM):
-            problems.append(f"the supervisor exited with status {code}: {self.output()}")
-        deadline = time.monotonic() + 5
-        while True:
-            alive = [p for p in self.seen if _alive(p)]
-            shm = [n for n in os.listdir("/dev/shm") if n.startswith(f"xmp.{pid}.")]
-            if not (alive or shm) or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        if alive:
-            problems.append(f"processes of the supervisor left running: {alive}")
-            for p in alive:
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        if shm:
-            problems.append(f"shared-memory objects left in /dev/shm: {shm}")
-        self.proc = None
-        return problems
-
-    def remove_dir(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 # ---------------------------------------------------------------------------
