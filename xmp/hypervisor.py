@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import heapq
-import json
 import os
 import selectors
 import signal
@@ -382,7 +381,7 @@ class Supervisor(HypercallHandlers):
     def domain_info(self, dom: Domain) -> dict:
         cpu = dom.cpu_time_final if dom.state == DomState.SHUTDOWN and dom.pid is None \
             else process_cpu_seconds(dom.pid)
-        return {"domid": dom.domid, "name": dom.name, "uuid": getattr(dom, "uuid", ""),
+        return {"domid": dom.domid, "name": dom.name, "uuid": dom.uuid,
                 "state": dom.state.value, "state_letters": dom.state_letters(process_running(dom.pid)),
                 "shutdown_reason": dom.shutdown_reason, "mem_kb": dom.tot_pages * PAGE_SIZE // 1024,
                 "maxmem_kb": len(dom.populated) * PAGE_SIZE // 1024, "vcpus": dom.cfg.vcpus,
@@ -605,7 +604,3 @@ class Supervisor(HypercallHandlers):
 
 def _on(reason: str) -> str:
     return {"poweroff": "poweroff", "reboot": "reboot", "crash": "crash"}.get(reason, reason)
-
-
-def control_reply(ok: bool, **fields: Any) -> bytes:
-    return (json.dumps({"ok": ok, **fields}) + "\n").encode()

@@ -110,3 +110,33 @@ def xsgarbage(kernel) -> None:
     t.send(struct.pack("<IIII", 2, 1, 0, 100000))
     kernel.print("xsgarbage: sent")
     kernel.idle()
+
+
+def memops(kernel) -> None:
+    """memory_op and grant_table_op from a guest; reports ``memops: {json}``."""
+    import json
+
+    from xmp.errors import HypercallError
+
+    xen = kernel.xen
+    first = kernel.alloc_pages(256)
+    pfns = list(range(first, first + 256))
+    for pfn in pfns:
+        kernel.page(pfn)[:8] = b"written!"
+    report = {"max": xen.maximum_reservation(), "before": xen.current_reservation()}
+    report["released"] = xen.decrease_reservation(pfns)
+    report["after_release"] = xen.current_reservation()
+    report["punched_reads_zero"] = all(bytes(kernel.page(p)[:8]) == bytes(8) for p in pfns)
+    report["special_released"] = xen.decrease_reservation([0])  # start_info is never given back
+    report["populated"] = xen.populate_physmap(pfns)
+    report["after_populate"] = xen.current_reservation()
+    try:
+        xen.populate_physmap([first])  # already there
+        report["double_populate"] = "accepted"
+    except HypercallError as exc:
+        report["double_populate"] = exc.errno
+    report["grant_frames"] = xen.query_size()
+    report["setup_table"] = xen.setup_table(2)
+    xen.sched_yield()
+    kernel.print("memops: " + json.dumps(report))
+    kernel.idle()

@@ -341,3 +341,21 @@ def test_console_output_is_never_lost(hosts):
     assert lines[:-1] == [f"line {i:06d} " + "x" * 40 for i in range(30000)]
     assert lines[-1] == "flood: done"
     h.assert_clean()
+
+
+def test_memory_op_balloons_really_and_grant_table_size(hosts):
+    h = hosts(HOST + '[[domain]]\nname = "m"\nkernel = "kernels:memops"\nmemory = 32\n').start(("m",))
+    h.wait(lambda: "memops: {" in h.console_log("m"), 15, "the report")
+    line = next(ln for ln in h.console_log("m").splitlines() if ln.startswith("memops: {"))
+    r = json.loads(line[len("memops: "):])
+    pages = 32 * 256
+    assert r["max"] == pages and r["before"] == pages
+    assert r["released"] == 256 and r["after_release"] == pages - 256
+    assert r["punched_reads_zero"]  # the pages were punched out of the object, not just counted
+    assert r["special_released"] == 0
+    assert r["populated"] == 256 and r["after_populate"] == pages
+    assert r["double_populate"] == 22  # EINVAL
+    assert r["grant_frames"] == {"nr_frames": 1, "max_nr_frames": 64}
+    assert r["setup_table"] == [3, 4]
+    assert h.info("m")["mem_kb"] == 32 * 1024
+    assert h.stop() == 0

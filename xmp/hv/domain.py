@@ -20,7 +20,6 @@ from xmp.hypercall import SHUTDOWN_REASONS
 from xmp.sharedmem.bytering import ByteRing, console_rings
 from xmp.sharedmem.evtchn import EVTCHN_OBJECT_SIZE, EventChannels, PortTable
 from xmp.sharedmem.grant import (
-    ENTRIES_PER_FRAME,
     GNTTAB_RESERVED_CONSOLE,
     GNTTAB_RESERVED_XENSTORE,
     ActiveGrants,
@@ -176,10 +175,6 @@ def build_domain(ns: ShmNamespace, domid: int, cfg: DomainConfig, name: str | No
         evt_obj.close()
         ram.close()
         raise
-
-
-def entries(nr_frames: int) -> int:
-    return nr_frames * ENTRIES_PER_FRAME
 
 
 def process_cpu_seconds(pid: int | None) -> float:

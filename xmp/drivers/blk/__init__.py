@@ -1,0 +1,1 @@
+"""The virtual block device: Xen's blkif split driver."""
