@@ -73,7 +73,7 @@ def cmd_run(args) -> int:
     from xmp.topology import load_topology
 
     try:
-        topo = load_topology(args.topology)
+        topo = load_topology(os.path.abspath(args.topology))  # disk targets are relative to it
     except XmpError as exc:
         raise CliError(str(exc)) from None
     rundir = Path(args.rundir or topo.host.rundir or default_rundir(topo.host.name))
@@ -135,7 +135,7 @@ def cmd_create(args) -> int:
     from xmp.topology import load_domain
 
     try:
-        cfg = load_domain(args.file)
+        cfg = load_domain(os.path.abspath(args.file))
     except XmpError as exc:
         raise CliError(str(exc)) from None
     reply = request(_rundir(args), "create", config=cfg.to_dict(), paused=args.paused)

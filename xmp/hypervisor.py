@@ -33,6 +33,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from xmp.diskspec import DiskSpec, parse_diskspec
 from xmp.errors import GrantError, HypercallError, XmpError
 from xmp.hv.control import ControlServer
 from xmp.hv.domain import (
@@ -55,6 +56,9 @@ from xmp.topology import DomainConfig, Topology, check_fits
 from xmp.xenstore.wire import XsType
 
 DOM0_KERNEL = "xmp.dom0:main"
+DRIVER_DOMAIN_KERNEL = "xmp.drivers.backends:main"  # a driver domain without a kernel of its own
+# Frontends every guest may open with kernel.block(…) etc.: loaded once in the zygote.
+PRELOAD = ("xmp.drivers.blk.frontend",)
 MAX_DOMID = 0x7FEF
 RESTART_LIMIT = (10, 10.0)  # at most 10 restarts of one name in 10 s
 DYING_GRACE = 5.0           # seconds a dying domain waits for its mappers to let go
@@ -106,7 +110,7 @@ class Supervisor(HypercallHandlers):
         self._wake_w.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, ("signal", None))
         self.zygote.preload({d.kernel.split(":")[0] for d in topology.domains if d.kernel}
-                            | {DOM0_KERNEL.split(":")[0]})
+                            | {DOM0_KERNEL.split(":")[0], DRIVER_DOMAIN_KERNEL.split(":")[0], *PRELOAD})
 
     # -- logging -----------------------------------------------------------
 
@@ -174,6 +178,32 @@ class Supervisor(HypercallHandlers):
             raise HypercallError(errno.EINVAL, "createdomain", str(exc)) from None
         return self._create(cfg)
 
+    def _prepare_disks(self, cfg: DomainConfig) -> list[tuple[DiskSpec, Path, Domain]]:
+        """Each disk's backend domain and image file, before the domain is built:
+        a relative target is relative to the file the domain came from; a
+        missing image with ``size=`` is created sparse (never a present one)."""
+        base = Path(cfg.source.rsplit(":", 1)[0]).parent if cfg.source else Path.cwd()
+        out = []
+        for text in cfg.disk:
+            spec = parse_diskspec(text)
+            back = self.domains.get(DOMID_DOM0) if spec.backend in (None, "Domain-0", "0") \
+                else self.find(spec.backend)
+            if back is None:
+                raise HypercallError(errno.ESRCH, "createdomain", f"disk {spec.vdev}: no backend domain")
+            if spec.target is None:
+                raise HypercallError(errno.EINVAL, "createdomain", f"disk {spec.vdev}: no target")
+            image = Path(spec.target) if Path(spec.target).is_absolute() else base / spec.target
+            if not image.exists():
+                if spec.size_bytes is None:
+                    raise HypercallError(errno.ENOENT, "createdomain", f"disk {spec.vdev}: {image} "
+                                         "does not exist (give size=… to create it)")
+                image.parent.mkdir(parents=True, exist_ok=True)
+                with open(image, "xb") as f:
+                    f.truncate(spec.size_bytes)
+                self.log(f"created image {image} ({spec.size_bytes} bytes, sparse)")
+            out.append((spec, image.resolve(), back))
+        return out
+
     def _alloc_domid(self) -> int:
         # Ids are not reused within a supervisor's life, as in Xen: nothing
         # keyed by an old id can reach the new domain.
@@ -192,6 +222,7 @@ class Supervisor(HypercallHandlers):
             check_fits(self.pool_pages * PAGE_SIZE // MIB + used, used, cfg)
         except XmpError as exc:
             raise HypercallError(errno.ENOMEM, "createdomain", str(exc)) from None
+        disks = self._prepare_disks(cfg) if domid != DOMID_DOM0 else []
         if domid is None:
             domid = self._alloc_domid()
         mem_pages = cfg.memory_mib * MIB // PAGE_SIZE
@@ -217,8 +248,10 @@ class Supervisor(HypercallHandlers):
             os.close(log_fd)
         dom.sock = ours
         self.domains[domid] = dom
+        default_kernel = DOM0_KERNEL if domid == DOMID_DOM0 else DRIVER_DOMAIN_KERNEL if cfg.driver_domain \
+            else None
         boot: dict[str, Any] = {"domid": domid, "name": name, "config": cfg.to_dict(),
-                                "kernel": cfg.kernel or (DOM0_KERNEL if domid == DOMID_DOM0 else None)}
+                                "kernel": cfg.kernel or default_kernel}
         fds = [dom.ram.fd, dom.evt_obj.fd]
         if domid == DOMID_DOM0:
             boot["rundir"] = str(self.rundir)
@@ -231,6 +264,11 @@ class Supervisor(HypercallHandlers):
             tree = domain_tree(domid, name, dom.uuid, cfg.memory_mib * 1024, cfg.maxmem_mib * 1024,
                                cfg.vcpus, cfg.maxvcpus, dom.console_port, dom.store_port, cfg.xenstore_quota)
             self.toolstack.send(tree, f"building dom{domid}")
+            for spec, image, back in disks:
+                self.attach_device(dom, back, "vbd", spec.devid,
+                                   {"params": str(image), "mode": "r" if spec.readonly else "w",
+                                    "device-type": spec.devtype, "type": "file"},
+                                   {"virtual-device": str(spec.devid), "device-type": spec.devtype})
         self.log(f"created dom{domid} {name!r} ({cfg.memory_mib} MiB, {cfg.vcpus} vcpu, pid {dom.pid})")
         self.raise_dom_exc()
         return dom

@@ -79,6 +79,7 @@ from typing import Any
 
 import psutil
 
+from xmp.diskspec import DiskSpecError, parse_diskspec
 from xmp.errors import XmpError
 
 MiB = 1 << 20
@@ -412,6 +413,21 @@ def _json_problem(value: Any, where: str) -> str | None:
     return f"{where} is {_describe(value)}; only strings, numbers, booleans, arrays and tables can be passed"
 
 
+def _disks(t: _Table, raw: dict) -> tuple[str, ...]:
+    """xl disk specs: each must parse (the block driver reads them later)."""
+    specs = _str_list(t, raw, "disk")
+    vdevs: set[str] = set()
+    for spec in specs:
+        try:
+            parsed = parse_diskspec(spec)
+        except DiskSpecError as exc:
+            raise t.error("disk", str(exc)) from None
+        if parsed.vdev in vdevs:
+            raise t.error("disk", f"vdev '{parsed.vdev}' is used twice")
+        vdevs.add(parsed.vdev)
+    return specs
+
+
 # xl.cfg xenstore_quota: this domain's limits in xenstored, by C xenstored's names.
 XENSTORE_QUOTAS = ("nodes", "node-size", "watches", "transactions", "outstanding", "permissions",
                    "transaction-nodes")
@@ -532,7 +548,7 @@ def _domain(t: _Table, raw: dict, known: tuple[str, ...], *, dom0: bool) -> Doma
         maxvcpus=maxvcpus,
         kernel=kernel,
         args=_args(t, raw),
-        disk=_str_list(t, raw, "disk"),
+        disk=_disks(t, raw),
         vif=_str_list(t, raw, "vif"),
         on_poweroff=_choice(t, raw, "on_poweroff", "destroy", ACTIONS),
         on_reboot=_choice(t, raw, "on_reboot", "restart", ACTIONS),
@@ -666,6 +682,11 @@ def parse_topology(text: str, path: str = "<topology>") -> Topology:
             raise t.error("name", f"duplicate name '{cfg.name}': already used by the [[domain]] at {at}; "
                                   "names must be unique")
         first_line[cfg.name] = t.line("name")
+        for spec in cfg.disk:  # a disk's backend domain must exist before its frontend
+            backend = parse_diskspec(spec).backend
+            if backend not in (None, "Domain-0", "0") and backend not in first_line:
+                raise t.error("disk", f"backend '{backend}' is not a [[domain]] defined above '{cfg.name}'; "
+                                      "define the driver domain first")
         domains.append(cfg)
         tables.append(t)
 

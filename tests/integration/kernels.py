@@ -140,3 +140,208 @@ def memops(kernel) -> None:
     xen.sched_yield()
     kernel.print("memops: " + json.dumps(report))
     kernel.idle()
+
+
+# -- vbd (blkif) ----------------------------------------------------------------
+
+VBD = 51712  # xvda
+
+
+def blk_pattern(sector: int, size: int) -> bytes:
+    """The bytes the vbd tests write at ``sector`` (the test recomputes them)."""
+    import random
+
+    return random.Random(f"{sector}/{size}").randbytes(size)
+
+
+BLK_CASES = [(1, 512), (9, 4096), (100, 44 * 1024), (1001, 1024 * 1024), (5000, 11 * 4096 + 1536)]
+
+
+def _blkreport(kernel, test: str, **fields) -> None:
+    import json
+
+    kernel.print("blktest: " + json.dumps({"test": test, **fields}))
+
+
+def _wait_go(kernel, key: str) -> None:
+    """Wait until the test writes data/<key> in our xenstore directory."""
+    while kernel.xenstore.read_or(f"data/{key}") is None:
+        kernel.sleep(0.05)
+
+
+def blkcheck(kernel) -> None:
+    """The vbd end to end: integrity, bounds, throughput, flush, discard."""
+    import time
+
+    from xmp.drivers.blk.frontend import BlockIOError, attach
+
+    dev = attach(kernel, int(kernel.args.get("devid", VBD)))
+    _blkreport(kernel, "info", sectors=dev.sectors, size=dev.size, sector_size=dev.sector_size,
+               readonly=dev.readonly, features=dev.features)
+    for sector, size in BLK_CASES:
+        dev.write(sector, blk_pattern(sector, size))
+    bad = [[s, n] for s, n in BLK_CASES if dev.read(s, n // 512) != blk_pattern(s, n)]
+    dev.flush()
+    _blkreport(kernel, "integrity", ok=not bad, bad=bad)
+
+    results = {}
+    for name, fn in {"read_past_end": lambda: dev.read(dev.sectors - 1, 2),
+                     "write_past_end": lambda: dev.write(dev.sectors, bytes(512)),
+                     "discard_past_end": lambda: dev.discard(dev.sectors - 8, 16)}.items():
+        try:
+            fn()
+            results[name] = "accepted"
+        except BlockIOError as exc:
+            results[name] = exc.status
+    results["after"] = dev.read(BLK_CASES[0][0], 1) == blk_pattern(*BLK_CASES[0])
+    _blkreport(kernel, "bounds", **results)
+
+    mib = 1024 * 1024
+    data = blk_pattern(0, mib)
+    base, n = 20480, int(kernel.args.get("rounds", 32))
+    t0 = time.monotonic()
+    for i in range(n):
+        dev.write(base + (i % 4) * 2048, data)
+    t1 = time.monotonic()
+    ok = True
+    for i in range(n):
+        ok = dev.read(base + (i % 4) * 2048, 2048) == data and ok
+    t2 = time.monotonic()
+    _blkreport(kernel, "throughput", ok=ok, write_mbs=round(n / (t1 - t0), 1),
+               read_mbs=round(n / (t2 - t1), 1))
+
+    # discard: 1 MiB written and flushed, then all but its first and last sector discarded
+    d = 16384
+    dev.write(d, blk_pattern(d, mib))
+    dev.flush()
+    _blkreport(kernel, "discard_ready")
+    _wait_go(kernel, "discard")
+    dev.discard(d + 1, 2046)
+    dev.flush()
+    back = dev.read(d, 2048)
+    _blkreport(kernel, "discard", zeros=back[512:-512] == bytes(mib - 1024),
+               edges=back[:512] == blk_pattern(d, mib)[:512] and back[-512:] == blk_pattern(d, mib)[-512:])
+    kernel.idle()
+
+
+def blkro(kernel) -> None:
+    """A read-only vbd: writes and discards fail, reads work."""
+    from xmp.drivers.blk.frontend import BlockIOError, attach
+
+    dev = attach(kernel, VBD)
+    results: dict = {"readonly": dev.readonly, "read": dev.read(0, 8)[:16].hex()}
+    for name, fn in {"write": lambda: dev.write(0, bytes(512)), "discard": lambda: dev.discard(0, 8)}.items():
+        try:
+            fn()
+            results[name] = "accepted"
+        except BlockIOError as exc:
+            results[name] = exc.status
+    results["read_after"] = dev.read(0, 8)[:16].hex()
+    _blkreport(kernel, "readonly", **results)
+    kernel.idle()
+
+
+def blkloop(kernel) -> None:
+    """Write, read back and check, forever; ``blkloop: N verified`` every 20."""
+    from xmp.drivers.blk.frontend import attach
+
+    dev = attach(kernel, VBD)
+    i = 0
+    while True:
+        sector = (i % 64) * 24
+        data = blk_pattern(i, 12 * 1024)
+        dev.write(sector, data)
+        if dev.read(sector, 24) != data:
+            raise AssertionError(f"blkloop: round {i} read back wrong")
+        i += 1
+        if i % 20 == 0:
+            kernel.print(f"blkloop: {i} verified, {dev.reissued} re-issued")
+        interval = float(kernel.args.get("interval", 0.005))
+        if interval:
+            kernel.sleep(interval)
+
+
+def blkhostile(kernel) -> None:
+    """A hostile vbd frontend: its own ring, raw garbage requests; reports
+    each answer, then pushes a producer index far past the ring."""
+    import struct
+
+    from xmp.drivers.blk import protocol
+    from xmp.drivers.xenbus.device import FrontendDriver, frontend_bus
+    from xmp.sharedmem.ring import FrontRing
+
+    class Hostile(FrontendDriver):
+        devtype = "vbd"
+
+        def __init__(self):
+            self.ring_pfn = kernel.alloc_pages(1)
+            self.data_pfn = kernel.alloc_pages(1)
+            self.ring = None
+            self.port = None
+            self.up = False
+
+        def setup(self, dev):
+            self.ring = FrontRing(kernel.page(self.ring_pfn), protocol.REQUEST_SIZE, protocol.RESPONSE_SIZE)
+            ref = kernel.grant_table.grant_foreign_access(dev.otherend_id, self.ring_pfn)
+            self.data_gref = kernel.grant_table.grant_foreign_access(dev.otherend_id, self.data_pfn)
+            self.port = kernel.xen.alloc_unbound(dev.otherend_id)
+            dev.write("ring-ref", ref)
+            dev.write("event-channel", self.port)
+            dev.write("protocol", "x86_64-abi")
+            self.dev = dev
+
+        def connected(self, dev):
+            self.sectors = int(dev.read_other("sectors"))
+            self.up = True
+
+    drv: list[Hostile] = []
+    bus = frontend_bus(kernel.xenstore, "vbd", lambda: drv.append(Hostile()) or drv[-1])
+    kernel.loop.run_until(lambda: bool(drv) and drv[0].up, 30)
+    h = drv[0]
+    ring = h.ring
+    head = struct.Struct("<BBH4xQQ")
+    seg = struct.Struct("<IBB2x")
+
+    def rw(op, nr, req_id, sector, segs):
+        body = head.pack(op, nr, VBD, req_id, sector) + b"".join(seg.pack(*s) for s in segs)
+        return body.ljust(112, b"\0")
+
+    good = (h.data_gref, 0, 7)
+    requests = {
+        "unknown_op": rw(9, 1, 101, 0, [good]),
+        "twelve_segments": rw(0, 12, 102, 0, [good] * 11),
+        "last_sect_9": rw(0, 1, 103, 0, [(h.data_gref, 0, 9)]),
+        "first_after_last": rw(1, 1, 104, 0, [(h.data_gref, 5, 2)]),
+        "bad_gref": rw(0, 1, 105, 0, [(4000, 0, 7)]),
+        "past_end": rw(0, 1, 106, h.sectors, [good]),
+        "wrapping_sector": rw(1, 1, 107, 2**64 - 4, [good]),
+        "zero_segments": rw(0, 0, 108, 0, []),
+        "indirect": struct.pack("<BBH4xQQH2x8I4x", 6, 0, 1, 109, 0, VBD, h.data_gref,
+                                *[0] * 7).ljust(112, b"\0"),
+        "discard_past_end": struct.pack("<BBH4xQQQ", 5, 0, VBD, 110, h.sectors - 1, 2).ljust(112, b"\0"),
+        "barrier": rw(2, 0, 111, 0, []),
+        "valid_read": rw(0, 1, 112, 0, [good]),
+    }
+    for raw in requests.values():
+        ring.put_request(raw)
+    if ring.push_requests_and_check_notify():
+        kernel.xen.notify(h.port)
+    got: dict[int, tuple[int, int]] = {}
+
+    def answered():
+        rsps = ring.get_responses()
+        for i in range(0, len(rsps), 16):
+            rid, op, status = struct.unpack_from("<QBxh", rsps, i)
+            got[rid] = (op, status)
+        return len(got) >= len(requests)
+
+    kernel.loop.run_until(answered, 20)
+    for i, name in enumerate(requests):
+        op, status = got.get(101 + i, (None, None))
+        _blkreport(kernel, "hostile", name=name, id=101 + i, op=op, sent_op=requests[name][0], status=status)
+    _wait_go(kernel, "overflow")
+    struct.pack_into("<I", kernel.page(h.ring_pfn), 0, (ring.req_prod_pvt + 100000) & 0xFFFFFFFF)
+    kernel.xen.notify(h.port)
+    _blkreport(kernel, "overflowed")
+    kernel.vbd_bus = bus
+    kernel.idle()

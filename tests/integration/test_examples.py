@@ -26,3 +26,30 @@ def test_ring_demo_rejects_bad_arguments():
     out = subprocess.run([sys.executable, str(EXAMPLES / "ring_demo.py"), "--messages", "0"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--messages must be at least 1" in out.stderr
+
+
+def _run_example(tmp_path, name: str, timeout: float = 120):
+    """Run an example from a copy, so its images land in tmp_path."""
+    import shutil
+
+    topo = tmp_path / name
+    shutil.copy(EXAMPLES / name, topo)
+    cmd = [sys.executable, "-m", "xmp.cli", "run", "--rundir", str(tmp_path / "run"), str(topo)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_disk_example_verifies_every_byte(tmp_path):
+    out = _run_example(tmp_path, "disk.toml")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"checker | diskcheck: OK {16 << 20} bytes verified" in out.stdout
+    assert (tmp_path / "images" / "disk.img").stat().st_size == 16 << 20
+
+
+@pytest.mark.timeout(180)
+def test_driver_domain_example_serves_two_guests(tmp_path):
+    out = _run_example(tmp_path, "driver-domain.toml")
+    assert out.returncode == 0, out.stdout + out.stderr
+    for guest in ("alpha", "beta"):
+        assert f"{guest} | diskcheck: OK {8 << 20} bytes verified" in out.stdout

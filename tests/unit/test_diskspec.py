@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 
-from xmp.drivers.blk.diskspec import DiskSpec, DiskSpecError, parse_diskspec, parse_size, vdev_devid
+from xmp.diskspec import DiskSpec, DiskSpecError, parse_diskspec, parse_size, vdev_devid
 
 HDA = DiskSpec("/dev/vg/guest-volume", "raw", "hda", "rw")
 HDC_CD = DiskSpec("/root/image.iso", "raw", "hdc", "ro", "cdrom")
@@ -178,3 +178,11 @@ def test_parse_size():
     assert parse_size("3G") == 3 * 1024**3
     with pytest.raises(ValueError):
         parse_size("1.5G")
+
+
+def test_issue_style_size_and_backend_after_target():
+    """The issue's own example writes size= and backend= after target=: they
+    are read as keys, the path keeps its commas otherwise."""
+    spec = parse_diskspec("format=raw, vdev=xvda, access=rw, target=images/a.img, size=64M, backend=stor")
+    assert (spec.target, spec.size_bytes, spec.backend) == ("images/a.img", 64 << 20, "stor")
+    assert parse_diskspec("vdev=xvda, target=/x/a, b.img").target == "/x/a, b.img"

@@ -244,8 +244,8 @@ CASES = [
      "[[domain]] 'b': memory: 128 MiB does not fit: the host pool has 512 MiB, 456 MiB already given"),
     ("default-pool", GUEST + f"memory = {POOL_MIB}\n", 4, f"need {POOL_MIB + 256} MiB in total"),
     # the locator skips multi-line strings and arrays, and follows dotted tables
-    ("locator-skips-strings", GUEST + 'disk = [\n  """\nvif = 1\n""",\n]\nvif = [2]\n', 9,
-     "vif: expected an array of strings, item 0 is an integer"),
+    ("locator-skips-strings", GUEST + 'vif = [\n  """\ndisk = 1\n""",\n]\ndisk = [2]\n', 9,
+     "disk: expected an array of strings, item 0 is an integer"),
     ("locator-skips-nested-arrays", GUEST + "vif = [\n  [1],\n]\nmemory = true\n", 7, "memory: expected"),
     ("locator-second-domain", GUEST + '[[domain]]\nname = "b"\nkernel = "json:dumps"\nvcpus = 0\n', 7,
      "[[domain]] 'b': vcpus: 0 is out of range"),

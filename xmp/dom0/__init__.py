@@ -13,8 +13,7 @@ from xmp.dom0.xenconsoled import XenConsoled
 from xmp.dom0.xenstored import XenStored
 from xmp.domain_proc.kernel import Kernel
 from xmp.domain_proc.main import load_entry
-from xmp.drivers.vping.backend import VpingBack
-from xmp.drivers.xenbus.device import backend_bus
+from xmp.drivers.backends import start_backends
 from xmp.sharedmem.evtchn import VIRQ_DOM_EXC
 
 
@@ -49,7 +48,7 @@ def main(kernel: Kernel) -> None:
 
     # backends: one bus per driver dom0 serves
     local = xenstored.local_client()
-    backend_bus(local, kernel.domid, "vping", lambda: VpingBack(kernel))
+    start_backends(kernel, local)
 
     port = kernel.xen.bind_virq(VIRQ_DOM_EXC)
     kernel.loop.bind(port, domains_changed)

@@ -13,17 +13,24 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
+from xmp.diskspec import vdev_devid
 from xmp.domain_proc.console import Console
 from xmp.domain_proc.control import ControlDriver
 from xmp.domain_proc.loop import EventLoop
 from xmp.domain_proc.xen import Xen
+from xmp.errors import LocalError
 from xmp.sharedmem.evtchn import VIRQ_TIMER
 from xmp.sharedmem.grant import GrantTable
 from xmp.sharedmem.shm import PAGE_SIZE
 from xmp.startinfo import StartInfo, first_free_pfn
 from xmp.xenstore.client import RingTransport, XsClient
+
+# Device classes a guest can open (kernel.block, …): each frontend module
+# registers its opener when loaded; the zygote preloads them for every domain.
+DEVICE_OPENERS: dict[str, Callable[[Kernel, int], Any]] = {}
 
 
 class ShutdownDone(BaseException):
@@ -74,6 +81,16 @@ class Kernel:
     def start_control(self) -> None:
         """Answer the toolstack's shutdown requests (control/shutdown)."""
         self.control = ControlDriver(self.xenstore, self.shutdown)
+
+    # -- devices -------------------------------------------------------------
+
+    def block(self, vdev: str | int):
+        """The virtual block device ``vdev`` ("xvda" or its devid), once its
+        backend has connected (blkfront)."""
+        opener = DEVICE_OPENERS.get("vbd")
+        if opener is None:
+            raise LocalError("no block frontend is loaded (import xmp.drivers.blk.frontend)")
+        return opener(self, vdev if isinstance(vdev, int) else vdev_devid(vdev))
 
     # -- console -----------------------------------------------------------
 

@@ -11,7 +11,8 @@ Follows ``docs/man/xl-disk-configuration.5.pod.in`` and its lexer
   ``/dev/vg/guest,,hda`` is ``target=/dev/vg/guest, format=raw, vdev=hda,
   access=rw``.
 * Each parameter at most once; an empty value means the default.
-* ``target=`` eats the rest of the string, commas included (one trailing
+* ``target=`` eats the rest of the string, commas included -- except a
+  trailing ``, size=…`` or ``, backend=…``, which are read as keys (one trailing
   comma is dropped, as xl does): it must come last.
 * Flags: ``cdrom`` (= ``devtype=cdrom``), ``discard``, ``no-discard``.
 * The deprecated xend forms too: ``raw:``/``qcow:``/``qcow2:``/``vhd:``
@@ -46,6 +47,7 @@ _FLAGS = ("cdrom", "discard", "no-discard")
 _XL_ONLY = ("specification", "grant_usage", "colo-host", "colo-port", "colo-export", "active-disk",
             "hidden-disk", "direct-io-safe", "trusted", "untrusted", "colo", "no-colo")
 _POSITIONAL = ("target", "format", "vdev", "access")
+_TRAILING_KEY = re.compile(r",\s*(size|backend)=([^,=]*)$")
 
 _FORMAT_PREFIX = re.compile(r"(raw|qcow2?|vhd):")
 _SCRIPT_PREFIX = re.compile(r"(iscsi|e?nbd|drbd):")
@@ -258,7 +260,14 @@ class _Parser:
                 break
             if s.startswith("target=", pos):
                 rest = s[pos + len("target="):]
-                self.set("target", rest[:-1] if rest.endswith(",") else rest)
+                rest = rest[:-1] if rest.endswith(",") else rest
+                # xl wants target= last; a trailing ", size=…" or ", backend=…" (xmp's own
+                # key, and written after target in the wild) is split off rather than
+                # becoming part of the path.
+                while (m := _TRAILING_KEY.search(rest)) is not None:
+                    self.set(m.group(1), m.group(2).strip())
+                    rest = rest[:m.start()]
+                self.set("target", rest)
                 break
             comma = s.find(",", pos)
             end = len(s) if comma < 0 else comma

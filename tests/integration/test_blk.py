@@ -1,0 +1,188 @@
+"""The vbd (blkif) split driver end to end: the frontend in a guest, its
+backend in dom0 (or a driver domain) serving a raw image file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+from kernels import BLK_CASES, VBD, blk_pattern
+from xmphost import HOST
+
+from xmp.cli import request
+from xmp.xenstore.client import SocketTransport, XsClient
+
+pytestmark = pytest.mark.timeout(120)
+
+MIB = 1024 * 1024
+
+
+def domain(name: str, kernel: str, memory: int = 48, **extra: str) -> str:
+    lines = [f'[[domain]]\nname = "{name}"\nkernel = "kernels:{kernel}"\nmemory = {memory}']
+    lines += [f"{k} = {v}" for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+def image(tmp_path, name: str = "disk.img", size: int = 32 * MIB):
+    path = tmp_path / name
+    with open(path, "wb"):
+        pass
+    os.truncate(path, size)
+    return path
+
+
+def attach(h, dom: str, img, *, mode: str = "w", backend: str = "Domain-0", devid: int = VBD) -> None:
+    request(h.rundir, "device-attach", dom=dom, backend=backend, type="vbd", devid=devid,
+            back_keys={"params": str(img), "mode": mode, "device-type": "disk"},
+            front_keys={"virtual-device": str(devid), "device-type": "disk"})
+
+
+def reports(h, dom: str) -> list[dict]:
+    return [json.loads(line.split("blktest: ", 1)[1]) for line in h.console_log(dom).splitlines()
+            if "blktest: " in line]
+
+
+def report(h, dom: str, test: str, timeout: float = 30) -> dict:
+    return h.wait(lambda: next((r for r in reports(h, dom) if r["test"] == test), None), timeout,
+                  f"{dom}'s {test} report")
+
+
+def xs_client(h) -> XsClient:
+    return XsClient(SocketTransport.connect(str(h.rundir / "xenstored.sock")))
+
+
+def tell(h, dom: str, key: str) -> None:
+    """Let a waiting test kernel go on (it polls data/<key>)."""
+    xs = xs_client(h)
+    domid = h.info(dom)["domid"]
+    xs.write(f"/local/domain/{domid}/data/{key}", "1")
+    xs.close()
+
+
+def test_integrity_bounds_flush_discard(hosts, tmp_path):
+    img = image(tmp_path)
+    h = hosts(HOST + domain("g", "blkcheck")).start(("g",))
+    attach(h, "g", img)
+    info = report(h, "g", "info")
+    assert info["sectors"] == 32 * MIB // 512 and info["size"] == 32 * MIB
+    assert info["sector_size"] == 512 and info["readonly"] is False
+    assert info["features"]["feature-flush-cache"] == 1 and info["features"]["feature-discard"] == 1
+    assert info["features"]["feature-max-indirect-segments"] == 0
+    # byte for byte, in the guest and -- after its flush -- in the image file
+    assert report(h, "g", "integrity") == {"test": "integrity", "ok": True, "bad": []}
+    with open(img, "rb") as f:
+        for sector, size in BLK_CASES:
+            f.seek(sector * 512)
+            assert f.read(size) == blk_pattern(sector, size), f"image bytes at sector {sector}"
+        f.seek(2 * 512)  # what lies between the cases was never written
+        assert f.read(7 * 512) == bytes(7 * 512)
+    bounds = report(h, "g", "bounds")
+    assert bounds == {"test": "bounds", "read_past_end": -1, "write_past_end": -1,
+                      "discard_past_end": -1, "after": True}
+    tp = report(h, "g", "throughput", 60)
+    assert tp["ok"] is True
+    print(f"vbd throughput from a guest, 1 MiB requests: write {tp['write_mbs']} MB/s, "
+          f"read {tp['read_mbs']} MB/s")
+    # discard: the range reads zeros and its blocks are given back to the host
+    report(h, "g", "discard_ready")
+    before = os.stat(img).st_blocks * 512
+    assert before >= 2 * MIB
+    tell(h, "g", "discard")
+    assert report(h, "g", "discard") == {"test": "discard", "zeros": True, "edges": True}
+    after = os.stat(img).st_blocks * 512
+    assert before - after >= MIB - 2 * 4096, (before, after)
+    with open(img, "rb") as f:
+        f.seek(16384 * 512 + 512)
+        assert f.read(MIB - 1024) == bytes(MIB - 1024)
+    xs = xs_client(h)
+    back = "/local/domain/0/backend/vbd/1/51712"
+    assert xs.read(f"{back}/state") == b"4" and xs.read("/local/domain/1/device/vbd/51712/state") == b"4"
+    assert xs.read(f"{back}/sectors") == str(32 * MIB // 512).encode()
+    assert xs.read(f"{back}/discard-granularity") == b"4096"
+    assert xs.read("/local/domain/1/device/vbd/51712/protocol") == b"x86_64-abi"
+    xs.close()
+    assert "failed" not in h.dmesg()
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_read_only_disk(hosts, tmp_path):
+    img = image(tmp_path, size=MIB)
+    with open(img, "r+b") as f:
+        f.write(b"read-only-bytes!")
+    os.chmod(img, 0o444)
+    h = hosts(HOST + domain("ro", "blkro")).start(("ro",))
+    attach(h, "ro", img, mode="r")
+    r = report(h, "ro", "readonly")
+    assert r["readonly"] is True
+    assert r["write"] == -1 and r["discard"] == -1
+    assert bytes.fromhex(r["read"]) == b"read-only-bytes!" == bytes.fromhex(r["read_after"])
+    xs = xs_client(h)
+    assert xs.read("/local/domain/0/backend/vbd/1/51712/info") == b"4"  # VDISK_READONLY
+    xs.close()
+    assert open(img, "rb").read(16) == b"read-only-bytes!"
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_hostile_frontend_gets_errors_and_others_are_served(hosts, tmp_path):
+    good_img, bad_img = image(tmp_path, "good.img", 4 * MIB), image(tmp_path, "bad.img", 4 * MIB)
+    h = hosts(HOST + domain("good", "blkloop") + domain("evil", "blkhostile")).start(("good", "evil"))
+    attach(h, "good", good_img)
+    attach(h, "evil", bad_img)
+    h.wait(lambda: "blkloop: 20 verified," in h.console_log("good"), 30, "the good guest's I/O")
+    h.wait(lambda: len([r for r in reports(h, "evil") if r["test"] == "hostile"]) == 12, 30,
+           "answers to the hostile requests")
+    answers = {r["name"]: r for r in reports(h, "evil") if r["test"] == "hostile"}
+    for name, r in answers.items():
+        assert r["op"] == r["sent_op"], name  # each answer echoes its request's id and operation
+    statuses = {name: r["status"] for name, r in answers.items()}
+    assert statuses == {"unknown_op": -2, "twelve_segments": -1, "last_sect_9": -1,
+                        "first_after_last": -1, "bad_gref": -1, "past_end": -1,
+                        "wrapping_sector": -1, "zero_segments": -1, "indirect": -2,
+                        "discard_past_end": -1, "barrier": -2, "valid_read": 0}
+    xs = xs_client(h)
+    evil = h.info("evil")["domid"]
+    evil_back = f"/local/domain/0/backend/vbd/{evil}/51712"
+    assert xs.read(f"{evil_back}/state") == b"4"  # bad requests alone close nothing
+    n = h.console_log("good").count("verified")
+    h.wait(lambda: h.console_log("good").count("verified") > n + 1, 20, "the good guest to go on")
+    # a producer index far past the ring: only that device is closed
+    tell(h, "evil", "overflow")
+    report(h, "evil", "overflowed")
+    # Closing (5), then Closed (6) once the hostile guest's xenbus follows
+    h.wait(lambda: xs.read(f"{evil_back}/state") in (b"5", b"6"), 10, "the hostile device to close")
+    assert b"producer index" in xs.read(f"{evil_back}/error")
+    n = h.console_log("good").count("verified")
+    h.wait(lambda: h.console_log("good").count("verified") > n + 2, 20, "the good guest to go on")
+    good = h.info("good")["domid"]
+    assert xs.read(f"/local/domain/0/backend/vbd/{good}/51712/state") == b"4"
+    xs.close()
+    assert "failed" not in h.dmesg()  # no dom0 service fell over
+    assert "Traceback" not in h.console_log("good")
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_io_survives_a_backend_domain_restart(hosts, tmp_path):
+    img = image(tmp_path, size=4 * MIB)
+    # no kernel of its own: a driver domain runs xmp.drivers.backends
+    dd = ('[[domain]]\nname = "dd"\nmemory = 32\ndriver_domain = true\ntrusted_backend = true\n'
+          'on_crash = "restart"\n')
+    h = hosts(HOST + dd + domain("g", "blkloop", args="{ interval = 0 }")).start(("dd", "g"))
+    attach(h, "g", img, backend="dd")
+    h.wait(lambda: "blkloop: 40 verified," in h.console_log("g"), 30, "I/O through dd")
+    old = h.info("dd")["domid"]
+    os.kill(h.domain_pid("dd"), signal.SIGKILL)
+    h.wait(lambda: (h.info("dd") or {}).get("domid", old) != old, 10, "dd to restart")
+    n = h.console_log("g").count("verified")
+    h.wait(lambda: h.console_log("g").count("verified") > n + 3, 30, "I/O through the restarted dd")
+    assert "Traceback" not in h.console_log("g")  # no error, no lost or wrong block
+    # the requests in flight when dd died were sent again to the new dd
+    last = [line for line in h.console_log("g").splitlines() if "re-issued" in line][-1]
+    assert int(last.split(", ")[1].split()[0]) > 0, last
+    assert h.info("g")["state"] == "running"
+    assert h.stop() == 0
+    h.assert_clean()
