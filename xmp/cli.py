@@ -236,6 +236,59 @@ def _xs_ls(xs, path: str, depth: int) -> None:
         _xs_ls(xs, child, depth + 1)
 
 
+def cmd_block_attach(args) -> int:
+    reply = request(_rundir(args), "block-attach", dom=args.dom, spec=args.spec, cwd=os.getcwd())
+    print(f"xmp: disk {reply['devid']} attached to dom{reply['domid']} (backend dom{reply['backend']})")
+    return 0
+
+
+def cmd_block_detach(args) -> int:
+    """As xl: ask the backend to close, wait up to 10 s for Closed, then
+    remove the device (--force: at once)."""
+    from xmp.xenstore.client import SocketTransport, XsClient
+
+    rundir = _rundir(args)
+    reply = request(rundir, "block-detach", dom=args.dom, vdev=args.vdev, force=args.force)
+    if args.force:
+        return 0
+    state = f"/local/domain/{reply['backend']}/backend/vbd/{reply['domid']}/{reply['devid']}/state"
+    xs = XsClient(SocketTransport.connect(str(rundir / "xenstored.sock")))
+    try:
+        deadline = time.monotonic() + args.timeout
+        while xs.read_or(state) not in (b"6", None):
+            if time.monotonic() > deadline:
+                raise CliError(f"{args.vdev} of {args.dom} did not close within {args.timeout:g} s "
+                               "(the guest may still use it; --force removes it anyway)")
+            time.sleep(0.05)
+    finally:
+        xs.close()
+    request(rundir, "block-detach", dom=args.dom, vdev=args.vdev, force=True)
+    return 0
+
+
+def cmd_block_list(args) -> int:
+    """xl block-list's columns, read from xenstore."""
+    from xmp.xenstore.client import SocketTransport, XsClient
+
+    rundir = _rundir(args)
+    domid = next((d["domid"] for d in request(rundir, "list")["domains"]
+                  if args.dom in (d["name"], str(d["domid"]))), None)
+    if domid is None:
+        raise CliError(f"no domain named or numbered {args.dom!r}")
+    xs = XsClient(SocketTransport.connect(str(rundir / "xenstored.sock")))
+    try:
+        print(f"{'Vdev':<6}{'BE':>4}  {'handle':<7}{'state':<6}{'evt-ch':<7}{'ring-ref':<9}BE-path")
+        base = f"/local/domain/{domid}/device/vbd"
+        for devid in sorted(xs.directory(base) if xs.read_or(base) is not None else [], key=int):
+            def key(k: str, d: str = devid) -> str:
+                return (xs.read_or(f"{base}/{d}/{k}") or b"-").decode()
+            print(f"{devid:<6}{key('backend-id'):>4}  {devid:<7}{key('state'):<6}{key('event-channel'):<7}"
+                  f"{key('ring-ref'):<9}{key('backend')}")
+    finally:
+        xs.close()
+    return 0
+
+
 def cmd_dmesg(args) -> int:
     for line in request(_rundir(args), "dmesg", clear=args.clear)["lines"]:
         print(line)
@@ -334,6 +387,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("suspend", cmd_suspend, "ask a guest to suspend (control/shutdown)").add_argument(
         "dom", help="name or id")
     add("resume", cmd_resume, "resume a suspended guest in place").add_argument("dom", help="name or id")
+    p = add("block-attach", cmd_block_attach, "hot-plug a disk (an xl disk spec) into a guest")
+    p.add_argument("dom", help="name or id")
+    p.add_argument("spec", help='e.g. "vdev=xvdb, access=rw, size=16M, target=b.img"')
+    p = add("block-detach", cmd_block_detach, "unplug a guest's disk (the guest is asked first)")
+    p.add_argument("dom", help="name or id")
+    p.add_argument("vdev", help="xvdb, or its devid")
+    p.add_argument("--force", action="store_true", help="remove it without waiting for the guest")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for Closed (default 10)")
+    add("block-list", cmd_block_list, "a guest's disks (xl block-list)").add_argument(
+        "dom", help="name or id")
     p = add("xenstore", cmd_xenstore, "read and change xenstore (ls, read, write, rm, watch, chmod)")
     p.add_argument("op", choices=["ls", "read", "write", "rm", "watch", "chmod"])
     p.add_argument("path")

@@ -33,7 +33,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from xmp.diskspec import DiskSpec, parse_diskspec
+from xmp.diskspec import DiskSpec, parse_diskspec, vdev_devid
 from xmp.errors import GrantError, HypercallError, XmpError
 from xmp.hv.control import ControlServer
 from xmp.hv.domain import (
@@ -180,29 +180,28 @@ class Supervisor(HypercallHandlers):
 
     def _prepare_disks(self, cfg: DomainConfig) -> list[tuple[DiskSpec, Path, Domain]]:
         """Each disk's backend domain and image file, before the domain is built:
-        a relative target is relative to the file the domain came from; a
-        missing image with ``size=`` is created sparse (never a present one)."""
+        a relative target is relative to the file the domain came from."""
         base = Path(cfg.source.rsplit(":", 1)[0]).parent if cfg.source else Path.cwd()
-        out = []
-        for text in cfg.disk:
-            spec = parse_diskspec(text)
-            back = self.domains.get(DOMID_DOM0) if spec.backend in (None, "Domain-0", "0") \
-                else self.find(spec.backend)
-            if back is None:
-                raise HypercallError(errno.ESRCH, "createdomain", f"disk {spec.vdev}: no backend domain")
-            if spec.target is None:
-                raise HypercallError(errno.EINVAL, "createdomain", f"disk {spec.vdev}: no target")
-            image = Path(spec.target) if Path(spec.target).is_absolute() else base / spec.target
-            if not image.exists():
-                if spec.size_bytes is None:
-                    raise HypercallError(errno.ENOENT, "createdomain", f"disk {spec.vdev}: {image} "
-                                         "does not exist (give size=… to create it)")
-                image.parent.mkdir(parents=True, exist_ok=True)
-                with open(image, "xb") as f:
-                    f.truncate(spec.size_bytes)
-                self.log(f"created image {image} ({spec.size_bytes} bytes, sparse)")
-            out.append((spec, image.resolve(), back))
-        return out
+        return [self._prepare_disk(parse_diskspec(text), base) for text in cfg.disk]
+
+    def _prepare_disk(self, spec: DiskSpec, base: Path) -> tuple[DiskSpec, Path, Domain]:
+        """A missing image with ``size=`` is created sparse (never a present one)."""
+        back = self.domains.get(DOMID_DOM0) if spec.backend in (None, "Domain-0", "0") \
+            else self.find(spec.backend)
+        if back is None:
+            raise HypercallError(errno.ESRCH, "createdomain", f"disk {spec.vdev}: no backend domain")
+        if spec.target is None:
+            raise HypercallError(errno.EINVAL, "createdomain", f"disk {spec.vdev}: no target")
+        image = Path(spec.target) if Path(spec.target).is_absolute() else base / spec.target
+        if not image.exists():
+            if spec.size_bytes is None:
+                raise HypercallError(errno.ENOENT, "createdomain", f"disk {spec.vdev}: {image} "
+                                     "does not exist (give size=… to create it)")
+            image.parent.mkdir(parents=True, exist_ok=True)
+            with open(image, "xb") as f:
+                f.truncate(spec.size_bytes)
+            self.log(f"created image {image} ({spec.size_bytes} bytes, sparse)")
+        return spec, image.resolve(), back
 
     def _alloc_domid(self) -> int:
         # Ids are not reused within a supervisor's life, as in Xen: nothing
@@ -222,7 +221,7 @@ class Supervisor(HypercallHandlers):
             check_fits(self.pool_pages * PAGE_SIZE // MIB + used, used, cfg)
         except XmpError as exc:
             raise HypercallError(errno.ENOMEM, "createdomain", str(exc)) from None
-        disks = self._prepare_disks(cfg) if domid != DOMID_DOM0 else []
+        disks = self._prepare_disks(cfg) if domid != DOMID_DOM0 else []  # may refuse: nothing built yet
         if domid is None:
             domid = self._alloc_domid()
         mem_pages = cfg.memory_mib * MIB // PAGE_SIZE
@@ -265,10 +264,7 @@ class Supervisor(HypercallHandlers):
                                cfg.vcpus, cfg.maxvcpus, dom.console_port, dom.store_port, cfg.xenstore_quota)
             self.toolstack.send(tree, f"building dom{domid}")
             for spec, image, back in disks:
-                self.attach_device(dom, back, "vbd", spec.devid,
-                                   {"params": str(image), "mode": "r" if spec.readonly else "w",
-                                    "device-type": spec.devtype, "type": "file"},
-                                   {"virtual-device": str(spec.devid), "device-type": spec.devtype})
+                self.attach_disk(dom, spec, image, back)
         self.log(f"created dom{domid} {name!r} ({cfg.memory_mib} MiB, {cfg.vcpus} vcpu, pid {dom.pid})")
         self.raise_dom_exc()
         return dom
@@ -350,6 +346,43 @@ class Supervisor(HypercallHandlers):
         self.devices.append(dev)
         self.toolstack.send(device_tree(dev.front, dev.back_domid, devtype, devid, back_keys, front_keys),
                             f"adding {devtype} {devid} to dom{front.domid}")
+        return dev
+
+    def attach_disk(self, dom: Domain, spec: DiskSpec, image: Path, back: Domain) -> Device:
+        return self.attach_device(dom, back, "vbd", spec.devid,
+                                  {"params": str(image), "mode": "r" if spec.readonly else "w",
+                                   "device-type": spec.devtype, "type": "file"},
+                                  {"virtual-device": str(spec.devid), "device-type": spec.devtype})
+
+    def block_attach(self, dom: Domain, text: str, base: Path) -> Device:
+        """xl block-attach: hot-plug a disk into a running guest."""
+        try:
+            spec = parse_diskspec(text)
+        except XmpError as exc:
+            raise HypercallError(errno.EINVAL, "block-attach", str(exc)) from None
+        return self.attach_disk(dom, *self._prepare_disk(spec, base))
+
+    def block_detach(self, dom: Domain, vdev: str, force: bool) -> Device:
+        """xl block-detach: the backend is told to close (online 0, Closing);
+        ``force`` (or once it is Closed) removes both directories."""
+        try:
+            devid = vdev_devid(vdev) if not vdev.isdigit() else int(vdev)
+        except XmpError as exc:
+            raise HypercallError(errno.EINVAL, "block-detach", str(exc)) from None
+        dev = next((d for d in self.devices
+                    if d.front == dom.domid and d.devtype == "vbd" and d.devid == devid), None)
+        if dev is None:
+            raise HypercallError(errno.ENOENT, "block-detach", f"{dom.name} has no disk {vdev}")
+        bpath = f"/local/domain/{dev.back_domid}/backend/vbd/{dom.domid}/{devid}"
+        fpath = f"/local/domain/{dom.domid}/device/vbd/{devid}"
+        if force:
+            self.devices.remove(dev)
+            self.toolstack.send([(XsType.RM, f"{fpath}\0".encode()), (XsType.RM, f"{bpath}\0".encode())],
+                                f"removing vbd {devid} of dom{dom.domid}")
+        else:
+            self.toolstack.send([(XsType.WRITE, f"{bpath}/online\0".encode() + b"0"),
+                                 (XsType.WRITE, f"{bpath}/state\0".encode() + b"5")],
+                                f"closing vbd {devid} of dom{dom.domid}")
         return dev
 
     def _rehome_devices(self, old: int, new: Domain) -> None:

@@ -345,3 +345,12 @@ def blkhostile(kernel) -> None:
     _blkreport(kernel, "overflowed")
     kernel.vbd_bus = bus
     kernel.idle()
+
+
+def blkuser(kernel) -> None:
+    """Waits for a hot-plugged xvdb, uses it, then idles."""
+    disk = kernel.block("xvdb")
+    disk.write(0, b"hot" * 512)
+    assert disk.read(0, 3) == b"hot" * 512
+    kernel.print(f"blkuser: xvdb has {disk.sectors} sectors")
+    kernel.idle()

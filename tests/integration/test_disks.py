@@ -60,3 +60,23 @@ def test_driver_domain_restart_under_io_loses_nothing(hosts, tmp_path):
     assert f"diskcheck: OK {32 << 20} bytes verified" in log, log
     assert "backend now dom" in (h.rundir / "logs" / "hypervisor.log").read_text()
     h.assert_clean()
+
+
+def test_block_attach_list_and_detach(hosts, tmp_path):
+    h = hosts(HOST + '[[domain]]\nname = "g"\nkernel = "kernels:blkuser"\nmemory = 48\n').start(("g",))
+    attach = h.xmp("block-attach", "g", f"vdev=xvdb, access=rw, size=4M, target={tmp_path / 'hot.img'}")
+    assert "disk 51728 attached to dom1 (backend dom0)" in attach.stdout
+    assert (tmp_path / "hot.img").stat().st_size == 4 << 20
+    h.wait(lambda: "blkuser: xvdb has 8192 sectors" in h.console_log("g"), 20, "the guest to use it")
+    listing = h.xmp("block-list", "g").stdout.splitlines()
+    assert listing[0].split() == ["Vdev", "BE", "handle", "state", "evt-ch", "ring-ref", "BE-path"]
+    assert listing[1].split()[:4] == ["51728", "0", "51728", "4"]  # Connected
+    assert listing[1].endswith("/local/domain/0/backend/vbd/1/51728")
+    bad = h.xmp("block-attach", "g", "vdev=xvdb, acess=rw, target=x.img", check=False)
+    assert bad.returncode == 1 and "unknown key 'acess'" in bad.stderr
+    h.xmp("block-detach", "g", "xvdb")
+    assert h.xmp("block-list", "g").stdout.splitlines()[1:] == []
+    missing = h.xmp("block-detach", "g", "xvdb", check=False)
+    assert missing.returncode == 1 and "g has no disk xvdb" in missing.stderr
+    assert h.stop() == 0
+    h.assert_clean()

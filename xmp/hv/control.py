@@ -179,6 +179,21 @@ class ControlServer:
         self.sup.attach_device(front, back, devtype, devid, *keys)
         return {"domid": front.domid, "backend": back.domid}
 
+    def cmd_block_attach(self, req):
+        spec, cwd = req.get("spec"), req.get("cwd", "/")
+        if not isinstance(spec, str) or not isinstance(cwd, str):
+            raise HypercallError(errno.EINVAL, "block-attach", "spec and cwd are strings")
+        dom = self._dom(req)
+        dev = self.sup.block_attach(dom, spec, Path(cwd))
+        return {"domid": dom.domid, "devid": dev.devid, "backend": dev.back_domid}
+
+    def cmd_block_detach(self, req):
+        dom, vdev = self._dom(req), req.get("vdev")
+        if not isinstance(vdev, str):
+            raise HypercallError(errno.EINVAL, "block-detach", "vdev is a string")
+        dev = self.sup.block_detach(dom, vdev, bool(req.get("force")))
+        return {"domid": dom.domid, "devid": dev.devid, "backend": dev.back_domid}
+
     def cmd_console(self, req):
         dom = self._dom(req)
         return {"domid": dom.domid, "name": dom.name,

@@ -78,6 +78,11 @@ class XenbusDevice:
         xs.on_watch(self._token, lambda _path: self.changed())
         xs.watch(f"{self.otherend}/state", self._token)  # fires once now
         self._other_key = f"{nodename}/{other}"
+        if not self.frontend:
+            # The toolstack unplugs a device by writing online = 0 (xl block-detach).
+            self._online_token = f"xenbus-online-{next(_tokens)}"
+            xs.on_watch(self._online_token, lambda _path: self._online_changed())
+            xs.watch(f"{nodename}/online", self._online_token)
         if self.frontend:
             # The toolstack may move the device to a restarted backend domain.
             self._move_token = f"xenbus-move-{next(_tokens)}"
@@ -117,6 +122,20 @@ class XenbusDevice:
             self._xs_try(functools.partial(self.driver.disconnect, self))
             self.switch(XenbusState.INITIALISING)
         self.xs.watch(f"{self.otherend}/state", self._token)  # its first event runs the machine
+
+    def _online_changed(self) -> None:
+        if self.xs.read_or(f"{self.nodename}/online") != b"0" or self.state == XenbusState.CLOSED:
+            return
+        self._xs_try(functools.partial(self.driver.disconnect, self))
+        # With a connected frontend, close and let it follow; otherwise nobody is there to wait for.
+        connected = self._xs_try_value(self.other_state) == XenbusState.CONNECTED
+        self.switch(XenbusState.CLOSING if connected else XenbusState.CLOSED)
+
+    def _xs_try_value(self, fn):
+        try:
+            return fn()
+        except (XmpError, ValueError):
+            return None
 
     def changed(self) -> None:
         try:

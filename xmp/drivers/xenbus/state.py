@@ -79,6 +79,7 @@ for _mine in (S.INIT_WAIT, S.CONNECTED):
     _BACKEND[(_mine, S.CLOSING)] = Step((Act.DISCONNECT,), S.CLOSING)
     _BACKEND[(_mine, S.CLOSED)] = Step((Act.DISCONNECT,), S.CLOSED)
 _BACKEND[(S.CLOSING, S.CLOSED)] = Step((), S.CLOSED)
+_BACKEND[(S.CLOSING, S.CLOSING)] = Step((), S.CLOSED)
 
 # (frontend state, backend state) -> what the frontend does
 _FRONTEND: dict[tuple[S, S], Step] = {

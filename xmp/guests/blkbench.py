@@ -1,0 +1,200 @@
+"""A disk, timed (for benchmarks/bench_blk.py): over ``kernel.block(vdev)``
+runs, each for ``args.seconds`` after ``args.warmup`` s untimed,
+
+* ``seq_write``: 1 MiB writes, sequential (wrapping at the end of the
+  disk), then one flush; the flush is inside the timed span;
+* ``seq_read``: 1 MiB reads, sequential (wrapping);
+* ``rand_read``: 4 KiB reads at random 4 KiB-aligned offsets;
+* ``rand_write``: 4 KiB writes at random 4 KiB-aligned offsets, then one
+  flush (timed);
+
+and prints one console line ``blkbench: {json}`` (per operation: bytes or
+ops, seconds, MB/s (10^6 bytes) or IOPS, median / p99 latency in µs), then
+returns (powers off).
+
+Before them the whole disk is filled with 1 MiB writes and flushed
+(untimed), so no read meets a hole.  Every write puts the same 1 MiB block
+``data(seed)`` at its place in a tiling of the disk, so whatever is read can
+be checked: the reads of every warm-up are (the timed ones are not).
+
+The operations are plain functions of a ``disk`` with ``size``,
+``write(sector, data)``, ``read(sector, count)`` and ``flush()`` -- a
+blkfront here; the benchmark runs the very same functions over a file.
+
+args: vdev ("xvda"), seconds (1.0), warmup (0.2), seed (1).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+SECTOR = 512
+CHUNK = 1 << 20        # sequential request size
+SMALL = 4096           # random request size
+N_OFFSETS = 1 << 16    # random offsets, drawn once and cycled
+OPS = ("seq_write", "seq_read", "rand_read", "rand_write")
+
+
+class Disk(Protocol):
+    size: int
+
+    def write(self, sector: int, data: bytes | bytearray | memoryview) -> None: ...
+
+    def read(self, sector: int, count: int) -> bytes: ...
+
+    def flush(self) -> None: ...
+
+
+class Corrupt(Exception):
+    """A read did not return what the writes left there."""
+
+
+def data(seed: int) -> bytes:
+    """The 1 MiB block tiled over the disk."""
+    return random.Random(seed).randbytes(CHUNK)
+
+
+def _offsets(disk_size: int, seed: int) -> list[int]:
+    rng = random.Random(seed + 1)
+    return [rng.randrange(disk_size // SMALL) * SMALL for _ in range(N_OFFSETS)]
+
+
+def _check(got: bytes, want: bytes | memoryview, offset: int) -> None:
+    if got != want:
+        raise Corrupt(f"the {len(got)} bytes read at offset {offset} are not what was written there")
+
+
+def _loop(op: Callable[[int, bool], None], seconds: float, warmup: float,
+          lat: list[float] | None = None) -> tuple[int, float]:
+    """``op(i, check)``: untimed warm-up (at least one op, ``check`` True),
+    then timed for ``seconds`` (``check`` False): (timed ops, start)."""
+    i = 0
+    end = time.perf_counter() + warmup
+    while True:
+        op(i, True)
+        i += 1
+        if time.perf_counter() >= end:
+            break
+    first = i
+    t0 = now = time.perf_counter()
+    end = t0 + seconds
+    while now < end:
+        op(i, False)
+        i += 1
+        t = time.perf_counter()
+        if lat is not None:
+            lat.append(t - now)
+        now = t
+    return i - first, t0
+
+
+def _latency(lat: list[float]) -> dict:
+    lat.sort()
+    n = len(lat)
+    return {"median_us": 1e6 * lat[n // 2] if n else None,
+            "p99_us": 1e6 * lat[min(n - 1, int(n * 0.99))] if n else None}
+
+
+def fill(disk: Disk, block: bytes) -> float:
+    """The whole disk, 1 MiB at a time, flushed: seconds taken."""
+    t0 = time.perf_counter()
+    for off in range(0, disk.size, CHUNK):
+        disk.write(off // SECTOR, block)
+    disk.flush()
+    return time.perf_counter() - t0
+
+
+def seq_write(disk: Disk, block: bytes, seconds: float, warmup: float) -> dict:
+    n = disk.size // CHUNK
+
+    def op(i: int, _check: bool) -> None:
+        disk.write((i % n) * (CHUNK // SECTOR), block)
+
+    ops, t0 = _loop(op, seconds, warmup)
+    tf = time.perf_counter()
+    disk.flush()
+    t1 = time.perf_counter()
+    return {"bytes": ops * CHUNK, "requests": ops, "seconds": t1 - t0, "flush_s": t1 - tf,
+            "mb_s": ops * CHUNK / (t1 - t0) / 1e6}
+
+
+def seq_read(disk: Disk, block: bytes, seconds: float, warmup: float) -> dict:
+    n = disk.size // CHUNK
+
+    def op(i: int, check: bool) -> None:
+        off = (i % n) * CHUNK
+        got = disk.read(off // SECTOR, CHUNK // SECTOR)
+        if check:
+            _check(got, block, off)
+
+    ops, t0 = _loop(op, seconds, warmup)
+    t1 = time.perf_counter()
+    return {"bytes": ops * CHUNK, "requests": ops, "seconds": t1 - t0,
+            "mb_s": ops * CHUNK / (t1 - t0) / 1e6}
+
+
+def rand_read(disk: Disk, block: bytes, seconds: float, warmup: float, seed: int) -> dict:
+    offs = _offsets(disk.size, seed)
+    view = memoryview(block)
+    lat: list[float] = []
+
+    def op(i: int, check: bool) -> None:
+        off = offs[i % N_OFFSETS]
+        got = disk.read(off // SECTOR, SMALL // SECTOR)
+        if check:
+            _check(got, view[off % CHUNK:off % CHUNK + SMALL], off)
+
+    ops, t0 = _loop(op, seconds, warmup, lat)
+    t1 = time.perf_counter()
+    return {"ops": ops, "seconds": t1 - t0, "iops": ops / (t1 - t0), **_latency(lat)}
+
+
+def rand_write(disk: Disk, block: bytes, seconds: float, warmup: float, seed: int) -> dict:
+    offs = _offsets(disk.size, seed + 7)
+    view = memoryview(block)
+    lat: list[float] = []
+
+    def op(i: int, _check: bool) -> None:
+        off = offs[i % N_OFFSETS]
+        disk.write(off // SECTOR, view[off % CHUNK:off % CHUNK + SMALL])
+
+    ops, t0 = _loop(op, seconds, warmup, lat)
+    tf = time.perf_counter()
+    disk.flush()
+    t1 = time.perf_counter()
+    return {"ops": ops, "seconds": t1 - t0, "flush_s": t1 - tf, "iops": ops / (t1 - t0),
+            **_latency(lat)}
+
+
+def run_all(disk: Disk, seconds: float, warmup: float, seed: int = 1) -> dict:
+    """Fill, then the four operations; a final check reads back a few
+    places the random writes went to.  Raises :class:`Corrupt` on a wrong read."""
+    if disk.size < CHUNK or disk.size % CHUNK:
+        raise ValueError(f"the disk's size {disk.size} is not a whole number (>= 1) of MiB")
+    block = data(seed)
+    out: dict = {"size": disk.size, "fill_s": fill(disk, block)}
+    out["seq_write"] = seq_write(disk, block, seconds, warmup)
+    out["seq_read"] = seq_read(disk, block, seconds, warmup)
+    out["rand_read"] = rand_read(disk, block, seconds, warmup, seed)
+    out["rand_write"] = rand_write(disk, block, seconds, warmup, seed)
+    for off in _offsets(disk.size, seed + 7)[:8]:
+        _check(disk.read(off // SECTOR, SMALL // SECTOR), block[off % CHUNK:off % CHUNK + SMALL], off)
+    return out
+
+
+def main(kernel) -> None:
+    args = kernel.args
+    out: dict = {"domid": kernel.domid}
+    try:
+        disk = kernel.block(args.get("vdev", "xvda"))
+        out.update(run_all(disk, float(args.get("seconds", 1.0)), float(args.get("warmup", 0.2)),
+                           int(args.get("seed", 1))))
+        out["ok"] = True
+    except Exception as exc:  # reported on the console; the benchmark fails on it
+        out["ok"] = False
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    kernel.print("blkbench: " + json.dumps(out))
