@@ -51,13 +51,14 @@ def test_flushed_data_survives_kill9(hosts, tmp_path, victim):
 
 def test_driver_domain_restart_under_io_loses_nothing(hosts, tmp_path):
     image = tmp_path / "disk.img"
-    h = hosts(HOST + STOR + checker("g", image, backend="stor", size="32M")).start(("stor", "g"))
-    h.wait(lambda: "stor" in {d["name"] for d in h.list()}, 10, "stor")
-    h.wait(lambda: (h.rundir / "console" / "g.log").exists(), 10, "the guest's console")
-    os.kill(h.domain_pid("stor"), signal.SIGKILL)  # while the guest writes
+    h = hosts(HOST.replace("1024", "2048") + STOR + checker("g", image, backend="stor", size="256M"))
+    h.start(("stor", "g"))
+    state = "/local/domain/1/backend/vbd/2/51712/state"
+    h.wait(lambda: h.xmp("xenstore", "read", state, check=False).stdout.strip() == "4", 20, "the disk")
+    os.kill(h.domain_pid("stor"), signal.SIGKILL)  # the guest has just begun writing 256 MiB
     assert h.wait_exit(120) == 0  # stor restarted (its policy), the guest finished and powered off
     log = h.console_log("g")
-    assert f"diskcheck: OK {32 << 20} bytes verified" in log, log
+    assert f"diskcheck: OK {256 << 20} bytes verified" in log, log
     assert "backend now dom" in (h.rundir / "logs" / "hypervisor.log").read_text()
     h.assert_clean()
 

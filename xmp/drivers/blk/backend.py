@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import traceback
 
+from xmp.domain_proc.xen import GrantMapping
 from xmp.drivers.blk import protocol
 from xmp.drivers.blk.protocol import (
     SECTOR_SIZE,
@@ -45,6 +46,10 @@ PROTOCOLS = (None, b"x86_64-abi", b"native")
 _ZEROS = bytes(DISCARD_GRANULARITY)
 
 
+# More than the frontend's pool ever needs (32 requests x 11 segments, as Linux's 1056).
+MAX_PERSISTENT_GRANTS = 1056
+
+
 class BlkBack(BackendDriver):
     devtype = "vbd"
 
@@ -59,6 +64,8 @@ class BlkBack(BackendDriver):
         self.dev: XenbusDevice | None = None
         self.served = 0
         self.errors = 0
+        self.persistent = False
+        self.pgrants: dict[int, tuple[GrantMapping, int]] = {}  # gref -> (its mapping, page index)
 
     # -- xenbus ----------------------------------------------------------------
 
@@ -90,7 +97,7 @@ class BlkBack(BackendDriver):
                            "physical-sector-size": SECTOR_SIZE, "info": info,
                            "feature-flush-cache": 1, "feature-discard": 1,
                            "discard-granularity": DISCARD_GRANULARITY, "discard-alignment": 0,
-                           "feature-barrier": 0, "feature-persistent": 0,
+                           "feature-barrier": 0, "feature-persistent": 1,
                            "feature-max-indirect-segments": 0}.items():
             dev.write(key, value)
 
@@ -106,6 +113,9 @@ class BlkBack(BackendDriver):
             raise ValueError("vbd: no image open")
         self._drop_connection()  # a stale connection, if any
         self.dev = dev
+        # feature-persistent: the frontend reuses a fixed pool of writable grants,
+        # so each stays mapped after its first use (no map/unmap per request).
+        self.persistent = dev.read_other("feature-persistent") == b"1"
         mapping = self.mapping = self.k.xen.map_grant_ref(dev.otherend_id, [int(raw_ref)])
         self.ring = BackRing(mapping.pages[0], protocol.REQUEST_SIZE, protocol.RESPONSE_SIZE)
         self.port = self.k.xen.bind_interdomain(dev.otherend_id, int(raw_port))
@@ -128,12 +138,33 @@ class BlkBack(BackendDriver):
         if self.ring is not None:
             self.ring.release()
             self.ring = None
+        self._unmap_persistent()
         if self.mapping is not None:
             try:
                 self.k.xen.unmap_grant_ref(self.mapping)
             except XmpError:
                 pass
             self.mapping = None
+
+    def _unmap_persistent(self) -> None:
+        for mapping in {id(m): m for m, _ in self.pgrants.values()}.values():
+            try:
+                self.k.xen.unmap_grant_ref(mapping)
+            except XmpError:
+                pass
+        self.pgrants.clear()
+
+    def _persistent_pages(self, grefs: list[int]) -> list:
+        missing = [g for g in dict.fromkeys(grefs) if g not in self.pgrants]
+        if missing:
+            if len(self.pgrants) + len(missing) > MAX_PERSISTENT_GRANTS:
+                self._unmap_persistent()  # a frontend cycling through more grants than promised
+                missing = list(dict.fromkeys(grefs))
+            assert self.dev is not None
+            mapping = self.k.xen.map_grant_ref(self.dev.otherend_id, missing)
+            for i, gref in enumerate(missing):
+                self.pgrants[gref] = (mapping, i)
+        return [self.pgrants[g][0].pages[self.pgrants[g][1]] for g in grefs]
 
     def _close_image(self) -> None:
         if self.fd is not None:
@@ -224,18 +255,24 @@ class BlkBack(BackendDriver):
         protocol.check_bounds(req.sector_number, protocol.sectors_of(req), self.sectors,
                               req_id=req.id, operation=req.operation)
         assert self.dev is not None
-        mapping = self.k.xen.map_grant_ref(self.dev.otherend_id, [s.gref for s in req.segments],
-                                           readonly=write)
+        grefs = [seg.gref for seg in req.segments]
+        mapping = None
+        if self.persistent:
+            pages = self._persistent_pages(grefs)
+        else:
+            mapping = self.k.xen.map_grant_ref(self.dev.otherend_id, grefs, readonly=write)
+            pages = mapping.pages
         try:
             views = [memoryview(page)[seg.first_sect * SECTOR_SIZE:(seg.last_sect + 1) * SECTOR_SIZE]
-                     for page, seg in zip(mapping.pages, req.segments, strict=True)]
+                     for page, seg in zip(pages, req.segments, strict=True)]
             try:
                 _transfer(fd, views, req.sector_number * SECTOR_SIZE, write)
             finally:
                 for v in views:
                     v.release()
         finally:
-            self.k.xen.unmap_grant_ref(mapping)
+            if mapping is not None:
+                self.k.xen.unmap_grant_ref(mapping)
         return BlkifStatus.OKAY
 
     @staticmethod

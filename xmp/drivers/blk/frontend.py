@@ -124,6 +124,7 @@ class BlkFront(FrontendDriver):
         dev.write("ring-ref", self.ring_gref)
         dev.write("event-channel", self.port)
         dev.write("protocol", "x86_64-abi")
+        dev.write("feature-persistent", 1)  # our data grants are a fixed pool, reused
 
     def connected(self, dev: XenbusDevice) -> None:
         def num(key: str, default: int | None = None) -> int:
