@@ -97,7 +97,7 @@ class Supervisor(HypercallHandlers):
         for name in remove_stale():
             self.log(f"removed stale shared-memory object {name}")
         self.sel = selectors.DefaultSelector()
-        self.toolstack = Toolstack(self.rundir / "xenstored.sock", self.log)
+        self.toolstack = Toolstack(self.rundir / "xenstored.sock", self.log, self._toolstack_wants_write)
         self.control = ControlServer(self.rundir / "control.sock", self)
         # No supervisor runs here (the control socket proved it): sockets left
         # by one that was killed are stale.
@@ -331,6 +331,15 @@ class Supervisor(HypercallHandlers):
             del self.domains[dom.domid]
             dom.release()
             self.raise_dom_exc()
+
+    def _toolstack_wants_write(self, on: bool) -> None:
+        sock = self.toolstack.sock
+        if sock is not None and sock.fileno() in self._registered():
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
+            self.sel.modify(sock, events, ("xs", None))
+
+    def _registered(self) -> set[int]:
+        return {key.fd for key in self.sel.get_map().values()}
 
     def _drop_toolstack(self) -> None:
         if self.toolstack.sock is not None:
@@ -580,7 +589,7 @@ class Supervisor(HypercallHandlers):
         return self.exit_code
 
     def _iterate(self, timeout: float) -> None:
-        for key, _ in self.sel.select(timeout):
+        for key, mask in self.sel.select(timeout):
             kind, obj = key.data
             if kind == "hc":
                 self._hypercall(obj)
@@ -593,7 +602,10 @@ class Supervisor(HypercallHandlers):
             elif kind == "signal":
                 self._wake_r.recv(64)
             elif kind == "xs":
-                self.toolstack.readable()
+                if mask & selectors.EVENT_WRITE:
+                    self.toolstack.flush()
+                if mask & selectors.EVENT_READ and self.toolstack.sock is not None:
+                    self.toolstack.readable()
                 if self.toolstack.sock is None:
                     self.sel.unregister(key.fileobj)
 

@@ -359,3 +359,29 @@ def test_memory_op_balloons_really_and_grant_table_size(hosts):
     assert r["setup_table"] == [3, 4]
     assert h.info("m")["mem_kb"] == 32 * 1024
     assert h.stop() == 0
+
+
+@pytest.mark.timeout(180)
+def test_a_burst_of_creates_never_stalls_the_supervisor(hosts):
+    """100 creates back to back: the toolstack's xenstore traffic (a tree and an
+    INTRODUCE each) must never block the loop xenstored's hypercalls need."""
+    import socket as so
+
+    from xmp.topology import parse_domain
+
+    h = hosts("[host]\nmemory = 2048\n[dom0]\nmemory = 64\n" + guest("keeper", "idle")).start(("keeper",))
+    sock = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+    sock.connect(str(h.rundir / "control.sock"))
+    f = sock.makefile("rwb")
+    for i in range(100):
+        cfg = parse_domain(f'[[domain]]\nname = "g{i}"\nkernel = "xmp.guests.idle:main"\nmemory = 8\n')
+        f.write((json.dumps({"cmd": "create", "config": cfg.to_dict()}) + "\n").encode())
+    f.flush()
+    replies = [json.loads(f.readline()) for _ in range(100)]
+    sock.close()
+    assert all(r["ok"] for r in replies), [r for r in replies if not r["ok"]][:3]
+    h.wait(lambda: len([d for d in h.list() if d["name"].startswith("g")]) == 100, 60, "100 guests")
+    h.wait(lambda: h.xmp("xenstore", "read", "/local/domain/101/control/feature-poweroff",
+                         check=False).stdout.strip() == "1", 60, "the last guest's control driver")
+    assert h.stop() == 0
+    h.assert_clean(timeout=20)

@@ -117,13 +117,16 @@ def teardown_tree(domid: int, uuid: str) -> list[tuple[XsType, bytes]]:
 class Toolstack:
     """The supervisor's asynchronous xenstore connection."""
 
-    def __init__(self, path: Path, log: Callable[[str], None]):
+    def __init__(self, path: Path, log: Callable[[str], None],
+                 want_write: Callable[[bool], None] = lambda _on: None):
         self.path = path
         self.log = log
+        self.want_write = want_write  # the supervisor's loop: tell me when the socket can take more
         self.sock: socket.socket | None = None
         self.parser = PacketParser()
         self.pending: dict[int, str] = {}
         self.next_id = 1
+        self.outbuf = bytearray()
 
     def connect(self) -> bool:
         if self.sock is not None:
@@ -134,6 +137,7 @@ class Toolstack:
         except OSError:
             sock.close()
             return False
+        sock.setblocking(False)  # never block the supervisor (see flush)
         self.sock = sock
         return True
 
@@ -148,11 +152,24 @@ class Toolstack:
             path = payload.split(b"\0")[0].decode(errors="replace")
             self.pending[req_id] = f"{what}: {op.name} {path}"
             data += Packet(int(op), req_id, 0, payload).encode()
-        try:
-            self.sock.sendall(data)
-        except OSError as exc:
-            self.log(f"xenstore connection lost ({exc}): {what} not done")
-            self.close()
+        self.outbuf += data
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what the socket takes now; the rest waits for the loop to say
+        it is writable.  Blocking here could deadlock: xenstored answering an
+        INTRODUCE makes hypercalls that only this (then stuck) loop serves."""
+        while self.outbuf and self.sock is not None:
+            try:
+                n = self.sock.send(self.outbuf)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self.log(f"xenstore connection lost ({exc}): {len(self.outbuf)} bytes of requests not sent")
+                self.close()
+                return
+            del self.outbuf[:n]
+        self.want_write(bool(self.outbuf))
 
     def write(self, path: str, value: str, what: str) -> None:
         self.send([(XsType.WRITE, _z(path) + value.encode())], what)
@@ -162,6 +179,8 @@ class Toolstack:
         assert self.sock is not None
         try:
             data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
         except OSError:
             data = b""
         if not data:
@@ -183,3 +202,4 @@ class Toolstack:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        self.outbuf.clear()
