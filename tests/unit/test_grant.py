@@ -219,3 +219,14 @@ def test_errors_survive_pickling():
     assert (err.domid, err.gref, err.status) == (3, 9, GNTST_permission_denied)
     herr = pickle.loads(pickle.dumps(HypercallError(errno.EBUSY, "end_foreign_access", "gref 9")))
     assert herr.errno == errno.EBUSY and str(herr) == "end_foreign_access: EBUSY (gref 9)"
+
+
+def test_end_access_later_waits_for_the_mapper_to_let_go(tables):
+    gt, act, *_ = tables
+    ref = gt.grant_foreign_access(BACKEND, 2)
+    act.map_grant_ref([ref], BACKEND)
+    gt.end_foreign_access_later(ref)  # mapped: kept, not revoked under the mapping
+    assert gt.entry(ref)[0] & GTF_permit_access
+    act.unmap_grant_ref([ref])
+    gt.retry_deferred()
+    assert gt.entry(ref)[0] == 0

@@ -21,7 +21,7 @@ from xmp.domain_proc.console import Console
 from xmp.domain_proc.control import ControlDriver
 from xmp.domain_proc.loop import EventLoop
 from xmp.domain_proc.xen import Xen
-from xmp.errors import LocalError
+from xmp.errors import LocalError, XmpError
 from xmp.sharedmem.evtchn import VIRQ_TIMER
 from xmp.sharedmem.grant import GrantTable
 from xmp.sharedmem.shm import PAGE_SIZE
@@ -91,6 +91,14 @@ class Kernel:
         if opener is None:
             raise LocalError("no block frontend is loaded (import xmp.drivers.blk.frontend)")
         return opener(self, vdev if isinstance(vdev, int) else vdev_devid(vdev))
+
+    def close_port(self, port: int) -> None:
+        """Stop handling ``port`` and close it (the peer may be gone already)."""
+        self.loop.unbind(port)
+        try:
+            self.xen.close(port)
+        except XmpError:
+            pass
 
     # -- console -----------------------------------------------------------
 

@@ -72,6 +72,7 @@ class GrantTable:
         self._next_fresh = GNTTAB_NR_RESERVED_ENTRIES
         self._free: list[int] = []
         self._free_set: set[int] = set()
+        self._deferred: list[int] = []  # ended while still mapped: see end_foreign_access_later
 
     def grant_access(self, ref: int, domid: int, frame: int, readonly: bool = False) -> None:
         """Fill ``ref``: domid and frame, a barrier, then the flags."""
@@ -101,6 +102,22 @@ class GrantTable:
         if GNTTAB_NR_RESERVED_ENTRIES <= ref < self._next_fresh and ref not in self._free_set:
             self._free.append(ref)
             self._free_set.add(ref)
+
+    def end_foreign_access_later(self, ref: int) -> None:
+        """End access now if nobody maps ``ref``; otherwise keep it and try
+        again at every later call (Linux defers gnttab_end_foreign_access the
+        same way): a backend that died still holding it lets go eventually."""
+        self._deferred.append(ref)
+        self.retry_deferred()
+
+    def retry_deferred(self) -> None:
+        still = []
+        for ref in self._deferred:
+            try:
+                self.end_foreign_access(ref)
+            except HypercallError:
+                still.append(ref)
+        self._deferred = still
 
     def make_readonly(self, ref: int) -> None:
         self._check_ref(ref)

@@ -129,11 +129,7 @@ class BlkBack(BackendDriver):
 
     def _drop_connection(self) -> None:
         if self.port is not None:
-            self.k.loop.unbind(self.port)
-            try:
-                self.k.xen.close(self.port)
-            except XmpError:
-                pass
+            self.k.close_port(self.port)
             self.port = None
         if self.ring is not None:
             self.ring.release()

@@ -37,7 +37,7 @@ from xmp.drivers.blk.protocol import (
 )
 from xmp.drivers.xenbus.device import Bus, FrontendDriver, XenbusDevice, frontend_bus
 from xmp.drivers.xenbus.state import XenbusState
-from xmp.errors import HypercallError, LocalError, RemoteProtocolError, XmpError
+from xmp.errors import LocalError, RemoteProtocolError, XmpError
 from xmp.sharedmem.ring import FrontRing, ring_nr_ents
 
 BLOCK_PAGES = BLKIF_MAX_SEGMENTS_PER_REQUEST           # one request's worth of pages
@@ -93,7 +93,6 @@ class BlkFront(FrontendDriver):
         self.is_connected = False
         self.connected_once = False
         self.inflight: dict[int, _Req] = {}
-        self.stale_grefs: list[int] = []
         self.next_id = 1
         self.handle = 0
         self.sectors = 0
@@ -108,7 +107,7 @@ class BlkFront(FrontendDriver):
 
     def setup(self, dev: XenbusDevice) -> None:
         self.dev = dev
-        self._end_stale_grants()
+        self.k.grant_table.retry_deferred()
         vdev = dev.xs.read_or(f"{dev.nodename}/virtual-device")
         raw = vdev if vdev is not None and vdev.isdigit() else dev.nodename.rsplit("/", 1)[-1].encode()
         self.handle = int(raw) & 0xFFFF
@@ -158,32 +157,15 @@ class BlkFront(FrontendDriver):
     def disconnect(self, dev: XenbusDevice) -> None:
         self.is_connected = False
         if self.port is not None:
-            self.k.loop.unbind(self.port)
-            try:
-                self.k.xen.close(self.port)
-            except XmpError:
-                pass
+            self.k.close_port(self.port)
             self.port = None
         if self.ring is not None:
             self.ring.release()
             self.ring = None
-        if self.ring_gref is not None:
-            self.stale_grefs.append(self.ring_gref)
-            self.ring_gref = None
-        self.stale_grefs += self.pool_grefs
+        for gref in [g for g in (self.ring_gref, *self.pool_grefs) if g is not None]:
+            self.k.grant_table.end_foreign_access_later(gref)
+        self.ring_gref = None
         self.pool_grefs = []
-        self._end_stale_grants()
-
-    def _end_stale_grants(self) -> None:
-        """End access to old grants; one a backend still maps is kept and
-        tried again later (Linux defers it the same way)."""
-        still = []
-        for gref in self.stale_grefs:
-            try:
-                self.k.grant_table.end_foreign_access(gref)
-            except HypercallError:
-                still.append(gref)
-        self.stale_grefs = still
 
     # -- the ring ----------------------------------------------------------------
 

@@ -59,8 +59,7 @@ class VpingBack(BackendDriver):
 
     def disconnect(self, dev: XenbusDevice) -> None:
         if self.port is not None:
-            self.k.loop.unbind(self.port)
-            self.k.xen.close(self.port)
+            self.k.close_port(self.port)
             self.port = None
         if self.ring is not None:
             self.ring.release()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from xmp.drivers.vping import protocol
 from xmp.drivers.xenbus.device import FrontendDriver, XenbusDevice, frontend_bus
-from xmp.errors import HypercallError
 from xmp.sharedmem.ring import FrontRing
 
 
@@ -21,11 +20,10 @@ class VpingFront(FrontendDriver):
         self.is_connected = False
         self.answers: dict[int, bytes] = {}
         self.in_flight: dict[int, bytes] = {}  # sent, not answered: re-issued after a reconnection
-        self.stale_grefs: list[int] = []
         self.next_id = 1
 
     def setup(self, dev: XenbusDevice) -> None:
-        self._end_stale_grants()
+        self.k.grant_table.retry_deferred()
         page = self.k.page(self.pfn)
         page[:] = bytes(len(page))
         self.ring = FrontRing(page, protocol.SLOT, protocol.SLOT)
@@ -43,27 +41,14 @@ class VpingFront(FrontendDriver):
     def disconnect(self, dev: XenbusDevice) -> None:
         self.is_connected = False
         if self.port is not None:
-            self.k.loop.unbind(self.port)
-            self.k.xen.close(self.port)
+            self.k.close_port(self.port)
             self.port = None
         if self.ring is not None:
             self.ring.release()
             self.ring = None
         if self.gref is not None:
-            self.stale_grefs.append(self.gref)
+            self.k.grant_table.end_foreign_access_later(self.gref)
             self.gref = None
-        self._end_stale_grants()
-
-    def _end_stale_grants(self) -> None:
-        """End access to old ring grants; one a backend still maps is kept
-        and tried again later (Linux defers it the same way)."""
-        still = []
-        for gref in self.stale_grefs:
-            try:
-                self.k.grant_table.end_foreign_access(gref)
-            except HypercallError:
-                still.append(gref)
-        self.stale_grefs = still
 
     def _event(self, _port: int) -> None:
         if self.ring is None:
