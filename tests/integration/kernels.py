@@ -20,9 +20,10 @@ def granter(kernel) -> None:
     last, was_mapped = None, False
     while True:
         flags = kernel.grant_table.entry(REF)[0]
-        if flags != last:
-            kernel.print(f"granter: flags={flags:#x} reply={bytes(page[16:32])!r}")
-            last = flags
+        seen = (flags, bytes(page[16:32]))  # the mapper maps first, then writes its reply
+        if seen != last:
+            kernel.print(f"granter: flags={flags:#x} reply={seen[1]!r}")
+            last = seen
         if flags & (GTF_reading | GTF_writing):
             was_mapped = True
         elif was_mapped:
