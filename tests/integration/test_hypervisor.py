@@ -362,6 +362,7 @@ def test_memory_op_balloons_really_and_grant_table_size(hosts):
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.xdist_group("heavy")  # saturates both CPUs for seconds: never beside another heavy test
 def test_a_burst_of_creates_never_stalls_the_supervisor(hosts):
     """100 creates back to back: the toolstack's xenstore traffic (a tree and an
     INTRODUCE each) must never block the loop xenstored's hypercalls need."""

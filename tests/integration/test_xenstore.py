@@ -102,7 +102,7 @@ def test_garbage_on_a_ring_closes_only_that_connection(hosts):
     # xenstored lives: tools and the other guest's control driver still work
     h.xmp("xenstore", "write", "/tool/alive", "yes")
     assert h.xmp("xenstore", "read", "/tool/alive").stdout.strip() == "yes"
-    h.xmp("shutdown", "-w", "good", timeout=60)
+    h.xmp("shutdown", "-w", "--timeout", "60", "good", timeout=90)
     assert h.info("good") is None
     assert h.stop() == 0
 
@@ -110,11 +110,11 @@ def test_garbage_on_a_ring_closes_only_that_connection(hosts):
 def test_shutdown_reboot_and_force(hosts):
     h = hosts(HOST + guest("a", "idle") + guest("b", "idle", on_reboot="restart")
               + guest("spin", "busy")).start(("a", "b", "spin"))
-    h.xmp("shutdown", "-w", "a")
+    h.xmp("shutdown", "-w", "--timeout", "60", "a", timeout=90)
     assert h.info("a") is None
     assert "dom1 'a' shut down: poweroff" in h.dmesg()
     h.xmp("reboot", "b")
-    h.wait(lambda: (h.info("b") or {}).get("domid", 0) >= 4, 15, "b to come back with a new domid")
+    h.wait(lambda: (h.info("b") or {}).get("domid", 0) >= 4, 60, "b to come back with a new domid")
     assert "dom2 'b' shut down: reboot" in h.dmesg()
     slow = h.xmp("shutdown", "-w", "--timeout", "1", "spin", check=False)
     assert slow.returncode == 1 and "did not shut down within 1 s" in slow.stderr
@@ -167,14 +167,14 @@ def test_shutdown_applies_each_on_poweroff_action(hosts, action):
     h.xmp("shutdown", "g")
     names = lambda: {d["name"]: d for d in h.list()}  # noqa: E731
     if action in ("restart", "coredump-restart", "rename-restart"):
-        h.wait(lambda: names().get("g", {}).get("domid", 0) >= 3, 15, "g to come back")
+        h.wait(lambda: names().get("g", {}).get("domid", 0) >= 3, 60, "g to come back")
     if action == "rename-restart":
         assert names()["g-1"]["state_letters"] == "---s--"  # the old one, kept
     if action == "preserve":
-        h.wait(lambda: names().get("g", {}).get("state") == "shutdown", 15, "g to be kept")
+        h.wait(lambda: names().get("g", {}).get("state") == "shutdown", 60, "g to be kept")
         assert names()["g"]["state_letters"] == "---s--"
     if action in ("destroy", "coredump-destroy"):
-        h.wait(lambda: "g" not in names(), 15, "g to go")
+        h.wait(lambda: "g" not in names(), 60, "g to go")
     if action.startswith("coredump"):
         assert (h.rundir / "dumps" / "g-1.core").stat().st_size == 32 << 20
     assert f"on_poweroff = {action}" in h.dmesg() or action in ("preserve", "rename-restart")
