@@ -361,11 +361,17 @@ def test_memory_op_balloons_really_and_grant_table_size(hosts):
     assert h.stop() == 0
 
 
+BURST = 100 if os.environ.get("XMP_STRESS_FULL") == "1" else 30  # the full size saturates 2 CPUs
+
+
 @pytest.mark.timeout(180)
-@pytest.mark.xdist_group("heavy")  # saturates both CPUs for seconds: never beside another heavy test
+@pytest.mark.stress
+@pytest.mark.xdist_group("heavy")  # never beside another heavy test
 def test_a_burst_of_creates_never_stalls_the_supervisor(hosts):
-    """100 creates back to back: the toolstack's xenstore traffic (a tree and an
-    INTRODUCE each) must never block the loop xenstored's hypercalls need."""
+    """Creates back to back: the toolstack's xenstore traffic (a tree and an
+    INTRODUCE each) must never block the loop xenstored's hypercalls need.
+    100 of them deadlocked before the toolstack wrote without blocking (run
+    that size with XMP_STRESS_FULL=1; CI runs a bounded slice)."""
     import socket as so
 
     from xmp.topology import parse_domain
@@ -374,15 +380,15 @@ def test_a_burst_of_creates_never_stalls_the_supervisor(hosts):
     sock = so.socket(so.AF_UNIX, so.SOCK_STREAM)
     sock.connect(str(h.rundir / "control.sock"))
     f = sock.makefile("rwb")
-    for i in range(100):
+    for i in range(BURST):
         cfg = parse_domain(f'[[domain]]\nname = "g{i}"\nkernel = "xmp.guests.idle:main"\nmemory = 8\n')
         f.write((json.dumps({"cmd": "create", "config": cfg.to_dict()}) + "\n").encode())
     f.flush()
-    replies = [json.loads(f.readline()) for _ in range(100)]
+    replies = [json.loads(f.readline()) for _ in range(BURST)]
     sock.close()
     assert all(r["ok"] for r in replies), [r for r in replies if not r["ok"]][:3]
-    h.wait(lambda: len([d for d in h.list() if d["name"].startswith("g")]) == 100, 60, "100 guests")
-    h.wait(lambda: h.xmp("xenstore", "read", "/local/domain/101/control/feature-poweroff",
+    h.wait(lambda: len([d for d in h.list() if d["name"].startswith("g")]) == BURST, 60, "the guests")
+    h.wait(lambda: h.xmp("xenstore", "read", f"/local/domain/{BURST + 1}/control/feature-poweroff",
                          check=False).stdout.strip() == "1", 60, "the last guest's control driver")
     assert h.stop() == 0
     h.assert_clean(timeout=20)

@@ -86,3 +86,15 @@ def test_stream_survives_any_chunking_and_the_u32_wrap(start, chunks, reads):
         got += rsp.read(reads[i % len(reads)])
         i += 1
     assert bytes(got) == sent
+
+
+def test_a_writer_that_filled_the_ring_during_a_read_is_noticed():
+    page = bytearray(4096)
+    req, _rsp = xenstore_rings(page)
+    req.write(b"a" * 100)
+    data, waits = req.read_and_check_room()
+    assert data == b"a" * 100 and not waits          # never full: nobody waits
+    req.write(b"b" * 1024)                            # full
+    data, waits = req.read_and_check_room(10)
+    assert waits                                      # the writer may be blocked on a full ring
+    assert req.read_and_check_room(0) == (b"", False)  # nothing read: nothing to report

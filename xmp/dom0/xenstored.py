@@ -195,11 +195,10 @@ class XenStored:
             self._flush_ring(rc)  # the guest may have made room for replies still queued
             try:
                 while rc.conn.wants_requests():
-                    full = rc.req.space() == 0
-                    data = rc.req.read()
+                    data, writer_waits = rc.req.read_and_check_room()
                     if not data:
                         break
-                    if full:  # the guest may be waiting for room in req
+                    if writer_waits:  # the guest may be waiting for room in req
                         self.xen.notify(rc.port)
                     for pkt in rc.parser.feed(data):
                         self._apply(self.store.handle(rc.conn, pkt))

@@ -93,6 +93,16 @@ class ByteRing:
     def space(self) -> int:
         return self.size - self.available()
 
+    def read_and_check_room(self, max_bytes: int | None = None) -> tuple[bytes, bool]:
+        """Read, and say whether the writer may be waiting for room: the ring
+        was full relative to where we started, measured *after* consuming
+        (as Linux's xb_read), so a writer that filled it while we read is
+        not missed."""
+        old_cons = lib.xmp_load32(self._cons)
+        data = self.read(max_bytes)
+        was_full = ((lib.xmp_load32(self._prod) - old_cons) & 0xFFFFFFFF) >= self.size
+        return data, bool(data) and was_full
+
     def _hostile(self) -> RemoteProtocolError:
         return RemoteProtocolError(f"{self.name}: indices claim more than {self.size} bytes in flight")
 

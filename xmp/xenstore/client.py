@@ -90,9 +90,8 @@ class RingTransport:
         # ``ready``: an event handler may have pumped our reply meanwhile.
         if not self.wait(lambda: self.rsp.available() > 0 or ready(), timeout) or ready():
             return b""
-        full = self.rsp.space() == 0
-        data = self.rsp.read()
-        if full:  # xenstored may be waiting for room (as Linux's xb_read, only then)
+        data, writer_waits = self.rsp.read_and_check_room()
+        if writer_waits:  # xenstored may be waiting for room (as Linux's xb_read, only then)
             self.notify(self.port)
         return data
 
