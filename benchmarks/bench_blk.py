@@ -366,16 +366,8 @@ def print_report(results: dict, ratios: dict, targets: dict, errors: list[str], 
         print(f"final flush, ms (xmp / file / pipe): {'; '.join(flushes)}")
     print()
     report.print_targets("targets (xmp ÷ direct file)", targets, 30, 3)
-    if problems:
-        print()
-        print("PROBLEMS (stopping the supervisor):")
-        for p in problems:
-            print(f"  {p}")
-    if errors:
-        print()
-        print("ERRORS:")
-        for e in errors:
-            print(f"  {e}")
+    report.print_list("PROBLEMS (stopping the supervisor):", problems)
+    report.print_list("ERRORS:", errors)
 
 
 def main(argv=None) -> int:

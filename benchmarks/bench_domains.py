@@ -516,11 +516,7 @@ def print_report(results: dict, ratios: dict, targets: dict, errors: list[str],
     report.print_targets("targets" + ("" if n == 100 else
                                        f" (the 100-guest ones are not measured with {n} guests)"),
                           targets, 30, 2)
-    if errors:
-        print()
-        print("ERRORS:")
-        for e in errors:
-            print(f"  {e}")
+    report.print_list("ERRORS:", errors)
 
 
 def main(argv=None) -> int:

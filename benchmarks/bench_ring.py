@@ -973,11 +973,7 @@ def print_report(results: dict, ratios: dict, targets: dict, errors: list[str],
             f"{(f'{vals[m]:.2f}x' if m in vals else '-'):>{w}}" for m in METRICS))
     print()
     report.print_targets("targets (xmp vs per-message multiprocessing.Pipe)", targets, 18)
-    if errors:
-        print()
-        print("ERRORS (these measurements are missing):")
-        for e in errors:
-            print(f"  {e}")
+    report.print_list("ERRORS (these measurements are missing):", errors)
 
 
 def main(argv=None) -> int:

@@ -296,11 +296,7 @@ def print_report(results: dict, targets: dict, errors: list[str], sizes: Sizes, 
                       f"(transport cost {per:.1f} µs per READ)")
         print()
     report.print_targets("targets", targets, 30, 0)
-    if errors:
-        print()
-        print("ERRORS:")
-        for e in errors:
-            print(f"  {e}")
+    report.print_list("ERRORS:", errors)
 
 
 def main(argv=None) -> int:

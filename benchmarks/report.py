@@ -20,3 +20,12 @@ def print_targets(title: str, targets: dict, name_width: int = 30, digits: int =
         meas = "n/a" if t["measured"] is None else f"{t['measured']:.{digits}f}"
         verdict = {True: "MET", False: "not met", None: "not measured"}[t["met"]]
         print(f"  {name:<{name_width}} measured {meas:>9}  target {op} {t['target']:<7}  {verdict}")
+
+
+def print_list(title: str, items: list[str]) -> None:
+    """A titled list after a blank line (a run's errors or problems); nothing if empty."""
+    if items:
+        print()
+        print(title)
+        for item in items:
+            print(f"  {item}")
