@@ -225,6 +225,54 @@ def blkcheck(kernel) -> None:
     kernel.idle()
 
 
+# sizes in sectors: 1 sector .. 4 MiB, page-aligned and not, around the 11- and 256-segment limits
+BLK_MATRIX_SIZES = [1, 7, 8, 9, 88, 89, 95, 2047, 2048, 2049, 4096 + 3, 8192]
+
+
+def blkmatrix(kernel) -> None:
+    """blkfront with the settings in ``args.front`` (see blkfront.configure):
+    every size of BLK_MATRIX_SIZES written and read back, at aligned and odd
+    sectors; then 256 random 4 KiB writes and reads kept 32 in flight; every
+    byte compared.  Reports what was negotiated and the verdict, and leaves
+    the data for the test to compare with the image after its flush."""
+    import random
+
+    from xmp.drivers.blk import frontend
+
+    frontend.configure(kernel, **kernel.args.get("front", {}))
+    dev = frontend.attach(kernel, VBD)
+    _blkreport(kernel, "negotiated", persistent=dev.persistent, max_segments=dev.max_segments,
+               ring_page_order=dev.ring_page_order, queues=len(dev.active))
+    bad = []
+    at = 0
+    for n in BLK_MATRIX_SIZES:
+        for sector in (at, at + 3):  # page-aligned, then not
+            dev.write(sector, blk_pattern(sector, n * 512))
+            if dev.read(sector, n) != blk_pattern(sector, n * 512):
+                bad.append([sector, n])
+        at += 2 * n + 8
+    # asynchronous: 32 in flight, writes then reads of distinct 4 KiB blocks
+    rng = random.Random(5)
+    base = at + 8 - at % 8
+    blocks = rng.sample(range(2048), 256)
+    ios = [dev.submit_write(base + b * 8, blk_pattern(base + b * 8, 4096)) for b in blocks[:32]]
+    queue = list(blocks[32:])
+    while ios:
+        for io in dev.wait_any(ios):
+            ios.remove(io)
+            io.result()
+            if queue:
+                b = queue.pop()
+                ios.append(dev.submit_write(base + b * 8, blk_pattern(base + b * 8, 4096)))
+    reads = {b: dev.submit_read(base + b * 8, 8) for b in blocks}
+    dev.wait(list(reads.values()))
+    bad += [[base + b * 8, 8] for b, io in reads.items() if io.result() != blk_pattern(base + b * 8, 4096)]
+    dev.flush()
+    _blkreport(kernel, "matrix", ok=not bad, bad=bad[:5], async_base=base, blocks=blocks,
+               reissued=dev.reissued)
+    kernel.idle()
+
+
 def blkro(kernel) -> None:
     """A read-only vbd: writes and discards fail, reads work."""
     from xmp.drivers.blk.frontend import BlockIOError, attach
@@ -277,6 +325,7 @@ def blkhostile(kernel) -> None:
         def __init__(self):
             self.ring_pfn = kernel.alloc_pages(1)
             self.data_pfn = kernel.alloc_pages(1)
+            self.ind_pfn = kernel.alloc_pages(2)  # indirect pages: a bad one, a good one
             self.ring = None
             self.port = None
             self.up = False
@@ -285,6 +334,8 @@ def blkhostile(kernel) -> None:
             self.ring = FrontRing(kernel.page(self.ring_pfn), protocol.REQUEST_SIZE, protocol.RESPONSE_SIZE)
             ref = kernel.grant_table.grant_foreign_access(dev.otherend_id, self.ring_pfn)
             self.data_gref = kernel.grant_table.grant_foreign_access(dev.otherend_id, self.data_pfn)
+            self.ind_grefs = [kernel.grant_table.grant_foreign_access(dev.otherend_id, self.ind_pfn + i)
+                              for i in range(2)]
             self.port = kernel.xen.alloc_unbound(dev.otherend_id)
             dev.write("ring-ref", ref)
             dev.write("event-channel", self.port)
@@ -308,6 +359,13 @@ def blkhostile(kernel) -> None:
         return body.ljust(112, b"\0")
 
     good = (h.data_gref, 0, 7)
+    kernel.page(h.ind_pfn)[:16] = seg.pack(h.data_gref, 0, 7) + seg.pack(h.data_gref, 3, 9)
+    kernel.page(h.ind_pfn + 1)[:8] = seg.pack(*good)
+
+    def indirect(req_id, indirect_op, nr, gref):
+        return struct.pack("<BBH4xQQH2x8I4x", 6, indirect_op, nr, req_id, 0, VBD, gref,
+                           *[0] * 7).ljust(112, b"\0")
+
     requests = {
         "unknown_op": rw(9, 1, 101, 0, [good]),
         "twelve_segments": rw(0, 12, 102, 0, [good] * 11),
@@ -317,11 +375,14 @@ def blkhostile(kernel) -> None:
         "past_end": rw(0, 1, 106, h.sectors, [good]),
         "wrapping_sector": rw(1, 1, 107, 2**64 - 4, [good]),
         "zero_segments": rw(0, 0, 108, 0, []),
-        "indirect": struct.pack("<BBH4xQQH2x8I4x", 6, 0, 1, 109, 0, VBD, h.data_gref,
-                                *[0] * 7).ljust(112, b"\0"),
+        "indirect_bad_segment": indirect(109, 0, 2, h.ind_grefs[0]),
         "discard_past_end": struct.pack("<BBH4xQQQ", 5, 0, VBD, 110, h.sectors - 1, 2).ljust(112, b"\0"),
         "barrier": rw(2, 0, 111, 0, []),
         "valid_read": rw(0, 1, 112, 0, [good]),
+        "indirect_257_segments": indirect(113, 0, 257, h.ind_grefs[1]),
+        "indirect_op_discard": indirect(114, 5, 1, h.ind_grefs[1]),
+        "indirect_bad_gref": indirect(115, 1, 1, 4000),
+        "indirect_valid_write": indirect(116, 1, 1, h.ind_grefs[1]),
     }
     for raw in requests.values():
         ring.put_request(raw)

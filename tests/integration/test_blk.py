@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 
 import pytest
-from kernels import BLK_CASES, VBD, blk_pattern
+from kernels import BLK_CASES, BLK_MATRIX_SIZES, VBD, blk_pattern
 from xmphost import HOST
 
 from xmp.cli import request
@@ -69,7 +70,7 @@ def test_integrity_bounds_flush_discard(hosts, tmp_path):
     assert info["sectors"] == 32 * MIB // 512 and info["size"] == 32 * MIB
     assert info["sector_size"] == 512 and info["readonly"] is False
     assert info["features"]["feature-flush-cache"] == 1 and info["features"]["feature-discard"] == 1
-    assert info["features"]["feature-max-indirect-segments"] == 0
+    assert info["features"]["feature-max-indirect-segments"] == 256
     # byte for byte, in the guest and -- after its flush -- in the image file
     assert report(h, "g", "integrity") == {"test": "integrity", "ok": True, "bad": []}
     with open(img, "rb") as f:
@@ -133,7 +134,7 @@ def test_hostile_frontend_gets_errors_and_others_are_served(hosts, tmp_path):
     attach(h, "good", good_img)
     attach(h, "evil", bad_img)
     h.wait(lambda: "blkloop: 20 verified," in h.console_log("good"), 30, "the good guest's I/O")
-    h.wait(lambda: len([r for r in reports(h, "evil") if r["test"] == "hostile"]) == 12, 30,
+    h.wait(lambda: len([r for r in reports(h, "evil") if r["test"] == "hostile"]) == 16, 30,
            "answers to the hostile requests")
     answers = {r["name"]: r for r in reports(h, "evil") if r["test"] == "hostile"}
     for name, r in answers.items():
@@ -141,8 +142,10 @@ def test_hostile_frontend_gets_errors_and_others_are_served(hosts, tmp_path):
     statuses = {name: r["status"] for name, r in answers.items()}
     assert statuses == {"unknown_op": -2, "twelve_segments": -1, "last_sect_9": -1,
                         "first_after_last": -1, "bad_gref": -1, "past_end": -1,
-                        "wrapping_sector": -1, "zero_segments": -1, "indirect": -2,
-                        "discard_past_end": -1, "barrier": -2, "valid_read": 0}
+                        "wrapping_sector": -1, "zero_segments": -1, "indirect_bad_segment": -1,
+                        "discard_past_end": -1, "barrier": -2, "valid_read": 0,
+                        "indirect_257_segments": -1, "indirect_op_discard": -1, "indirect_bad_gref": -1,
+                        "indirect_valid_write": 0}
     xs = xs_client(h)
     evil = h.info("evil")["domid"]
     evil_back = f"/local/domain/0/backend/vbd/{evil}/51712"
@@ -184,5 +187,74 @@ def test_io_survives_a_backend_domain_restart(hosts, tmp_path):
     last = [line for line in h.console_log("g").splitlines() if "re-issued" in line][-1]
     assert int(last.split(", ")[1].split()[0]) > 0, last
     assert h.info("g")["state"] == "running"
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+MATRIX = {
+    # name: (the guest's blkfront settings, backend domain's trust,
+    #        what must be negotiated: persistent, max segments, ring-page-order, queues)
+    "defaults": ({}, "dom0", (True, 256, 0, 1)),
+    "no-persistent": ({"persistent": False}, "dom0", (False, 256, 0, 1)),
+    "no-indirect": ({"max_indirect_segments": 0}, "dom0", (True, 11, 0, 1)),
+    "multi-page-ring": ({"ring_page_order": 2}, "dom0", (True, 256, 2, 1)),
+    "multi-queue": ({"num_queues": 3, "persistent": False, "max_indirect_segments": 32}, "dom0",
+                    (False, 32, 0, 3)),
+    "untrusted-copy": ({"num_queues": 2, "ring_page_order": 1}, "untrusted", (True, 256, 1, 2)),
+    "trusted-dd": ({"ring_page_order": 4, "num_queues": 4}, "trusted", (True, 256, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("name", list(MATRIX))
+def test_data_integrity_across_negotiated_features(hosts, tmp_path, name):
+    front, where, want = MATRIX[name]
+    img = image(tmp_path, size=64 * MIB)
+    args = "{ front = { " + ", ".join(f"{k} = {str(v).lower()}" for k, v in front.items()) + " } }"
+    dd = ""
+    if where != "dom0":
+        dd = '[[domain]]\nname = "dd"\nmemory = 32\ndriver_domain = true\n'
+        dd += "trusted_backend = true\n" if where == "trusted" else ""
+    h = hosts(HOST + dd + domain("g", "blkmatrix", memory=64, args=args))
+    h.start(("dd", "g") if dd else ("g",))
+    attach(h, "g", img, backend="Domain-0" if where == "dom0" else "dd")
+    got = report(h, "g", "negotiated")
+    assert (got["persistent"], got["max_segments"], got["ring_page_order"], got["queues"]) == want
+    result = report(h, "g", "matrix", 60)
+    assert result["ok"] is True, result["bad"]
+    assert result["reissued"] == 0
+    # the keys of each queue's rings, as blkif.h names them
+    xs = xs_client(h)
+    domid = h.info("g")["domid"]
+    fdir = f"/local/domain/{domid}/device/vbd/{VBD}"
+    _, order, queues = want[1:]
+    for q in range(queues):
+        prefix = f"{fdir}/queue-{q}/" if queues > 1 else f"{fdir}/"
+        refs = ["ring-ref"] if order == 0 else [f"ring-ref{i}" for i in range(1 << order)]
+        for key in refs + ["event-channel"]:
+            assert xs.read(prefix + key).isdigit(), prefix + key
+    assert xs.read_or(f"{fdir}/multi-queue-num-queues") == (str(queues).encode() if queues > 1 else None)
+    assert xs.read_or(f"{fdir}/ring-page-order") == (str(order).encode() if order else None)
+    xs.close()
+    # what the guest wrote and flushed is in the image, byte for byte
+    with open(img, "rb") as f:
+        at = 0
+        for n in BLK_MATRIX_SIZES:
+            for sector in (at, at + 3):
+                if sector == at + 3:  # the odd write overlapped the aligned one's tail
+                    f.seek(sector * 512)
+                    assert f.read(n * 512) == blk_pattern(sector, n * 512), (sector, n)
+            at += 2 * n + 8
+        base = result["async_base"]
+        for b in result["blocks"]:
+            f.seek((base + b * 8) * 512)
+            assert f.read(4096) == blk_pattern(base + b * 8, 4096), b
+    if where == "untrusted":  # it served every byte without mapping a page of the guest
+        pid = h.domain_pid("dd")
+        shm = re.compile(r"xmp\.\d+\.[0-9a-f]+\.([a-z]+\d+)\.")
+        held = set(shm.findall(open(f"/proc/{pid}/maps").read()))
+        held |= {m.group(1) for fd in os.listdir(f"/proc/{pid}/fd")
+                 if (m := shm.search(os.readlink(f"/proc/{pid}/fd/{fd}")))}
+        assert f"ram{domid}" not in held, held
+    assert "Traceback" not in h.console_log("g")
     assert h.stop() == 0
     h.assert_clean()

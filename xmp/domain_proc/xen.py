@@ -18,19 +18,30 @@ from typing import Any
 
 from xmp.hypercall import Channel
 from xmp.sharedmem.evtchn import EventChannels
-from xmp.sharedmem.shm import ShmObject
+from xmp.sharedmem.shm import PAGE_SIZE, ShmObject
 
 DOMID_SELF = 0x7FF0
 
 
 @dataclass
 class GrantMapping:
-    """Pages of another domain mapped after map_grant_ref (trusted backends)."""
+    """Pages of another domain mapped after map_grant_ref (trusted backends).
+
+    Each run of consecutive frames is one mmap (``maps``), so pages the
+    granter holds side by side -- a multi-page ring, a data buffer -- are
+    one buffer here too (:meth:`contiguous`); ``pages[i]`` is ref i's page."""
 
     handle: int
     granter: int
     refs: list[int]
     pages: list = field(default_factory=list)
+    maps: list = field(default_factory=list)
+
+    def contiguous(self) -> memoryview | None:
+        """All the pages as one buffer, or None when they are not one run."""
+        if len(self.maps) != 1:
+            return None
+        return memoryview(self.maps[0])
 
 
 class Xen:
@@ -143,20 +154,36 @@ class Xen:
                 else:
                     self._foreign[granter] = ShmObject.from_fd(fd)
             obj = self._foreign[granter]
-            pages = [obj.map(frame, 1, writable=not readonly) for frame in ret["frames"]]
-        return GrantMapping(ret["handle"], granter, list(refs), pages)
+            frames = ret["frames"]
+            maps: list = []
+            pages: list = []
+            i = 0
+            while i < len(frames):
+                n = 1
+                while i + n < len(frames) and frames[i + n] == frames[i] + n:
+                    n += 1
+                m = obj.map(frames[i], n, writable=not readonly)
+                maps.append(m)
+                pages += [m] if n == 1 else [memoryview(m)[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
+                                             for k in range(n)]
+                i += n
+        return GrantMapping(ret["handle"], granter, list(refs), pages, maps)
 
     def unmap_grant_ref(self, mapping: GrantMapping) -> None:
         with self._lock:
             obj = self._foreign.get(mapping.granter)
             for page in mapping.pages:
-                if obj is not None and page in obj._maps:
-                    obj._maps.remove(page)
-                page.close()
+                if isinstance(page, memoryview):
+                    page.release()
+            for m in mapping.maps:
+                if obj is not None and m in obj._maps:
+                    obj._maps.remove(m)
+                m.close()
             if obj is not None and not obj._maps and mapping.granter not in self._live_granters:
                 del self._foreign[mapping.granter]  # forgotten already: its last mapping is gone
                 obj.close()
         mapping.pages.clear()
+        mapping.maps.clear()
         self.call("grant_table_op", "unmap_grant_ref", handle=mapping.handle)
 
     def grant_copy(self, ops: list[dict]) -> list[int]:

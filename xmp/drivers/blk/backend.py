@@ -1,30 +1,48 @@
-"""blkif backend ("vbd"): in dom0 (or a trusted driver domain), serving a
-raw image file to the frontend's granted ring.
+"""blkif backend ("vbd"): in dom0 or a driver domain, serving a raw image
+file to a frontend's granted rings.
 
 The toolstack writes ``params`` (the image's absolute path), ``mode``
 ("w" or "r") and ``device-type`` ("disk" or "cdrom") in the backend
-directory.  Each request is copied out of the ring once and parsed by
-:func:`protocol.parse_request`, which trusts nothing; a READ or WRITE maps
-its segments' grants in one ``map_grant_ref`` (read-only for a WRITE: the
-backend only reads the frontend's data), moves the bytes with
-``preadv``/``pwritev`` and unmaps before answering -- a WRITE is answered
-only once every byte reached the image.  FLUSH_DISKCACHE is ``fsync``;
-DISCARD punches whole 4 KiB granules and zeroes the partial edges.  A bad
-request gets its error answer and the loop goes on; a frontend whose
-producer index overflows the ring has its device closed, alone.
+directory.  The backend offers ``feature-max-indirect-segments`` (256),
+``max-ring-page-order`` (4), ``multi-queue-max-queues`` (4),
+``feature-persistent``, ``feature-flush-cache`` and ``feature-discard``;
+the frontend picks what it uses.
 
-Only grant mapping (trusted backends) is supported; indirect segments,
-persistent grants and multi-queue are not advertised.
+Each request is copied out of its ring once and parsed by
+:func:`protocol.parse_request`, which trusts nothing; an indirect
+request's segment pages are copied once too, then parsed.  A READ or
+WRITE reaches the frontend's pages in one of two ways:
+
+* a trusted backend (dom0, ``trusted_backend = true``) maps them: with
+  ``feature-persistent`` each grant stays mapped after its first use (the
+  frontend reuses a fixed pool), without it the request's grants are
+  mapped (read-only for a WRITE) and unmapped before the answer;
+* an untrusted driver domain may not map (the hypervisor says EPERM), so
+  its rings and data move through grant copies into its own bounce pages
+  (:mod:`xmp.drivers.grantcopy`).
+
+The bytes go to or from the image with ``preadv``/``pwritev``; a WRITE is
+answered only once every byte reached the image.  FLUSH_DISKCACHE is
+``fsync``; DISCARD punches whole 4 KiB granules and zeroes the partial
+edges.  A bad request gets its error answer and the loop goes on; a
+frontend whose producer index overflows a ring has its device closed,
+alone.  All queues are served by the domain's one event loop: they are the
+protocol's, not parallelism.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import traceback
+import weakref
+from dataclasses import dataclass
 
 from xmp.domain_proc.xen import GrantMapping
+from xmp.drivers import grantcopy
 from xmp.drivers.blk import protocol
 from xmp.drivers.blk.protocol import (
+    PAGE_SIZE,
     SECTOR_SIZE,
     VDISK_CDROM,
     VDISK_READONLY,
@@ -32,22 +50,38 @@ from xmp.drivers.blk.protocol import (
     BlkifOp,
     BlkifStatus,
     DiscardRequest,
+    IndirectRequest,
     Request,
     Response,
+    Segment,
 )
 from xmp.drivers.xenbus.device import BackendDriver, XenbusDevice
 from xmp.drivers.xenbus.state import XenbusState
 from xmp.errors import GrantError, HypercallError, RemoteProtocolError, XmpError
 from xmp.sharedmem._ffi import lib
-from xmp.sharedmem.ring import BackRing
+from xmp.sharedmem.ring import BackRing, ring_bytes
 
 DISCARD_GRANULARITY = 4096
 PROTOCOLS = (None, b"x86_64-abi", b"native")
 _ZEROS = bytes(DISCARD_GRANULARITY)
 
+MAX_INDIRECT_SEGMENTS = 256   # as Linux's and Mirage's blkback: 1 MiB per request
+MAX_RING_PAGE_ORDER = 4       # 16 pages, 512 slots
+MAX_QUEUES = 4
+# Persistent grants kept mapped before the cache is dropped and refilled
+# (Linux's blkback keeps 1056 by default; our frontend's pool is 1024 pages
+# plus its indirect pages).
+MAX_PERSISTENT_GRANTS = 4096
 
-# More than the frontend's pool ever needs (32 requests x 11 segments, as Linux's 1056).
-MAX_PERSISTENT_GRANTS = 1056
+
+@dataclass
+class _Queue:
+    """One ring of the device and its event channel."""
+
+    index: int
+    ring: BackRing | grantcopy.CopyBackRing
+    port: int
+    mapping: GrantMapping | None = None   # the ring pages, when mapped
 
 
 class BlkBack(BackendDriver):
@@ -58,14 +92,15 @@ class BlkBack(BackendDriver):
         self.fd: int | None = None
         self.readonly = False
         self.sectors = 0
-        self.mapping = None
-        self.ring: BackRing | None = None
-        self.port: int | None = None
+        self.queues: list[_Queue] = []
         self.dev: XenbusDevice | None = None
         self.served = 0
         self.errors = 0
         self.persistent = False
-        self.pgrants: dict[int, tuple[GrantMapping, int]] = {}  # gref -> (its mapping, page index)
+        self.copying = False                        # untrusted: grant copy, never map
+        self.pgrants: dict[int, memoryview] = {}    # gref -> its page, kept mapped
+        self.pmappings: list[GrantMapping] = []
+        self.bounce: int | None = None               # first pfn of our bounce pages (copying)
 
     # -- xenbus ----------------------------------------------------------------
 
@@ -98,29 +133,67 @@ class BlkBack(BackendDriver):
                            "feature-flush-cache": 1, "feature-discard": 1,
                            "discard-granularity": DISCARD_GRANULARITY, "discard-alignment": 0,
                            "feature-barrier": 0, "feature-persistent": 1,
-                           "feature-max-indirect-segments": 0}.items():
+                           "feature-max-indirect-segments": MAX_INDIRECT_SEGMENTS,
+                           "max-ring-page-order": MAX_RING_PAGE_ORDER,
+                           "multi-queue-max-queues": MAX_QUEUES}.items():
             dev.write(key, value)
 
     def connect(self, dev: XenbusDevice) -> None:
-        raw_ref = dev.read_other("ring-ref") or b""
-        raw_port = dev.read_other("event-channel") or b""
-        proto = dev.read_other("protocol")
-        if not raw_ref.isdigit() or not raw_port.isdigit():
-            raise ValueError(f"vbd: bad ring-ref {raw_ref!r} or event-channel {raw_port!r}")
-        if proto not in PROTOCOLS:
-            raise ValueError(f"vbd: unsupported protocol {proto!r}")
         if self.fd is None:
             raise ValueError("vbd: no image open")
+        proto = dev.read_other("protocol")
+        if proto not in PROTOCOLS:
+            raise ValueError(f"vbd: unsupported protocol {proto!r}")
+        nr_queues = _number(dev, "multi-queue-num-queues", 1, 1, MAX_QUEUES)
+        order = _number(dev, "ring-page-order", 0, 0, MAX_RING_PAGE_ORDER)
         self._drop_connection()  # a stale connection, if any
         self.dev = dev
-        # feature-persistent: the frontend reuses a fixed pool of writable grants,
-        # so each stays mapped after its first use (no map/unmap per request).
         self.persistent = dev.read_other("feature-persistent") == b"1"
-        mapping = self.mapping = self.k.xen.map_grant_ref(dev.otherend_id, [int(raw_ref)])
-        self.ring = BackRing(mapping.pages[0], protocol.REQUEST_SIZE, protocol.RESPONSE_SIZE)
-        self.port = self.k.xen.bind_interdomain(dev.otherend_id, int(raw_port))
-        self.k.loop.bind(self.port, self._event)
-        self._event(self.port)  # requests queued before we bound
+        try:
+            for q in range(nr_queues):
+                prefix = f"queue-{q}/" if nr_queues > 1 else ""
+                keys = ([f"{prefix}ring-ref"] if order == 0
+                        else [f"{prefix}ring-ref{i}" for i in range(1 << order)])
+                refs = [_number(dev, key, None, 0, 0xFFFFFFFF) for key in keys]
+                port = _number(dev, f"{prefix}event-channel", None, 1, 0xFFFFFFFF)
+                self._connect_queue(dev, q, refs, port, order)
+        except BaseException:
+            self._drop_connection()
+            raise
+        for queue in self.queues:
+            self._event(queue)  # requests queued before we bound
+
+    def _connect_queue(self, dev: XenbusDevice, index: int, refs: list[int], port: int, order: int) -> None:
+        mapping = None
+        ring: BackRing | grantcopy.CopyBackRing
+        if not self.copying:
+            try:
+                mapping = self.k.xen.map_grant_ref(dev.otherend_id, refs)
+            except HypercallError as exc:
+                if exc.errno != errno.EPERM:
+                    raise
+                self.copying = True  # an untrusted driver domain: grant copy from now on
+        if mapping is not None:
+            buf = mapping.contiguous()
+            if buf is None:
+                self.k.xen.unmap_grant_ref(mapping)
+                raise ValueError("vbd: the ring pages are not one run of the frontend's memory")
+            ring = BackRing(buf, protocol.REQUEST_SIZE, protocol.RESPONSE_SIZE)
+        else:
+            copier = grantcopy.GrantCopier(self.k, dev.otherend_id, refs, self._bounce(),
+                                           BOUNCE_PAGES)
+            ring = grantcopy.CopyBackRing(copier, ring_bytes(order), protocol.REQUEST_SIZE,
+                                          protocol.RESPONSE_SIZE)
+        try:
+            evtchn = self.k.xen.bind_interdomain(dev.otherend_id, port)
+        except BaseException:
+            ring.release()
+            if mapping is not None:
+                self.k.xen.unmap_grant_ref(mapping)
+            raise
+        q = _Queue(index, ring, evtchn, mapping)
+        self.queues.append(q)
+        self.k.loop.bind(evtchn, lambda _port: self._event(q))
 
     def disconnect(self, dev: XenbusDevice) -> None:
         self._drop_connection()
@@ -128,50 +201,37 @@ class BlkBack(BackendDriver):
         self._close_image()
 
     def _drop_connection(self) -> None:
-        if self.port is not None:
-            self.k.close_port(self.port)
-            self.port = None
-        if self.ring is not None:
-            self.ring.release()
-            self.ring = None
+        for q in self.queues:
+            self.k.close_port(q.port)
+            q.ring.release()
+            if q.mapping is not None:
+                _unmap_quietly(self.k, q.mapping)
+        self.queues = []
         self._unmap_persistent()
-        if self.mapping is not None:
-            try:
-                self.k.xen.unmap_grant_ref(self.mapping)
-            except XmpError:
-                pass
-            self.mapping = None
 
     def _unmap_persistent(self) -> None:
-        for mapping in {id(m): m for m, _ in self.pgrants.values()}.values():
-            try:
-                self.k.xen.unmap_grant_ref(mapping)
-            except XmpError:
-                pass
+        for view in self.pgrants.values():
+            view.release()
         self.pgrants.clear()
-
-    def _persistent_pages(self, grefs: list[int]) -> list:
-        missing = [g for g in dict.fromkeys(grefs) if g not in self.pgrants]
-        if missing:
-            if len(self.pgrants) + len(missing) > MAX_PERSISTENT_GRANTS:
-                self._unmap_persistent()  # a frontend cycling through more grants than promised
-                missing = list(dict.fromkeys(grefs))
-            assert self.dev is not None
-            mapping = self.k.xen.map_grant_ref(self.dev.otherend_id, missing)
-            for i, gref in enumerate(missing):
-                self.pgrants[gref] = (mapping, i)
-        return [self.pgrants[g][0].pages[self.pgrants[g][1]] for g in grefs]
+        for mapping in self.pmappings:
+            _unmap_quietly(self.k, mapping)
+        self.pmappings = []
 
     def _close_image(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
 
+    def _bounce(self) -> int:
+        if self.bounce is None:
+            self.bounce = _take_bounce(self.k)
+        return self.bounce
+
     # -- serving -----------------------------------------------------------------
 
-    def _event(self, _port: int) -> None:
+    def _event(self, q: _Queue) -> None:
         try:
-            self._serve()
+            self._serve(q)
         except RemoteProtocolError as exc:  # a broken frontend: close its device, serve the rest
             self._fail(str(exc))
         except Exception:  # never take the backend's process down
@@ -190,18 +250,18 @@ class BlkBack(BackendDriver):
         self.disconnect(dev)
         dev.switch(XenbusState.CLOSING)
 
-    def _serve(self) -> None:
-        while True:
-            ring = self.ring
-            if ring is None:
-                return
+    def _serve(self, q: _Queue) -> None:
+        ring = q.ring
+        size = protocol.REQUEST_SIZE
+        while q in self.queues:
             reqs = ring.get_requests()
             if reqs:
-                size = protocol.REQUEST_SIZE
                 rsps = b"".join(self._handle(reqs[i:i + size]).pack() for i in range(0, len(reqs), size))
+                if q not in self.queues:
+                    return  # a request closed the device (its grants were bad)
                 ring.put_responses(rsps)
-                if ring.push_responses_and_check_notify() and self.port is not None:
-                    self.k.xen.notify(self.port)
+                if ring.push_responses_and_check_notify():
+                    self.k.xen.notify(q.port)
                 continue
             if not ring.final_check_for_requests():
                 return
@@ -210,7 +270,7 @@ class BlkBack(BackendDriver):
         """One request (already a private copy) to its response; never raises."""
         self.served += 1
         try:
-            req = protocol.parse_request(raw, max_indirect_segments=0)
+            req = protocol.parse_request(raw, max_indirect_segments=MAX_INDIRECT_SEGMENTS)
         except BadRequest as bad:
             self.errors += 1
             return bad.response()
@@ -238,38 +298,95 @@ class BlkBack(BackendDriver):
                                   req_id=req.id, operation=req.operation)
             self._discard(fd, req.sector_number * SECTOR_SIZE, req.nr_sectors * SECTOR_SIZE)
             return BlkifStatus.OKAY
-        if not isinstance(req, Request):  # indirect: parse_request refused it already
-            return BlkifStatus.EOPNOTSUPP
-        if req.operation == BlkifOp.FLUSH_DISKCACHE:
+        if isinstance(req, IndirectRequest):
+            op, segs = req.indirect_op, self._indirect_segments(req)
+        else:
+            assert isinstance(req, Request)
+            op, segs = req.operation, req.segments
+        if op == BlkifOp.FLUSH_DISKCACHE:
             os.fsync(fd)
             return BlkifStatus.OKAY
-        if req.operation not in (BlkifOp.READ, BlkifOp.WRITE):
+        if op not in (BlkifOp.READ, BlkifOp.WRITE):
             return BlkifStatus.EOPNOTSUPP  # WRITE_BARRIER: feature-barrier is 0
-        write = req.operation == BlkifOp.WRITE
+        write = op == BlkifOp.WRITE
         if write and self.readonly:
             return BlkifStatus.ERROR
-        protocol.check_bounds(req.sector_number, protocol.sectors_of(req), self.sectors,
+        protocol.check_bounds(req.sector_number, protocol.sectors_of(segs), self.sectors,
                               req_id=req.id, operation=req.operation)
+        offset = req.sector_number * SECTOR_SIZE
+        if self.copying:
+            self._copy_rw(fd, segs, offset, write)
+        else:
+            self._map_rw(fd, segs, offset, write)
+        return BlkifStatus.OKAY
+
+    def _indirect_segments(self, req: IndirectRequest) -> tuple[Segment, ...]:
+        """The request's segment descriptors: its indirect pages copied once, then parsed."""
         assert self.dev is not None
-        grefs = [seg.gref for seg in req.segments]
+        n = req.nr_segments * protocol.SEGMENT_SIZE
+        if self.copying:
+            parts = [(gref, 0, min(PAGE_SIZE, n - i * PAGE_SIZE))
+                     for i, gref in enumerate(req.indirect_grefs)]
+            raw = b"".join(bytes(v) for v in grantcopy.copy_from_grants(
+                self.k, self.dev.otherend_id, parts, self._bounce(), BOUNCE_PAGES))
+        elif self.persistent:
+            raw = b"".join(bytes(p) for p in self._persistent_pages(list(req.indirect_grefs)))
+        else:
+            mapping = self.k.xen.map_grant_ref(self.dev.otherend_id, list(req.indirect_grefs), readonly=True)
+            try:
+                raw = b"".join(bytes(p) for p in mapping.pages)
+            finally:
+                self.k.xen.unmap_grant_ref(mapping)
+        return protocol.parse_indirect_segments(raw, req.nr_segments, req_id=req.id)
+
+    def _map_rw(self, fd: int, segs: tuple[Segment, ...], offset: int, write: bool) -> None:
+        assert self.dev is not None
+        grefs = [seg.gref for seg in segs]
         mapping = None
         if self.persistent:
             pages = self._persistent_pages(grefs)
         else:
             mapping = self.k.xen.map_grant_ref(self.dev.otherend_id, grefs, readonly=write)
             pages = mapping.pages
+        views = []
         try:
-            views = [memoryview(page)[seg.first_sect * SECTOR_SIZE:(seg.last_sect + 1) * SECTOR_SIZE]
-                     for page, seg in zip(pages, req.segments, strict=True)]
-            try:
-                _transfer(fd, views, req.sector_number * SECTOR_SIZE, write)
-            finally:
-                for v in views:
-                    v.release()
+            for page, seg in zip(pages, segs, strict=True):
+                whole = seg.first_sect == 0 and seg.last_sect == protocol.SECTORS_PER_PAGE - 1
+                views.append(memoryview(page) if whole else
+                             memoryview(page)[seg.first_sect * SECTOR_SIZE:(seg.last_sect + 1) * SECTOR_SIZE])
+            _transfer(fd, views, offset, write)
         finally:
+            for v in views:
+                v.release()
             if mapping is not None:
                 self.k.xen.unmap_grant_ref(mapping)
-        return BlkifStatus.OKAY
+
+    def _copy_rw(self, fd: int, segs: tuple[Segment, ...], offset: int, write: bool) -> None:
+        assert self.dev is not None
+        parts = [(s.gref, s.first_sect * SECTOR_SIZE, (s.last_sect - s.first_sect + 1) * SECTOR_SIZE)
+                 for s in segs]
+        bounce = self._bounce()
+        if write:
+            views = grantcopy.copy_from_grants(self.k, self.dev.otherend_id, parts, bounce, BOUNCE_PAGES)
+            _transfer(fd, views, offset, True)
+        else:
+            views = grantcopy.bounce_views(self.k, parts, bounce, BOUNCE_PAGES)
+            _transfer(fd, views, offset, False)
+            grantcopy.copy_to_grants(self.k, self.dev.otherend_id, parts, bounce, BOUNCE_PAGES)
+
+    def _persistent_pages(self, grefs: list[int]) -> list[memoryview]:
+        missing = [g for g in dict.fromkeys(grefs) if g not in self.pgrants]
+        if missing:
+            if len(self.pgrants) + len(missing) > MAX_PERSISTENT_GRANTS:
+                self._unmap_persistent()  # a frontend cycling through more grants than promised
+                missing = list(dict.fromkeys(grefs))
+            assert self.dev is not None
+            mapping = self.k.xen.map_grant_ref(self.dev.otherend_id, missing)
+            self.pmappings.append(mapping)
+            for gref, page in zip(missing, mapping.pages, strict=True):
+                self.pgrants[gref] = memoryview(page)
+        pg = self.pgrants
+        return [pg[g] for g in grefs]
 
     @staticmethod
     def _discard(fd: int, start: int, length: int) -> None:
@@ -285,6 +402,37 @@ class BlkBack(BackendDriver):
             _zero(fd, start, length)
 
 
+# An untrusted backend's bounce pages: a whole request (256 segments) or the
+# biggest ring (16 pages) plus one, taken from the domain's memory once and
+# reused by its devices one after another (alloc_pages never gives back).
+BOUNCE_PAGES = max(MAX_INDIRECT_SEGMENTS, grantcopy.bounce_pages_for(ring_bytes(MAX_RING_PAGE_ORDER)))
+_bounce_pools: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _take_bounce(kernel) -> int:
+    pool = _bounce_pools.setdefault(kernel, [])
+    return pool.pop() if pool else kernel.alloc_pages(BOUNCE_PAGES)
+
+
+def _number(dev: XenbusDevice, key: str, default: int | None, lo: int, hi: int) -> int:
+    """A frontend's numeric key, checked: one clear ValueError otherwise."""
+    raw = dev.read_other(key)
+    if raw is None:
+        if default is None:
+            raise ValueError(f"vbd: the frontend gave no {key}")
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise ValueError(f"vbd: the frontend's {key} is {raw[:32]!r}, not a number in {lo}..{hi}")
+    return int(raw)
+
+
+def _unmap_quietly(kernel, mapping: GrantMapping) -> None:
+    try:
+        kernel.xen.unmap_grant_ref(mapping)
+    except XmpError:
+        pass
+
+
 def _zero(fd: int, offset: int, length: int) -> None:
     while length > 0:
         n = os.pwrite(fd, _ZEROS[:min(length, len(_ZEROS))], offset)
@@ -298,7 +446,10 @@ def _transfer(fd: int, views: list[memoryview], offset: int, write: bool) -> Non
     """All of ``views`` to (``write``) or from the image at ``offset``,
     retrying short transfers; a read past the end of the file reads zeros."""
     total = sum(len(v) for v in views)
-    done = 0
+    n = os.pwritev(fd, views, offset) if write else os.preadv(fd, views, offset)
+    if n == total:
+        return  # the usual case, in one system call
+    done = max(n, 0)
     extra: list[memoryview] = []
     try:
         while done < total:

@@ -1,26 +1,40 @@
 """blkif frontend ("vbd"): in a guest, over its own memory and event loop.
 
-One ring page and a pool of data pages are taken from the guest's memory
-once and kept across reconnections; at each setup they are granted
-(writable) to the current backend.  The pool is one block of 11 pages per
-ring slot, so every request in flight owns a block: data sits page-aligned
-in it, each segment a whole page but the last.  ``read``/``write`` split
-large I/O into 11-page requests and keep as many in flight as the ring
-holds, waiting in the guest's event loop.
+What the frontend uses is negotiated with the backend's keys, capped by
+the guest's own settings (:func:`configure`, Linux's blkfront module
+parameters): ``num_queues`` rings (``multi-queue-num-queues``), each of
+``2**ring_page_order`` pages (``ring-page-order``), requests of up to
+``max_indirect_segments`` pages through indirect pages
+(``feature-max-indirect-segments``; otherwise 11 segments, 44 KiB), and
+``persistent`` grants (``feature-persistent``).
 
-A request stays in ``inflight`` until its answer arrives.  When the
+Data goes through a pool of ``pool_pages`` pages taken from the guest's
+memory once and kept across reconnections; each request owns a run of
+consecutive pool pages (first fit), its data page-aligned in it.  With
+persistent grants the pool (and the indirect pages) is granted once per
+connection and the backend keeps it mapped; without, each request grants
+its pages (read-only for a WRITE) and ends the grants when answered.
+
+I/O is asynchronous underneath: :meth:`BlkFront.submit_read` and friends
+split an operation into ring requests and return a :class:`BlkIO` at once;
+requests wait in ``pending`` (FIFO) until a ring slot, pool pages and, if
+needed, an indirect page are free, so a caller may keep as many in flight
+as the rings hold.  ``read``/``write``/``flush``/``discard`` submit and
+wait.  A request stays in ``inflight`` until its answer arrives; when the
 backend goes away, whatever is in flight is re-issued (with the new
-grants) once the device is connected again: the guest sees neither an
-error nor a lost write; a re-issued write writes the same bytes again.
+grants, split again if the new backend takes smaller requests) once the
+device is connected again: the guest sees neither an error nor a lost
+write, and a re-issued write writes the same bytes again.  A FLUSH covers
+the writes answered before it was issued, as Xen's.
 """
 
 from __future__ import annotations
 
+import bisect
 import struct
-import time
 import weakref
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from xmp.domain_proc.kernel import DEVICE_OPENERS
 from xmp.drivers.blk import protocol
@@ -28,22 +42,43 @@ from xmp.drivers.blk.protocol import (
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
     PAGE_SIZE,
     SECTOR_SIZE,
+    SECTORS_PER_PAGE,
     VDISK_READONLY,
     BlkifOp,
     BlkifStatus,
     DiscardRequest,
-    Request,
-    Segment,
+    IndirectRequest,
 )
 from xmp.drivers.xenbus.device import Bus, FrontendDriver, XenbusDevice, frontend_bus
 from xmp.drivers.xenbus.state import XenbusState
 from xmp.errors import LocalError, RemoteProtocolError, XmpError
-from xmp.sharedmem.ring import FrontRing, ring_nr_ents
+from xmp.sharedmem.ring import FrontRing
 
-BLOCK_PAGES = BLKIF_MAX_SEGMENTS_PER_REQUEST           # one request's worth of pages
-BLOCK_BYTES = BLOCK_PAGES * PAGE_SIZE
-NR_SLOTS = ring_nr_ents(PAGE_SIZE, protocol.SLOT_SIZE)   # 32
 _RSP = struct.Struct("<QBxh")
+_HEAD = struct.Struct("<BBH4xQQ")
+_SEG = struct.Struct("<IBB2x")
+
+DEFAULTS = {"persistent": True, "max_indirect_segments": 256, "num_queues": 1,
+            "ring_page_order": 0, "pool_pages": 1024}
+_options: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def configure(kernel, **options: int | bool) -> None:
+    """Set this guest's blkfront parameters for the disks it attaches from
+    now on (as Linux's xen_blkfront module parameters): ``persistent``,
+    ``max_indirect_segments`` (0 or 12..256: larger requests),
+    ``num_queues`` (1..4), ``ring_page_order`` (0..4), ``pool_pages``."""
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise LocalError(f"blkfront: unknown option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    merged = {**DEFAULTS, **_options.get(kernel, {}), **options}
+    limits = {"max_indirect_segments": (0, 256), "num_queues": (1, 4), "ring_page_order": (0, 4),
+              "pool_pages": (BLKIF_MAX_SEGMENTS_PER_REQUEST, 1 << 20)}
+    for key, (lo, hi) in limits.items():
+        value = merged[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise LocalError(f"blkfront: {key} = {value!r} is not an integer in {lo}..{hi}")
+    _options[kernel] = merged
 
 
 class BlockIOError(XmpError):
@@ -63,37 +98,120 @@ class BlockIOError(XmpError):
         return f"vbd {self.op} at sector {self.sector}: {name}"
 
 
-@dataclass
-class _Req:
-    id: int
+class BlkIO:
+    """One submitted operation: ``done`` once every request of it is
+    answered; :meth:`result` gives a READ's bytes or raises the first error."""
+
+    def __init__(self, op: BlkifOp, sector: int, nbytes: int, data) -> None:
+        self.op = op
+        self.sector = sector
+        self.nbytes = nbytes
+        self.data = data          # READ: the bytearray filled; WRITE: the bytes written
+        self.left = 0             # requests not yet answered
+        self.error: BlockIOError | None = None
+        self.cancelled = False
+
+    @property
+    def done(self) -> bool:
+        return self.left == 0
+
+    def result(self) -> bytes | None:
+        if not self.done:
+            raise LocalError(f"vbd {self.op.name.lower()} at sector {self.sector} is still in flight")
+        if self.error is not None:
+            raise self.error
+        return bytes(self.data) if self.op == BlkifOp.READ else None
+
+
+@dataclass(eq=False)
+class _Part:
+    """One ring request of a BlkIO."""
+
+    io: BlkIO
     op: BlkifOp
     sector: int
-    nbytes: int = 0            # READ / WRITE: bytes in the block
-    nr_sectors: int = 0        # DISCARD
-    block: int | None = None   # READ / WRITE: the pool block holding the data
-    status: int | None = None  # set when answered
-    orphan: bool = False       # its caller gave up: free its block when answered
+    amount: int                   # READ/WRITE: bytes; DISCARD: sectors
+    offset: int = 0               # into io.data
+    id: int = 0
+    extent: int | None = None     # first pool page, while it holds one
+    indirect: int | None = None   # its indirect page, while it holds one
+    grefs: list[int] = field(default_factory=list)  # per-request grants (not persistent)
+    queue: _FrontQueue | None = None
+
+    @property
+    def pages(self) -> int:
+        return -(-self.amount // PAGE_SIZE) if self.op in (BlkifOp.READ, BlkifOp.WRITE) else 0
+
+
+@dataclass(eq=False)
+class _FrontQueue:
+    index: int
+    ring_pfn: int
+    ring: FrontRing | None = None
+    grefs: list[int] = field(default_factory=list)
+    port: int | None = None
+
+
+class _Extents:
+    """First-fit allocator of runs of pool pages; frees merge."""
+
+    def __init__(self, n: int) -> None:
+        self.free: list[tuple[int, int]] = [(0, n)]  # (start, length), sorted
+
+    def alloc(self, n: int) -> int | None:
+        for i, (start, length) in enumerate(self.free):
+            if length >= n:
+                if length == n:
+                    del self.free[i]
+                else:
+                    self.free[i] = (start + n, length - n)
+                return start
+        return None
+
+    def release(self, start: int, n: int) -> None:
+        i = bisect.bisect(self.free, (start, n))
+        if i < len(self.free) and self.free[i][0] == start + n:
+            n += self.free.pop(i)[1]
+        if i > 0 and sum(self.free[i - 1]) == start:
+            start, n = self.free[i - 1][0], self.free[i - 1][1] + n
+            del self.free[i - 1]
+            i -= 1
+        self.free.insert(i, (start, n))
 
 
 class BlkFront(FrontendDriver):
     devtype = "vbd"
 
-    def __init__(self, kernel, nr_blocks: int = NR_SLOTS) -> None:
+    def __init__(self, kernel) -> None:
         self.k = kernel
-        self.ring_pfn = kernel.alloc_pages(1)
-        self.nr_blocks = nr_blocks
-        self.pool_pfn = kernel.alloc_pages(nr_blocks * BLOCK_PAGES)
-        self.free_blocks = list(range(nr_blocks))
-        self.ring: FrontRing | None = None
-        self.ring_gref: int | None = None
+        self.opts = dict(_options.get(kernel, DEFAULTS))
+        self.pool_pages = int(self.opts["pool_pages"])
+        self.pool_pfn = kernel.alloc_pages(self.pool_pages)
+        start = self.pool_pfn * PAGE_SIZE
+        self._pool = memoryview(kernel.memory)[start:start + self.pool_pages * PAGE_SIZE]
+        self._extents = _Extents(self.pool_pages)
+        # one indirect page per request that can be in flight at once
+        self.nr_indirect = max(1, self.pool_pages // (BLKIF_MAX_SEGMENTS_PER_REQUEST + 1))
+        self.indirect_pfn = kernel.alloc_pages(self.nr_indirect)
+        self._free_indirect = list(range(self.nr_indirect))
+        max_order = int(self.opts["ring_page_order"])
+        self.queues = [_FrontQueue(i, kernel.alloc_pages(1 << max_order))
+                       for i in range(int(self.opts["num_queues"]))]
+        self.active: list[_FrontQueue] = []
+        self.ring_page_order = 0
+        self.persistent = False
         self.pool_grefs: list[int] = []
-        self.port: int | None = None
+        self.indirect_grefs: list[int] = []
+        self._desc = b""               # persistent: each pool page's whole-page segment, packed
+        self.max_segments = BLKIF_MAX_SEGMENTS_PER_REQUEST
         self.dev: XenbusDevice | None = None
         self.bus: Bus | None = None
         self.is_connected = False
         self.connected_once = False
-        self.inflight: dict[int, _Req] = {}
+        self.pending: deque[_Part] = deque()
+        self.inflight: dict[int, _Part] = {}
         self.next_id = 1
+        self._rr = 0
         self.handle = 0
         self.sectors = 0
         self.sector_size = SECTOR_SIZE
@@ -107,23 +225,44 @@ class BlkFront(FrontendDriver):
 
     def setup(self, dev: XenbusDevice) -> None:
         self.dev = dev
-        self.k.grant_table.retry_deferred()
+        gt = self.k.grant_table
+        gt.retry_deferred()
         vdev = dev.xs.read_or(f"{dev.nodename}/virtual-device")
         raw = vdev if vdev is not None and vdev.isdigit() else dev.nodename.rsplit("/", 1)[-1].encode()
         self.handle = int(raw) & 0xFFFF
-        page = self.k.page(self.ring_pfn)
-        page[:] = bytes(len(page))
-        self.ring = FrontRing(page, protocol.REQUEST_SIZE, protocol.RESPONSE_SIZE)
-        gt = self.k.grant_table
-        self.ring_gref = gt.grant_foreign_access(dev.otherend_id, self.ring_pfn)
-        self.pool_grefs = [gt.grant_foreign_access(dev.otherend_id, self.pool_pfn + i)
-                           for i in range(self.nr_blocks * BLOCK_PAGES)]
-        self.port = self.k.xen.alloc_unbound(dev.otherend_id)
-        self.k.loop.bind(self.port, self._event)
-        dev.write("ring-ref", self.ring_gref)
-        dev.write("event-channel", self.port)
+        other = dev.otherend_id
+        self.ring_page_order = min(int(self.opts["ring_page_order"]), _other_num(dev, "max-ring-page-order"))
+        nr_queues = max(1, min(len(self.queues), _other_num(dev, "multi-queue-max-queues")))
+        self.persistent = bool(self.opts["persistent"]) and _other_num(dev, "feature-persistent") == 1
+        self.active = self.queues[:nr_queues]
+        npages = 1 << self.ring_page_order
+        for q in self.active:
+            mem = memoryview(self.k.memory)[q.ring_pfn * PAGE_SIZE:(q.ring_pfn + npages) * PAGE_SIZE]
+            mem[:] = bytes(len(mem))
+            q.ring = FrontRing(mem, protocol.REQUEST_SIZE, protocol.RESPONSE_SIZE)
+            q.grefs = [gt.grant_foreign_access(other, q.ring_pfn + i) for i in range(npages)]
+            q.port = self.k.xen.alloc_unbound(other)
+            self.k.loop.bind(q.port, lambda _port, q=q: self._event(q))
+            prefix = f"queue-{q.index}/" if nr_queues > 1 else ""
+            if npages == 1:
+                dev.write(f"{prefix}ring-ref", q.grefs[0])
+            else:
+                for i, gref in enumerate(q.grefs):
+                    dev.write(f"{prefix}ring-ref{i}", gref)
+            dev.write(f"{prefix}event-channel", q.port)
+        if nr_queues > 1:
+            dev.write("multi-queue-num-queues", nr_queues)
+        if npages > 1:
+            dev.write("ring-page-order", self.ring_page_order)
         dev.write("protocol", "x86_64-abi")
-        dev.write("feature-persistent", 1)  # our data grants are a fixed pool, reused
+        dev.write("feature-persistent", int(bool(self.opts["persistent"])))
+        if self.persistent:  # the pool and the indirect pages, granted once for this backend
+            self.pool_grefs = [gt.grant_foreign_access(other, self.pool_pfn + i)
+                               for i in range(self.pool_pages)]
+            # writable, as Linux's: a persistent backend maps every grant of the pool one way
+            self.indirect_grefs = [gt.grant_foreign_access(other, self.indirect_pfn + i)
+                                   for i in range(self.nr_indirect)]
+            self._desc = b"".join(_SEG.pack(g, 0, SECTORS_PER_PAGE - 1) for g in self.pool_grefs)
 
     def connected(self, dev: XenbusDevice) -> None:
         def num(key: str, default: int | None = None) -> int:
@@ -145,32 +284,157 @@ class BlkFront(FrontendDriver):
         self.size = self.sectors * self.sector_size
         self.features = {k: num(k, 0) for k in ("feature-flush-cache", "feature-discard",
                                                  "feature-barrier", "feature-persistent",
-                                                 "feature-max-indirect-segments")}
+                                                 "feature-max-indirect-segments",
+                                                 "max-ring-page-order", "multi-queue-max-queues")}
+        indirect = min(int(self.opts["max_indirect_segments"]), self.pool_pages,
+                       self.features["feature-max-indirect-segments"])
+        self.max_segments = max(indirect, BLKIF_MAX_SEGMENTS_PER_REQUEST)
         self.is_connected = self.connected_once = True
         if self.inflight:  # the backend went away under them: send them again
-            waiting = [r for _, r in sorted(self.inflight.items()) if r.status is None]
-            self.reissued += len(waiting)
-            for r in waiting:
-                self._put(r)
-            self._push()
+            again = [p for _, p in sorted(self.inflight.items())]
+            self.inflight.clear()
+            self.reissued += len(again)
+            for p in reversed(again):
+                self._unissue(p)
+                for piece in reversed(self._split(p)):
+                    self.pending.appendleft(piece)
+        self._kick()
 
     def disconnect(self, dev: XenbusDevice) -> None:
         self.is_connected = False
-        if self.port is not None:
-            self.k.close_port(self.port)
-            self.port = None
-        if self.ring is not None:
-            self.ring.release()
-            self.ring = None
-        for gref in [g for g in (self.ring_gref, *self.pool_grefs) if g is not None]:
-            self.k.grant_table.end_foreign_access_later(gref)
-        self.ring_gref = None
-        self.pool_grefs = []
+        gt = self.k.grant_table
+        for q in self.active:
+            if q.port is not None:
+                self.k.close_port(q.port)
+                q.port = None
+            if q.ring is not None:
+                q.ring.release()
+                q.ring = None
+            for gref in q.grefs:
+                gt.end_foreign_access_later(gref)
+            q.grefs = []
+        for gref in self.pool_grefs + self.indirect_grefs:
+            gt.end_foreign_access_later(gref)
+        self.pool_grefs, self.indirect_grefs, self._desc = [], [], b""
+        for p in self.inflight.values():  # their grants die with the connection
+            for gref in p.grefs:
+                gt.end_foreign_access_later(gref)
+            p.grefs = []
 
-    # -- the ring ----------------------------------------------------------------
+    # -- issuing -------------------------------------------------------------------
 
-    def _event(self, _port: int) -> None:
-        ring = self.ring
+    def _split(self, p: _Part) -> list[_Part]:
+        """``p`` as requests the current backend takes (its pool pages split along)."""
+        limit = self.max_segments * PAGE_SIZE
+        if p.op not in (BlkifOp.READ, BlkifOp.WRITE) or p.amount <= limit:
+            return [p]
+        pieces = []
+        for off in range(0, p.amount, limit):
+            piece = _Part(p.io, p.op, p.sector + off // SECTOR_SIZE, min(limit, p.amount - off),
+                          p.offset + off)
+            if p.extent is not None:
+                piece.extent = p.extent + off // PAGE_SIZE
+            pieces.append(piece)
+        p.io.left += len(pieces) - 1
+        return pieces
+
+    def _unissue(self, p: _Part) -> None:
+        """Back to waiting: its indirect page is free again (its data stays in the pool)."""
+        if p.indirect is not None:
+            self._free_indirect.append(p.indirect)
+            p.indirect = None
+        p.queue = None
+
+    def _queue_with_room(self) -> _FrontQueue | None:
+        n = len(self.active)
+        for i in range(n):
+            q = self.active[(self._rr + i) % n]
+            if q.ring is not None and q.ring.free_requests() > 0:
+                self._rr = (self._rr + i + 1) % n
+                return q
+        return None
+
+    def _kick(self) -> None:
+        """Issue waiting requests while there is room; push and notify once per ring."""
+        if not self.is_connected:
+            return
+        touched: list[_FrontQueue] = []
+        pending = self.pending
+        while pending:
+            p = pending[0]
+            if p.io.cancelled:
+                pending.popleft()
+                self._finish(p, None)
+                continue
+            npages = p.pages
+            if npages and p.extent is None:
+                extent = self._extents.alloc(npages)
+                if extent is None:
+                    break  # wait for pool pages (FIFO: nobody overtakes)
+                p.extent = extent
+                if p.op == BlkifOp.WRITE:
+                    at = extent * PAGE_SIZE
+                    self._pool[at:at + p.amount] = p.io.data[p.offset:p.offset + p.amount]
+            if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST and not self._free_indirect:
+                break
+            q = self._queue_with_room()
+            if q is None:
+                break
+            pending.popleft()
+            self._issue(p, q)
+            if q not in touched:
+                touched.append(q)
+        for q in touched:
+            if q.ring is not None and q.port is not None and q.ring.push_requests_and_check_notify():
+                self.k.xen.notify(q.port)
+
+    def _issue(self, p: _Part, q: _FrontQueue) -> None:
+        assert q.ring is not None and self.dev is not None
+        p.id = self.next_id
+        self.next_id += 1
+        p.queue = q
+        self.inflight[p.id] = p
+        if p.op == BlkifOp.DISCARD:
+            q.ring.put_request(DiscardRequest(p.id, p.sector, p.amount, handle=self.handle).pack())
+            return
+        npages = p.pages
+        if not npages:  # FLUSH_DISKCACHE
+            q.ring.put_request(_HEAD.pack(p.op, 0, self.handle, p.id, p.sector))
+            return
+        assert p.extent is not None
+        if self.persistent:
+            segs = bytearray(self._desc[p.extent * 8:(p.extent + npages) * 8])
+        else:
+            readonly = p.op == BlkifOp.WRITE
+            gt = self.k.grant_table
+            p.grefs = [gt.grant_foreign_access(self.dev.otherend_id, self.pool_pfn + p.extent + i, readonly)
+                       for i in range(npages)]
+            segs = bytearray(b"".join(_SEG.pack(g, 0, SECTORS_PER_PAGE - 1) for g in p.grefs))
+        tail = p.amount % PAGE_SIZE
+        if tail:
+            segs[-3] = tail // SECTOR_SIZE - 1  # last_sect of the last segment
+        if npages <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
+            q.ring.put_request(_HEAD.pack(p.op, npages, self.handle, p.id, p.sector) + segs)
+            return
+        p.indirect = self._free_indirect.pop()
+        page = self.k.page(self.indirect_pfn + p.indirect)
+        page[:len(segs)] = segs
+        nind = protocol.indirect_pages(npages)  # one: 256 segments fit in a page
+        if self.persistent:
+            ind_grefs = [self.indirect_grefs[p.indirect]]
+        else:
+            ind_gref = self.k.grant_table.grant_foreign_access(self.dev.otherend_id,
+                                                               self.indirect_pfn + p.indirect, True)
+            p.grefs.append(ind_gref)
+            ind_grefs = [ind_gref]
+        assert nind == 1
+        req = IndirectRequest(p.op, npages, p.id, p.sector, self.handle, tuple(ind_grefs))
+        q.ring.put_request(req.pack())
+
+    # -- answers -------------------------------------------------------------------
+
+    def _event(self, q: _FrontQueue) -> None:
+        ring = q.ring
         if ring is None:
             return
         try:
@@ -178,15 +442,13 @@ class BlkFront(FrontendDriver):
                 rsps = ring.get_responses()
                 for i in range(0, len(rsps), protocol.RESPONSE_SIZE):
                     rsp_id, _op, status = _RSP.unpack_from(rsps, i)
-                    r = self.inflight.get(rsp_id)
-                    if r is None or r.status is not None:
+                    p = self.inflight.get(rsp_id)
+                    if p is None or p.queue is not q:
                         continue  # a late duplicate, or a backend's invention: dropped
-                    r.status = status if status in (0, -1, -2) else int(BlkifStatus.ERROR)
                     del self.inflight[rsp_id]
-                    if r.orphan:
-                        self._release(r)
+                    self._finish(p, status if status in (0, -1, -2) else int(BlkifStatus.ERROR))
                 if not ring.final_check_for_responses():
-                    return
+                    break
         except RemoteProtocolError as exc:  # a broken backend: close the device
             dev = self.dev
             if dev is not None:
@@ -196,121 +458,84 @@ class BlkFront(FrontendDriver):
                     pass
                 self.disconnect(dev)
                 dev.switch(XenbusState.CLOSING)
+            return
+        self._kick()
 
-    def _put(self, r: _Req) -> None:
-        assert self.ring is not None
-        if r.op == BlkifOp.DISCARD:
-            msg = DiscardRequest(r.id, r.sector, r.nr_sectors, handle=self.handle).pack()
-        else:
-            segs: list[Segment] = []
-            if r.block is not None:
-                first = r.block * BLOCK_PAGES
-                left = r.nbytes
-                for i in range(-(-r.nbytes // PAGE_SIZE)):
-                    n = min(left, PAGE_SIZE)
-                    segs.append(Segment(self.pool_grefs[first + i], 0, n // SECTOR_SIZE - 1))
-                    left -= n
-            msg = Request(r.op, self.handle, r.id, r.sector, tuple(segs)).pack()
-        self.ring.put_request(msg)
+    def _finish(self, p: _Part, status: int | None) -> None:
+        """``p`` answered with ``status`` (None: cancelled before it was issued)."""
+        io = p.io
+        if p.extent is not None:
+            if status == BlkifStatus.OKAY and p.op == BlkifOp.READ:
+                at = p.extent * PAGE_SIZE
+                io.data[p.offset:p.offset + p.amount] = self._pool[at:at + p.amount]
+            self._extents.release(p.extent, p.pages)
+            p.extent = None
+        self._unissue(p)
+        for gref in p.grefs:
+            self.k.grant_table.end_foreign_access_later(gref)
+        p.grefs = []
+        if status not in (None, BlkifStatus.OKAY) and io.error is None:
+            io.error = BlockIOError(p.op.name.lower(), p.sector, status)
+        io.left -= 1
 
-    def _push(self) -> None:
-        if self.ring is not None and self.port is not None and self.ring.push_requests_and_check_notify():
-            self.k.xen.notify(self.port)
+    # -- the block device API ------------------------------------------------------
 
-    def _can_issue(self, needs_block: bool) -> bool:
-        return (self.is_connected and self.ring is not None and len(self.inflight) < NR_SLOTS
-                and self.ring.free_requests() > 0 and (not needs_block or bool(self.free_blocks)))
-
-    def _block_view(self, block: int, nbytes: int) -> memoryview:
-        start = (self.pool_pfn + block * BLOCK_PAGES) * PAGE_SIZE
-        return memoryview(self.k.memory)[start:start + nbytes]
-
-    def _release(self, r: _Req) -> None:
-        if r.block is not None:
-            self.free_blocks.append(r.block)
-            r.block = None
-
-    # -- I/O -----------------------------------------------------------------------
-
-    def _run(self, work: list[tuple[BlkifOp, int, int, int, bytes | memoryview | None]],
-             out: bytearray | None, timeout: float) -> None:
-        """Issue ``work`` -- (op, sector, nbytes or nr_sectors, offset in
-        data/out, data) -- keeping the ring full; wait for every answer;
-        raise the first error once nothing of ours is in flight."""
-        queue = deque(work)
-        mine: list[_Req] = []
-        offsets: dict[int, int] = {}
-        error: BlockIOError | None = None
-        deadline = time.monotonic() + timeout
-
-        def ready() -> bool:  # one of ours answered, or room for the next
-            return any(r.status is not None for r in mine) or (
-                bool(queue) and error is None
-                and self._can_issue(queue[0][0] in (BlkifOp.READ, BlkifOp.WRITE)))
-
-        try:
-            while queue or mine:
-                issued = False
-                while queue and error is None:
-                    op, sector, amount, offset, data = queue[0]
-                    data_op = op in (BlkifOp.READ, BlkifOp.WRITE)
-                    if not self._can_issue(data_op):
-                        break
-                    queue.popleft()
-                    r = _Req(self.next_id, op, sector)
-                    self.next_id += 1
-                    if data_op:
-                        r.nbytes = amount
-                        r.block = self.free_blocks.pop()
-                        if data is not None:
-                            self._block_view(r.block, amount)[:] = data
-                    else:
-                        r.nr_sectors = amount
-                    offsets[r.id] = offset
-                    self.inflight[r.id] = r
-                    self._put(r)
-                    mine.append(r)
-                    issued = True
-                if issued:
-                    self._push()
-                if error is not None:
-                    queue.clear()
-                if not mine and not queue:
-                    break
-
-                left = deadline - time.monotonic()
-                if left <= 0 or not self.k.loop.run_until(ready, left):
-                    raise TimeoutError(f"vbd: no answer within {timeout} s "
-                                       f"({len(mine)} requests in flight)")
-                for r in [r for r in mine if r.status is not None]:
-                    mine.remove(r)
-                    if r.status == BlkifStatus.OKAY and r.op == BlkifOp.READ and out is not None \
-                            and r.block is not None:
-                        off = offsets[r.id]
-                        out[off:off + r.nbytes] = self._block_view(r.block, r.nbytes)
-                    self._release(r)
-                    if r.status != BlkifStatus.OKAY and error is None:
-                        assert r.status is not None
-                        error = BlockIOError(r.op.name.lower(), r.sector, r.status)
-        finally:
-            for r in mine:  # given up on (timeout): their blocks come back when answered
-                r.orphan = True
-        if error is not None:
-            raise error
-
-    def _check(self, sector: int, nbytes: int) -> None:
+    def _submit(self, op: BlkifOp, sector: int, nbytes: int, data) -> BlkIO:
         if nbytes % SECTOR_SIZE:
             raise LocalError(f"vbd: {nbytes} bytes is not a whole number of {SECTOR_SIZE}-byte sectors")
         if sector < 0:
             raise LocalError(f"vbd: negative sector {sector}")
+        io = BlkIO(op, sector, nbytes, data)
+        if op in (BlkifOp.READ, BlkifOp.WRITE):
+            # requests as large as any backend takes; _split cuts them down for this one
+            limit = self.max_segments * PAGE_SIZE
+            parts = [_Part(io, op, sector + off // SECTOR_SIZE, min(limit, nbytes - off), off)
+                     for off in range(0, nbytes, limit)]
+        else:
+            parts = [_Part(io, op, sector, nbytes // SECTOR_SIZE)]
+        io.left = len(parts)
+        self.pending.extend(parts)
+        self._kick()
+        return io
 
-    def _chunks(self, op: BlkifOp, sector: int, nbytes: int, data: bytes | memoryview | None):
-        work = []
-        for off in range(0, nbytes, BLOCK_BYTES):
-            n = min(BLOCK_BYTES, nbytes - off)
-            work.append((op, sector + off // SECTOR_SIZE, n, off,
-                         None if data is None else data[off:off + n]))
-        return work
+    def submit_read(self, sector: int, count: int) -> BlkIO:
+        """Start reading ``count`` sectors from ``sector``; ``result()`` gives the bytes."""
+        return self._submit(BlkifOp.READ, sector, count * SECTOR_SIZE, bytearray(count * SECTOR_SIZE))
+
+    def submit_write(self, sector: int, data: bytes | bytearray | memoryview) -> BlkIO:
+        """Start writing ``data`` (whole sectors) from ``sector``."""
+        if not isinstance(data, bytes):
+            data = bytes(memoryview(data).cast("B"))  # the caller may reuse its buffer at once
+        return self._submit(BlkifOp.WRITE, sector, len(data), data)
+
+    def submit_flush(self) -> BlkIO:
+        """Start a BLKIF_OP_FLUSH_DISKCACHE: the writes answered so far become durable."""
+        return self._submit(BlkifOp.FLUSH_DISKCACHE, 0, 0, None)
+
+    def submit_discard(self, sector: int, count: int) -> BlkIO:
+        """Start a BLKIF_OP_DISCARD: the sectors read as zeros afterwards."""
+        return self._submit(BlkifOp.DISCARD, sector, count * SECTOR_SIZE, None)
+
+    def wait(self, ios: BlkIO | list[BlkIO], timeout: float = 30.0) -> None:
+        """Until every one of ``ios`` is done; on timeout their requests not
+        yet issued are dropped and TimeoutError says how many are in flight."""
+        todo = [ios] if isinstance(ios, BlkIO) else list(ios)
+        if not self.k.loop.run_until(lambda: all(io.done for io in todo), timeout):
+            for io in todo:
+                io.cancelled = True
+            self._kick()
+            raise TimeoutError(f"vbd: no answer within {timeout} s "
+                               f"({sum(io.left for io in todo)} requests outstanding)")
+
+    def wait_any(self, ios: list[BlkIO], timeout: float = 30.0) -> list[BlkIO]:
+        """Until at least one of ``ios`` is done; returns those done."""
+        if not self.k.loop.run_until(lambda: any(io.done for io in ios), timeout):
+            raise TimeoutError(f"vbd: none of {len(ios)} operations answered within {timeout} s")
+        return [io for io in ios if io.done]
+
+    def _sync(self, io: BlkIO, timeout: float) -> bytes | None:
+        self.wait(io, timeout)
+        return io.result()
 
     def wait_connected(self, timeout: float = 10.0) -> None:
         if not self.k.loop.run_until(lambda: self.is_connected, timeout):
@@ -318,27 +543,28 @@ class BlkFront(FrontendDriver):
 
     def read(self, sector: int, count: int, timeout: float = 30.0) -> bytes:
         """``count`` sectors from ``sector``."""
-        nbytes = count * SECTOR_SIZE
-        self._check(sector, nbytes)
-        out = bytearray(nbytes)
-        self._run(self._chunks(BlkifOp.READ, sector, nbytes, None), out, timeout)
-        return bytes(out)
+        data = self._sync(self.submit_read(sector, count), timeout)
+        assert data is not None
+        return data
 
     def write(self, sector: int, data: bytes | bytearray | memoryview, timeout: float = 30.0) -> None:
         """``data`` (whole sectors) to the disk from ``sector``; returns once
         the backend has written every byte (durable after :meth:`flush`)."""
-        view = memoryview(data).cast("B")
-        self._check(sector, len(view))
-        self._run(self._chunks(BlkifOp.WRITE, sector, len(view), view), None, timeout)
+        self._sync(self.submit_write(sector, data), timeout)
 
     def flush(self, timeout: float = 30.0) -> None:
         """BLKIF_OP_FLUSH_DISKCACHE: everything answered so far is durable."""
-        self._run([(BlkifOp.FLUSH_DISKCACHE, 0, 0, 0, None)], None, timeout)
+        self._sync(self.submit_flush(), timeout)
 
     def discard(self, sector: int, count: int, timeout: float = 30.0) -> None:
         """BLKIF_OP_DISCARD: the sectors read as zeros afterwards."""
-        self._check(sector, count * SECTOR_SIZE)
-        self._run([(BlkifOp.DISCARD, sector, count, 0, None)], None, timeout)
+        self._sync(self.submit_discard(sector, count), timeout)
+
+
+def _other_num(dev: XenbusDevice, key: str) -> int:
+    """A backend's optional numeric feature key; 0 when absent or not a number."""
+    raw = dev.read_other(key)
+    return int(raw) if raw is not None and raw.isdigit() and len(raw) < 12 else 0
 
 
 _buses: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
