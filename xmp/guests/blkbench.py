@@ -7,6 +7,11 @@ runs, each for ``args.seconds`` after ``args.warmup`` s untimed,
 * ``rand_read``: 4 KiB reads at random 4 KiB-aligned offsets;
 * ``rand_write``: 4 KiB writes at random 4 KiB-aligned offsets, then one
   flush (timed);
+* ``seq_write_qd``, ``seq_read_qd``, ``rand_read_qd``, ``rand_write_qd``:
+  the same with requests kept in flight (4 of 1 MiB, ``args.depth`` (32)
+  of 4 KiB) through the disk's asynchronous ``submit_read`` /
+  ``submit_write`` (a disk without them, like a file, runs them one at a
+  time and says ``depth: 1``);
 
 and prints one console line ``blkbench: {json}`` (per operation: bytes or
 ops, seconds, MB/s (10^6 bytes) or IOPS, median / p99 latency in µs), then
@@ -21,7 +26,9 @@ The operations are plain functions of a ``disk`` with ``size``,
 ``write(sector, data)``, ``read(sector, count)`` and ``flush()`` -- a
 blkfront here; the benchmark runs the very same functions over a file.
 
-args: vdev ("xvda"), seconds (1.0), warmup (0.2), seed (1).
+args: vdev ("xvda"), seconds (1.0), warmup (0.2), seed (1), depth (32),
+front (blkfront settings, e.g. ``{persistent = false}``: see
+``xmp.drivers.blk.frontend.configure``).
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ SECTOR = 512
 CHUNK = 1 << 20        # sequential request size
 SMALL = 4096           # random request size
 N_OFFSETS = 1 << 16    # random offsets, drawn once and cycled
-OPS = ("seq_write", "seq_read", "rand_read", "rand_write")
+OPS = ("seq_write", "seq_read", "seq_write_qd", "seq_read_qd", "rand_read", "rand_write",
+       "rand_read_qd", "rand_write_qd")
+SEQ_DEPTH = 4          # 1 MiB requests in flight (blkfront's default pool holds 4 MiB)
 
 
 class Disk(Protocol):
@@ -170,17 +179,108 @@ def rand_write(disk: Disk, block: bytes, seconds: float, warmup: float, seed: in
             **_latency(lat)}
 
 
-def run_all(disk: Disk, seconds: float, warmup: float, seed: int = 1) -> dict:
-    """Fill, then the four operations; a final check reads back a few
-    places the random writes went to.  Raises :class:`Corrupt` on a wrong read."""
+def _queued(disk, depth: int, submit: Callable[[int], object], check: Callable[[int, bytes], None] | None,
+            seconds: float, warmup: float) -> tuple[int, float, list[float]]:
+    """Keep ``depth`` requests of ``submit(i)`` in flight: untimed warm-up
+    (answers checked by ``check``), then timed: (timed ops, start, latencies)."""
+    inflight: dict = {}  # io -> (i, submitted at)
+    lat: list[float] = []
+    i = timed_from = 0
+    start = time.perf_counter()
+    warm_end, end = start + warmup, start + warmup + seconds
+    t0 = None
+    now = start
+    while True:
+        if t0 is None and now >= warm_end:
+            t0, timed_from = now, i
+        if now < end:
+            while len(inflight) < depth:
+                inflight[submit(i)] = (i, time.perf_counter())
+                i += 1
+        elif not inflight:
+            break
+        for io in disk.wait_any(list(inflight)):
+            j, sent = inflight.pop(io)
+            got = io.result()
+            now = time.perf_counter()
+            if t0 is not None and j >= timed_from:
+                lat.append(now - sent)
+            elif check is not None:
+                check(j, got)
+        now = time.perf_counter()
+    return i - timed_from, t0 or start, lat
+
+
+def seq_queued(disk, block: bytes, seconds: float, warmup: float, depth: int, write: bool) -> dict:
+    """Sequential 1 MiB reads (or writes, then a timed flush) ``depth`` at a time."""
+    if not hasattr(disk, "submit_read"):
+        return {**(seq_write if write else seq_read)(disk, block, seconds, warmup), "depth": 1}
+    n = disk.size // CHUNK
+
+    def submit(i: int):
+        sector = (i % n) * (CHUNK // SECTOR)
+        return disk.submit_write(sector, block) if write else disk.submit_read(sector, CHUNK // SECTOR)
+
+    def check(i: int, got) -> None:
+        _check(got, block, (i % n) * CHUNK)
+
+    ops, t0, _lat = _queued(disk, depth, submit, None if write else check, seconds, warmup)
+    tf = time.perf_counter()
+    if write:
+        disk.flush()
+    t1 = time.perf_counter()
+    out = {"bytes": ops * CHUNK, "requests": ops, "seconds": t1 - t0, "depth": depth,
+           "mb_s": ops * CHUNK / (t1 - t0) / 1e6}
+    if write:
+        out["flush_s"] = t1 - tf
+    return out
+
+
+def rand_queued(disk, block: bytes, seconds: float, warmup: float, seed: int, depth: int,
+                write: bool) -> dict:
+    """Random 4 KiB reads (or writes, then a timed flush) ``depth`` at a time."""
+    if not hasattr(disk, "submit_read"):
+        out = (rand_write if write else rand_read)(disk, block, seconds, warmup, seed)
+        return {**out, "depth": 1}
+    offs = _offsets(disk.size, seed + (7 if write else 0))
+    view = memoryview(block)
+
+    def submit(i: int):
+        off = offs[i % N_OFFSETS]
+        if write:
+            return disk.submit_write(off // SECTOR, view[off % CHUNK:off % CHUNK + SMALL])
+        return disk.submit_read(off // SECTOR, SMALL // SECTOR)
+
+    def check(i: int, got) -> None:
+        off = offs[i % N_OFFSETS]
+        _check(got, view[off % CHUNK:off % CHUNK + SMALL], off)
+
+    ops, t0, lat = _queued(disk, depth, submit, None if write else check, seconds, warmup)
+    tf = time.perf_counter()
+    if write:
+        disk.flush()
+    t1 = time.perf_counter()
+    out = {"ops": ops, "seconds": t1 - t0, "iops": ops / (t1 - t0), "depth": depth, **_latency(lat)}
+    if write:
+        out["flush_s"] = t1 - tf
+    return out
+
+
+def run_all(disk: Disk, seconds: float, warmup: float, seed: int = 1, depth: int = 32) -> dict:
+    """Fill, then the operations; a final check reads back a few places the
+    random writes went to.  Raises :class:`Corrupt` on a wrong read."""
     if disk.size < CHUNK or disk.size % CHUNK:
         raise ValueError(f"the disk's size {disk.size} is not a whole number (>= 1) of MiB")
     block = data(seed)
     out: dict = {"size": disk.size, "fill_s": fill(disk, block)}
     out["seq_write"] = seq_write(disk, block, seconds, warmup)
     out["seq_read"] = seq_read(disk, block, seconds, warmup)
+    out["seq_write_qd"] = seq_queued(disk, block, seconds, warmup, SEQ_DEPTH, write=True)
+    out["seq_read_qd"] = seq_queued(disk, block, seconds, warmup, SEQ_DEPTH, write=False)
     out["rand_read"] = rand_read(disk, block, seconds, warmup, seed)
     out["rand_write"] = rand_write(disk, block, seconds, warmup, seed)
+    out["rand_read_qd"] = rand_queued(disk, block, seconds, warmup, seed, depth, write=False)
+    out["rand_write_qd"] = rand_queued(disk, block, seconds, warmup, seed, depth, write=True)
     for off in _offsets(disk.size, seed + 7)[:8]:
         _check(disk.read(off // SECTOR, SMALL // SECTOR), block[off % CHUNK:off % CHUNK + SMALL], off)
     return out
@@ -190,9 +290,13 @@ def main(kernel) -> None:
     args = kernel.args
     out: dict = {"domid": kernel.domid}
     try:
+        from xmp.drivers.blk import frontend
+
+        frontend.configure(kernel, **args.get("front", {}))
         disk = kernel.block(args.get("vdev", "xvda"))
+        out["persistent"] = disk.persistent
         out.update(run_all(disk, float(args.get("seconds", 1.0)), float(args.get("warmup", 0.2)),
-                           int(args.get("seed", 1))))
+                           int(args.get("seed", 1)), int(args.get("depth", 32))))
         out["ok"] = True
     except Exception as exc:  # reported on the console; the benchmark fails on it
         out["ok"] = False

@@ -53,7 +53,6 @@ from xmp.drivers.blk.protocol import (
     IndirectRequest,
     Request,
     Response,
-    Segment,
 )
 from xmp.drivers.xenbus.device import BackendDriver, XenbusDevice
 from xmp.drivers.xenbus.state import XenbusState
@@ -302,7 +301,7 @@ class BlkBack(BackendDriver):
             op, segs = req.indirect_op, self._indirect_segments(req)
         else:
             assert isinstance(req, Request)
-            op, segs = req.operation, req.segments
+            op, segs = req.operation, protocol.SegmentArray.of(req.segments)
         if op == BlkifOp.FLUSH_DISKCACHE:
             os.fsync(fd)
             return BlkifStatus.OKAY
@@ -311,7 +310,7 @@ class BlkBack(BackendDriver):
         write = op == BlkifOp.WRITE
         if write and self.readonly:
             return BlkifStatus.ERROR
-        protocol.check_bounds(req.sector_number, protocol.sectors_of(segs), self.sectors,
+        protocol.check_bounds(req.sector_number, segs.nr_sectors, self.sectors,
                               req_id=req.id, operation=req.operation)
         offset = req.sector_number * SECTOR_SIZE
         if self.copying:
@@ -320,7 +319,7 @@ class BlkBack(BackendDriver):
             self._map_rw(fd, segs, offset, write)
         return BlkifStatus.OKAY
 
-    def _indirect_segments(self, req: IndirectRequest) -> tuple[Segment, ...]:
+    def _indirect_segments(self, req: IndirectRequest) -> protocol.SegmentArray:
         """The request's segment descriptors: its indirect pages copied once, then parsed."""
         assert self.dev is not None
         n = req.nr_segments * protocol.SEGMENT_SIZE
@@ -337,34 +336,37 @@ class BlkBack(BackendDriver):
                 raw = b"".join(bytes(p) for p in mapping.pages)
             finally:
                 self.k.xen.unmap_grant_ref(mapping)
-        return protocol.parse_indirect_segments(raw, req.nr_segments, req_id=req.id)
+        return protocol.parse_segment_array(raw, req.nr_segments, req_id=req.id)
 
-    def _map_rw(self, fd: int, segs: tuple[Segment, ...], offset: int, write: bool) -> None:
+    def _map_rw(self, fd: int, segs: protocol.SegmentArray, offset: int, write: bool) -> None:
         assert self.dev is not None
-        grefs = [seg.gref for seg in segs]
         mapping = None
         if self.persistent:
-            pages = self._persistent_pages(grefs)
+            pages = self._persistent_pages(segs.grefs)
         else:
-            mapping = self.k.xen.map_grant_ref(self.dev.otherend_id, grefs, readonly=write)
-            pages = mapping.pages
-        views = []
+            mapping = self.k.xen.map_grant_ref(self.dev.otherend_id, segs.grefs, readonly=write)
+            pages = [memoryview(p) for p in mapping.pages]
         try:
-            for page, seg in zip(pages, segs, strict=True):
-                whole = seg.first_sect == 0 and seg.last_sect == protocol.SECTORS_PER_PAGE - 1
-                views.append(memoryview(page) if whole else
-                             memoryview(page)[seg.first_sect * SECTOR_SIZE:(seg.last_sect + 1) * SECTOR_SIZE])
-            _transfer(fd, views, offset, write)
+            if segs.whole_pages():
+                _transfer(fd, pages, offset, write)
+            else:
+                views = [page[f * SECTOR_SIZE:(la + 1) * SECTOR_SIZE]
+                         for page, f, la in zip(pages, segs.first, segs.last, strict=True)]
+                try:
+                    _transfer(fd, views, offset, write)
+                finally:
+                    for v in views:
+                        v.release()
         finally:
-            for v in views:
-                v.release()
             if mapping is not None:
+                for p in pages:
+                    p.release()
                 self.k.xen.unmap_grant_ref(mapping)
 
-    def _copy_rw(self, fd: int, segs: tuple[Segment, ...], offset: int, write: bool) -> None:
+    def _copy_rw(self, fd: int, segs: protocol.SegmentArray, offset: int, write: bool) -> None:
         assert self.dev is not None
-        parts = [(s.gref, s.first_sect * SECTOR_SIZE, (s.last_sect - s.first_sect + 1) * SECTOR_SIZE)
-                 for s in segs]
+        parts = [(g, f * SECTOR_SIZE, (la - f + 1) * SECTOR_SIZE)
+                 for g, f, la in zip(segs.grefs, segs.first, segs.last, strict=True)]
         bounce = self._bounce()
         if write:
             views = grantcopy.copy_from_grants(self.k, self.dev.otherend_id, parts, bounce, BOUNCE_PAGES)
@@ -375,6 +377,11 @@ class BlkBack(BackendDriver):
             grantcopy.copy_to_grants(self.k, self.dev.otherend_id, parts, bounce, BOUNCE_PAGES)
 
     def _persistent_pages(self, grefs: list[int]) -> list[memoryview]:
+        pg = self.pgrants
+        try:
+            return [pg[g] for g in grefs]
+        except KeyError:
+            pass  # a first use: map what is missing
         missing = [g for g in dict.fromkeys(grefs) if g not in self.pgrants]
         if missing:
             if len(self.pgrants) + len(missing) > MAX_PERSISTENT_GRANTS:
@@ -384,8 +391,7 @@ class BlkBack(BackendDriver):
             mapping = self.k.xen.map_grant_ref(self.dev.otherend_id, missing)
             self.pmappings.append(mapping)
             for gref, page in zip(missing, mapping.pages, strict=True):
-                self.pgrants[gref] = memoryview(page)
-        pg = self.pgrants
+                pg[gref] = memoryview(page)
         return [pg[g] for g in grefs]
 
     @staticmethod

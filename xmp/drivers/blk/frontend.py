@@ -106,7 +106,8 @@ class BlkIO:
         self.op = op
         self.sector = sector
         self.nbytes = nbytes
-        self.data = data          # READ: the bytearray filled; WRITE: the bytes written
+        self.data = data          # WRITE: the bytes written
+        self.chunks: dict[int, bytes] = {}  # READ: what each request brought, by offset
         self.left = 0             # requests not yet answered
         self.error: BlockIOError | None = None
         self.cancelled = False
@@ -120,7 +121,11 @@ class BlkIO:
             raise LocalError(f"vbd {self.op.name.lower()} at sector {self.sector} is still in flight")
         if self.error is not None:
             raise self.error
-        return bytes(self.data) if self.op == BlkifOp.READ else None
+        if self.op != BlkifOp.READ:
+            return None
+        if len(self.chunks) == 1:
+            return next(iter(self.chunks.values()))  # no second copy
+        return b"".join(self.chunks[k] for k in sorted(self.chunks))
 
 
 @dataclass(eq=False)
@@ -374,7 +379,8 @@ class BlkFront(FrontendDriver):
                 p.extent = extent
                 if p.op == BlkifOp.WRITE:
                     at = extent * PAGE_SIZE
-                    self._pool[at:at + p.amount] = p.io.data[p.offset:p.offset + p.amount]
+                    with memoryview(p.io.data) as data:
+                        self._pool[at:at + p.amount] = data[p.offset:p.offset + p.amount]
             if npages > BLKIF_MAX_SEGMENTS_PER_REQUEST and not self._free_indirect:
                 break
             q = self._queue_with_room()
@@ -467,7 +473,7 @@ class BlkFront(FrontendDriver):
         if p.extent is not None:
             if status == BlkifStatus.OKAY and p.op == BlkifOp.READ:
                 at = p.extent * PAGE_SIZE
-                io.data[p.offset:p.offset + p.amount] = self._pool[at:at + p.amount]
+                io.chunks[p.offset] = bytes(self._pool[at:at + p.amount])
             self._extents.release(p.extent, p.pages)
             p.extent = None
         self._unissue(p)
@@ -500,7 +506,7 @@ class BlkFront(FrontendDriver):
 
     def submit_read(self, sector: int, count: int) -> BlkIO:
         """Start reading ``count`` sectors from ``sector``; ``result()`` gives the bytes."""
-        return self._submit(BlkifOp.READ, sector, count * SECTOR_SIZE, bytearray(count * SECTOR_SIZE))
+        return self._submit(BlkifOp.READ, sector, count * SECTOR_SIZE, None)
 
     def submit_write(self, sector: int, data: bytes | bytearray | memoryview) -> BlkIO:
         """Start writing ``data`` (whole sectors) from ``sector``."""

@@ -49,6 +49,7 @@ backend stack through the padding of blkif responses).
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -323,6 +324,55 @@ def parse_indirect_segments(pages: bytes | bytearray | memoryview, count: int, *
     if len(pages) < count * SEGMENT_SIZE:
         raise LocalError(f"{len(pages)} bytes of indirect pages cannot hold {count} segments")
     return _segments_from(bytes(pages[:count * SEGMENT_SIZE]), 0, count, req_id, BlkifOp.INDIRECT)
+
+
+@dataclass(frozen=True)
+class SegmentArray:
+    """A request's segments in columns -- ``grefs``, ``first``/``last``
+    sectors as bytes -- for a backend moving up to 4096 of them per request
+    without an object each."""
+
+    grefs: list[int]
+    first: bytes
+    last: bytes
+
+    def __len__(self) -> int:
+        return len(self.grefs)
+
+    @property
+    def nr_sectors(self) -> int:
+        return sum(self.last) - sum(self.first) + len(self.grefs)
+
+    def whole_pages(self) -> bool:
+        """Every segment is a whole page (the usual case: one view per page)."""
+        n = len(self.grefs)
+        return self.first.count(0) == n and self.last.count(SECTORS_PER_PAGE - 1) == n
+
+    @classmethod
+    def of(cls, segments: Sequence[Segment]) -> SegmentArray:
+        return cls([s.gref for s in segments], bytes(s.first_sect for s in segments),
+                   bytes(s.last_sect for s in segments))
+
+
+def parse_segment_array(raw: bytes | bytearray | memoryview, count: int, *,
+                        req_id: int = 0, operation: int = BlkifOp.INDIRECT) -> SegmentArray:
+    """As :func:`parse_indirect_segments`, into a :class:`SegmentArray`."""
+    if not 0 <= count <= MAX_INDIRECT_SEGMENTS:
+        raise LocalError(f"{count} indirect segments outside 0..{MAX_INDIRECT_SEGMENTS}")
+    if len(raw) < count * SEGMENT_SIZE:
+        raise LocalError(f"{len(raw)} bytes of indirect pages cannot hold {count} segments")
+    data = bytes(raw[:count * SEGMENT_SIZE])  # one private copy
+    first, last = data[4::SEGMENT_SIZE], data[5::SEGMENT_SIZE]
+    if (count and max(last) >= SECTORS_PER_PAGE) or first.count(0) != count:
+        for i, (f, la) in enumerate(zip(first, last, strict=True)):
+            if f > la or la >= SECTORS_PER_PAGE:
+                raise BadRequest(f"segment {i}: sectors {f}..{la} are not within one "
+                                 f"{PAGE_SIZE}-byte page", req_id, operation)
+    if sys.byteorder == "little":  # the wire's order: read the u32 grefs in place
+        grefs = list(memoryview(data).cast("I")[::2])
+    else:
+        grefs = [g for g, _, _ in _SEGMENT.iter_unpack(data)]
+    return SegmentArray(grefs, first, last)
 
 
 def pack_indirect_segments(segments: Sequence[Segment]) -> bytes:
