@@ -406,6 +406,20 @@ def blkhostile(kernel) -> None:
     kernel.xen.notify(h.port)
     _blkreport(kernel, "overflowed")
     kernel.vbd_bus = bus
+    # closed by the backend; starting over (Initialising) brings a working device back
+    _wait_go(kernel, "reconnect")
+    from xmp.drivers.xenbus.state import XenbusState
+
+    h.up = False
+    h.dev.switch(XenbusState.INITIALISING)
+    kernel.loop.run_until(lambda: h.up, 30)
+    ring = h.ring
+    ring.put_request(rw(0, 1, 200, 0, [(h.data_gref, 0, 7)]))
+    if ring.push_requests_and_check_notify():
+        kernel.xen.notify(h.port)
+    got.clear()
+    kernel.loop.run_until(lambda: answered() or 200 in got, 20)
+    _blkreport(kernel, "reconnected", up=h.up, status=got.get(200, (None, None))[1])
     kernel.idle()
 
 

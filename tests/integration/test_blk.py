@@ -162,6 +162,11 @@ def test_hostile_frontend_gets_errors_and_others_are_served(hosts, tmp_path):
     h.wait(lambda: h.console_log("good").count("verified") > n + 2, 20, "the good guest to go on")
     good = h.info("good")["domid"]
     assert xs.read(f"/local/domain/0/backend/vbd/{good}/51712/state") == b"4"
+    # and the hostile frontend may start over: the backend serves it again
+    h.wait(lambda: xs.read(f"{evil_back}/state") == b"6", 10, "the hostile device to be closed")
+    tell(h, "evil", "reconnect")
+    assert report(h, "evil", "reconnected") == {"test": "reconnected", "up": True, "status": 0}
+    assert xs.read(f"{evil_back}/state") == b"4"
     xs.close()
     assert "failed" not in h.dmesg()  # no dom0 service fell over
     assert "Traceback" not in h.console_log("good")

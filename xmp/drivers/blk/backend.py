@@ -67,6 +67,9 @@ _ZEROS = bytes(DISCARD_GRANULARITY)
 MAX_INDIRECT_SEGMENTS = 256   # as Linux's and Mirage's blkback: 1 MiB per request
 MAX_RING_PAGE_ORDER = 4       # 16 pages, 512 slots
 MAX_QUEUES = 4
+# Answers are pushed once a batch has moved this much: small requests share
+# one notification, large ones are answered while the next is served.
+PUSH_BYTES = 128 * 1024
 # Persistent grants kept mapped before the cache is dropped and refilled
 # (Linux's blkback keeps 1056 by default; our frontend's pool is 1024 pages
 # plus its indirect pages).
@@ -95,6 +98,7 @@ class BlkBack(BackendDriver):
         self.dev: XenbusDevice | None = None
         self.served = 0
         self.errors = 0
+        self.moved = 0                              # bytes read or written for the frontend
         self.persistent = False
         self.copying = False                        # untrusted: grant copy, never map
         self.pgrants: dict[int, memoryview] = {}    # gref -> its page, kept mapped
@@ -145,16 +149,18 @@ class BlkBack(BackendDriver):
             raise ValueError(f"vbd: unsupported protocol {proto!r}")
         nr_queues = _number(dev, "multi-queue-num-queues", 1, 1, MAX_QUEUES)
         order = _number(dev, "ring-page-order", 0, 0, MAX_RING_PAGE_ORDER)
+        rings = []  # every key checked before anything is dropped or mapped
+        for q in range(nr_queues):
+            prefix = f"queue-{q}/" if nr_queues > 1 else ""
+            keys = ([f"{prefix}ring-ref"] if order == 0
+                    else [f"{prefix}ring-ref{i}" for i in range(1 << order)])
+            rings.append(([_number(dev, key, None, 0, 0xFFFFFFFF) for key in keys],
+                          _number(dev, f"{prefix}event-channel", None, 1, 0xFFFFFFFF)))
         self._drop_connection()  # a stale connection, if any
         self.dev = dev
         self.persistent = dev.read_other("feature-persistent") == b"1"
         try:
-            for q in range(nr_queues):
-                prefix = f"queue-{q}/" if nr_queues > 1 else ""
-                keys = ([f"{prefix}ring-ref"] if order == 0
-                        else [f"{prefix}ring-ref{i}" for i in range(1 << order)])
-                refs = [_number(dev, key, None, 0, 0xFFFFFFFF) for key in keys]
-                port = _number(dev, f"{prefix}event-channel", None, 1, 0xFFFFFFFF)
+            for q, (refs, port) in enumerate(rings):
                 self._connect_queue(dev, q, refs, port, order)
         except BaseException:
             self._drop_connection()
@@ -255,15 +261,24 @@ class BlkBack(BackendDriver):
         while q in self.queues:
             reqs = ring.get_requests()
             if reqs:
-                rsps = b"".join(self._handle(reqs[i:i + size]).pack() for i in range(0, len(reqs), size))
-                if q not in self.queues:
-                    return  # a request closed the device (its grants were bad)
-                ring.put_responses(rsps)
-                if ring.push_responses_and_check_notify():
-                    self.k.xen.notify(q.port)
+                rsps: list[bytes] = []
+                mark = self.moved
+                for i in range(0, len(reqs), size):
+                    rsps.append(self._handle(reqs[i:i + size]).pack())
+                    if self.moved - mark >= PUSH_BYTES and i + size < len(reqs):
+                        # a large answer goes at once: the frontend copies it out while we do the next
+                        self._push(q, rsps)
+                        rsps, mark = [], self.moved
+                self._push(q, rsps)
                 continue
             if not ring.final_check_for_requests():
                 return
+
+    def _push(self, q: _Queue, rsps: list[bytes]) -> None:
+        if q in self.queues and rsps:
+            q.ring.put_responses(b"".join(rsps))
+            if q.ring.push_responses_and_check_notify():
+                self.k.xen.notify(q.port)
 
     def _handle(self, raw: bytes) -> Response:
         """One request (already a private copy) to its response; never raises."""
@@ -313,6 +328,7 @@ class BlkBack(BackendDriver):
         protocol.check_bounds(req.sector_number, segs.nr_sectors, self.sectors,
                               req_id=req.id, operation=req.operation)
         offset = req.sector_number * SECTOR_SIZE
+        self.moved += segs.nr_sectors * SECTOR_SIZE
         if self.copying:
             self._copy_rw(fd, segs, offset, write)
         else:
