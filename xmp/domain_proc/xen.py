@@ -36,6 +36,7 @@ class GrantMapping:
     refs: list[int]
     pages: list = field(default_factory=list)
     maps: list = field(default_factory=list)
+    where: list[tuple[int, int]] = field(default_factory=list)  # page i: (index in maps, page in it)
 
     def contiguous(self) -> memoryview | None:
         """All the pages as one buffer, or None when they are not one run."""
@@ -157,17 +158,19 @@ class Xen:
             frames = ret["frames"]
             maps: list = []
             pages: list = []
+            where: list[tuple[int, int]] = []
             i = 0
             while i < len(frames):
                 n = 1
                 while i + n < len(frames) and frames[i + n] == frames[i] + n:
                     n += 1
                 m = obj.map(frames[i], n, writable=not readonly)
+                where += [(len(maps), k) for k in range(n)]
                 maps.append(m)
                 pages += [m] if n == 1 else [memoryview(m)[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
                                              for k in range(n)]
                 i += n
-        return GrantMapping(ret["handle"], granter, list(refs), pages, maps)
+        return GrantMapping(ret["handle"], granter, list(refs), pages, maps, where)
 
     def unmap_grant_ref(self, mapping: GrantMapping) -> None:
         with self._lock:
@@ -184,6 +187,7 @@ class Xen:
                 obj.close()
         mapping.pages.clear()
         mapping.maps.clear()
+        mapping.where.clear()
         self.call("grant_table_op", "unmap_grant_ref", handle=mapping.handle)
 
     def grant_copy(self, ops: list[dict]) -> list[int]:

@@ -74,6 +74,7 @@ PUSH_BYTES = 128 * 1024
 # (Linux's blkback keeps 1056 by default; our frontend's pool is 1024 pages
 # plus its indirect pages).
 MAX_PERSISTENT_GRANTS = 4096
+MAX_SEGCACHE = 1024
 
 
 @dataclass
@@ -101,7 +102,10 @@ class BlkBack(BackendDriver):
         self.moved = 0                              # bytes read or written for the frontend
         self.persistent = False
         self.copying = False                        # untrusted: grant copy, never map
-        self.pgrants: dict[int, memoryview] = {}    # gref -> its page, kept mapped
+        self.pgrants: dict[int, tuple] = {}         # gref -> (its run's mmap, page in it, page view)
+        # an indirect request's segment bytes -> (sectors, views): a frontend reuses its
+        # pool, so the same descriptors come again and again (persistent grants only)
+        self.segcache: dict[bytes, tuple[int, list[memoryview]]] = {}
         self.pmappings: list[GrantMapping] = []
         self.bounce: int | None = None               # first pfn of our bounce pages (copying)
 
@@ -215,7 +219,11 @@ class BlkBack(BackendDriver):
         self._unmap_persistent()
 
     def _unmap_persistent(self) -> None:
-        for view in self.pgrants.values():
+        for _, views in self.segcache.values():
+            for v in views:
+                v.release()
+        self.segcache.clear()
+        for _, _, view in self.pgrants.values():
             view.release()
         self.pgrants.clear()
         for mapping in self.pmappings:
@@ -313,10 +321,13 @@ class BlkBack(BackendDriver):
             self._discard(fd, req.sector_number * SECTOR_SIZE, req.nr_sectors * SECTOR_SIZE)
             return BlkifStatus.OKAY
         if isinstance(req, IndirectRequest):
-            op, segs = req.indirect_op, self._indirect_segments(req)
+            op = req.indirect_op
+            raw = self._indirect_raw(req)
+            cached = self.segcache.get(raw) if self.persistent and not self.copying else None
+            segs = None if cached else protocol.parse_segment_array(raw, req.nr_segments, req_id=req.id)
         else:
             assert isinstance(req, Request)
-            op, segs = req.operation, protocol.SegmentArray.of(req.segments)
+            op, cached, segs = req.operation, None, protocol.SegmentArray.of(req.segments)
         if op == BlkifOp.FLUSH_DISKCACHE:
             os.fsync(fd)
             return BlkifStatus.OKAY
@@ -325,89 +336,122 @@ class BlkBack(BackendDriver):
         write = op == BlkifOp.WRITE
         if write and self.readonly:
             return BlkifStatus.ERROR
-        protocol.check_bounds(req.sector_number, segs.nr_sectors, self.sectors,
+        nr_sectors = cached[0] if cached else segs.nr_sectors  # type: ignore[union-attr]
+        protocol.check_bounds(req.sector_number, nr_sectors, self.sectors,
                               req_id=req.id, operation=req.operation)
         offset = req.sector_number * SECTOR_SIZE
-        self.moved += segs.nr_sectors * SECTOR_SIZE
-        if self.copying:
+        self.moved += nr_sectors * SECTOR_SIZE
+        if cached:
+            _transfer(fd, cached[1], offset, write, nr_sectors * SECTOR_SIZE)
+        elif self.copying:
+            assert segs is not None
             self._copy_rw(fd, segs, offset, write)
         else:
-            self._map_rw(fd, segs, offset, write)
+            assert segs is not None
+            self._map_rw(fd, segs, offset, write, raw if isinstance(req, IndirectRequest) else None)
         return BlkifStatus.OKAY
 
-    def _indirect_segments(self, req: IndirectRequest) -> protocol.SegmentArray:
-        """The request's segment descriptors: its indirect pages copied once, then parsed."""
+    def _indirect_raw(self, req: IndirectRequest) -> bytes:
+        """The request's segment descriptors, copied out of its indirect pages once."""
         assert self.dev is not None
         n = req.nr_segments * protocol.SEGMENT_SIZE
         if self.copying:
             parts = [(gref, 0, min(PAGE_SIZE, n - i * PAGE_SIZE))
                      for i, gref in enumerate(req.indirect_grefs)]
-            raw = b"".join(bytes(v) for v in grantcopy.copy_from_grants(
+            return b"".join(bytes(v) for v in grantcopy.copy_from_grants(
                 self.k, self.dev.otherend_id, parts, self._bounce(), BOUNCE_PAGES))
-        elif self.persistent:
-            raw = b"".join(bytes(p) for p in self._persistent_pages(list(req.indirect_grefs)))
-        else:
-            mapping = self.k.xen.map_grant_ref(self.dev.otherend_id, list(req.indirect_grefs), readonly=True)
-            try:
-                raw = b"".join(bytes(p) for p in mapping.pages)
-            finally:
-                self.k.xen.unmap_grant_ref(mapping)
-        return protocol.parse_segment_array(raw, req.nr_segments, req_id=req.id)
-
-    def _map_rw(self, fd: int, segs: protocol.SegmentArray, offset: int, write: bool) -> None:
-        assert self.dev is not None
-        mapping = None
         if self.persistent:
-            pages = self._persistent_pages(segs.grefs)
-        else:
-            mapping = self.k.xen.map_grant_ref(self.dev.otherend_id, segs.grefs, readonly=write)
-            pages = [memoryview(p) for p in mapping.pages]
+            pages = self._persistent_pages(list(req.indirect_grefs))
+            return b"".join(bytes(p[2]) for p in pages)[:n]
+        mapping = self.k.xen.map_grant_ref(self.dev.otherend_id, list(req.indirect_grefs), readonly=True)
         try:
-            if segs.whole_pages():
-                _transfer(fd, pages, offset, write)
-            else:
-                views = [page[f * SECTOR_SIZE:(la + 1) * SECTOR_SIZE]
-                         for page, f, la in zip(pages, segs.first, segs.last, strict=True)]
-                try:
-                    _transfer(fd, views, offset, write)
-                finally:
-                    for v in views:
-                        v.release()
+            return b"".join(bytes(p) for p in mapping.pages)[:n]
         finally:
-            if mapping is not None:
-                for p in pages:
-                    p.release()
-                self.k.xen.unmap_grant_ref(mapping)
+            self.k.xen.unmap_grant_ref(mapping)
+
+    def _map_rw(self, fd: int, segs: protocol.SegmentArray, offset: int, write: bool,
+                key: bytes | None) -> None:
+        assert self.dev is not None
+        total = segs.nr_sectors * SECTOR_SIZE
+        if self.persistent:
+            views = self._persistent_views(segs)
+            if key is not None:  # the same descriptors will come again: keep the views
+                if len(self.segcache) >= MAX_SEGCACHE:
+                    self._drop_segcache()
+                self.segcache[key] = (segs.nr_sectors, views)
+                _transfer(fd, views, offset, write, total)
+                return
+            try:
+                _transfer(fd, views, offset, write, total)
+            finally:
+                for v in views:
+                    v.release()
+            return
+        mapping = self.k.xen.map_grant_ref(self.dev.otherend_id, segs.grefs, readonly=write)
+        pages = [memoryview(p) for p in mapping.pages]
+        views = pages if segs.whole_pages() else _segment_views(pages, segs)
+        try:
+            _transfer(fd, views, offset, write, total)
+        finally:
+            for v in views:
+                v.release()
+            for p in pages:
+                p.release()
+            self.k.xen.unmap_grant_ref(mapping)
+
+    def _drop_segcache(self) -> None:
+        for _, views in self.segcache.values():
+            for v in views:
+                v.release()
+        self.segcache.clear()
+
+    def _persistent_views(self, segs: protocol.SegmentArray) -> list[memoryview]:
+        """Views of the segments' bytes in their kept mappings; whole pages that
+        lie side by side in one mapping become one view (one iovec)."""
+        entries = self._persistent_pages(segs.grefs)
+        if not segs.whole_pages():
+            return _segment_views([e[2] for e in entries], segs)
+        views = []
+        i, n = 0, len(entries)
+        while i < n:
+            m, k, _ = entries[i]
+            j = i + 1
+            while j < n and entries[j][0] is m and entries[j][1] == k + j - i:
+                j += 1
+            views.append(memoryview(m)[k * PAGE_SIZE:(k + j - i) * PAGE_SIZE])
+            i = j
+        return views
 
     def _copy_rw(self, fd: int, segs: protocol.SegmentArray, offset: int, write: bool) -> None:
         assert self.dev is not None
         parts = [(g, f * SECTOR_SIZE, (la - f + 1) * SECTOR_SIZE)
                  for g, f, la in zip(segs.grefs, segs.first, segs.last, strict=True)]
         bounce = self._bounce()
+        total = segs.nr_sectors * SECTOR_SIZE
         if write:
             views = grantcopy.copy_from_grants(self.k, self.dev.otherend_id, parts, bounce, BOUNCE_PAGES)
-            _transfer(fd, views, offset, True)
+            _transfer(fd, views, offset, True, total)
         else:
             views = grantcopy.bounce_views(self.k, parts, bounce, BOUNCE_PAGES)
-            _transfer(fd, views, offset, False)
+            _transfer(fd, views, offset, False, total)
             grantcopy.copy_to_grants(self.k, self.dev.otherend_id, parts, bounce, BOUNCE_PAGES)
 
-    def _persistent_pages(self, grefs: list[int]) -> list[memoryview]:
+    def _persistent_pages(self, grefs: list[int]) -> list[tuple]:
+        """(run mmap, page in it, page view) of each gref, mapped at its first use and kept."""
         pg = self.pgrants
         try:
             return [pg[g] for g in grefs]
         except KeyError:
             pass  # a first use: map what is missing
-        missing = [g for g in dict.fromkeys(grefs) if g not in self.pgrants]
-        if missing:
-            if len(self.pgrants) + len(missing) > MAX_PERSISTENT_GRANTS:
-                self._unmap_persistent()  # a frontend cycling through more grants than promised
-                missing = list(dict.fromkeys(grefs))
-            assert self.dev is not None
-            mapping = self.k.xen.map_grant_ref(self.dev.otherend_id, missing)
-            self.pmappings.append(mapping)
-            for gref, page in zip(missing, mapping.pages, strict=True):
-                pg[gref] = memoryview(page)
+        missing = [g for g in dict.fromkeys(grefs) if g not in pg]
+        if len(pg) + len(missing) > MAX_PERSISTENT_GRANTS:
+            self._unmap_persistent()  # a frontend cycling through more grants than promised
+            missing = list(dict.fromkeys(grefs))
+        assert self.dev is not None
+        mapping = self.k.xen.map_grant_ref(self.dev.otherend_id, missing)
+        self.pmappings.append(mapping)
+        for gref, page, (run, k) in zip(missing, mapping.pages, mapping.where, strict=True):
+            pg[gref] = (mapping.maps[run], k, memoryview(page))
         return [pg[g] for g in grefs]
 
     @staticmethod
@@ -464,10 +508,14 @@ def _zero(fd: int, offset: int, length: int) -> None:
         length -= n
 
 
-def _transfer(fd: int, views: list[memoryview], offset: int, write: bool) -> None:
-    """All of ``views`` to (``write``) or from the image at ``offset``,
-    retrying short transfers; a read past the end of the file reads zeros."""
-    total = sum(len(v) for v in views)
+def _segment_views(pages: list[memoryview], segs: protocol.SegmentArray) -> list[memoryview]:
+    return [page[f * SECTOR_SIZE:(la + 1) * SECTOR_SIZE]
+            for page, f, la in zip(pages, segs.first, segs.last, strict=True)]
+
+
+def _transfer(fd: int, views: list[memoryview], offset: int, write: bool, total: int) -> None:
+    """All ``total`` bytes of ``views`` to (``write``) or from the image at
+    ``offset``, retrying short transfers; a read past the end of the file reads zeros."""
     n = os.pwritev(fd, views, offset) if write else os.preadv(fd, views, offset)
     if n == total:
         return  # the usual case, in one system call

@@ -455,6 +455,11 @@ class BlkFront(FrontendDriver):
                     self._finish(p, status if status in (0, -1, -2) else int(BlkifStatus.ERROR))
                 if not ring.final_check_for_responses():
                     break
+                if rsps:
+                    # More came meanwhile: raise our own port again and return, so
+                    # whoever waits on what we finished refills the ring first.
+                    self.k.xen.evt.send(q.port)
+                    break
         except RemoteProtocolError as exc:  # a broken backend: close the device
             dev = self.dev
             if dev is not None:
