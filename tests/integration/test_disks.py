@@ -14,10 +14,11 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def checker(name: str, image, *, verify_only: bool = False, backend: str | None = None, size: str = "8M",
-            seed: int = 7, hold: bool = False) -> str:
+            seed: int = 7, hold: bool = False, front: str = "") -> str:
     where = f"backend={backend}, " if backend else ""
     spec = f"vdev=xvda, access=rw, {where}size={size}, target={image}"
     flags = "".join(f", {k} = true" for k, on in (("verify_only", verify_only), ("hold", hold)) if on)
+    flags += f", front = {{ {front} }}" if front else ""
     args = f"{{ seed = {seed}{flags} }}"
     return (f'[[domain]]\nname = "{name}"\nkernel = "xmp.guests.diskcheck:main"\nmemory = 64\n'
             f'disk = ["{spec}"]\nargs = {args}\n')
@@ -49,9 +50,15 @@ def test_flushed_data_survives_kill9(hosts, tmp_path, victim):
     again.assert_clean()
 
 
-def test_driver_domain_restart_under_io_loses_nothing(hosts, tmp_path):
+@pytest.mark.parametrize("stor, front", [
+    (STOR, ""),
+    # untrusted: grant copy only; two queues of two-page rings, no persistent grants
+    (STOR.replace("trusted_backend = true\n", ""), "num_queues = 2, ring_page_order = 1, persistent = false"),
+], ids=["trusted", "untrusted-multiqueue"])
+def test_driver_domain_restart_under_io_loses_nothing(hosts, tmp_path, stor, front):
     image = tmp_path / "disk.img"
-    h = hosts(HOST.replace("1024", "2048") + STOR + checker("g", image, backend="stor", size="256M"))
+    h = hosts(HOST.replace("1024", "2048") + stor + checker("g", image, backend="stor", size="256M",
+                                                           front=front))
     h.start(("stor", "g"))
     state = "/local/domain/1/backend/vbd/2/51712/state"
     h.wait(lambda: h.xmp("xenstore", "read", state, check=False).stdout.strip() == "4", 20, "the disk")

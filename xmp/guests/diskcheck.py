@@ -5,7 +5,8 @@ and last one line ``diskcheck: OK <N> bytes verified`` or
 
 args: vdev ("xvda"), bytes (how much of the disk, default all), seed (default 1),
 verify_only (only check a pattern an earlier run left: kill everything, start
-again, verify), hold (after the flush, wait to be killed or shut down)."""
+again, verify), hold (after the flush, wait to be killed or shut down), front
+(blkfront settings: see ``xmp.drivers.blk.frontend.configure``)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ def _chunks(total: int, sizes: tuple[int, ...]):
 
 def main(kernel) -> None:
     args = kernel.args
+    if args.get("front"):
+        from xmp.drivers.blk import frontend
+
+        frontend.configure(kernel, **args["front"])
     disk = kernel.block(args.get("vdev", "xvda"))
     seed = int(args.get("seed", 1))
     total = min(disk.sectors, int(args.get("bytes", disk.sectors * SECTOR)) // SECTOR)

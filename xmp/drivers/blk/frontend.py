@@ -55,6 +55,7 @@ from xmp.errors import LocalError, RemoteProtocolError, XmpError
 from xmp.sharedmem.ring import FrontRing
 
 _RSP = struct.Struct("<QBxh")
+_RING_KEYS = {"event-channel", "multi-queue-num-queues", "ring-page-order"}
 _HEAD = struct.Struct("<BBH4xQQ")
 _SEG = struct.Struct("<IBB2x")
 
@@ -241,6 +242,10 @@ class BlkFront(FrontendDriver):
         self.persistent = bool(self.opts["persistent"]) and _other_num(dev, "feature-persistent") == 1
         self.active = self.queues[:nr_queues]
         npages = 1 << self.ring_page_order
+        # what an earlier negotiation wrote must not mislead this backend
+        for key in dev.xs.directory(dev.nodename):
+            if key in _RING_KEYS or key.startswith(("queue-", "ring-ref")):
+                dev.xs.rm(f"{dev.nodename}/{key}")
         for q in self.active:
             mem = memoryview(self.k.memory)[q.ring_pfn * PAGE_SIZE:(q.ring_pfn + npages) * PAGE_SIZE]
             mem[:] = bytes(len(mem))

@@ -114,7 +114,7 @@ class XenbusDevice:
         self.otherend_id = int(self.xs.read(f"{self.nodename}/backend-id"))
         # Our nodes let the old backend read them: let the new one instead.
         perms = [self.xs.get_perms(self.nodename)[0], f"r{self.otherend_id}"]
-        for node in [self.nodename, *(f"{self.nodename}/{k}" for k in self.xs.directory(self.nodename))]:
+        for node in self._subtree(self.nodename):  # queue-N/ directories too
             self._xs_try(functools.partial(self.xs.set_perms, node, perms))
         # Start over with the new backend, whatever it has seen of us so far:
         # it may even have connected to our old ring.
@@ -122,6 +122,16 @@ class XenbusDevice:
             self._xs_try(functools.partial(self.driver.disconnect, self))
             self.switch(XenbusState.INITIALISING)
         self.xs.watch(f"{self.otherend}/state", self._token)  # its first event runs the machine
+
+    def _subtree(self, path: str) -> list[str]:
+        nodes = [path]
+        try:
+            children = self.xs.directory(path)
+        except (XmpError, ValueError):
+            return nodes
+        for child in children:
+            nodes += self._subtree(f"{path}/{child}")
+        return nodes
 
     def _online_changed(self) -> None:
         if self.xs.read_or(f"{self.nodename}/online") != b"0" or self.state == XenbusState.CLOSED:
