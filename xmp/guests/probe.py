@@ -35,7 +35,10 @@ def _shm_openable():
 
 def _read_mem(pid):
     with open(f"/proc/{pid}/maps") as maps:
-        first = maps.readline().split()[0].split("-")[0]
+        line = maps.readline()
+    if not line:  # it is exiting (other tests' processes come and go)
+        raise ProcessLookupError(f"pid {pid} has no mappings left")
+    first = line.split()[0].split("-")[0]
     with open(f"/proc/{pid}/mem", "rb") as mem:
         mem.seek(int(first, 16))
         return len(mem.read(16))
