@@ -280,10 +280,12 @@ def cmd_block_list(args) -> int:
         print(f"{'Vdev':<6}{'BE':>4}  {'handle':<7}{'state':<6}{'evt-ch':<7}{'ring-ref':<9}BE-path")
         base = f"/local/domain/{domid}/device/vbd"
         for devid in sorted(xs.directory(base) if xs.read_or(base) is not None else [], key=int):
-            def key(k: str, d: str = devid) -> str:
-                return (xs.read_or(f"{base}/{d}/{k}") or b"-").decode()
-            print(f"{devid:<6}{key('backend-id'):>4}  {devid:<7}{key('state'):<6}{key('event-channel'):<7}"
-                  f"{key('ring-ref'):<9}{key('backend')}")
+            def key(k: str, d: str = devid, absent: bytes = b"-") -> str:
+                return (xs.read_or(f"{base}/{d}/{k}") or absent).decode()
+            # as libxl: -1 where a multi-queue or multi-page device has no single key
+            evtch, ref = key("event-channel", absent=b"-1"), key("ring-ref", absent=b"-1")
+            print(f"{devid:<6}{key('backend-id'):>4}  {devid:<7}{key('state'):<6}"
+                  f"{evtch:<7}{ref:<9}{key('backend')}")
     finally:
         xs.close()
     return 0

@@ -240,6 +240,11 @@ def test_data_integrity_across_negotiated_features(hosts, tmp_path, name):
     assert xs.read_or(f"{fdir}/multi-queue-num-queues") == (str(queues).encode() if queues > 1 else None)
     assert xs.read_or(f"{fdir}/ring-page-order") == (str(order).encode() if order else None)
     xs.close()
+    row = h.xmp("block-list", "g").stdout.splitlines()[1].split()
+    backend = "0" if where == "dom0" else str(h.info("dd")["domid"])
+    assert row[:4] == [str(VBD), backend, str(VBD), "4"], row
+    if queues > 1 or order:  # no single event-channel / ring-ref: -1, as libxl shows it
+        assert row[4:6] == (["-1", "-1"] if queues > 1 else [row[4], "-1"]), row
     # what the guest wrote and flushed is in the image, byte for byte
     with open(img, "rb") as f:
         at = 0
