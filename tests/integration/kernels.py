@@ -430,3 +430,24 @@ def blkuser(kernel) -> None:
     assert disk.read(0, 3) == b"hot" * 512
     kernel.print(f"blkuser: xvdb has {disk.sectors} sectors")
     kernel.idle()
+
+
+def blktwo(kernel) -> None:
+    """Two disks at once (xvda from dom0, xvdb from a driver domain): 64
+    writes of 64 KiB to each, interleaved and in flight together, then read
+    back from both; reports the verdict."""
+    a, b = kernel.block("xvda"), kernel.block("xvdb")
+    ios = []
+    for i in range(64):
+        ios.append(a.submit_write(i * 128, blk_pattern(i * 128, 65536)))
+        ios.append(b.submit_write(i * 128, blk_pattern(i * 128 + 1, 65536)))
+    a.wait([io for io in ios[::2]])
+    b.wait([io for io in ios[1::2]])
+    for io in ios:
+        io.result()
+    a.flush()
+    b.flush()
+    ok = all(a.read(i * 128, 128) == blk_pattern(i * 128, 65536)
+             and b.read(i * 128, 128) == blk_pattern(i * 128 + 1, 65536) for i in range(64))
+    _blkreport(kernel, "two", ok=ok, sizes=[a.size, b.size])
+    kernel.idle()

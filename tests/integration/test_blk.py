@@ -268,3 +268,22 @@ def test_data_integrity_across_negotiated_features(hosts, tmp_path, name):
     assert "Traceback" not in h.console_log("g")
     assert h.stop() == 0
     h.assert_clean()
+
+
+def test_two_disks_of_one_guest_from_two_backends(hosts, tmp_path):
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    dd = '[[domain]]\nname = "dd"\nmemory = 32\ndriver_domain = true\n'  # untrusted: grant copy
+    disks = (f'disk = ["vdev=xvda, access=rw, size=8M, target={a}", '
+             f'"vdev=xvdb, access=rw, size=4M, backend=dd, target={b}"]')
+    h = hosts(HOST + dd + domain("g", "blktwo", memory=64) + disks + "\n").start(("dd", "g"))
+    assert report(h, "g", "two", 60) == {"test": "two", "ok": True, "sizes": [8 * MIB, 4 * MIB]}
+    with open(a, "rb") as fa, open(b, "rb") as fb:  # each image holds its own disk's bytes
+        for i in range(64):
+            fa.seek(i * 128 * 512)
+            fb.seek(i * 128 * 512)
+            assert fa.read(65536) == blk_pattern(i * 128, 65536), i
+            assert fb.read(65536) == blk_pattern(i * 128 + 1, 65536), i
+    listing = h.xmp("block-list", "g").stdout.splitlines()[1:]
+    assert [row.split()[:2] for row in listing] == [["51712", "0"], ["51728", str(h.info("dd")["domid"])]]
+    assert h.stop() == 0
+    h.assert_clean()
