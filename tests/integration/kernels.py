@@ -451,3 +451,19 @@ def blktwo(kernel) -> None:
              and b.read(i * 128, 128) == blk_pattern(i * 128 + 1, 65536) for i in range(64))
     _blkreport(kernel, "two", ok=ok, sizes=[a.size, b.size])
     kernel.idle()
+
+
+def blkcycle(kernel) -> None:
+    """xvdb hot-plugged and unplugged again and again: each time it comes,
+    write and check a block, say so, and wait for it to go."""
+    from xmp.drivers.blk import frontend
+
+    i = 0
+    while True:
+        disk = kernel.block("xvdb")
+        disk.write(0, blk_pattern(i, 4096))
+        ok = disk.read(0, 8) == blk_pattern(i, 4096)
+        kernel.print(f"blkcycle: {i} {'ok' if ok else 'BAD'}")
+        bus = frontend._buses[kernel]
+        kernel.loop.run_until(lambda bus=bus: "device/vbd/51728" not in bus.devices)
+        i += 1

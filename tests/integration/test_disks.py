@@ -88,3 +88,16 @@ def test_block_attach_list_and_detach(hosts, tmp_path):
     assert missing.returncode == 1 and "g has no disk xvdb" in missing.stderr
     assert h.stop() == 0
     h.assert_clean()
+
+
+def test_hot_plug_cycles_give_the_guests_memory_back(hosts, tmp_path):
+    # each blkfront takes ~4.4 MiB of the guest (its pool, indirect pages, ring):
+    # twelve plug/unplug cycles in a 32 MiB guest work only if unplugging gives it back
+    h = hosts(HOST + '[[domain]]\nname = "g"\nkernel = "kernels:blkcycle"\nmemory = 32\n').start(("g",))
+    for i in range(12):
+        h.xmp("block-attach", "g", f"vdev=xvdb, access=rw, size=1M, target={tmp_path / 'hot.img'}")
+        h.wait(lambda i=i: f"blkcycle: {i} ok" in h.console_log("g"), 20, f"cycle {i}")
+        h.xmp("block-detach", "g", "xvdb")
+    assert "Traceback" not in h.console_log("g") and h.info("g")["state"] != "crashed"
+    assert h.stop() == 0
+    h.assert_clean()

@@ -49,6 +49,7 @@ class Kernel:
         self.memory = ram
         self.first_free_pfn = first_free_pfn(start_info.nr_grant_frames)
         self._next_free = self.first_free_pfn
+        self._freed: list[tuple[int, int]] = []  # runs given back: (pfn, pages)
         page = memoryview(ram)[start_info.console_mfn * PAGE_SIZE:(start_info.console_mfn + 1) * PAGE_SIZE]
         self.console = Console(page, start_info.console_evtchn, xen, loop)
         gnt = start_info.gnttab_pfn * PAGE_SIZE
@@ -103,13 +104,25 @@ class Kernel:
     # -- console -----------------------------------------------------------
 
     def alloc_pages(self, n: int = 1) -> int:
-        """Take ``n`` fresh pages of the guest's own memory (for rings and
-        buffers it grants); returns the first pfn.  Never given back."""
+        """Take ``n`` pages of the guest's own memory (for rings and buffers
+        it grants), one run; returns the first pfn.  Runs given back with
+        :meth:`free_pages` are used again first."""
+        for i, (pfn, m) in enumerate(self._freed):
+            if m >= n:
+                self._freed[i:i + 1] = [(pfn + n, m - n)] if m > n else []
+                return pfn
         pfn = self._next_free
         if pfn + n > self.start_info.nr_pages:
             raise MemoryError(f"{self.name}: no {n} free pages left")
         self._next_free += n
         return pfn
+
+    def free_pages(self, pfn: int, n: int) -> None:
+        """Give back a run from :meth:`alloc_pages`.  The caller makes sure no
+        other domain can reach it any more (its grants have ended)."""
+        if not self.first_free_pfn <= pfn or pfn + n > self._next_free or n <= 0:
+            raise LocalError(f"pages {pfn}..{pfn + n} were not taken with alloc_pages")
+        self._freed.append((pfn, n))
 
     def page(self, pfn: int) -> memoryview:
         """One page of the guest's own memory."""

@@ -110,6 +110,10 @@ class GrantTable:
         self._deferred.append(ref)
         self.retry_deferred()
 
+    def deferred_refs(self) -> frozenset[int]:
+        """Refs whose end is still waiting for their grantee to unmap them."""
+        return frozenset(self._deferred)
+
     def retry_deferred(self) -> None:
         still = []
         for ref in self._deferred:

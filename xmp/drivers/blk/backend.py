@@ -37,7 +37,6 @@ from __future__ import annotations
 import errno
 import os
 import traceback
-import weakref
 from dataclasses import dataclass
 
 from xmp.domain_proc.xen import GrantMapping
@@ -239,8 +238,13 @@ class BlkBack(BackendDriver):
 
     def _bounce(self) -> int:
         if self.bounce is None:
-            self.bounce = _take_bounce(self.k)
+            self.bounce = self.k.alloc_pages(BOUNCE_PAGES)
         return self.bounce
+
+    def release(self) -> None:
+        if self.bounce is not None:  # copies are synchronous: none is in flight now
+            self.k.free_pages(self.bounce, BOUNCE_PAGES)
+            self.bounce = None
 
     # -- serving -----------------------------------------------------------------
 
@@ -468,16 +472,9 @@ class BlkBack(BackendDriver):
             _zero(fd, start, length)
 
 
-# An untrusted backend's bounce pages: a whole request (256 segments) or the
-# biggest ring (16 pages) plus one, taken from the domain's memory once and
-# reused by its devices one after another (alloc_pages never gives back).
+# An untrusted backend's bounce pages, per device: a whole request (256
+# segments) or the biggest ring (16 pages) plus one.
 BOUNCE_PAGES = max(MAX_INDIRECT_SEGMENTS, grantcopy.bounce_pages_for(ring_bytes(MAX_RING_PAGE_ORDER)))
-_bounce_pools: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _take_bounce(kernel) -> int:
-    pool = _bounce_pools.setdefault(kernel, [])
-    return pool.pop() if pool else kernel.alloc_pages(BOUNCE_PAGES)
 
 
 def _number(dev: XenbusDevice, key: str, default: int | None, lo: int, hi: int) -> int:

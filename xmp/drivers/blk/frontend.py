@@ -192,17 +192,19 @@ class BlkFront(FrontendDriver):
         self.k = kernel
         self.opts = dict(_options.get(kernel, DEFAULTS))
         self.pool_pages = int(self.opts["pool_pages"])
-        self.pool_pfn = kernel.alloc_pages(self.pool_pages)
-        start = self.pool_pfn * PAGE_SIZE
-        self._pool = memoryview(kernel.memory)[start:start + self.pool_pages * PAGE_SIZE]
         self._extents = _Extents(self.pool_pages)
         # one indirect page per request that can be in flight at once
         self.nr_indirect = max(1, self.pool_pages // (BLKIF_MAX_SEGMENTS_PER_REQUEST + 1))
-        self.indirect_pfn = kernel.alloc_pages(self.nr_indirect)
         self._free_indirect = list(range(self.nr_indirect))
-        max_order = int(self.opts["ring_page_order"])
-        self.queues = [_FrontQueue(i, kernel.alloc_pages(1 << max_order))
-                       for i in range(int(self.opts["num_queues"]))]
+        # Our memory -- pool, indirect pages, rings -- is taken at the first
+        # setup (a device the bus never gets to costs nothing) and kept
+        # across reconnections; release() gives it back.
+        self.area: int | None = None
+        self.area_pages = 0
+        self.pool_pfn = self.indirect_pfn = 0
+        self._pool = memoryview(b"")
+        self._ended: set[int] = set()   # grants we ended: their pages go back only once unmapped
+        self.queues: list[_FrontQueue] = []
         self.active: list[_FrontQueue] = []
         self.ring_page_order = 0
         self.persistent = False
@@ -229,8 +231,34 @@ class BlkFront(FrontendDriver):
 
     # -- xenbus ------------------------------------------------------------------
 
+    def _allocate(self) -> None:
+        ring_pages = 1 << int(self.opts["ring_page_order"])
+        nq = int(self.opts["num_queues"])
+        self.area_pages = self.pool_pages + self.nr_indirect + nq * ring_pages
+        self.area = self.pool_pfn = self.k.alloc_pages(self.area_pages)
+        self.indirect_pfn = self.pool_pfn + self.pool_pages
+        first_ring = self.indirect_pfn + self.nr_indirect
+        self.queues = [_FrontQueue(i, first_ring + i * ring_pages) for i in range(nq)]
+        start = self.pool_pfn * PAGE_SIZE
+        self._pool = memoryview(self.k.memory)[start:start + self.pool_pages * PAGE_SIZE]
+
+    def release(self) -> None:
+        """The device is gone: our pages go back to the guest once no grant
+        of them is left (a dead backend may hold some mapped: they stay)."""
+        if self.area is None:
+            return
+        gt = self.k.grant_table
+        gt.retry_deferred()
+        if self._ended & gt.deferred_refs():
+            return
+        self._pool.release()
+        self.k.free_pages(self.area, self.area_pages)
+        self.area = None
+
     def setup(self, dev: XenbusDevice) -> None:
         self.dev = dev
+        if self.area is None:
+            self._allocate()
         gt = self.k.grant_table
         gt.retry_deferred()
         vdev = dev.xs.read_or(f"{dev.nodename}/virtual-device")
@@ -312,7 +340,6 @@ class BlkFront(FrontendDriver):
 
     def disconnect(self, dev: XenbusDevice) -> None:
         self.is_connected = False
-        gt = self.k.grant_table
         for q in self.active:
             if q.port is not None:
                 self.k.close_port(q.port)
@@ -320,16 +347,19 @@ class BlkFront(FrontendDriver):
             if q.ring is not None:
                 q.ring.release()
                 q.ring = None
-            for gref in q.grefs:
-                gt.end_foreign_access_later(gref)
+            self._end(q.grefs)
             q.grefs = []
-        for gref in self.pool_grefs + self.indirect_grefs:
-            gt.end_foreign_access_later(gref)
+        self._end(self.pool_grefs + self.indirect_grefs)
         self.pool_grefs, self.indirect_grefs, self._desc = [], [], b""
         for p in self.inflight.values():  # their grants die with the connection
-            for gref in p.grefs:
-                gt.end_foreign_access_later(gref)
+            self._end(p.grefs)
             p.grefs = []
+
+    def _end(self, grefs: list[int]) -> None:
+        gt = self.k.grant_table
+        for gref in grefs:
+            gt.end_foreign_access_later(gref)
+        self._ended.update(grefs)
 
     # -- issuing -------------------------------------------------------------------
 
@@ -487,9 +517,9 @@ class BlkFront(FrontendDriver):
             self._extents.release(p.extent, p.pages)
             p.extent = None
         self._unissue(p)
-        for gref in p.grefs:
-            self.k.grant_table.end_foreign_access_later(gref)
-        p.grefs = []
+        if p.grefs:
+            self._end(p.grefs)
+            p.grefs = []
         if status not in (None, BlkifStatus.OKAY) and io.error is None:
             io.error = BlockIOError(p.op.name.lower(), p.sector, status)
         io.left -= 1

@@ -48,6 +48,9 @@ class FrontendDriver:
     def disconnect(self, dev: XenbusDevice) -> None:
         pass
 
+    def release(self) -> None:
+        """The device is gone from xenstore: give back what it held."""
+
 
 class BackendDriver:
     devtype = ""
@@ -60,6 +63,9 @@ class BackendDriver:
 
     def disconnect(self, dev: XenbusDevice) -> None:
         pass
+
+    def release(self) -> None:
+        """The device is gone from xenstore: give back what it held."""
 
 
 class XenbusDevice:
@@ -253,6 +259,7 @@ class Bus:
             dev = self.devices.pop(node)
             dev.driver.disconnect(dev)
             dev.close()
+            dev.driver.release()
 
 
 def frontend_bus(xs: XsClient, devtype: str, factory: Callable[[], FrontendDriver]) -> Bus:
