@@ -467,3 +467,59 @@ def blkcycle(kernel) -> None:
         bus = frontend._buses[kernel]
         kernel.loop.run_until(lambda bus=bus: "device/vbd/51728" not in bus.devices)
         i += 1
+
+
+def blkstress(kernel) -> None:
+    """Random reads and writes for ``args.seconds``, ``args.depth`` in flight:
+    each op takes one 64 KiB chunk of the disk to itself (nothing in flight
+    overlaps) and a random sector range in it; every sector's latest
+    generation is remembered and every read checked against it.  Prints
+    ``blkstress: OK <ops> ops`` or ``blkstress: FAILED <why>``."""
+    import random
+    import struct
+    import time
+    from array import array
+
+    disk = kernel.block("xvda")
+    rng = random.Random(kernel.domid)
+    chunk = 128  # sectors
+    nchunks = disk.sectors // chunk
+    gen = array("I", bytes(4 * disk.sectors))  # 0: never written (reads zeros)
+
+    def pattern(first: int, count: int, g: int) -> bytes:
+        return b"".join(struct.pack("<QQ", s, g) * 32 if g else bytes(512)
+                        for s in range(first, first + count))
+
+    busy: set[int] = set()
+    inflight: dict = {}
+    ops = 0
+    end = time.monotonic() + float(kernel.args.get("seconds", 2))
+    depth = int(kernel.args.get("depth", 8))
+    while time.monotonic() < end or inflight:
+        while time.monotonic() < end and len(inflight) < depth:
+            c = rng.randrange(nchunks)
+            if c in busy:
+                continue
+            first = c * chunk + rng.randrange(chunk)
+            count = rng.randint(1, c * chunk + chunk - first)
+            if rng.random() < 0.5:
+                g = ops + 1
+                io = disk.submit_write(first, b"".join(struct.pack("<QQ", s, g) * 32
+                                                       for s in range(first, first + count)))
+                inflight[io] = (c, first, count, g)
+            else:
+                inflight[io := disk.submit_read(first, count)] = (c, first, count, None)
+            busy.add(c)
+            ops += 1
+        for io in disk.wait_any(list(inflight)):
+            c, first, count, g = inflight.pop(io)
+            busy.discard(c)
+            data = io.result()
+            if g is not None:
+                gen[first:first + count] = array("I", [g] * count)
+                continue
+            for i in range(count):
+                if data[i * 512:(i + 1) * 512] != pattern(first + i, 1, gen[first + i]):
+                    kernel.print(f"blkstress: FAILED sector {first + i} is not generation {gen[first + i]}")
+                    return
+    kernel.print(f"blkstress: OK {ops} ops")

@@ -101,3 +101,29 @@ def test_hot_plug_cycles_give_the_guests_memory_back(hosts, tmp_path):
     assert "Traceback" not in h.console_log("g") and h.info("g")["state"] != "crashed"
     assert h.stop() == 0
     h.assert_clean()
+
+
+FULL = os.environ.get("XMP_STRESS_FULL") == "1"
+
+
+@pytest.mark.stress
+@pytest.mark.xdist_group("heavy")  # never beside another heavy test
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted", "untrusted"])
+def test_guests_hammering_one_driver_domain(hosts, tmp_path, trusted):
+    """Several guests, random asynchronous I/O checked sector by sector, one
+    driver domain serving them all (CI: 3 guests for 3 s; XMP_STRESS_FULL=1:
+    8 guests for 60 s)."""
+    n, seconds = (8, 60) if FULL else (3, 3)
+    stor = STOR if trusted else STOR.replace("trusted_backend = true\n", "")
+    guests = "".join(
+        f'[[domain]]\nname = "g{i}"\nkernel = "kernels:blkstress"\nmemory = 48\n'
+        f'args = {{ seconds = {seconds}, depth = 8 }}\n'
+        f'disk = ["vdev=xvda, access=rw, backend=stor, size=16M, target={tmp_path}/g{i}.img"]\n'
+        for i in range(n))
+    h = hosts(HOST.replace("1024", "2048") + stor + guests)
+    h.start(("stor", *(f"g{i}" for i in range(n))))
+    assert h.wait_exit(seconds + 120) == 0  # every guest finished and powered off
+    for i in range(n):
+        log = h.console_log(f"g{i}")
+        assert "blkstress: OK" in log, log[-2000:]
+    h.assert_clean()

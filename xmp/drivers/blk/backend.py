@@ -71,6 +71,8 @@ MAX_QUEUES = 4
 # Answers are pushed once a batch has moved this much: small requests share
 # one notification, large ones are answered while the next is served.
 PUSH_BYTES = 128 * 1024
+# Ring-fulls served per event before the others get their turn.
+BATCHES_PER_EVENT = 4
 # Persistent grants kept mapped before the cache is dropped and refilled
 # (Linux's blkback keeps 1056 by default; our frontend's pool is 1024 pages
 # plus its indirect pages).
@@ -272,7 +274,9 @@ class BlkBack(BackendDriver):
     def _serve(self, q: _Queue) -> None:
         ring = q.ring
         size = protocol.REQUEST_SIZE
-        while q in self.queues:
+        for _ in range(BATCHES_PER_EVENT):
+            if q not in self.queues:
+                return
             reqs = ring.get_requests()
             if reqs:
                 rsps: list[bytes] = []
@@ -287,6 +291,11 @@ class BlkBack(BackendDriver):
                 continue
             if not ring.final_check_for_requests():
                 return
+        # Still busy: raise our own port again and let the loop serve the
+        # other rings and xenstore first (a frontend that never lets its ring
+        # empty must not starve everyone else).
+        if q in self.queues:
+            self.k.xen.evt.send(q.port)
 
     def _push(self, q: _Queue, rsps: list[bytes]) -> None:
         if q in self.queues and rsps:
