@@ -4,6 +4,7 @@ blkfront's settings."""
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from xmp.drivers.blk import backend, frontend, protocol
+from xmp.drivers.blk import backend, frontend, protocol, requests
 from xmp.drivers.blk.protocol import BadRequest, Segment, SegmentArray, parse_segment_array
 from xmp.errors import LocalError
 
@@ -19,7 +20,7 @@ from xmp.errors import LocalError
 
 
 def test_extents_first_fit_and_merge():
-    ex = frontend._Extents(16)
+    ex = requests.Extents(16)
     a, b, c = ex.alloc(4), ex.alloc(4), ex.alloc(8)
     assert (a, b, c) == (0, 4, 8) and ex.alloc(1) is None
     ex.release(4, 4)
@@ -32,7 +33,7 @@ def test_extents_first_fit_and_merge():
 
 @given(st.lists(st.integers(1, 40), min_size=1, max_size=60), st.randoms())
 def test_extents_never_overlap_and_give_everything_back(sizes, rng):
-    ex = frontend._Extents(128)
+    ex = requests.Extents(128)
     held: list[tuple[int, int]] = []
     for n in sizes:
         start = ex.alloc(n)
@@ -144,10 +145,47 @@ def test_configure_checks_and_keeps_settings_per_kernel():
 
 
 def test_blkio_result_joins_parts_in_order():
-    io = frontend.BlkIO(protocol.BlkifOp.READ, 0, 12, None)
+    io = requests.BlkIO(protocol.BlkifOp.READ, 0, 12, None)
     parts = {8: b"cccc", 0: b"aaaa", 4: b"bbbb"}
     io.chunks.update(random.Random(1).sample(sorted(parts.items()), 3))
     assert io.result() == b"aaaabbbbcccc"
     io.left = 1
     with pytest.raises(LocalError, match="still in flight"):
         io.result()
+
+
+# -- the image file's side -------------------------------------------------------------
+
+
+def test_transfer_reads_zeros_past_the_end_and_writes_everything(tmp_path):
+    from xmp.drivers.blk import image
+
+    path = tmp_path / "img"
+    path.write_bytes(b"a" * 6000)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        bufs = [bytearray(b"x" * 4096), bytearray(b"x" * 4096)]
+        views = [memoryview(b) for b in bufs]
+        image.transfer(fd, views, 0, False, 8192)  # the file ends inside the second view
+        assert bytes(bufs[0]) == b"a" * 4096 and bytes(bufs[1]) == b"a" * 1904 + bytes(2192)
+        image.transfer(fd, [memoryview(b"b" * 512), memoryview(b"c" * 4096)], 10000, True, 4608)
+        assert path.read_bytes()[10000:] == b"b" * 512 + b"c" * 4096
+    finally:
+        os.close(fd)
+
+
+def test_discard_punches_whole_granules_and_zeroes_the_edges(tmp_path):
+    from xmp.drivers.blk import image
+
+    path = tmp_path / "img"
+    path.write_bytes(os.urandom(64 * 1024))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+        before = os.fstat(fd).st_blocks
+        image.discard(fd, 1000, 40000)  # granules 4096..40960 punched, edges written
+        data = path.read_bytes()
+        assert data[1000:41000] == bytes(40000)
+        assert os.fstat(fd).st_blocks < before  # the space went back
+    finally:
+        os.close(fd)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from xmp.domain_proc.xen import GrantMapping
 from xmp.drivers import grantcopy
-from xmp.drivers.blk import protocol
+from xmp.drivers.blk import image, protocol
 from xmp.drivers.blk.protocol import (
     PAGE_SIZE,
     SECTOR_SIZE,
@@ -58,12 +58,9 @@ from xmp.drivers.blk.protocol import (
 from xmp.drivers.xenbus.device import BackendDriver, XenbusDevice
 from xmp.drivers.xenbus.state import XenbusState
 from xmp.errors import GrantError, HypercallError, RemoteProtocolError, XmpError
-from xmp.sharedmem._ffi import lib
 from xmp.sharedmem.ring import BackRing, ring_bytes
 
-DISCARD_GRANULARITY = 4096
 PROTOCOLS = (None, b"x86_64-abi", b"native")
-_ZEROS = bytes(DISCARD_GRANULARITY)
 
 MAX_INDIRECT_SEGMENTS = 256   # as Linux's and Mirage's blkback: 1 MiB per request
 MAX_RING_PAGE_ORDER = 4       # 16 pages, 512 slots
@@ -141,7 +138,7 @@ class BlkBack(BackendDriver):
         for key, value in {"sectors": self.sectors, "sector-size": SECTOR_SIZE,
                            "physical-sector-size": SECTOR_SIZE, "info": info,
                            "feature-flush-cache": 1, "feature-discard": 1,
-                           "discard-granularity": DISCARD_GRANULARITY, "discard-alignment": 0,
+                           "discard-granularity": image.DISCARD_GRANULARITY, "discard-alignment": 0,
                            "feature-barrier": 0, "feature-persistent": 1,
                            "feature-max-indirect-segments": MAX_INDIRECT_SEGMENTS,
                            "max-ring-page-order": MAX_RING_PAGE_ORDER,
@@ -333,7 +330,7 @@ class BlkBack(BackendDriver):
                 return BlkifStatus.ERROR
             protocol.check_bounds(req.sector_number, req.nr_sectors, self.sectors,
                                   req_id=req.id, operation=req.operation)
-            self._discard(fd, req.sector_number * SECTOR_SIZE, req.nr_sectors * SECTOR_SIZE)
+            image.discard(fd, req.sector_number * SECTOR_SIZE, req.nr_sectors * SECTOR_SIZE)
             return BlkifStatus.OKAY
         if isinstance(req, IndirectRequest):
             op = req.indirect_op
@@ -357,7 +354,7 @@ class BlkBack(BackendDriver):
         offset = req.sector_number * SECTOR_SIZE
         self.moved += nr_sectors * SECTOR_SIZE
         if cached:
-            _transfer(fd, cached[1], offset, write, nr_sectors * SECTOR_SIZE)
+            image.transfer(fd, cached[1], offset, write, nr_sectors * SECTOR_SIZE)
         elif segs is not None and self.copying:
             self._copy_rw(fd, segs, offset, write)
         elif segs is not None:
@@ -392,10 +389,10 @@ class BlkBack(BackendDriver):
                 if len(self.segcache) >= MAX_SEGCACHE:
                     self._drop_segcache()
                 self.segcache[key] = (segs.nr_sectors, views)
-                _transfer(fd, views, offset, write, total)
+                image.transfer(fd, views, offset, write, total)
                 return
             try:
-                _transfer(fd, views, offset, write, total)
+                image.transfer(fd, views, offset, write, total)
             finally:
                 for v in views:
                     v.release()
@@ -404,7 +401,7 @@ class BlkBack(BackendDriver):
         pages = [memoryview(p) for p in mapping.pages]
         views = pages if segs.whole_pages() else _segment_views(pages, segs)
         try:
-            _transfer(fd, views, offset, write, total)
+            image.transfer(fd, views, offset, write, total)
         finally:
             for v in views:
                 v.release()
@@ -443,10 +440,10 @@ class BlkBack(BackendDriver):
         total = segs.nr_sectors * SECTOR_SIZE
         if write:
             views = grantcopy.copy_from_grants(self.k, self.dev.otherend_id, parts, bounce, BOUNCE_PAGES)
-            _transfer(fd, views, offset, True, total)
+            image.transfer(fd, views, offset, True, total)
         else:
             views = grantcopy.bounce_views(self.k, parts, bounce, BOUNCE_PAGES)
-            _transfer(fd, views, offset, False, total)
+            image.transfer(fd, views, offset, False, total)
             grantcopy.copy_to_grants(self.k, self.dev.otherend_id, parts, bounce, BOUNCE_PAGES)
 
     def _persistent_pages(self, grefs: list[int]) -> list[tuple]:
@@ -467,18 +464,6 @@ class BlkBack(BackendDriver):
             pg[gref] = (mapping.maps[run], k, memoryview(page))
         return [pg[g] for g in grefs]
 
-    @staticmethod
-    def _discard(fd: int, start: int, length: int) -> None:
-        end = start + length
-        lo = -(-start // DISCARD_GRANULARITY) * DISCARD_GRANULARITY
-        hi = end // DISCARD_GRANULARITY * DISCARD_GRANULARITY
-        if lo < hi:
-            if lib.xmp_punch_hole(fd, lo, hi - lo) != 0:
-                _zero(fd, lo, hi - lo)  # no hole punching here: zeroes read back all the same
-            _zero(fd, start, lo - start)
-            _zero(fd, hi, end - hi)
-        else:
-            _zero(fd, start, length)
 
 
 # An untrusted backend's bounce pages, per device: a whole request (256
@@ -505,49 +490,6 @@ def _unmap_quietly(kernel, mapping: GrantMapping) -> None:
         pass
 
 
-def _zero(fd: int, offset: int, length: int) -> None:
-    while length > 0:
-        n = os.pwrite(fd, _ZEROS[:min(length, len(_ZEROS))], offset)
-        if n <= 0:
-            raise OSError("short write while zeroing")
-        offset += n
-        length -= n
-
-
 def _segment_views(pages: list[memoryview], segs: protocol.SegmentArray) -> list[memoryview]:
     return [page[f * SECTOR_SIZE:(la + 1) * SECTOR_SIZE]
             for page, f, la in zip(pages, segs.first, segs.last, strict=True)]
-
-
-def _transfer(fd: int, views: list[memoryview], offset: int, write: bool, total: int) -> None:
-    """All ``total`` bytes of ``views`` to (``write``) or from the image at
-    ``offset``, retrying short transfers; a read past the end of the file reads zeros."""
-    n = os.pwritev(fd, views, offset) if write else os.preadv(fd, views, offset)
-    if n == total:
-        return  # the usual case, in one system call
-    done = max(n, 0)
-    extra: list[memoryview] = []
-    try:
-        while done < total:
-            rest: list[memoryview] = []
-            skip = done
-            for v in views:
-                if skip >= len(v):
-                    skip -= len(v)
-                    continue
-                part = v[skip:] if skip else v
-                if skip:
-                    extra.append(part)
-                rest.append(part)
-                skip = 0
-            n = os.pwritev(fd, rest, offset + done) if write else os.preadv(fd, rest, offset + done)
-            if n <= 0:
-                if write:
-                    raise OSError("short write to the image")
-                for part in rest:  # the image shrank under us: past its end is zeros
-                    part[:] = bytes(len(part))
-                return
-            done += n
-    finally:
-        for part in extra:
-            part.release()

@@ -30,7 +30,6 @@ the writes answered before it was issued, as Xen's.
 
 from __future__ import annotations
 
-import bisect
 import struct
 import weakref
 from collections import deque
@@ -49,6 +48,7 @@ from xmp.drivers.blk.protocol import (
     DiscardRequest,
     IndirectRequest,
 )
+from xmp.drivers.blk.requests import BlkIO, BlockIOError, Extents, Part
 from xmp.drivers.xenbus.device import Bus, FrontendDriver, XenbusDevice, frontend_bus
 from xmp.drivers.xenbus.state import XenbusState
 from xmp.errors import LocalError, RemoteProtocolError, XmpError
@@ -82,73 +82,6 @@ def configure(kernel, **options: int | bool) -> None:
     _options[kernel] = merged
 
 
-class BlockIOError(XmpError):
-    """The backend answered a request with an error status."""
-
-    def __init__(self, op: str, sector: int, status: int):
-        self.op = op
-        self.sector = sector
-        self.status = status
-        super().__init__(op, sector, status)
-
-    def __str__(self) -> str:
-        try:
-            name = BlkifStatus(self.status).name
-        except ValueError:
-            name = str(self.status)
-        return f"vbd {self.op} at sector {self.sector}: {name}"
-
-
-class BlkIO:
-    """One submitted operation: ``done`` once every request of it is
-    answered; :meth:`result` gives a READ's bytes or raises the first error."""
-
-    def __init__(self, op: BlkifOp, sector: int, nbytes: int, data) -> None:
-        self.op = op
-        self.sector = sector
-        self.nbytes = nbytes
-        self.data = data          # WRITE: the bytes written
-        self.chunks: dict[int, bytes] = {}  # READ: what each request brought, by offset
-        self.left = 0             # requests not yet answered
-        self.error: BlockIOError | None = None
-        self.cancelled = False
-
-    @property
-    def done(self) -> bool:
-        return self.left == 0
-
-    def result(self) -> bytes | None:
-        if not self.done:
-            raise LocalError(f"vbd {self.op.name.lower()} at sector {self.sector} is still in flight")
-        if self.error is not None:
-            raise self.error
-        if self.op != BlkifOp.READ:
-            return None
-        if len(self.chunks) == 1:
-            return next(iter(self.chunks.values()))  # no second copy
-        return b"".join(self.chunks[k] for k in sorted(self.chunks))
-
-
-@dataclass(eq=False)
-class _Part:
-    """One ring request of a BlkIO."""
-
-    io: BlkIO
-    op: BlkifOp
-    sector: int
-    amount: int                   # READ/WRITE: bytes; DISCARD: sectors
-    offset: int = 0               # into io.data
-    id: int = 0
-    extent: int | None = None     # first pool page, while it holds one
-    indirect: int | None = None   # its indirect page, while it holds one
-    grefs: list[int] = field(default_factory=list)  # per-request grants (not persistent)
-    queue: _FrontQueue | None = None
-
-    @property
-    def pages(self) -> int:
-        return -(-self.amount // PAGE_SIZE) if self.op in (BlkifOp.READ, BlkifOp.WRITE) else 0
-
-
 @dataclass(eq=False)
 class _FrontQueue:
     index: int
@@ -158,33 +91,6 @@ class _FrontQueue:
     port: int | None = None
 
 
-class _Extents:
-    """First-fit allocator of runs of pool pages; frees merge."""
-
-    def __init__(self, n: int) -> None:
-        self.free: list[tuple[int, int]] = [(0, n)]  # (start, length), sorted
-
-    def alloc(self, n: int) -> int | None:
-        for i, (start, length) in enumerate(self.free):
-            if length >= n:
-                if length == n:
-                    del self.free[i]
-                else:
-                    self.free[i] = (start + n, length - n)
-                return start
-        return None
-
-    def release(self, start: int, n: int) -> None:
-        i = bisect.bisect(self.free, (start, n))
-        if i < len(self.free) and self.free[i][0] == start + n:
-            n += self.free.pop(i)[1]
-        if i > 0 and sum(self.free[i - 1]) == start:
-            start, n = self.free[i - 1][0], self.free[i - 1][1] + n
-            del self.free[i - 1]
-            i -= 1
-        self.free.insert(i, (start, n))
-
-
 class BlkFront(FrontendDriver):
     devtype = "vbd"
 
@@ -192,7 +98,7 @@ class BlkFront(FrontendDriver):
         self.k = kernel
         self.opts = dict(_options.get(kernel, DEFAULTS))
         self.pool_pages = int(self.opts["pool_pages"])
-        self._extents = _Extents(self.pool_pages)
+        self._extents = Extents(self.pool_pages)
         # one indirect page per request that can be in flight at once
         self.nr_indirect = max(1, self.pool_pages // (BLKIF_MAX_SEGMENTS_PER_REQUEST + 1))
         self._free_indirect = list(range(self.nr_indirect))
@@ -216,8 +122,8 @@ class BlkFront(FrontendDriver):
         self.bus: Bus | None = None
         self.is_connected = False
         self.connected_once = False
-        self.pending: deque[_Part] = deque()
-        self.inflight: dict[int, _Part] = {}
+        self.pending: deque[Part] = deque()
+        self.inflight: dict[int, Part] = {}
         self.next_id = 1
         self._rr = 0
         self.handle = 0
@@ -363,14 +269,14 @@ class BlkFront(FrontendDriver):
 
     # -- issuing -------------------------------------------------------------------
 
-    def _split(self, p: _Part) -> list[_Part]:
+    def _split(self, p: Part) -> list[Part]:
         """``p`` as requests the current backend takes (its pool pages split along)."""
         limit = self.max_segments * PAGE_SIZE
         if p.op not in (BlkifOp.READ, BlkifOp.WRITE) or p.amount <= limit:
             return [p]
         pieces = []
         for off in range(0, p.amount, limit):
-            piece = _Part(p.io, p.op, p.sector + off // SECTOR_SIZE, min(limit, p.amount - off),
+            piece = Part(p.io, p.op, p.sector + off // SECTOR_SIZE, min(limit, p.amount - off),
                           p.offset + off)
             if p.extent is not None:
                 piece.extent = p.extent + off // PAGE_SIZE
@@ -378,7 +284,7 @@ class BlkFront(FrontendDriver):
         p.io.left += len(pieces) - 1
         return pieces
 
-    def _unissue(self, p: _Part) -> None:
+    def _unissue(self, p: Part) -> None:
         """Back to waiting: its indirect page is free again (its data stays in the pool)."""
         if p.indirect is not None:
             self._free_indirect.append(p.indirect)
@@ -429,7 +335,7 @@ class BlkFront(FrontendDriver):
             if q.ring is not None and q.port is not None and q.ring.push_requests_and_check_notify():
                 self.k.xen.notify(q.port)
 
-    def _issue(self, p: _Part, q: _FrontQueue) -> None:
+    def _issue(self, p: Part, q: _FrontQueue) -> None:
         assert q.ring is not None and self.dev is not None
         p.id = self.next_id
         self.next_id += 1
@@ -507,7 +413,7 @@ class BlkFront(FrontendDriver):
             return
         self._kick()
 
-    def _finish(self, p: _Part, status: int | None) -> None:
+    def _finish(self, p: Part, status: int | None) -> None:
         """``p`` answered with ``status`` (None: cancelled before it was issued)."""
         io = p.io
         if p.extent is not None:
@@ -535,10 +441,10 @@ class BlkFront(FrontendDriver):
         if op in (BlkifOp.READ, BlkifOp.WRITE):
             # requests as large as any backend takes; _split cuts them down for this one
             limit = self.max_segments * PAGE_SIZE
-            parts = [_Part(io, op, sector + off // SECTOR_SIZE, min(limit, nbytes - off), off)
+            parts = [Part(io, op, sector + off // SECTOR_SIZE, min(limit, nbytes - off), off)
                      for off in range(0, nbytes, limit)]
         else:
-            parts = [_Part(io, op, sector, nbytes // SECTOR_SIZE)]
+            parts = [Part(io, op, sector, nbytes // SECTOR_SIZE)]
         io.left = len(parts)
         self.pending.extend(parts)
         self._kick()
