@@ -138,6 +138,39 @@ def memops(kernel) -> None:
         report["double_populate"] = exc.errno
     report["grant_frames"] = xen.query_size()
     report["setup_table"] = xen.setup_table(2)
+    # GNTTABOP_copy from a guest: its own frames, its own grant, and garbage
+    a, b = first, first + 1
+    kernel.page(a)[:16] = b"copied by xen ok"
+    own = kernel.grant_table.grant_foreign_access(kernel.domid, b)
+    me = {"domid": 0x7FF0}
+
+    def frame(pfn, offset=0):
+        return {**me, "frame": pfn, "offset": offset}
+
+    segs = {
+        "frame_to_frame": {"source": frame(a), "dest": frame(b, 100), "len": 16},
+        "frame_to_own_grant": {"source": frame(a), "dest": {**me, "ref": own, "offset": 200}, "len": 16},
+        "not_a_dict": 7,
+        "len_too_long": {"source": frame(a), "dest": frame(b), "len": 4097},
+        "len_negative": {"source": frame(a), "dest": frame(b), "len": -1},
+        "len_bool": {"source": frame(a), "dest": frame(b), "len": True},
+        "crosses_page": {"source": frame(a, 4000), "dest": frame(b), "len": 200},
+        "offset_4096": {"source": frame(a, 4096), "dest": frame(b), "len": 1},
+        "ref_string": {"source": {**me, "ref": "8"}, "dest": frame(b), "len": 1},
+        "ref_huge": {"source": {**me, "ref": 1 << 40}, "dest": frame(b), "len": 1},
+        "frame_outside": {"source": frame(1 << 30), "dest": frame(b), "len": 1},
+        "dom0_frame": {"source": {"domid": 0, "frame": 1}, "dest": frame(b), "len": 1},
+        "no_such_domain": {"source": {"domid": 4000, "ref": 8}, "dest": frame(b), "len": 1},
+        "dom0_ungranted_ref": {"source": {"domid": 0, "ref": 5000}, "dest": frame(b), "len": 1},
+    }
+    statuses = xen.grant_copy(list(segs.values()))
+    report["copy"] = dict(zip(segs, statuses, strict=True))
+    report["copy_data"] = [bytes(kernel.page(b)[100:116]).decode(), bytes(kernel.page(b)[200:216]).decode()]
+    try:
+        xen.grant_copy([segs["frame_to_frame"]] * 513)
+        report["copy_513"] = "accepted"
+    except HypercallError as exc:
+        report["copy_513"] = exc.errno
     xen.sched_yield()
     kernel.print("memops: " + json.dumps(report))
     kernel.idle()

@@ -357,6 +357,18 @@ def test_memory_op_balloons_really_and_grant_table_size(hosts):
     assert r["double_populate"] == 22  # EINVAL
     assert r["grant_frames"] == {"nr_frames": 1, "max_nr_frames": 64}
     assert r["setup_table"] == [3, 4]
+    # GNTTABOP_copy: good segments copied in order, each bad one its own status, nothing else
+    ok, bad_arg = 0, -10
+    assert r["copy"] == {"frame_to_frame": ok, "frame_to_own_grant": ok, "not_a_dict": bad_arg,
+                         "len_too_long": bad_arg, "len_negative": bad_arg, "len_bool": bad_arg,
+                         "crosses_page": bad_arg, "offset_4096": bad_arg, "ref_string": bad_arg,
+                         "ref_huge": bad_arg, "frame_outside": bad_arg,
+                         "dom0_frame": -8,            # GNTST_permission_denied: not its memory
+                         "no_such_domain": -2,        # GNTST_bad_domain
+                         "dom0_ungranted_ref": r["copy"]["dom0_ungranted_ref"]}
+    assert r["copy"]["dom0_ungranted_ref"] < 0
+    assert r["copy_data"] == ["copied by xen ok", "copied by xen ok"]
+    assert r["copy_513"] == 22  # EINVAL
     assert h.info("m")["mem_kb"] == 32 * 1024
     assert h.stop() == 0
 

@@ -25,7 +25,7 @@ from xmp.sharedmem.evtchn import (
     bind_interdomain,
     close_port,
 )
-from xmp.sharedmem.grant import CopyPtr, grant_copy
+from xmp.sharedmem.grant import CopyBatch
 from xmp.sharedmem.shm import PAGE_SIZE
 
 DOMID_SELF = 0x7FF0
@@ -194,45 +194,48 @@ class HypercallHandlers:
         return 0, []
 
     def hc_grant_table_op_copy(self, caller: Domain, args: dict) -> Reply:
-        """GNTTABOP_copy: a list of segments, a GNTST status for each."""
+        """GNTTABOP_copy: a list of segments, a GNTST status for each (the
+        segments are checked here, then copied in order by one call into C)."""
         ops = arg(args, "ops", list, "copy")
         if len(ops) > 512:
             raise HypercallError(errno.EINVAL, "copy", "at most 512 segments per call")
-        return [self._copy_one(caller, seg) for seg in ops], []
+        batch = CopyBatch(len(ops))
+        for i, seg in enumerate(ops):
+            try:
+                if not isinstance(seg, dict):
+                    raise ValueError("segment")
+                length = seg.get("len")
+                if not isinstance(length, int) or isinstance(length, bool) or not 0 <= length <= PAGE_SIZE:
+                    raise ValueError("len")
+                batch.add(i, self._copy_side(caller, seg.get("source")),
+                          self._copy_side(caller, seg.get("dest")), length)
+            except GrantError as exc:
+                batch.fail(i, exc.status)
+            except (HypercallError, TypeError, ValueError):
+                batch.fail(i, -10)  # GNTST_bad_copy_arg
+        return batch.run(caller.domid), []
 
-    def _copy_one(self, caller: Domain, seg: Any) -> int:
-        if not isinstance(seg, dict):
-            return -10  # GNTST_bad_copy_arg
-        try:
-            src = self._copy_ptr(caller, seg.get("source"))
-            dst = self._copy_ptr(caller, seg.get("dest"))
-            length = seg.get("len")
-            if not isinstance(length, int) or isinstance(length, bool):
-                return -10
-            grant_copy(src, dst, length, caller.domid)
-        except GrantError as exc:
-            return exc.status
-        except (HypercallError, TypeError, ValueError):
-            return -10
-        return 0
-
-    def _copy_ptr(self, caller: Domain, side: Any) -> CopyPtr:
+    def _copy_side(self, caller: Domain, side: Any) -> tuple:
+        """(table, offset, gref, frame) of one side of a segment, checked."""
         if not isinstance(side, dict):
             raise ValueError("segment side")
         domid, offset = side.get("domid"), side.get("offset", 0)
         if not isinstance(domid, int) or not isinstance(offset, int) or not 0 <= offset < PAGE_SIZE:
             raise ValueError("segment side")
         if "ref" in side:
+            ref = side["ref"]
+            if not isinstance(ref, int) or isinstance(ref, bool) or not 0 <= ref < 1 << 32:
+                raise ValueError("ref")
             owner = caller if domid in (DOMID_SELF, caller.domid) else self.domains.get(domid)
             if owner is None:
-                raise GrantError(domid, side["ref"], -2, "grant_copy")  # GNTST_bad_domain
-            return CopyPtr(None, offset, gref=int(side["ref"]), table=owner.grants)
+                raise GrantError(domid, ref, -2, "grant_copy")  # GNTST_bad_domain
+            return owner.grants, offset, ref, None
         if domid not in (DOMID_SELF, caller.domid):
             raise GrantError(domid, -1, -8, "grant_copy")  # a frame of someone else's memory
         frame = side.get("frame")
-        if not isinstance(frame, int) or not 0 <= frame < len(caller.populated):
+        if not isinstance(frame, int) or isinstance(frame, bool) or not 0 <= frame < len(caller.populated):
             raise ValueError("frame")
-        return CopyPtr(caller.ram_map, offset, frame=frame)
+        return caller.grants, offset, None, frame
 
     # -- event_channel_op --------------------------------------------------
 

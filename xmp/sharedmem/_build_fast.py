@@ -61,6 +61,8 @@ uint32_t xmp_gnttab_map(xmp_grant_entry_t *tab, uint32_t nr, xmp_active_table_t 
 void xmp_gnttab_unmap(xmp_grant_entry_t *tab, xmp_active_table_t *act,
                       const uint32_t *refs, uint32_t n, int readonly);
 int xmp_gnttab_copy(xmp_copy_ptr_t *src, xmp_copy_ptr_t *dst, uint32_t len, uint16_t caller);
+void xmp_gnttab_copy_batch(xmp_copy_ptr_t *src, xmp_copy_ptr_t *dst, const uint32_t *len,
+                           int16_t *status, uint32_t n, uint16_t caller);
 
 uint32_t xmp_evtchn_sizeof_upcall(void);
 int xmp_evtchn_init(uint8_t *ev, uint32_t nr_vcpus);

@@ -490,6 +490,15 @@ int xmp_gnttab_copy(xmp_copy_ptr_t *src, xmp_copy_ptr_t *dst, uint32_t len, uint
     return GNTST_okay;
 }
 
+/* A whole GNTTABOP_copy: segment i from src[i] to dst[i], each checked and
+ * pinned on its own, in order; status[i] says how it went. */
+void xmp_gnttab_copy_batch(xmp_copy_ptr_t *src, xmp_copy_ptr_t *dst, const uint32_t *len,
+                           int16_t *status, uint32_t n, uint16_t caller)
+{
+    for (uint32_t i = 0; i < n; i++)
+        status[i] = (int16_t)xmp_gnttab_copy(&src[i], &dst[i], len[i], caller);
+}
+
 /* ------------------------------------------------------------------ */
 /* Event channels, 2-level ABI (xen.h shared_info / vcpu_info)         */
 /* ------------------------------------------------------------------ */
