@@ -223,10 +223,7 @@ class BlkBack(BackendDriver):
         self._unmap_persistent()
 
     def _unmap_persistent(self) -> None:
-        for _, views in self.segcache.values():
-            for v in views:
-                v.release()
-        self.segcache.clear()
+        self._drop_segcache()
         for _, _, view in self.pgrants.values():
             view.release()
         self.pgrants.clear()
@@ -436,11 +433,7 @@ class BlkBack(BackendDriver):
                 self.segcache[key] = (segs.nr_sectors, views)
                 image.transfer(fd, views, offset, write, total)
                 return
-            try:
-                image.transfer(fd, views, offset, write, total)
-            finally:
-                for v in views:
-                    v.release()
+            _transfer_and_release(fd, views, offset, write, total)
             return
         pm = self._premapped
         if pm and all((g, write) in pm for g in segs.grefs):  # mapped with its batch
@@ -448,12 +441,7 @@ class BlkBack(BackendDriver):
             if segs.whole_pages():
                 image.transfer(fd, pages, offset, write, total)
                 return
-            views = _segment_views(pages, segs)
-            try:
-                image.transfer(fd, views, offset, write, total)
-            finally:
-                for v in views:
-                    v.release()
+            _transfer_and_release(fd, _segment_views(pages, segs), offset, write, total)
             return
         mapping = self.k.xen.map_grant_ref(self.dev.otherend_id, segs.grefs, readonly=write)
         pages = [memoryview(p) for p in mapping.pages]
@@ -546,6 +534,15 @@ def _unmap_quietly(kernel, mapping: GrantMapping) -> None:
         kernel.xen.unmap_grant_ref(mapping)
     except XmpError:
         pass
+
+
+def _transfer_and_release(fd: int, views: list[memoryview], offset: int, write: bool, total: int) -> None:
+    """image.transfer through views made for this request alone, then let them go."""
+    try:
+        image.transfer(fd, views, offset, write, total)
+    finally:
+        for v in views:
+            v.release()
 
 
 def _segment_views(pages: list[memoryview], segs: protocol.SegmentArray) -> list[memoryview]:
