@@ -46,7 +46,15 @@ from xmp.hv.domain import (
     process_running,
 )
 from xmp.hv.hypercalls import DEFERRED, HypercallHandlers
-from xmp.hv.toolstack import Device, Toolstack, device_tree, dom0_tree, domain_tree, teardown_tree
+from xmp.hv.toolstack import (
+    Device,
+    Toolstack,
+    device_tree,
+    dom0_tree,
+    domain_tree,
+    move_backend_tree,
+    teardown_tree,
+)
 from xmp.hv.zygote import ZygoteClient
 from xmp.hypercall import DOM0_ONLY, MAX_FDS, MAX_MESSAGE, decode_request, encode
 from xmp.sharedmem._ffi import lib
@@ -401,12 +409,7 @@ class Supervisor(HypercallHandlers):
             if dev.back_domid != old or dev.front not in self.domains:
                 continue
             dev.back_domid = new.domid
-            fpath = f"/local/domain/{dev.front}/device/{dev.devtype}/{dev.devid}"
-            reqs = [r for r in device_tree(dev.front, new.domid, dev.devtype, dev.devid, dev.back_keys, {})
-                    if not r[1].startswith(fpath.encode())]  # the frontend's own keys stay as they are
-            reqs += [(XsType.WRITE, f"{fpath}/backend-id\0{new.domid}".encode()),
-                     (XsType.WRITE, f"{fpath}/backend\0/local/domain/{new.domid}/backend/"
-                                    f"{dev.devtype}/{dev.front}/{dev.devid}".encode())]
+            reqs = move_backend_tree(dev.front, new.domid, dev.devtype, dev.devid, dev.back_keys)
             self.toolstack.send(reqs, f"moving {dev.devtype} {dev.devid} of dom{dev.front} to dom{new.domid}")
             self.log(f"{dev.devtype} {dev.devid} of dom{dev.front}: backend now dom{new.domid}")
 

@@ -89,19 +89,52 @@ def device_tree(front: int, back: int, devtype: str, devid: int, back_keys: dict
                 front_keys: dict[str, str] | None = None) -> list[tuple[XsType, bytes]]:
     """The two directories of a split device, as libxl__device_generic_add
     writes them: each owned by its end and readable by the other; both ends
-    start Initialising, the backend ``online``."""
-    bpath = f"/local/domain/{back}/backend/{devtype}/{front}/{devid}"
+    start Initialising, the backend ``online``.
+
+    libxl writes them in one transaction; these requests go one by one, so
+    their order is what keeps either end from acting on half a directory:
+    the frontend's directory first (a backend acts as soon as its own
+    appears), and in each directory ``state`` last (a bus takes up a device
+    once its ``state`` exists)."""
+    return (_frontend_dir(front, back, devtype, devid, front_keys)
+            + _backend_dir(front, back, devtype, devid, back_keys))
+
+
+def move_backend_tree(front: int, back: int, devtype: str, devid: int,
+                      back_keys: dict[str, str] | None = None) -> list[tuple[XsType, bytes]]:
+    """A device's backend moved to domain ``back`` (its domain restarted with
+    a new id): the new backend directory, complete, then the frontend's
+    pointers to it -- the frontend's own keys stay as they are, and it
+    starts over with the new backend when ``backend`` changes."""
     fpath = f"/local/domain/{front}/device/{devtype}/{devid}"
-    # The frontend's directory first: a backend acts as soon as its own appears.
-    reqs: list[tuple[XsType, bytes]] = [(XsType.MKDIR, _z(fpath)),
-                                        (XsType.SET_PERMS, _z(fpath, f"n{front}", f"r{back}"))]
-    for key, value in {"backend": bpath, "backend-id": str(back), "state": "1", **(front_keys or {})}.items():
-        reqs.append((XsType.WRITE, _z(f"{fpath}/{key}") + value.encode()))
-    reqs += [(XsType.MKDIR, _z(bpath)), (XsType.SET_PERMS, _z(bpath, f"n{back}", f"r{front}"))]
-    for key, value in {"frontend": fpath, "frontend-id": str(front), "online": "1", "state": "1",
-                       **(back_keys or {})}.items():
-        reqs.append((XsType.WRITE, _z(f"{bpath}/{key}") + value.encode()))
-    return reqs
+    return _backend_dir(front, back, devtype, devid, back_keys) + [
+        (XsType.WRITE, _z(f"{fpath}/backend-id") + str(back).encode()),
+        (XsType.WRITE, _z(f"{fpath}/backend") + _backend_path(front, back, devtype, devid).encode())]
+
+
+def _backend_path(front: int, back: int, devtype: str, devid: int) -> str:
+    return f"/local/domain/{back}/backend/{devtype}/{front}/{devid}"
+
+
+def _frontend_dir(front: int, back: int, devtype: str, devid: int,
+                  front_keys: dict[str, str] | None) -> list[tuple[XsType, bytes]]:
+    fpath = f"/local/domain/{front}/device/{devtype}/{devid}"
+    keys = {"backend": _backend_path(front, back, devtype, devid), "backend-id": str(back),
+            **(front_keys or {}), "state": "1"}
+    return _directory(fpath, [f"n{front}", f"r{back}"], keys)
+
+
+def _backend_dir(front: int, back: int, devtype: str, devid: int,
+                 back_keys: dict[str, str] | None) -> list[tuple[XsType, bytes]]:
+    fpath = f"/local/domain/{front}/device/{devtype}/{devid}"
+    keys = {"frontend": fpath, "frontend-id": str(front), "online": "1", **(back_keys or {}), "state": "1"}
+    return _directory(_backend_path(front, back, devtype, devid), [f"n{back}", f"r{front}"], keys)
+
+
+def _directory(path: str, perms: list[str], keys: dict[str, str]) -> list[tuple[XsType, bytes]]:
+    """mkdir, perms (its nodes inherit them), then the keys in order."""
+    return [(XsType.MKDIR, _z(path)), (XsType.SET_PERMS, _z(path, *perms)),
+            *[(XsType.WRITE, _z(f"{path}/{key}") + value.encode()) for key, value in keys.items()]]
 
 
 def dom0_tree() -> list[tuple[XsType, bytes]]:

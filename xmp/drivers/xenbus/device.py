@@ -116,17 +116,18 @@ class XenbusDevice:
         if not path or path == self.otherend:
             return
         self._xs_try(lambda: self.xs.unwatch(f"{self.otherend}/state", self._token))
+        # Start over, and only then let the new backend read us: seeing our
+        # old state (Initialised) with the old ring's keys, it would connect
+        # to a ring granted to someone else, fail, and close the device.
+        if self.state != XenbusState.INITIALISING:
+            self._xs_try(functools.partial(self.driver.disconnect, self))
+            self.switch(XenbusState.INITIALISING)
         self.otherend = path
         self.otherend_id = int(self.xs.read(f"{self.nodename}/backend-id"))
         # Our nodes let the old backend read them: let the new one instead.
         perms = [self.xs.get_perms(self.nodename)[0], f"r{self.otherend_id}"]
         for node in self._subtree(self.nodename):  # queue-N/ directories too
             self._xs_try(functools.partial(self.xs.set_perms, node, perms))
-        # Start over with the new backend, whatever it has seen of us so far:
-        # it may even have connected to our old ring.
-        if self.state != XenbusState.INITIALISING:
-            self._xs_try(functools.partial(self.driver.disconnect, self))
-            self.switch(XenbusState.INITIALISING)
         self.xs.watch(f"{self.otherend}/state", self._token)  # its first event runs the machine
 
     def _subtree(self, path: str) -> list[str]:
