@@ -556,3 +556,8 @@ def blkstress(kernel) -> None:
                     kernel.print(f"blkstress: FAILED sector {first + i} is not generation {gen[first + i]}")
                     return
     kernel.print(f"blkstress: OK {ops} ops")
+
+
+def xsfirst(kernel) -> None:
+    """Its first act is a xenstore request that waits for its answer."""
+    kernel.print("xsfirst: my name is " + kernel.xenstore.read("name").decode())

@@ -5,7 +5,9 @@ control driver driven through the CLI."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import time
 
 import pytest
 from xmphost import HOST, guest
@@ -198,3 +200,24 @@ def test_xmp_xenstore_verbs(hosts):
     bad = h.xmp("xenstore", "write", "/tool/x", check=False)
     assert bad.returncode == 1 and "usage: xmp xenstore write PATH VALUE" in bad.stderr
     assert h.stop() == 0
+
+
+def test_requests_a_guest_queued_before_xenstored_took_it_on_are_served(hosts, tmp_path):
+    """A new guest runs at once and may write its first xenstore requests
+    before dom0's xenstored has handled INTRODUCE (dom0 busy; here: stopped);
+    its notifications then reached nobody, and xenstored must read the ring
+    when it takes the guest on, as C xenstored does."""
+    h = hosts(HOST).start(("Domain-0",))
+    cfg = tmp_path / "early.toml"
+    cfg.write_text('[[domain]]\nname = "early"\nkernel = "kernels:xsfirst"\nmemory = 32\n')
+    dom0 = h.domain_pid("Domain-0")
+    os.kill(dom0, signal.SIGSTOP)
+    try:
+        h.xmp("create", str(cfg))
+        h.wait(lambda: h.info("early") is not None, 10, "the guest")
+        time.sleep(0.5)  # it has booted and written its request into the ring by now
+    finally:
+        os.kill(dom0, signal.SIGCONT)
+    h.wait(lambda: "xsfirst: my name is early" in h.console_log("early"), 20, "the guest's answer")
+    assert h.stop() == 0
+    h.assert_clean()

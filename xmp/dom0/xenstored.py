@@ -179,6 +179,12 @@ class XenStored:
         rc = RingConn(domid, self.store.connect(domid), mapping, req, rsp, local)
         self.rings[domid] = rc
         self.k.loop.bind(local, functools.partial(self._guarded_ring_event, rc))
+        # The guest may have queued requests already (it runs at once), and
+        # its notifications then reached nobody.  The bind left our port
+        # pending for that (as Xen's), but INTRODUCE comes through the socket
+        # thread: the main loop may have taken that event before the handler
+        # above existed.  Raise it again now that it does.
+        self.xen.evt.send(local)
 
     def _guarded_ring_event(self, rc: RingConn, port: int) -> None:
         try:
