@@ -90,11 +90,15 @@ class Xen:
         self.evt.unmask(port, vcpu)  # our own shared_info: no hypercall needed
 
     def notify(self, port: int) -> None:
-        route = self._route.get(port)
-        if route is not None:
-            evt, remote_port, vcpu = route
-            evt.send(remote_port, vcpu)
-            return
+        # Under the lock: another thread of this domain (dom0's xenstored
+        # socket thread, xenconsoled) may forget the peer and unmap its
+        # event page meanwhile -- sending into it then would fault.
+        with self._lock:
+            route = self._route.get(port)
+            if route is not None:
+                evt, remote_port, vcpu = route
+                evt.send(remote_port, vcpu)
+                return
         ret, fds = self.ch.call_with_fds("event_channel_op", "send", port=port,
                                          have_evt=self._peer_of_port(port) in self._peers)
         if ret:
