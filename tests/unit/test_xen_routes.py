@@ -1,0 +1,51 @@
+"""Xen.notify's learned routes against a peer being forgotten by another
+thread (dom0: xenstored's socket thread releases a guest while xenconsoled
+notifies it).  Run in a child process: the old bug was a segfault."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+CHILD = textwrap.dedent("""
+    import os, sys, threading, time
+    from xmp.domain_proc.xen import Xen
+    from xmp.sharedmem.evtchn import EVTCHN_OBJECT_SIZE, EventChannels
+    from xmp.sharedmem.shm import ShmNamespace, ShmObject
+
+    class GoneChannel:  # the slow path: the hypervisor says the peer is gone
+        def call_with_fds(self, *args, **kwargs):
+            return None, []
+
+    ns = ShmNamespace()
+    own = ShmObject.create(ns, "own", EVTCHN_OBJECT_SIZE)
+    peer = ShmObject.create(ns, "peer", EVTCHN_OBJECT_SIZE)
+    EventChannels(own.map(), init_vcpus=1)
+    EventChannels(peer.map(), init_vcpus=1)
+    xen = Xen(GoneChannel(), 0, EventChannels(own.map()))
+    info = {"remote_dom": 5, "port": 3, "remote_port": 7, "remote_vcpu": 0}
+    sys.setswitchinterval(1e-6)
+    stop = time.monotonic() + 3
+
+    def notifier():
+        while time.monotonic() < stop:
+            xen.notify(3)
+
+    t = threading.Thread(target=notifier)
+    t.start()
+    learned = 0
+    while time.monotonic() < stop:
+        xen._learn(info, [os.dup(peer.fd)])  # a send hypercall taught us the route
+        xen.forget_domain(5)                 # the peer went: its event page is unmapped
+        learned += 1
+    t.join()
+    print("ok", learned)
+""")
+
+
+def test_forgetting_a_peer_while_another_thread_notifies_it():
+    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"child ended with {out.returncode}: {out.stderr[-2000:]}"
+    assert out.stdout.startswith("ok ")
+    assert int(out.stdout.split()[1]) > 100  # the race was really run, many times
