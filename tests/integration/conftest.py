@@ -16,8 +16,16 @@ def ns():
     assert [n for n in leftovers() if n.startswith(space.prefix)] == []
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        item.call_failed = report.failed  # for fixtures' teardown
+    return report
+
+
 @pytest.fixture
-def hosts(tmp_path):
+def hosts(tmp_path, request):
     made: list[Host] = []
 
     def make(topology: str, name: str = "host") -> Host:
@@ -28,3 +36,5 @@ def hosts(tmp_path):
     yield make
     for h in made:
         h.cleanup()
+        if getattr(request.node, "call_failed", False):
+            print(h.log_tails())  # in the failure's report: what each domain and the hypervisor said

@@ -136,6 +136,16 @@ class Host:
         path = self.rundir / "console" / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def log_tails(self, lines: int = 40) -> str:
+        """The last lines of every log of this host (for a failed test's report)."""
+        out = []
+        logs = sorted((self.rundir / "logs").glob("*.log")) + sorted((self.rundir / "console").glob("*.log"))
+        for path in [*logs, self.out_path]:
+            if path.exists():
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                out.append(f"----- {path.relative_to(self.dir)} -----\n" + "\n".join(tail))
+        return "\n".join(out)
+
     def dmesg(self) -> str:
         return self.xmp("dmesg").stdout
 
