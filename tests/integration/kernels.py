@@ -423,17 +423,44 @@ def blkhostile(kernel) -> None:
         kernel.xen.notify(h.port)
     got: dict[int, tuple[int, int]] = {}
 
+    padding: set[bytes] = set()  # every answer's padding bytes (XSA-216: never stale memory)
+
     def answered():
         rsps = ring.get_responses()
         for i in range(0, len(rsps), 16):
             rid, op, status = struct.unpack_from("<QBxh", rsps, i)
             got[rid] = (op, status)
+            padding.add(rsps[i + 9:i + 10] + rsps[i + 12:i + 16])
         return len(got) >= len(requests)
 
     kernel.loop.run_until(answered, 20)
     for i, name in enumerate(requests):
         op, status = got.get(101 + i, (None, None))
         _blkreport(kernel, "hostile", name=name, id=101 + i, op=op, sent_op=requests[name][0], status=status)
+    # XSA-155: a request rewritten while the backend reads it -- its sector and
+    # segment flipping between a valid READ and a wrapping sector with last_sect 9 --
+    # is read once: OKAY or ERROR, nothing else.  Only bytes 16.. flip: the answer
+    # lands in the same slot, over bytes 0..15.
+    ring_page = kernel.page(h.ring_pfn)
+    flips = {0: 0, -1: 0}
+    for n in range(100):
+        rid = 300 + n
+        slot = 64 + (ring.req_prod_pvt % 32) * 112 + 16
+        versions = [v[16:] for v in (rw(0, 1, rid, 0, [good]),
+                                     rw(0, 1, rid, 2**64 - 4, [(h.data_gref, 0, 9)]))]
+        ring.put_request(rw(0, 1, rid, 0, [good]))
+        ring.push_requests_and_check_notify()
+        kernel.xen.notify(h.port)
+        flip = 0
+        while not ring.unconsumed_responses():
+            flip ^= 1
+            ring_page[slot:slot + 96] = versions[flip]
+        got.clear()
+        answered()
+        status = got.get(rid, (None, None))[1]
+        flips[status] = flips.get(status, 0) + 1
+    _blkreport(kernel, "flipped", statuses={str(k): v for k, v in flips.items()},
+               padding=sorted(p.hex() for p in padding))
     _wait_go(kernel, "overflow")
     struct.pack_into("<I", kernel.page(h.ring_pfn), 0, (ring.req_prod_pvt + 100000) & 0xFFFFFFFF)
     kernel.xen.notify(h.port)

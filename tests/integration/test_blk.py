@@ -146,6 +146,10 @@ def test_hostile_frontend_gets_errors_and_others_are_served(hosts, tmp_path):
                         "discard_past_end": -1, "barrier": -2, "valid_read": 0,
                         "indirect_257_segments": -1, "indirect_op_discard": -1, "indirect_bad_gref": -1,
                         "indirect_valid_write": 0}
+    flipped = report(h, "evil", "flipped")
+    assert sum(flipped["statuses"].values()) == 100
+    assert set(flipped["statuses"]) <= {"0", "-1"}, flipped  # each answer matches one version
+    assert flipped["padding"] == ["00" * 5], flipped  # no answer carries stray bytes
     xs = xs_client(h)
     evil = h.info("evil")["domid"]
     evil_back = f"/local/domain/0/backend/vbd/{evil}/51712"
