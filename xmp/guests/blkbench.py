@@ -15,7 +15,9 @@ runs, each for ``args.seconds`` after ``args.warmup`` s untimed,
 
 and prints one console line ``blkbench: {json}`` (per operation: bytes or
 ops, seconds, MB/s (10^6 bytes) or IOPS, median / p99 latency in µs), then
-returns (powers off).
+returns (powers off).  With ``args.stepped`` it runs one operation at a
+time when the benchmark asks (see :func:`_stepped`), so the benchmark can
+alternate it with its other paths and compare neighbours in time.
 
 Before them the whole disk is filled with 1 MiB writes and flushed
 (untimed), so no read meets a hole.  Every write puts the same 1 MiB block
@@ -27,7 +29,7 @@ The operations are plain functions of a ``disk`` with ``size``,
 blkfront here; the benchmark runs the very same functions over a file.
 
 args: vdev ("xvda"), seconds (1.0), warmup (0.2), seed (1), depth (32),
-front (blkfront settings, e.g. ``{persistent = false}``: see
+stepped (false), front (blkfront settings, e.g. ``{persistent = false}``: see
 ``xmp.drivers.blk.frontend.configure``).
 """
 
@@ -266,27 +268,83 @@ def rand_queued(disk, block: bytes, seconds: float, warmup: float, seed: int, de
     return out
 
 
-def run_all(disk: Disk, seconds: float, warmup: float, seed: int = 1, depth: int = 32) -> dict:
-    """Fill, then the operations; a final check reads back a few places the
-    random writes went to.  Raises :class:`Corrupt` on a wrong read."""
+def prepare(disk: Disk, seed: int = 1) -> tuple[bytes, float]:
+    """The tiling block, and the seconds taken to fill the whole disk with it."""
     if disk.size < CHUNK or disk.size % CHUNK:
         raise ValueError(f"the disk's size {disk.size} is not a whole number (>= 1) of MiB")
     block = data(seed)
-    out: dict = {"size": disk.size, "fill_s": fill(disk, block)}
-    out["seq_write"] = seq_write(disk, block, seconds, warmup)
-    out["seq_read"] = seq_read(disk, block, seconds, warmup)
-    out["seq_write_qd"] = seq_queued(disk, block, seconds, warmup, SEQ_DEPTH, write=True)
-    out["seq_read_qd"] = seq_queued(disk, block, seconds, warmup, SEQ_DEPTH, write=False)
-    out["rand_read"] = rand_read(disk, block, seconds, warmup, seed)
-    out["rand_write"] = rand_write(disk, block, seconds, warmup, seed)
-    out["rand_read_qd"] = rand_queued(disk, block, seconds, warmup, seed, depth, write=False)
-    out["rand_write_qd"] = rand_queued(disk, block, seconds, warmup, seed, depth, write=True)
+    return block, fill(disk, block)
+
+
+def run_op(disk: Disk, op: str, block: bytes, seconds: float, warmup: float, seed: int = 1,
+           depth: int = 32) -> dict:
+    """One operation of :data:`OPS`, timed."""
+    runs: dict[str, Callable[[], dict]] = {
+        "seq_write": lambda: seq_write(disk, block, seconds, warmup),
+        "seq_read": lambda: seq_read(disk, block, seconds, warmup),
+        "seq_write_qd": lambda: seq_queued(disk, block, seconds, warmup, SEQ_DEPTH, write=True),
+        "seq_read_qd": lambda: seq_queued(disk, block, seconds, warmup, SEQ_DEPTH, write=False),
+        "rand_read": lambda: rand_read(disk, block, seconds, warmup, seed),
+        "rand_write": lambda: rand_write(disk, block, seconds, warmup, seed),
+        "rand_read_qd": lambda: rand_queued(disk, block, seconds, warmup, seed, depth, write=False),
+        "rand_write_qd": lambda: rand_queued(disk, block, seconds, warmup, seed, depth, write=True),
+    }
+    if op not in runs:
+        raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPS)}")
+    return runs[op]()
+
+
+def final_check(disk: Disk, block: bytes, seed: int = 1) -> None:
+    """Read back a few places the random writes went to."""
     for off in _offsets(disk.size, seed + 7)[:8]:
         _check(disk.read(off // SECTOR, SMALL // SECTOR), block[off % CHUNK:off % CHUNK + SMALL], off)
+
+
+def run_all(disk: Disk, seconds: float, warmup: float, seed: int = 1, depth: int = 32) -> dict:
+    """Fill, then every operation once, then :func:`final_check`.  Raises
+    :class:`Corrupt` on a wrong read."""
+    block, fill_s = prepare(disk, seed)
+    out: dict = {"size": disk.size, "fill_s": fill_s}
+    for op in OPS:
+        out[op] = run_op(disk, op, block, seconds, warmup, seed, depth)
+    final_check(disk, block, seed)
     return out
 
 
+STEP_KEY = "data/bench-go"
+
+
+def _stepped(kernel, disk, seconds: float, warmup: float, seed: int, depth: int) -> None:
+    """Fill, say ``blkbench-ready: {json}``, then run each step the
+    benchmark writes to ``data/bench-go`` (``<n>:<op>``, each ``n`` once),
+    answering ``blkbench-step: {json}``, until it writes ``end``.  So the
+    benchmark can interleave this guest's runs with its other paths'."""
+    xs = kernel.xenstore
+    block, fill_s = prepare(disk, seed)
+    changed: list[str] = []
+    xs.on_watch("bench-go", changed.append)
+    xs.watch(STEP_KEY, "bench-go")
+    kernel.print("blkbench-ready: " + json.dumps({"domid": kernel.domid, "size": disk.size,
+                                                  "fill_s": fill_s, "persistent": disk.persistent}))
+    seen: set[str] = set()
+    while True:
+        kernel.loop.run_until(lambda: bool(changed))
+        changed.clear()
+        step = (xs.read_or(STEP_KEY) or b"").decode()
+        if not step or step in seen:
+            continue  # the watch's first event, or one we ran already
+        seen.add(step)
+        if step == "end":
+            break
+        _n, _, op = step.partition(":")
+        result = run_op(disk, op, block, seconds, warmup, seed, depth)
+        kernel.print("blkbench-step: " + json.dumps({"step": step, **result}))
+    final_check(disk, block, seed)
+
+
 def main(kernel) -> None:
+    """``args.stepped``: run steps as the benchmark asks (:func:`_stepped`);
+    otherwise :func:`run_all` at once.  Last, one ``blkbench: {json}`` line."""
     args = kernel.args
     out: dict = {"domid": kernel.domid}
     try:
@@ -295,8 +353,12 @@ def main(kernel) -> None:
         frontend.configure(kernel, **args.get("front", {}))
         disk = kernel.block(args.get("vdev", "xvda"))
         out["persistent"] = disk.persistent
-        out.update(run_all(disk, float(args.get("seconds", 1.0)), float(args.get("warmup", 0.2)),
-                           int(args.get("seed", 1)), int(args.get("depth", 32))))
+        timing = (float(args.get("seconds", 1.0)), float(args.get("warmup", 0.2)),
+                  int(args.get("seed", 1)), int(args.get("depth", 32)))
+        if args.get("stepped"):
+            _stepped(kernel, disk, *timing)
+        else:
+            out.update(run_all(disk, *timing))
         out["ok"] = True
     except Exception as exc:  # reported on the console; the benchmark fails on it
         out["ok"] = False
