@@ -142,13 +142,15 @@ class Host(BenchHost):
             try:
                 with open(path, "rb") as f:
                     f.seek(self.read_to)
-                    text = f.read().decode(errors="replace")
+                    raw = f.read()
             except FileNotFoundError:
-                text = ""
-            for line in text.splitlines(keepends=True):
-                if not line.endswith("\n"):
+                raw = b""
+            text = raw.decode(errors="replace")
+            for chunk in raw.splitlines(keepends=True):
+                if not chunk.endswith(b"\n"):
                     break  # the rest of it is still to come
-                self.read_to += len(line.encode())
+                self.read_to += len(chunk)
+                line = chunk.decode(errors="replace")
                 head, sep, doc = line.partition(": {")
                 if not sep or head not in (prefix, "blkbench"):
                     continue
@@ -353,6 +355,7 @@ def run(sizes: Sizes) -> tuple[dict, dict, list[str], list[str]]:
     images = Path(tempfile.mkdtemp(prefix="bench-blk-images-", dir="/dev/shm"))
     hosts = {where: Host(sizes, front, images / f"{where}.img") for where, front in XMP_PATHS.items()}
     paths: dict = {}
+    disks: list[FileDisk | PipeDisk] = []
     try:
         try:
             for where, host in hosts.items():
@@ -361,8 +364,9 @@ def run(sizes: Sizes) -> tuple[dict, dict, list[str], list[str]]:
             for where, host in hosts.items():
                 host.ready(START_TIMEOUT + sizes.disk_mib / 10)
                 paths[where] = host
-            paths["file"] = LocalPath(FileDisk(images / "file.img", sizes.disk_mib << 20))
-            paths["pipe"] = LocalPath(PipeDisk(images / "pipe.img", sizes.disk_mib << 20))
+            for where, kind in (("file", FileDisk), ("pipe", PipeDisk)):
+                disks.append(kind(images / f"{where}.img", sizes.disk_mib << 20))
+                paths[where] = LocalPath(disks[-1])
             log(f"{sizes.rounds} rounds of {len(OPS)} operations on {len(PATHS)} paths, "
                 f"{sizes.seconds} s each after {sizes.warmup} s warm-up, {sizes.disk_mib} MiB disks")
             for r in range(sizes.rounds):
@@ -376,11 +380,8 @@ def run(sizes: Sizes) -> tuple[dict, dict, list[str], list[str]]:
         except (BenchError, Corrupt, OSError, EOFError, ValueError) as exc:
             errors.append(f"{type(exc).__name__}: {exc}")
         finally:
-            pipe = paths.get("pipe")
-            if pipe is not None:
-                pipe.disk.close()
-            if "file" in paths:
-                paths["file"].disk.close()
+            for disk in disks:
+                disk.close()
             for where, host in hosts.items():
                 probs = host.stop()
                 problems += [f"{where}: {p}" for p in probs]
