@@ -258,8 +258,8 @@ def blkcheck(kernel) -> None:
     kernel.idle()
 
 
-# sizes in sectors: 1 sector .. 4 MiB, page-aligned and not, around the 11- and 256-segment limits
-BLK_MATRIX_SIZES = [1, 7, 8, 9, 88, 89, 95, 2047, 2048, 2049, 4096 + 3, 8192, 24576 + 1]  # sectors: to 12 MiB
+# sizes in sectors: 1 sector .. 12 MiB, page-aligned and not, around the 11- and 256-segment limits
+BLK_MATRIX_SIZES = [1, 7, 8, 9, 88, 89, 95, 2047, 2048, 2049, 4096 + 3, 8192, 24576 + 1]
 
 
 def blkmatrix(kernel) -> None:
