@@ -161,7 +161,8 @@ def memops(kernel) -> None:
         "frame_outside": {"source": frame(1 << 30), "dest": frame(b), "len": 1},
         "dom0_frame": {"source": {"domid": 0, "frame": 1}, "dest": frame(b), "len": 1},
         "no_such_domain": {"source": {"domid": 4000, "ref": 8}, "dest": frame(b), "len": 1},
-        "dom0_ungranted_ref": {"source": {"domid": 0, "ref": 5000}, "dest": frame(b), "len": 1},
+        "dom0_ungranted_ref": {"source": {"domid": 0, "ref": 100}, "dest": frame(b), "len": 1},
+        "dom0_ref_beyond_table": {"source": {"domid": 0, "ref": 64 * 512}, "dest": frame(b), "len": 1},
     }
     statuses = xen.grant_copy(list(segs.values()))
     report["copy"] = dict(zip(segs, statuses, strict=True))

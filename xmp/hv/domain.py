@@ -108,8 +108,11 @@ class Domain:
         return self.privileged or self.cfg.trusted_backend
 
     def state_letters(self, running: bool) -> str:
-        """xl's six state characters: r b p s <reason> d."""
+        """xl's six state characters: r b p s <reason> d.  dom0 is the
+        domain the toolstack runs in, so -- as under xl -- it is running
+        whenever it is asked."""
         s = ["-"] * 6
+        running = running or self.domid == DOMID_DOM0
         if self.state == DomState.RUNNING:
             s[0 if running else 1] = "r" if running else "b"
         elif self.state == DomState.PAUSED:
