@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import xmp
 
 ROOT = Path(xmp.__file__).parent
@@ -47,7 +49,42 @@ def test_lower_layers_do_not_import_higher_ones():
     assert not bad
 
 
-def test_ring_core_imports_no_process_machinery():
-    for name in ("ring.py", "bytering.py", "grant.py", "evtchn.py"):
-        mods = imports_of(ROOT / "sharedmem" / name)
-        assert not mods & {"os", "multiprocessing", "subprocess", "socket", "signal"}, name
+PROCESS_MACHINERY = {"os", "multiprocessing", "subprocess", "socket", "signal", "selectors", "posix_ipc",
+                     "psutil", "threading"}
+PURE_CORES = ("xmp.sharedmem.ring", "xmp.sharedmem.bytering", "xmp.sharedmem.grant", "xmp.sharedmem.evtchn",
+              "xmp.sharedmem.page", "xmp.xenstore.wire", "xmp.xenstore.store", "xmp.drivers.xenbus.state",
+              "xmp.drivers.blk.protocol")
+
+
+def module_path(module: str) -> Path | None:
+    rel = Path(*module.split(".")[1:])
+    for candidate in (ROOT / rel.with_suffix(".py"), ROOT / rel / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None  # the compiled fast path, or not ours
+
+
+def xmp_closure(module: str) -> set[str]:
+    """Every xmp module that importing ``module`` imports, at any depth
+    (function-level imports included: they run sooner or later)."""
+    seen, todo = set(), [module]
+    while todo:
+        mod = todo.pop()
+        path = module_path(mod)
+        if mod in seen or path is None:
+            continue
+        seen.add(mod)
+        for dep in imports_of(path):
+            if dep.startswith("xmp."):
+                parts = dep.split(".")
+                todo += [".".join(parts[:i]) for i in range(2, len(parts) + 1)]  # packages run first
+    return seen
+
+
+@pytest.mark.parametrize("core", PURE_CORES)
+def test_pure_cores_pull_in_no_process_machinery(core):
+    """Not directly, and not through anything they import (ring.py once got
+    PAGE_SIZE from shm.py, and with it os, socket and posix_ipc)."""
+    bad = {mod: sorted(imports_of(module_path(mod)) & PROCESS_MACHINERY)  # type: ignore[arg-type]
+           for mod in xmp_closure(core)}
+    assert not {mod: names for mod, names in bad.items() if names}

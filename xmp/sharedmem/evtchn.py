@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from xmp.errors import HypercallError, LocalError
 from xmp.sharedmem._ffi import ffi, lib
-from xmp.sharedmem.shm import PAGE_SIZE
+from xmp.sharedmem.page import PAGE_SIZE
 
 EVTCHN_OBJECT_SIZE = 2 * PAGE_SIZE
 EVTCHN_2L_NR_CHANNELS = 4096  # 64 * 64 on a 64-bit guest

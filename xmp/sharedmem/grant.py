@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from xmp.errors import GNTST_NAMES, GrantError, HypercallError, LocalError
 from xmp.sharedmem._ffi import ffi, lib
-from xmp.sharedmem.shm import PAGE_SIZE
+from xmp.sharedmem.page import PAGE_SIZE
 
 GRANT_ENTRY_SIZE = 8
 ENTRIES_PER_FRAME = PAGE_SIZE // GRANT_ENTRY_SIZE  # 512

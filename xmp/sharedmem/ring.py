@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from xmp.errors import LocalError, RemoteProtocolError, RingFull
 from xmp.sharedmem._ffi import ffi, lib
-from xmp.sharedmem.shm import PAGE_SIZE
+from xmp.sharedmem.page import PAGE_SIZE
 
 HEADER_SIZE = 64
 # Header field offsets, as in struct <name>_sring.

@@ -27,9 +27,8 @@ import posix_ipc
 import psutil
 
 from xmp.errors import LocalError
+from xmp.sharedmem.page import PAGE_SIZE
 
-PAGE_SIZE = 4096
-PAGE_SHIFT = 12
 SHM_DIR = "/dev/shm"
 _NAME_RE = re.compile(r"^xmp\.(\d+)\.[0-9a-f]+\.")
 

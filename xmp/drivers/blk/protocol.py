@@ -55,8 +55,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from xmp.errors import LocalError, RemoteProtocolError
+from xmp.sharedmem.page import PAGE_SIZE
 
-PAGE_SIZE = 4096
 SECTOR_SIZE = 512
 SECTORS_PER_PAGE = PAGE_SIZE // SECTOR_SIZE
 
