@@ -22,6 +22,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from xmp import devices
 from xmp.errors import XmpError
 from xmp.sharedmem.shm import remove_stale
 
@@ -70,6 +71,7 @@ def request(rundir: Path, cmd: str, **fields: Any) -> dict[str, Any]:
 
 def cmd_run(args) -> int:
     from xmp.hypervisor import Supervisor
+    from xmp.toolstack import run_host
     from xmp.topology import load_topology
 
     try:
@@ -78,10 +80,17 @@ def cmd_run(args) -> int:
         raise CliError(str(exc)) from None
     rundir = Path(args.rundir or topo.host.rundir or default_rundir(topo.host.name))
     if not args.detach:
-        sup = Supervisor(topo, rundir, echo=True)
-        print(f"xmp: supervisor {os.getpid()} running {args.topology} in {rundir}", flush=True)
-        code = sup.run()
-        print(f"xmp: stopped ({sup.stop_reason}), exit status {code}", flush=True)
+        hosts: list[Supervisor] = []
+
+        def started(sup: Supervisor) -> None:
+            hosts.append(sup)
+            print(f"xmp: supervisor {os.getpid()} running {args.topology} in {rundir}", flush=True)
+
+        try:
+            code = run_host(topo, rundir, echo=True, started=started)
+        except XmpError as exc:
+            raise CliError(str(exc)) from None
+        print(f"xmp: stopped ({hosts[0].stop_reason}), exit status {code}", flush=True)
         return code
     r, w = os.pipe()
     pid = os.fork()
@@ -93,12 +102,11 @@ def cmd_run(args) -> int:
             os.dup2(devnull, fd)
         code = 1
         try:
-            sup = Supervisor(topo, rundir, echo=False, stop_when_guests_gone=False)
             def ready() -> None:
                 os.write(w, b"ok\n")
                 os.close(w)
 
-            code = sup.run(ready=ready)
+            code = run_host(topo, rundir, echo=False, stop_when_guests_gone=False, ready=ready)
         except BaseException as exc:
             try:
                 os.write(w, f"{exc}\n".encode())
@@ -236,59 +244,34 @@ def _xs_ls(xs, path: str, depth: int) -> None:
         _xs_ls(xs, child, depth + 1)
 
 
-def cmd_block_attach(args) -> int:
-    reply = request(_rundir(args), "block-attach", dom=args.dom, spec=args.spec, cwd=os.getcwd())
-    print(f"xmp: disk {reply['devid']} attached to dom{reply['domid']} (backend dom{reply['backend']})")
-    return 0
-
-
-def cmd_block_detach(args) -> int:
-    """As xl: ask the backend to close, wait up to 10 s for Closed, then
-    remove the device (--force: at once)."""
-    from xmp.xenstore.client import SocketTransport, XsClient
-
-    rundir = _rundir(args)
-    reply = request(rundir, "block-detach", dom=args.dom, vdev=args.vdev, force=args.force)
-    if args.force:
+def _device_attach(cls):
+    def run(args) -> int:
+        reply = request(_rundir(args), "device-add", **{"class": cls.command}, dom=args.dom, spec=args.spec,
+                        cwd=os.getcwd())
+        print(f"xmp: {cls.config_key} {reply['devid']} attached to dom{reply['domid']} "
+              f"(backend dom{reply['backend']})")
         return 0
-    state = f"/local/domain/{reply['backend']}/backend/vbd/{reply['domid']}/{reply['devid']}/state"
-    xs = XsClient(SocketTransport.connect(str(rundir / "xenstored.sock")))
-    try:
-        deadline = time.monotonic() + args.timeout
-        while xs.read_or(state) not in (b"6", None):
-            if time.monotonic() > deadline:
-                raise CliError(f"{args.vdev} of {args.dom} did not close within {args.timeout:g} s "
-                               "(the guest may still use it; --force removes it anyway)")
-            time.sleep(0.05)
-    finally:
-        xs.close()
-    request(rundir, "block-detach", dom=args.dom, vdev=args.vdev, force=True)
-    return 0
+    return run
 
 
-def cmd_block_list(args) -> int:
-    """xl block-list's columns, read from xenstore."""
-    from xmp.xenstore.client import SocketTransport, XsClient
+def _device_detach(cls):
+    """As xl: the toolstack asks the backend to close, waits for Closed,
+    then removes the device (--force: at once)."""
+    def run(args) -> int:
+        request(_rundir(args), "device-remove", **{"class": cls.command}, dom=args.dom, name=args.device,
+                force=args.force, timeout=args.timeout)
+        return 0
+    return run
 
-    rundir = _rundir(args)
-    domid = next((d["domid"] for d in request(rundir, "list")["domains"]
-                  if args.dom in (d["name"], str(d["domid"]))), None)
-    if domid is None:
-        raise CliError(f"no domain named or numbered {args.dom!r}")
-    xs = XsClient(SocketTransport.connect(str(rundir / "xenstored.sock")))
-    try:
-        print(f"{'Vdev':<6}{'BE':>4}  {'handle':<7}{'state':<6}{'evt-ch':<7}{'ring-ref':<9}BE-path")
-        base = f"/local/domain/{domid}/device/vbd"
-        for devid in sorted(xs.directory(base) if xs.read_or(base) is not None else [], key=int):
-            def key(k: str, d: str = devid, absent: bytes = b"-") -> str:
-                return (xs.read_or(f"{base}/{d}/{k}") or absent).decode()
-            # as libxl: -1 where a multi-queue or multi-page device has no single key
-            evtch, ref = key("event-channel", absent=b"-1"), key("ring-ref", absent=b"-1")
-            print(f"{devid:<6}{key('backend-id'):>4}  {devid:<7}{key('state'):<6}"
-                  f"{evtch:<7}{ref:<9}{key('backend')}")
-    finally:
-        xs.close()
-    return 0
+
+def _device_list(cls):
+    def run(args) -> int:
+        reply = request(_rundir(args), "device-list", **{"class": cls.command}, dom=args.dom)
+        print(reply["header"])
+        for row in reply["rows"]:
+            print(row)
+        return 0
+    return run
 
 
 def cmd_dmesg(args) -> int:
@@ -389,16 +372,21 @@ def build_parser() -> argparse.ArgumentParser:
     add("suspend", cmd_suspend, "ask a guest to suspend (control/shutdown)").add_argument(
         "dom", help="name or id")
     add("resume", cmd_resume, "resume a suspended guest in place").add_argument("dom", help="name or id")
-    p = add("block-attach", cmd_block_attach, "hot-plug a disk (an xl disk spec) into a guest")
-    p.add_argument("dom", help="name or id")
-    p.add_argument("spec", help='e.g. "vdev=xvdb, access=rw, size=16M, target=b.img"')
-    p = add("block-detach", cmd_block_detach, "unplug a guest's disk (the guest is asked first)")
-    p.add_argument("dom", help="name or id")
-    p.add_argument("vdev", help="xvdb, or its devid")
-    p.add_argument("--force", action="store_true", help="remove it without waiting for the guest")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for Closed (default 10)")
-    add("block-list", cmd_block_list, "a guest's disks (xl block-list)").add_argument(
-        "dom", help="name or id")
+    for cls in devices.DEVICE_CLASSES:  # <command>-attach / -detach / -list for each device class
+        if cls.command is None:
+            continue
+        p = add(f"{cls.command}-attach", _device_attach(cls), f"hot-plug a {cls.devtype} device into a guest")
+        p.add_argument("dom", help="name or id")
+        p.add_argument("spec", help=f"an xl {cls.config_key} spec")
+        p = add(f"{cls.command}-detach", _device_detach(cls),
+                f"unplug a guest's {cls.devtype} device (the guest is asked first)")
+        p.add_argument("dom", help="name or id")
+        p.add_argument("device", help="its name (e.g. xvdb) or number")
+        p.add_argument("--force", action="store_true", help="remove it without waiting for the guest")
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for Closed (default 10)")
+        p = add(f"{cls.command}-list", _device_list(cls),
+                f"a guest's {cls.devtype} devices (xl {cls.command}-list)")
+        p.add_argument("dom", help="name or id")
     p = add("xenstore", cmd_xenstore, "read and change xenstore (ls, read, write, rm, watch, chmod)")
     p.add_argument("op", choices=["ls", "read", "write", "rm", "watch", "chmod"])
     p.add_argument("path")

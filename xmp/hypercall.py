@@ -25,6 +25,7 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Container, Mapping
 from typing import Any
 
 from xmp.errors import DomainGone, GrantError, HypercallError, LocalError
@@ -33,21 +34,10 @@ from xmp.sharedmem.shm import recv_handles
 MAX_MESSAGE = 65536
 MAX_FDS = 8
 
-# Hypercalls (xen.h __HYPERVISOR_* names) and their sub-operations.
-OPS: dict[str, frozenset[str]] = {
-    "domctl": frozenset({"createdomain", "destroydomain", "pausedomain", "unpausedomain",
-                         "getdomaininfo", "max_mem", "setvcpuaffinity"}),
-    "memory_op": frozenset({"populate_physmap", "decrease_reservation", "current_reservation",
-                            "maximum_reservation"}),
-    "grant_table_op": frozenset({"setup_table", "query_size", "map_grant_ref", "unmap_grant_ref",
-                                 "copy"}),
-    "event_channel_op": frozenset({"alloc_unbound", "bind_interdomain", "bind_virq", "bind_ipi",
-                                   "close", "status", "unmask", "send"}),
-    "sched_op": frozenset({"yield", "block", "shutdown"}),
-    "set_timer_op": frozenset({""}),
-    "console_io": frozenset({"write"}),
-    "xen_version": frozenset({""}),
-}
+# Hypercalls, by xen.h's __HYPERVISOR_* names; their sub-operations are
+# whatever the hypervisor has a handler for (xmp.hv.hypercalls).
+HYPERCALLS = ("domctl", "memory_op", "grant_table_op", "event_channel_op", "sched_op", "set_timer_op",
+              "console_io", "xen_version")
 DOM0_ONLY = frozenset({"domctl"})
 
 # sched.h SHUTDOWN_* reasons
@@ -62,8 +52,9 @@ def encode(msg: dict[str, Any]) -> bytes:
     return data
 
 
-def decode_request(data: bytes) -> tuple[str, str, dict[str, Any]]:
-    """Check a request's shape; anything malformed is EINVAL."""
+def decode_request(data: bytes, ops: Mapping[str, Container[str]]) -> tuple[str, str, dict[str, Any]]:
+    """Check a request's shape against the hypercalls ``ops`` (op -> its
+    sub-operations); anything malformed is EINVAL, anything unknown ENOSYS."""
     try:
         msg = json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -73,9 +64,9 @@ def decode_request(data: bytes) -> tuple[str, str, dict[str, Any]]:
     op, cmd, args = msg.get("op"), msg.get("cmd", ""), msg.get("args", {})
     if not isinstance(op, str) or not isinstance(cmd, str) or not isinstance(args, dict):
         raise HypercallError(errno.EINVAL, "hypercall", "op and cmd are strings, args an object")
-    if op not in OPS:
+    if op not in ops:
         raise HypercallError(errno.ENOSYS, op, "no such hypercall")
-    if cmd not in OPS[op]:
+    if cmd not in ops[op]:
         raise HypercallError(errno.ENOSYS, f"{op}/{cmd}", "no such sub-operation")
     return op, cmd, args
 

@@ -79,7 +79,7 @@ from typing import Any
 
 import psutil
 
-from xmp.diskspec import DiskSpecError, parse_diskspec
+from xmp import devices
 from xmp.errors import XmpError
 
 MiB = 1 << 20
@@ -95,7 +95,9 @@ GRANT_FRAMES_RANGE = (1, 64)
 
 HOST_KEYS = ("name", "memory", "rundir")
 DOM0_KEYS = ("memory", "maxmem", "vcpus", "kernel", "args")
-DOMAIN_KEYS = ("name", "type", "memory", "maxmem", "vcpus", "maxvcpus", "kernel", "args", "disk", "vif",
+# Each device class with an xl spec adds its key ("disk", …) through xmp.devices.
+DEVICE_KEYS = tuple(c.config_key for c in devices.with_config_key() if c.config_key)
+DOMAIN_KEYS = ("name", "type", "memory", "maxmem", "vcpus", "maxvcpus", "kernel", "args", *DEVICE_KEYS, "vif",
                "on_poweroff", "on_reboot", "on_crash", "driver_domain", "trusted_backend",
                "max_event_channels", "max_grant_frames", "xenstore_quota")
 TABLES = {"host": "[host]", "dom0": "[dom0]", "domain": "[[domain]]"}
@@ -144,7 +146,7 @@ class DomainConfig:
     maxvcpus: int
     kernel: str | None
     args: dict[str, Any] = field(hash=False)
-    disk: tuple[str, ...]
+    devices: dict[str, tuple[str, ...]] = field(hash=False)  # device class key ("disk") -> its xl specs
     vif: tuple[str, ...]
     on_poweroff: str
     on_reboot: str
@@ -165,7 +167,8 @@ class DomainConfig:
         out: dict[str, Any] = {
             "name": self.name, "type": self.type, "memory": self.memory_mib, "maxmem": self.maxmem_mib,
             "vcpus": self.vcpus, "maxvcpus": self.maxvcpus, "args": _copy_json(self.args),
-            "disk": list(self.disk), "vif": list(self.vif), "on_poweroff": self.on_poweroff,
+            **{key: list(self.devices.get(key, ())) for key in DEVICE_KEYS},
+            "vif": list(self.vif), "on_poweroff": self.on_poweroff,
             "on_reboot": self.on_reboot, "on_crash": self.on_crash, "driver_domain": self.driver_domain,
             "trusted_backend": self.trusted_backend, "max_event_channels": self.max_event_channels,
             "max_grant_frames": self.max_grant_frames,
@@ -413,19 +416,38 @@ def _json_problem(value: Any, where: str) -> str | None:
     return f"{where} is {_describe(value)}; only strings, numbers, booleans, arrays and tables can be passed"
 
 
-def _disks(t: _Table, raw: dict) -> tuple[str, ...]:
-    """xl disk specs: each must parse (the block driver reads them later)."""
-    specs = _str_list(t, raw, "disk")
-    vdevs: set[str] = set()
-    for spec in specs:
-        try:
-            parsed = parse_diskspec(spec)
-        except DiskSpecError as exc:
-            raise t.error("disk", str(exc)) from None
-        if parsed.vdev in vdevs:
-            raise t.error("disk", f"vdev '{parsed.vdev}' is used twice")
-        vdevs.add(parsed.vdev)
-    return specs
+def _devices(t: _Table, raw: dict) -> dict[str, tuple[str, ...]]:
+    """Each device class's xl specs: each must parse, by the class's own
+    parser, and name a different device."""
+    out: dict[str, tuple[str, ...]] = {}
+    for cls in devices.with_config_key():
+        key = cls.config_key or ""
+        specs = _str_list(t, raw, key)
+        part = cls.part("toolstack")
+        names: set[str] = set()
+        for spec in specs:
+            try:
+                name = part.name_of(part.parse(spec))
+            except XmpError as exc:
+                raise t.error(key, str(exc)) from None
+            if name in names:
+                raise t.error(key, f"{cls.devtype} '{name}' is used twice")
+            names.add(name)
+        if specs:
+            out[key] = specs
+    return out
+
+
+def device_backends(cfg: DomainConfig) -> list[tuple[str, str]]:
+    """(config key, backend domain name) of each device that names one."""
+    out = []
+    for cls in devices.with_config_key():
+        part = cls.part("toolstack")
+        for spec in cfg.devices.get(cls.config_key or "", ()):
+            backend = part.parse(spec).backend
+            if backend not in (None, DOM0_NAME, "0"):
+                out.append((cls.config_key or "", backend))
+    return out
 
 
 # xl.cfg xenstore_quota: this domain's limits in xenstored, by C xenstored's names.
@@ -548,7 +570,7 @@ def _domain(t: _Table, raw: dict, known: tuple[str, ...], *, dom0: bool) -> Doma
         maxvcpus=maxvcpus,
         kernel=kernel,
         args=_args(t, raw),
-        disk=_disks(t, raw),
+        devices=_devices(t, raw),
         vif=_str_list(t, raw, "vif"),
         on_poweroff=_choice(t, raw, "on_poweroff", "destroy", ACTIONS),
         on_reboot=_choice(t, raw, "on_reboot", "restart", ACTIONS),
@@ -682,11 +704,10 @@ def parse_topology(text: str, path: str = "<topology>") -> Topology:
             raise t.error("name", f"duplicate name '{cfg.name}': already used by the [[domain]] at {at}; "
                                   "names must be unique")
         first_line[cfg.name] = t.line("name")
-        for spec in cfg.disk:  # a disk's backend domain must exist before its frontend
-            backend = parse_diskspec(spec).backend
-            if backend not in (None, "Domain-0", "0") and backend not in first_line:
-                raise t.error("disk", f"backend '{backend}' is not a [[domain]] defined above '{cfg.name}'; "
-                                      "define the driver domain first")
+        for key, backend in device_backends(cfg):  # a backend domain must exist before its frontends
+            if backend not in first_line:
+                raise t.error(key, f"backend '{backend}' is not a [[domain]] defined above '{cfg.name}'; "
+                                   "define the driver domain first")
         domains.append(cfg)
         tables.append(t)
 

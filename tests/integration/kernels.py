@@ -117,6 +117,7 @@ def memops(kernel) -> None:
     """memory_op and grant_table_op from a guest; reports ``memops: {json}``."""
     import json
 
+    from xmp.domid import DOMID_SELF
     from xmp.errors import HypercallError
 
     xen = kernel.xen
@@ -142,7 +143,7 @@ def memops(kernel) -> None:
     a, b = first, first + 1
     kernel.page(a)[:16] = b"copied by xen ok"
     own = kernel.grant_table.grant_foreign_access(kernel.domid, b)
-    me = {"domid": 0x7FF0}
+    me = {"domid": DOMID_SELF}
 
     def frame(pfn, offset=0):
         return {**me, "frame": pfn, "offset": offset}

@@ -9,7 +9,7 @@ import signal
 import pytest
 from xmphost import HOST, guest
 
-from xmp.hv.toolstack import device_tree
+from xmp.toolstack.xs import device_tree
 from xmp.xenstore.client import SocketTransport, XsClient
 
 pytestmark = pytest.mark.timeout(120)

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 
-from xmp.diskspec import DiskSpec, DiskSpecError, parse_diskspec, parse_size, vdev_devid
+from xmp.drivers.blk.spec import DiskSpec, DiskSpecError, parse_diskspec, parse_size, vdev_devid
 
 HDA = DiskSpec("/dev/vg/guest-volume", "raw", "hda", "rw")
 HDC_CD = DiskSpec("/root/image.iso", "raw", "hdc", "ro", "cdrom")

@@ -17,6 +17,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from xmp.domid import DOMID_SELF
 from xmp.drivers.grantcopy import (
     MAX_COPY_OPS,
     CopyBackRing,
@@ -31,7 +32,6 @@ from xmp.sharedmem.ring import REQ_EVENT, REQ_PROD, RSP_EVENT, BackRing, FrontRi
 
 M32 = 0xFFFFFFFF
 PAGE = 4096
-DOMID_SELF = 0x7FF0
 
 
 def hdr(buf) -> tuple[int, int, int, int]:

@@ -11,10 +11,13 @@ import pytest
 import xmp
 
 ROOT = Path(xmp.__file__).parent
-# xenstore's protocol, store and client are pure and low; its daemon is one
-# of dom0's services (dom0/xenstored.py), above the drivers whose backends dom0 runs.
-ORDER = ["errors", "sharedmem", "xenstore", "diskspec", "topology", "startinfo", "hypercall", "domain_proc",
-         "hv", "hypervisor", "drivers", "dom0", "guests", "migration", "testing", "cli"]
+# STYLE.md's order: sharedmem -> hypervisor -> xenstore -> xenbus -> drivers -> toolstack -> cli.
+# ``devices`` is the drivers' registration table, read by layers below the drivers (it imports
+# driver modules by name only when used); ``domain_proc`` is a domain's own kernel, which the
+# drivers run on; dom0's services (xenstored's daemon among them) run the drivers' backends.
+ORDER = ["errors", "domid", "sharedmem", "devices", "topology", "startinfo", "hypercall", "hv", "hypervisor",
+         "xenstore", "domain_proc", "drivers", "dom0", "guests", "toolstack", "migration", "libs", "testing",
+         "cli"]
 
 
 def imports_of(path: Path) -> set[str]:

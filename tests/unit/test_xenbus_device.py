@@ -8,8 +8,8 @@ import pytest
 
 from xmp.drivers.xenbus.device import BackendDriver, FrontendDriver, XenbusDevice, backend_bus, frontend_bus
 from xmp.drivers.xenbus.state import XenbusState
-from xmp.hv.toolstack import device_tree, move_backend_tree
 from xmp.testing import settle, store_client
+from xmp.toolstack.xs import device_tree, move_backend_tree
 from xmp.xenstore.server import XenStore
 
 S = XenbusState

@@ -35,8 +35,8 @@ def service(kernel: Kernel):
 
 
 def main(kernel: Kernel) -> None:
-    fds = getattr(kernel, "boot_fds", [])
-    rundir = Path(getattr(kernel, "rundir", None) or ".")
+    fds = kernel.boot_fds
+    rundir = Path(kernel.rundir or ".")
     xenstored = XenStored(kernel, rundir)
     consoled = XenConsoled(kernel, rundir, fds[0] if fds else None)
 

@@ -1,9 +1,20 @@
-"""`Kernel`: what a guest's entry point receives.
+"""`Kernel`: what a guest's entry point receives -- the whole contract
+between a domain's kernel (and the drivers it loads) and xmp.
 
     def main(kernel):
         kernel.print("hello from", kernel.name)
         kernel.sleep(0.5)               # set_timer_op + VIRQ_TIMER
+        disk = kernel.block("xvda")     # any device class's opener (xmp.devices)
         kernel.poweroff()
+
+A guest kernel may use: ``domid``, ``name``, ``config``, ``args``,
+``start_info``, ``memory`` / ``page`` / ``alloc_pages`` / ``free_pages``,
+``grant_table``, ``xen`` (hypercalls), ``loop`` (its event loop),
+``console``, ``xenstore``, ``print``, ``sleep`` / ``monotonic`` / ``idle``,
+the device openers, ``detect``, and ``shutdown`` / ``poweroff`` /
+``reboot`` / ``crash`` / ``suspend``.  Drivers may also use ``close_port``.
+dom0's services use ``boot_fds`` and ``rundir``, which the supervisor
+hands dom0 alone.
 
 Returning from the entry point powers the domain off; an exception is a
 crash (traceback on the console and in the domain's log).
@@ -16,7 +27,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from xmp.diskspec import vdev_devid
+from xmp import devices
+from xmp.devices import DeviceClass
 from xmp.domain_proc.console import Console
 from xmp.domain_proc.control import ControlDriver
 from xmp.domain_proc.loop import EventLoop
@@ -27,10 +39,6 @@ from xmp.sharedmem.grant import GrantTable
 from xmp.sharedmem.shm import PAGE_SIZE
 from xmp.startinfo import StartInfo, first_free_pfn
 from xmp.xenstore.client import RingTransport, XsClient
-
-# Device classes a guest can open (kernel.block, …): each frontend module
-# registers its opener when loaded; the zygote preloads them for every domain.
-DEVICE_OPENERS: dict[str, Callable[[Kernel, int], Any]] = {}
 
 
 class ShutdownDone(BaseException):
@@ -59,6 +67,10 @@ class Kernel:
         self._timer_fired = False
         loop.bind(self._timer_port, self._on_timer)
         self._xs: XsClient | None = None
+        self.control: ControlDriver | None = None
+        # dom0's alone: descriptors passed at boot (the terminal to echo consoles to), the run directory.
+        self.boot_fds: list[int] = list(boot.get("fds", []))
+        self.rundir: str | None = boot.get("rundir")
 
     # -- xenstore -------------------------------------------------------------
 
@@ -85,13 +97,18 @@ class Kernel:
 
     # -- devices -------------------------------------------------------------
 
-    def block(self, vdev: str | int):
-        """The virtual block device ``vdev`` ("xvda" or its devid), once its
-        backend has connected (blkfront)."""
-        opener = DEVICE_OPENERS.get("vbd")
-        if opener is None:
-            raise LocalError("no block frontend is loaded (import xmp.drivers.blk.frontend)")
-        return opener(self, vdev if isinstance(vdev, int) else vdev_devid(vdev))
+    def device(self, cls: DeviceClass, ref: str | int) -> Any:
+        """The device ``ref`` (its name or devid) of class ``cls``, once its
+        backend has connected -- what ``kernel.<opener>(ref)`` does."""
+        return cls.part("frontend").open(self, ref)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        """The device openers: ``kernel.block("xvda")``, ``kernel.vping(0)``, …
+        one for each class of :mod:`xmp.devices` that has one."""
+        cls = devices.by_opener(name)
+        if cls is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return functools.partial(self.device, cls)
 
     def close_port(self, port: int) -> None:
         """Stop handling ``port`` and close it (the peer may be gone already)."""

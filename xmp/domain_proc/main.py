@@ -40,9 +40,7 @@ def domain_main(sock: socket.socket) -> int:
     xen = Xen(ch, boot["domid"], evt)
     start_info = StartInfo.unpack_from(ram, START_INFO_PFN * PAGE_SIZE)
     loop = EventLoop(evt)
-    kernel = Kernel(xen, loop, boot, ram, start_info)
-    kernel.boot_fds = extra_fds  # type: ignore[attr-defined]
-    kernel.rundir = boot.get("rundir")  # type: ignore[attr-defined]
+    kernel = Kernel(xen, loop, {**boot, "fds": extra_fds}, ram, start_info)
     print(f"dom{kernel.domid} {kernel.name}: running {boot['kernel']}", flush=True)
     try:
         entry = load_entry(boot["kernel"])

@@ -16,11 +16,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from xmp.domid import DOMID_SELF
 from xmp.hypercall import Channel
 from xmp.sharedmem.evtchn import EventChannels
 from xmp.sharedmem.shm import PAGE_SIZE, ShmObject
-
-DOMID_SELF = 0x7FF0
 
 
 @dataclass

@@ -36,7 +36,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from xmp.domain_proc.xen import DOMID_SELF
+from xmp.domid import DOMID_SELF
 from xmp.errors import GNTST_NAMES, GrantError, LocalError, RemoteProtocolError, RingFull
 from xmp.sharedmem.ring import HEADER_SIZE, REQ_EVENT, REQ_PROD, RSP_EVENT, RSP_PROD, ring_nr_ents
 from xmp.sharedmem.shm import PAGE_SIZE

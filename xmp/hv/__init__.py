@@ -1,2 +1,2 @@
-"""The supervisor's parts: the zygote that forks domains, the domain record,
-and the control socket.  ``xmp.hypervisor`` ties them together."""
+"""The hypervisor's parts: the zygote that forks domains, the domain record
+and builder, the hypercall handlers.  ``xmp.hypervisor`` ties them together."""

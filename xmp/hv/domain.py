@@ -15,6 +15,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from xmp.domid import DOMID_DOM0
 from xmp.errors import RemoteProtocolError
 from xmp.hypercall import SHUTDOWN_REASONS
 from xmp.sharedmem.bytering import ByteRing, console_rings
@@ -39,7 +40,6 @@ from xmp.startinfo import (
 from xmp.topology import DomainConfig
 
 MIB = 1 << 20
-DOMID_DOM0 = 0
 
 
 class DomState(enum.Enum):

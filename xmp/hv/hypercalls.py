@@ -13,11 +13,13 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
+from xmp.domid import DOMID_DOM0, DOMID_SELF
 from xmp.errors import GrantError, HypercallError
-from xmp.hv.domain import DOMID_DOM0, Domain, DomState, Mapping
-from xmp.hypercall import SHUTDOWN_REASONS, arg, int_list
+from xmp.hv.domain import Domain, DomState, Mapping
+from xmp.hypercall import HYPERCALLS, SHUTDOWN_REASONS, arg, int_list
 from xmp.sharedmem._ffi import lib
 from xmp.sharedmem.evtchn import (
     VIRQ_DOM_EXC,
@@ -28,7 +30,6 @@ from xmp.sharedmem.evtchn import (
 from xmp.sharedmem.grant import CopyBatch
 from xmp.sharedmem.shm import PAGE_SIZE
 
-DOMID_SELF = 0x7FF0
 XEN_VERSION = {"major": 4, "minor": 19, "extra": "-xmp", "capabilities": "xen-3.0-x86_64 xmp"}
 Reply = tuple[Any, list[int]]
 DEFERRED = object()  # a handler's "no reply now": the caller waits (a suspended guest)
@@ -36,6 +37,7 @@ DEFERRED = object()  # a handler's "no reply now": the caller waits (a suspended
 
 class HypercallHandlers:
     domains: dict[int, Domain]
+    HYPERCALLS: dict[str, dict[str, Callable[..., Reply]]]
 
     # Provided by the supervisor.
     def lookup(self, domid: int, op: str) -> Domain:
@@ -373,3 +375,17 @@ class HypercallHandlers:
     @staticmethod
     def now_ns() -> int:
         return time.monotonic_ns()
+
+
+def handler_table(cls: type) -> dict[str, dict[str, Callable[..., Reply]]]:
+    """Every hypercall ``cls`` serves, from its ``hc_<op>_<cmd>`` methods:
+    the one list of what exists (the decoder refuses the rest, ENOSYS)."""
+    table: dict[str, dict[str, Callable[..., Reply]]] = {op: {} for op in HYPERCALLS}
+    for attr in dir(cls):
+        if attr.startswith("hc_"):
+            op = max((o for o in HYPERCALLS if attr[3:].startswith(o + "_")), key=len)
+            table[op][attr[4 + len(op):]] = getattr(cls, attr)
+    return table
+
+
+HypercallHandlers.HYPERCALLS = handler_table(HypercallHandlers)

@@ -32,9 +32,8 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from xmp.domid import DOMID_FIRST_RESERVED, DOMID_SELF
 from xmp.xenstore.store import (
-    DOMID_FIRST_RESERVED,
-    DOMID_SELF,
     PERM_OWNER,
     PERM_READ,
     PERM_WRITE,

@@ -39,8 +39,6 @@ PERM_ALL = PERM_READ | PERM_WRITE | PERM_OWNER
 LETTER_BITS = {"n": PERM_NONE, "r": PERM_READ, "w": PERM_WRITE, "b": PERM_READ | PERM_WRITE}
 
 NO_GENERATION = -1
-DOMID_SELF = 0x7FF0
-DOMID_FIRST_RESERVED = 0x7FF0
 SPECIAL_NODES = ("@introduceDomain", "@releaseDomain")
 
 # Sizes C xenstored charges a node with (struct node_hdr, struct xs_permissions).

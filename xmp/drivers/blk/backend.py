@@ -548,3 +548,8 @@ def _transfer_and_release(fd: int, views: list[memoryview], offset: int, write: 
 def _segment_views(pages: list[memoryview], segs: protocol.SegmentArray) -> list[memoryview]:
     return [page[f * SECTOR_SIZE:(la + 1) * SECTOR_SIZE]
             for page, f, la in zip(pages, segs.first, segs.last, strict=True)]
+
+
+def backend(kernel) -> BlkBack:
+    """One backend driver for a device of this class (the registry's factory)."""
+    return BlkBack(kernel)

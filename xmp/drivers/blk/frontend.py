@@ -35,7 +35,6 @@ import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
-from xmp.domain_proc.kernel import DEVICE_OPENERS
 from xmp.drivers.blk import protocol
 from xmp.drivers.blk.protocol import (
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
@@ -49,6 +48,7 @@ from xmp.drivers.blk.protocol import (
     IndirectRequest,
 )
 from xmp.drivers.blk.requests import BlkIO, BlockIOError, Extents, Part
+from xmp.drivers.blk.spec import vdev_devid
 from xmp.drivers.xenbus.device import Bus, FrontendDriver, XenbusDevice, frontend_bus
 from xmp.drivers.xenbus.state import XenbusState
 from xmp.errors import LocalError, RemoteProtocolError, XmpError
@@ -542,4 +542,6 @@ def attach(kernel, devid: int, timeout: float = 30.0) -> BlkFront:
     return front
 
 
-DEVICE_OPENERS["vbd"] = attach  # kernel.block(vdev) opens a disk through attach
+def open(kernel, ref: str | int, timeout: float = 30.0) -> BlkFront:
+    """``kernel.block(ref)``: the disk named by its vdev ("xvda") or devid."""
+    return attach(kernel, ref if isinstance(ref, int) else vdev_devid(ref), timeout)

@@ -67,3 +67,8 @@ class VpingBack(BackendDriver):
         if self.mapping is not None:
             self.k.xen.unmap_grant_ref(self.mapping)
             self.mapping = None
+
+
+def backend(kernel) -> VpingBack:
+    """One backend driver for a device of this class (the registry's factory)."""
+    return VpingBack(kernel)

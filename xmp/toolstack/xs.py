@@ -1,4 +1,5 @@
-"""The toolstack's side of xenstore, inside the supervisor.
+"""The toolstack's side of xenstore: the trees libxl writes, and its
+connection to dom0's xenstored.
 
 When the supervisor builds a domain it writes the domain's standard tree
 (as libxl does, ``docs/misc/xenstore-paths.pandoc``) and INTRODUCEs it to
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from xmp.errors import RemoteProtocolError
@@ -70,19 +70,6 @@ def domain_tree(domid: int, name: str, uuid: str, memory_kb: int, maxmem_kb: int
         reqs.append((XsType.CONTROL, _z("quota-set", str(domid), qname, str(value))))
     reqs.append((XsType.INTRODUCE, _z(str(domid), str(XENSTORE_PFN), str(store_port))))
     return reqs
-
-
-@dataclass
-class Device:
-    """A split device the toolstack made (so it can move it to a restarted backend)."""
-
-    front: int
-    back_name: str
-    back_domid: int
-    devtype: str
-    devid: int
-    back_keys: dict[str, str]
-    front_keys: dict[str, str]
 
 
 def device_tree(front: int, back: int, devtype: str, devid: int, back_keys: dict[str, str] | None = None,
@@ -147,17 +134,26 @@ def teardown_tree(domid: int, uuid: str) -> list[tuple[XsType, bytes]]:
             (XsType.RM, _z(f"/vm/{uuid}"))]
 
 
-class Toolstack:
-    """The supervisor's asynchronous xenstore connection."""
+Done = Callable[[list[Packet]], None]  # every reply of one send(), in order (ERROR ones included)
+
+
+class XsConnection:
+    """The toolstack's asynchronous xenstore connection: requests are
+    written when the socket takes them, replies are read from the
+    supervisor's loop and handed to the sender's ``done``; watch events to
+    the callback of their token."""
 
     def __init__(self, path: Path, log: Callable[[str], None],
-                 want_write: Callable[[bool], None] = lambda _on: None):
+                 want_write: Callable[[bool], None] = lambda _on: None,
+                 on_close: Callable[[socket.socket], None] = lambda _sock: None):
         self.path = path
         self.log = log
         self.want_write = want_write  # the supervisor's loop: tell me when the socket can take more
+        self.on_close = on_close      # ... and to forget the socket before it is closed
         self.sock: socket.socket | None = None
         self.parser = PacketParser()
-        self.pending: dict[int, str] = {}
+        self.pending: dict[int, tuple[str, _Batch | None]] = {}
+        self.watches: dict[str, Callable[[str], None]] = {}
         self.next_id = 1
         self.outbuf = bytearray()
 
@@ -174,19 +170,37 @@ class Toolstack:
         self.sock = sock
         return True
 
-    def send(self, reqs: list[tuple[XsType, bytes]], what: str) -> None:
+    def send(self, reqs: list[tuple[XsType, bytes]], what: str, done: Done | None = None) -> None:
+        """Send ``reqs``; ``done`` gets their replies once all are in.  An
+        error reply is logged (and handed to ``done``), never dropped."""
         if self.sock is None:
             self.log(f"xenstore unavailable: {what} not done")
+            if done is not None:
+                done([Packet(int(XsType.ERROR), 0, 0, b"ENOTCONN\0")] * len(reqs))
             return
+        batch = _Batch(len(reqs), done) if done is not None else None
         data = bytearray()
         for op, payload in reqs:
             req_id = self.next_id
             self.next_id = (self.next_id + 1) & 0xFFFFFFFF or 1
             path = payload.split(b"\0")[0].decode(errors="replace")
-            self.pending[req_id] = f"{what}: {op.name} {path}"
+            self.pending[req_id] = (f"{what}: {op.name} {path}", batch)
+            if batch is not None:
+                batch.ids.append(req_id)
             data += Packet(int(op), req_id, 0, payload).encode()
         self.outbuf += data
         self.flush()
+        if batch is not None and not reqs:
+            batch.finish()
+
+    def watch(self, path: str, token: str, fired: Callable[[str], None]) -> None:
+        """XS_WATCH; ``fired(path)`` for each event (the first at once)."""
+        self.watches[token] = fired
+        self.send([(XsType.WATCH, _z(path, token))], f"watching {path}")
+
+    def unwatch(self, path: str, token: str) -> None:
+        if self.watches.pop(token, None) is not None:
+            self.send([(XsType.UNWATCH, _z(path, token))], f"unwatching {path}")
 
     def flush(self) -> None:
         """Write what the socket takes now; the rest waits for the loop to say
@@ -227,12 +241,45 @@ class Toolstack:
             self.close()
             return
         for pkt in packets:
-            what = self.pending.pop(pkt.req_id, None)
+            if pkt.type == XsType.WATCH_EVENT:
+                path, _, token = pkt.payload.rstrip(b"\0").partition(b"\0")
+                fired = self.watches.get(token.decode(errors="replace"))
+                if fired is not None:
+                    fired(path.decode(errors="replace"))
+                continue
+            what, batch = self.pending.pop(pkt.req_id, (None, None))
             if pkt.type == XsType.ERROR and what is not None:
                 self.log(f"xenstore {what}: {pkt.payload.rstrip(bytes(1)).decode(errors='replace')}")
+            if batch is not None:
+                batch.reply(pkt)
 
     def close(self) -> None:
         if self.sock is not None:
+            self.on_close(self.sock)
             self.sock.close()
             self.sock = None
         self.outbuf.clear()
+        # Whoever waits on an answer hears that none will come.
+        for _what, batch in self.pending.values():
+            if batch is not None:
+                batch.reply(Packet(int(XsType.ERROR), 0, 0, b"ENOTCONN\0"))
+        self.pending.clear()
+
+
+class _Batch:
+    """The replies of one send(), gathered for its ``done``."""
+
+    def __init__(self, n: int, done: Done):
+        self.n, self.done = n, done
+        self.ids: list[int] = []
+        self.replies: list[Packet] = []
+
+    def reply(self, pkt: Packet) -> None:
+        self.replies.append(pkt)
+        if len(self.replies) == self.n:
+            self.finish()
+
+    def finish(self) -> None:
+        done, self.done = self.done, None  # type: ignore[assignment]
+        if done is not None:
+            done(self.replies)

@@ -1,0 +1,62 @@
+"""The block driver's part of the toolstack (libxl's ``libxl_disk.c``):
+an xl disk spec becomes the two xenstore directories of a vbd, and a
+missing image with ``size=`` is created sparse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from xmp.devices import DeviceSpec
+from xmp.drivers.blk.spec import DiskSpec, parse_diskspec, vdev_devid
+from xmp.errors import XmpError
+
+LIST_HEADER = f"{'Vdev':<6}{'BE':>4}  {'handle':<7}{'state':<6}{'evt-ch':<7}{'ring-ref':<9}BE-path"
+
+
+def parse(text: str) -> DiskSpec:
+    return parse_diskspec(text)
+
+
+def name_of(spec: DiskSpec) -> str:
+    return spec.vdev
+
+
+def devid_of(name: str) -> int:
+    """A vbd by its vdev ("xvdb") or its number."""
+    return int(name) if name.isdigit() else vdev_devid(name)
+
+
+def image_path(spec: DiskSpec, base: Path) -> Path:
+    """The image a spec names; a relative target is relative to ``base``
+    (the folder of the file the domain came from)."""
+    if spec.target is None:
+        raise XmpError(f"disk {spec.vdev}: no target")
+    target = Path(spec.target)
+    return target if target.is_absolute() else base / target
+
+
+def device(spec: DiskSpec, base: Path) -> DeviceSpec:
+    """The vbd's keys, as libxl writes them; a missing image with ``size=``
+    is created sparse (a present one is never touched)."""
+    image = image_path(spec, base)
+    if not image.exists():
+        if spec.size_bytes is None:
+            raise XmpError(f"disk {spec.vdev}: {image} does not exist (give size=… to create it)")
+        image.parent.mkdir(parents=True, exist_ok=True)
+        with open(image, "xb") as f:
+            f.truncate(spec.size_bytes)
+    return DeviceSpec(spec.devid, spec.vdev, spec.backend,
+                      back_keys={"params": str(image.resolve()), "mode": "r" if spec.readonly else "w",
+                                 "device-type": spec.devtype, "type": "file"},
+                      front_keys={"virtual-device": str(spec.devid), "device-type": spec.devtype})
+
+
+LIST_KEYS = ("backend-id", "state", "event-channel", "ring-ref", "backend")  # of the frontend's directory
+
+
+def list_row(devid: int, front: dict[str, str]) -> str:
+    """One line of xl block-list; -1 where a multi-queue or multi-page device
+    has no single key, as libxl shows it."""
+    return (f"{devid:<6}{front.get('backend-id', '-'):>4}  {devid:<7}{front.get('state', '-'):<6}"
+            f"{front.get('event-channel', '-1'):<7}{front.get('ring-ref', '-1'):<9}"
+            f"{front.get('backend', '-')}")

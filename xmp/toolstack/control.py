@@ -1,0 +1,287 @@
+"""The control socket: how the ``xmp`` commands (xl) reach the toolstack.
+
+``<rundir>/control.sock`` (mode 0600 in a 0700 directory) takes one JSON
+object per line and answers one per line, in order::
+
+    {"cmd": "list"}                        -> {"ok": true, "domains": [...]}
+    {"cmd": "create", "config": {...}}     -> {"ok": true, "domid": 7}
+    {"cmd": "destroy" | "pause" | "unpause", "dom": "web" | 7}
+    {"cmd": "device-add", "class": "block", "dom": "web", "spec": "...", "cwd": "/"}
+    {"cmd": "device-remove", "class": "block", "dom": "web", "name": "xvdb", "force": false}
+    {"cmd": "device-list", "class": "block", "dom": "web"} -> {"ok": true, "header": "...", "rows": [...]}
+    {"cmd": "dmesg", "clear": false}       -> {"ok": true, "lines": [...]}
+    {"cmd": "console", "dom": "web"}       -> {"ok": true, "socket": "<rundir>/console/7.sock", ...}
+    failures                               -> {"ok": false, "error": "...", "errno": 3}
+
+Clients are served from the supervisor's own loop and never block it: a
+client's bytes are buffered until a full line arrives, answers are
+buffered and written when its socket takes them (a client that stops
+reading is cut off alone once its backlog passes a bound), and an answer
+that waits for xenstore (a hot-plug, a detach) is sent when it settles.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import os
+import selectors
+import socket
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from xmp import devices
+from xmp.errors import HypercallError, XmpError
+from xmp.hypercall import from_a_domain
+from xmp.toolstack.pending import Pending
+
+if TYPE_CHECKING:
+    from xmp.toolstack.domains import Toolstack
+
+MAX_REQUEST = 1 << 20    # bytes of one request line
+MAX_BACKLOG = 4 << 20    # bytes of answers a client may leave unread before it is cut off
+
+
+class _Client:
+    def __init__(self, conn: socket.socket):
+        self.conn = conn
+        self.inbuf = bytearray()
+        self.out = bytearray()
+        self.waiting: deque[list[bytes | None]] = deque()  # answers in request order; None: not settled
+
+
+class ControlServer:
+    def __init__(self, path: Path, ts: Toolstack):
+        self.path = path
+        self.ts = ts
+        self.sup = ts.sup
+        if path.exists():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # left by a supervisor that died
+            else:
+                probe.close()
+                raise XmpError(f"a supervisor already runs in {path.parent}: "
+                               "stop it (xmp destroy Domain-0) or use another --rundir")
+            finally:
+                probe.close()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self.listener.bind(str(path))
+        finally:
+            os.umask(old)
+        self.listener.listen(64)
+        self.listener.setblocking(False)
+        self.clients: dict[socket.socket, _Client] = {}
+        self.sup.watch(self.listener, selectors.EVENT_READ, lambda _mask: self.accept())
+
+    def accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, OSError):
+            return
+        if from_a_domain(conn, self.sup.zygote.pid):
+            conn.close()  # guests run as our uid: the file mode alone cannot keep them out
+            return
+        conn.setblocking(False)
+        client = self.clients[conn] = _Client(conn)
+        self.sup.watch(conn, selectors.EVENT_READ, functools.partial(self._ready, client))
+
+    def _ready(self, client: _Client, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush(client)
+        if mask & selectors.EVENT_READ and client.conn in self.clients:
+            self._read(client)
+
+    def _read(self, client: _Client) -> None:
+        try:
+            data = client.conn.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        client.inbuf += data
+        if not data or len(client.inbuf) > MAX_REQUEST:
+            self._drop(client)
+            return
+        while b"\n" in client.inbuf and client.conn in self.clients:
+            line, _, rest = bytes(client.inbuf).partition(b"\n")
+            client.inbuf[:] = rest
+            slot: list[bytes | None] = [None]
+            client.waiting.append(slot)
+            answer = self.handle(line)
+            if isinstance(answer, Pending):
+                answer.then(functools.partial(self._settled, client, slot))
+            else:
+                slot[0] = _line(answer)
+        self._flush(client)
+
+    def _settled(self, client: _Client, slot: list[bytes | None], result, exc) -> None:
+        slot[0] = _line(_failure(exc) if exc is not None else {"ok": True, **(result or {})})
+        if client.conn in self.clients:
+            self._flush(client)
+
+    def _flush(self, client: _Client) -> None:
+        """Move settled answers (in order) to the output and write what the
+        socket takes now; the rest when the loop says it is writable."""
+        while client.waiting and (ready := client.waiting[0][0]) is not None:
+            client.out += ready
+            client.waiting.popleft()
+        if len(client.out) > MAX_BACKLOG:
+            self.sup.log("control: a client left more than "
+                         f"{MAX_BACKLOG >> 20} MiB of answers unread; disconnected")
+            self._drop(client)
+            return
+        while client.out:
+            try:
+                n = client.conn.send(client.out)
+            except BlockingIOError:
+                break
+            except OSError:
+                self._drop(client)
+                return
+            del client.out[:n]
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.out else 0)
+        self.sup.modify(client.conn, events, functools.partial(self._ready, client))
+
+    def _drop(self, client: _Client) -> None:
+        if self.clients.pop(client.conn, None) is not None:
+            self.sup.unwatch(client.conn)
+            client.conn.close()
+
+    def handle(self, line: bytes) -> dict[str, Any] | Pending:
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+                raise HypercallError(errno.EINVAL, "control", "a request is {\"cmd\": ...}")
+            method = getattr(self, "cmd_" + req["cmd"].replace("-", "_"), None)
+            if method is None:
+                raise HypercallError(errno.ENOSYS, "control", f"no command {req['cmd']!r}")
+            answer = method(req)
+            return answer if isinstance(answer, Pending) else {"ok": True, **answer}
+        except (HypercallError, XmpError, ValueError) as exc:
+            return _failure(exc)
+
+    def _dom(self, req: dict[str, Any]):
+        ref = req.get("dom")
+        if not isinstance(ref, (str, int)) or isinstance(ref, bool):
+            raise HypercallError(errno.EINVAL, "control", "name the domain by name or id")
+        return self.sup.find(ref)
+
+    def _class(self, req: dict[str, Any]) -> devices.DeviceClass:
+        name = req.get("class")
+        try:
+            return devices.by_command(str(name))
+        except XmpError:
+            raise HypercallError(errno.EINVAL, "control", f"no device class {name!r}") from None
+
+    def cmd_list(self, req):
+        return {"domains": [self.sup.domain_info(d) for d in
+                            sorted(self.sup.domains.values(), key=lambda d: d.domid)]}
+
+    def cmd_create(self, req):
+        cfg = req.get("config")
+        if not isinstance(cfg, dict):
+            raise HypercallError(errno.EINVAL, "create", "config must be an object")
+        dom = self.ts.create_config(cfg)
+        if req.get("paused"):
+            self.sup.pause_domain(dom)
+        return {"domid": dom.domid, "name": dom.name}
+
+    def cmd_destroy(self, req):
+        dom = self._dom(req)
+        self.sup.destroy_domain(dom)
+        return {"domid": dom.domid}
+
+    def cmd_pause(self, req):
+        dom = self._dom(req)
+        self.sup.pause_domain(dom)
+        return {"domid": dom.domid}
+
+    def cmd_unpause(self, req):
+        dom = self._dom(req)
+        self.sup.unpause_domain(dom)
+        return {"domid": dom.domid}
+
+    def cmd_shutdown(self, req):
+        dom = self._dom(req)
+        reason = req.get("reason", "poweroff")
+        if reason not in ("poweroff", "reboot", "suspend"):
+            raise HypercallError(errno.EINVAL, "shutdown", f"reason {reason!r}")
+        self.ts.request_shutdown(dom, reason)
+        return {"domid": dom.domid}
+
+    def cmd_resume(self, req):
+        dom = self._dom(req)
+        self.sup.resume_domain(dom)
+        return {"domid": dom.domid}
+
+    def cmd_dmesg(self, req):
+        lines = list(self.sup.dmesg)
+        if req.get("clear"):
+            self.sup.dmesg.clear()
+        return {"lines": lines}
+
+    def cmd_device_attach(self, req):
+        """{"cmd": "device-attach", "dom": guest, "backend": dom, "type": "vping", "devid": 0,
+        "back_keys": {...}, "front_keys": {...}} -- a device with the keys given."""
+        front = self._dom(req)
+        back = self.sup.find(req.get("backend", 0))
+        devtype, devid = req.get("type"), req.get("devid", 0)
+        keys = [req.get("back_keys", {}), req.get("front_keys", {})]
+        if not isinstance(devtype, str) or not isinstance(devid, int) or isinstance(devid, bool) \
+                or not all(isinstance(k, dict) and all(isinstance(v, str) for v in k.values()) for k in keys):
+            raise HypercallError(errno.EINVAL, "device-attach", "type, devid and string keys please")
+        try:
+            cls = devices.by_devtype(devtype)
+        except XmpError:
+            raise HypercallError(errno.EINVAL, "device-attach", f"no device class {devtype!r}") from None
+        return self.ts.devices.attach_keys(front, back, cls, devid, *keys)
+
+    def cmd_device_add(self, req):
+        spec, cwd = req.get("spec"), req.get("cwd", "/")
+        if not isinstance(spec, str) or not isinstance(cwd, str):
+            raise HypercallError(errno.EINVAL, "device-add", "spec and cwd are strings")
+        return self.ts.devices.attach(self._dom(req), self._class(req), spec, Path(cwd))
+
+    def cmd_device_remove(self, req):
+        name, timeout = req.get("name"), req.get("timeout", 10.0)
+        if not isinstance(name, str) or not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+            raise HypercallError(errno.EINVAL, "device-remove", "name is a string, timeout a number")
+        return self.ts.devices.detach(self._dom(req), self._class(req), name, bool(req.get("force")),
+                                      float(timeout))
+
+    def cmd_device_list(self, req):
+        return self.ts.devices.list(self._dom(req), self._class(req))
+
+    def cmd_console(self, req):
+        dom = self._dom(req)
+        return {"domid": dom.domid, "name": dom.name,
+                "socket": str(self.sup.rundir / "console" / f"{dom.domid}.sock")}
+
+    def close(self) -> None:
+        for client in list(self.clients.values()):
+            self._drop(client)
+        self.sup.unwatch(self.listener)
+        self.listener.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _line(answer: dict[str, Any]) -> bytes:
+    return (json.dumps(answer) + "\n").encode()
+
+
+def _failure(exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, HypercallError):
+        return {"ok": False, "errno": exc.errno, "error": exc.detail or str(exc)}
+    if isinstance(exc, XmpError):
+        return {"ok": False, "errno": errno.EINVAL, "error": str(exc)}
+    return {"ok": False, "errno": errno.EINVAL, "error": f"bad request: {exc}"}

@@ -1,0 +1,236 @@
+"""The toolstack: libxl's job, driving the hypervisor through its domain API.
+
+It builds domains from their configs (memory, kernel, the xenstore tree
+libxl writes, every device of any class the config lists), adds and
+removes devices, applies ``on_poweroff`` / ``on_reboot`` / ``on_crash``
+with a restart rate limit, writes core dumps, asks guests to shut down,
+and stops the host in order.  What it made is recorded once, in its
+:class:`DomainRecord` per domain -- the record save and migration carry.
+
+It runs in the supervisor's process and loop (as libxl runs in xl's), is
+told of domain ends by the hypervisor (:class:`~xmp.hypervisor.DomainEvents`),
+and reaches xenstore over dom0's xenstored socket, asynchronously: an
+INTRODUCE needs hypercalls the loop serves, so nothing here may wait
+inline for a reply.
+"""
+
+from __future__ import annotations
+
+import errno
+import selectors
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xmp import devices
+from xmp.domid import DOMID_DOM0
+from xmp.errors import HypercallError, XmpError
+from xmp.hv.domain import Domain, DomState
+from xmp.hypervisor import Supervisor
+from xmp.toolstack.devices import Device, DeviceManager
+from xmp.toolstack.xs import XsConnection, dom0_tree, domain_tree, teardown_tree
+from xmp.topology import DomainConfig, Topology
+
+DOM0_KERNEL = "xmp.dom0:main"
+DRIVER_DOMAIN_KERNEL = "xmp.drivers.backends:main"  # a driver domain without a kernel of its own
+RESTART_LIMIT = (10, 10.0)  # at most 10 restarts of one name in 10 s
+XENSTORED_START = 15.0      # seconds dom0 gets to bring xenstored up
+SHUTDOWN_GRACE = 5.0        # seconds guests get to power off when the host stops
+
+
+@dataclass
+class DomainRecord:
+    """What the toolstack knows of a domain it built: its config and the
+    devices it has now (hot-plugged ones included)."""
+
+    domid: int
+    cfg: DomainConfig
+    devices: list[Device] = field(default_factory=list)
+
+
+def preload_modules(topology: Topology) -> set[str]:
+    """What the zygote imports once for every domain it forks."""
+    return ({d.kernel.split(":")[0] for d in topology.domains if d.kernel}
+            | {DOM0_KERNEL.split(":")[0], DRIVER_DOMAIN_KERNEL.split(":")[0], *devices.frontend_modules()})
+
+
+class Toolstack:
+    def __init__(self, sup: Supervisor, topology: Topology, *, stop_when_guests_gone: bool = True):
+        self.sup = sup
+        self.topology = topology
+        self.stop_when_guests_gone = stop_when_guests_gone
+        self.records: dict[int, DomainRecord] = {}
+        self.restarts: dict[str, deque[float]] = {}
+        self.xs = XsConnection(sup.rundir / "xenstored.sock", sup.log, self._xs_wants_write, sup.unwatch)
+        self.devices = DeviceManager(self)
+        sup.events = self
+        # No supervisor runs here (the control socket proved it): sockets left
+        # by one that was killed are stale.
+        for sock in [*(sup.rundir / "console").glob("*.sock"), sup.rundir / "xenstored.sock"]:
+            sock.unlink(missing_ok=True)
+
+    # -- the host's start and stop ----------------------------------------
+
+    def boot(self) -> None:
+        """dom0, its xenstored, then every domain of the topology in order;
+        a stop asked meanwhile (Ctrl-C, SIGTERM) is honoured at once."""
+        self.create(self.topology.dom0, domid=DOMID_DOM0)
+        deadline = time.monotonic() + XENSTORED_START
+        while not self.xs.connect():
+            if self.sup.stopping:
+                return
+            if time.monotonic() > deadline or DOMID_DOM0 not in self.sup.domains:
+                raise XmpError(f"dom0's xenstored did not start within {XENSTORED_START:.0f} s "
+                               f"(see {self.sup.rundir / 'logs' / 'Domain-0.log'})")
+            self.sup.iterate(0.01)
+        assert self.xs.sock is not None
+        self.sup.watch(self.xs.sock, selectors.EVENT_READ, self._xs_ready)
+        self.xs.send(dom0_tree(), "dom0")
+        for cfg in self.topology.domains:
+            if self.sup.stopping:
+                return
+            self.create(cfg)
+
+    def shutdown(self) -> None:
+        """The host stops: guests are asked to power off; those that do not
+        within :data:`SHUTDOWN_GRACE` are destroyed by the supervisor."""
+        asked = [d for d in self.sup.domains.values()
+                 if d.domid != DOMID_DOM0 and d.state == DomState.RUNNING and self.xs.sock is not None]
+        for dom in asked:
+            self.request_shutdown(dom, "poweroff")
+        deadline = time.monotonic() + (SHUTDOWN_GRACE if asked else 0)
+        while time.monotonic() < deadline and any(d.domid in self.sup.domains and d.state != DomState.DYING
+                                                  for d in asked):
+            self.sup.iterate(0.05)
+
+    def close(self) -> None:
+        self.xs.close()
+        (self.sup.rundir / "xenstored.sock").unlink(missing_ok=True)
+        for sock in (self.sup.rundir / "console").glob("*.sock"):  # dom0's, if it could not
+            sock.unlink(missing_ok=True)
+
+    def _xs_ready(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self.xs.flush()
+        if mask & selectors.EVENT_READ and self.xs.sock is not None:
+            self.xs.readable()
+
+    def _xs_wants_write(self, on: bool) -> None:
+        sock = self.xs.sock
+        if sock is not None and self.sup.watching(sock):
+            self.sup.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0), self._xs_ready)
+
+    # -- building domains ---------------------------------------------------
+
+    def create_config(self, cfg_dict: dict) -> Domain:
+        try:
+            cfg = DomainConfig.from_dict(cfg_dict)
+        except XmpError as exc:
+            raise HypercallError(errno.EINVAL, "createdomain", str(exc)) from None
+        return self.create(cfg)
+
+    createdomain = create_config  # XEN_DOMCTL_createdomain from dom0 (DomainEvents)
+
+    def create(self, cfg: DomainConfig, domid: int | None = None, name: str | None = None) -> Domain:
+        """libxl_domain_create_new: check every device first (nothing is
+        built if one is wrong), build the domain, write its tree, add its
+        devices."""
+        if self.sup.stopping and domid != DOMID_DOM0:
+            raise HypercallError(errno.ESHUTDOWN, "createdomain", "the host is stopping")
+        planned = [] if domid == DOMID_DOM0 else self.devices.plan(cfg)
+        kernel = cfg.kernel or (DOM0_KERNEL if domid == DOMID_DOM0 else
+                                DRIVER_DOMAIN_KERNEL if cfg.driver_domain else None)
+        boot: dict[str, Any] = {}
+        fds: list[int] = []
+        if domid == DOMID_DOM0:
+            boot = {"rundir": str(self.sup.rundir), "dom0_kernel": DOM0_KERNEL}
+            if self.sup.echo_fd is not None:
+                fds.append(self.sup.echo_fd)
+        dom = self.sup.build(cfg, kernel or "", domid=domid, name=name, boot=boot, extra_fds=fds)
+        self.records[dom.domid] = DomainRecord(dom.domid, cfg)
+        if dom.domid != DOMID_DOM0:
+            tree = domain_tree(dom.domid, dom.name, dom.uuid, cfg.memory_mib * 1024, cfg.maxmem_mib * 1024,
+                               cfg.vcpus, cfg.maxvcpus, dom.console_port, dom.store_port, cfg.xenstore_quota)
+            self.xs.send(tree, f"building dom{dom.domid}")
+            for plan in planned:
+                self.devices.add(dom, plan)
+        return dom
+
+    def record(self, dom: Domain) -> DomainRecord:
+        rec = self.records.get(dom.domid)
+        if rec is None:
+            raise HypercallError(errno.ESRCH, "toolstack", f"dom{dom.domid} was not built by the toolstack")
+        return rec
+
+    # -- shutdown, and what follows a domain's end ---------------------------
+
+    def request_shutdown(self, dom: Domain, reason: str) -> None:
+        """xl shutdown/reboot: ask the guest through control/shutdown."""
+        if dom.domid == DOMID_DOM0:
+            raise HypercallError(errno.EINVAL, "shutdown", "dom0 is stopped with `xmp destroy Domain-0`")
+        if dom.state != DomState.RUNNING:
+            raise HypercallError(errno.EINVAL, "shutdown", f"{dom.name} is {dom.state.value}")
+        self.xs.write(f"/local/domain/{dom.domid}/control/shutdown", reason,
+                      f"{reason} request to dom{dom.domid}")
+        self.sup.log(f"asked dom{dom.domid} {dom.name!r} to {reason}")
+
+    def domain_ended(self, dom: Domain, reason: str) -> None:
+        """on_poweroff / on_reboot / on_crash, as libxl's domain death handling."""
+        cfg = dom.cfg
+        action = {"poweroff": cfg.on_poweroff, "reboot": cfg.on_reboot, "crash": cfg.on_crash,
+                  "watchdog": "destroy", "soft_reset": "restart"}.get(reason, "preserve")
+        if reason == "crash" and action not in ("restart", "rename-restart", "coredump-restart"):
+            self.sup.exit_code = 1
+        configured = action
+        if action.startswith("coredump-"):
+            self.coredump(dom)
+            action = action.removeprefix("coredump-")
+        if action == "preserve":
+            return
+        if action == "rename-restart":
+            self.sup.rename(dom, f"{dom.name}-{dom.domid}")
+        else:
+            self.sup.destroy_domain(dom, f"destroyed ({reason}: on_{reason} = {configured})")
+        if action in ("restart", "rename-restart") and not self.sup.stopping:
+            if self._restart_allowed(cfg.name):
+                self.devices.rehome(dom.domid, self.create(cfg))
+            else:
+                self.sup.exit_code = 1
+                self.sup.log(f"{cfg.name!r} restarted {RESTART_LIMIT[0]} times in {RESTART_LIMIT[1]:.0f} s: "
+                             "not restarting it again")
+
+    def domain_destroyed(self, dom: Domain) -> None:
+        """The hypervisor freed it: its tree goes, and so do the backend
+        directories of its devices (a driver domain that is gone, or
+        hostile, would leave them)."""
+        rec = self.records.pop(dom.domid, None)
+        if dom.domid == DOMID_DOM0:
+            self.close()
+            return
+        self.xs.send(teardown_tree(dom.domid, dom.uuid), f"releasing dom{dom.domid}")
+        if rec is not None:
+            self.devices.forget(rec)
+        if self.stop_when_guests_gone and self.topology.domains:
+            self.sup.call_later(0, self._stop_if_guests_gone)  # after a restart this turn may make
+
+    def _stop_if_guests_gone(self) -> None:
+        if not [d for d in self.sup.domains.values()
+                if d.domid != DOMID_DOM0 and not d.cfg.driver_domain and d.state != DomState.DYING]:
+            self.sup.stop("every guest has gone")
+
+    def _restart_allowed(self, name: str) -> bool:
+        now = time.monotonic()
+        times = self.restarts.setdefault(name, deque(maxlen=RESTART_LIMIT[0]))
+        if len(times) == times.maxlen and now - times[0] < RESTART_LIMIT[1]:
+            return False
+        times.append(now)
+        return True
+
+    def coredump(self, dom: Domain) -> Path:
+        path = self.sup.rundir / "dumps" / f"{dom.name}-{dom.domid}.core"
+        with open(path, "wb") as f:
+            f.write(self.sup.domain_memory(dom))
+        self.sup.log(f"dom{dom.domid} memory written to {path}")
+        return path
