@@ -63,6 +63,20 @@ class DeviceClass:
 
 
 @dataclass(frozen=True)
+class MoveState:
+    """A driver's ``state.py`` declares this: what each end keeps outside
+    the guest's RAM (so it does not move with the guest) and how that is
+    rebuilt on the host the guest lands on.  Save/restore and migration
+    rely on it; a test per driver reconnects a frontend to a *new* backend
+    domain after the old one is destroyed (a migration without the copy)."""
+
+    frontend_outside_ram: tuple[str, ...]
+    frontend_rebuild: str
+    backend_outside_ram: tuple[str, ...]
+    backend_rebuild: str
+
+
+@dataclass(frozen=True)
 class DeviceSpec:
     """What the toolstack writes for one device: its devid, the backend
     domain (``None``: dom0) and the keys of the two xenstore directories."""

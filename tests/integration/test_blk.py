@@ -200,6 +200,31 @@ def test_io_survives_a_backend_domain_restart(hosts, tmp_path):
     h.assert_clean()
 
 
+def test_a_frontend_reconnects_to_a_new_backend_domain(hosts, tmp_path):
+    """A migration without the memory copy: the guest's disk is served by
+    dd1; dd1 is destroyed, the toolstack points the device at dd2 (another
+    domain, another id), and the guest's I/O goes on there, every block
+    verified."""
+    img = image(tmp_path, size=4 * MIB)
+    dd = '[[domain]]\nname = "{}"\nmemory = 32\ndriver_domain = true\ntrusted_backend = true\n'
+    h = hosts(HOST + dd.format("dd1") + dd.format("dd2") + domain("g", "blkloop", args="{ interval = 0 }"))
+    h.start(("dd1", "dd2", "g"))
+    attach(h, "g", img, backend="dd1")
+    h.wait(lambda: "blkloop: 20 verified," in h.console_log("g"), 30, "I/O through dd1")
+    dd2 = h.info("dd2")["domid"]
+    h.xmp("destroy", "dd1")
+    n = h.console_log("g").count("verified")
+    moved = request(h.rundir, "device-move", **{"class": "block"}, dom="g", name=str(VBD), backend="dd2")
+    assert moved["backend"] == dd2
+    h.wait(lambda: h.console_log("g").count("verified") > n + 5, 30, "I/O through dd2")
+    assert "Traceback" not in h.console_log("g")
+    front = f"/local/domain/{h.info('g')['domid']}/device/vbd/{VBD}"
+    assert h.xmp("xenstore", "read", f"{front}/backend-id").stdout.strip() == str(dd2)
+    assert h.xmp("xenstore", "read", f"{front}/state").stdout.strip() == "4"  # Connected, to dd2
+    assert h.stop() == 0
+    h.assert_clean()
+
+
 MATRIX = {
     # name: (the guest's blkfront settings, backend domain's trust,
     #        what must be negotiated: persistent, max segments, ring-page-order, queues)

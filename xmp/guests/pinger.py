@@ -1,11 +1,8 @@
 """Pings its vping device: ``args.count`` round trips (default 100), each
 answer checked, then ``args.interval``-spaced pings forever if ``args.forever``."""
 
-from xmp.drivers.vping.frontend import attach
-
-
 def main(kernel) -> None:
-    dev = attach(kernel, int(kernel.args.get("devid", 0)))
+    dev = kernel.vping(int(kernel.args.get("devid", 0)))
     count = int(kernel.args.get("count", 100))
     for i in range(count):
         data = f"ping {i} from {kernel.name}".encode()

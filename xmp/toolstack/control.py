@@ -9,6 +9,7 @@ object per line and answers one per line, in order::
     {"cmd": "device-add", "class": "block", "dom": "web", "spec": "...", "cwd": "/"}
     {"cmd": "device-remove", "class": "block", "dom": "web", "name": "xvdb", "force": false}
     {"cmd": "device-list", "class": "block", "dom": "web"} -> {"ok": true, "header": "...", "rows": [...]}
+    {"cmd": "device-move", "class": "block", "dom": "web", "name": "xvda", "backend": "dd2"}
     {"cmd": "dmesg", "clear": false}       -> {"ok": true, "lines": [...]}
     {"cmd": "console", "dom": "web"}       -> {"ok": true, "socket": "<rundir>/console/7.sock", ...}
     failures                               -> {"ok": false, "error": "...", "errno": 3}
@@ -228,7 +229,7 @@ class ControlServer:
         return {"lines": lines}
 
     def cmd_device_attach(self, req):
-        """{"cmd": "device-attach", "dom": guest, "backend": dom, "type": "vping", "devid": 0,
+        """{"cmd": "device-attach", "dom": guest, "backend": dom, "type": DEVTYPE, "devid": 0,
         "back_keys": {...}, "front_keys": {...}} -- a device with the keys given."""
         front = self._dom(req)
         back = self.sup.find(req.get("backend", 0))
@@ -255,6 +256,18 @@ class ControlServer:
             raise HypercallError(errno.EINVAL, "device-remove", "name is a string, timeout a number")
         return self.ts.devices.detach(self._dom(req), self._class(req), name, bool(req.get("force")),
                                       float(timeout))
+
+    def cmd_device_move(self, req):
+        """{"cmd": "device-move", "class": "block", "dom": "g", "name": "xvda", "backend": "dd2"}:
+        the device's backend moves to another domain (what a migration does
+        to every device); the frontend reconnects to it."""
+        name = req.get("name")
+        if not isinstance(name, str):
+            raise HypercallError(errno.EINVAL, "device-move", "name is a string")
+        front, back = self._dom(req), self.sup.find(req.get("backend", 0))
+        dev = self.ts.devices.find(front, self._class(req), name)
+        self.ts.devices.move(dev, back)
+        return {"domid": front.domid, "devid": dev.devid, "backend": back.domid}
 
     def cmd_device_list(self, req):
         return self.ts.devices.list(self._dom(req), self._class(req))

@@ -1,0 +1,29 @@
+"""What blkfront and blkback keep outside the guest's RAM, and how it is
+rebuilt when the guest moves (save/restore, migration)."""
+
+from xmp.devices import MoveState
+
+STATE = MoveState(
+    frontend_outside_ram=(
+        "the xenbus device and its watches (the guest's xenstore connection)",
+        "the shadow of requests in flight (ids, sectors, segments) and their waiters",
+        "the grant refs and event-channel ports of its rings and persistent pool",
+        "the negotiated features (queues, ring-page-order, persistent, indirect)",
+    ),
+    frontend_rebuild=(
+        "the frontend sees its backend change (backend / backend-id rewritten, or the backend "
+        "directory recreated) and goes back through the handshake: new rings and ports, features "
+        "negotiated again with the new backend, then every request of its shadow is issued again, "
+        "so no acknowledged write is lost and none is applied twice (a re-issued write carries the "
+        "same data)"
+    ),
+    backend_outside_ram=(
+        "the open image file and its descriptor",
+        "grant mappings of the frontend's rings, persistent grants and bounce pages",
+        "its event-channel ports and the requests it is serving",
+    ),
+    backend_rebuild=(
+        "none moves: the old backend is torn down with its domain (or the frontend's), and the "
+        "destination's backend domain starts fresh from the backend directory the toolstack writes"
+    ),
+)
