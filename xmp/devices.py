@@ -88,6 +88,12 @@ class DeviceSpec:
     front_keys: dict[str, str] = field(default_factory=dict)
 
 
+def are_keys(value: object) -> bool:
+    """A directory's keys as the toolstack takes them: strings to strings."""
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                           for k, v in value.items())
+
+
 # The registration: one line a class.
 DEVICE_CLASSES: tuple[DeviceClass, ...] = (
     DeviceClass("vping", "vping", config_key="vping", command="vping", opener="vping",

@@ -44,10 +44,12 @@ from typing import Any, Protocol
 
 from xmp.domid import DOMID_DOM0, MAX_DOMID
 from xmp.errors import GrantError, HypercallError, XmpError
+from xmp.hv import state
 from xmp.hv.domain import (
     MIB,
     Domain,
     DomState,
+    Mapping,
     build_domain,
     process_cpu_seconds,
     process_running,
@@ -344,6 +346,23 @@ class Supervisor(HypercallHandlers):
                 "maxmem_kb": dom.max_pages * PAGE_SIZE // 1024, "vcpus": dom.cfg.vcpus,
                 "cpu_time": round(cpu, 3), "console_port": dom.console_port, "console_gref": 0,
                 "store_port": dom.store_port, "driver_domain": dom.cfg.driver_domain}
+
+    def save_domain(self, dom: Domain) -> dict[str, Any]:
+        """What the hypervisor holds for ``dom`` outside its RAM, written
+        down (:mod:`xmp.hv.state`); timers as time remaining."""
+        now = time.monotonic_ns()
+        timers = {vcpu: deadline - now for deadline, gen, domid, vcpu in self.timers
+                  if domid == dom.domid and self.timer_gen.get((domid, vcpu)) == gen}
+        return state.save_domain(dom, timers)
+
+    def restore_domain(self, dom: Domain, data: dict[str, Any]) -> None:
+        """Apply saved state to a freshly built ``dom``; its mappings are
+        pinned again in their granters (checked as a fresh map is)."""
+        def pin(m: Mapping) -> None:
+            self.lookup(m.granter, "restore").grants.map_grant_ref(m.refs, dom.domid, m.readonly)
+        now = time.monotonic_ns()
+        for vcpu, remaining in state.restore_domain(dom, data, pin).items():
+            self.set_timer(dom, vcpu, now + remaining)
 
     def domain_memory(self, dom: Domain) -> memoryview:
         """The domain's whole RAM (for a core dump)."""

@@ -209,6 +209,38 @@ class PortTable:
     def bound(self) -> dict[int, Port]:
         return dict(self._ports)
 
+    # -- saved state -------------------------------------------------------
+
+    def save(self) -> dict:
+        """The table as JSON-safe data: ``[port, state, remote_dom,
+        remote_port, virq, vcpu]`` for each port in use."""
+        return {"domid": self.domid, "max_evtchns": self.max_evtchns,
+                "ports": [[n, int(p.state), p.remote_dom, p.remote_port, p.virq, p.vcpu]
+                          for n, p in sorted(self._ports.items())]}
+
+    @classmethod
+    def restore(cls, data: dict) -> PortTable:
+        """A table from :meth:`save`'s data, checked as fresh input is: a
+        port out of range, twice, of an unknown state, or a VIRQ bound twice
+        is refused (LocalError) and nothing is built."""
+        try:
+            table = cls(int(data["domid"]), int(data["max_evtchns"]))
+            for n, state, remote_dom, remote_port, virq, vcpu in data["ports"]:
+                ints = (n, state, remote_dom, remote_port, virq, vcpu)
+                if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
+                    raise ValueError(f"port entry {ints!r}")
+                if not 0 < n < table.max_evtchns or n in table._ports:
+                    raise ValueError(f"port {n} is out of range or listed twice")
+                port = Port(PortState(state), remote_dom, remote_port, virq, vcpu)
+                if port.state == PortState.VIRQ:
+                    if not 0 <= virq < NR_VIRQS or (virq, vcpu) in table._virqs:
+                        raise ValueError(f"virq {virq} on vcpu {vcpu}")
+                    table._virqs[(virq, vcpu)] = n
+                table._ports[n] = port
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LocalError(f"a saved port table is malformed: {exc}") from None
+        return table
+
 
 def bind_interdomain(local: PortTable, remote: PortTable, remote_port: int) -> int:
     """EVTCHNOP_bind_interdomain: bind a fresh local port to ``remote_port``,

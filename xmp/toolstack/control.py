@@ -236,7 +236,7 @@ class ControlServer:
         devtype, devid = req.get("type"), req.get("devid", 0)
         keys = [req.get("back_keys", {}), req.get("front_keys", {})]
         if not isinstance(devtype, str) or not isinstance(devid, int) or isinstance(devid, bool) \
-                or not all(isinstance(k, dict) and all(isinstance(v, str) for v in k.values()) for k in keys):
+                or not all(map(devices.are_keys, keys)):
             raise HypercallError(errno.EINVAL, "device-attach", "type, devid and string keys please")
         try:
             cls = devices.by_devtype(devtype)

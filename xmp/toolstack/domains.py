@@ -20,6 +20,7 @@ import errno
 import selectors
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,35 @@ class DomainRecord:
     domid: int
     cfg: DomainConfig
     devices: list[Device] = field(default_factory=list)
+
+    def save(self, domain_name: Callable[[int], str]) -> dict[str, Any]:
+        """JSON-safe; backends by name (ids differ from host to host)."""
+        return {"config": self.cfg.to_dict(),
+                "devices": [{"class": d.cls.kind, "devid": d.devid, "name": d.spec.name,
+                             "backend": domain_name(d.back_domid), "back_keys": dict(d.spec.back_keys),
+                             "front_keys": dict(d.spec.front_keys)} for d in self.devices]}
+
+    @classmethod
+    def restore(cls, data: dict[str, Any], domid: int, backend_domid: Callable[[str], int]) -> DomainRecord:
+        """The record of the domain restored as ``domid``; the config is
+        checked as a fresh one, every device's class and backend must exist
+        here (else XmpError, and nothing is made)."""
+        try:
+            cfg = DomainConfig.from_dict(data["config"], "<saved domain>")
+            rec = cls(domid, cfg)
+            for d in data["devices"]:
+                kind = next((c for c in devices.DEVICE_CLASSES if c.kind == d["class"]), None)
+                if kind is None:
+                    raise XmpError(f"a saved device is of class {d['class']!r}, which this host lacks")
+                keys = [d["back_keys"], d["front_keys"]]
+                if not all(map(devices.are_keys, keys)) or not isinstance(d["devid"], int) \
+                        or not isinstance(d["name"], str):
+                    raise XmpError(f"a saved {kind.devtype} device is malformed")
+                spec = devices.DeviceSpec(d["devid"], d["name"], d["backend"], *keys)
+                rec.devices.append(Device(domid, backend_domid(d["backend"]), kind, spec))
+        except (KeyError, TypeError) as exc:
+            raise XmpError(f"a saved domain record is malformed: {exc!r}") from None
+        return rec
 
 
 def preload_modules(topology: Topology) -> set[str]:
