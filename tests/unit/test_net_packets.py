@@ -38,10 +38,12 @@ from xmp.drivers.net.protocol import (
     RxResponse,
     TxResponse,
     parse_extra,
+    parse_rx_request,
     parse_rx_response,
     parse_tx_response,
 )
 from xmp.errors import LocalError
+from xmp.testing import ring_pair
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -123,6 +125,8 @@ def test_gso_packet_with_extra_answers_null_for_the_extra():
     assert pkt.slots == 3
     assert pkt.responses() == [TxResponse(1, 0), TxResponse(0, NetifStatus.NULL), TxResponse(2, 0)]
     rsp = pack_tx_responses(pkt.responses())
+    assert rsp == pkt.pack_responses() and pkt.pack_responses(NetifStatus.ERROR) == \
+        pack_tx_responses(pkt.responses(NetifStatus.ERROR))
     assert len(rsp) == 3 * p.TX_SLOT_SIZE
     assert [parse_tx_response(rsp[i:i + 12]) for i in range(0, 36, 12)] == pkt.responses()
 
@@ -351,6 +355,7 @@ def test_random_slots_never_raise(slots):
     out = asm.feed(b"".join(slots))
     for d in out:
         assert len(d.responses()) == d.slots
+        assert d.pack_responses() == pack_tx_responses(d.responses())
         assert isinstance(d, TxPacket | TxMcast | TxReject)
         if isinstance(d, TxPacket):
             assert all(x.offset + x.length <= 4096 for x in d.pieces)
@@ -496,3 +501,62 @@ def test_rx_misuse():
         RxBuilder(sg=True, gso_types=BOTH).build(9000, posted(4), gso=GsoExtra(TCPV4, 0))
     with pytest.raises(LocalError):
         RxBuilder(gso_types=frozenset({5}))
+
+
+# -- over a real ring.h ring (xmp.testing.ring_pair: one private bytearray) -------------
+
+
+def test_tx_batch_over_a_ring_pair():
+    front, back, buf = ring_pair(p.TX_SLOT_SIZE, p.TX_SLOT_SIZE)
+    assert front.nr_ents == p.NET_TX_RING_SIZE
+    stream = b"".join(STREAM)
+    assert front.put_requests(stream) == len(stream) // 12
+    front.push_requests_and_check_notify()
+    asm = TxAssembler(gso_types=BOTH)
+    decisions = asm.feed(back.get_requests())
+    assert asm.end_of_batch() is None
+    rsp = b"".join(d.pack_responses() for d in decisions)
+    assert rsp == pack_tx_responses([r for d in decisions for r in d.responses()])
+    assert back.put_responses(rsp) == len(stream) // 12
+    back.push_responses_and_check_notify()
+    got = front.get_responses()
+    answers = [parse_tx_response(got[i:i + 12]) for i in range(0, len(got), 12)]
+    # Every slot answered once; the extras NULL; refused packets' ids ERROR.
+    assert len(answers) == len(stream) // 12
+    assert [a.id for a in answers if a.status != NetifStatus.NULL] == \
+        [i for d in decisions for i in (d.ids if not isinstance(d, TxMcast) else (d.id,))]
+    assert {a.id: a.status for a in answers}[20] == NetifStatus.ERROR
+    # A response leaves nothing of the request behind in its slot.
+    assert all(buf[64 + 12 * i + 4:64 + 12 * (i + 1)] == bytes(8) for i in range(len(answers)))
+
+
+def test_rx_frame_over_a_ring_pair():
+    front, back, _ = ring_pair(p.RX_SLOT_SIZE, p.RX_SLOT_SIZE)
+    assert front.nr_ents == p.NET_RX_RING_SIZE
+    reqs = [RxRequest(i, 500 + i) for i in range(6)]
+    front.put_requests(b"".join(r.pack() for r in reqs))
+    front.push_requests_and_check_notify()
+    raw = back.get_requests()
+    seen = [parse_rx_request(raw[i:i + 8]) for i in range(0, len(raw), 8)]
+    assert seen == reqs
+    frame = bytes(range(256)) * 36     # 9216 bytes: 3 data slots + GSO
+    plan = RxBuilder(sg=True, gso_types=BOTH).build(len(frame), seen, gso=GsoExtra(TCPV4, 1448))
+    assert isinstance(plan, RxPlan)
+    back.put_responses(plan.pack_responses())
+    back.push_responses_and_check_notify()
+    got = front.get_responses()
+    assert len(got) == 8 * plan.consumed == 32
+    data, first, extras = frontend_reads(RxPlan(plan.consumed, plan.copies, plan.responses), frame, reqs)
+    assert data == frame and extras == [GsoExtra(TCPV4, 1448)]
+    assert got == plan.pack_responses()
+
+
+def test_rx_failed_copies_answer_error_in_their_slots():
+    plan = RxBuilder(sg=True, gso_types=BOTH).build(9000, posted(5), gso=GsoExtra(TCPV4, 1448))
+    assert isinstance(plan, RxPlan)
+    bad = plan.with_errors([1])
+    assert [getattr(r, "status", None) for r in bad.responses] == [4096, None, -1, 808]
+    assert bad.responses[2] == RxResponse(2, 0, p.NETRXF_more_data, NetifStatus.ERROR)
+    assert bad.copies == plan.copies and bad.consumed == plan.consumed
+    with pytest.raises(LocalError):
+        plan.with_errors([3])

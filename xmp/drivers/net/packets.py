@@ -12,7 +12,8 @@ Theory of operation, tx.  A guest's packet is a chain of tx slots::
 so the first slot's own share is its size minus the others'.  The backend
 copies a batch of slots out of the ring (once: the guest may rewrite them)
 and feeds them to :class:`TxAssembler` in ring order.  Every complete chain
-comes out as exactly one decision, and its ``responses()`` are one per slot
+comes out as exactly one decision, and its ``responses()`` (``pack_responses()``
+for the ring's bytes) are one per slot
 consumed, in slot order -- the first's id, XEN_NETIF_RSP_NULL for each
 extra, then the others' ids -- so ``rsp_prod`` keeps pace with
 ``req_cons`` as netback's ``make_tx_response`` does:
@@ -70,7 +71,7 @@ too small) is dropped and counted, never queued without bound (XSA-392).
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from xmp.drivers.net.protocol import (
@@ -122,6 +123,19 @@ def _responses(ids: Sequence[int], extra_count: int, status: int) -> list[TxResp
             + [TxResponse(i, status) for i in ids[1:]])
 
 
+_TX_RSP_SLOT = struct.Struct("<Hh8x")     # a tx response filling its 12-byte slot
+_NULL_SLOT = _TX_RSP_SLOT.pack(0, NetifStatus.NULL)
+
+
+def _pack_responses(ids: Sequence[int], extra_count: int, status: int) -> bytes:
+    # The hot path's twin of _responses: bytes straight for BackRing.put_responses.
+    if not ids:
+        return b""
+    rsp = _TX_RSP_SLOT.pack
+    return (rsp(ids[0], status) + _NULL_SLOT * extra_count
+            + b"".join([rsp(i, status) for i in ids[1:]]))
+
+
 @dataclass(frozen=True)
 class TxPiece:
     """``length`` bytes at ``offset`` of the page granted as ``gref``."""
@@ -161,6 +175,9 @@ class TxPacket:
     def responses(self, status: int = NetifStatus.OKAY) -> list[TxResponse]:
         return _responses(self.ids, self.extra_count, status)
 
+    def pack_responses(self, status: int = NetifStatus.OKAY) -> bytes:
+        return _pack_responses(self.ids, self.extra_count, status)
+
 
 @dataclass(frozen=True)
 class TxMcast:
@@ -176,6 +193,9 @@ class TxMcast:
 
     def responses(self, status: int = NetifStatus.OKAY) -> list[TxResponse]:
         return _responses((self.id,), self.extra_count, status)
+
+    def pack_responses(self, status: int = NetifStatus.OKAY) -> bytes:
+        return _pack_responses((self.id,), self.extra_count, status)
 
 
 @dataclass(frozen=True)
@@ -195,6 +215,9 @@ class TxReject:
 
     def responses(self) -> list[TxResponse]:
         return _responses(self.ids, self.extra_count, self.status)
+
+    def pack_responses(self) -> bytes:
+        return _pack_responses(self.ids, self.extra_count, self.status)
 
 
 TxDecision = TxPacket | TxMcast | TxReject
@@ -251,7 +274,7 @@ class TxAssembler:
             raise LocalError("the vif was disabled by a fatal tx error: reset() it first")
         if len(slots) % TX_SLOT_SIZE:
             raise LocalError(f"{len(slots)} bytes is not a whole number of {TX_SLOT_SIZE}-byte tx slots")
-        data = bytes(slots)  # one private copy
+        data = slots if isinstance(slots, bytes) else bytes(slots)  # one private copy
         out: list[TxDecision] = []
         for off in range(0, len(data), TX_SLOT_SIZE):
             decision = self._slot(data, off)
@@ -279,6 +302,10 @@ class TxAssembler:
             return self._extra(data, off)
         gref, offset, flags, req_id, size = _TX.unpack_from(data, off)
         if self._state == _FIRST:
+            if not flags & (NETTXF_more_data | NETTXF_extra_info) and size >= ETH_HLEN \
+                    and offset + size <= PAGE_SIZE:
+                # The common packet, one slot and good: skip the chain bookkeeping.
+                return TxPacket((req_id,), 0, (TxPiece(gref, offset, size),), flags)
             self._first = TxRequest(gref, offset, flags, req_id, size)
             self._ids.append(req_id)
             self._remaining = size
@@ -398,6 +425,23 @@ class RxPlan:
 
     def pack_responses(self) -> bytes:
         return b"".join(r.pack() for r in self.responses)
+
+    def with_errors(self, failed: Iterable[int]) -> RxPlan:
+        """The plan after the copies numbered ``failed`` did not happen (a
+        bad gref): their slots answer NETIF_RSP_ERROR, as netback's
+        ``xenvif_rx_copy_flush`` does, and netfront drops the frame."""
+        bad = set(failed)
+        if not bad <= set(range(len(self.copies))):
+            raise LocalError(f"copies {sorted(bad)} not all in 0..{len(self.copies) - 1}")
+        out: list[RxResponse | ExtraInfo] = []
+        n = 0
+        for r in self.responses:
+            if isinstance(r, RxResponse):
+                if n in bad:
+                    r = RxResponse(r.id, r.offset, r.flags, NetifStatus.ERROR)
+                n += 1
+            out.append(r)
+        return RxPlan(self.consumed, self.copies, tuple(out))
 
 
 @dataclass(frozen=True)
