@@ -12,11 +12,11 @@ Theory of operation, tx.  A guest's packet is a chain of tx slots::
 so the first slot's own share is its size minus the others'.  The backend
 copies a batch of slots out of the ring (once: the guest may rewrite them)
 and feeds them to :class:`TxAssembler` in ring order.  Every complete chain
-comes out as exactly one decision, and its ``responses()`` (``pack_responses()``
-for the ring's bytes) are one per slot
-consumed, in slot order -- the first's id, XEN_NETIF_RSP_NULL for each
-extra, then the others' ids -- so ``rsp_prod`` keeps pace with
-``req_cons`` as netback's ``make_tx_response`` does:
+comes out as exactly one decision, and its ``responses()`` (or
+``pack_responses()``, the ring's bytes) are one per slot consumed, in slot
+order -- the first's id, XEN_NETIF_RSP_NULL for each extra, then the
+others' ids -- so ``rsp_prod`` keeps pace with ``req_cons`` as netback's
+``make_tx_response`` does:
 
 * :class:`TxPacket` -- good: the (gref, offset, length) pieces, checksum
   and GSO flags;
