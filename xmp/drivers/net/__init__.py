@@ -1,0 +1,1 @@
+"""The virtual network interface: Xen's netif split driver."""
