@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from xmp.vifspec import (
+from xmp.drivers.net.spec import (
     VifRate,
     VifSpec,
     VifSpecError,
