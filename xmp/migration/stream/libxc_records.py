@@ -34,7 +34,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .framing import (
@@ -210,7 +210,7 @@ class PageData(Record):
     TYPE = RecType.PAGE_DATA
     pfns: tuple[int, ...]
     types: tuple[int, ...]
-    pages: tuple[bytes, ...]
+    pages: tuple[bytes, ...] = field(repr=False)  # 4 KiB each: unreadable in a repr
 
     def body(self) -> bytes:
         words = [(t << PAGE_DATA_TYPE_SHIFT) | p for p, t in zip(self.pfns, self.types, strict=True)]
