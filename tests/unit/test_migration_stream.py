@@ -594,3 +594,29 @@ def test_writer_refuses_misuse():
         w.record(OptionalRecord(0x13, b""))
     with pytest.raises(LocalError, match="contains a NUL"):
         XlHeader("a\0b").encode()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 63), min_size=1, max_size=4), min_size=1, max_size=4),
+       st.lists(st.integers(1, 3000), min_size=1, max_size=6))
+def test_hypothesis_checkpointed_stream_round_trip(epochs, chunks):
+    """Remus/COLO: each checkpoint hands the stream from libxc to libxl and
+    back; the reader follows in any chunking."""
+    w = LibxcWriter(DomainType.X86_HVM, checkpointed=True)
+    lw = LibxlWriter()
+    data = lw.header() + lw.libxc_context() + w.header() + w.record(StaticDataEnd())
+    expected: list[object] = [lw.header_record, LibxcContext(), w.image_header, w.domain_header,
+                              StaticDataEnd()]
+    for n, pfns in enumerate(epochs):
+        last = n == len(epochs) - 1
+        recs = [PageData(tuple(pfns), (0,) * len(pfns), tuple(page(p + n) for p in pfns)),
+                HvmParams(((n, n),)), HvmContext(bytes([n]) * n), End() if last else Checkpoint()]
+        data += b"".join(w.record(r) for r in recs)
+        expected += recs
+        if not last:
+            libxl_recs = [EmulatorContext(2, 0, bytes(n)), CheckpointEnd()]
+            data += b"".join(lw.record(r) for r in libxl_recs)
+            expected += libxl_recs
+    data += lw.end()
+    expected.append(LibxlEnd())
+    assert read_all(LibxlReader(max_pfn=63, checkpointed=True), data, chunks) == expected

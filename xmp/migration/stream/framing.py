@@ -77,11 +77,13 @@ def padding(length: int) -> int:
     return -length % REC_ALIGN
 
 
-def encode_record(rec_type: int, body: bytes) -> bytes:
-    """One framed record: header, body, zero padding."""
-    if len(body) > REC_LENGTH_MAX:
-        raise LocalError(f"record body of {len(body)} bytes exceeds REC_LENGTH_MAX ({REC_LENGTH_MAX})")
-    return _REC_HEADER.pack(rec_type, len(body)) + body + bytes(padding(len(body)))
+def encode_record(rec_type: int, *parts: bytes) -> bytes:
+    """One framed record: header, the body (the concatenation of ``parts``,
+    joined once, so a PAGE_DATA's pages are copied once), zero padding."""
+    length = sum(len(p) for p in parts)
+    if length > REC_LENGTH_MAX:
+        raise LocalError(f"record body of {length} bytes exceeds REC_LENGTH_MAX ({REC_LENGTH_MAX})")
+    return b"".join((_REC_HEADER.pack(rec_type, length), *parts, bytes(padding(length))))
 
 
 class Input:
@@ -120,6 +122,11 @@ class Input:
         self.offset += n
         return data
 
+    def skip(self, n: int) -> None:
+        assert self.available() >= n
+        self._pos += n
+        self.offset += n
+
     def rest(self) -> bytes:
         """Everything fed and not consumed (the bytes after a layer's end)."""
         return bytes(self._buf[self._pos :])
@@ -152,8 +159,10 @@ class RecordFramer:
         if inp.available() < total:
             return None
         offset = inp.offset
-        raw = inp.take(total)
-        return offset, rec_type, raw[REC_HEADER_SIZE : REC_HEADER_SIZE + length]
+        inp.skip(REC_HEADER_SIZE)
+        body = inp.take(length)   # one copy of the body, none of the padding
+        inp.skip(padding(length))
+        return offset, rec_type, body
 
     def truncated(self, inp: Input) -> StreamError:
         """The error for a stream that ended inside (or instead of) a record."""

@@ -212,9 +212,15 @@ class PageData(Record):
     types: tuple[int, ...]
     pages: tuple[bytes, ...] = field(repr=False)  # 4 KiB each: unreadable in a repr
 
-    def body(self) -> bytes:
+    def _head(self) -> bytes:
         words = [(t << PAGE_DATA_TYPE_SHIFT) | p for p, t in zip(self.pfns, self.types, strict=True)]
-        return struct.pack(f"<I4x{len(words)}Q", len(words), *words) + b"".join(self.pages)
+        return struct.pack(f"<I4x{len(words)}Q", len(words), *words)
+
+    def body(self) -> bytes:
+        return self._head() + b"".join(self.pages)
+
+    def encode(self) -> bytes:
+        return encode_record(self.TYPE, self._head(), *self.pages)
 
     @classmethod
     def decode(cls, body: bytes, ctx: _Ctx) -> PageData:
