@@ -30,6 +30,7 @@ Ordering, per guest type:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import NoReturn
 
 from xmp.errors import LocalError
 
@@ -95,7 +96,9 @@ VALID_RECORDS = {
 }
 # Static data: at most once each, all before STATIC_DATA_END.
 STATIC_RECORDS = frozenset({RecType.X86_PV_INFO, RecType.X86_CPUID_POLICY, RecType.X86_MSR_POLICY})
-# (record, what must have come before it in the stream, per guest type).
+# (guest type, record): what must have come before it.  HVM_PARAMS must
+# precede HVM_CONTEXT in each checkpoint ("certain parameters can affect the
+# validity of architectural state in the context"); the rest once per stream.
 REQUIRES: dict[tuple[DomainType, int], tuple[int, ...]] = {
     (DomainType.X86_PV, RecType.PAGE_DATA): (RecType.X86_PV_P2M_FRAMES,),
     **{(DomainType.X86_PV, k): (RecType.X86_PV_P2M_FRAMES,) for k in _VCPU_TYPES},
@@ -119,13 +122,14 @@ class _Order:
         self.vcpu0_basic = False
         self.ended = False
 
-    def _static_end(self, fail: Callable[[str], None], what: str) -> None:
+    def _static_end(self, fail: Callable[[str], NoReturn], what: str) -> None:
         if self.dtype == DomainType.X86_PV and RecType.X86_PV_INFO not in self.seen:
             fail(f"{what} before X86_PV_INFO")
         self.static_done = True
 
-    def check(self, rec: Record, fail: Callable[[str], None]) -> None:
-        t = rec.rec_type()
+    def check(self, t: int, fail: Callable[[str], NoReturn]) -> None:
+        """May a record of type ``t`` come now?  Called before its body is
+        decoded: some bodies need what earlier records said (PV width)."""
         name = _NAMES.get(t, f"{t:#x}")
         if self.ended:
             fail("record after END")
@@ -165,33 +169,25 @@ class _Order:
             if self.dtype == DomainType.X86_HVM and RecType.HVM_CONTEXT not in self.seen:
                 fail("END before HVM_CONTEXT")
             self.ended = True
-        if isinstance(rec, X86PvVcpu) and rec.kind == RecType.X86_PV_VCPU_BASIC and rec.vcpu_id == 0 \
-                and rec.context:
-            self.vcpu0_basic = True
         self.seen.add(t)
         self.epoch_seen.add(t)
         if t == RecType.CHECKPOINT:
             self.epoch_seen = set()
 
+    def saw(self, rec: Record) -> None:
+        """Note what a record's body said that later checks need."""
+        if isinstance(rec, X86PvVcpu) and rec.kind == RecType.X86_PV_VCPU_BASIC and rec.vcpu_id == 0 \
+                and rec.context:
+            self.vcpu0_basic = True
 
-def _check_domain_header(dh: DomainHeader, fail: Callable[[str], None]) -> DomainType:
+
+def _check_domain_header(dh: DomainHeader, fail: Callable[[str], NoReturn]) -> DomainType:
     if dh.type not in (DomainType.X86_PV, DomainType.X86_HVM):
         known = DomainType(dh.type).name if dh.type in DomainType._value2member_map_ else "reserved"
         fail(f"domain type {dh.type} ({known}) cannot be restored; x86 PV (1) or HVM (2) only")
     if dh.page_shift != 12:
         fail(f"page_shift {dh.page_shift}, x86 pages are 4096 octets (12)")
     return DomainType(dh.type)
-
-
-class _Probe(Record):
-    """A record of a given type with no content, for the ordering check
-    before the body is decoded."""
-
-    def __init__(self, rec_type: int):
-        self._type = rec_type
-
-    def rec_type(self) -> int:
-        return self._type
 
 
 class LibxcParser:
@@ -250,7 +246,7 @@ class LibxcParser:
         offset = inp.offset
         marker, ident, version, options, _, _ = _IHDR.unpack(raw)
 
-        def fail(msg: str) -> None:
+        def fail(msg: str) -> NoReturn:
             raise StreamError(offset, "image header", msg)
 
         if marker != IHDR_MARKER:
@@ -273,7 +269,7 @@ class LibxcParser:
         dtype, page_shift, _, major, minor = _DHDR.unpack(raw)
         dh = DomainHeader(dtype, page_shift, major, minor)
 
-        def fail(msg: str) -> None:
+        def fail(msg: str) -> NoReturn:
             raise StreamError(offset, "domain header", msg)
 
         kind = _check_domain_header(dh, fail)
@@ -286,16 +282,14 @@ class LibxcParser:
     def _record(self, offset: int, rec_type: int, body: bytes) -> Record:
         name = self._framer.name(rec_type)
 
-        def fail(msg: str) -> None:
+        def fail(msg: str) -> NoReturn:
             raise StreamError(offset, name, msg)
 
         assert self._order is not None and self.domain_header is not None
         decoder = _DECODERS.get(rec_type)
         if decoder is None and not is_optional(rec_type):
             fail("unknown mandatory record")
-        # Order before body: some bodies need what earlier records said.
-        probe: Record = OptionalRecord(rec_type, b"") if decoder is None else _Probe(rec_type)
-        self._order.check(probe, fail)
+        self._order.check(rec_type, fail)
         if decoder is None:
             return OptionalRecord(rec_type, body)
         ctx = _Ctx(1 << self.domain_header.page_shift, self.max_pfn, self.max_vcpus, self._guest_width)
@@ -305,9 +299,7 @@ class LibxcParser:
             raise StreamError(offset, name, str(e)) from None
         if isinstance(rec, X86PvInfo):
             self._guest_width = rec.guest_width
-        if isinstance(rec, X86PvVcpu) and rec.kind == RecType.X86_PV_VCPU_BASIC and rec.vcpu_id == 0 \
-                and rec.context:
-            self._order.vcpu0_basic = True
+        self._order.saw(rec)
         return rec
 
 
@@ -363,7 +355,7 @@ class LibxcWriter:
         self.page_size = 4096
 
     @staticmethod
-    def _fail(msg: str) -> None:
+    def _fail(msg: str) -> NoReturn:
         raise LocalError(msg)
 
     def header(self) -> bytes:
@@ -372,8 +364,10 @@ class LibxcWriter:
 
     def record(self, rec: Record) -> bytes:
         self._validate(rec)
-        self._order.check(rec, self._fail)
-        return rec.encode()
+        raw = rec.encode()
+        self._order.check(rec.rec_type(), self._fail)
+        self._order.saw(rec)
+        return raw
 
     def page_data(self, pfns: Sequence[int], types: Sequence[int] | None,
                   pages: Sequence[bytes]) -> bytes:

@@ -29,7 +29,7 @@ import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 from xmp.errors import LocalError
 
@@ -324,7 +324,7 @@ class LibxlParser:
             return None
         ident, version, options = _HDR.unpack(raw)
 
-        def fail(msg: str) -> None:
+        def fail(msg: str) -> NoReturn:
             raise StreamError(inp.offset, "libxl header", msg)
 
         if ident != LIBXL_IDENT:
@@ -341,7 +341,7 @@ class LibxlParser:
     def _record(self, offset: int, rec_type: int, body: bytes) -> LibxlRecord:
         name = self._framer.name(rec_type)
 
-        def fail(msg: str) -> None:
+        def fail(msg: str) -> NoReturn:
             raise StreamError(offset, name, msg)
 
         decoder = _DECODERS.get(rec_type)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 from xmp.errors import LocalError
 
@@ -73,7 +74,7 @@ def _parse(inp: Input) -> XlHeader | None:
         return None
     offset = inp.offset
 
-    def fail(msg: str) -> None:
+    def fail(msg: str) -> NoReturn:
         raise StreamError(offset, "xl header", msg)
 
     magic, byteorder, mflags, oflags, optlen = _HDR.unpack(raw)
