@@ -620,3 +620,99 @@ def test_hypothesis_checkpointed_stream_round_trip(epochs, chunks):
     data += lw.end()
     expected.append(LibxlEnd())
     assert read_all(LibxlReader(max_pfn=63, checkpointed=True), data, chunks) == expected
+
+
+_PV_START = [X86PvInfo(8, 4), StaticDataEnd(), X86PvP2mFrames(0, 0, (1,))]
+_HVM_START = [StaticDataEnd()]
+
+
+@pytest.mark.parametrize("dtype,start,rec_type,body,message", [
+    (DomainType.X86_PV, [], RecType.X86_PV_INFO, bytes([8, 3]) + bytes(6),
+     "invalid combination: guest_width 8, pt_levels 3"),
+    (DomainType.X86_PV, _PV_START[:2], RecType.X86_PV_P2M_FRAMES, struct.pack("<IIQ", 9, 8, 1),
+     "p2m_start_pfn 0x9 > p2m_end_pfn 0x8"),
+    (DomainType.X86_PV, _PV_START[:2], RecType.X86_PV_P2M_FRAMES, struct.pack("<IIQ", 0, 512, 1),
+     "body_length 16 but pfns 0x0..0x200 need 2 frames (24 octets)"),   # 512 entries a page at width 8
+    (DomainType.X86_PV, _PV_START, RecType.X86_PV_VCPU_EXTENDED, struct.pack("<II", 0, 0) + bytes(129),
+     "context of 129 octets, at most 128"),
+    (DomainType.X86_PV, _PV_START, RecType.X86_PV_VCPU_XSAVE, struct.pack("<II", 0, 0) + bytes(15),
+     "context of 15 octets, at least 16"),
+    (DomainType.X86_PV, _PV_START, RecType.X86_PV_VCPU_MSRS, struct.pack("<II", 0, 0) + bytes(17),
+     "context of 17 octets, not a multiple of 16"),
+    (DomainType.X86_PV, _PV_START, RecType.X86_PV_VCPU_BASIC, struct.pack("<II", 4, 0) + b"regs",
+     "vcpu_id 4 beyond the domain's 4 vcpus"),
+    (DomainType.X86_PV, _PV_START, RecType.SHARED_INFO, bytes(4095),
+     "body_length 4095, expected one page (4096)"),
+    (DomainType.X86_PV, [], RecType.TOOLSTACK, b"", "the deprecated TOOLSTACK record is not supported"),
+    (DomainType.X86_HVM, _HVM_START, RecType.X86_TSC_INFO, bytes(16), "body_length 16, expected 24"),
+    (DomainType.X86_HVM, _HVM_START, RecType.HVM_PARAMS, struct.pack("<IIQ", 1, 0, 5),
+     "body_length 16 but 1 params need 24"),
+    (DomainType.X86_HVM, [], RecType.X86_CPUID_POLICY, bytes(25),
+     "body_length 25, not a multiple of 24 (xen_cpuid_leaf_t)"),
+    (DomainType.X86_HVM, [], RecType.X86_MSR_POLICY, bytes(24),
+     "body_length 24, not a multiple of 16 (xen_msr_entry_t)"),
+    (DomainType.X86_HVM, _HVM_START, RecType.VERIFY, b"x", "body_length 1, expected 0"),
+])
+def test_record_bodies_are_checked(dtype, start, rec_type, body, message):
+    head = _with_header(dtype) + _records(*start)
+    err = fails(LibxcReader(max_pfn=63, max_vcpus=4), head + _rec(rec_type, body))
+    assert (err.offset, err.record, err.message) == (len(head), RecType(rec_type).name, message)
+
+
+def test_dirty_pfn_list_is_checked_in_checkpointed_streams():
+    head = _with_header() + _records(StaticDataEnd())
+    err = fails(LibxcReader(max_pfn=63, checkpointed=True),
+                head + _rec(RecType.CHECKPOINT_DIRTY_PFN_LIST, struct.pack("<QQ", 3, 64)))
+    assert err.message == "pfn 0x40 (index 1) beyond the domain's max_pfn 0x3f"
+    err = fails(LibxcReader(checkpointed=True), head + _rec(RecType.CHECKPOINT_DIRTY_PFN_LIST, bytes(12)))
+    assert err.message == "body_length 12, not a multiple of 8"
+
+
+@pytest.mark.parametrize("rec_type,body,message", [
+    (LibxlRecType.EMULATOR_XENSTORE_DATA, struct.pack("<II", 2, 0) + b"key\0value",
+     "key/value data does not end with a NUL"),
+    (LibxlRecType.EMULATOR_XENSTORE_DATA, struct.pack("<II", 2, 0) + b"key\0",
+     "key/value data holds 1 strings, not pairs"),
+    (LibxlRecType.EMULATOR_CONTEXT, struct.pack("<I", 2),
+     "body_length 4 too short for emulator_id and index"),
+    (LibxlRecType.CHECKPOINT_STATE, struct.pack("<I", 2),
+     "CHECKPOINT_STATE in a stream that is not checkpointed"),
+    (LibxlRecType.XMP_DEVICE_STATE, struct.pack("<IH2x", 0, 9) + b"vbd", "device kind b'vbd' is not 9 "
+     "alphanumeric ASCII octets"),
+])
+def test_libxl_record_bodies_are_checked(rec_type, body, message):
+    err = fails(LibxlReader(), LibxlHeader().encode() + _rec(rec_type, body))
+    assert (err.offset, err.record, err.message) == (16, LibxlRecType(rec_type).name, message)
+
+
+def test_libxl_end_inside_a_checkpoint_and_big_endian_libxl():
+    w = LibxcWriter(DomainType.X86_HVM, checkpointed=True)
+    data = (LibxlHeader().encode() + LibxcContext().encode() + w.header()
+            + w.record(StaticDataEnd()) + w.record(Checkpoint()) + LibxlEnd().encode())
+    err = fails(LibxlReader(checkpointed=True), data)
+    assert (err.record, err.message) == ("END", "END inside a checkpoint (before CHECKPOINT_END)")
+    err = fails(LibxlReader(), LibxlHeader(options=1).encode())
+    assert (err.offset, err.message) == (0, "big-endian streams are not supported")
+    reader = LibxlReader()
+    reader.feed(LibxlHeader(options=2).encode())
+    (hdr,) = list(reader)
+    assert hdr.legacy
+
+
+def test_feed_after_close_is_a_local_error():
+    libxc, _ = hvm_libxc()
+    reader = LibxcReader()
+    read_all(reader, libxc)
+    with pytest.raises(LocalError, match="feed\\(\\) after close\\(\\)"):
+        reader.feed(b"more")
+
+
+def test_checkpoint_state_in_a_checkpointed_stream():
+    from xmp.migration.stream.libxl import CheckpointState, CheckpointStateId
+
+    reader = LibxlReader(checkpointed=True)
+    reader.feed(LibxlHeader().encode() + CheckpointState(CheckpointStateId.SVM_READY).encode())
+    assert list(reader)[1:] == [CheckpointState(2)]
+    err = fails(LibxlReader(checkpointed=True),
+                LibxlHeader().encode() + _rec(LibxlRecType.CHECKPOINT_STATE, struct.pack("<I", 9)))
+    assert (err.offset, err.message) == (16, "unknown checkpoint state id 9")

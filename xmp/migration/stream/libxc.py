@@ -135,8 +135,6 @@ class _Order:
             fail("record after END")
         if is_optional(t):
             return
-        if t == RecType.TOOLSTACK:
-            fail("the deprecated TOOLSTACK record is not supported")
         if t not in VALID_RECORDS[self.dtype]:
             fail(f"{name} is not valid in an {self.dtype.name} stream")
         if t in (RecType.CHECKPOINT, RecType.CHECKPOINT_DIRTY_PFN_LIST) and not self.checkpointed:
@@ -288,6 +286,8 @@ class LibxcParser:
         assert self._order is not None and self.domain_header is not None
         decoder = _DECODERS.get(rec_type)
         if decoder is None and not is_optional(rec_type):
+            if rec_type == RecType.TOOLSTACK:   # Xen 4.6's stopgap, long gone from Xen's restore
+                fail("the deprecated TOOLSTACK record is not supported")
             fail("unknown mandatory record")
         self._order.check(rec_type, fail)
         if decoder is None:
