@@ -45,6 +45,8 @@ from xmp.migration.stream.libxc import (
 )
 from xmp.migration.stream.libxl import (
     CheckpointEnd,
+    CheckpointState,
+    CheckpointStateId,
     EmulatorContext,
     EmulatorXenstoreData,
     LibxcContext,
@@ -91,11 +93,11 @@ def pv_libxc() -> tuple[bytes, list[object]]:
     return data, [w.image_header, w.domain_header, *recs]
 
 
-def image(libxc: bytes, libxc_events: list[object], config: str | None = "name = 'g'") \
-        -> tuple[bytes, list[object]]:
+def image(libxc: bytes, libxc_events: list[object], config: str | None = "name = 'g'",
+          config_is_json: bool = True) -> tuple[bytes, list[object]]:
     """The whole save image around a libxc stream: xl header, libxl framing."""
     lw = LibxlWriter()
-    xh = XlHeader(config)
+    xh = XlHeader(config, config_is_json or config is None)
     tail = [EmulatorXenstoreData(2, 0, (("physmap/1/start_addr", "f0000000"),)), LibxlEnd()]
     data = xh.encode() + lw.header() + lw.libxc_context() + libxc + b"".join(lw.record(r) for r in tail)
     return data, [xh, lw.header_record, LibxcContext(), *libxc_events, *tail]
@@ -196,6 +198,11 @@ def test_libxl_and_xl_header_layout():
     assert mflags == 0b11 and oflags == 0                      # JSON | STREAMv2
     assert optlen == 4 + 6 and clen == 6 and raw[52:] == b"x = 1\0"
     assert parse_xl_header(raw + b"rest") == (XlHeader("x = 1"), len(raw))
+    toml = '[[domain]]\nname = "g"\n'
+    raw = XlHeader(toml, config_is_json=False).encode()      # TOML: stored as is, JSON flag clear
+    assert struct.unpack_from("<IIII", raw, 36) == (0b10, 0, 4 + 22, 22) and raw[52:] == toml.encode()
+    assert parse_xl_header(raw)[0] == XlHeader(toml, config_is_json=False)
+    assert parse_xl_header(XlHeader(None).encode()) == (XlHeader(None), 52)
 
 
 def test_every_padding_byte_of_a_stream_is_zero():
@@ -345,12 +352,14 @@ def _libxc_strategy():
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_libxc_strategy(), st.lists(st.integers(1, 5000), min_size=1, max_size=8),
-       st.one_of(st.none(), st.text(st.characters(blacklist_characters="\0"), max_size=80)))
-def test_hypothesis_image_round_trip_in_random_chunkings(stream, chunks, config):
+       st.one_of(st.none(), st.text(st.characters(blacklist_characters="\0"), max_size=80)), st.booleans())
+def test_hypothesis_image_round_trip_in_random_chunkings(stream, chunks, config, config_is_json):
     dtype, recs = stream
     w = LibxcWriter(dtype)
     libxc = w.header() + b"".join(w.record(r) for r in recs)
-    data, expected = image(libxc, [w.image_header, w.domain_header, *recs], config)
+    if config == "" and not config_is_json:
+        config = None    # an empty non-JSON config is no config: xl writes config_len 0
+    data, expected = image(libxc, [w.image_header, w.domain_header, *recs], config, config_is_json)
     assert read_all(SaveImageReader(max_pfn=63, max_vcpus=4), data, chunks) == expected
 
 
@@ -420,7 +429,7 @@ def test_bad_libxc_headers(mangle, record, message):
      "optional_data_len 1073741824 exceeds 1048576"),
     (lambda d: d[:48] + struct.pack("<I", 99) + d[52:], "xl header",
      "config length 99 exceeds the 6 octets of optional data left"),
-    (lambda d: d[:57] + b"\1" + d[58:], "xl header", "the config is not one NUL-terminated string"),
+    (lambda d: d[:57] + b"\1" + d[58:], "xl header", "the JSON config is not one NUL-terminated string"),
     (lambda d: d[:58] + b"LibxlFmX" + d[66:], "libxl header",
      "ident 0x4c6962786c466d58, expected 0x4c6962786c466d74 ('LibxlFmt')"),
     (lambda d: d[:66] + b"\0\0\0\3" + d[70:], "libxl header", "version 3, expected 2"),
@@ -708,8 +717,6 @@ def test_feed_after_close_is_a_local_error():
 
 
 def test_checkpoint_state_in_a_checkpointed_stream():
-    from xmp.migration.stream.libxl import CheckpointState, CheckpointStateId
-
     reader = LibxlReader(checkpointed=True)
     reader.feed(LibxlHeader().encode() + CheckpointState(CheckpointStateId.SVM_READY).encode())
     assert list(reader)[1:] == [CheckpointState(2)]

@@ -9,9 +9,11 @@ which comes before the libxl stream in a save file and a migration::
     48  optional data          u32 config_len, then config_len octets of config
 
 The u32s are in the saving host's order; like xl on x86 we read only
-little-endian headers.  xl stores the domain's libxl configuration as JSON,
-NUL-terminated (``config_len`` counts the NUL) and sets the JSON flag; xmp
-stores its topology's domain table (TOML or JSON text) the same way.
+little-endian headers.  Today's xl stores the domain's libxl configuration
+as JSON, NUL-terminated (``config_len`` counts the NUL), and sets the JSON
+flag; older xl stored the xl.cfg file's text as is, flag clear.  xmp stores
+its topology's domain table the same way: JSON text with the flag, TOML
+text without it (TOML is not JSON, and a Xen xl must not parse it as such).
 
 :class:`SaveImageReader` reads a whole image -- this header, then the libxl
 stream with the libxc stream inside -- from bytes fed in any chunking.
@@ -45,24 +47,29 @@ HEADER_SIZE = _HDR.size  # 48
 @dataclass(frozen=True)
 class XlHeader:
     """The xl header.  ``config`` is the domain's configuration text (None:
-    the file carries none); ``optional_data`` beyond the config is kept as
-    is (xl skips what it does not understand)."""
+    the file carries none), JSON if ``config_is_json`` (the JSON flag);
+    optional data beyond the config is kept as is (xl skips what it does
+    not understand).  ``mandatory_flags`` does not hold the JSON bit: it
+    follows from the config."""
 
     config: str | None
+    config_is_json: bool = True
     mandatory_flags: int = XL_MANDATORY_FLAG_STREAMV2
     optional_flags: int = 0
     extra_optional_data: bytes = b""
 
     def encode(self) -> bytes:
-        flags = self.mandatory_flags
+        flags = self.mandatory_flags & ~XL_MANDATORY_FLAG_JSON
+        blob = b""
         if self.config is not None:
             text = self.config.encode("utf-8")
             if b"\0" in text:
                 raise LocalError("the config text contains a NUL")
-            blob = text + b"\0"
-            flags |= XL_MANDATORY_FLAG_JSON
-        else:
-            blob = b""
+            if self.config_is_json:
+                blob = text + b"\0"   # libxl parses it as a C string
+                flags |= XL_MANDATORY_FLAG_JSON
+            else:
+                blob = text
         optdata = struct.pack("<I", len(blob)) + blob + self.extra_optional_data
         return _HDR.pack(SAVEFILE_MAGIC, SAVEFILE_BYTEORDER_VALUE, flags, self.optional_flags,
                          len(optdata)) + optdata
@@ -103,19 +110,23 @@ def _parse(inp: Input) -> XlHeader | None:
         if clen > optlen - 4:
             fail(f"config length {clen} exceeds the {optlen - 4} octets of optional data left")
         blob, rest = optdata[4 : 4 + clen], optdata[4 + clen :]
+        is_json = bool(mflags & XL_MANDATORY_FLAG_JSON)
         if clen:
-            if not mflags & XL_MANDATORY_FLAG_JSON:
-                fail("a config is present but the JSON flag is clear")
-            if not blob.endswith(b"\0") or b"\0" in blob[:-1]:
-                fail("the config is not one NUL-terminated string")
+            if is_json:
+                if not blob.endswith(b"\0") or b"\0" in blob[:-1]:
+                    fail("the JSON config is not one NUL-terminated string")
+                blob = blob[:-1]
+            elif b"\0" in blob:
+                fail("the config text contains a NUL")
             try:
-                config = blob[:-1].decode("utf-8")
+                config = blob.decode("utf-8")
             except UnicodeDecodeError:
                 fail("the config is not UTF-8 text")
     if config is None and mflags & XL_MANDATORY_FLAG_JSON:
         fail("the JSON flag is set but no config is present")
     inp.take(HEADER_SIZE + optlen)
-    return XlHeader(config, mflags & ~XL_MANDATORY_FLAG_JSON, oflags, rest)
+    return XlHeader(config, bool(mflags & XL_MANDATORY_FLAG_JSON) or config is None,
+                    mflags & ~XL_MANDATORY_FLAG_JSON, oflags, rest)
 
 
 class SaveImageReader:
