@@ -15,7 +15,15 @@ body_length u32, body, zero padding to 8`` framing, :class:`StreamError`
 input buffer the nested readers share.
 
 Readers are fed bytes in any chunking and yield only whole, validated
-records; ``close()`` at EOF raises if the stream stopped early.  Writers
+records; ``close()`` at EOF raises if the stream stopped early.  A whole
+image is the writers' bytes in the order of the layers::
+
+    xc, xl = LibxcWriter(DomainType.X86_PV), LibxlWriter()
+    out = XlHeader(toml_text, config_is_json=False).encode() + xl.header() + xl.libxc_context()
+    out += xc.header() + xc.record(X86PvInfo()) + … + xc.page_data(pfns, types, pages) + …
+    out += xc.record(End()) + xl.end()
+
+and :class:`SaveImageReader` reads it back.  Writers
 turn records into bytes and refuse (:class:`xmp.errors.LocalError`) what
 their reader would refuse.  xmp's own state (the guest kernel's suspend
 context, device state) travels in optional records, numbered from
