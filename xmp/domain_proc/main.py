@@ -45,7 +45,8 @@ def domain_main(sock: socket.socket) -> int:
     kernel.rundir = boot.get("rundir")  # type: ignore[attr-defined]
     print(f"dom{kernel.domid} {kernel.name}: running {boot['kernel']}", flush=True)
     try:
-        entry = load_entry(boot["kernel"])
+        # dom0 runs its services (xmp.dom0:main), which start its own kernel beside them
+        entry = load_entry(boot.get("dom0_kernel") or boot["kernel"])
         if not start_info.privileged:
             kernel.start_control()
         entry(kernel)
