@@ -164,23 +164,30 @@ class HypercallHandlers:
         return {"nr_frames": dom.nr_grant_frames, "max_nr_frames": dom.cfg.max_grant_frames}, []
 
     def hc_grant_table_op_map_grant_ref(self, caller: Domain, args: dict) -> Reply:
-        """Trusted backends only: check the grants, pin them, and hand over
-        the granter's memory descriptor (once) so the caller maps exactly
-        those frames.  Everyone else must use grant copy."""
+        """dom0 only, as only Xen's dom0 maps foreign pages (privcmd): check
+        the grants, pin them, and hand over the granter's memory descriptor
+        (once per kind) so dom0 maps exactly those frames.  A read-only map
+        gets a descriptor opened O_RDONLY, so no mapping made through it can
+        ever be written; the writable one comes only with a writable grant.
+        Every other domain -- driver domains included -- is refused (EPERM)
+        and uses grant copy: a descriptor of a guest's whole RAM must not
+        reach a process that is not dom0."""
         op = "map_grant_ref"
-        if not caller.trusted_backend:
+        if not caller.privileged:
             raise HypercallError(errno.EPERM, op,
-                                 f"dom{caller.domid} is not a trusted backend: use grant copy")
+                                 f"dom{caller.domid} may not map grants (only dom0 does): use grant copy")
         granter = self.lookup(arg(args, "dom", int, op), op)
         refs = int_list(args, "refs", op, limit=1024)
         readonly = bool(arg(args, "readonly", bool, op, False))
+        # The caller says whether it still holds the descriptor of this kind
+        # (it may have dropped it): asking again only gets it a duplicate.
+        fds = []
+        if not arg(args, "have_ram", bool, op, False):
+            fds = [granter.ram.readonly_fd() if readonly else granter.ram.fd]
         frames = granter.grants.map_grant_ref(refs, caller.domid, readonly)
         handle = caller.next_handle
         caller.next_handle += 1
         caller.maptrack[handle] = Mapping(granter.domid, refs, readonly)
-        # The caller says whether it still holds the granter's memory descriptor
-        # (it may have dropped it): asking again only gets it a duplicate.
-        fds = [] if arg(args, "have_ram", bool, op, False) else [granter.ram.fd]
         return {"handle": handle, "frames": frames, "ram_size": granter.ram.size}, fds
 
     def hc_grant_table_op_unmap_grant_ref(self, caller: Domain, args: dict) -> Reply:

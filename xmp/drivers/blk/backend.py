@@ -16,13 +16,13 @@ Each request is copied out of its ring once and parsed by
 request's segment pages are copied once too, then parsed.  A READ or
 WRITE reaches the frontend's pages in one of two ways:
 
-* a trusted backend (dom0, ``trusted_backend = true``) maps them: with
-  ``feature-persistent`` each grant stays mapped after its first use (the
-  frontend reuses a fixed pool), without it the request's grants are
-  mapped (read-only for a WRITE) and unmapped before the answer;
-* an untrusted driver domain may not map (the hypervisor says EPERM), so
-  its rings and data move through grant copies into its own bounce pages
-  (:mod:`xmp.drivers.grantcopy`).
+* dom0 maps them: with ``feature-persistent`` each grant stays mapped
+  after its first use (the frontend reuses a fixed pool), without it the
+  request's grants are mapped (read-only for a WRITE) and unmapped before
+  the answer;
+* a driver domain may not map (the hypervisor says EPERM: only dom0 may
+  hold a descriptor of a guest's RAM), so its rings and data move through
+  grant copies into its own bounce pages (:mod:`xmp.drivers.grantcopy`).
 
 The bytes go to or from the image with ``preadv``/``pwritev``; a WRITE is
 answered only once every byte reached the image.  FLUSH_DISKCACHE is
@@ -101,7 +101,7 @@ class BlkBack(BackendDriver):
         self.errors = 0
         self.moved = 0                              # bytes read or written for the frontend
         self.persistent = False
-        self.copying = False                        # untrusted: grant copy, never map
+        self.copying = False                        # a driver domain: grant copy, never map
         self.pgrants: dict[int, tuple] = {}         # gref -> (its run's mmap, page in it, page view)
         # an indirect request's segment bytes -> (sectors, views): a frontend reuses its
         # pool, so the same descriptors come again and again (persistent grants only)
@@ -184,7 +184,7 @@ class BlkBack(BackendDriver):
             except HypercallError as exc:
                 if exc.errno != errno.EPERM:
                     raise
-                self.copying = True  # an untrusted driver domain: grant copy from now on
+                self.copying = True  # a driver domain: grant copy from now on
         if mapping is not None:
             buf = mapping.contiguous()
             if buf is None:
@@ -512,7 +512,7 @@ class BlkBack(BackendDriver):
 
 
 
-# An untrusted backend's bounce pages, per device: a whole request (256
+# A driver domain's bounce pages, per device: a whole request (256
 # segments) or the biggest ring (16 pages) plus one.
 BOUNCE_PAGES = max(MAX_INDIRECT_SEGMENTS, grantcopy.bounce_pages_for(ring_bytes(MAX_RING_PAGE_ORDER)))
 
