@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import struct
 import threading
+import time
 
 import pytest
 
@@ -122,17 +123,20 @@ def test_make_readonly_only_while_not_written(tables):
         act.map_grant_ref([ref], BACKEND)
 
 
-@pytest.mark.timeout(60)
-def test_concurrent_map_and_end_access_never_revoke_a_live_mapping(tables):
-    """end_foreign_access succeeds only when no mapping is live, whatever the
-    interleaving (the C calls run without the GIL, so this is concurrent)."""
-    gt, act, *_ = tables
+def _race_map_and_revoke(gt, act, revoke, seconds: float = 1.0):
+    """A mapper and a revoker on one ref; the C calls run without the GIL, so
+    they really race.  Every other mapping is held until the revoker has made
+    a whole attempt while it is live (so a revoker that ignores the in-use
+    bits meets a live mapping every time); the others are dropped at once.
+    Returns the violations seen (a revocation while a mapping was live) and
+    the counts."""
     ref = 20
     gt.grant_access(ref, BACKEND, 4)
     live = [0]
+    attempts = [0]
     stop = threading.Event()
-    violations = []
-    counts = {"mapped": 0, "ended": 0}
+    violations: list[str] = []
+    counts = {"mapped": 0, "held": 0, "ended": 0}
 
     def mapper():
         while not stop.is_set():
@@ -142,17 +146,26 @@ def test_concurrent_map_and_end_access_never_revoke_a_live_mapping(tables):
                 continue
             live[0] += 1  # counted only between a successful map and its unmap
             counts["mapped"] += 1
+            if counts["mapped"] % 2:
+                # the attempt that ends as seen + 2 began after seen + 1 ended, so
+                # wholly inside this live window
+                seen = attempts[0]
+                while attempts[0] < seen + 2 and not stop.is_set():
+                    time.sleep(0)  # let the revoker run
+                counts["held"] += 1
             live[0] -= 1
             act.unmap_grant_ref([ref])
 
     def revoker():
         while not stop.is_set():
             try:
-                gt.end_foreign_access(ref)
+                revoke(ref)
             except HypercallError:
+                attempts[0] += 1
                 continue
             if live[0]:
                 violations.append("revoked under a live mapping")
+            attempts[0] += 1
             counts["ended"] += 1
             gt.grant_access(ref, BACKEND, 4)
 
@@ -160,14 +173,36 @@ def test_concurrent_map_and_end_access_never_revoke_a_live_mapping(tables):
     for t in threads:
         t.start()
     deadline = threading.Event()
-    deadline.wait(1.5)
+    deadline.wait(seconds)
     stop.set()
     for t in threads:
         t.join(10)
+    return violations, counts, ref
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_map_and_end_access_never_revoke_a_live_mapping(tables):
+    """end_foreign_access succeeds only when no mapping is live, whatever the
+    interleaving."""
+    gt, act, *_ = tables
+    violations, counts, ref = _race_map_and_revoke(gt, act, gt.end_foreign_access)
     assert not violations
-    assert counts["mapped"] > 0 and counts["ended"] > 0
+    assert counts["held"] > 0 and counts["mapped"] > counts["held"] and counts["ended"] > 0
     flags = gt.entry(ref)[0]
     assert not flags & (GTF_reading | GTF_writing) and act.pins(ref) == (0, 0)
+
+
+@pytest.mark.timeout(60)
+def test_the_race_catches_a_revoker_that_ignores_the_in_use_bits(tables):
+    """The test above can fail: a revoker that clears the entry without
+    looking at GTF_reading/GTF_writing is caught revoking a live mapping."""
+    gt, act, buf, _ = tables
+
+    def careless_revoke(ref: int) -> None:
+        struct.pack_into("<H", buf, ref * 8, 0)  # flags = 0, mapped or not
+
+    violations, counts, _ = _race_map_and_revoke(gt, act, careless_revoke, seconds=0.5)
+    assert violations and counts["held"] > 0
 
 
 def test_grant_copy_between_granted_page_and_own_frame(tables):
