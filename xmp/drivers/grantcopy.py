@@ -1,9 +1,10 @@
-"""A back ring and data movers for untrusted driver domains: grant copy only.
+"""A back ring and data movers for driver domains: grant copy only.
 
-Xen's ``docs/misc/DESIGN`` lets an untrusted backend reach a frontend's
-memory only through GNTTABOP_copy: the hypervisor answers EPERM when such a
-domain asks to map a grant.  So its ring cannot be a pointer into shared
-memory; it is the frontend's granted ring pages seen through copies.
+Only dom0 maps grants; a driver domain reaches a frontend's memory only
+through GNTTABOP_copy (the hypervisor answers EPERM when it asks to map a
+grant), as Xen's untrusted backends do.  So its ring cannot be a pointer
+into shared memory; it is the frontend's granted ring pages seen through
+copies.
 
 :class:`CopyBackRing` has :class:`xmp.sharedmem.ring.BackRing`'s interface
 and ``io/ring.h`` semantics, but every access to the shared ring is a list
