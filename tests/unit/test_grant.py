@@ -138,6 +138,13 @@ def _race_map_and_revoke(gt, act, revoke, seconds: float = 1.0):
     violations: list[str] = []
     counts = {"mapped": 0, "held": 0, "ended": 0}
 
+    def wait_for_a_whole_attempt():
+        # the attempt that ends as seen + 2 began after seen + 1 ended: wholly
+        # inside whatever the mapper holds (or does not hold) meanwhile
+        seen = attempts[0]
+        while attempts[0] < seen + 2 and not stop.is_set():
+            time.sleep(0)  # let the revoker run
+
     def mapper():
         while not stop.is_set():
             try:
@@ -147,14 +154,12 @@ def _race_map_and_revoke(gt, act, revoke, seconds: float = 1.0):
             live[0] += 1  # counted only between a successful map and its unmap
             counts["mapped"] += 1
             if counts["mapped"] % 2:
-                # the attempt that ends as seen + 2 began after seen + 1 ended, so
-                # wholly inside this live window
-                seen = attempts[0]
-                while attempts[0] < seen + 2 and not stop.is_set():
-                    time.sleep(0)  # let the revoker run
+                wait_for_a_whole_attempt()  # a live mapping under the revoker's nose
                 counts["held"] += 1
             live[0] -= 1
             act.unmap_grant_ref([ref])
+            if counts["mapped"] % 4 == 0:
+                wait_for_a_whole_attempt()  # and a window with none, where it may end access
 
     def revoker():
         while not stop.is_set():
