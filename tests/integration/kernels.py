@@ -294,6 +294,29 @@ def memops(kernel) -> None:
         report["copy_513"] = "accepted"
     except HypercallError as exc:
         report["copy_513"] = exc.errno
+    # the same through GNTTABOP_copy's record form: struct gnttab_copy in our memory
+    from xmp.sharedmem.grant import GNTTAB_COPY, GNTTAB_COPY_STATUS, GNTCOPY_dest_gref, GNTCOPY_source_gref
+
+    rec = kernel.alloc_pages(1)
+    kernel.page(b)[:4096] = bytes(4096)
+    recs = [(a, 0x7FF0, 0, b, 0x7FF0, 300, 16, 0),                       # frame to frame
+            (a, 0x7FF0, 0, own, 0x7FF0, 400, 16, GNTCOPY_dest_gref),     # frame to its own grant
+            (1, 0, 0, b, 0x7FF0, 0, 1, 0),                              # a frame of dom0's
+            (5000, 0, 0, b, 0x7FF0, 0, 1, GNTCOPY_source_gref),         # dom0's ungranted ref
+            (8, 4000, 0, b, 0x7FF0, 0, 1, GNTCOPY_source_gref)]         # no such domain
+    for i, r in enumerate(recs):
+        GNTTAB_COPY.pack_into(kernel.page(rec), i * GNTTAB_COPY.size, *r, 99)
+    xen.grant_copy_records(rec, len(recs))
+    report["records"] = [int.from_bytes(kernel.page(rec)[i * 40 + GNTTAB_COPY_STATUS:i * 40 + 38], "little",
+                                        signed=True) for i in range(len(recs))]
+    report["records_data"] = [bytes(kernel.page(b)[at:at + 16]).decode() for at in (300, 400)]
+    for name, pfn, count in (("records_513", rec, 513), ("records_0", rec, 0),
+                             ("records_outside", len(kernel.memory) // 4096 - 1, 103)):
+        try:
+            xen.grant_copy_records(pfn, count)
+            report[name] = "accepted"
+        except HypercallError as exc:
+            report[name] = exc.errno
     xen.sched_yield()
     kernel.print("memops: " + json.dumps(report))
     kernel.idle()

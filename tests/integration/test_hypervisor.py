@@ -424,6 +424,10 @@ def test_memory_op_balloons_really_and_grant_table_size(hosts):
     assert r["copy"]["dom0_ungranted_ref"] < 0
     assert r["copy_data"] == ["copied by xen ok", "copied by xen ok"]
     assert r["copy_513"] == 22  # EINVAL
+    # the record form: statuses written into the records, the bytes where they were sent
+    assert r["records"][:3] == [ok, ok, -8] and r["records"][3] < 0 and r["records"][4] == -2
+    assert r["records_data"] == ["copied by xen ok", "copied by xen ok"]
+    assert (r["records_513"], r["records_0"], r["records_outside"]) == (22, 22, 14)  # EINVAL, EFAULT
     assert h.info("m")["mem_kb"] == 32 * 1024
     assert h.stop() == 0
 

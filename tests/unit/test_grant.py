@@ -9,12 +9,17 @@ import time
 
 import pytest
 
-from xmp.errors import GrantError, HypercallError
+from xmp.errors import GrantError, HypercallError, LocalError
 from xmp.sharedmem.grant import (
+    GNTTAB_COPY,
+    GNTTAB_COPY_STATUS,
     GNTTAB_NR_RESERVED_ENTRIES,
     ActiveGrants,
     CopyPtr,
+    GNTCOPY_dest_gref,
+    GNTCOPY_source_gref,
     GNTST_bad_copy_arg,
+    GNTST_bad_domain,
     GNTST_bad_gntref,
     GNTST_bad_page,
     GNTST_permission_denied,
@@ -23,7 +28,9 @@ from xmp.sharedmem.grant import (
     GTF_reading,
     GTF_readonly,
     GTF_writing,
+    copy_records,
     grant_copy,
+    unpack_copy_records,
 )
 
 GRANTER, BACKEND, OTHER = 5, 0, 7
@@ -270,3 +277,82 @@ def test_end_access_later_waits_for_the_mapper_to_let_go(tables):
     act.unmap_grant_ref([ref])
     gt.retry_deferred()
     assert gt.entry(ref)[0] == 0
+
+
+# -- GNTTABOP_copy's record form: struct gnttab_copy in the caller's memory ----
+
+REC = 6  # the caller's pfn holding the records
+
+
+def _records(ram, recs) -> None:
+    """recs: (src, dst, len, flags) with each side (ref-or-frame, domid, offset)."""
+    for i, (src, dst, length, flags) in enumerate(recs):
+        GNTTAB_COPY.pack_into(ram, REC * 4096 + i * GNTTAB_COPY.size, *src, *dst, length, flags, 99)
+
+
+def _statuses(ram, n) -> list[int]:
+    return [struct.unpack_from("<h", ram, REC * 4096 + i * GNTTAB_COPY.size + GNTTAB_COPY_STATUS)[0]
+            for i in range(n)]
+
+
+def test_gnttab_copy_struct_is_xens_layout():
+    # grant_table.h on x86_64: two 16-byte gnttab_copy_ptr (u64 union, u16 domid,
+    # u16 offset, padding), u16 len, u16 flags, s16 status: 40 bytes, status at 36
+    assert GNTTAB_COPY.size == 40 and GNTTAB_COPY_STATUS == 36
+    rec = GNTTAB_COPY.pack(0x11223344, 5, 7, 0x55, 0x7FF0, 9, 4096, GNTCOPY_source_gref, -8)
+    assert rec[:16] == struct.pack("<QHH4x", 0x11223344, 5, 7)
+    assert struct.unpack_from("<h", rec, GNTTAB_COPY_STATUS)[0] == -8
+    assert unpack_copy_records(rec) == [{"source": {"ref": 0x11223344, "domid": 5, "offset": 7},
+                                         "dest": {"frame": 0x55, "domid": 0x7FF0, "offset": 9}, "len": 4096}]
+
+
+def test_copy_records_copy_what_is_granted_and_answer_each_record(tables):
+    gt, act, _buf, ram = tables
+    own_ram = bytearray(8 * 4096)
+    own = ActiveGrants(bytearray(4096), BACKEND, own_ram)
+    ram[3 * 4096:4 * 4096] = bytes(i % 251 for i in range(4096))
+    rw, ro = gt.grant_foreign_access(BACKEND, 3), gt.grant_foreign_access(BACKEND, 4, readonly=True)
+    other = gt.grant_foreign_access(OTHER, 5)
+    self_ = 0x7FF0
+    src, dst = GNTCOPY_source_gref, GNTCOPY_dest_gref
+    recs = [
+        ((rw, GRANTER, 100), (1, self_, 0), 200, src),           # 0: in, okay
+        ((2, self_, 8), (rw, GRANTER, 3000), 16, dst),           # 1: out, okay
+        ((ro, GRANTER, 0), (1, BACKEND, 300), 4, src),           # 2: read a read-only grant: okay
+        ((2, self_, 0), (ro, GRANTER, 0), 4, dst),               # 3: write it: denied
+        ((other, GRANTER, 0), (1, self_, 0), 4, src),            # 4: granted to someone else
+        ((rw, 42, 0), (1, self_, 0), 4, src),                    # 5: no such domain
+        ((3, GRANTER, 0), (1, self_, 0), 4, 0),                  # 6: a frame of another's memory
+        ((rw, GRANTER, 4000), (1, self_, 0), 200, src),          # 7: crosses the page
+        ((rw, GRANTER, 0), (1, self_, 0), 4097, src),            # 8: longer than a page
+        ((rw, GRANTER, 4096), (1, self_, 0), 1, src),            # 9: offset outside the page
+        ((rw, GRANTER, 0), (8, self_, 0), 4, src),               # 10: own frame beyond its memory
+        ((rw, GRANTER, 0), (1, self_, 0), 4, src | 4),           # 11: an unknown flag
+        ((4096, GRANTER, 0), (1, self_, 0), 4, src),             # 12: ref outside the table
+    ]
+    _records(own_ram, recs)
+    own_ram[2 * 4096 + 8:2 * 4096 + 24] = b"from the backend"
+    before = bytes(ram)
+    copy_records(own, BACKEND, REC * 4096, len(recs), {GRANTER: act}.get)
+    assert _statuses(own_ram, len(recs)) == [
+        0, 0, 0, GNTST_permission_denied, GNTST_permission_denied, GNTST_bad_domain,
+        GNTST_permission_denied, GNTST_bad_copy_arg, GNTST_bad_copy_arg, GNTST_bad_copy_arg,
+        GNTST_bad_copy_arg, GNTST_bad_copy_arg, GNTST_bad_gntref]
+    assert own_ram[4096:4096 + 200] == before[3 * 4096 + 100:3 * 4096 + 300]
+    assert own_ram[4096 + 300:4096 + 304] == before[4 * 4096:4 * 4096 + 4]
+    # only record 1 wrote into the granter, where it was told to
+    assert ram[3 * 4096 + 3000:3 * 4096 + 3016] == b"from the backend"
+    ram[3 * 4096 + 3000:3 * 4096 + 3016] = before[3 * 4096 + 3000:3 * 4096 + 3016]
+    assert bytes(ram) == before
+    # every pin was dropped, and the records are as they were but for the statuses
+    assert all(act.pins(r) == (0, 0) for r in (rw, ro, other))
+    assert unpack_copy_records(own_ram[REC * 4096:REC * 4096 + len(recs) * 40])[0]["source"] == \
+        {"ref": rw, "domid": GRANTER, "offset": 100}
+
+
+def test_copy_records_refuse_a_range_outside_the_callers_memory(tables):
+    own = ActiveGrants(bytearray(4096), BACKEND, bytearray(2 * 4096))
+    with pytest.raises(LocalError):
+        copy_records(own, BACKEND, 4096, 103, {}.get)  # 103 records do not fit in one page
+    with pytest.raises(LocalError):
+        copy_records(own, BACKEND, -40, 1, {}.get)

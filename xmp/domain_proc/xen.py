@@ -203,6 +203,12 @@ class Xen:
     def grant_copy(self, ops: list[dict]) -> list[int]:
         return self.call("grant_table_op", "copy", ops=ops)
 
+    def grant_copy_records(self, pfn: int, count: int) -> None:
+        """GNTTABOP_copy of ``count`` struct gnttab_copy records at our
+        ``pfn`` (:data:`xmp.sharedmem.grant.GNTTAB_COPY`); the statuses
+        come back in the records."""
+        self.call("grant_table_op", "copy", frame=pfn, count=count)
+
     def setup_table(self, nr_frames: int) -> list[int]:
         return self.call("grant_table_op", "setup_table", nr_frames=nr_frames)
 

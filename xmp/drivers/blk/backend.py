@@ -111,6 +111,7 @@ class BlkBack(BackendDriver):
         self._premapped: dict[tuple[int, bool], memoryview] = {}   # (gref, readonly) -> page
         self._batch_maps: list[GrantMapping] = []
         self.bounce: int | None = None               # first pfn of our bounce pages (copying)
+        self.copies: grantcopy.CopyList | None = None  # our GNTTABOP_copy records (copying)
 
     # -- xenbus ----------------------------------------------------------------
 
@@ -193,7 +194,7 @@ class BlkBack(BackendDriver):
             ring = BackRing(buf, protocol.REQUEST_SIZE, protocol.RESPONSE_SIZE)
         else:
             copier = grantcopy.GrantCopier(self.k, dev.otherend_id, refs, self._bounce(),
-                                           BOUNCE_PAGES)
+                                           BOUNCE_PAGES, self._copies())
             ring = grantcopy.CopyBackRing(copier, ring_bytes(order), protocol.REQUEST_SIZE,
                                           protocol.RESPONSE_SIZE)
         try:
@@ -241,10 +242,18 @@ class BlkBack(BackendDriver):
             self.bounce = self.k.alloc_pages(BOUNCE_PAGES)
         return self.bounce
 
+    def _copies(self) -> grantcopy.CopyList:
+        if self.copies is None:  # one for the device: its queues are served one at a time
+            self.copies = grantcopy.CopyList(self.k)
+        return self.copies
+
     def release(self) -> None:
         if self.bounce is not None:  # copies are synchronous: none is in flight now
             self.k.free_pages(self.bounce, BOUNCE_PAGES)
             self.bounce = None
+        if self.copies is not None:
+            self.copies.release()
+            self.copies = None
 
     # -- serving -----------------------------------------------------------------
 
@@ -411,7 +420,7 @@ class BlkBack(BackendDriver):
             parts = [(gref, 0, min(PAGE_SIZE, n - i * PAGE_SIZE))
                      for i, gref in enumerate(req.indirect_grefs)]
             return b"".join(bytes(v) for v in grantcopy.copy_from_grants(
-                self.k, self.dev.otherend_id, parts, self._bounce(), BOUNCE_PAGES))
+                self.k, self.dev.otherend_id, parts, self._bounce(), BOUNCE_PAGES, self._copies()))
         if self.persistent:
             pages = self._persistent_pages(list(req.indirect_grefs))
             return b"".join(bytes(p[2]) for p in pages)[:n]
@@ -485,12 +494,14 @@ class BlkBack(BackendDriver):
         bounce = self._bounce()
         total = segs.nr_sectors * SECTOR_SIZE
         if write:
-            views = grantcopy.copy_from_grants(self.k, self.dev.otherend_id, parts, bounce, BOUNCE_PAGES)
+            views = grantcopy.copy_from_grants(self.k, self.dev.otherend_id, parts, bounce, BOUNCE_PAGES,
+                                               self._copies())
             image.transfer(fd, views, offset, True, total)
         else:
             views = grantcopy.bounce_views(self.k, parts, bounce, BOUNCE_PAGES)
             image.transfer(fd, views, offset, False, total)
-            grantcopy.copy_to_grants(self.k, self.dev.otherend_id, parts, bounce, BOUNCE_PAGES)
+            grantcopy.copy_to_grants(self.k, self.dev.otherend_id, parts, bounce, BOUNCE_PAGES,
+                                     self._copies())
 
     def _persistent_pages(self, grefs: list[int]) -> list[tuple]:
         """(run mmap, page in it, page view) of each gref, mapped at its first use and kept."""

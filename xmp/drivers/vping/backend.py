@@ -29,6 +29,7 @@ class VpingBack(BackendDriver):
         self.dev: XenbusDevice | None = None
         self.served = 0
         self.bounce: int | None = None   # first pfn of our bounce pages (copying)
+        self.copies: grantcopy.CopyList | None = None
 
     def publish_features(self, dev: XenbusDevice) -> None:
         dev.write("feature-echo", 1)
@@ -45,10 +46,11 @@ class VpingBack(BackendDriver):
         except HypercallError as exc:
             if exc.errno != errno.EPERM:
                 raise
-            if self.bounce is None:
+            if self.bounce is None or self.copies is None:
                 self.bounce = self.k.alloc_pages(BOUNCE_PAGES)
+                self.copies = grantcopy.CopyList(self.k)
             copier = grantcopy.GrantCopier(self.k, dev.otherend_id, [int(raw_ref)], self.bounce,
-                                           BOUNCE_PAGES)
+                                           BOUNCE_PAGES, self.copies)
             self.ring = grantcopy.CopyBackRing(copier, PAGE_SIZE, protocol.SLOT, protocol.SLOT)
         self.port = self.k.xen.bind_interdomain(dev.otherend_id, int(raw_port))
         self.k.loop.bind(self.port, self._event)
@@ -90,3 +92,6 @@ class VpingBack(BackendDriver):
         if self.bounce is not None:  # copies are synchronous: none is in flight now
             self.k.free_pages(self.bounce, BOUNCE_PAGES)
             self.bounce = None
+        if self.copies is not None:
+            self.copies.release()
+            self.copies = None
