@@ -33,7 +33,7 @@ with xl's names, units (MiB) and defaults where xl has them; a complete file::
     on_reboot = "restart"       # default restart
     on_crash = "destroy"        # default destroy
     driver_domain = false       # hosts backends; needs no kernel
-    trusted_backend = false     # may map grants (else grant copy)
+    trusted_backend = false     # ignored, kept for old files: only dom0 maps grants
     max_event_channels = 1023   # 2..4096, default 1023
     max_grant_frames = 64       # 1..64, default 64
     xenstore_quota = { nodes = 2000 }   # xenstored limits for this domain (C xenstored's

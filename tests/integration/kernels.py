@@ -3,51 +3,174 @@ through PYTHONPATH, which xmphost.Host sets)."""
 
 from __future__ import annotations
 
-from xmp.errors import GrantError
 from xmp.sharedmem.grant import GTF_reading, GTF_writing
 
 REF = 8  # the first ref that is not reserved
 
 
 def granter(kernel) -> None:
-    """Grant one page to ``args.to`` at ref 8, and report its flags as they
-    change; once the grantee's mapping is gone, end access."""
-    pfn = kernel.first_free_pfn
-    page = kernel.page(pfn)
+    """Grant ``args.to`` ref 8 (writable) and ref 9 (read-only) over two
+    pages and keep a third page never granted; report as they change ref 8's
+    flags and reply, and the first 32 bytes of the read-only and the ungranted
+    page.  A reply in ref 8 is acknowledged in the same page (bytes 32-48), so
+    its mapper knows it was seen while mapped.  With ``args.end`` (default),
+    once ref 8's mapping is gone, end access."""
+    pfn = kernel.alloc_pages(3)
+    page, ro, secret = (kernel.page(pfn + i) for i in range(3))
     page[:16] = b"granted-page-123"
-    kernel.grant_table.grant_access(REF, int(kernel.args["to"]), pfn)
-    kernel.print(f"granter: granted ref {REF}")
+    ro[:16] = b"read-only-page!!"
+    secret[:16] = b"never-granted!!!"
+    to = int(kernel.args["to"])
+    kernel.grant_table.grant_access(REF, to, pfn)
+    kernel.grant_table.grant_access(REF + 1, to, pfn + 1, readonly=True)
+    kernel.print(f"granter: granted ref {REF} pfn {pfn}")
     last, was_mapped = None, False
     while True:
         flags = kernel.grant_table.entry(REF)[0]
-        seen = (flags, bytes(page[16:32]))  # the mapper maps first, then writes its reply
-        if seen != last:
-            kernel.print(f"granter: flags={flags:#x} reply={seen[1]!r}")
+        seen = (flags, bytes(page[16:32]), bytes(ro[:32]), bytes(secret[:32]))  # flags first: the mapper
+        if seen != last:                                                         # writes once mapped
+            kernel.print(f"granter: flags={flags:#x} reply={seen[1]!r} ro={seen[2]!r} secret={seen[3]!r}")
             last = seen
+        if any(seen[1]) and not any(page[32:48]):
+            page[32:48] = b"granter-saw-it!!"
         if flags & (GTF_reading | GTF_writing):
             was_mapped = True
-        elif was_mapped:
+        elif was_mapped and kernel.args.get("end", True):
             kernel.grant_table.end_foreign_access(REF)
+            kernel.grant_table.end_foreign_access(REF + 1)
             kernel.print("granter: ended")
             kernel.idle()
         kernel.sleep(0.05)
 
 
-def mapper(kernel) -> None:
-    """A trusted backend: map the granter's ref 8, read it, answer in it, hold it.
-    The granter runs concurrently: until it has granted, the map is refused."""
-    for _ in range(200):
+def _ram_fds(domid: int) -> dict[int, str]:
+    """fd -> access mode of every descriptor this process holds of dom``domid``'s RAM."""
+    import os
+    import re
+
+    held = {}
+    for fd in os.listdir("/proc/self/fd"):
         try:
-            m = kernel.xen.map_grant_ref(int(kernel.args["granter"]), [REF])
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if re.search(rf"/xmp\.\d+\.[0-9a-f]+\.ram{domid}\.", target):
+                info = open(f"/proc/self/fdinfo/{fd}").read()
+                flags = int(re.search(r"flags:\s+([0-7]+)", info).group(1), 8)
+                held[int(fd)] = {os.O_RDONLY: "O_RDONLY", os.O_RDWR: "O_RDWR"}.get(flags & os.O_ACCMODE,
+                                                                                   "other")
+        except FileNotFoundError:  # the listing's own descriptor
+            pass
+    return held
+
+
+def dom0mapper(kernel) -> None:
+    """dom0's workload: map ``args.granter``'s read-only ref 9, try to write
+    it, to make the mapping writable, and to map writable what it came
+    through; then map the writable ref 8, answer in it, wait for the granter
+    to see the answer and unmap both.  Reports ``dom0mapper: {json}``."""
+    import ctypes
+    import errno
+    import json
+    import mmap
+
+    from xmp.errors import XmpError
+    from xmp.sharedmem._ffi import ffi
+
+    granter = int(kernel.args.get("granter", 1))
+    report: dict = {}
+    for _ in range(400):
+        before = _ram_fds(granter)  # dom0's services hold some already (console, xenstore rings)
+        try:  # the granter starts after dom0: until it has granted, the map is refused
+            ro_map = kernel.xen.map_grant_ref(granter, [REF + 1], readonly=True)
             break
-        except GrantError:
+        except XmpError:
             kernel.sleep(0.02)
     else:
         raise RuntimeError("the grant never came")
-    page = m.pages[0]
-    kernel.print(f"mapper: read {bytes(page[:16])!r}")
-    page[16:32] = b"mapper-was-here!"
-    kernel.print("mapper: holding")
+    new = {fd: mode for fd, mode in _ram_fds(granter).items() if fd not in before}
+    ro = ro_map.pages[0]
+    report["ro_read"] = bytes(ro[:16]).decode()
+    try:
+        ro[16:32] = b"dom0-wrote-here!"
+        report["ro_write"] = "written"
+    except TypeError:
+        report["ro_write"] = "TypeError"
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    addr = int(ffi.cast("uintptr_t", ffi.from_buffer(ro)))
+    if libc.mprotect(addr, 4096, mmap.PROT_READ | mmap.PROT_WRITE) == 0:
+        report["ro_mprotect_writable"] = "allowed"
+        libc.mprotect(addr, 4096, mmap.PROT_READ)
+    else:
+        report["ro_mprotect_writable"] = errno.errorcode[ctypes.get_errno()]
+    report["fds_for_ro"] = sorted(new.values())
+    report["fds_for_ro_mapped_writable"] = []
+    for fd in new:
+        try:
+            mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE).close()
+            report["fds_for_ro_mapped_writable"].append("mapped")
+        except OSError as exc:
+            report["fds_for_ro_mapped_writable"].append(errno.errorcode[exc.errno or 0])
+    rw_map = kernel.xen.map_grant_ref(granter, [REF])
+    page = rw_map.pages[0]
+    report["rw_read"] = bytes(page[:16]).decode()
+    page[16:32] = b"dom0-was-here!!!"
+    for _ in range(400):
+        if bytes(page[32:48]) == b"granter-saw-it!!":
+            break
+        kernel.sleep(0.02)
+    else:
+        raise RuntimeError("the granter never saw the answer")
+    kernel.xen.unmap_grant_ref(rw_map)
+    kernel.xen.unmap_grant_ref(ro_map)
+    kernel.xen.console_io("dom0mapper: " + json.dumps(report))  # dom0's console is the hypervisor's
+
+
+def ddmapper(kernel) -> None:
+    """A driver domain reaching ``args.granter``'s pages (the granter's refs
+    8 and 9, and its pages by frame): it asks to map, then uses grant copy.
+    Reports ``ddmapper: {json}`` and holds still, to be inspected."""
+    import errno
+    import json
+
+    from xmp.errors import HypercallError
+
+    granter = int(kernel.args["granter"])
+    bounce = kernel.alloc_pages(1)
+    mine = kernel.page(bounce)
+
+    def copy(src: dict, dst: dict, n: int = 16) -> int:
+        return kernel.xen.grant_copy([{"source": src, "dest": dst, "len": n}])[0]
+
+    def theirs(ref: int, offset: int = 0) -> dict:
+        return {"domid": granter, "ref": ref, "offset": offset}
+
+    def me(offset: int) -> dict:
+        return {"domid": 0x7FF0, "frame": bounce, "offset": offset}
+
+    report: dict = {}
+    for _ in range(400):  # the granter runs concurrently: wait until ref 8 is there
+        if copy(theirs(REF), me(0)) == 0:
+            break
+        kernel.sleep(0.02)
+    else:
+        raise RuntimeError("the grant never came")
+    report["read"] = bytes(mine[:16]).decode()
+    try:
+        m = kernel.xen.map_grant_ref(granter, [REF])
+        report["map"] = "mapped"
+        kernel.xen.unmap_grant_ref(m)
+    except HypercallError as exc:
+        report["map"] = errno.errorcode[exc.errno]
+    mine[16:32] = b"copier-was-here!"
+    report["reply"] = copy(me(16), theirs(REF, 16))
+    report["ro_read"] = copy(theirs(REF + 1), me(32))
+    report["ro_read_bytes"] = bytes(mine[32:48]).decode()
+    report["ro_write"] = copy(me(16), theirs(REF + 1, 16))
+    report["ungranted_ref"] = copy(theirs(REF + 2), me(48))
+    # its pages by frame, the ungranted one among them: the granter's layout is ours
+    report["frames"] = [copy({"domid": granter, "frame": kernel.first_free_pfn + i}, me(64))
+                        for i in range(3)]
+    kernel.print("ddmapper: " + json.dumps(report))
     kernel.idle()
 
 
@@ -173,6 +296,29 @@ def memops(kernel) -> None:
         report["copy_513"] = "accepted"
     except HypercallError as exc:
         report["copy_513"] = exc.errno
+    # the same through GNTTABOP_copy's record form: struct gnttab_copy in our memory
+    from xmp.sharedmem.grant import GNTTAB_COPY, GNTTAB_COPY_STATUS, GNTCOPY_dest_gref, GNTCOPY_source_gref
+
+    rec = kernel.alloc_pages(1)
+    kernel.page(b)[:4096] = bytes(4096)
+    recs = [(a, 0x7FF0, 0, b, 0x7FF0, 300, 16, 0),                       # frame to frame
+            (a, 0x7FF0, 0, own, 0x7FF0, 400, 16, GNTCOPY_dest_gref),     # frame to its own grant
+            (1, 0, 0, b, 0x7FF0, 0, 1, 0),                              # a frame of dom0's
+            (5000, 0, 0, b, 0x7FF0, 0, 1, GNTCOPY_source_gref),         # dom0's ungranted ref
+            (8, 4000, 0, b, 0x7FF0, 0, 1, GNTCOPY_source_gref)]         # no such domain
+    for i, r in enumerate(recs):
+        GNTTAB_COPY.pack_into(kernel.page(rec), i * GNTTAB_COPY.size, *r, 99)
+    xen.grant_copy_records(rec, len(recs))
+    report["records"] = [int.from_bytes(kernel.page(rec)[i * 40 + GNTTAB_COPY_STATUS:i * 40 + 38], "little",
+                                        signed=True) for i in range(len(recs))]
+    report["records_data"] = [bytes(kernel.page(b)[at:at + 16]).decode() for at in (300, 400)]
+    for name, pfn, count in (("records_513", rec, 513), ("records_0", rec, 0),
+                             ("records_outside", len(kernel.memory) // 4096 - 1, 103)):
+        try:
+            xen.grant_copy_records(pfn, count)
+            report[name] = "accepted"
+        except HypercallError as exc:
+            report[name] = exc.errno
     xen.sched_yield()
     kernel.print("memops: " + json.dumps(report))
     kernel.idle()

@@ -315,21 +315,76 @@ def test_sigint_destroys_every_domain_and_exits_zero(hosts):
 
 
 
-def test_trusted_backend_maps_a_grant_and_its_death_releases_it(hosts):
-    h = hosts(HOST
-              + '[[domain]]\nname = "granter"\nkernel = "kernels:granter"\nmemory = 32\nargs = { to = 2 }\n'
-              + '[[domain]]\nname = "backend"\nkernel = "kernels:mapper"\nmemory = 32\n'
-              + 'trusted_backend = true\nargs = { granter = 1 }\n').start(("granter", "backend"))
-    h.wait(lambda: "mapper: holding" in h.console_log("backend"), 10, "the mapping")
-    assert "mapper: read b'granted-page-123'" in h.console_log("backend")
-    # GTF_permit_access | GTF_reading | GTF_writing while mapped, and the backend's bytes arrived
-    h.wait(lambda: "flags=0x19 reply=b'mapper-was-here!'" in h.console_log("granter"), 10,
-           "the in-use bits")
-    os.kill(h.domain_pid("backend"), signal.SIGKILL)
-    # the supervisor drops the dead mapper's pins: in-use bits cleared, access can end
+def _report(h, name: str, tag: str) -> dict:
+    line = h.wait(lambda: next((ln for ln in h.console_log(name).splitlines() if ln.startswith(tag)), None),
+                  20, f"{name}'s report")
+    return json.loads(line[len(tag):])
+
+
+def _held_objects(pid: int) -> set[str]:
+    """The supervisor's objects (``ram3``, ``evt0`` ...) a process maps or holds a descriptor of."""
+    shm = re.compile(r"xmp\.\d+\.[0-9a-f]+\.([a-z]+\d+)\.")
+    held = set(shm.findall(Path(f"/proc/{pid}/maps").read_text()))
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if m := shm.search(os.readlink(f"/proc/{pid}/fd/{fd}")):
+                held.add(m.group(1))
+        except FileNotFoundError:
+            pass
+    return held
+
+
+@pytest.mark.timeout(60)
+def test_dom0_maps_a_read_only_grant_through_a_read_only_descriptor(hosts):
+    h = hosts(HOST.replace("[dom0]\n", '[dom0]\nkernel = "kernels:dom0mapper"\nargs = { granter = 1 }\n')
+              + '[[domain]]\nname = "granter"\nkernel = "kernels:granter"\nmemory = 32\nargs = { to = 0 }\n')
+    h.start(("granter",))
+    r = _report(h, "Domain-0", "dom0mapper: ")
+    assert r["ro_read"] == "read-only-page!!" and r["rw_read"] == "granted-page-123"
+    # the read-only map is PROT_READ and came through an O_RDONLY descriptor (the
+    # descriptor and mmap's own duplicate of it): neither mprotect nor a new mmap
+    # can make a writable view of the granter's RAM from it
+    assert r["ro_write"] == "TypeError"
+    assert r["ro_mprotect_writable"] == "EACCES"
+    assert r["fds_for_ro"] == ["O_RDONLY", "O_RDONLY"]
+    assert r["fds_for_ro_mapped_writable"] == ["EACCES", "EACCES"]
+    # the granter saw dom0's answer in its writable page while it was mapped (the
+    # in-use bits GTF_permit_access | GTF_reading | GTF_writing), its read-only page
+    # unchanged; once dom0 unmapped, the in-use bits were clear and access could end
     h.wait(lambda: "granter: ended" in h.console_log("granter"), 10, "the grant's release")
-    assert "flags=0x1 " in h.console_log("granter")
-    assert h.stop() == 1  # the backend's death was a crash
+    log = h.console_log("granter")
+    assert "flags=0x19 reply=b'dom0-was-here!!!'" in log
+    ro_pages = set(re.findall(r" ro=(b'[^']*')", log))
+    assert ro_pages == {repr(b"read-only-page!!" + bytes(16))}, ro_pages
+    assert "flags=0x1 reply=b'dom0-was-here!!!'" in log
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted_backend", "untrusted"])
+def test_a_driver_domain_reaches_only_what_was_granted_and_never_the_ram(hosts, trusted):
+    """trusted_backend or not, a driver domain may not map (only dom0 holds a
+    guest's RAM descriptor): grant copy reads and writes what the grants
+    allow and nothing else, and the domain holds no object of the guest's."""
+    h = hosts(HOST
+              + '[[domain]]\nname = "granter"\nkernel = "kernels:granter"\nmemory = 32\n'
+              + 'args = { to = 2, end = false }\n'
+              + '[[domain]]\nname = "dd"\nkernel = "kernels:ddmapper"\nmemory = 32\ndriver_domain = true\n'
+              + ("trusted_backend = true\n" if trusted else "") + "args = { granter = 1 }\n")
+    h.start(("granter", "dd"))
+    r = _report(h, "dd", "ddmapper: ")
+    denied = -8  # GNTST_permission_denied
+    assert r == {"read": "granted-page-123", "map": "EPERM", "reply": 0,
+                 "ro_read": 0, "ro_read_bytes": "read-only-page!!", "ro_write": denied,
+                 "ungranted_ref": denied, "frames": [denied] * 3}
+    held = _held_objects(h.domain_pid("dd"))
+    assert "ram1" not in held and {o for o in held if o.startswith("ram")} == {"ram2"}, held
+    h.wait(lambda: "reply=b'copier-was-here!'" in h.console_log("granter"), 10, "the copied reply")
+    log = h.console_log("granter")
+    assert set(re.findall(r" ro=(b'[^']*')", log)) == {repr(b"read-only-page!!" + bytes(16))}
+    assert set(re.findall(r" secret=(b'[^']*')", log)) == {repr(b"never-granted!!!" + bytes(16))}
+    assert h.stop() == 0
     h.assert_clean()
 
 
@@ -369,6 +424,10 @@ def test_memory_op_balloons_really_and_grant_table_size(hosts):
                          "dom0_ref_beyond_table": -3}  # GNTST_bad_gntref: past max_grant_frames
     assert r["copy_data"] == ["copied by xen ok", "copied by xen ok"]
     assert r["copy_513"] == 22  # EINVAL
+    # the record form: statuses written into the records, the bytes where they were sent
+    assert r["records"][:3] == [ok, ok, -8] and r["records"][3] < 0 and r["records"][4] == -2
+    assert r["records_data"] == ["copied by xen ok", "copied by xen ok"]
+    assert (r["records_513"], r["records_0"], r["records_outside"]) == (22, 22, 14)  # EINVAL, EFAULT
     assert h.info("m")["mem_kb"] == 32 * 1024
     assert h.stop() == 0
 

@@ -5,15 +5,21 @@ from __future__ import annotations
 import errno
 import struct
 import threading
+import time
 
 import pytest
 
-from xmp.errors import GrantError, HypercallError
+from xmp.errors import GrantError, HypercallError, LocalError
 from xmp.sharedmem.grant import (
+    GNTTAB_COPY,
+    GNTTAB_COPY_STATUS,
     GNTTAB_NR_RESERVED_ENTRIES,
     ActiveGrants,
     CopyPtr,
+    GNTCOPY_dest_gref,
+    GNTCOPY_source_gref,
     GNTST_bad_copy_arg,
+    GNTST_bad_domain,
     GNTST_bad_gntref,
     GNTST_bad_page,
     GNTST_permission_denied,
@@ -22,7 +28,9 @@ from xmp.sharedmem.grant import (
     GTF_reading,
     GTF_readonly,
     GTF_writing,
+    copy_records,
     grant_copy,
+    unpack_copy_records,
 )
 
 GRANTER, BACKEND, OTHER = 5, 0, 7
@@ -122,17 +130,27 @@ def test_make_readonly_only_while_not_written(tables):
         act.map_grant_ref([ref], BACKEND)
 
 
-@pytest.mark.timeout(60)
-def test_concurrent_map_and_end_access_never_revoke_a_live_mapping(tables):
-    """end_foreign_access succeeds only when no mapping is live, whatever the
-    interleaving (the C calls run without the GIL, so this is concurrent)."""
-    gt, act, *_ = tables
+def _race_map_and_revoke(gt, act, revoke, seconds: float = 1.0):
+    """A mapper and a revoker on one ref; the C calls run without the GIL, so
+    they really race.  Every other mapping is held until the revoker has made
+    a whole attempt while it is live (so a revoker that ignores the in-use
+    bits meets a live mapping every time); the others are dropped at once.
+    Returns the violations seen (a revocation while a mapping was live) and
+    the counts."""
     ref = 20
     gt.grant_access(ref, BACKEND, 4)
     live = [0]
+    attempts = [0]
     stop = threading.Event()
-    violations = []
-    counts = {"mapped": 0, "ended": 0}
+    violations: list[str] = []
+    counts = {"mapped": 0, "held": 0, "ended": 0}
+
+    def wait_for_a_whole_attempt():
+        # the attempt that ends as seen + 2 began after seen + 1 ended: wholly
+        # inside whatever the mapper holds (or does not hold) meanwhile
+        seen = attempts[0]
+        while attempts[0] < seen + 2 and not stop.is_set():
+            time.sleep(0)  # let the revoker run
 
     def mapper():
         while not stop.is_set():
@@ -142,17 +160,24 @@ def test_concurrent_map_and_end_access_never_revoke_a_live_mapping(tables):
                 continue
             live[0] += 1  # counted only between a successful map and its unmap
             counts["mapped"] += 1
+            if counts["mapped"] % 2:
+                wait_for_a_whole_attempt()  # a live mapping under the revoker's nose
+                counts["held"] += 1
             live[0] -= 1
             act.unmap_grant_ref([ref])
+            if counts["mapped"] % 4 == 0:
+                wait_for_a_whole_attempt()  # and a window with none, where it may end access
 
     def revoker():
         while not stop.is_set():
             try:
-                gt.end_foreign_access(ref)
+                revoke(ref)
             except HypercallError:
+                attempts[0] += 1
                 continue
             if live[0]:
                 violations.append("revoked under a live mapping")
+            attempts[0] += 1
             counts["ended"] += 1
             gt.grant_access(ref, BACKEND, 4)
 
@@ -160,14 +185,36 @@ def test_concurrent_map_and_end_access_never_revoke_a_live_mapping(tables):
     for t in threads:
         t.start()
     deadline = threading.Event()
-    deadline.wait(1.5)
+    deadline.wait(seconds)
     stop.set()
     for t in threads:
         t.join(10)
+    return violations, counts, ref
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_map_and_end_access_never_revoke_a_live_mapping(tables):
+    """end_foreign_access succeeds only when no mapping is live, whatever the
+    interleaving."""
+    gt, act, *_ = tables
+    violations, counts, ref = _race_map_and_revoke(gt, act, gt.end_foreign_access)
     assert not violations
-    assert counts["mapped"] > 0 and counts["ended"] > 0
+    assert counts["held"] > 0 and counts["mapped"] > counts["held"] and counts["ended"] > 0
     flags = gt.entry(ref)[0]
     assert not flags & (GTF_reading | GTF_writing) and act.pins(ref) == (0, 0)
+
+
+@pytest.mark.timeout(60)
+def test_the_race_catches_a_revoker_that_ignores_the_in_use_bits(tables):
+    """The test above can fail: a revoker that clears the entry without
+    looking at GTF_reading/GTF_writing is caught revoking a live mapping."""
+    gt, act, buf, _ = tables
+
+    def careless_revoke(ref: int) -> None:
+        struct.pack_into("<H", buf, ref * 8, 0)  # flags = 0, mapped or not
+
+    violations, counts, _ = _race_map_and_revoke(gt, act, careless_revoke, seconds=0.5)
+    assert violations and counts["held"] > 0
 
 
 def test_grant_copy_between_granted_page_and_own_frame(tables):
@@ -230,3 +277,82 @@ def test_end_access_later_waits_for_the_mapper_to_let_go(tables):
     act.unmap_grant_ref([ref])
     gt.retry_deferred()
     assert gt.entry(ref)[0] == 0
+
+
+# -- GNTTABOP_copy's record form: struct gnttab_copy in the caller's memory ----
+
+REC = 6  # the caller's pfn holding the records
+
+
+def _records(ram, recs) -> None:
+    """recs: (src, dst, len, flags) with each side (ref-or-frame, domid, offset)."""
+    for i, (src, dst, length, flags) in enumerate(recs):
+        GNTTAB_COPY.pack_into(ram, REC * 4096 + i * GNTTAB_COPY.size, *src, *dst, length, flags, 99)
+
+
+def _statuses(ram, n) -> list[int]:
+    return [struct.unpack_from("<h", ram, REC * 4096 + i * GNTTAB_COPY.size + GNTTAB_COPY_STATUS)[0]
+            for i in range(n)]
+
+
+def test_gnttab_copy_struct_is_xens_layout():
+    # grant_table.h on x86_64: two 16-byte gnttab_copy_ptr (u64 union, u16 domid,
+    # u16 offset, padding), u16 len, u16 flags, s16 status: 40 bytes, status at 36
+    assert GNTTAB_COPY.size == 40 and GNTTAB_COPY_STATUS == 36
+    rec = GNTTAB_COPY.pack(0x11223344, 5, 7, 0x55, 0x7FF0, 9, 4096, GNTCOPY_source_gref, -8)
+    assert rec[:16] == struct.pack("<QHH4x", 0x11223344, 5, 7)
+    assert struct.unpack_from("<h", rec, GNTTAB_COPY_STATUS)[0] == -8
+    assert unpack_copy_records(rec) == [{"source": {"ref": 0x11223344, "domid": 5, "offset": 7},
+                                         "dest": {"frame": 0x55, "domid": 0x7FF0, "offset": 9}, "len": 4096}]
+
+
+def test_copy_records_copy_what_is_granted_and_answer_each_record(tables):
+    gt, act, _buf, ram = tables
+    own_ram = bytearray(8 * 4096)
+    own = ActiveGrants(bytearray(4096), BACKEND, own_ram)
+    ram[3 * 4096:4 * 4096] = bytes(i % 251 for i in range(4096))
+    rw, ro = gt.grant_foreign_access(BACKEND, 3), gt.grant_foreign_access(BACKEND, 4, readonly=True)
+    other = gt.grant_foreign_access(OTHER, 5)
+    self_ = 0x7FF0
+    src, dst = GNTCOPY_source_gref, GNTCOPY_dest_gref
+    recs = [
+        ((rw, GRANTER, 100), (1, self_, 0), 200, src),           # 0: in, okay
+        ((2, self_, 8), (rw, GRANTER, 3000), 16, dst),           # 1: out, okay
+        ((ro, GRANTER, 0), (1, BACKEND, 300), 4, src),           # 2: read a read-only grant: okay
+        ((2, self_, 0), (ro, GRANTER, 0), 4, dst),               # 3: write it: denied
+        ((other, GRANTER, 0), (1, self_, 0), 4, src),            # 4: granted to someone else
+        ((rw, 42, 0), (1, self_, 0), 4, src),                    # 5: no such domain
+        ((3, GRANTER, 0), (1, self_, 0), 4, 0),                  # 6: a frame of another's memory
+        ((rw, GRANTER, 4000), (1, self_, 0), 200, src),          # 7: crosses the page
+        ((rw, GRANTER, 0), (1, self_, 0), 4097, src),            # 8: longer than a page
+        ((rw, GRANTER, 4096), (1, self_, 0), 1, src),            # 9: offset outside the page
+        ((rw, GRANTER, 0), (8, self_, 0), 4, src),               # 10: own frame beyond its memory
+        ((rw, GRANTER, 0), (1, self_, 0), 4, src | 4),           # 11: an unknown flag
+        ((4096, GRANTER, 0), (1, self_, 0), 4, src),             # 12: ref outside the table
+    ]
+    _records(own_ram, recs)
+    own_ram[2 * 4096 + 8:2 * 4096 + 24] = b"from the backend"
+    before = bytes(ram)
+    copy_records(own, BACKEND, REC * 4096, len(recs), {GRANTER: act}.get)
+    assert _statuses(own_ram, len(recs)) == [
+        0, 0, 0, GNTST_permission_denied, GNTST_permission_denied, GNTST_bad_domain,
+        GNTST_permission_denied, GNTST_bad_copy_arg, GNTST_bad_copy_arg, GNTST_bad_copy_arg,
+        GNTST_bad_copy_arg, GNTST_bad_copy_arg, GNTST_bad_gntref]
+    assert own_ram[4096:4096 + 200] == before[3 * 4096 + 100:3 * 4096 + 300]
+    assert own_ram[4096 + 300:4096 + 304] == before[4 * 4096:4 * 4096 + 4]
+    # only record 1 wrote into the granter, where it was told to
+    assert ram[3 * 4096 + 3000:3 * 4096 + 3016] == b"from the backend"
+    ram[3 * 4096 + 3000:3 * 4096 + 3016] = before[3 * 4096 + 3000:3 * 4096 + 3016]
+    assert bytes(ram) == before
+    # every pin was dropped, and the records are as they were but for the statuses
+    assert all(act.pins(r) == (0, 0) for r in (rw, ro, other))
+    assert unpack_copy_records(own_ram[REC * 4096:REC * 4096 + len(recs) * 40])[0]["source"] == \
+        {"ref": rw, "domid": GRANTER, "offset": 100}
+
+
+def test_copy_records_refuse_a_range_outside_the_callers_memory(tables):
+    own = ActiveGrants(bytearray(4096), BACKEND, bytearray(2 * 4096))
+    with pytest.raises(LocalError):
+        copy_records(own, BACKEND, 4096, 103, {}.get)  # 103 records do not fit in one page
+    with pytest.raises(LocalError):
+        copy_records(own, BACKEND, -40, 1, {}.get)

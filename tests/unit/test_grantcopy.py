@@ -1,11 +1,12 @@
-"""The copy-only back ring and data movers of untrusted driver domains.
+"""The copy-only back ring and data movers of driver domains.
 
 A real C :class:`FrontRing` is the frontend; :class:`CopyBackRing` reaches
 the same bytes only through a copier.  The oracle is a C :class:`BackRing`
 on a mirror buffer driven by an identical front: both must see the same
 requests, answer the same notify decisions and leave the same bytes.
 :class:`GrantCopier` and the data helpers run against a fake kernel whose
-``grant_copy`` executes the op dicts over two bytearrays.
+``grant_copy`` executes the op dicts over two bytearrays (the records of
+GNTTABOP_copy's fast form are decoded into those dicts).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from xmp.domid import DOMID_SELF
 from xmp.drivers.grantcopy import (
+    COPY_LIST_PAGES,
     MAX_COPY_OPS,
     CopyBackRing,
+    CopyList,
     GrantCopier,
     bounce_pages_for,
     bounce_views,
@@ -28,6 +31,7 @@ from xmp.drivers.grantcopy import (
     copy_to_grants,
 )
 from xmp.errors import GrantError, LocalError, RemoteProtocolError, RingFull
+from xmp.sharedmem.grant import GNTTAB_COPY, GNTTAB_COPY_STATUS, unpack_copy_records
 from xmp.sharedmem.ring import REQ_EVENT, REQ_PROD, RSP_EVENT, BackRing, FrontRing, ring_bytes
 
 M32 = 0xFFFFFFFF
@@ -400,6 +404,14 @@ class FakeXen:
         assert side["domid"] == DOMID_SELF and 0 <= side["frame"] < len(self.k.own) // PAGE
         return self.k.page(side["frame"])[off:off + n], 0
 
+    def grant_copy_records(self, pfn: int, count: int) -> None:
+        """The hypercall's fast form: records in our memory, statuses back into them."""
+        assert 1 <= count <= MAX_COPY_OPS
+        at = pfn * PAGE
+        records = self.k.own[at:at + count * GNTTAB_COPY.size]
+        for i, status in enumerate(self.grant_copy(unpack_copy_records(records))):
+            struct.pack_into("<h", self.k.own, at + i * GNTTAB_COPY.size + GNTTAB_COPY_STATUS, status)
+
     def grant_copy(self, ops: list[dict]) -> list[int]:
         assert 1 <= len(ops) <= MAX_COPY_OPS
         self.calls.append(ops)
@@ -418,9 +430,20 @@ class FakeXen:
 class FakeKernel:
     def __init__(self, foreign_pages: int, own_pages: int, gref_frames: dict[int, int]):
         self.foreign = bytearray(foreign_pages * PAGE)
-        self.own = bytearray(own_pages * PAGE)
+        # own_pages for the test's bounce pages, then room for alloc_pages (a CopyList)
+        self.own = self.memory = bytearray((own_pages + COPY_LIST_PAGES) * PAGE)
+        self._free_pfn = own_pages
         self.gref_frames = gref_frames
         self.xen = FakeXen(self)
+        self.ops = CopyList(self)
+
+    def alloc_pages(self, n: int) -> int:
+        pfn, self._free_pfn = self._free_pfn, self._free_pfn + n
+        assert self._free_pfn * PAGE <= len(self.own)
+        return pfn
+
+    def free_pages(self, pfn: int, n: int) -> None:
+        pass
 
     def page(self, pfn: int) -> memoryview:
         return memoryview(self.own)[pfn * PAGE:(pfn + 1) * PAGE]
@@ -443,7 +466,7 @@ def test_grant_copier_serves_a_ring(order, bounce):
     nbytes = len(ring)
     bounce = bounce or bounce_pages_for(nbytes)
     front = FrontRing(ring, 64, 64)
-    back = CopyBackRing(GrantCopier(k, GRANTER, grefs, 30, bounce), nbytes, 64, 64)
+    back = CopyBackRing(GrantCopier(k, GRANTER, grefs, 30, bounce, k.ops), nbytes, 64, 64)
     for rnd in range(3):
         data = msgs(rnd * 1000, back.nr_ents, 64)
         assert front.put_requests(data) == back.nr_ents
@@ -462,7 +485,7 @@ def test_grant_copier_serves_a_ring(order, bounce):
 def test_grant_copier_splits_at_512_segments_in_order():
     k, grefs, ring = ring_kernel(0)
     ring[:] = before = bytes(range(256)) * 16
-    copier = GrantCopier(k, GRANTER, grefs, 30, 2)
+    copier = GrantCopier(k, GRANTER, grefs, 30, 2, k.ops)
     ops = [("in", 7 * i, 3) for i in range(580)] + [("out", 0, b"XY"), ("in", 0, 4)]
     got = copier(ops)
     assert [len(c) for c in k.xen.calls] == [512, 70]
@@ -473,7 +496,7 @@ def test_grant_copier_splits_at_512_segments_in_order():
 def test_grant_copier_never_lets_a_segment_cross_a_bounce_page():
     k, grefs, ring = ring_kernel(1)
     ring[:] = bytes(i % 251 for i in range(len(ring)))
-    copier = GrantCopier(k, GRANTER, grefs, 30, 2)
+    copier = GrantCopier(k, GRANTER, grefs, 30, 2, k.ops)
     ops = [("in", 1000, 3000), ("in", 4096, 4096), ("in", 100, 1500)]
     got = copier(ops)
     assert got == [bytes(ring[o:o + n]) for _, o, n in ops]
@@ -484,7 +507,7 @@ def test_grant_copier_never_lets_a_segment_cross_a_bounce_page():
 def test_grant_copier_failure_is_the_frontends_fault():
     k, grefs, ring = ring_kernel(1)
     k.xen.fail[grefs[1]] = -8
-    copier = GrantCopier(k, GRANTER, grefs, 30, 4)
+    copier = GrantCopier(k, GRANTER, grefs, 30, 4, k.ops)
     assert copier([("in", 0, 4)]) == [bytes(4)]
     with pytest.raises(RemoteProtocolError,
                        match=r"bad frontend: grant copy of ring page 1 \(gref 107\) failed: status GNTST_perm"
@@ -494,13 +517,13 @@ def test_grant_copier_failure_is_the_frontends_fault():
 
 def test_grant_copier_refuses_ops_that_cross_pages():
     k, grefs, _ = ring_kernel(1)
-    copier = GrantCopier(k, GRANTER, grefs, 30, 4)
+    copier = GrantCopier(k, GRANTER, grefs, 30, 4, k.ops)
     for op in [("in", PAGE - 2, 4), ("out", 2 * PAGE, b"x"), ("in", -1, 1), ("sideways", 0, 1)]:
         with pytest.raises(LocalError):
             copier([("out", 0, b"ok")] * 600 + [op])  # checked before anything is issued
     assert k.xen.calls == []
     with pytest.raises(LocalError, match="at least one bounce page"):
-        GrantCopier(k, GRANTER, grefs, 30, 0)
+        GrantCopier(k, GRANTER, grefs, 30, 0, k.ops)
 
 
 def data_kernel(npages: int = 8):
@@ -518,7 +541,7 @@ def foreign_bytes(k, gref, off, n) -> bytes:
 def test_copy_from_grants_packs_segments_into_bounce_pages():
     k, grefs = data_kernel()
     segs = [(grefs[0], 512, 1024), (grefs[3], 0, PAGE), (grefs[5], 3584, 512), (grefs[5], 0, 3072)]
-    views = copy_from_grants(k, GRANTER, segs, 10, 4)
+    views = copy_from_grants(k, GRANTER, segs, 10, 4, k.ops)
     assert [bytes(v) for v in views] == [foreign_bytes(k, *s) for s in segs]
     assert len(k.xen.calls) == 1
     ops = k.xen.calls[0]
@@ -533,7 +556,7 @@ def test_copy_to_grants_writes_what_was_placed_in_the_bounce_views():
     segs = [(grefs[1], 0, 512), (grefs[2], 1024, 2048), (grefs[1], 2048, 2048)]
     for i, v in enumerate(bounce_views(k, segs, 10, 2)):
         v[:] = bytes([i + 1]) * len(v)
-    copy_to_grants(k, GRANTER, segs, 10, 2)
+    copy_to_grants(k, GRANTER, segs, 10, 2, k.ops)
     for i, s in enumerate(segs):
         assert foreign_bytes(k, *s) == bytes([i + 1]) * s[2]
     f = k.gref_frames[grefs[1]] * PAGE
@@ -543,7 +566,7 @@ def test_copy_to_grants_writes_what_was_placed_in_the_bounce_views():
 def test_many_segments_take_several_hypercalls():
     k, grefs = data_kernel()
     segs = [(grefs[i % 8], (i // 8) % 8 * 512, 512) for i in range(600)]
-    views = copy_from_grants(k, GRANTER, segs, 0, 75)
+    views = copy_from_grants(k, GRANTER, segs, 0, 75, k.ops)
     assert [len(c) for c in k.xen.calls] == [512, 88]
     assert [bytes(v) for v in views] == [foreign_bytes(k, *s) for s in segs]
 
@@ -554,16 +577,16 @@ def test_data_copy_failure_names_the_gref():
     segs = [(grefs[0], 0, 512), (grefs[2], 0, 512)]
     msg = r"grant_copy of gref 502 \(granted by dom7\): GNTST_bad_gntref"
     with pytest.raises(GrantError, match=msg) as exc:
-        copy_to_grants(k, GRANTER, segs, 0, 1)
+        copy_to_grants(k, GRANTER, segs, 0, 1, k.ops)
     assert (exc.value.domid, exc.value.gref, exc.value.status) == (GRANTER, grefs[2], -3)
     with pytest.raises(GrantError):
-        copy_from_grants(k, GRANTER, [(999, 0, 8)], 0, 1)  # never granted
+        copy_from_grants(k, GRANTER, [(999, 0, 8)], 0, 1, k.ops)  # never granted
 
 
 def test_data_layout_is_checked():
     k, grefs = data_kernel()
     with pytest.raises(LocalError, match="crosses a page"):
-        copy_from_grants(k, GRANTER, [(grefs[0], 4000, 200)], 0, 4)
+        copy_from_grants(k, GRANTER, [(grefs[0], 4000, 200)], 0, 4, k.ops)
     with pytest.raises(LocalError, match="bounce pages"):
-        copy_from_grants(k, GRANTER, [(grefs[0], 0, PAGE)] * 3, 0, 2)
+        copy_from_grants(k, GRANTER, [(grefs[0], 0, PAGE)] * 3, 0, 2, k.ops)
     assert k.xen.calls == []

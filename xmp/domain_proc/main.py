@@ -43,7 +43,8 @@ def domain_main(sock: socket.socket) -> int:
     kernel = Kernel(xen, loop, {**boot, "fds": extra_fds}, ram, start_info)
     print(f"dom{kernel.domid} {kernel.name}: running {boot['kernel']}", flush=True)
     try:
-        entry = load_entry(boot["kernel"])
+        # dom0 runs its services (xmp.dom0:main), which start its own kernel beside them
+        entry = load_entry(boot.get("dom0_kernel") or boot["kernel"])
         if not start_info.privileged:
             kernel.start_control()
         entry(kernel)

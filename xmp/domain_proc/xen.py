@@ -24,7 +24,7 @@ from xmp.sharedmem.shm import PAGE_SIZE, ShmObject
 
 @dataclass
 class GrantMapping:
-    """Pages of another domain mapped after map_grant_ref (trusted backends).
+    """Pages of another domain mapped after map_grant_ref (dom0 only).
 
     Each run of consecutive frames is one mmap (``maps``), so pages the
     granter holds side by side -- a multi-page ring, a data buffer -- are
@@ -33,6 +33,7 @@ class GrantMapping:
     handle: int
     granter: int
     refs: list[int]
+    readonly: bool = False   # mapped PROT_READ through a read-only descriptor
     pages: list = field(default_factory=list)
     maps: list = field(default_factory=list)
     where: list[tuple[int, int]] = field(default_factory=list)  # page i: (index in maps, page in it)
@@ -51,7 +52,9 @@ class Xen:
         self.evt = evt
         self._peers: dict[int, tuple[ShmObject, EventChannels]] = {}
         self._route: dict[int, tuple[EventChannels, int, int]] = {}
-        self._foreign: dict[int, ShmObject] = {}
+        # (granter, writable) -> its RAM's descriptor of that kind: read-only
+        # maps go through an O_RDONLY one, so they can never be made writable
+        self._foreign: dict[tuple[int, bool], ShmObject] = {}
         self._port_peer: dict[int, int] = {}
         # dom0's services call from more than one thread: the caches are shared
         self._lock = threading.RLock()
@@ -140,24 +143,26 @@ class Xen:
         peer = self._peers.pop(domid, None)
         if peer is not None:
             _close_peer(peer)
-        obj = self._foreign.get(domid)
-        if obj is not None and not obj._maps:  # another service may still map pages of it
-            del self._foreign[domid]
-            obj.close()
+        for key in [(domid, False), (domid, True)]:
+            obj = self._foreign.get(key)
+            if obj is not None and not obj._maps:  # another service may still map pages of it
+                del self._foreign[key]
+                obj.close()
 
     # -- grant tables ----------------------------------------------------------
 
     def map_grant_ref(self, granter: int, refs: list[int], readonly: bool = False) -> GrantMapping:
+        key = (granter, not readonly)
         ret, fds = self.ch.call_with_fds("grant_table_op", "map_grant_ref", dom=granter, refs=list(refs),
-                                         readonly=readonly, have_ram=granter in self._foreign)
+                                         readonly=readonly, have_ram=key in self._foreign)
         with self._lock:
             self._live_granters.add(granter)
             for fd in fds:
-                if granter in self._foreign:  # another thread got it meanwhile: keep that one
+                if key in self._foreign:  # another thread got it meanwhile: keep that one
                     os.close(fd)
                 else:
-                    self._foreign[granter] = ShmObject.from_fd(fd)
-            obj = self._foreign[granter]
+                    self._foreign[key] = ShmObject.from_fd(fd)
+            obj = self._foreign[key]
             frames = ret["frames"]
             maps: list = []
             pages: list = []
@@ -173,11 +178,12 @@ class Xen:
                 pages += [m] if n == 1 else [memoryview(m)[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
                                              for k in range(n)]
                 i += n
-        return GrantMapping(ret["handle"], granter, list(refs), pages, maps, where)
+        return GrantMapping(ret["handle"], granter, list(refs), readonly, pages, maps, where)
 
     def unmap_grant_ref(self, mapping: GrantMapping) -> None:
         with self._lock:
-            obj = self._foreign.get(mapping.granter)
+            key = (mapping.granter, not mapping.readonly)
+            obj = self._foreign.get(key)
             for page in mapping.pages:
                 if isinstance(page, memoryview):
                     page.release()
@@ -186,7 +192,7 @@ class Xen:
                     obj._maps.remove(m)
                 m.close()
             if obj is not None and not obj._maps and mapping.granter not in self._live_granters:
-                del self._foreign[mapping.granter]  # forgotten already: its last mapping is gone
+                del self._foreign[key]  # forgotten already: its last mapping is gone
                 obj.close()
         mapping.pages.clear()
         mapping.maps.clear()
@@ -195,6 +201,12 @@ class Xen:
 
     def grant_copy(self, ops: list[dict]) -> list[int]:
         return self.call("grant_table_op", "copy", ops=ops)
+
+    def grant_copy_records(self, pfn: int, count: int) -> None:
+        """GNTTABOP_copy of ``count`` struct gnttab_copy records at our
+        ``pfn`` (:data:`xmp.sharedmem.grant.GNTTAB_COPY`); the statuses
+        come back in the records."""
+        self.call("grant_table_op", "copy", frame=pfn, count=count)
 
     def setup_table(self, nr_frames: int) -> list[int]:
         return self.call("grant_table_op", "setup_table", nr_frames=nr_frames)

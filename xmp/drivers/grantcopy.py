@@ -1,9 +1,10 @@
-"""A back ring and data movers for untrusted driver domains: grant copy only.
+"""A back ring and data movers for driver domains: grant copy only.
 
-Xen's ``docs/misc/DESIGN`` lets an untrusted backend reach a frontend's
-memory only through GNTTABOP_copy: the hypervisor answers EPERM when such a
-domain asks to map a grant.  So its ring cannot be a pointer into shared
-memory; it is the frontend's granted ring pages seen through copies.
+Only dom0 maps grants; a driver domain reaches a frontend's memory only
+through GNTTABOP_copy (the hypervisor answers EPERM when it asks to map a
+grant), as Xen's untrusted backends do.  So its ring cannot be a pointer
+into shared memory; it is the frontend's granted ring pages seen through
+copies.
 
 :class:`CopyBackRing` has :class:`xmp.sharedmem.ring.BackRing`'s interface
 and ``io/ring.h`` semantics, but every access to the shared ring is a list
@@ -28,6 +29,11 @@ claiming more than a ring's worth raises :class:`RemoteProtocolError`.
 
 :func:`copy_from_grants` / :func:`copy_to_grants` move a request's data
 between the frontend's granted pages and the backend's own bounce pages.
+
+Every copy goes to the hypervisor as Xen's GNTTABOP_copy does: a
+:class:`CopyList` of ``struct gnttab_copy`` records in the backend's own
+pages, named by pfn -- no per-segment JSON either way, and the hypervisor
+reads and runs them in C (a 1 MiB request is one call of 256 records).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import Any
 
 from xmp.domid import DOMID_SELF
 from xmp.errors import GNTST_NAMES, GrantError, LocalError, RemoteProtocolError, RingFull
+from xmp.sharedmem.grant import GNTTAB_COPY, GNTTAB_COPY_STATUS, GNTCOPY_dest_gref, GNTCOPY_source_gref
 from xmp.sharedmem.ring import HEADER_SIZE, REQ_EVENT, REQ_PROD, RSP_EVENT, RSP_PROD, ring_nr_ents
 from xmp.sharedmem.shm import PAGE_SIZE
 
@@ -272,21 +279,70 @@ class _Bounce:
         return self.used >= self.pages * PAGE_SIZE
 
 
-def _own(pfn: int, offset: int) -> dict:
-    return {"frame": pfn, "domid": DOMID_SELF, "offset": offset}
+COPY_LIST_PAGES = -(-MAX_COPY_OPS * GNTTAB_COPY.size // PAGE_SIZE)
+_STATUS_STEP = GNTTAB_COPY.size // 2  # int16s per record
+
+
+class CopyList:
+    """One GNTTABOP_copy being filled: up to :data:`MAX_COPY_OPS` records in
+    :data:`COPY_LIST_PAGES` pages of our own memory, taken from the kernel
+    (given back by :meth:`release`).  Each segment moves ``length`` bytes
+    between a grant of ``granter``'s and our own frame ``pfn``."""
+
+    def __init__(self, kernel: Any):
+        self.kernel = kernel
+        self.pfn = kernel.alloc_pages(COPY_LIST_PAGES)
+        self._buf = memoryview(kernel.memory)[self.pfn * PAGE_SIZE:(self.pfn + COPY_LIST_PAGES) * PAGE_SIZE]
+        self.n = 0
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def full(self) -> bool:
+        return self.n == MAX_COPY_OPS
+
+    def copy_in(self, granter: int, gref: int, offset: int, pfn: int, boff: int, length: int) -> None:
+        """Their ``gref`` at ``offset`` into our ``pfn`` at ``boff``."""
+        GNTTAB_COPY.pack_into(self._buf, self.n * GNTTAB_COPY.size, gref, granter, offset,
+                              pfn, DOMID_SELF, boff, length, GNTCOPY_source_gref, 0)
+        self.n += 1
+
+    def copy_out(self, pfn: int, boff: int, granter: int, gref: int, offset: int, length: int) -> None:
+        """Our ``pfn`` at ``boff`` into their ``gref`` at ``offset``."""
+        GNTTAB_COPY.pack_into(self._buf, self.n * GNTTAB_COPY.size, pfn, DOMID_SELF, boff,
+                              gref, granter, offset, length, GNTCOPY_dest_gref, 0)
+        self.n += 1
+
+    def run(self) -> list[int]:
+        """Issue the records (one hypercall) and start afresh; their
+        statuses, in order (0 is GNTST_okay)."""
+        n, self.n = self.n, 0
+        if not n:
+            return []
+        self.calls += 1
+        self.kernel.xen.grant_copy_records(self.pfn, n)
+        return self._buf[:n * GNTTAB_COPY.size].cast("h")[GNTTAB_COPY_STATUS // 2::_STATUS_STEP].tolist()
+
+    def release(self) -> None:
+        self._buf.release()
+        self.kernel.free_pages(self.pfn, COPY_LIST_PAGES)
 
 
 class GrantCopier:
     """A :class:`CopyBackRing` copier for a live domain: one GNTTABOP_copy
     per call when the bounce pages hold it (see :func:`bounce_pages_for`),
-    else several, issued in op order.  ``grefs[i]`` grants ring page i."""
+    else several, issued in op order, each through ``ops``.  ``grefs[i]``
+    grants ring page i."""
 
     def __init__(self, kernel: Any, granter: int, grefs: Sequence[int], bounce_pfn: int,
-                 bounce_pages: int):
+                 bounce_pages: int, ops: CopyList):
         self.kernel = kernel
         self.granter = granter
         self.grefs = list(grefs)
         self._bounce = _Bounce(bounce_pfn, bounce_pages)
+        self._ops = ops
 
     def _check(self, op: CopyOp) -> int:
         """An op's length, once it is known to lie within one ring page."""
@@ -305,26 +361,23 @@ class GrantCopier:
 
     def __call__(self, ops: list[CopyOp]) -> list[bytes | None]:
         results: list[list[bytes] | None] = [[] if kind == "in" else None for kind, _, _ in ops]
-        batch: list[dict] = []
-        # per segment of the batch: (op index, bounce pfn, bounce offset, length)
-        where: list[tuple[int, int, int, int]] = []
+        batch = self._ops
+        # per record of the batch: (op index, bounce pfn, bounce offset, length, ring page)
+        where: list[tuple[int, int, int, int, int]] = []
         bounce = self._bounce
         bounce.used = 0
 
         def flush() -> None:
-            statuses = self.kernel.xen.grant_copy(list(batch))  # a copy: batch is reused
-            for seg, st in zip(batch, statuses, strict=True):
+            statuses = batch.run()
+            for (_, _, _, _, page), st in zip(where, statuses, strict=True):
                 if st:
-                    ring = seg["source"] if "ref" in seg["source"] else seg["dest"]
-                    page = self.grefs.index(ring["ref"])
                     raise RemoteProtocolError(
-                        f"bad frontend: grant copy of ring page {page} (gref {ring['ref']}) "
+                        f"bad frontend: grant copy of ring page {page} (gref {self.grefs[page]}) "
                         f"failed: status {GNTST_NAMES.get(st, st)}")
-            for i, pfn, off, n in where:
+            for i, pfn, off, n, _ in where:
                 res = results[i]
                 if res is not None:
                     res.append(bytes(self.kernel.page(pfn)[off:off + n]))
-            batch.clear()
             where.clear()
             bounce.used = 0
 
@@ -333,18 +386,17 @@ class GrantCopier:
             page, poff = divmod(offset, PAGE_SIZE)
             done = 0
             while done < length:
-                if len(batch) == MAX_COPY_OPS or bounce.full:
+                if batch.full or bounce.full:
                     flush()
                 pfn, boff, n = bounce.take(length - done)
-                ring = {"ref": self.grefs[page], "domid": self.granter, "offset": poff + done}
                 if kind == "in":
-                    batch.append({"source": ring, "dest": _own(pfn, boff), "len": n})
+                    batch.copy_in(self.granter, self.grefs[page], poff + done, pfn, boff, n)
                 else:
                     self.kernel.page(pfn)[boff:boff + n] = arg[done:done + n]  # type: ignore[index]
-                    batch.append({"source": _own(pfn, boff), "dest": ring, "len": n})
-                where.append((i, pfn, boff, n))
+                    batch.copy_out(pfn, boff, self.granter, self.grefs[page], poff + done, n)
+                where.append((i, pfn, boff, n, page))
                 done += n
-        if batch:
+        if len(batch):
             flush()
         return [None if r is None else b"".join(r) for r in results]
 
@@ -381,33 +433,31 @@ def bounce_views(kernel: Any, segs: Sequence[tuple[int, int, int]], bounce_pfn: 
 
 
 def _copy_segments(kernel: Any, granter: int, segs: Sequence[tuple[int, int, int]],
-                   bounce_pfn: int, bounce_pages: int, *, to_grants: bool) -> None:
-    batch: list[dict] = []
-    for (gref, offset, length), (pfn, off) in zip(segs, _layout(segs, bounce_pfn, bounce_pages),
-                                                  strict=True):
-        theirs = {"ref": gref, "domid": granter, "offset": offset}
-        ours = _own(pfn, off)
-        src, dst = (ours, theirs) if to_grants else (theirs, ours)
-        batch.append({"source": src, "dest": dst, "len": length})
-    for at in range(0, len(batch), MAX_COPY_OPS):
-        chunk = batch[at:at + MAX_COPY_OPS]
-        for seg, st in zip(chunk, kernel.xen.grant_copy(chunk), strict=True):
+                   bounce_pfn: int, bounce_pages: int, ops: CopyList, *, to_grants: bool) -> None:
+    layout = _layout(segs, bounce_pfn, bounce_pages)
+    for at in range(0, len(segs), MAX_COPY_OPS):
+        chunk = segs[at:at + MAX_COPY_OPS]
+        for (gref, offset, length), (pfn, off) in zip(chunk, layout[at:at + MAX_COPY_OPS], strict=True):
+            if to_grants:
+                ops.copy_out(pfn, off, granter, gref, offset, length)
+            else:
+                ops.copy_in(granter, gref, offset, pfn, off, length)
+        for (gref, _, _), st in zip(chunk, ops.run(), strict=True):
             if st:
-                gref = (seg["dest"] if to_grants else seg["source"])["ref"]
                 raise GrantError(granter, gref, st, "grant_copy")
 
 
 def copy_from_grants(kernel: Any, granter: int, segs: Sequence[tuple[int, int, int]],
-                     bounce_pfn: int, bounce_pages: int) -> list[memoryview]:
+                     bounce_pfn: int, bounce_pages: int, ops: CopyList) -> list[memoryview]:
     """Copy each ``(gref, offset, length)`` of ``granter``'s into our bounce
     pages (a WRITE request's data); returns the views :func:`bounce_views`
     gives.  GrantError names the first gref that failed."""
-    _copy_segments(kernel, granter, segs, bounce_pfn, bounce_pages, to_grants=False)
+    _copy_segments(kernel, granter, segs, bounce_pfn, bounce_pages, ops, to_grants=False)
     return bounce_views(kernel, segs, bounce_pfn, bounce_pages)
 
 
 def copy_to_grants(kernel: Any, granter: int, segs: Sequence[tuple[int, int, int]],
-                   bounce_pfn: int, bounce_pages: int) -> None:
+                   bounce_pfn: int, bounce_pages: int, ops: CopyList) -> None:
     """Copy the data the caller placed in :func:`bounce_views` into each
     ``(gref, offset, length)`` of ``granter``'s (a READ request's data)."""
-    _copy_segments(kernel, granter, segs, bounce_pfn, bounce_pages, to_grants=True)
+    _copy_segments(kernel, granter, segs, bounce_pfn, bounce_pages, ops, to_grants=True)

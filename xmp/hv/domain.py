@@ -103,10 +103,6 @@ class Domain:
         """start_info, console, xenstore and grant-table pages: never ballooned."""
         return first_free_pfn(self.cfg.max_grant_frames)
 
-    @property
-    def trusted_backend(self) -> bool:
-        return self.privileged or self.cfg.trusted_backend
-
     def state_letters(self, running: bool) -> str:
         """xl's six state characters: r b p s <reason> d.  dom0 is the
         domain the toolstack runs in, so -- as under xl -- it is running

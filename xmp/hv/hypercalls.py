@@ -27,7 +27,7 @@ from xmp.sharedmem.evtchn import (
     bind_interdomain,
     close_port,
 )
-from xmp.sharedmem.grant import CopyBatch
+from xmp.sharedmem.grant import GNTTAB_COPY, ActiveGrants, CopyBatch, copy_records
 from xmp.sharedmem.shm import PAGE_SIZE
 
 XEN_VERSION = {"major": 4, "minor": 19, "extra": "-xmp", "capabilities": "xen-3.0-x86_64 xmp"}
@@ -166,23 +166,30 @@ class HypercallHandlers:
         return {"nr_frames": dom.nr_grant_frames, "max_nr_frames": dom.cfg.max_grant_frames}, []
 
     def hc_grant_table_op_map_grant_ref(self, caller: Domain, args: dict) -> Reply:
-        """Trusted backends only: check the grants, pin them, and hand over
-        the granter's memory descriptor (once) so the caller maps exactly
-        those frames.  Everyone else must use grant copy."""
+        """dom0 only, as only Xen's dom0 maps foreign pages (privcmd): check
+        the grants, pin them, and hand over the granter's memory descriptor
+        (once per kind) so dom0 maps exactly those frames.  A read-only map
+        gets a descriptor opened O_RDONLY, so no mapping made through it can
+        ever be written; the writable one comes only with a writable grant.
+        Every other domain -- driver domains included -- is refused (EPERM)
+        and uses grant copy: a descriptor of a guest's whole RAM must not
+        reach a process that is not dom0."""
         op = "map_grant_ref"
-        if not caller.trusted_backend:
+        if not caller.privileged:
             raise HypercallError(errno.EPERM, op,
-                                 f"dom{caller.domid} is not a trusted backend: use grant copy")
+                                 f"dom{caller.domid} may not map grants (only dom0 does): use grant copy")
         granter = self.lookup(arg(args, "dom", int, op), op)
         refs = int_list(args, "refs", op, limit=1024)
         readonly = bool(arg(args, "readonly", bool, op, False))
+        # The caller says whether it still holds the descriptor of this kind
+        # (it may have dropped it): asking again only gets it a duplicate.
+        fds = []
+        if not arg(args, "have_ram", bool, op, False):
+            fds = [granter.ram.readonly_fd() if readonly else granter.ram.fd]
         frames = granter.grants.map_grant_ref(refs, caller.domid, readonly)
         handle = caller.next_handle
         caller.next_handle += 1
         caller.maptrack[handle] = Mapping(granter.domid, refs, readonly)
-        # The caller says whether it still holds the granter's memory descriptor
-        # (it may have dropped it): asking again only gets it a duplicate.
-        fds = [] if arg(args, "have_ram", bool, op, False) else [granter.ram.fd]
         return {"handle": handle, "frames": frames, "ram_size": granter.ram.size}, fds
 
     def hc_grant_table_op_unmap_grant_ref(self, caller: Domain, args: dict) -> Reply:
@@ -196,8 +203,22 @@ class HypercallHandlers:
         return 0, []
 
     def hc_grant_table_op_copy(self, caller: Domain, args: dict) -> Reply:
-        """GNTTABOP_copy: a list of segments, a GNTST status for each (the
-        segments are checked here, then copied in order by one call into C)."""
+        """GNTTABOP_copy, in either of two forms:
+
+        * ``frame``, ``count``: as Xen takes it, ``count`` struct gnttab_copy
+          records in the caller's own memory from pfn ``frame`` on; each
+          status is written into its record and the call returns 0.  Read,
+          checked and run in C: the fast form.
+        * ``ops``: a JSON list of segments; returns a GNTST status for each
+          (checked here, then copied in order by one call into C)."""
+        if "frame" in args:
+            frame, count = arg(args, "frame", int, "copy"), arg(args, "count", int, "copy")
+            if not 1 <= count <= 512:
+                raise HypercallError(errno.EINVAL, "copy", "1 to 512 segments per call")
+            if not 0 <= frame or (frame * PAGE_SIZE + count * GNTTAB_COPY.size) > caller.ram.size:
+                raise HypercallError(errno.EFAULT, "copy", f"{count} records at pfn {frame} leave its memory")
+            copy_records(caller.grants, caller.domid, frame * PAGE_SIZE, count, self._grants_of)
+            return 0, []
         ops = arg(args, "ops", list, "copy")
         if len(ops) > 512:
             raise HypercallError(errno.EINVAL, "copy", "at most 512 segments per call")
@@ -216,6 +237,10 @@ class HypercallHandlers:
             except (HypercallError, TypeError, ValueError):
                 batch.fail(i, -10)  # GNTST_bad_copy_arg
         return batch.run(caller.domid), []
+
+    def _grants_of(self, domid: int) -> ActiveGrants | None:
+        dom = self.domains.get(domid)
+        return None if dom is None else dom.grants
 
     def _copy_side(self, caller: Domain, side: Any) -> tuple:
         """(table, offset, gref, frame) of one side of a segment, checked."""

@@ -63,6 +63,30 @@ void xmp_gnttab_unmap(xmp_grant_entry_t *tab, xmp_active_table_t *act,
 int xmp_gnttab_copy(xmp_copy_ptr_t *src, xmp_copy_ptr_t *dst, uint32_t len, uint16_t caller);
 void xmp_gnttab_copy_batch(xmp_copy_ptr_t *src, xmp_copy_ptr_t *dst, const uint32_t *len,
                            int16_t *status, uint32_t n, uint16_t caller);
+typedef struct {
+    union { uint32_t ref; uint64_t gmfn; } u;
+    uint16_t domid;
+    uint16_t offset;
+} xmp_gnttab_copy_ptr_t;
+typedef struct {
+    xmp_gnttab_copy_ptr_t source, dest;
+    uint16_t len;
+    uint16_t flags;
+    int16_t status;
+} xmp_gnttab_copy_t;
+typedef struct {
+    uint16_t domid;
+    uint8_t *mem;
+    uint64_t mem_len;
+    xmp_grant_entry_t *tab;
+    uint32_t nr;
+    xmp_active_table_t *act;
+} xmp_copy_dom_t;
+uint32_t xmp_gnttab_copy_domids(const xmp_gnttab_copy_t *ops, uint32_t n, uint16_t caller,
+                                uint16_t *out, uint32_t max);
+void xmp_gnttab_copy_ops(xmp_gnttab_copy_t *ops, uint32_t n, uint16_t caller,
+                         const xmp_copy_dom_t *doms, uint32_t ndoms);
+void xmp_gnttab_copy_status_out(uint8_t *dst, const xmp_gnttab_copy_t *ops, uint32_t n);
 
 uint32_t xmp_evtchn_sizeof_upcall(void);
 int xmp_evtchn_init(uint8_t *ev, uint32_t nr_vcpus);

@@ -18,6 +18,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <semaphore.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -497,6 +498,122 @@ void xmp_gnttab_copy_batch(xmp_copy_ptr_t *src, xmp_copy_ptr_t *dst, const uint3
 {
     for (uint32_t i = 0; i < n; i++)
         status[i] = (int16_t)xmp_gnttab_copy(&src[i], &dst[i], len[i], caller);
+}
+
+/* GNTTABOP_copy as Xen takes it: an array of struct gnttab_copy in the
+ * caller's memory (grant_table.h, x86_64 layout, 40 bytes each).  A side is
+ * a grant (GNTCOPY_*_gref: `ref` in `domid`'s table) or a frame of the
+ * caller's own memory (`gmfn`, domid DOMID_SELF). */
+typedef struct {
+    union { uint32_t ref; uint64_t gmfn; } u;
+    uint16_t domid;
+    uint16_t offset;
+} xmp_gnttab_copy_ptr_t;
+
+typedef struct {
+    xmp_gnttab_copy_ptr_t source, dest;
+    uint16_t len;
+    uint16_t flags;
+    int16_t status;
+} xmp_gnttab_copy_t;
+
+_Static_assert(sizeof(xmp_gnttab_copy_t) == 40, "struct gnttab_copy is 40 bytes on x86_64");
+
+/* A domain a copy may reach; doms[0] is always the caller. */
+typedef struct {
+    uint16_t domid;
+    uint8_t *mem;
+    uint64_t mem_len;
+    xmp_grant_entry_t *tab;
+    uint32_t nr;
+    xmp_active_table_t *act;
+} xmp_copy_dom_t;
+
+#define GNTCOPY_source_gref 1u
+#define GNTCOPY_dest_gref 2u
+#define GNTST_bad_domain (-2)
+#define XMP_DOMID_SELF 0x7FF0u
+
+/* The other domains whose grants the records name (at most `max`, each once):
+ * the supervisor looks them up before xmp_gnttab_copy_ops runs. */
+uint32_t xmp_gnttab_copy_domids(const xmp_gnttab_copy_t *ops, uint32_t n, uint16_t caller,
+                                uint16_t *out, uint32_t max)
+{
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        for (int side = 0; side < 2; side++) {
+            const xmp_gnttab_copy_ptr_t *p = side ? &ops[i].dest : &ops[i].source;
+            if (!(ops[i].flags & (side ? GNTCOPY_dest_gref : GNTCOPY_source_gref))
+                || p->domid == XMP_DOMID_SELF || p->domid == caller)
+                continue;
+            uint32_t j = 0;
+            while (j < k && out[j] != p->domid)
+                j++;
+            if (j == k && k < max)
+                out[k++] = p->domid;
+        }
+    }
+    return k;
+}
+
+static int copy_ptr_of(const xmp_gnttab_copy_ptr_t *p, int gref, uint16_t caller,
+                       const xmp_copy_dom_t *doms, uint32_t ndoms, xmp_copy_ptr_t *out)
+{
+    if (p->offset >= 4096)
+        return GNTST_bad_copy_arg;
+    out->offset = p->offset;
+    if (!gref) {   /* only one's own memory is named by frame */
+        if (p->domid != XMP_DOMID_SELF && p->domid != caller)
+            return GNTST_permission_denied;
+        if (p->u.gmfn >= doms[0].mem_len / 4096)
+            return GNTST_bad_copy_arg;
+        out->mem = doms[0].mem;
+        out->mem_len = doms[0].mem_len;
+        out->tab = NULL;
+        out->ref = (uint32_t)p->u.gmfn;
+        return GNTST_okay;
+    }
+    uint16_t domid = p->domid == XMP_DOMID_SELF ? caller : p->domid;
+    for (uint32_t i = 0; i < ndoms; i++) {
+        if (doms[i].domid == domid) {
+            out->mem = doms[i].mem;
+            out->mem_len = doms[i].mem_len;
+            out->tab = doms[i].tab;
+            out->nr = doms[i].nr;
+            out->act = doms[i].act;
+            out->ref = p->u.ref;
+            return GNTST_okay;
+        }
+    }
+    return GNTST_bad_domain;
+}
+
+/* Run every record in order, each checked and pinned on its own; its status
+ * is written into the record.  `ops` is the supervisor's private copy. */
+void xmp_gnttab_copy_ops(xmp_gnttab_copy_t *ops, uint32_t n, uint16_t caller,
+                         const xmp_copy_dom_t *doms, uint32_t ndoms)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        xmp_gnttab_copy_t *op = &ops[i];
+        xmp_copy_ptr_t src, dst;
+        int st;
+        if ((op->flags & ~(GNTCOPY_source_gref | GNTCOPY_dest_gref)) || op->len > 4096)
+            st = GNTST_bad_copy_arg;
+        else if ((st = copy_ptr_of(&op->source, op->flags & GNTCOPY_source_gref, caller, doms, ndoms,
+                                   &src)) == GNTST_okay
+                 && (st = copy_ptr_of(&op->dest, op->flags & GNTCOPY_dest_gref, caller, doms, ndoms,
+                                      &dst)) == GNTST_okay)
+            st = xmp_gnttab_copy(&src, &dst, op->len, caller);
+        op->status = (int16_t)st;
+    }
+}
+
+/* The statuses back into the caller's records (Xen writes op->status only). */
+void xmp_gnttab_copy_status_out(uint8_t *dst, const xmp_gnttab_copy_t *ops, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++)
+        memcpy(dst + (size_t)i * sizeof(xmp_gnttab_copy_t) + offsetof(xmp_gnttab_copy_t, status),
+               &ops[i].status, sizeof(int16_t));
 }
 
 /* ------------------------------------------------------------------ */

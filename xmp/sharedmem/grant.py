@@ -23,6 +23,8 @@ Two halves, as in Xen:
 from __future__ import annotations
 
 import errno
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from xmp.errors import GNTST_NAMES, GrantError, HypercallError, LocalError
@@ -43,6 +45,7 @@ GTF_reading = 1 << 3
 GTF_writing = 1 << 4
 
 GNTST_okay = 0
+GNTST_bad_domain = -2
 GNTST_bad_gntref = -3
 GNTST_permission_denied = -8
 GNTST_bad_page = -9
@@ -274,3 +277,61 @@ class CopyBatch:
             for i, segment in enumerate(self._index):
                 self.status[segment] = st[i]
         return self.status
+
+
+# -- GNTTABOP_copy from records in the caller's memory ---------------------
+
+# struct gnttab_copy (grant_table.h, x86_64): source and dest
+# {union {u32 ref; u64 gmfn}; u16 domid; u16 offset}, then u16 len,
+# u16 flags, s16 status.  Packed by the caller, read once by the supervisor.
+GNTTAB_COPY = struct.Struct("<QHH4xQHH4xHHh2x")
+GNTTAB_COPY_STATUS = 36  # the status field's offset in a record
+GNTCOPY_source_gref = 1
+GNTCOPY_dest_gref = 2
+
+
+def copy_records(own: ActiveGrants, caller: int, offset: int, count: int,
+                 grants_of: Callable[[int], ActiveGrants | None]) -> None:
+    """GNTTABOP_copy of the ``count`` records at byte ``offset`` of the
+    caller's memory (``own``: the caller's grants, built with its RAM).
+    The records are copied out once (the caller may rewrite them meanwhile:
+    nothing is read twice), checked and run in C, and each status is
+    written back into its record, as Xen does.  ``grants_of(domid)`` is the
+    ActiveGrants of a domain a record names, None if there is none
+    (GNTST_bad_domain).  The caller checks the range lies in its memory."""
+    if own._ram is None:
+        raise LocalError(f"dom{caller}'s memory is needed for a grant copy")
+    size = count * GNTTAB_COPY.size
+    if count <= 0 or offset < 0 or offset + size > len(own._ram):
+        raise LocalError(f"{count} copy records at {offset} leave dom{caller}'s memory")
+    ops = ffi.new("xmp_gnttab_copy_t[]", count)
+    ffi.memmove(ops, own._ram + offset, size)
+    ids = ffi.new("uint16_t[]", 2 * count)
+    k = lib.xmp_gnttab_copy_domids(ops, count, caller, ids, 2 * count)
+    doms = ffi.new("xmp_copy_dom_t[]", k + 1)
+    _copy_dom(doms[0], caller, own)
+    n = 1
+    for i in range(k):
+        other = grants_of(ids[i])
+        if other is not None and other._ram is not None:
+            _copy_dom(doms[n], ids[i], other)
+            n += 1
+    lib.xmp_gnttab_copy_ops(ops, count, caller, doms, n)
+    lib.xmp_gnttab_copy_status_out(own._ram + offset, ops, count)
+
+
+def _copy_dom(c, domid: int, grants: ActiveGrants) -> None:
+    assert grants._ram is not None
+    c.domid, c.mem, c.mem_len = domid, grants._ram, len(grants._ram)
+    c.tab, c.nr, c.act = grants._tab, grants.nr_entries, grants._act
+
+
+def unpack_copy_records(buf) -> list[dict]:
+    """Records as GNTTABOP_copy's JSON segments (for inspection and fakes):
+    ``{"source": {"ref" | "frame", "domid", "offset"}, "dest": ..., "len"}``."""
+    out = []
+    for sptr, sdom, soff, dptr, ddom, doff, length, flags, _ in GNTTAB_COPY.iter_unpack(buf):
+        src = {"ref" if flags & GNTCOPY_source_gref else "frame": sptr, "domid": sdom, "offset": soff}
+        dst = {"ref" if flags & GNTCOPY_dest_gref else "frame": dptr, "domid": ddom, "offset": doff}
+        out.append({"source": src, "dest": dst, "len": length})
+    return out

@@ -53,6 +53,7 @@ class ShmObject:
         self.fd = fd
         self.size = size
         self._maps: list[mmap.mmap] = []
+        self._ro_fd = -1
 
     @classmethod
     def create(cls, ns: ShmNamespace, label: str, size: int) -> ShmObject:
@@ -71,6 +72,15 @@ class ShmObject:
     def from_fd(cls, fd: int) -> ShmObject:
         """Adopt a descriptor received from another process."""
         return cls(fd, os.fstat(fd).st_size)
+
+    def readonly_fd(self) -> int:
+        """A descriptor of the same object opened O_RDONLY (kept, closed with
+        the object): what a holder may only read through -- its mappings can
+        never be made writable, not even by mprotect.  The object is unlinked,
+        so it is re-opened through ``/proc/self/fd``."""
+        if self._ro_fd < 0:
+            self._ro_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        return self._ro_fd
 
     def map(self, pfn: int = 0, nr_pages: int | None = None, *, writable: bool = True) -> mmap.mmap:
         """Map ``nr_pages`` pages starting at page ``pfn`` (default: all)."""
@@ -93,6 +103,9 @@ class ShmObject:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self._ro_fd >= 0:
+            os.close(self._ro_fd)
+            self._ro_fd = -1
 
     def __enter__(self) -> ShmObject:
         return self

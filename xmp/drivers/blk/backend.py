@@ -16,13 +16,13 @@ Each request is copied out of its ring once and parsed by
 request's segment pages are copied once too, then parsed.  A READ or
 WRITE reaches the frontend's pages in one of two ways:
 
-* a trusted backend (dom0, ``trusted_backend = true``) maps them: with
-  ``feature-persistent`` each grant stays mapped after its first use (the
-  frontend reuses a fixed pool), without it the request's grants are
-  mapped (read-only for a WRITE) and unmapped before the answer;
-* an untrusted driver domain may not map (the hypervisor says EPERM), so
-  its rings and data move through grant copies into its own bounce pages
-  (:mod:`xmp.drivers.grantcopy`).
+* dom0 maps them: with ``feature-persistent`` each grant stays mapped
+  after its first use (the frontend reuses a fixed pool), without it the
+  request's grants are mapped (read-only for a WRITE) and unmapped before
+  the answer;
+* a driver domain may not map (the hypervisor says EPERM: only dom0 may
+  hold a descriptor of a guest's RAM), so its rings and data move through
+  grant copies into its own bounce pages (:mod:`xmp.drivers.grantcopy`).
 
 The bytes go to or from the image with ``preadv``/``pwritev``; a WRITE is
 answered only once every byte reached the image.  FLUSH_DISKCACHE is
@@ -101,7 +101,7 @@ class BlkBack(BackendDriver):
         self.errors = 0
         self.moved = 0                              # bytes read or written for the frontend
         self.persistent = False
-        self.copying = False                        # untrusted: grant copy, never map
+        self.copying = False                        # a driver domain: grant copy, never map
         self.pgrants: dict[int, tuple] = {}         # gref -> (its run's mmap, page in it, page view)
         # an indirect request's segment bytes -> (sectors, views): a frontend reuses its
         # pool, so the same descriptors come again and again (persistent grants only)
@@ -111,6 +111,7 @@ class BlkBack(BackendDriver):
         self._premapped: dict[tuple[int, bool], memoryview] = {}   # (gref, readonly) -> page
         self._batch_maps: list[GrantMapping] = []
         self.bounce: int | None = None               # first pfn of our bounce pages (copying)
+        self.copies: grantcopy.CopyList | None = None  # our GNTTABOP_copy records (copying)
 
     # -- xenbus ----------------------------------------------------------------
 
@@ -184,7 +185,7 @@ class BlkBack(BackendDriver):
             except HypercallError as exc:
                 if exc.errno != errno.EPERM:
                     raise
-                self.copying = True  # an untrusted driver domain: grant copy from now on
+                self.copying = True  # a driver domain: grant copy from now on
         if mapping is not None:
             buf = mapping.contiguous()
             if buf is None:
@@ -193,7 +194,7 @@ class BlkBack(BackendDriver):
             ring = BackRing(buf, protocol.REQUEST_SIZE, protocol.RESPONSE_SIZE)
         else:
             copier = grantcopy.GrantCopier(self.k, dev.otherend_id, refs, self._bounce(),
-                                           BOUNCE_PAGES)
+                                           BOUNCE_PAGES, self._copies())
             ring = grantcopy.CopyBackRing(copier, ring_bytes(order), protocol.REQUEST_SIZE,
                                           protocol.RESPONSE_SIZE)
         try:
@@ -241,10 +242,18 @@ class BlkBack(BackendDriver):
             self.bounce = self.k.alloc_pages(BOUNCE_PAGES)
         return self.bounce
 
+    def _copies(self) -> grantcopy.CopyList:
+        if self.copies is None:  # one for the device: its queues are served one at a time
+            self.copies = grantcopy.CopyList(self.k)
+        return self.copies
+
     def release(self) -> None:
         if self.bounce is not None:  # copies are synchronous: none is in flight now
             self.k.free_pages(self.bounce, BOUNCE_PAGES)
             self.bounce = None
+        if self.copies is not None:
+            self.copies.release()
+            self.copies = None
 
     # -- serving -----------------------------------------------------------------
 
@@ -411,7 +420,7 @@ class BlkBack(BackendDriver):
             parts = [(gref, 0, min(PAGE_SIZE, n - i * PAGE_SIZE))
                      for i, gref in enumerate(req.indirect_grefs)]
             return b"".join(bytes(v) for v in grantcopy.copy_from_grants(
-                self.k, self.dev.otherend_id, parts, self._bounce(), BOUNCE_PAGES))
+                self.k, self.dev.otherend_id, parts, self._bounce(), BOUNCE_PAGES, self._copies()))
         if self.persistent:
             pages = self._persistent_pages(list(req.indirect_grefs))
             return b"".join(bytes(p[2]) for p in pages)[:n]
@@ -485,12 +494,14 @@ class BlkBack(BackendDriver):
         bounce = self._bounce()
         total = segs.nr_sectors * SECTOR_SIZE
         if write:
-            views = grantcopy.copy_from_grants(self.k, self.dev.otherend_id, parts, bounce, BOUNCE_PAGES)
+            views = grantcopy.copy_from_grants(self.k, self.dev.otherend_id, parts, bounce, BOUNCE_PAGES,
+                                               self._copies())
             image.transfer(fd, views, offset, True, total)
         else:
             views = grantcopy.bounce_views(self.k, parts, bounce, BOUNCE_PAGES)
             image.transfer(fd, views, offset, False, total)
-            grantcopy.copy_to_grants(self.k, self.dev.otherend_id, parts, bounce, BOUNCE_PAGES)
+            grantcopy.copy_to_grants(self.k, self.dev.otherend_id, parts, bounce, BOUNCE_PAGES,
+                                     self._copies())
 
     def _persistent_pages(self, grefs: list[int]) -> list[tuple]:
         """(run mmap, page in it, page view) of each gref, mapped at its first use and kept."""
@@ -512,7 +523,7 @@ class BlkBack(BackendDriver):
 
 
 
-# An untrusted backend's bounce pages, per device: a whole request (256
+# A driver domain's bounce pages, per device: a whole request (256
 # segments) or the biggest ring (16 pages) plus one.
 BOUNCE_PAGES = max(MAX_INDIRECT_SEGMENTS, grantcopy.bounce_pages_for(ring_bytes(MAX_RING_PAGE_ORDER)))
 

@@ -1,13 +1,21 @@
-"""vping backend: in dom0 (or a trusted driver domain), answering on the
-frontend's granted ring page."""
+"""vping backend: in dom0 or a driver domain, answering on the frontend's
+granted ring page.  dom0 maps the page; a driver domain may not map (the
+hypervisor says EPERM) and serves the same ring through grant copies into
+its own bounce pages (:mod:`xmp.drivers.grantcopy`)."""
 
 from __future__ import annotations
 
+import errno
+
+from xmp.drivers import grantcopy
 from xmp.drivers.vping import protocol
 from xmp.drivers.xenbus.device import BackendDriver, XenbusDevice
 from xmp.drivers.xenbus.state import XenbusState
-from xmp.errors import RemoteProtocolError
+from xmp.errors import HypercallError, RemoteProtocolError
 from xmp.sharedmem.ring import BackRing
+from xmp.sharedmem.shm import PAGE_SIZE
+
+BOUNCE_PAGES = grantcopy.bounce_pages_for(PAGE_SIZE)
 
 
 class VpingBack(BackendDriver):
@@ -16,10 +24,12 @@ class VpingBack(BackendDriver):
     def __init__(self, kernel) -> None:
         self.k = kernel
         self.mapping = None
-        self.ring: BackRing | None = None
+        self.ring: BackRing | grantcopy.CopyBackRing | None = None
         self.port: int | None = None
         self.dev: XenbusDevice | None = None
         self.served = 0
+        self.bounce: int | None = None   # first pfn of our bounce pages (copying)
+        self.copies: grantcopy.CopyList | None = None
 
     def publish_features(self, dev: XenbusDevice) -> None:
         dev.write("feature-echo", 1)
@@ -30,8 +40,18 @@ class VpingBack(BackendDriver):
         if not raw_ref.isdigit() or not raw_port.isdigit():
             raise ValueError(f"vping: bad ring-ref {raw_ref!r} or event-channel {raw_port!r}")
         self.dev = dev
-        mapping = self.mapping = self.k.xen.map_grant_ref(dev.otherend_id, [int(raw_ref)])
-        self.ring = BackRing(mapping.pages[0], protocol.SLOT, protocol.SLOT)
+        try:
+            mapping = self.mapping = self.k.xen.map_grant_ref(dev.otherend_id, [int(raw_ref)])
+            self.ring = BackRing(mapping.pages[0], protocol.SLOT, protocol.SLOT)
+        except HypercallError as exc:
+            if exc.errno != errno.EPERM:
+                raise
+            if self.bounce is None or self.copies is None:
+                self.bounce = self.k.alloc_pages(BOUNCE_PAGES)
+                self.copies = grantcopy.CopyList(self.k)
+            copier = grantcopy.GrantCopier(self.k, dev.otherend_id, [int(raw_ref)], self.bounce,
+                                           BOUNCE_PAGES, self.copies)
+            self.ring = grantcopy.CopyBackRing(copier, PAGE_SIZE, protocol.SLOT, protocol.SLOT)
         self.port = self.k.xen.bind_interdomain(dev.otherend_id, int(raw_port))
         self.k.loop.bind(self.port, self._event)
 
@@ -67,6 +87,14 @@ class VpingBack(BackendDriver):
         if self.mapping is not None:
             self.k.xen.unmap_grant_ref(self.mapping)
             self.mapping = None
+
+    def release(self) -> None:
+        if self.bounce is not None:  # copies are synchronous: none is in flight now
+            self.k.free_pages(self.bounce, BOUNCE_PAGES)
+            self.bounce = None
+        if self.copies is not None:
+            self.copies.release()
+            self.copies = None
 
 
 def backend(kernel) -> VpingBack:
