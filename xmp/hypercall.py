@@ -42,7 +42,7 @@ OPS: dict[str, frozenset[str]] = {
     "grant_table_op": frozenset({"setup_table", "query_size", "map_grant_ref", "unmap_grant_ref",
                                  "copy"}),
     "event_channel_op": frozenset({"alloc_unbound", "bind_interdomain", "bind_virq", "bind_ipi",
-                                   "close", "status", "unmask", "send"}),
+                                   "close", "status", "unmask", "send", "doorbells"}),
     "sched_op": frozenset({"yield", "block", "shutdown"}),
     "set_timer_op": frozenset({""}),
     "console_io": frozenset({"write"}),

@@ -259,7 +259,7 @@ class Supervisor(HypercallHandlers):
             else None
         boot: dict[str, Any] = {"domid": domid, "name": name, "config": cfg.to_dict(),
                                 "kernel": cfg.kernel or default_kernel}
-        fds = [dom.ram.fd, dom.evt_obj.fd]
+        fds = [dom.ram.fd, dom.evt_obj.fd, dom.wake_fd]
         if domid == DOMID_DOM0:
             boot["rundir"] = str(self.rundir)
             boot["dom0_kernel"] = DOM0_KERNEL
@@ -307,6 +307,7 @@ class Supervisor(HypercallHandlers):
         # Its ports: interdomain peers revert to unbound and are poked.
         for port in list(dom.ports.bound()):
             self.close_port(dom, port)
+        self.drop_doorbells(dom)
         for key in [k for k in self.timer_gen if k[0] == dom.domid]:
             del self.timer_gen[key]
         self.log(f"dom{dom.domid} {dom.name!r} {reason}")
