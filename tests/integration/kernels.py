@@ -588,3 +588,86 @@ def blkstress(kernel) -> None:
 def xsfirst(kernel) -> None:
     """Its first act is a xenstore request that waits for its answer."""
     kernel.print("xsfirst: my name is " + kernel.xenstore.read("name").decode())
+
+
+def evthostile(kernel) -> None:
+    """A guest that goes for dom0's event state with everything it was
+    handed: reports each attempt as ``evthostile: {json}``, then keeps
+    scribbling over the one thing it may write (its doorbell into dom0)."""
+    import json
+    import mmap
+    import os
+
+    from xmp.sharedmem.wakepage import reopen_readonly
+
+    kernel.xenstore.read("name")  # a notify to dom0: the route (doorbell + wake page) is learned
+    db_obj, wake_obj, _face = kernel.xen._peers[0]
+
+    def attempt(name, fn):
+        try:
+            result = {"ok": True, "value": fn()}
+        except OSError as exc:
+            result = {"ok": False, "errno": exc.errno}
+        kernel.print("evthostile: " + json.dumps({"test": name, **result}))
+
+    def reopened_rw():
+        fd = os.open(f"/proc/self/fd/{wake_obj.fd}", os.O_RDWR)
+        try:
+            mmap.mmap(fd, 4096)[0] = 0
+        finally:
+            os.close(fd)
+
+    def writable_shared():
+        """Every shared-memory descriptor it holds that maps writable."""
+        found = []
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            try:
+                target, size = os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size
+                if not (target.startswith("/dev/shm/") or target.startswith("/memfd:")) or size == 0:
+                    continue
+                mmap.mmap(fd, min(size, 4096)).close()
+                found.append({"target": target, "size": size})
+            except OSError:
+                pass
+        return found
+
+    attempt("wake_mmap_rw", lambda: mmap.mmap(wake_obj.fd, 4096).close())
+    attempt("wake_write", lambda: os.pwrite(wake_obj.fd, b"\0\0\0\0", 0))
+    attempt("wake_reopen_rw", reopened_rw)
+    attempt("wake_reopen_ro", lambda: os.close(reopen_readonly(wake_obj.fd)))
+    attempt("wake_truncate", lambda: os.ftruncate(wake_obj.fd, 0))
+    attempt("writable_shared", writable_shared)
+    page = db_obj.map()
+    page[:] = b"\xff" * len(page)
+    kernel.print("evthostile: done")
+    n = 0
+    while True:  # keep it garbage (and sometimes zero: "clearing" what it could)
+        page[:] = (b"\xff" if n % 2 else b"\0") * len(page)
+        n += 1
+        kernel.sleep(0.01)
+
+
+def xspinger(kernel) -> None:
+    """xenstore round trips, forever: ``xspinger: N`` every 20."""
+    xs = kernel.xenstore
+    n = 0
+    while True:
+        xs.write("data/ping", str(n))
+        assert xs.read("data/ping") == str(n).encode()
+        n += 1
+        if n % 20 == 0:
+            kernel.print(f"xspinger: {n}")
+        kernel.sleep(0.005)
+
+
+def evtstorm(kernel) -> None:
+    """Notifies dom0 on its store port as fast as it can, forever."""
+    port = kernel.start_info.store_evtchn
+    kernel.xenstore.read("name")  # the route to dom0 is learned
+    kernel.print("evtstorm: storming")
+    notify = kernel.xen.notify
+    while True:
+        for _ in range(10000):
+            notify(port)
+        kernel.loop.poll(0)  # keep its own devices (console, control) served

@@ -1,0 +1,65 @@
+"""Event channels between real domains: what a hostile guest can reach of
+dom0's event state (nothing but its own doorbell), and a guest storming
+notifications costs dom0 bounded CPU while others are still served."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from xmphost import HOST
+
+
+def domain(name: str, kernel: str) -> str:
+    return f'[[domain]]\nname = "{name}"\nkernel = "kernels:{kernel}"\nmemory = 32\n'
+
+
+def pings(h, name: str) -> int:
+    found = re.findall(r"xspinger: (\d+)", h.console_log(name))
+    return int(found[-1]) if found else 0
+
+
+def keeps_serving(h, name: str, more: int = 40, timeout: float = 20) -> None:
+    start = pings(h, name)
+    h.wait(lambda: pings(h, name) >= start + more, timeout, f"{more} more xenstore round trips of {name}")
+
+
+@pytest.mark.timeout(120)
+def test_a_hostile_guest_holds_nothing_writable_of_dom0s_event_state(hosts):
+    h = hosts(HOST + domain("friend", "xspinger") + domain("evil", "evthostile")).start(("friend", "evil"))
+    h.wait(lambda: "evthostile: done" in h.console_log("evil"), 20, "the hostile guest")
+    results = {}
+    for line in h.console_log("evil").splitlines():
+        if line.startswith("evthostile: {"):
+            r = json.loads(line[len("evthostile: "):])
+            results[r["test"]] = r
+    for name in ("wake_mmap_rw", "wake_write", "wake_reopen_rw", "wake_truncate"):
+        assert not results[name]["ok"], results[name]
+    assert results["wake_mmap_rw"]["errno"] == 13  # EACCES: its descriptor is read-only ...
+    assert results["wake_reopen_rw"]["errno"] == 1  # ... and EPERM: reopening it read-write meets the seal
+    assert results["wake_reopen_ro"]["ok"]  # reading it is what it is for
+    # writable: its own RAM and event object, and its doorbells -- no page of dom0's
+    writable = results["writable_shared"]["value"]
+    evil = h.info("evil")["domid"]
+    labels = sorted({re.search(r"xmp\.\d+\.[0-9a-f]+\.([a-z0-9-]+)\.", w["target"]).group(1)
+                     for w in writable if w["target"].startswith("/dev/shm/")})  # (mmap dups descriptors)
+    assert labels == sorted([f"db0-{evil}", f"db{evil}-0", f"evt{evil}", f"ram{evil}"]), writable
+    assert not [w for w in writable if w["target"].startswith("/memfd:")], writable  # wake pages: none
+    # and from outside: it maps no event object but its own; dom0's wake page read-only
+    pid = h.domain_pid("evil")
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert set(re.findall(r"\.(evt\d+)\.", maps)) == {f"evt{evil}"}
+    wakes = [line.split()[1] for line in maps.splitlines() if "xmp-wake" in line]
+    assert sorted(wakes) == ["r--s", "rw-s"], wakes  # dom0's, and its own
+    # dom0 goes on serving the others while it scribbles
+    keeps_serving(h, "friend")
+    assert h.xmp("xenstore", "read", f"/local/domain/{h.info('friend')['domid']}/name").stdout.strip() == "friend"
+    h.xmp("shutdown", "-w", "--timeout", "20", "friend", timeout=40)
+    assert h.info("friend") is None
+    assert "internal error" not in h.dmesg()
+    assert h.stop() == 0
+    h.assert_clean()
