@@ -63,3 +63,29 @@ def test_a_hostile_guest_holds_nothing_writable_of_dom0s_event_state(hosts):
     assert "internal error" not in h.dmesg()
     assert h.stop() == 0
     h.assert_clean()
+
+
+def cpu_seconds(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+@pytest.mark.timeout(120)
+def test_a_storming_guest_costs_dom0_bounded_cpu_and_others_are_served(hosts):
+    h = hosts(HOST + domain("friend", "xspinger") + domain("storm", "evtstorm")).start(("friend", "storm"))
+    h.wait(lambda: "evtstorm: storming" in h.console_log("storm"), 20, "the storm")
+    keeps_serving(h, "friend", more=20)
+    dom0, storm = h.domain_pid("Domain-0"), h.domain_pid("storm")
+    c0, s0, p0, t0 = cpu_seconds(dom0), cpu_seconds(storm), pings(h, "friend"), time.monotonic()
+    time.sleep(3)
+    dom0_share = (cpu_seconds(dom0) - c0) / (time.monotonic() - t0)
+    storm_share = (cpu_seconds(storm) - s0) / (time.monotonic() - t0)
+    served = pings(h, "friend") - p0
+    print(f"dom0 {dom0_share:.0%} of a core, the storming guest {storm_share:.0%}, friend: {served} round trips")
+    assert storm_share > 0.2, "the guest was not really storming"
+    assert dom0_share < 0.6, f"dom0 used {dom0_share:.0%} of a core during the storm"
+    assert served >= 20, f"the friend's xenstore round trips: {served} in 3 s"
+    keeps_serving(h, "friend", more=20)
+    h.xmp("shutdown", "-w", "--timeout", "20", "friend", timeout=40)
+    assert h.stop() == 0
+    h.assert_clean()
