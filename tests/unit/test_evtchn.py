@@ -405,3 +405,29 @@ def test_the_wake_page_is_read_only_for_senders_once_sealed():
         mine.close()
     finally:
         os.close(fd)
+
+
+def test_a_doorbell_whose_news_keeps_holding_nothing_is_muted(rx):
+    """A sender scribbling its summary word (no port of its own pending)
+    would keep the receiver awake for nothing: after 64 such scans its
+    doorbell is ignored for a while -- not looked at, not waited on -- while
+    the other senders are served; what it really sent arrives afterwards."""
+    evil = rx.doorbell(HOSTILE, [5])
+    good = rx.doorbell(FRIEND, [6])
+    page = rx.pages[HOSTILE]
+    for _ in range(64):
+        page[:8] = b"\xff" * 8  # vcpu 0's summary: "news everywhere", and none
+        assert rx.ev.wait(timeout=0) == Wake.EVENT
+        assert rx.ev.scan() == []
+    assert rx.ev.doorbell_muted(HOSTILE) and not rx.ev.doorbell_muted(FRIEND)
+    page[:8] = b"\xff" * 8
+    assert rx.ev.wait(timeout=0.001, spin=0) == Wake.TIMEOUT  # its news no longer wakes us
+    good.send(6)
+    assert rx.ev.scan() == [6]  # the friend is served meanwhile
+    evil.send(5)  # something real, during the mute: it waits
+    assert rx.ev.scan() == []
+    t0 = time.monotonic()
+    assert rx.ev.wait(timeout=5, spin=0) == Wake.EVENT  # the mute ends by itself (2 ms) ...
+    assert time.monotonic() - t0 < 1
+    assert rx.ev.scan() == [5]  # ... and its real event is delivered, late, not lost
+    assert not rx.ev.doorbell_muted(HOSTILE)

@@ -67,7 +67,10 @@ void xmp_gnttab_copy_batch(xmp_copy_ptr_t *src, xmp_copy_ptr_t *dst, const uint3
 typedef struct {
     uint8_t *db;
     uint32_t owner;
-    uint32_t spare;
+    uint32_t empty;
+    int64_t muted_until;
+    uint32_t strikes;
+    uint32_t pad;
 } xmp_doorbell_ref_t;
 typedef struct {
     uint8_t *ev;

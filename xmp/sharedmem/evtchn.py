@@ -55,6 +55,7 @@ from __future__ import annotations
 import enum
 import errno
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -221,6 +222,14 @@ class EventChannels:
         with self._dbs_lock:
             return sorted(self._doorbells)
 
+    def doorbell_muted(self, sender: int) -> bool:
+        """Is ``sender``'s doorbell muted (its news kept holding nothing)?
+        For the scanning thread and tests."""
+        owner = sender + 1
+        now = time.monotonic_ns()  # CLOCK_MONOTONIC, as fast.c's
+        return any(self._dbs_arr[i].owner == owner and self._dbs_arr[i].muted_until > now
+                   for i in range(self._ct.nr_dbs))
+
     def bump_generation(self) -> None:
         """Supervisor: the set of doorbells changed; make the domain look."""
         lib.xmp_evtchn_bump_gen(self._ct, max(self.nr_vcpus, 1))
@@ -243,9 +252,15 @@ class EventChannels:
                 self._dbs_dirty = False
                 items = sorted(self._doorbells.items())
                 arr = ffi.new("xmp_doorbell_ref_t[]", max(len(items), 1))
+                # a mute (see fast.c) outlives the array it was decided in
+                kept = {self._dbs_arr[i].owner: self._dbs_arr[i] for i in range(self._ct.nr_dbs)}
                 for i, (sender, (mem, _closer)) in enumerate(items):
                     arr[i].db = mem
                     arr[i].owner = sender + 1
+                    old = kept.get(sender + 1)
+                    if old is not None:
+                        arr[i].empty, arr[i].strikes = old.empty, old.strikes
+                        arr[i].muted_until = old.muted_until
                 self._ct.dbs = arr
                 self._ct.nr_dbs = len(items)
                 self._old_arr, self._dbs_arr = self._dbs_arr, arr

@@ -539,6 +539,13 @@ void xmp_gnttab_copy_batch(xmp_copy_ptr_t *src, xmp_copy_ptr_t *dst, const uint3
 #define XMP_FUTEX2_SIZE_U32 0x02
 #define XMP_WAITV_MAX 128
 #define XMP_OVERFLOW_POLL_NS 1000000LL
+/* A doorbell whose news keeps holding nothing deliverable (a sender
+ * scribbling its summary word) is muted: not looked at, not waited on --
+ * its sender can then neither wake nor busy the receiver -- for
+ * XMP_MUTE_NS, doubling up to 2^7 times while it goes on.  Its bits wait
+ * (what it really sent is delivered after the mute, late, not lost). */
+#define XMP_EMPTY_LIMIT 64
+#define XMP_MUTE_NS 2000000LL
 
 #define XMP_MAX_VCPUS 32
 #define NR_PORTS 4096
@@ -568,7 +575,10 @@ typedef struct {
 typedef struct {
     uint8_t *db;
     uint32_t owner;         /* 1 + the sender's domid */
-    uint32_t spare;
+    uint32_t empty;         /* scans in a row that found news but nothing to deliver */
+    int64_t muted_until;    /* CLOCK_MONOTONIC ns; 0: not muted */
+    uint32_t strikes;       /* mutes in a row: the next one lasts longer */
+    uint32_t pad;
 } xmp_doorbell_ref_t;
 
 typedef struct {
@@ -777,12 +787,23 @@ int xmp_evtchn_is_masked(xmp_evtchn_t *e, uint32_t port)
  * telling); bits for ports not bound to this sender are a hostile or stale
  * sender's noise and are dropped.  Returns the new count, or max + 1 when
  * out of room (the rest stays for the next scan). */
+static inline int muted(xmp_doorbell_ref_t *d)
+{
+    if (!d->muted_until)
+        return 0;
+    if (now_ns() < d->muted_until)
+        return 1;
+    d->muted_until = 0;
+    return 0;
+}
+
 static uint32_t scan_doorbell(xmp_evtchn_t *e, xmp_doorbell_ref_t *d, uint32_t vcpu,
                               uint32_t *ports, uint32_t n, uint32_t max)
 {
     uint64_t *sum = db_summary(d->db, vcpu);
-    if (__atomic_load_n(sum, __ATOMIC_RELAXED) == 0)
+    if (__atomic_load_n(sum, __ATOMIC_RELAXED) == 0 || muted(d))
         return n;   /* the common case with many peers: one plain load each */
+    uint32_t before = n;
     uint64_t sel = __atomic_exchange_n(sum, 0, __ATOMIC_SEQ_CST);
     uint64_t *pend = db_pending(d->db);
     uint16_t *own = owners(e->ev);
@@ -803,6 +824,13 @@ static uint32_t scan_doorbell(xmp_evtchn_t *e, xmp_doorbell_ref_t *d, uint32_t v
             if (taken && LOAD_ACQ(&own[port]) == d->owner)
                 ports[n++] = port;
         }
+    }
+    if (n > before) {
+        d->empty = d->strikes = 0;
+    } else if (++d->empty >= XMP_EMPTY_LIMIT) {
+        d->empty = 0;
+        d->muted_until = now_ns() + (XMP_MUTE_NS << (d->strikes < 7 ? d->strikes : 7));
+        d->strikes++;
     }
     return n;
 }
@@ -857,7 +885,7 @@ static inline int news(xmp_evtchn_t *e, uint32_t vcpu)
     if (LOAD_ACQ(&vcpu_info(e->ev, vcpu)->evtchn_upcall_pending))
         return WAIT_EVENT;
     for (uint32_t i = 0; i < e->nr_dbs; i++)
-        if (__atomic_load_n(db_summary(e->dbs[i].db, vcpu), __ATOMIC_SEQ_CST))
+        if (__atomic_load_n(db_summary(e->dbs[i].db, vcpu), __ATOMIC_SEQ_CST) && !muted(&e->dbs[i]))
             return WAIT_EVENT;
     return -1;
 }
@@ -898,11 +926,21 @@ int xmp_evtchn_wait(xmp_evtchn_t *e, uint32_t vcpu, int64_t timeout_ns, int64_t 
          * that set its bit before seeing the flag is seen here; one after
          * it sees the flag, and its bump of a word read here makes the
          * wait return at once. */
-        uint32_t nw = 0;
+        uint32_t nw = 0, overflow = 0;
+        int64_t unmute = INT64_MAX;
         uint32_t *pk = &upcall(e->ev, vcpu)->kick;
         fw[nw++] = (struct futex_waitv){.val = LOAD_ACQ(pk), .uaddr = (uintptr_t)pk,
                                         .flags = XMP_FUTEX2_SIZE_U32};
-        for (uint32_t i = 0; i < e->nr_dbs && nw < XMP_WAITV_MAX; i++) {
+        for (uint32_t i = 0; i < e->nr_dbs; i++) {
+            if (muted(&e->dbs[i])) {   /* not waited on: come back when it ends */
+                if (e->dbs[i].muted_until < unmute)
+                    unmute = e->dbs[i].muted_until;
+                continue;
+            }
+            if (nw == XMP_WAITV_MAX) {
+                overflow = 1;
+                break;
+            }
             uint32_t *k = db_kick(e->dbs[i].db, vcpu);
             fw[nw++] = (struct futex_waitv){.val = LOAD_ACQ(k), .uaddr = (uintptr_t)k,
                                             .flags = XMP_FUTEX2_SIZE_U32};
@@ -917,8 +955,8 @@ int xmp_evtchn_wait(xmp_evtchn_t *e, uint32_t vcpu, int64_t timeout_ns, int64_t 
             __atomic_store_n(w, 0, __ATOMIC_RELAXED);
             return WAIT_TIMEOUT;
         }
-        int64_t until = deadline;
-        if (e->nr_dbs >= XMP_WAITV_MAX && until - t > XMP_OVERFLOW_POLL_NS)
+        int64_t until = deadline < unmute ? deadline : unmute;
+        if (overflow && until - t > XMP_OVERFLOW_POLL_NS)
             until = t + XMP_OVERFLOW_POLL_NS;   /* doorbells not in fw[]: look again soon */
         struct timespec ts = {until / 1000000000LL, until % 1000000000LL};
         long rc = syscall(__NR_futex_waitv, fw, nw, 0, until == INT64_MAX ? NULL : &ts,
