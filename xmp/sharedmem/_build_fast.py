@@ -77,6 +77,7 @@ typedef struct {
     uint32_t *wake;
     xmp_doorbell_ref_t *dbs;
     uint32_t nr_dbs;
+    uint32_t seen_gen;
 } xmp_evtchn_t;
 
 uint32_t xmp_evtchn_sizeof_upcall(void);

@@ -92,6 +92,7 @@ class Wake(enum.IntEnum):
 
 
 _WAKE = (Wake.TIMEOUT, Wake.EVENT, Wake.SHUTDOWN)
+_SCAN_RESYNC = 0xFFFFFFFF  # fast.c's XMP_SCAN_RESYNC
 
 
 class EventChannels:
@@ -123,7 +124,6 @@ class EventChannels:
         self._old_arr: Any = None
         self._dead: list[tuple[Any, Callable[[], None] | None]] = []   # detached since the last sync
         self._dying: list[tuple[Any, Callable[[], None] | None]] = []  # closed at the next sync
-        self._seen_gen = 0
         self.refresh: Callable[[], None] | None = None
         self.nr_vcpus = init_vcpus
         if init_vcpus:
@@ -171,9 +171,15 @@ class EventChannels:
     def scan(self, vcpu: int = 0) -> list[int]:
         """Take every pending, unmasked port (clearing its pending bit),
         private ones first, then each doorbell's."""
-        if self._dbs_dirty or lib.xmp_evtchn_db_gen(self._ct) != self._seen_gen:
+        if self._dbs_dirty:
             self.sync()
         n = lib.xmp_evtchn_scan(self._ct, vcpu, self._ports, EVTCHN_2L_NR_CHANNELS)
+        if n == _SCAN_RESYNC:  # the supervisor changed our doorbells: fetch them first
+            self.sync()
+            n = lib.xmp_evtchn_scan(self._ct, vcpu, self._ports, EVTCHN_2L_NR_CHANNELS)
+            if n == _SCAN_RESYNC:  # changed again meanwhile: the next scan gets it
+                lib.xmp_evtchn_kick(self._ct, vcpu)
+                return []
         return list(self._ports[0:n])
 
     def wait(self, vcpu: int = 0, timeout: float | None = None, spin: float = 50e-6) -> Wake:
@@ -240,10 +246,10 @@ class EventChannels:
         ``drain`` (nothing else is in C: close detached doorbells now).
         Calls ``refresh`` first when the supervisor said the set changed."""
         gen = lib.xmp_evtchn_db_gen(self._ct)
-        if gen != self._seen_gen:
-            self._seen_gen = gen
+        if gen != self._ct.seen_gen:
             if self.refresh is not None:
                 self.refresh()
+            self._ct.seen_gen = gen  # a bump during refresh is seen by the next scan
         with self._dbs_lock:
             # Detached before the previous sync: no C call can still be on
             # them (another thread's unmask got the array of then at worst).

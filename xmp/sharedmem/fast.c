@@ -586,6 +586,7 @@ typedef struct {
     uint32_t *wake;
     xmp_doorbell_ref_t *dbs;
     uint32_t nr_dbs;
+    uint32_t seen_gen;      /* the doorbell generation dbs[] was built for */
 } xmp_evtchn_t;
 
 static inline xmp_vcpu_info_t *vcpu_info(uint8_t *ev, uint32_t vcpu)
@@ -838,10 +839,15 @@ static uint32_t scan_doorbell(xmp_evtchn_t *e, xmp_doorbell_ref_t *d, uint32_t v
 /* The guest's upcall handler: clear upcall_pending first, then take the
  * selector and harvest pending & ~mask, clearing each pending bit as it is
  * taken (as Linux's xen_evtchn_do_upcall does), then the doorbells.
- * Masked ports stay pending.  Returns the number of ports written. */
+ * Masked ports stay pending.  Returns the number of ports written, or
+ * XMP_SCAN_RESYNC (taking nothing) when the supervisor changed the set of
+ * doorbells since dbs[] was built: the caller fetches it and scans again. */
+#define XMP_SCAN_RESYNC 0xFFFFFFFFu
 uint32_t xmp_evtchn_scan(xmp_evtchn_t *e, uint32_t vcpu, uint32_t *ports, uint32_t max)
 {
     uint8_t *ev = e->ev;
+    if (LOAD_ACQ(&upcall(ev, 0)->db_gen) != e->seen_gen)
+        return XMP_SCAN_RESYNC;
     xmp_vcpu_info_t *vi = vcpu_info(ev, vcpu);
     uint32_t n = 0;
     __atomic_store_n(&vi->evtchn_upcall_pending, 0, __ATOMIC_SEQ_CST);
