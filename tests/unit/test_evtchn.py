@@ -431,3 +431,25 @@ def test_a_doorbell_whose_news_keeps_holding_nothing_is_muted(rx):
     assert time.monotonic() - t0 < 1
     assert rx.ev.scan() == [5]  # ... and its real event is delivered, late, not lost
     assert not rx.ev.doorbell_muted(HOSTILE)
+
+
+@pytest.mark.timeout(30)
+def test_a_sleeper_with_more_doorbells_than_futex_waitv_takes_still_wakes():
+    """futex_waitv takes 128 words (the private one + 127 doorbells): a
+    send on a doorbell past those still reaches a sleeping receiver (it
+    looks again every millisecond while such doorbells exist)."""
+    r = Receiver()
+    dbs = [r.doorbell(100 + i, [100 + i]) for i in range(200)]
+    results = []
+    t = threading.Thread(target=lambda: results.append(r.ev.wait(timeout=10, spin=0)))
+    t.start()
+    deadline = time.monotonic() + 5
+    while struct.unpack_from("<I", r.wake, 0)[0] != 1:  # it sleeps
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    t0 = time.monotonic()
+    assert dbs[-1].send(299) is True
+    t.join(10)
+    assert results == [Wake.EVENT] and time.monotonic() - t0 < 2
+    assert r.ev.scan() == [299]
+    r.ev.release()
