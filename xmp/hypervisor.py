@@ -230,7 +230,7 @@ class Supervisor(HypercallHandlers):
         dom.sock = ours
         self.domains[domid] = dom
         send_handles(ours, encode({"domid": domid, "name": name, "config": cfg.to_dict(), "kernel": kernel,
-                                   **(boot or {})}), [dom.ram.fd, dom.evt_obj.fd, *extra_fds])
+                                   **(boot or {})}), [dom.ram.fd, dom.evt_obj.fd, dom.wake_fd, *extra_fds])
         self.watch(ours, selectors.EVENT_READ, functools.partial(self._on_channel, dom))
         self.log(f"created dom{domid} {name!r} ({cfg.memory_mib} MiB, {cfg.vcpus} vcpu, pid {dom.pid})")
         self.raise_dom_exc()
@@ -267,6 +267,7 @@ class Supervisor(HypercallHandlers):
         # Its ports: interdomain peers revert to unbound and are poked.
         for port in list(dom.ports.bound()):
             self.close_port(dom, port)
+        self.drop_doorbells(dom)
         for key in [k for k in self.timer_gen if k[0] == dom.domid]:
             del self.timer_gen[key]
         self.log(f"dom{dom.domid} {dom.name!r} {reason}")

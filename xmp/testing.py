@@ -18,10 +18,12 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from xmp.sharedmem.evtchn import EVTCHN_OBJECT_SIZE, EventChannels
+from xmp.sharedmem.evtchn import EVTCHN_OBJECT_SIZE, EVTCHN_WAKE_SIZE, EventChannels
 from xmp.sharedmem.grant import ActiveGrants, GrantTable
 from xmp.sharedmem.ring import BackRing, FrontRing, ring_bytes
 from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, ShmObject, recv_handles, send_handles
+
+_EV_PAGES = (EVTCHN_OBJECT_SIZE + EVTCHN_WAKE_SIZE) // PAGE_SIZE  # event object + its wake page
 
 
 def ring_pair(req_size: int, rsp_size: int, ring_page_order: int = 0):
@@ -66,11 +68,11 @@ class LinkLayout:
 
     @property
     def back_ev(self) -> int:
-        return self.front_ev + EVTCHN_OBJECT_SIZE // PAGE_SIZE
+        return self.front_ev + _EV_PAGES
 
     @property
     def gnttab(self) -> int:
-        return self.back_ev + EVTCHN_OBJECT_SIZE // PAGE_SIZE
+        return self.back_ev + _EV_PAGES
 
     @property
     def ram(self) -> int:
@@ -88,6 +90,11 @@ class LinkLayout:
         return cls(*struct.unpack("<III", data[:12]))
 
 
+def _split_ev(m) -> tuple[memoryview, memoryview]:
+    view = memoryview(m)
+    return view[:EVTCHN_OBJECT_SIZE], view[EVTCHN_OBJECT_SIZE:]
+
+
 class SharedLink:
     """One end's view of the link object.
 
@@ -103,14 +110,15 @@ class SharedLink:
         lay = layout
         self._maps = {
             "ring": obj.map(0, lay.ring_pages),
-            "front_ev": obj.map(lay.front_ev, EVTCHN_OBJECT_SIZE // PAGE_SIZE),
-            "back_ev": obj.map(lay.back_ev, EVTCHN_OBJECT_SIZE // PAGE_SIZE),
+            "front_ev": obj.map(lay.front_ev, _EV_PAGES),
+            "back_ev": obj.map(lay.back_ev, _EV_PAGES),
             "gnttab": obj.map(lay.gnttab, lay.gnttab_pages),
         }
         self.ram = obj.map(lay.ram, lay.data_pages) if lay.data_pages else None
         vcpus = 1 if create else 0
-        self.front_ev = EventChannels(self._maps["front_ev"], init_vcpus=vcpus)
-        self.back_ev = EventChannels(self._maps["back_ev"], init_vcpus=vcpus)
+        # Both ends hold both objects writable: a test harness, not isolation
+        self.front_ev = EventChannels(*_split_ev(self._maps["front_ev"]), init_vcpus=vcpus)
+        self.back_ev = EventChannels(*_split_ev(self._maps["back_ev"]), init_vcpus=vcpus)
         self.created = create
         self._held: list = [self.front_ev, self.back_ev]
 

@@ -736,3 +736,104 @@ def blkstress(kernel) -> None:
 def xsfirst(kernel) -> None:
     """Its first act is a xenstore request that waits for its answer."""
     kernel.print("xsfirst: my name is " + kernel.xenstore.read("name").decode())
+
+
+def evthostile(kernel) -> None:
+    """A guest that goes for dom0's event state with every descriptor it
+    was handed (found in /proc/self/fd, not through xmp's bookkeeping):
+    reports each attempt as ``evthostile: {json}``, then keeps scribbling
+    over every page of another domain it can write."""
+    import json
+    import mmap
+    import os
+    import re
+
+    kernel.xenstore.read("name")  # a notify to dom0: its route is learned
+    me = kernel.domid
+    held = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            held[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass
+
+    def read_only(fd):
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            flags = next(int(line.split()[1], 8) for line in f if line.startswith("flags:"))
+        return flags & os.O_ACCMODE == os.O_RDONLY
+
+    # the wake pages of its peers (its own, a dup that Python's mmap keeps, is read-write)
+    wakes = [fd for fd, target in held.items() if target.startswith("/memfd:xmp-wake") and read_only(fd)]
+
+    def attempt(name, fn):
+        try:
+            result = {"ok": True, "value": fn()}
+        except OSError as exc:
+            result = {"ok": False, "errno": exc.errno}
+        except IndexError:  # it was handed no wake page at all
+            result = {"ok": False, "errno": None}
+        kernel.print("evthostile: " + json.dumps({"test": name, **result}))
+
+    def reopened_rw():
+        fd = os.open(f"/proc/self/fd/{wakes[0]}", os.O_RDWR)
+        try:
+            mmap.mmap(fd, 4096)[0] = 0
+        finally:
+            os.close(fd)
+
+    writable = {}  # label -> a writable mapping of it
+    for fd, target in held.items():
+        m = re.search(r"^/dev/shm/xmp\.\d+\.[0-9a-f]+\.([a-z0-9-]+)\.", target)
+        if m:
+            try:
+                writable.setdefault(m.group(1), mmap.mmap(fd, min(os.fstat(fd).st_size, 16384)))
+            except OSError:
+                pass
+        elif target.startswith("/memfd:"):
+            try:
+                writable.setdefault(target, mmap.mmap(fd, 4096))
+            except OSError:
+                pass
+
+    attempt("wake_mmap_rw", lambda: mmap.mmap(wakes[0], 4096).close())
+    attempt("wake_write", lambda: os.pwrite(wakes[0], b"\0\0\0\0", 0))
+    attempt("wake_reopen_rw", reopened_rw)
+    attempt("wake_reopen_ro", lambda: os.close(os.open(f"/proc/self/fd/{wakes[0]}", os.O_RDONLY)))
+    attempt("wake_truncate", lambda: os.ftruncate(wakes[0], 0))
+    attempt("writable_shared", lambda: sorted(writable))
+    # everything of another domain it can write (what is its own -- its RAM,
+    # event object, the doorbells it receives on -- it may spoil for itself)
+    targets = [m for label, m in writable.items()
+               if label not in (f"ram{me}", f"evt{me}") and not label.startswith(f"db{me}-")]
+    kernel.print("evthostile: done")
+    n = 0
+    while True:  # keep it garbage (and sometimes zero: "clearing" what it could)
+        for m in targets:
+            m[:] = (b"\xff" if n % 2 == 0 else b"\0") * len(m)
+        n += 1
+        kernel.sleep(0.01)
+
+
+def xspinger(kernel) -> None:
+    """xenstore round trips, forever: ``xspinger: N`` every 20."""
+    xs = kernel.xenstore
+    n = 0
+    while True:
+        xs.write("data/ping", str(n))
+        assert xs.read("data/ping") == str(n).encode()
+        n += 1
+        if n % 20 == 0:
+            kernel.print(f"xspinger: {n}")
+        kernel.sleep(0.005)
+
+
+def evtstorm(kernel) -> None:
+    """Notifies dom0 on its store port as fast as it can, forever."""
+    port = kernel.start_info.store_evtchn
+    kernel.xenstore.read("name")  # the route to dom0 is learned
+    kernel.print("evtstorm: storming")
+    notify = kernel.xen.notify
+    while True:
+        for _ in range(10000):
+            notify(port)
+        kernel.loop.poll(0)  # keep its own devices (console, control) served

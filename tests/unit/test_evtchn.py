@@ -12,10 +12,16 @@ import pytest
 from xmp.errors import HypercallError
 from xmp.sharedmem.evtchn import (
     DEFAULT_MAX_EVTCHNS,
+    DOORBELL_KICK,
+    DOORBELL_PENDING,
+    DOORBELL_SIZE,
+    EVTCHN_OBJECT_SIZE,
+    EVTCHN_WAKE_SIZE,
     SHINFO_MASK,
     SHINFO_PENDING,
     VIRQ_DOM_EXC,
     VIRQ_TIMER,
+    Doorbell,
     EventChannels,
     PortState,
     PortTable,
@@ -23,11 +29,12 @@ from xmp.sharedmem.evtchn import (
     bind_interdomain,
     close_port,
 )
+from xmp.sharedmem.wakepage import create_wake_page, reopen_readonly, seal_wake_page, wake_page_sealed
 
 
 @pytest.fixture
 def ev():
-    chan = EventChannels(bytearray(8192), init_vcpus=2)
+    chan = EventChannels(bytearray(EVTCHN_OBJECT_SIZE), init_vcpus=2)
     yield chan
     chan.destroy()
 
@@ -39,7 +46,7 @@ def sel(buf, vcpu=0):
 def test_shared_info_offsets_follow_xen_h():
     # vcpu_info[32] of 64 bytes, then evtchn_pending[64] and evtchn_mask[64]
     assert (SHINFO_PENDING, SHINFO_MASK) == (32 * 64, 32 * 64 + 64 * 8)
-    buf = bytearray(8192)
+    buf = bytearray(EVTCHN_OBJECT_SIZE)
     chan = EventChannels(buf, init_vcpus=1)
     chan.send(70, vcpu=0)
     assert struct.unpack_from("<Q", buf, SHINFO_PENDING + 8)[0] == 1 << 6  # port 70 = word 1 bit 6
@@ -184,3 +191,265 @@ def test_virq_binding_rules():
         t.bind_virq(VIRQ_DOM_EXC, vcpu=1)  # global virqs bind on vcpu 0
     close_port(t, p, {})
     assert t.virq_port(VIRQ_TIMER, 1) is None
+
+
+# -- doorbells: what a peer may write -----------------------------------------
+
+HOSTILE, FRIEND = 7, 8
+
+
+class Receiver:
+    """A receiver's private object and wake page, and a doorbell per sender
+    (the supervisor's part done by hand: owners set, doorbells attached)."""
+
+    def __init__(self, nr_vcpus: int = 1):
+        self.priv = bytearray(EVTCHN_OBJECT_SIZE)
+        self.wake = bytearray(EVTCHN_WAKE_SIZE)
+        self.ev = EventChannels(self.priv, self.wake, init_vcpus=nr_vcpus)
+        self.pages: dict[int, bytearray] = {}
+
+    def doorbell(self, sender: int, ports) -> Doorbell:
+        page = self.pages.setdefault(sender, bytearray(DOORBELL_SIZE))
+        for port in ports:
+            self.ev.set_owner(port, sender)
+        self.ev.attach_doorbell(sender, page)
+        assert self.ev.upcall_pending()  # attaching makes the scanning thread look ...
+        assert self.ev.scan() == []      # ... at nothing yet
+        return Doorbell(page, self.wake)
+
+
+@pytest.fixture
+def rx():
+    r = Receiver(nr_vcpus=2)
+    yield r
+    r.ev.release()
+
+
+def test_doorbell_send_scan_and_summary_word(rx):
+    db = rx.doorbell(FRIEND, [5, 70])
+    page = rx.pages[FRIEND]
+    assert db.send(70) is True
+    assert struct.unpack_from("<Q", page, DOORBELL_PENDING + 8)[0] == 1 << 6  # word 1 bit 6
+    assert struct.unpack_from("<Q", page, 0)[0] == 1 << 1  # vcpu 0's summary: word 1 has news
+    assert db.send(70) is False  # already pending: the receiver is not told twice
+    assert db.send(5) is True    # a new word: told again
+    assert not rx.ev.upcall_pending()  # nothing private was touched
+    assert rx.ev.wait(timeout=0) == Wake.EVENT
+    assert rx.ev.scan() == [5, 70]
+    taken = bytes(page[:DOORBELL_KICK]) + bytes(page[DOORBELL_PENDING:DOORBELL_PENDING + 512])
+    assert taken == bytes(DOORBELL_KICK + 512)  # summary and pending bits all clear
+    assert struct.unpack_from("<I", page, DOORBELL_KICK)[0] == 2  # vcpu 0's kick word: bumped on each telling
+    assert rx.ev.wait(timeout=0) == Wake.TIMEOUT
+    db.send(70, vcpu=1)
+    assert rx.ev.wait(vcpu=0, timeout=0) == Wake.TIMEOUT and rx.ev.scan(vcpu=0) == []
+    assert rx.ev.wait(vcpu=1, timeout=0) == Wake.EVENT and rx.ev.scan(vcpu=1) == [70]
+
+
+def test_doorbell_masked_port_stays_pending_and_unmask_delivers(rx):
+    db = rx.doorbell(FRIEND, [9])
+    rx.ev.mask(9)
+    assert db.send(9) is True  # the sender cannot see the mask: told once
+    assert rx.ev.scan() == []  # masked: not taken ...
+    assert rx.ev.is_pending(9)  # ... and still pending, in the doorbell
+    assert db.send(9) is False  # so the sender stops telling
+    assert rx.ev.wait(timeout=0.01, spin=0) == Wake.TIMEOUT
+    assert rx.ev.unmask(9) is True  # EVTCHNOP_unmask re-delivers
+    assert rx.ev.wait(timeout=0) == Wake.EVENT and rx.ev.scan() == [9]
+    assert not rx.ev.is_pending(9) and rx.ev.unmask(9) is False
+
+
+def test_private_and_doorbell_events_are_both_delivered(rx):
+    db = rx.doorbell(FRIEND, [4])
+    rx.ev.send(3)  # the supervisor's (a VIRQ)
+    db.send(4)
+    assert rx.ev.scan() == [3, 4]
+
+
+def test_a_hostile_sender_scribbling_its_doorbell_disturbs_only_its_own_ports(rx):
+    evil = rx.doorbell(HOSTILE, [5])
+    good = rx.doorbell(FRIEND, [6])
+    rx.ev.mask(12)
+    private_before = bytes(rx.priv)
+    rx.pages[HOSTILE][:] = b"\xff" * DOORBELL_SIZE  # every summary and pending bit
+    assert rx.ev.wait(timeout=0) == Wake.EVENT
+    # its own port fires (spuriously: allowed); the friend's port 6, the
+    # masked 12 and unbound ports do not
+    assert rx.ev.scan() == [5]
+    assert bytes(rx.priv) == private_before  # mask, pending, vcpu_info untouched
+    assert rx.ev.is_masked(12) and not rx.ev.is_pending(6)
+    # the friend's events still arrive while the hostile page stays garbage
+    rx.pages[HOSTILE][:] = b"\xff" * DOORBELL_SIZE
+    assert good.send(6) is True
+    assert sorted(rx.ev.scan()) == [5, 6]
+    # zeroing its page (clearing "pending" bits) loses nothing of the friend's
+    good.send(6)
+    rx.pages[HOSTILE][:] = bytes(DOORBELL_SIZE)
+    assert rx.ev.scan() == [6]
+    evil.send(5)
+    assert rx.ev.scan() == [5]
+
+
+def test_detached_doorbell_is_not_scanned(rx):
+    db = rx.doorbell(FRIEND, [6])
+    db.send(6)
+    assert rx.ev.detach_doorbell(FRIEND) is True
+    assert rx.ev.scan() == []  # the sender has gone: its doorbell is no longer read
+    assert rx.ev.doorbell_senders() == []
+
+
+def test_detached_doorbell_is_closed_one_sync_later(rx):
+    closed = []
+    rx.ev.attach_doorbell(FRIEND, bytearray(DOORBELL_SIZE), closer=lambda: closed.append(FRIEND))
+    rx.ev.scan()
+    rx.ev.detach_doorbell(FRIEND)
+    rx.ev.scan()  # swapped out of the array a waiter reads ...
+    assert closed == []
+    rx.ev.scan()  # ... and closed only once no C call can still be on it
+    assert closed == [FRIEND]
+    rx.ev.attach_doorbell(HOSTILE, bytearray(DOORBELL_SIZE), closer=lambda: closed.append(HOSTILE))
+    rx.ev.detach_doorbell(HOSTILE)
+    rx.ev.sync(drain=True)  # the supervisor: single-threaded, at once
+    assert closed == [FRIEND, HOSTILE]
+
+
+def test_generation_bump_calls_refresh_before_the_scan(rx):
+    calls = []
+    page = bytearray(DOORBELL_SIZE)
+
+    def refresh():
+        calls.append(1)
+        rx.ev.set_owner(6, FRIEND)
+        rx.ev.attach_doorbell(FRIEND, page)
+
+    rx.ev.refresh = refresh
+    Doorbell(page, rx.wake).send(6)  # a sender that got its doorbell first
+    rx.ev.bump_generation()          # the supervisor: the set changed
+    assert rx.ev.wait(timeout=0) == Wake.EVENT
+    assert rx.ev.scan() == [6] and calls == [1]
+    assert rx.ev.scan() == [] and calls == [1]
+
+
+@pytest.mark.timeout(60)
+def test_sends_during_scans_are_never_lost():
+    """Three senders (two doorbells, one private) each raise their port and
+    wait until the receiver has seen that send, all at once, while the
+    receiver sleeps without spinning: a send that lands while the receiver
+    scans or goes to sleep must still wake it (a lost one stalls a sender
+    until its deadline)."""
+    r = Receiver()
+    dbs = {1: r.doorbell(HOSTILE, [1]), 2: r.doorbell(FRIEND, [2]), 3: r.ev}
+    rounds = 3000
+    sent = dict.fromkeys(dbs, 0)
+    seen = dict.fromkeys(dbs, 0)
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def sender(port):
+        for _ in range(rounds):
+            sent[port] += 1
+            dbs[port].send(port)
+            deadline = time.monotonic() + 10
+            while seen[port] < sent[port]:
+                if time.monotonic() > deadline:
+                    errors.append(f"port {port}: send {sent[port]} never delivered")
+                    stop.set()
+                    return
+                time.sleep(0)
+
+    def receiver():
+        while not stop.is_set():
+            if r.ev.wait(timeout=0.5, spin=0) == Wake.TIMEOUT:
+                continue
+            for port in r.ev.scan():
+                seen[port] = sent[port]
+
+    rt = threading.Thread(target=receiver)
+    rt.start()
+    senders = [threading.Thread(target=sender, args=(p,)) for p in dbs]
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join(50)
+    stop.set()
+    rt.join(5)
+    assert errors == []
+    assert seen == dict.fromkeys(dbs, rounds)
+    r.ev.release()
+
+
+def test_the_wake_page_is_read_only_for_senders_once_sealed():
+    import mmap
+    import os
+
+    fd = create_wake_page()
+    try:
+        mine = mmap.mmap(fd, EVTCHN_WAKE_SIZE)  # the receiver maps it first ...
+        assert not wake_page_sealed(fd)
+        seal_wake_page(fd)                      # ... then seals it
+        assert wake_page_sealed(fd)
+        mine[0] = 1                             # its own mapping stays writable
+        ro = reopen_readonly(fd)
+        try:
+            for attempt in (lambda: mmap.mmap(fd, EVTCHN_WAKE_SIZE),
+                            lambda: os.write(fd, b"\0"),
+                            lambda: os.ftruncate(fd, 0),
+                            # a same-uid peer reopening its read-only fd read-write
+                            lambda: mmap.mmap(os.open(f"/proc/self/fd/{ro}", os.O_RDWR), EVTCHN_WAKE_SIZE)):
+                with pytest.raises(PermissionError):
+                    attempt()
+            view = mmap.mmap(ro, EVTCHN_WAKE_SIZE, prot=mmap.PROT_READ)
+            assert view[0] == 1
+            view.close()
+        finally:
+            os.close(ro)
+        mine.close()
+    finally:
+        os.close(fd)
+
+
+def test_a_doorbell_whose_news_keeps_holding_nothing_is_muted(rx):
+    """A sender scribbling its summary word (no port of its own pending)
+    would keep the receiver awake for nothing: after 64 such scans its
+    doorbell is ignored for a while -- not looked at, not waited on -- while
+    the other senders are served; what it really sent arrives afterwards."""
+    evil = rx.doorbell(HOSTILE, [5])
+    good = rx.doorbell(FRIEND, [6])
+    page = rx.pages[HOSTILE]
+    for _ in range(64):
+        page[:8] = b"\xff" * 8  # vcpu 0's summary: "news everywhere", and none
+        assert rx.ev.wait(timeout=0) == Wake.EVENT
+        assert rx.ev.scan() == []
+    assert rx.ev.doorbell_muted(HOSTILE) and not rx.ev.doorbell_muted(FRIEND)
+    page[:8] = b"\xff" * 8
+    assert rx.ev.wait(timeout=0.001, spin=0) == Wake.TIMEOUT  # its news no longer wakes us
+    good.send(6)
+    assert rx.ev.scan() == [6]  # the friend is served meanwhile
+    evil.send(5)  # something real, during the mute: it waits
+    assert rx.ev.scan() == []
+    t0 = time.monotonic()
+    assert rx.ev.wait(timeout=5, spin=0) == Wake.EVENT  # the mute ends by itself (2 ms) ...
+    assert time.monotonic() - t0 < 1
+    assert rx.ev.scan() == [5]  # ... and its real event is delivered, late, not lost
+    assert not rx.ev.doorbell_muted(HOSTILE)
+
+
+@pytest.mark.timeout(30)
+def test_a_sleeper_with_more_doorbells_than_futex_waitv_takes_still_wakes():
+    """futex_waitv takes 128 words (the private one + 127 doorbells): a
+    send on a doorbell past those still reaches a sleeping receiver (it
+    looks again every millisecond while such doorbells exist)."""
+    r = Receiver()
+    dbs = [r.doorbell(100 + i, [100 + i]) for i in range(200)]
+    results = []
+    t = threading.Thread(target=lambda: results.append(r.ev.wait(timeout=10, spin=0)))
+    t.start()
+    deadline = time.monotonic() + 5
+    while struct.unpack_from("<I", r.wake, 0)[0] != 1:  # it sleeps
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    t0 = time.monotonic()
+    assert dbs[-1].send(299) is True
+    t.join(10)
+    assert results == [Wake.EVENT] and time.monotonic() - t0 < 2
+    assert r.ev.scan() == [299]
+    r.ev.release()

@@ -53,7 +53,7 @@ def test_lower_layers_do_not_import_higher_ones():
 
 
 PROCESS_MACHINERY = {"os", "multiprocessing", "subprocess", "socket", "signal", "selectors", "posix_ipc",
-                     "psutil", "threading"}
+                     "psutil"}
 PURE_CORES = ("xmp.sharedmem.ring", "xmp.sharedmem.bytering", "xmp.sharedmem.grant", "xmp.sharedmem.evtchn",
               "xmp.sharedmem.page", "xmp.xenstore.wire", "xmp.xenstore.store", "xmp.drivers.xenbus.state",
               "xmp.drivers.blk.protocol")

@@ -394,11 +394,11 @@ def test_streaming_across_the_u32_wrap(start, count):
 
 @pytest.mark.timeout(60)
 def test_no_lost_wakeup_between_threads():
-    from xmp.sharedmem.evtchn import EventChannels, Wake
+    from xmp.sharedmem.evtchn import EVTCHN_OBJECT_SIZE, EventChannels, Wake
 
     front, back, _ = ring_pair(64, 64, ring_page_order=1)
-    back_ev = EventChannels(bytearray(8192), init_vcpus=1)
-    front_ev = EventChannels(bytearray(8192), init_vcpus=1)
+    back_ev = EventChannels(bytearray(EVTCHN_OBJECT_SIZE), init_vcpus=1)
+    front_ev = EventChannels(bytearray(EVTCHN_OBJECT_SIZE), init_vcpus=1)
     total = 100_000
     errors = []
 

@@ -1,6 +1,8 @@
 """Xen.notify's learned routes against a peer being forgotten by another
 thread (dom0: xenstored's socket thread releases a guest while xenconsoled
-notifies it).  Run in a child process: the old bug was a segfault."""
+notifies it).  Run in a child process: the old bug was a segfault.  And:
+what a route hands over is a doorbell and a read-only wake page, never the
+peer's event object."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import textwrap
 CHILD = textwrap.dedent("""
     import os, sys, threading, time
     from xmp.domain_proc.xen import Xen
-    from xmp.sharedmem.evtchn import EVTCHN_OBJECT_SIZE, EventChannels
+    from xmp.sharedmem.evtchn import DOORBELL_SIZE, EVTCHN_OBJECT_SIZE, EVTCHN_WAKE_SIZE, EventChannels
     from xmp.sharedmem.shm import ShmNamespace, ShmObject
 
     class GoneChannel:  # the slow path: the hypervisor says the peer is gone
@@ -20,9 +22,9 @@ CHILD = textwrap.dedent("""
 
     ns = ShmNamespace()
     own = ShmObject.create(ns, "own", EVTCHN_OBJECT_SIZE)
-    peer = ShmObject.create(ns, "peer", EVTCHN_OBJECT_SIZE)
+    doorbell = ShmObject.create(ns, "db", DOORBELL_SIZE)
+    wake = ShmObject.create(ns, "wake", EVTCHN_WAKE_SIZE)
     EventChannels(own.map(), init_vcpus=1)
-    EventChannels(peer.map(), init_vcpus=1)
     xen = Xen(GoneChannel(), 0, EventChannels(own.map()))
     info = {"remote_dom": 5, "port": 3, "remote_port": 7, "remote_vcpu": 0}
     sys.setswitchinterval(1e-6)
@@ -36,8 +38,8 @@ CHILD = textwrap.dedent("""
     t.start()
     learned = 0
     while time.monotonic() < stop:
-        xen._learn(info, [os.dup(peer.fd)])  # a send hypercall taught us the route
-        xen.forget_domain(5)                 # the peer went: its event page is unmapped
+        xen._learn(info, [os.dup(doorbell.fd), os.dup(wake.fd)])  # a send hypercall taught us the route
+        xen.forget_domain(5)                 # the peer went: its doorbell is unmapped
         learned += 1
     t.join()
     print("ok", learned)

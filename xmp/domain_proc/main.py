@@ -1,8 +1,9 @@
 """A domain process from boot to exit.
 
 The zygote forks us with the hypercall channel; the supervisor's boot
-message brings our RAM and event object by descriptor.  We map them, read
-start_info, and run the kernel named in the config.  Returning powers off,
+message brings our RAM, event object and wake page by descriptor.  We map
+them, seal the wake page (from then on it can be handed to peers read-only),
+read start_info, and run the kernel named in the config.  Returning powers off,
 an exception crashes (traceback on the console and in our log).  A domain
 whose supervisor is gone exits at once: the channel's EOF, or the
 PR_SET_PDEATHSIG chain, ends it.
@@ -11,6 +12,8 @@ PR_SET_PDEATHSIG chain, ends it.
 from __future__ import annotations
 
 import importlib
+import mmap
+import os
 import socket
 import sys
 import traceback
@@ -20,8 +23,9 @@ from xmp.domain_proc.loop import EventLoop
 from xmp.domain_proc.xen import Xen
 from xmp.errors import DomainGone
 from xmp.hypercall import Channel
-from xmp.sharedmem.evtchn import EventChannels
+from xmp.sharedmem.evtchn import EVTCHN_WAKE_SIZE, EventChannels
 from xmp.sharedmem.shm import PAGE_SIZE, ShmObject
+from xmp.sharedmem.wakepage import seal_wake_page
 from xmp.startinfo import START_INFO_PFN, StartInfo
 
 
@@ -34,9 +38,12 @@ def domain_main(sock: socket.socket) -> int:
     ch = Channel(sock)
     boot, fds = ch.recv_boot()
     ram_obj, evt_obj = ShmObject.from_fd(fds[0]), ShmObject.from_fd(fds[1])
-    extra_fds = fds[2:]
+    wake = mmap.mmap(fds[2], EVTCHN_WAKE_SIZE)
+    seal_wake_page(fds[2])
+    os.close(fds[2])  # the mapping is all we need of it
+    extra_fds = fds[3:]
     ram = ram_obj.map()
-    evt = EventChannels(evt_obj.map())
+    evt = EventChannels(evt_obj.map(), wake)
     xen = Xen(ch, boot["domid"], evt)
     start_info = StartInfo.unpack_from(ram, START_INFO_PFN * PAGE_SIZE)
     loop = EventLoop(evt)

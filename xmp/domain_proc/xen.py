@@ -3,10 +3,15 @@ the event-channel fast path.
 
 Sending on a port needs no round trip once the peer is known: the first
 notify goes through the supervisor (``event_channel_op/send``), whose
-reply names the peer's port and vCPU and hands over the peer's event
-object once; later notifies set the bit and post the semaphore directly.
-A stale cache after the peer closes can at worst raise a spurious event,
+reply names the peer's port and vCPU and hands over, once per peer, our
+doorbell into it and its wake page read-only -- never its event object;
+later notifies ring the doorbell directly (see xmp.sharedmem.evtchn).  A
+stale cache after the peer closes can at worst raise a spurious event,
 which every handler tolerates.
+
+The other way round, the doorbells our peers ring us through reach us when
+the supervisor says the set changed: our event loop's scan calls
+:meth:`Xen.refresh_doorbells`, which fetches the new ones.
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xmp.domid import DOMID_SELF
-from xmp.hypercall import Channel
-from xmp.sharedmem.evtchn import EventChannels
+from xmp.hypercall import MAX_FDS, Channel
+from xmp.sharedmem.evtchn import Doorbell, EventChannels
 from xmp.sharedmem.shm import PAGE_SIZE, ShmObject
 
 
@@ -50,8 +55,10 @@ class Xen:
         self.ch = channel
         self.domid = domid
         self.evt = evt
-        self._peers: dict[int, tuple[ShmObject, EventChannels]] = {}
-        self._route: dict[int, tuple[EventChannels, int, int]] = {}
+        # peer domid -> (our doorbell into it, its wake page, the sender's face)
+        self._peers: dict[int, tuple[ShmObject, ShmObject, Doorbell]] = {}
+        self._route: dict[int, tuple[EventChannels | Doorbell, int, int]] = {}
+        evt.refresh = self.refresh_doorbells
         # (granter, writable) -> its RAM's descriptor of that kind: read-only
         # maps go through an O_RDONLY one, so they can never be made writable
         self._foreign: dict[tuple[int, bool], ShmObject] = {}
@@ -115,20 +122,47 @@ class Xen:
 
     def _learn_locked(self, info: dict, fds: list[int]) -> None:
         remote = info["remote_dom"]
-        for fd in fds:
-            if remote in self._peers:  # we hold it already: routes keep using that one
+        if len(fds) == 2 and remote not in self._peers and remote != self.domid:
+            db, wake = ShmObject.from_fd(fds[0]), ShmObject.from_fd(fds[1])
+            try:
+                self._peers[remote] = (db, wake, Doorbell(db.map(), wake.map(writable=False)))
+            except BaseException:
+                db.close()
+                wake.close()
+                raise
+        else:
+            for fd in fds:  # we hold them already (another thread asked too): keep those
                 os.close(fd)
-            else:
-                obj = ShmObject.from_fd(fd)
-                self._peers[remote] = (obj, EventChannels(obj.map()))
+        evt: EventChannels | Doorbell
         if remote == self.domid:
             evt = self.evt
         elif remote in self._peers:
-            evt = self._peers[remote][1]
+            evt = self._peers[remote][2]
         else:
-            return
+            return  # the peer has not sealed its wake page yet: the slow path, for now
         self._route[info["port"]] = (evt, info["remote_port"], info["remote_vcpu"])
         self._port_peer[info["port"]] = remote
+
+    def refresh_doorbells(self) -> None:
+        """Fetch the doorbells peers ring us through that we lack, and let
+        go of those of peers that have gone.  Called by our event loop's
+        scan when the supervisor says the set changed."""
+        while True:
+            have = self.evt.doorbell_senders()
+            ret, fds = self.ch.call_with_fds("event_channel_op", "doorbells", have=have)
+            if not isinstance(ret, dict):
+                for fd in fds:
+                    os.close(fd)
+                return
+            for sender, fd in zip(ret["new"], fds, strict=False):
+                obj = ShmObject.from_fd(fd)
+                self.evt.attach_doorbell(sender, obj.map(), closer=obj.close)
+            for fd in fds[len(ret["new"]):]:
+                os.close(fd)
+            for sender in set(have) - set(ret["senders"]):
+                self.evt.detach_doorbell(sender)
+            if len(ret["new"]) < MAX_FDS:  # else there may be more
+                return
 
     def forget_domain(self, domid: int) -> None:
         """Drop what we hold of a domain that has gone."""
@@ -143,6 +177,7 @@ class Xen:
         peer = self._peers.pop(domid, None)
         if peer is not None:
             _close_peer(peer)
+        self.evt.detach_doorbell(domid)  # closed once our loop has let go of it
         for key in [(domid, False), (domid, True)]:
             obj = self._foreign.get(key)
             if obj is not None and not obj._maps:  # another service may still map pages of it
@@ -247,7 +282,8 @@ class Xen:
         return self.call("domctl", cmd, **args)
 
 
-def _close_peer(peer: tuple[ShmObject, EventChannels]) -> None:
-    obj, evt = peer
-    evt.release()
-    obj.close()
+def _close_peer(peer: tuple[ShmObject, ShmObject, Doorbell]) -> None:
+    db, wake, face = peer
+    face.release()
+    db.close()
+    wake.close()

@@ -1,7 +1,8 @@
 """The supervisor's record of one domain, and the domain builder.
 
 Everything a domain holds is here, so that destroying it can give every
-piece back: its RAM and event objects, its ports, the grants it has mapped
+piece back: its RAM, its private event object and wake page, the doorbells
+its peers ring it through, its ports, the grants it has mapped
 from others (maptrack), the descriptors of other domains it was handed,
 its reservation from the host pool.
 """
@@ -19,7 +20,12 @@ from xmp.domid import DOMID_DOM0
 from xmp.errors import RemoteProtocolError
 from xmp.hypercall import SHUTDOWN_REASONS
 from xmp.sharedmem.bytering import ByteRing, console_rings
-from xmp.sharedmem.evtchn import EVTCHN_OBJECT_SIZE, EventChannels, PortTable
+from xmp.sharedmem.evtchn import (
+    EVTCHN_OBJECT_SIZE,
+    EVTCHN_WAKE_SIZE,
+    EventChannels,
+    PortTable,
+)
 from xmp.sharedmem.grant import (
     GNTTAB_RESERVED_CONSOLE,
     GNTTAB_RESERVED_XENSTORE,
@@ -27,6 +33,7 @@ from xmp.sharedmem.grant import (
     GrantTable,
 )
 from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, ShmObject
+from xmp.sharedmem.wakepage import create_wake_page
 from xmp.startinfo import (
     CONSOLE_PFN,
     GNTTAB_PFN,
@@ -86,6 +93,11 @@ class Domain:
     uuid: str = ""
     console_out: ByteRing | None = None
     views: list[memoryview] = field(default_factory=list)
+    wake_fd: int = -1                # its wake page (a memfd the domain seals at boot)
+    wake_map: mmap.mmap | None = None
+    wake_ro_fd: int = -1             # what senders get: read-only, once sealed
+    # sender domid -> the doorbell that sender rings this domain through
+    doorbells: dict[int, ShmObject] = field(default_factory=dict)
 
     @property
     def privileged(self) -> bool:
@@ -128,7 +140,17 @@ class Domain:
                 thing.release()
         for view in self.views:
             view.release()
+        for obj in self.doorbells.values():
+            obj.close()
+        self.doorbells.clear()
         self.evt_obj.close()
+        if self.wake_map is not None:
+            self.wake_map.close()
+            self.wake_map = None
+        for fd in (self.wake_fd, self.wake_ro_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.wake_fd = self.wake_ro_fd = -1
         self.ram.close()
         if self.sock is not None:
             self.sock.close()
@@ -142,9 +164,13 @@ def build_domain(ns: ShmNamespace, domid: int, cfg: DomainConfig, name: str | No
     mem_pages = cfg.memory_mib * MIB // PAGE_SIZE
     ram = ShmObject.create(ns, f"ram{domid}", max_pages * PAGE_SIZE)
     evt_obj = ShmObject.create(ns, f"evt{domid}", EVTCHN_OBJECT_SIZE)
+    wake_fd = create_wake_page()
+    wake_map = None
     try:
         ram_map = ram.map()
-        evt = EventChannels(evt_obj.map(), init_vcpus=cfg.maxvcpus)
+        # mapped writable before the domain seals it: this mapping stays writable
+        wake_map = mmap.mmap(wake_fd, EVTCHN_WAKE_SIZE)
+        evt = EventChannels(evt_obj.map(), wake_map, init_vcpus=cfg.maxvcpus)
         ports = PortTable(domid, cfg.max_event_channels)
         # Ports the guest offers dom0 for the console and xenstore (console/port, store evtchn).
         console_port = ports.alloc_unbound(DOMID_DOM0)
@@ -169,8 +195,11 @@ def build_domain(ns: ShmNamespace, domid: int, cfg: DomainConfig, name: str | No
                       evt_obj=evt_obj, evt=evt, ports=ports, grants=grants, own_table=own_table,
                       console_port=console_port, store_port=store_port, tot_pages=mem_pages,
                       max_pages=max_pages, populated=populated, views=[gnttab, console, whole],
-                      console_out=console_out)
+                      console_out=console_out, wake_fd=wake_fd, wake_map=wake_map)
     except BaseException:
+        if wake_map is not None:
+            wake_map.close()
+        os.close(wake_fd)
         evt_obj.close()
         ram.close()
         raise

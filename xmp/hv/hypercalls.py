@@ -19,16 +19,18 @@ from typing import Any
 from xmp.domid import DOMID_DOM0, DOMID_SELF
 from xmp.errors import GrantError, HypercallError
 from xmp.hv.domain import Domain, DomState, Mapping
-from xmp.hypercall import HYPERCALLS, SHUTDOWN_REASONS, arg, int_list
+from xmp.hypercall import HYPERCALLS, MAX_FDS, SHUTDOWN_REASONS, arg, int_list
 from xmp.sharedmem._ffi import lib
 from xmp.sharedmem.evtchn import (
+    DOORBELL_SIZE,
     VIRQ_DOM_EXC,
     PortState,
     bind_interdomain,
     close_port,
 )
 from xmp.sharedmem.grant import GNTTAB_COPY, ActiveGrants, CopyBatch, copy_records
-from xmp.sharedmem.shm import PAGE_SIZE
+from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, ShmObject
+from xmp.sharedmem.wakepage import reopen_readonly, wake_page_sealed
 
 XEN_VERSION = {"major": 4, "minor": 19, "extra": "-xmp", "capabilities": "xen-3.0-x86_64 xmp"}
 Reply = tuple[Any, list[int]]
@@ -38,6 +40,7 @@ DEFERRED = object()  # a handler's "no reply now": the caller waits (a suspended
 class HypercallHandlers:
     domains: dict[int, Domain]
     HYPERCALLS: dict[str, dict[str, Callable[..., Reply]]]
+    ns: ShmNamespace
 
     # Provided by the supervisor.
     def lookup(self, domid: int, op: str) -> Domain:
@@ -283,17 +286,73 @@ class HypercallHandlers:
             raise HypercallError(errno.ESRCH, op, f"no domain {remote_dom}")
         remote_port = arg(args, "remote_port", int, op)
         port = bind_interdomain(caller.ports, remote.ports, remote_port)
+        # only the other end's doorbell may raise either port
+        caller.evt.set_owner(port, remote.domid)
+        remote.evt.set_owner(remote_port, caller.domid)
         caller.evt.send(port)  # Xen marks a freshly bound port pending
         return self._peer_reply(caller, port, remote, remote_port, bool(args.get("have_evt")))
 
     def _peer_reply(self, caller: Domain, port: int, remote: Domain, remote_port: int,
                     have_evt: bool) -> Reply:
         """What the caller needs to notify ``remote_port`` itself (the fast
-        path): the peer's vCPU, and its event object unless it has it."""
-        fds = [] if have_evt or remote.domid == caller.domid else [remote.evt_obj.fd]
+        path): the peer's vCPU and, unless it has them, its doorbell into
+        the peer and the peer's wake page read-only.  Never the peer's
+        event object.  Until the peer has sealed its wake page (it does at
+        boot) the caller gets no descriptors and keeps asking us."""
+        fds: list[int] = []
+        if not have_evt and remote.domid != caller.domid:
+            ro = self._wake_ro(remote)
+            if ro >= 0:
+                fds = [self._doorbell(remote, caller).fd, ro]
         vcpu = remote.ports.get(remote_port).vcpu
         return {"port": port, "remote_dom": remote.domid, "remote_port": remote_port,
                 "remote_vcpu": vcpu}, fds
+
+    def _wake_ro(self, dom: Domain) -> int:
+        """A read-only descriptor of ``dom``'s wake page once it is sealed
+        (a sealed page cannot be made writable again by reopening it)."""
+        if dom.wake_ro_fd < 0 and dom.wake_fd >= 0 and wake_page_sealed(dom.wake_fd):
+            dom.wake_ro_fd = reopen_readonly(dom.wake_fd)
+        return dom.wake_ro_fd
+
+    def _doorbell(self, receiver: Domain, sender: Domain) -> ShmObject:
+        """The doorbell ``sender`` rings ``receiver`` through, made on first
+        use; the receiver is told to fetch it."""
+        obj = receiver.doorbells.get(sender.domid)
+        if obj is None:
+            obj = ShmObject.create(self.ns, f"db{receiver.domid}-{sender.domid}", DOORBELL_SIZE)
+            receiver.doorbells[sender.domid] = obj
+            receiver.evt.attach_doorbell(sender.domid, obj.map())
+            receiver.evt.sync(drain=True)
+            receiver.evt.bump_generation()
+        return obj
+
+    def drop_doorbells(self, dom: Domain) -> None:
+        """``dom`` is being destroyed: no doorbell from or to it is read any
+        more; receivers are told to let go of theirs."""
+        for other in self.domains.values():
+            obj = other.doorbells.pop(dom.domid, None)
+            if obj is not None and other is not dom:
+                other.evt.detach_doorbell(dom.domid)
+                other.evt.sync(drain=True)
+                obj.close()
+                other.evt.bump_generation()
+        for sender in list(dom.doorbells):
+            dom.evt.detach_doorbell(sender)
+        dom.evt.sync(drain=True)
+        for obj in dom.doorbells.values():
+            obj.close()
+        dom.doorbells.clear()
+
+    def hc_event_channel_op_doorbells(self, caller: Domain, args: dict) -> Reply:
+        """xmp's own: the doorbells the caller's peers ring it through.
+        ``have`` names the senders whose doorbell it holds; the reply lists
+        every live sender and brings, in ``new`` order, the ones it lacks
+        (at most MAX_FDS a call: it asks again for the rest)."""
+        have = set(int_list(args, "have", "doorbells", limit=1 << 16))
+        senders = sorted(caller.doorbells)
+        new = [d for d in senders if d not in have][:MAX_FDS]
+        return {"senders": senders, "new": new}, [caller.doorbells[d].fd for d in new]
 
     def hc_event_channel_op_bind_virq(self, caller: Domain, args: dict) -> Reply:
         virq, vcpu = arg(args, "virq", int, "bind_virq"), arg(args, "vcpu", int, "bind_virq", 0)
@@ -316,9 +375,11 @@ class HypercallHandlers:
         p = dom.ports.get(port, "close")
         peers = {d.domid: d.ports for d in self.domains.values()}
         close_port(dom.ports, port, peers)
+        dom.evt.set_owner(port, None)
         if p.state == PortState.INTERDOMAIN:
             peer = self.domains.get(p.remote_dom)
             if peer is not None:
+                peer.evt.set_owner(p.remote_port, None)  # unbound again: no doorbell raises it
                 # Let it notice (handlers re-check on any event).  Clear first: a
                 # sender killed between setting the pending bit and the selector
                 # would otherwise leave the port pending and never delivered.

@@ -88,18 +88,39 @@ void xmp_gnttab_copy_ops(xmp_gnttab_copy_t *ops, uint32_t n, uint16_t caller,
                          const xmp_copy_dom_t *doms, uint32_t ndoms);
 void xmp_gnttab_copy_status_out(uint8_t *dst, const xmp_gnttab_copy_t *ops, uint32_t n);
 
+typedef struct {
+    uint8_t *db;
+    uint32_t owner;
+    uint32_t empty;
+    int64_t muted_until;
+    uint32_t strikes;
+    uint32_t pad;
+} xmp_doorbell_ref_t;
+typedef struct {
+    uint8_t *ev;
+    uint32_t *wake;
+    xmp_doorbell_ref_t *dbs;
+    uint32_t nr_dbs;
+    uint32_t seen_gen;
+} xmp_evtchn_t;
+
 uint32_t xmp_evtchn_sizeof_upcall(void);
 int xmp_evtchn_init(uint8_t *ev, uint32_t nr_vcpus);
 void xmp_evtchn_destroy(uint8_t *ev, uint32_t nr_vcpus);
-int xmp_evtchn_send(uint8_t *ev, uint32_t port, uint32_t vcpu);
-void xmp_evtchn_mask(uint8_t *ev, uint32_t port);
-int xmp_evtchn_unmask(uint8_t *ev, uint32_t port, uint32_t vcpu);
-void xmp_evtchn_clear(uint8_t *ev, uint32_t port);
-int xmp_evtchn_is_pending(uint8_t *ev, uint32_t port);
-int xmp_evtchn_is_masked(uint8_t *ev, uint32_t port);
-uint32_t xmp_evtchn_scan(uint8_t *ev, uint32_t vcpu, uint32_t *ports, uint32_t max);
-int xmp_evtchn_wait(uint8_t *ev, uint32_t vcpu, int64_t timeout_ns, int64_t spin_ns);
-void xmp_evtchn_request_shutdown(uint8_t *ev, uint32_t vcpu);
+int xmp_evtchn_send(xmp_evtchn_t *e, uint32_t port, uint32_t vcpu);
+int xmp_doorbell_send(uint8_t *db, const uint32_t *wake, uint32_t port, uint32_t vcpu);
+void xmp_evtchn_set_owner(uint8_t *ev, uint32_t port, uint32_t owner);
+void xmp_evtchn_bump_gen(xmp_evtchn_t *e, uint32_t nr_vcpus);
+void xmp_evtchn_kick(xmp_evtchn_t *e, uint32_t vcpu);
+uint32_t xmp_evtchn_db_gen(const xmp_evtchn_t *e);
+void xmp_evtchn_mask(xmp_evtchn_t *e, uint32_t port);
+int xmp_evtchn_unmask(xmp_evtchn_t *e, uint32_t port, uint32_t vcpu);
+void xmp_evtchn_clear(xmp_evtchn_t *e, uint32_t port);
+int xmp_evtchn_is_pending(xmp_evtchn_t *e, uint32_t port);
+int xmp_evtchn_is_masked(xmp_evtchn_t *e, uint32_t port);
+uint32_t xmp_evtchn_scan(xmp_evtchn_t *e, uint32_t vcpu, uint32_t *ports, uint32_t max);
+int xmp_evtchn_wait(xmp_evtchn_t *e, uint32_t vcpu, int64_t timeout_ns, int64_t spin_ns);
+void xmp_evtchn_request_shutdown(xmp_evtchn_t *e, uint32_t vcpu);
 
 int xmp_set_pdeathsig(int sig);
 int xmp_set_dumpable(int on);

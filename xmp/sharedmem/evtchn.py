@@ -1,44 +1,80 @@
-"""Event channels: Xen's 2-level ABI over a shared event object.
+"""Event channels: Xen's 2-level ABI, split by who may write what.
 
-The event object of a domain is two pages::
+A domain's event state is three kinds of object (the layouts are in
+fast.c)::
 
-    page 0  struct shared_info (xen.h): vcpu_info[32] (64 bytes each:
-            evtchn_upcall_pending u8 @0, evtchn_upcall_mask u8 @1,
-            evtchn_pending_sel u64 @8), evtchn_pending[64] u64 @2048,
-            evtchn_mask[64] u64 @2560
-    page 1  xmp's upcall records, one per vCPU: a process-shared sem_t (the
-            "kick"), a shutdown word
+    private event object  held by the domain and the supervisor only
+        page 0     struct shared_info (xen.h): vcpu_info[32] (64 bytes each:
+                   evtchn_upcall_pending u8 @0, evtchn_upcall_mask u8 @1,
+                   evtchn_pending_sel u64 @8), evtchn_pending[64] u64 @2048,
+                   evtchn_mask[64] u64 @2560
+        page 1     per-vCPU upcall records (shutdown word, private kick
+                   futex word), doorbell generation
+        pages 2-3  owner[4096] u16: 1 + the domid each port is bound to
+    wake page             one word per vCPU, 1 while the vCPU sleeps; the
+                          domain writes it, senders hold it sealed read-only
+    doorbell (R, S)       one per receiver R and sender S, the only thing S
+                          writes: summary[32] u64 @0 (per-vCPU selector),
+                          kick[32] u32 @256 (futex words), pending[64] u64 @512
 
-Delivery (``send``, evtchn_2l_set_pending): test-and-set the port's pending
-bit; only if it was clear and the port is unmasked set the selector bit, and
-only if *that* was clear set ``evtchn_upcall_pending`` and, on its 0->1
-transition, post the vCPU's semaphore.  The receiver clears
-``upcall_pending`` before it scans, so a send that lands during a scan kicks
-again: no event is ever lost, and a post can at worst be spurious, which
-every handler tolerates by re-checking its ring.  A masked port stays
-pending and is delivered by ``unmask``.
+Why: a peer handed the receiver's shared_info could mask, clear or fake any
+of its events, and a sem_t in a page the peer writes can be overwritten.
+Now a sender writes only its own doorbell; the receiver takes from it only
+ports the supervisor bound to that sender (the owner table), so a hostile
+sender disturbs nothing but the events it sends itself.
 
-All of it runs in C with atomic read-modify-writes; :class:`EventChannels`
-is the Python face.  Who may bind which port is the hypervisor's private
-bookkeeping, :class:`PortTable`.
+Delivery.  The supervisor, and a domain raising its own ports, use
+``send`` (evtchn_2l_set_pending): test-and-set the pending bit; only if it
+was clear and the port is unmasked set the selector bit, and only if *that*
+was clear set ``evtchn_upcall_pending`` and wake the vCPU if it sleeps.  A
+peer's notify goes through :class:`Doorbell`: set the bit, on 0->1 the
+summary bit, on 0->1 bump the doorbell's kick word and, if the receiver
+sleeps, ``FUTEX_WAKE`` it.  The receiver sleeps in ``futex_waitv`` on its
+private kick word and every doorbell's at once (futexes need a word that
+changes: a wake-only futex loses a kick that lands just before the sleep).
+No lost wake-up: the waiter reads the kick words, sets its sleep flag,
+fences, re-checks ``upcall_pending`` and every doorbell summary; a sender
+sets its bit, bumps its word, fences, reads the flag -- one of the two sees
+the other, and a bump after the read makes the wait return at once.  A
+sender changes only its own doorbell's words, so it can spoil only its own
+wake-ups.  The receiver clears ``upcall_pending`` (and takes each
+summary) before it scans, so a send during a scan tells it again.  A
+masked port stays pending -- in the doorbell its bit stays set, so its
+sender stops telling -- and is delivered by ``unmask``.  A post can at worst
+be spurious, which every handler tolerates by re-checking its ring.
+
+Doorbells come and go (a peer binds, a peer dies): the supervisor bumps
+the generation and kicks; the receiver's next :meth:`EventChannels.scan`
+calls its ``refresh`` hook (the domain asks the supervisor for its set).
+Who may bind which port is the hypervisor's private bookkeeping,
+:class:`PortTable`.
 """
 
 from __future__ import annotations
 
 import enum
 import errno
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from xmp.errors import HypercallError, LocalError
 from xmp.sharedmem._ffi import ffi, lib
 from xmp.sharedmem.page import PAGE_SIZE
 
-EVTCHN_OBJECT_SIZE = 2 * PAGE_SIZE
+EVTCHN_OBJECT_SIZE = 4 * PAGE_SIZE
+EVTCHN_WAKE_SIZE = PAGE_SIZE
+DOORBELL_SIZE = PAGE_SIZE
 EVTCHN_2L_NR_CHANNELS = 4096  # 64 * 64 on a 64-bit guest
 DEFAULT_MAX_EVTCHNS = 1023     # xl.cfg max_event_channels
 MAX_VCPUS = 32                 # XEN_LEGACY_MAX_VCPUS: vcpu_info slots in shared_info
 SHINFO_PENDING = 2048
 SHINFO_MASK = 2560
+OWNER_TABLE = 2 * PAGE_SIZE
+DOORBELL_KICK = 256
+DOORBELL_PENDING = 512
 
 # VIRQs (xen.h)
 VIRQ_TIMER, VIRQ_DEBUG, VIRQ_CONSOLE, VIRQ_DOM_EXC = 0, 1, 2, 3
@@ -56,79 +92,242 @@ class Wake(enum.IntEnum):
 
 
 _WAKE = (Wake.TIMEOUT, Wake.EVENT, Wake.SHUTDOWN)
+_SCAN_RESYNC = 0xFFFFFFFF  # fast.c's XMP_SCAN_RESYNC
 
 
 class EventChannels:
-    """One domain's event object.  The creator passes ``init_vcpus`` to
-    initialise the semaphores; everyone else attaches to a live object."""
+    """One domain's private event object and wake page, as the domain and
+    the supervisor see them.  The creator passes ``init_vcpus``; everyone
+    else attaches to a live object.  ``wake`` defaults to a private page
+    (one process, e.g. unit tests)."""
 
-    def __init__(self, buf, *, init_vcpus: int = 0):
+    def __init__(self, buf, wake=None, *, init_vcpus: int = 0):
+        self._buf = buf
         self._mem = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
         if len(self._mem) < EVTCHN_OBJECT_SIZE or int(ffi.cast("uintptr_t", self._mem)) % 8:
             raise LocalError(f"an event object needs {EVTCHN_OBJECT_SIZE} aligned bytes")
+        self._wake_buf = bytearray(EVTCHN_WAKE_SIZE) if wake is None else wake
+        self._wake = ffi.from_buffer("uint32_t[]", self._wake_buf, require_writable=True)
+        if len(self._wake) * 4 < EVTCHN_WAKE_SIZE:
+            raise LocalError(f"a wake page needs {EVTCHN_WAKE_SIZE} bytes")
+        self._ct = ffi.new("xmp_evtchn_t *")
+        self._ct.ev = self._mem
+        self._ct.wake = self._wake
         self._ports = ffi.new("uint32_t[]", EVTCHN_2L_NR_CHANNELS)
+        # Doorbells: changed from any thread, applied by sync() in the
+        # thread that scans, so the array a waiter in C reads never moves
+        # under it; what it replaced is kept one more sync.
+        self._doorbells: dict[int, Any] = {}
+        self._dbs_lock = threading.Lock()
+        self._dbs_dirty = False
+        self._dbs_arr = ffi.new("xmp_doorbell_ref_t[]", 1)
+        self._old_arr: Any = None
+        self._dead: list[tuple[Any, Callable[[], None] | None]] = []   # detached since the last sync
+        self._dying: list[tuple[Any, Callable[[], None] | None]] = []  # closed at the next sync
+        self.refresh: Callable[[], None] | None = None
         self.nr_vcpus = init_vcpus
         if init_vcpus:
             rc = lib.xmp_evtchn_init(self._mem, init_vcpus)
             if rc:
                 raise HypercallError(-rc, "evtchn_init")
 
+    # -- the domain's own events (and the supervisor's) ----------------------
+
     def send(self, port: int, vcpu: int = 0) -> bool:
         """Raise ``port``; True if the receiver was kicked."""
-        rc = lib.xmp_evtchn_send(self._mem, _port(port), vcpu)
+        rc = lib.xmp_evtchn_send(self._ct, _port(port), vcpu)
         if rc < 0:
             raise HypercallError(-rc, "evtchn_send", f"port {port} vcpu {vcpu}")
         return bool(rc)
 
     def mask(self, port: int) -> None:
-        lib.xmp_evtchn_mask(self._mem, _port(port))
+        lib.xmp_evtchn_mask(self._ct, _port(port))
 
     def unmask(self, port: int, vcpu: int = 0) -> bool:
         """EVTCHNOP_unmask: clear the mask; re-deliver if pending."""
-        rc = lib.xmp_evtchn_unmask(self._mem, _port(port), vcpu)
+        rc = lib.xmp_evtchn_unmask(self._ct, _port(port), vcpu)
         if rc < 0:
             raise HypercallError(-rc, "evtchn_unmask", f"port {port} vcpu {vcpu}")
         return bool(rc)
 
     def clear(self, port: int) -> None:
-        lib.xmp_evtchn_clear(self._mem, _port(port))
+        lib.xmp_evtchn_clear(self._ct, _port(port))
 
     def is_pending(self, port: int) -> bool:
-        return bool(lib.xmp_evtchn_is_pending(self._mem, _port(port)))
+        """Pending privately or in the doorbell of the port's sender."""
+        return bool(lib.xmp_evtchn_is_pending(self._ct, _port(port)))
 
     def is_masked(self, port: int) -> bool:
-        return bool(lib.xmp_evtchn_is_masked(self._mem, _port(port)))
+        return bool(lib.xmp_evtchn_is_masked(self._ct, _port(port)))
 
     def upcall_pending(self, vcpu: int = 0) -> bool:
         return bool(self._mem[vcpu * 64])
 
+    def set_owner(self, port: int, remote_dom: int | None) -> None:
+        """Supervisor: ``port`` is bound to ``remote_dom`` (None: to nobody);
+        only that domain's doorbell may raise it."""
+        lib.xmp_evtchn_set_owner(self._mem, _port(port), 0 if remote_dom is None else remote_dom + 1)
+
     def scan(self, vcpu: int = 0) -> list[int]:
-        """Take every pending, unmasked port (clearing its pending bit), in
-        port order within each selector word."""
-        n = lib.xmp_evtchn_scan(self._mem, vcpu, self._ports, EVTCHN_2L_NR_CHANNELS)
+        """Take every pending, unmasked port (clearing its pending bit),
+        private ones first, then each doorbell's."""
+        if self._dbs_dirty:
+            self.sync()
+        n = lib.xmp_evtchn_scan(self._ct, vcpu, self._ports, EVTCHN_2L_NR_CHANNELS)
+        if n == _SCAN_RESYNC:  # the supervisor changed our doorbells: fetch them first
+            self.sync()
+            n = lib.xmp_evtchn_scan(self._ct, vcpu, self._ports, EVTCHN_2L_NR_CHANNELS)
+            if n == _SCAN_RESYNC:  # changed again meanwhile: the next scan gets it
+                lib.xmp_evtchn_kick(self._ct, vcpu)
+                return []
         return list(self._ports[0:n])
 
     def wait(self, vcpu: int = 0, timeout: float | None = None, spin: float = 50e-6) -> Wake:
         """Block until an upcall is pending, ``timeout`` seconds pass, or a
         shutdown is requested.  Polls for ``spin`` seconds first (latency),
-        then sleeps on the semaphore (an idle domain uses no CPU)."""
+        then sleeps on the wake word (an idle domain uses no CPU)."""
         t = -1 if timeout is None else max(0, int(timeout * 1e9))
-        rc = lib.xmp_evtchn_wait(self._mem, vcpu, t, int(spin * 1e9))
+        rc = lib.xmp_evtchn_wait(self._ct, vcpu, t, int(spin * 1e9))
         if rc < 0:
             raise HypercallError(-rc, "evtchn_wait")
         return _WAKE[rc]  # a tuple lookup: Wake(rc) costs a microsecond on a hot path
 
     def request_shutdown(self, vcpu: int = 0) -> None:
         """Make ``wait`` on ``vcpu`` return SHUTDOWN, now and from then on."""
-        lib.xmp_evtchn_request_shutdown(self._mem, vcpu)
+        lib.xmp_evtchn_request_shutdown(self._ct, vcpu)
+
+    # -- doorbells -------------------------------------------------------------
+
+    def attach_doorbell(self, sender: int, buf, closer: Callable[[], None] | None = None) -> None:
+        """Take events from ``sender``'s doorbell (it replaces an older one).
+        ``closer`` unmaps it once nothing can be reading it any more."""
+        mem = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
+        if len(mem) < DOORBELL_SIZE:
+            raise LocalError(f"a doorbell needs {DOORBELL_SIZE} bytes")
+        with self._dbs_lock:
+            old = self._doorbells.pop(sender, None)
+            if old is not None:
+                self._dead.append(old)
+            self._doorbells[sender] = (mem, closer)
+            self._dbs_dirty = True
+        self._kick_self()
+
+    def detach_doorbell(self, sender: int) -> bool:
+        """Stop looking at ``sender``'s doorbell; it is closed by a later
+        :meth:`sync`, once the scanning thread has let go of it."""
+        with self._dbs_lock:
+            held = self._doorbells.pop(sender, None)
+            if held is None:
+                return False
+            self._dead.append(held)
+            self._dbs_dirty = True
+        self._kick_self()
+        return True
+
+    def doorbell_senders(self) -> list[int]:
+        with self._dbs_lock:
+            return sorted(self._doorbells)
+
+    def doorbell_muted(self, sender: int) -> bool:
+        """Is ``sender``'s doorbell muted (its news kept holding nothing)?
+        For the scanning thread and tests."""
+        owner = sender + 1
+        now = time.monotonic_ns()  # CLOCK_MONOTONIC, as fast.c's
+        return any(self._dbs_arr[i].owner == owner and self._dbs_arr[i].muted_until > now
+                   for i in range(self._ct.nr_dbs))
+
+    def bump_generation(self) -> None:
+        """Supervisor: the set of doorbells changed; make the domain look."""
+        lib.xmp_evtchn_bump_gen(self._ct, max(self.nr_vcpus, 1))
+
+    def sync(self, drain: bool = False) -> None:
+        """Apply doorbell changes; called by the scanning thread (scan does
+        it), or by a single-threaded owner such as the supervisor with
+        ``drain`` (nothing else is in C: close detached doorbells now).
+        Calls ``refresh`` first when the supervisor said the set changed."""
+        gen = lib.xmp_evtchn_db_gen(self._ct)
+        if gen != self._ct.seen_gen:
+            if self.refresh is not None:
+                self.refresh()
+            self._ct.seen_gen = gen  # a bump during refresh is seen by the next scan
+        with self._dbs_lock:
+            # Detached before the previous sync: no C call can still be on
+            # them (another thread's unmask got the array of then at worst).
+            dying, self._dying = self._dying, []
+            if self._dbs_dirty:
+                self._dbs_dirty = False
+                items = sorted(self._doorbells.items())
+                arr = ffi.new("xmp_doorbell_ref_t[]", max(len(items), 1))
+                # a mute (see fast.c) outlives the array it was decided in
+                kept = {self._dbs_arr[i].owner: self._dbs_arr[i] for i in range(self._ct.nr_dbs)}
+                for i, (sender, (mem, _closer)) in enumerate(items):
+                    arr[i].db = mem
+                    arr[i].owner = sender + 1
+                    old = kept.get(sender + 1)
+                    if old is not None:
+                        arr[i].empty, arr[i].strikes = old.empty, old.strikes
+                        arr[i].muted_until = old.muted_until
+                self._ct.dbs = arr
+                self._ct.nr_dbs = len(items)
+                self._old_arr, self._dbs_arr = self._dbs_arr, arr
+                self._dying, self._dead = self._dead, []
+            if drain:
+                dying += self._dying
+                self._dying, self._old_arr = [], None
+            self._dbs_dirty = self._dbs_dirty or bool(self._dying)  # come back to close them
+        for mem, closer in dying:
+            ffi.release(mem)
+            if closer is not None:
+                closer()
+
+    def _kick_self(self) -> None:
+        # the scanning thread may be asleep in wait(): make it scan (and sync)
+        for vcpu in range(max(self.nr_vcpus, 1)):
+            lib.xmp_evtchn_kick(self._ct, vcpu)
 
     def destroy(self) -> None:
-        """Creator only, once every user is gone: destroy the semaphores."""
+        """Creator only, once every user is gone."""
         lib.xmp_evtchn_destroy(self._mem, self.nr_vcpus)
         self.nr_vcpus = 0
 
     def release(self) -> None:
+        self._ct.dbs = ffi.NULL
+        self._ct.nr_dbs = 0
+        with self._dbs_lock:
+            held = list(self._doorbells.values()) + self._dead + self._dying
+            self._doorbells.clear()
+            self._dead, self._dying = [], []
+        for mem, closer in held:
+            ffi.release(mem)
+            if closer is not None:
+                closer()
         ffi.release(self._mem)
+        ffi.release(self._wake)
+        for buf in (self._buf, self._wake_buf):
+            if isinstance(buf, memoryview):
+                buf.release()  # a slice of a mapping: let the mapping close
+
+
+class Doorbell:
+    """A sender's end of one (receiver, sender) doorbell: the doorbell page
+    (writable) and the receiver's wake page (read-only)."""
+
+    def __init__(self, buf, wake):
+        self._db = ffi.from_buffer("uint8_t[]", buf, require_writable=True)
+        self._wake = ffi.from_buffer("uint32_t[]", wake)
+        if len(self._db) < DOORBELL_SIZE or len(self._wake) * 4 < EVTCHN_WAKE_SIZE:
+            raise LocalError("a doorbell and a wake page need a page each")
+
+    def send(self, port: int, vcpu: int = 0) -> bool:
+        """Raise ``port`` at the receiver; True if it was told (0->1)."""
+        rc = lib.xmp_doorbell_send(self._db, self._wake, _port(port), vcpu)
+        if rc < 0:
+            raise HypercallError(-rc, "evtchn_send", f"port {port} vcpu {vcpu}")
+        return bool(rc)
+
+    def release(self) -> None:
+        ffi.release(self._db)
+        ffi.release(self._wake)
 
 
 def _port(port: int) -> int:

@@ -620,17 +620,58 @@ void xmp_gnttab_copy_status_out(uint8_t *dst, const xmp_gnttab_copy_t *ops, uint
 /* Event channels, 2-level ABI (xen.h shared_info / vcpu_info)         */
 /* ------------------------------------------------------------------ */
 
-/* Page 0 of an event object is Xen's shared_info (vcpu_info[32] at 0,
- * evtchn_pending at 2048, evtchn_mask at 2560).  Page 1 is xmp's: one
- * upcall record per vCPU holding the process-shared semaphore that stands
- * in for Xen's "kick the vCPU".  A sem_t inside shared memory is used, not
- * a named posix_ipc.Semaphore, because it travels with the memory object's
- * descriptor: once that object is unlinked nothing can open it by name,
- * and it dies with its last holder, as every xmp capability must. */
+/* A domain's event state is split by who may write it (see evtchn.py):
+ *
+ *  - the private event object, held only by the domain and the supervisor:
+ *    page 0 is Xen's shared_info (vcpu_info[32] at 0, evtchn_pending at
+ *    2048, evtchn_mask at 2560); page 1 xmp's per-vCPU upcall records and
+ *    the doorbell generation; pages 2-3 the owner table, owner[port] =
+ *    1 + the domid a port is bound to (written by the supervisor), so that
+ *    a doorbell's bits count only for ports bound to its sender;
+ *  - the wake page, one word per vCPU ("I am about to sleep"): the domain
+ *    writes it, everyone else holds it sealed read-only;
+ *  - one doorbell per (receiver, sender): summary[32] u64 (per-vCPU
+ *    selector) at 0, kick[32] u32 at 256, pending[64] u64 at 512: the only
+ *    thing a sender writes.
+ *
+ * The kick: a sender bumps *its own* doorbell's kick word and, if the
+ * receiver said it sleeps, FUTEX_WAKEs it; the supervisor (and the domain
+ * itself) bump the private object's kick word.  The receiver sleeps in
+ * futex_waitv on all of them at once, each with the value it read before
+ * its last look, so a kick landing between that look and the sleep makes
+ * the wait return at once (a futex whose word nobody changes would lose
+ * it).  A sender can only change, or park a thread on, its own word: it
+ * disturbs only its own wake-ups (and wakes are FUTEX_WAKE of all waiters,
+ * so a parked thread steals nothing).  futex_waitv takes 128 words: past
+ * 127 doorbells the rest are polled every XMP_OVERFLOW_POLL_NS while
+ * asleep. */
+#include <limits.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef __NR_futex_waitv
+#define __NR_futex_waitv 449
+#endif
+#define XMP_FUTEX2_SIZE_U32 0x02
+#define XMP_WAITV_MAX 128
+#define XMP_OVERFLOW_POLL_NS 1000000LL
+/* A doorbell whose news keeps holding nothing deliverable (a sender
+ * scribbling its summary word) is muted: not looked at, not waited on --
+ * its sender can then neither wake nor busy the receiver -- for
+ * XMP_MUTE_NS, doubling up to 2^7 times while it goes on.  Its bits wait
+ * (what it really sent is delivered after the mute, late, not lost). */
+#define XMP_EMPTY_LIMIT 64
+#define XMP_MUTE_NS 2000000LL
+
 #define XMP_MAX_VCPUS 32
+#define NR_PORTS 4096
 #define SHINFO_PENDING 2048
 #define SHINFO_MASK 2560
 #define UPCALL_PAGE 4096
+#define OWNER_PAGE 8192
+#define DB_KICK 256
+#define DB_PENDING 512
 
 typedef struct {
     uint8_t evtchn_upcall_pending;
@@ -642,11 +683,28 @@ typedef struct {
 } xmp_vcpu_info_t;
 
 typedef struct {
-    sem_t sem;
     uint32_t shutdown;      /* set by whoever wants the waiter to return */
-    uint32_t sleepers;
-    uint8_t pad[128 - sizeof(sem_t) - 8];
+    uint32_t db_gen;        /* record 0 only: bumped when a doorbell is added or gone */
+    uint32_t kick;          /* the private futex word: bumped by every private kick */
+    uint8_t pad[52];
 } xmp_upcall_t;
+
+typedef struct {
+    uint8_t *db;
+    uint32_t owner;         /* 1 + the sender's domid */
+    uint32_t empty;         /* scans in a row that found news but nothing to deliver */
+    int64_t muted_until;    /* CLOCK_MONOTONIC ns; 0: not muted */
+    uint32_t strikes;       /* mutes in a row: the next one lasts longer */
+    uint32_t pad;
+} xmp_doorbell_ref_t;
+
+typedef struct {
+    uint8_t *ev;
+    uint32_t *wake;
+    xmp_doorbell_ref_t *dbs;
+    uint32_t nr_dbs;
+    uint32_t seen_gen;      /* the doorbell generation dbs[] was built for */
+} xmp_evtchn_t;
 
 static inline xmp_vcpu_info_t *vcpu_info(uint8_t *ev, uint32_t vcpu)
 {
@@ -654,35 +712,55 @@ static inline xmp_vcpu_info_t *vcpu_info(uint8_t *ev, uint32_t vcpu)
 }
 static inline uint64_t *pending_words(uint8_t *ev) { return (uint64_t *)(ev + SHINFO_PENDING); }
 static inline uint64_t *mask_words(uint8_t *ev) { return (uint64_t *)(ev + SHINFO_MASK); }
+static inline uint16_t *owners(uint8_t *ev) { return (uint16_t *)(ev + OWNER_PAGE); }
 static inline xmp_upcall_t *upcall(uint8_t *ev, uint32_t vcpu)
 {
     return (xmp_upcall_t *)(ev + UPCALL_PAGE) + vcpu;
 }
+static inline uint32_t *wake_word(const uint32_t *wake, uint32_t vcpu)
+{
+    return (uint32_t *)wake + vcpu * 16;   /* one cache line each */
+}
+static inline uint64_t *db_summary(uint8_t *db, uint32_t vcpu) { return (uint64_t *)db + vcpu; }
+static inline uint64_t *db_pending(uint8_t *db) { return (uint64_t *)(db + DB_PENDING); }
+static inline uint32_t *db_kick(uint8_t *db, uint32_t vcpu) { return (uint32_t *)(db + DB_KICK) + vcpu; }
 
 uint32_t xmp_evtchn_sizeof_upcall(void) { return sizeof(xmp_upcall_t); }
 
-/* Initialise the semaphores of a fresh event object (creator only). */
+/* Reset the upcall records of a fresh event object (creator only). */
 int xmp_evtchn_init(uint8_t *ev, uint32_t nr_vcpus)
 {
     if (nr_vcpus > XMP_MAX_VCPUS)
         return -EINVAL;
-    for (uint32_t v = 0; v < nr_vcpus; v++) {
-        xmp_upcall_t *u = upcall(ev, v);
-        if (sem_init(&u->sem, 1, 0) != 0)
-            return -errno;
-        STORE_RLX(&u->shutdown, 0);
-    }
+    for (uint32_t v = 0; v < nr_vcpus; v++)
+        STORE_RLX(&upcall(ev, v)->shutdown, 0);
     MB();
     return 0;
 }
 
 void xmp_evtchn_destroy(uint8_t *ev, uint32_t nr_vcpus)
 {
-    for (uint32_t v = 0; v < nr_vcpus && v < XMP_MAX_VCPUS; v++)
-        sem_destroy(&upcall(ev, v)->sem);
+    (void)ev;
+    (void)nr_vcpus;   /* nothing left to destroy: no semaphores any more */
 }
 
-static void kick(uint8_t *ev, uint32_t vcpu, uint32_t port)
+/* Bump the futex word `word`, then wake the vCPU if it said it sleeps.
+ * The seq_cst RMWs and this seq_cst load pair with the waiter's store of
+ * the flag and its re-check: one of the two sees the other; and a bump
+ * after the waiter read the word makes its futex_waitv return at once. */
+static void kick_word(uint32_t *word, const uint32_t *wake, uint32_t vcpu)
+{
+    __atomic_fetch_add(word, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(wake_word(wake, vcpu), __ATOMIC_SEQ_CST))
+        syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+static inline void wake_if_sleeping(uint8_t *ev, const uint32_t *wake, uint32_t vcpu)
+{
+    kick_word(&upcall(ev, vcpu)->kick, wake, vcpu);
+}
+
+static void kick(uint8_t *ev, const uint32_t *wake, uint32_t vcpu, uint32_t port)
 {
     xmp_vcpu_info_t *vi = vcpu_info(ev, vcpu);
     uint64_t selbit = 1ULL << (port / 64);
@@ -690,67 +768,203 @@ static void kick(uint8_t *ev, uint32_t vcpu, uint32_t port)
     if (old_sel & selbit)
         return;
     if (__atomic_exchange_n(&vi->evtchn_upcall_pending, 1, __ATOMIC_SEQ_CST) == 0)
-        sem_post(&upcall(ev, vcpu)->sem);
+        wake_if_sleeping(ev, wake, vcpu);
 }
 
-/* evtchn_2l_set_pending: test-and-set the pending bit; only a 0->1
+/* evtchn_2l_set_pending on the private object (the supervisor, or the
+ * domain raising its own port): test-and-set the pending bit; only a 0->1
  * transition on an unmasked port goes on to the selector, upcall flag and
- * semaphore.  Returns 1 if the receiver was kicked. */
-int xmp_evtchn_send(uint8_t *ev, uint32_t port, uint32_t vcpu)
+ * wake.  Returns 1 if the receiver was kicked. */
+int xmp_evtchn_send(xmp_evtchn_t *e, uint32_t port, uint32_t vcpu)
 {
-    if (port >= 4096 || vcpu >= XMP_MAX_VCPUS)
+    if (port >= NR_PORTS || vcpu >= XMP_MAX_VCPUS)
         return -EINVAL;
     uint64_t bit = 1ULL << (port % 64);
-    uint64_t old = __atomic_fetch_or(&pending_words(ev)[port / 64], bit, __ATOMIC_SEQ_CST);
+    uint64_t old = __atomic_fetch_or(&pending_words(e->ev)[port / 64], bit, __ATOMIC_SEQ_CST);
     if (old & bit)
         return 0;
-    if (LOAD_ACQ(&mask_words(ev)[port / 64]) & bit)
+    if (LOAD_ACQ(&mask_words(e->ev)[port / 64]) & bit)
         return 0;
-    kick(ev, vcpu, port);
+    kick(e->ev, e->wake, vcpu, port);
     return 1;
 }
 
-void xmp_evtchn_mask(uint8_t *ev, uint32_t port)
+/* A sender's notify through its doorbell: set the bit; on its 0->1
+ * transition set the vCPU's summary bit; on *that* 0->1 transition wake the
+ * receiver if it sleeps (a set summary bit is one the receiver has not
+ * taken yet, so it will look).  The sender cannot see the receiver's mask:
+ * a masked port costs at most one spurious wake, after which its bit stays
+ * set and further sends stop here.  Returns 1 if the receiver was told. */
+int xmp_doorbell_send(uint8_t *db, const uint32_t *wake, uint32_t port, uint32_t vcpu)
 {
-    __atomic_fetch_or(&mask_words(ev)[port / 64], 1ULL << (port % 64), __ATOMIC_SEQ_CST);
+    if (port >= NR_PORTS || vcpu >= XMP_MAX_VCPUS)
+        return -EINVAL;
+    uint64_t bit = 1ULL << (port % 64);
+    if (__atomic_fetch_or(&db_pending(db)[port / 64], bit, __ATOMIC_SEQ_CST) & bit)
+        return 0;
+    uint64_t selbit = 1ULL << (port / 64);
+    if (__atomic_fetch_or(db_summary(db, vcpu), selbit, __ATOMIC_SEQ_CST) & selbit)
+        return 0;
+    kick_word(db_kick(db, vcpu), wake, vcpu);
+    return 1;
+}
+
+void xmp_evtchn_set_owner(uint8_t *ev, uint32_t port, uint32_t owner)
+{
+    if (port < NR_PORTS)
+        __atomic_store_n(&owners(ev)[port], (uint16_t)owner, __ATOMIC_SEQ_CST);
+}
+
+/* A doorbell was added or has gone: make every vCPU look (evtchn.py then
+ * asks the supervisor for the new set before it scans). */
+void xmp_evtchn_bump_gen(xmp_evtchn_t *e, uint32_t nr_vcpus)
+{
+    __atomic_fetch_add(&upcall(e->ev, 0)->db_gen, 1, __ATOMIC_SEQ_CST);
+    for (uint32_t v = 0; v < nr_vcpus && v < XMP_MAX_VCPUS; v++) {
+        __atomic_store_n(&vcpu_info(e->ev, v)->evtchn_upcall_pending, 1, __ATOMIC_SEQ_CST);
+        wake_if_sleeping(e->ev, e->wake, v);
+    }
+}
+
+/* Make the vCPU look again (no port raised): spurious, which is allowed. */
+void xmp_evtchn_kick(xmp_evtchn_t *e, uint32_t vcpu)
+{
+    if (vcpu >= XMP_MAX_VCPUS)
+        return;
+    if (__atomic_exchange_n(&vcpu_info(e->ev, vcpu)->evtchn_upcall_pending, 1, __ATOMIC_SEQ_CST) == 0)
+        wake_if_sleeping(e->ev, e->wake, vcpu);
+}
+
+uint32_t xmp_evtchn_db_gen(const xmp_evtchn_t *e)
+{
+    return LOAD_ACQ(&upcall(e->ev, 0)->db_gen);
+}
+
+void xmp_evtchn_mask(xmp_evtchn_t *e, uint32_t port)
+{
+    __atomic_fetch_or(&mask_words(e->ev)[port / 64], 1ULL << (port % 64), __ATOMIC_SEQ_CST);
+}
+
+/* Is `port` pending in the doorbell of the sender it is bound to? */
+static xmp_doorbell_ref_t *db_holding(xmp_evtchn_t *e, uint32_t port)
+{
+    uint32_t owner = LOAD_ACQ(&owners(e->ev)[port]);
+    if (!owner)
+        return NULL;
+    for (uint32_t i = 0; i < e->nr_dbs; i++)
+        if (e->dbs[i].owner == owner)
+            return (LOAD_ACQ(&db_pending(e->dbs[i].db)[port / 64]) >> (port % 64)) & 1 ? &e->dbs[i] : NULL;
+    return NULL;
 }
 
 /* EVTCHNOP_unmask: clear the mask and re-deliver an event that arrived
- * while masked. */
-int xmp_evtchn_unmask(uint8_t *ev, uint32_t port, uint32_t vcpu)
+ * while masked, in the private bitmap or in its sender's doorbell (which
+ * the next scan takes: its summary bit is set again here). */
+int xmp_evtchn_unmask(xmp_evtchn_t *e, uint32_t port, uint32_t vcpu)
 {
-    if (port >= 4096 || vcpu >= XMP_MAX_VCPUS)
+    if (port >= NR_PORTS || vcpu >= XMP_MAX_VCPUS)
         return -EINVAL;
     uint64_t bit = 1ULL << (port % 64);
-    __atomic_fetch_and(&mask_words(ev)[port / 64], ~bit, __ATOMIC_SEQ_CST);
-    if (LOAD_ACQ(&pending_words(ev)[port / 64]) & bit) {
-        kick(ev, vcpu, port);
+    __atomic_fetch_and(&mask_words(e->ev)[port / 64], ~bit, __ATOMIC_SEQ_CST);
+    if (LOAD_ACQ(&pending_words(e->ev)[port / 64]) & bit) {
+        kick(e->ev, e->wake, vcpu, port);
+        return 1;
+    }
+    xmp_doorbell_ref_t *d = db_holding(e, port);
+    if (d != NULL) {
+        __atomic_fetch_or(db_summary(d->db, vcpu), 1ULL << (port / 64), __ATOMIC_SEQ_CST);
+        xmp_vcpu_info_t *vi = vcpu_info(e->ev, vcpu);
+        if (__atomic_exchange_n(&vi->evtchn_upcall_pending, 1, __ATOMIC_SEQ_CST) == 0)
+            wake_if_sleeping(e->ev, e->wake, vcpu);
         return 1;
     }
     return 0;
 }
 
-void xmp_evtchn_clear(uint8_t *ev, uint32_t port)
+void xmp_evtchn_clear(xmp_evtchn_t *e, uint32_t port)
 {
-    __atomic_fetch_and(&pending_words(ev)[port / 64], ~(1ULL << (port % 64)), __ATOMIC_SEQ_CST);
+    uint64_t bit = 1ULL << (port % 64);
+    __atomic_fetch_and(&pending_words(e->ev)[port / 64], ~bit, __ATOMIC_SEQ_CST);
+    xmp_doorbell_ref_t *d = db_holding(e, port);
+    if (d != NULL)
+        __atomic_fetch_and(&db_pending(d->db)[port / 64], ~bit, __ATOMIC_SEQ_CST);
 }
 
-int xmp_evtchn_is_pending(uint8_t *ev, uint32_t port)
+int xmp_evtchn_is_pending(xmp_evtchn_t *e, uint32_t port)
 {
-    return (LOAD_ACQ(&pending_words(ev)[port / 64]) >> (port % 64)) & 1;
+    return ((LOAD_ACQ(&pending_words(e->ev)[port / 64]) >> (port % 64)) & 1) || db_holding(e, port) != NULL;
 }
 
-int xmp_evtchn_is_masked(uint8_t *ev, uint32_t port)
+int xmp_evtchn_is_masked(xmp_evtchn_t *e, uint32_t port)
 {
-    return (LOAD_ACQ(&mask_words(ev)[port / 64]) >> (port % 64)) & 1;
+    return (LOAD_ACQ(&mask_words(e->ev)[port / 64]) >> (port % 64)) & 1;
+}
+
+/* Harvest one doorbell's news for `vcpu`: bits of ports bound to its
+ * sender, unmasked, are taken; masked ones stay set (the sender then stops
+ * telling); bits for ports not bound to this sender are a hostile or stale
+ * sender's noise and are dropped.  Returns the new count, or max + 1 when
+ * out of room (the rest stays for the next scan). */
+static inline int muted(xmp_doorbell_ref_t *d)
+{
+    if (!d->muted_until)
+        return 0;
+    if (now_ns() < d->muted_until)
+        return 1;
+    d->muted_until = 0;
+    return 0;
+}
+
+static uint32_t scan_doorbell(xmp_evtchn_t *e, xmp_doorbell_ref_t *d, uint32_t vcpu,
+                              uint32_t *ports, uint32_t n, uint32_t max)
+{
+    uint64_t *sum = db_summary(d->db, vcpu);
+    if (__atomic_load_n(sum, __ATOMIC_RELAXED) == 0 || muted(d))
+        return n;   /* the common case with many peers: one plain load each */
+    uint32_t before = n;
+    uint64_t sel = __atomic_exchange_n(sum, 0, __ATOMIC_SEQ_CST);
+    uint64_t *pend = db_pending(d->db);
+    uint16_t *own = owners(e->ev);
+    while (sel) {
+        uint32_t w = (uint32_t)__builtin_ctzll(sel);
+        sel &= sel - 1;
+        uint64_t live = LOAD_ACQ(&pend[w]) & ~LOAD_ACQ(&mask_words(e->ev)[w]);
+        while (live) {
+            uint32_t b = (uint32_t)__builtin_ctzll(live);
+            live &= live - 1;
+            uint64_t bit = 1ULL << b;
+            if (n == max) {
+                __atomic_fetch_or(sum, (1ULL << w) | sel, __ATOMIC_SEQ_CST);
+                return max + 1;
+            }
+            uint32_t port = w * 64 + b;
+            int taken = (__atomic_fetch_and(&pend[w], ~bit, __ATOMIC_SEQ_CST) & bit) != 0;
+            if (taken && LOAD_ACQ(&own[port]) == d->owner)
+                ports[n++] = port;
+        }
+    }
+    if (n > before) {
+        d->empty = d->strikes = 0;
+    } else if (++d->empty >= XMP_EMPTY_LIMIT) {
+        d->empty = 0;
+        d->muted_until = now_ns() + (XMP_MUTE_NS << (d->strikes < 7 ? d->strikes : 7));
+        d->strikes++;
+    }
+    return n;
 }
 
 /* The guest's upcall handler: clear upcall_pending first, then take the
  * selector and harvest pending & ~mask, clearing each pending bit as it is
- * taken (as Linux's xen_evtchn_do_upcall does).  Masked ports stay pending.
- * Returns the number of ports written to `ports`. */
-uint32_t xmp_evtchn_scan(uint8_t *ev, uint32_t vcpu, uint32_t *ports, uint32_t max)
+ * taken (as Linux's xen_evtchn_do_upcall does), then the doorbells.
+ * Masked ports stay pending.  Returns the number of ports written, or
+ * XMP_SCAN_RESYNC (taking nothing) when the supervisor changed the set of
+ * doorbells since dbs[] was built: the caller fetches it and scans again. */
+#define XMP_SCAN_RESYNC 0xFFFFFFFFu
+uint32_t xmp_evtchn_scan(xmp_evtchn_t *e, uint32_t vcpu, uint32_t *ports, uint32_t max)
 {
+    uint8_t *ev = e->ev;
+    if (LOAD_ACQ(&upcall(ev, 0)->db_gen) != e->seen_gen)
+        return XMP_SCAN_RESYNC;
     xmp_vcpu_info_t *vi = vcpu_info(ev, vcpu);
     uint32_t n = 0;
     __atomic_store_n(&vi->evtchn_upcall_pending, 0, __ATOMIC_SEQ_CST);
@@ -764,13 +978,20 @@ uint32_t xmp_evtchn_scan(uint8_t *ev, uint32_t vcpu, uint32_t *ports, uint32_t m
             live &= live - 1;
             if (n == max) {
                 /* out of room: leave the rest pending and come back */
-                __atomic_fetch_or(&vi->evtchn_pending_sel, 1ULL << w, __ATOMIC_SEQ_CST);
+                __atomic_fetch_or(&vi->evtchn_pending_sel, (1ULL << w) | sel, __ATOMIC_SEQ_CST);
                 __atomic_store_n(&vi->evtchn_upcall_pending, 1, __ATOMIC_SEQ_CST);
                 return n;
             }
             uint64_t bit = 1ULL << b;
             if (__atomic_fetch_and(&pending_words(ev)[w], ~bit, __ATOMIC_SEQ_CST) & bit)
                 ports[n++] = w * 64 + b;
+        }
+    }
+    for (uint32_t i = 0; i < e->nr_dbs; i++) {
+        n = scan_doorbell(e, &e->dbs[i], vcpu, ports, n, max);
+        if (n > max) {
+            __atomic_store_n(&vi->evtchn_upcall_pending, 1, __ATOMIC_SEQ_CST);
+            return max;
         }
     }
     return n;
@@ -780,26 +1001,38 @@ uint32_t xmp_evtchn_scan(uint8_t *ev, uint32_t vcpu, uint32_t *ports, uint32_t m
 #define WAIT_TIMEOUT 0
 #define WAIT_SHUTDOWN 2
 
-/* Block the vCPU until an upcall is pending, the timeout passes, or a
- * shutdown is requested.  It first polls for up to spin_ns (a wake-up
- * through the semaphore costs tens of microseconds across cores; a poll
- * answers in well under one), then sleeps, so an idle domain uses no CPU.
- * timeout_ns < 0 waits forever. */
-int xmp_evtchn_wait(uint8_t *ev, uint32_t vcpu, int64_t timeout_ns, int64_t spin_ns)
+static inline int news(xmp_evtchn_t *e, uint32_t vcpu)
 {
-    xmp_vcpu_info_t *vi = vcpu_info(ev, vcpu);
-    xmp_upcall_t *u = upcall(ev, vcpu);
+    if (LOAD_ACQ(&upcall(e->ev, vcpu)->shutdown))
+        return WAIT_SHUTDOWN;
+    if (LOAD_ACQ(&vcpu_info(e->ev, vcpu)->evtchn_upcall_pending))
+        return WAIT_EVENT;
+    for (uint32_t i = 0; i < e->nr_dbs; i++)
+        if (__atomic_load_n(db_summary(e->dbs[i].db, vcpu), __ATOMIC_SEQ_CST) && !muted(&e->dbs[i]))
+            return WAIT_EVENT;
+    return -1;
+}
+
+/* Block the vCPU until an upcall is pending (privately or in a doorbell),
+ * the timeout passes, or a shutdown is requested.  It first polls for up
+ * to spin_ns (a futex wake-up costs tens of microseconds across cores; a
+ * poll answers in well under one), then sleeps, so an idle domain uses no
+ * CPU.  timeout_ns < 0 waits forever. */
+int xmp_evtchn_wait(xmp_evtchn_t *e, uint32_t vcpu, int64_t timeout_ns, int64_t spin_ns)
+{
+    if (vcpu >= XMP_MAX_VCPUS)
+        return -EINVAL;
+    uint32_t *w = wake_word(e->wake, vcpu);
     int64_t start = now_ns();
     int64_t deadline = timeout_ns < 0 ? INT64_MAX : start + timeout_ns;
+    int r;
     if (spin_ns > 0) {
         int64_t spin_end = start + spin_ns;
         if (spin_end > deadline)
             spin_end = deadline;
         for (uint32_t i = 0;; i++) {
-            if (LOAD_ACQ(&u->shutdown))
-                return WAIT_SHUTDOWN;
-            if (LOAD_ACQ(&vi->evtchn_upcall_pending))
-                return WAIT_EVENT;
+            if ((r = news(e, vcpu)) >= 0)
+                return r;
             if ((i & 63) == 63) {
                 if (now_ns() >= spin_end)
                     break;
@@ -810,33 +1043,60 @@ int xmp_evtchn_wait(uint8_t *ev, uint32_t vcpu, int64_t timeout_ns, int64_t spin
             cpu_relax();
         }
     }
+    struct futex_waitv fw[XMP_WAITV_MAX];
     for (;;) {
-        if (LOAD_ACQ(&u->shutdown))
-            return WAIT_SHUTDOWN;
-        if (LOAD_ACQ(&vi->evtchn_upcall_pending))
-            return WAIT_EVENT;
-        int rc;
-        if (deadline == INT64_MAX) {
-            rc = sem_wait(&u->sem);
-        } else {
-            int64_t t = now_ns();
-            if (t >= deadline)
-                return WAIT_TIMEOUT;
-            struct timespec ts = {deadline / 1000000000LL, deadline % 1000000000LL};
-            rc = sem_clockwait(&u->sem, CLOCK_MONOTONIC, &ts);
+        /* Read every kick word, say we sleep, then look again: a sender
+         * that set its bit before seeing the flag is seen here; one after
+         * it sees the flag, and its bump of a word read here makes the
+         * wait return at once. */
+        uint32_t nw = 0, overflow = 0;
+        int64_t unmute = INT64_MAX;
+        uint32_t *pk = &upcall(e->ev, vcpu)->kick;
+        fw[nw++] = (struct futex_waitv){.val = LOAD_ACQ(pk), .uaddr = (uintptr_t)pk,
+                                        .flags = XMP_FUTEX2_SIZE_U32};
+        for (uint32_t i = 0; i < e->nr_dbs; i++) {
+            if (muted(&e->dbs[i])) {   /* not waited on: come back when it ends */
+                if (e->dbs[i].muted_until < unmute)
+                    unmute = e->dbs[i].muted_until;
+                continue;
+            }
+            if (nw == XMP_WAITV_MAX) {
+                overflow = 1;
+                break;
+            }
+            uint32_t *k = db_kick(e->dbs[i].db, vcpu);
+            fw[nw++] = (struct futex_waitv){.val = LOAD_ACQ(k), .uaddr = (uintptr_t)k,
+                                            .flags = XMP_FUTEX2_SIZE_U32};
         }
-        if (rc != 0 && errno != EINTR && errno != ETIMEDOUT)
-            return -errno;
-        /* a post may be stale (an earlier kick already served): re-check */
+        __atomic_store_n(w, 1, __ATOMIC_SEQ_CST);
+        if ((r = news(e, vcpu)) >= 0) {
+            __atomic_store_n(w, 0, __ATOMIC_RELAXED);
+            return r;
+        }
+        int64_t t = now_ns();
+        if (t >= deadline) {
+            __atomic_store_n(w, 0, __ATOMIC_RELAXED);
+            return WAIT_TIMEOUT;
+        }
+        int64_t until = deadline < unmute ? deadline : unmute;
+        if (overflow && until - t > XMP_OVERFLOW_POLL_NS)
+            until = t + XMP_OVERFLOW_POLL_NS;   /* doorbells not in fw[]: look again soon */
+        struct timespec ts = {until / 1000000000LL, until % 1000000000LL};
+        long rc = syscall(__NR_futex_waitv, fw, nw, 0, until == INT64_MAX ? NULL : &ts,
+                          CLOCK_MONOTONIC);
+        int err = rc < 0 ? errno : 0;
+        __atomic_store_n(w, 0, __ATOMIC_RELAXED);
+        if (rc < 0 && err != EINTR && err != ETIMEDOUT && err != EAGAIN)
+            return -err;
+        /* a wake may be stale or spurious (a sender may wake its own word): re-check */
     }
 }
 
 /* Make the waiter return WAIT_SHUTDOWN now and at every later wait. */
-void xmp_evtchn_request_shutdown(uint8_t *ev, uint32_t vcpu)
+void xmp_evtchn_request_shutdown(xmp_evtchn_t *e, uint32_t vcpu)
 {
-    xmp_upcall_t *u = upcall(ev, vcpu);
-    STORE_REL(&u->shutdown, 1);
-    sem_post(&u->sem);
+    __atomic_store_n(&upcall(e->ev, vcpu)->shutdown, 1, __ATOMIC_SEQ_CST);
+    wake_if_sleeping(e->ev, e->wake, vcpu);
 }
 
 /* ------------------------------------------------------------------ */
