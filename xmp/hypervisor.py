@@ -314,7 +314,7 @@ class Supervisor(HypercallHandlers):
             self._drop_toolstack()
             self.host_down(f"dom0 {reason}", failed=failed)
             return
-        self.toolstack.send(teardown_tree(dom.domid, dom.uuid), f"releasing dom{dom.domid}")
+        self.toolstack.send(teardown_tree(dom.domid, dom.uuid, self.devices), f"releasing dom{dom.domid}")
         self.devices = [d for d in self.devices if d.front != dom.domid]
         self.raise_dom_exc()
         self.reap_dying()

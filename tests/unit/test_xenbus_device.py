@@ -8,9 +8,10 @@ import pytest
 
 from xmp.drivers.xenbus.device import BackendDriver, FrontendDriver, XenbusDevice, backend_bus, frontend_bus
 from xmp.drivers.xenbus.state import XenbusState
-from xmp.hv.toolstack import device_tree, move_backend_tree
+from xmp.hv.toolstack import Device, device_tree, move_backend_tree, teardown_tree
 from xmp.testing import settle, store_client
 from xmp.xenstore.server import XenStore
+from xmp.xenstore.wire import XsType
 
 S = XenbusState
 FRONT, BACK = "/local/domain/1/device/vtest/0", "/local/domain/0/backend/vtest/1/0"
@@ -221,3 +222,13 @@ def test_a_moved_frontend_starts_over_before_the_new_backend_can_read_it(world):
     assert [int(tool.read(f"{node}/state")) for node in (FRONT, new_back)] == [S.CONNECTED, S.CONNECTED]
     assert log == ["front setup for dom0", "front disconnect", "front setup for dom2", "back2 connect",
                    "front connected"]
+
+
+def test_teardown_removes_the_backend_directories_of_the_dead_domains_devices():
+    devs = [Device(3, "Domain-0", 0, "vbd", 51712, {}, {}), Device(3, "stor", 2, "vbd", 51728, {}, {}),
+            Device(3, "stor", 2, "vping", 0, {}, {}), Device(4, "Domain-0", 0, "vbd", 51712, {}, {})]
+    reqs = [(op, payload.split(b"\0")[0].decode()) for op, payload in teardown_tree(3, "u-u-i-d", devs)]
+    assert reqs == [(XsType.RELEASE, "3"), (XsType.RM, "/local/domain/3"), (XsType.RM, "/vm/u-u-i-d"),
+                    (XsType.RM, "/local/domain/0/backend/vbd/3"),
+                    (XsType.RM, "/local/domain/2/backend/vbd/3"),
+                    (XsType.RM, "/local/domain/2/backend/vping/3")]

@@ -18,7 +18,7 @@ and ``control/feature-*``, ``data``, ``device``, ``drivers``, ``feature``,
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,9 +142,17 @@ def dom0_tree() -> list[tuple[XsType, bytes]]:
             (XsType.WRITE, _z("/local/domain/0/domid") + b"0")]
 
 
-def teardown_tree(domid: int, uuid: str) -> list[tuple[XsType, bytes]]:
+def teardown_tree(domid: int, uuid: str, devices: Sequence[Device] = ()) -> list[tuple[XsType, bytes]]:
+    """The requests that forget a domain that has gone: RELEASE (xenstored
+    deletes what it owned, its devices' frontend directories among them,
+    and fires @releaseDomain), its trees, then the backend directories of
+    its ``devices``, which belong to their backend domains -- libxl removes
+    ``backend/<type>/<frontid>`` itself rather than trust a driver domain
+    to, and a dead or hostile one would leave them to fill its quota."""
+    backends = dict.fromkeys(f"/local/domain/{d.back_domid}/backend/{d.devtype}/{d.front}"
+                             for d in devices if d.front == domid)
     return [(XsType.RELEASE, _z(str(domid))), (XsType.RM, _z(f"/local/domain/{domid}")),
-            (XsType.RM, _z(f"/vm/{uuid}"))]
+            (XsType.RM, _z(f"/vm/{uuid}")), *[(XsType.RM, _z(path)) for path in backends]]
 
 
 class Toolstack:
