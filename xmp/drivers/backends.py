@@ -13,8 +13,12 @@ from xmp.xenstore.client import XsClient
 
 
 def start_backends(kernel: Kernel, xs: XsClient) -> list[Bus]:
-    return [backend_bus(xs, kernel.domid, "vbd", lambda: BlkBack(kernel)),
-            backend_bus(xs, kernel.domid, "vping", lambda: VpingBack(kernel))]
+    # A removed device's frontend domain is forgotten: its RAM and event
+    # objects are closed once nothing here maps them (in dom0 xenconsoled and
+    # xenstored may still, for a while).
+    forget = kernel.xen.forget_domain
+    return [backend_bus(xs, kernel.domid, "vbd", lambda: BlkBack(kernel), forget),
+            backend_bus(xs, kernel.domid, "vping", lambda: VpingBack(kernel), forget)]
 
 
 def main(kernel: Kernel) -> None:

@@ -56,7 +56,6 @@ from xmp.drivers.blk.protocol import (
     Response,
 )
 from xmp.drivers.xenbus.device import BackendDriver, XenbusDevice
-from xmp.drivers.xenbus.state import XenbusState
 from xmp.errors import GrantError, HypercallError, RemoteProtocolError, XmpError
 from xmp.sharedmem.ring import BackRing, ring_bytes
 
@@ -262,12 +261,7 @@ class BlkBack(BackendDriver):
         dev = self.dev
         if dev is None:
             return
-        try:
-            dev.write("error", message[:200])
-        except XmpError:
-            pass
-        self.disconnect(dev)
-        dev.switch(XenbusState.CLOSING)
+        dev.fatal(message)  # disconnects us (or removes the device, if its frontend has gone)
 
     def _serve(self, q: _Queue) -> None:
         ring = q.ring

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from xmp.drivers.vping import protocol
 from xmp.drivers.xenbus.device import BackendDriver, XenbusDevice
-from xmp.drivers.xenbus.state import XenbusState
-from xmp.errors import RemoteProtocolError
+from xmp.errors import RemoteProtocolError, XmpError
 from xmp.sharedmem.ring import BackRing
 
 
@@ -53,9 +52,7 @@ class VpingBack(BackendDriver):
                     return
         except RemoteProtocolError as exc:  # a broken frontend: close its device, serve the rest
             if self.dev is not None:
-                self.dev.write("error", str(exc)[:200])
-                self.disconnect(self.dev)
-                self.dev.switch(XenbusState.CLOSING)
+                self.dev.fatal(str(exc))  # disconnects us (or removes the device)
 
     def disconnect(self, dev: XenbusDevice) -> None:
         if self.port is not None:
@@ -65,5 +62,8 @@ class VpingBack(BackendDriver):
             self.ring.release()
             self.ring = None
         if self.mapping is not None:
-            self.k.xen.unmap_grant_ref(self.mapping)
-            self.mapping = None
+            mapping, self.mapping = self.mapping, None
+            try:
+                self.k.xen.unmap_grant_ref(mapping)
+            except XmpError:
+                pass  # the supervisor forgot it already (the frontend's domain is gone)
