@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 
 from xmp.sharedmem.shm import leftovers
+from xmp.xenstore.client import SocketTransport, XsClient
 
 XMP = [sys.executable, "-m", "xmp.cli"]
 # Test-only guest kernels (tests/integration/kernels.py) are importable by the domains.
@@ -102,6 +103,29 @@ class Host:
         assert not shm, f"shared memory left: {shm}"
         assert not socks, f"sockets left: {socks}"
 
+    # -- what this host holds (the lifecycle and leak checks) -------------------
+
+    def xs(self):
+        """A xenstore client on this host's socket (close it with ``.t.close()``)."""
+        return XsClient(SocketTransport.connect(str(self.rundir / "xenstored.sock")))
+
+    def shm_held(self) -> dict[tuple[int, int], tuple[str, int, list[str]]]:
+        """Every shared-memory object of this supervisor that any of its
+        processes still holds, by descriptor or by mapping:
+        (dev, inode) -> (name, allocated bytes, holders as "pid:fd" / "pid:map")."""
+        prefix = f"/dev/shm/xmp.{self.pid}."
+        held: dict[tuple[int, int], tuple[str, int, list[str]]] = {}
+        for pid in [self.pid, *(p.pid for p in self.descendants())]:
+            for where, path in _shm_refs(pid, prefix):
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue  # gone meanwhile
+                key = (st.st_dev, st.st_ino)
+                name, _, holders = held.get(key, (os.readlink(path), 0, []))
+                held[key] = (name, st.st_blocks * 512, [*holders, f"{pid}:{where}"])
+        return held
+
     def cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.descendants()
@@ -160,6 +184,31 @@ class Host:
                                      f"{what}:\n{self.output()}")
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what}:\n{self.output()}")
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _shm_refs(pid: int, prefix: str) -> list[tuple[str, str]]:
+    """(where, a /proc path that stats as the object) for each descriptor and
+    mapping of ``pid`` on an object whose name starts with ``prefix``."""
+    out = []
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                    out.append((fd, f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                continue
+        with open(f"/proc/{pid}/maps") as maps:
+            for line in maps:
+                fields = line.split(None, 5)
+                if len(fields) == 6 and fields[5].startswith(prefix):
+                    out.append(("map", f"/proc/{pid}/map_files/{fields[0]}"))
+    except OSError:
+        pass  # the process has gone
+    return out
 
 
 def _alive(pid: int) -> bool:
