@@ -132,3 +132,24 @@ def test_guest_lifecycles_leave_nothing_behind(hosts, tmp_path, where):
     assert "still mapped" not in log and ": RM " not in log, log[-3000:]
     assert h.stop() == 1  # the killed guests crashed, and on_crash was not a restart
     h.assert_clean()
+
+
+@pytest.mark.timeout(60)
+def test_the_leak_check_names_what_is_left(hosts):
+    """The checks every integration test gets (Host.stop, Host.leaks) see
+    a backend directory of a domain that has gone, and say which."""
+    h = hosts(HOST + KEEPER).start(("keeper",))
+    assert h.stale_backends(timeout=0) == []
+    running = h.leaks(timeout=0)
+    assert len(running) == 2 and running[0].startswith("processes left: ") and "xmp:1:keeper" in running[0]
+    assert running[1].startswith("sockets left: ") and "control.sock" in running[1]
+    xs = h.xs()
+    try:
+        xs.write("/local/domain/0/backend/vbd/4242/51712/state", "4")  # dom4242 never was, or has gone
+    finally:
+        xs.t.close()
+    with pytest.raises(AssertionError, match=r"backend directories of domains that have gone: "
+                                             r"\['/local/domain/0/backend/vbd/4242'\]"):
+        h.stop(timeout=20)
+    assert h.proc.returncode == 0  # stopped all the same
+    assert h.leaks() == []
