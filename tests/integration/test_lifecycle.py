@@ -153,3 +153,64 @@ def test_the_leak_check_names_what_is_left(hosts):
         h.stop(timeout=20)
     assert h.proc.returncode == 0  # stopped all the same
     assert h.leaks() == []
+
+
+RESTARTS = 50 if FULL else 5
+
+
+def _io_goes_on(h: Host, what: str) -> None:
+    verified = h.console_log("g").count("verified")
+    h.wait(lambda: h.console_log("g").count("verified") > verified, 30, what)
+
+
+def _held_of(h: Host, domids: list[int]) -> dict[str, list[str]]:
+    """The objects of these domains that this host's processes still hold, and by whom."""
+    return {name: holders for name, _, holders in h.shm_held().values()
+            if any(f".ram{d}." in name or f".evt{d}." in name for d in domids)}
+
+
+@pytest.mark.stress
+@pytest.mark.xdist_group("heavy")
+@pytest.mark.timeout(600 if FULL else 180)
+def test_a_restarted_driver_domain_leaves_nothing_of_its_old_self(hosts, tmp_path):
+    """A driver domain killed with SIGKILL and restarted (its on_crash), again
+    and again, under a guest's I/O: after each restart no process holds any
+    object of a dead incarnation (its RAM, its event page) -- not the guest
+    whose backend it was, not dom0's xenstored or xenconsoled -- and the
+    guest's and dom0's descriptor counts are back to the baseline taken
+    after the first restart (CI: 5 restarts; XMP_STRESS_FULL=1: 50)."""
+    stor = STOR + 'on_crash = "restart"\n'
+    h = hosts(HOST + stor + '[[domain]]\nname = "g"\nkernel = "kernels:blkloop"\nmemory = 48\n'
+              f'disk = ["vdev=xvda, access=rw, backend=stor, size=4M, target={tmp_path / "g.img"}"]\n'
+              'args = { interval = 0.02 }\n')
+    h.start(("stor", "g"))
+    pids = {"g": h.domain_pid("g"), "Domain-0": h.domain_pid("Domain-0")}
+    dead: list[int] = []
+    base: dict[str, int] = {}
+    for n in range(RESTARTS):
+        _io_goes_on(h, "the guest's I/O")
+        old = h.info("stor")["domid"]
+        os.kill(h.domain_pid("stor"), signal.SIGKILL)
+        dead.append(old)
+        h.wait(lambda: (h.info("stor") or {"domid": old})["domid"] != old, 20, "stor to come back")  # noqa: B023
+        _io_goes_on(h, "the guest's I/O after the restart")
+        deadline = time.monotonic() + SETTLE
+        while True:
+            held = _held_of(h, dead)
+            fds = {name: fd_count(pid) for name, pid in pids.items()}
+            more = {name: (fds[name], base[name]) for name in fds if base and fds[name] > base[name]}
+            if not (held or more) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert not held, f"after restart {n}: objects of dead stor incarnations {dead} held: {held}"
+        assert not more, f"after restart {n}: descriptors (now, baseline): {more}"
+        base = base or fds
+    # and once it is gone for good (destroyed, no restart), the guest lets go of it too
+    last = h.info("stor")["domid"]
+    h.xmp("destroy", "stor")
+    deadline = time.monotonic() + SETTLE
+    while (held := _held_of(h, [*dead, last])) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not held, f"objects of the destroyed stor (dom{last}) held: {held}"
+    assert h.stop() == 0
+    h.assert_clean()

@@ -110,7 +110,8 @@ class Host:
         self.descendants()
         deadline = time.monotonic() + timeout
         while True:
-            alive = ([self.pid] if self.proc.poll() is None else []) + [pid for pid in self.seen if _alive(pid)]
+            alive = [pid for pid in [self.pid, *self.seen] if _alive(pid) and (pid != self.pid or
+                                                                           self.proc.poll() is None)]
             shm = [n for n in leftovers() if n.startswith(f"xmp.{self.pid}.")]
             socks = list(self.rundir.glob("**/*.sock")) if self.rundir.exists() and sockets else []
             net = self.network_leftovers()
@@ -161,7 +162,7 @@ class Host:
     def shm_held(self) -> dict[tuple[int, int], tuple[str, int, list[str]]]:
         """Every shared-memory object of this supervisor that any of its
         processes still holds, by descriptor or by mapping:
-        (dev, inode) -> (name, allocated bytes, holders as "pid:fd" / "pid:map")."""
+        (dev, inode) -> (name, allocated bytes, holders as "<title or pid>:<fd or 'map'>")."""
         prefix = f"/dev/shm/xmp.{self.pid}."
         held: dict[tuple[int, int], tuple[str, int, list[str]]] = {}
         for pid in [self.pid, *(p.pid for p in self.descendants())]:
@@ -172,7 +173,7 @@ class Host:
                     continue  # gone meanwhile
                 key = (st.st_dev, st.st_ino)
                 name, _, holders = held.get(key, (os.readlink(path), 0, []))
-                held[key] = (name, st.st_blocks * 512, [*holders, f"{pid}:{where}"])
+                held[key] = (name, st.st_blocks * 512, [*holders, f"{_title(pid)}:{where}"])
         return held
 
     def cleanup(self) -> None:
@@ -252,6 +253,15 @@ def _children(xs: XsClient, path: str) -> list[str]:
         if exc.errno == "ENOENT":
             return []
         raise
+
+
+def _title(pid: int) -> str:
+    """A domain's process title (``xmp:3:web``), or the pid of another process."""
+    try:
+        cmd = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return str(pid)
+    return cmd[0] if cmd and cmd[0].startswith("xmp:") else str(pid)
 
 
 def _describe(pid: int) -> str:

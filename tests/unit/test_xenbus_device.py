@@ -358,3 +358,27 @@ def test_blkback_failing_on_a_dead_frontends_ring_makes_no_node_again(world, fro
     else:
         assert tool.read_or("/local/domain/0/backend/vtest/1") is None
         assert dev.removed
+
+
+def test_a_frontend_forgets_a_backend_domain_that_has_gone():
+    """Moved to a restarted backend domain, or its backend's directory gone
+    with its domain: the frontend drops what it holds of the old one."""
+    store = XenStore()
+    tool = store_client(store, 0, privileged=True)
+    for domid, path in ((1, "/local/domain/1/device"), (2, "/local/domain/2"), (3, "/local/domain/3")):
+        tool.mkdir(path)
+        tool.set_perms(path, [f"n{domid}"])
+    guest, back2, back3 = store_client(store, 1), store_client(store, 2), store_client(store, 3)
+    log: list[str] = []
+    forgotten: list[int] = []
+    backend_bus(back2, 2, "vtest", lambda: Back(log))
+    frontend_bus(guest, "vtest", lambda: Front(log), forgotten.append)
+    _one_by_one(tool, device_tree(1, 2, "vtest", 0), guest, back2)
+    assert forgotten == []
+    backend_bus(back3, 3, "vtest", lambda: Back(log))  # dom2 restarted as dom3
+    _one_by_one(tool, move_backend_tree(1, 3, "vtest", 0), guest, back3)
+    assert forgotten == [2]
+    assert int(tool.read(f"{FRONT}/state")) == S.CONNECTED
+    tool.rm("/local/domain/3")  # dom3 died for good: its backend directory went with it
+    settle(guest)
+    assert forgotten == [2, 3] and int(tool.read(f"{FRONT}/state")) == S.INITIALISING

@@ -527,7 +527,8 @@ def attach(kernel, devid: int, timeout: float = 30.0) -> BlkFront:
     the toolstack has created it and it is connected."""
     bus = _buses.get(kernel)
     if bus is None:  # one bus per guest, whatever number of disks it attaches
-        bus = _buses[kernel] = frontend_bus(kernel.xenstore, "vbd", lambda: BlkFront(kernel))
+        bus = _buses[kernel] = frontend_bus(kernel.xenstore, "vbd", lambda: BlkFront(kernel),
+                                                 kernel.xen.forget_domain)
     node = f"device/vbd/{devid}"
 
     def ready() -> bool:

@@ -94,7 +94,7 @@ def attach(kernel, devid: int = 0) -> VpingFront:
         drivers.append(VpingFront(kernel))
         return drivers[-1]
 
-    bus = frontend_bus(kernel.xenstore, "vping", make)
+    bus = frontend_bus(kernel.xenstore, "vping", make, kernel.xen.forget_domain)
     node = f"device/vping/{devid}"
     kernel.loop.run_until(lambda: node in bus.devices, 10.0)
     if node not in bus.devices:

@@ -83,6 +83,8 @@ class XenbusDevice:
         self.removed = False
         self._seen_otherend = False  # we have read the other end's state at least once
         self.on_removed: Callable[[XenbusDevice], None] | None = None  # the bus forgets it
+        # A frontend's: drop what this domain holds of a backend domain that has gone.
+        self.forget: Callable[[int], None] | None = None
         self._token = f"xenbus-{next(_tokens)}"
         xs.on_watch(self._token, lambda _path: self.changed())
         xs.watch(f"{self.otherend}/state", self._token)  # fires once now
@@ -126,8 +128,12 @@ class XenbusDevice:
         if self.state != XenbusState.INITIALISING:
             self._xs_try(functools.partial(self.driver.disconnect, self))
             self.switch(XenbusState.INITIALISING)
+        old = self.otherend_id
         self.otherend = path
+        self._seen_otherend = False
         self.otherend_id = int(self.xs.read(f"{self.nodename}/backend-id"))
+        if self.forget is not None and old != self.otherend_id:
+            self.forget(old)  # the backend moves when its domain restarted: the old one is dead
         # Our nodes let the old backend read them: let the new one instead.
         perms = [self.xs.get_perms(self.nodename)[0], f"r{self.otherend_id}"]
         for node in self._subtree(self.nodename):  # queue-N/ directories too
@@ -163,11 +169,13 @@ class XenbusDevice:
             return
         try:
             other = self.other_state()
-        except XenStoreError:
-            if self.frontend:
+        except XenStoreError as exc:
+            if self.frontend and not (exc.errno == "EACCES" and self._seen_otherend):
                 return  # not readable (yet): the next event retries
             # A backend need not see its frontend to publish its features and
-            # wait (InitWait); the frontend may not have let it read yet.
+            # wait (InitWait); the frontend may not have let it read yet.  A
+            # frontend that could read its backend and no longer may finds it
+            # gone (see _otherend_vanished): Unknown, as if it read nothing.
             other = XenbusState.UNKNOWN
         if other != XenbusState.UNKNOWN:
             self._seen_otherend = True
@@ -188,6 +196,9 @@ class XenbusDevice:
             return
         if step.switch_to is not None:
             self.switch(step.switch_to)
+        if self.frontend and other == XenbusState.UNKNOWN and Act.DISCONNECT in step.actions \
+                and self.forget is not None:
+            self.forget(self.otherend_id)  # the backend's directory vanished with its domain
 
     def _do(self, act: Act) -> None:
         d = self.driver
@@ -305,8 +316,9 @@ class Bus:
         self.root = root
         self.factory = driver_factory
         self.depth = depth  # 1: device/<type>/<devid>; 2: backend/<type>/<frontid>/<devid>
-        # A backend's: drop every descriptor this domain holds of a removed
-        # device's frontend domain (Xen.forget_domain; safe for a live one too).
+        # Xen.forget_domain, to drop every descriptor this domain holds of a
+        # peer domain (safe for a live one too: it is learnt again): a backend
+        # forgets a removed device's frontend, a frontend a backend domain gone.
         self.forget = forget
         self.devices: dict[str, XenbusDevice] = {}
         self._frontend_introduced: dict[str, bool] = {}  # a backend device's node -> its frontend's, at first
@@ -376,7 +388,9 @@ class Bus:
             except (XenStoreError, ValueError, MemoryError):
                 continue  # half-written by the toolstack: the next event brings the rest
             self.devices[node] = dev
-            if not dev.frontend:
+            if dev.frontend:
+                dev.forget = self.forget
+            else:
                 dev.on_removed = self._removed
                 self._frontend_introduced[node] = bool(self._introduced(dev.otherend_id))
             dev.start()
@@ -385,8 +399,9 @@ class Bus:
             dev.remove()
 
 
-def frontend_bus(xs: XsClient, devtype: str, factory: Callable[[], FrontendDriver]) -> Bus:
-    return Bus(xs, f"device/{devtype}", factory, 1)
+def frontend_bus(xs: XsClient, devtype: str, factory: Callable[[], FrontendDriver],
+                 forget: Callable[[int], None] | None = None) -> Bus:
+    return Bus(xs, f"device/{devtype}", factory, 1, forget)
 
 
 def backend_bus(xs: XsClient, backend_domid: int, devtype: str,
