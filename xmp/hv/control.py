@@ -11,7 +11,10 @@ object per line and answers one per line::
     failures                               -> {"ok": false, "error": "...", "errno": 3}
 
 Clients are served from the supervisor's own loop, never blocking it: a
-client's bytes are buffered until a full line arrives.
+client's bytes are buffered until a full line arrives, and its answers
+until its socket takes them (written when it is writable).  A client
+that lets more than ``MAX_OUTPUT`` of answers pile up unread is
+disconnected, alone.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from xmp.errors import HypercallError, XmpError
 from xmp.hypercall import from_a_domain
 
 MAX_REQUEST = 1 << 20
+MAX_OUTPUT = 8 << 20  # answers queued for a client that does not read them
 
 
 class ControlServer:
@@ -55,6 +59,8 @@ class ControlServer:
         self.listener.listen(16)
         self.listener.setblocking(False)
         self.buffers: dict[socket.socket, bytearray] = {}
+        self.outputs: dict[socket.socket, bytearray] = {}
+        self.writing: set[socket.socket] = set()  # registered for EVENT_WRITE too
 
     def accept(self, sel: selectors.BaseSelector) -> None:
         try:
@@ -66,9 +72,14 @@ class ControlServer:
             return
         conn.setblocking(False)
         self.buffers[conn] = bytearray()
+        self.outputs[conn] = bytearray()
         sel.register(conn, selectors.EVENT_READ, ("ctl", conn))
 
     def serve(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:
+        """The socket is readable or writable (the loop does not say which:
+        both are tried, and neither blocks)."""
+        if not self._send(sel, conn):
+            return
         try:
             data = conn.recv(65536)
         except BlockingIOError:
@@ -83,18 +94,37 @@ class ControlServer:
         while b"\n" in buf:
             line, _, rest = bytes(buf).partition(b"\n")
             buf[:] = rest
-            reply = self.handle(line)
+            self.outputs[conn] += (json.dumps(self.handle(line)) + "\n").encode()
+        self._send(sel, conn)
+
+    def _send(self, sel: selectors.BaseSelector, conn: socket.socket) -> bool:
+        """Write what the socket takes now; watch for room while some is
+        left.  False if the client was dropped."""
+        out = self.outputs[conn]
+        if out:
             try:
-                conn.setblocking(True)
-                conn.sendall((json.dumps(reply) + "\n").encode())
-                conn.setblocking(False)
+                del out[:conn.send(out)]
+            except BlockingIOError:
+                pass
             except OSError:
                 self._drop(sel, conn)
-                return
+                return False
+        if len(out) > MAX_OUTPUT:
+            self.sup.log(f"control: a client does not read its answers ({len(out)} bytes queued): "
+                         "disconnected")
+            self._drop(sel, conn)
+            return False
+        if bool(out) != (conn in self.writing):
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if out else 0)
+            sel.modify(conn, events, ("ctl", conn))
+            (self.writing.add if out else self.writing.discard)(conn)
+        return True
 
     def _drop(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:
         sel.unregister(conn)
         del self.buffers[conn]
+        del self.outputs[conn]
+        self.writing.discard(conn)
         conn.close()
 
     def handle(self, line: bytes) -> dict[str, Any]:
@@ -203,6 +233,7 @@ class ControlServer:
         for conn in list(self.buffers):
             conn.close()
         self.buffers.clear()
+        self.outputs.clear()
         self.listener.close()
         try:
             self.path.unlink()
