@@ -56,7 +56,7 @@ from xmp.hv.toolstack import (
     teardown_tree,
 )
 from xmp.hv.zygote import ZygoteClient
-from xmp.hypercall import DOM0_ONLY, MAX_FDS, MAX_MESSAGE, decode_request, encode
+from xmp.hypercall import DOM0_ONLY, MAX_FDS, MAX_MESSAGE, MessageTooBig, decode_request, encode
 from xmp.sharedmem._ffi import lib
 from xmp.sharedmem.evtchn import VIRQ_TIMER
 from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, recv_handles, remove_stale, send_handles
@@ -625,6 +625,7 @@ class Supervisor(HypercallHandlers):
             self._gone(dom)
             return
         reply_fds: list[int] = []
+        op, cmd = "hypercall", ""
         try:
             op, cmd, args = decode_request(data)
             if op in DOM0_ONLY and not dom.privileged:
@@ -643,7 +644,12 @@ class Supervisor(HypercallHandlers):
         if dom.sock is None:
             return  # the call destroyed the caller
         try:
-            send_handles(dom.sock, encode(reply), reply_fds)
+            data = encode(reply)
+        except MessageTooBig as exc:  # a reply that outgrew the channel is the caller's error, not ours
+            self.log(f"dom{dom.domid}: reply to {op}/{cmd} too big: {exc}")
+            data, reply_fds = encode({"errno": errno.E2BIG, "detail": str(exc)}), []
+        try:
+            send_handles(dom.sock, data, reply_fds)
         except OSError:
             self._gone(dom)
 
