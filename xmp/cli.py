@@ -17,6 +17,7 @@ import socket
 import sys
 import termios
 import time
+import traceback
 import tty
 from importlib.metadata import version
 from pathlib import Path
@@ -89,9 +90,18 @@ def cmd_run(args) -> int:
         os.close(r)
         os.setsid()
         devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
+        os.dup2(devnull, 0)
+        # No terminal: whatever the supervisor (or its zygote) prints, a
+        # traceback above all, goes to its log.
+        try:
+            (rundir / "logs").mkdir(parents=True, exist_ok=True, mode=0o700)
+            log = os.open(rundir / "logs" / "hypervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError:
+            log = devnull
+        os.dup2(log, 1)
+        os.dup2(log, 2)
         code = 1
+        sup = None
         try:
             sup = Supervisor(topo, rundir, echo=False, stop_when_guests_gone=False)
             def ready() -> None:
@@ -100,6 +110,9 @@ def cmd_run(args) -> int:
 
             code = sup.run(ready=ready)
         except BaseException as exc:
+            if sup is None:  # run() logs its own failure
+                traceback.print_exc()
+                sys.stderr.flush()
             try:
                 os.write(w, f"{exc}\n".encode())
             except OSError:

@@ -222,6 +222,9 @@ class Supervisor(HypercallHandlers):
 
     def _create(self, cfg: DomainConfig, domid: int | None = None, name: str | None = None) -> Domain:
         name = name or cfg.name
+        if self.stopping:  # teardown serves the loop: `xmp create` still reaches us
+            raise HypercallError(errno.ESHUTDOWN, "createdomain",
+                                 f"the supervisor is stopping ({self.stop_reason}): no new domains")
         if any(d.name == name and d.state != DomState.DYING for d in self.domains.values()):
             raise HypercallError(errno.EEXIST, "createdomain", f"a domain named {name!r} already exists")
         used = sum(d.tot_pages for d in self.domains.values()) * PAGE_SIZE // MIB
@@ -373,6 +376,9 @@ class Supervisor(HypercallHandlers):
 
     def block_attach(self, dom: Domain, text: str, base: Path) -> Device:
         """xl block-attach: hot-plug a disk into a running guest."""
+        if self.stopping:
+            raise HypercallError(errno.ESHUTDOWN, "block-attach",
+                                 f"the supervisor is stopping ({self.stop_reason}): no new devices")
         try:
             spec = parse_diskspec(text)
         except XmpError as exc:
@@ -585,6 +591,12 @@ class Supervisor(HypercallHandlers):
                         d for d in self.domains.values()
                         if d.domid != DOMID_DOM0 and not d.cfg.driver_domain]:
                     self.stop("every guest has gone")
+        except BaseException:
+            # Into logs/hypervisor.log too: a detached supervisor has no terminal.
+            self.exit_code = 1
+            self.stop("supervisor failed")
+            self.log(f"supervisor failed:\n{traceback.format_exc().rstrip()}")
+            raise
         finally:
             self.teardown()
             for s, h in old.items():

@@ -3,8 +3,11 @@ descriptors running out, a supervisor asked for more while it stops."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+
 import pytest
-from xmphost import guest
+from xmphost import ENV, HOST, XMP, guest
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,3 +32,35 @@ def test_more_domains_than_one_info_message_holds(hosts):
     assert h.proc.poll() is None
     assert h.stop() == 0
     h.assert_clean(timeout=20)
+
+
+def test_no_domain_is_created_while_the_supervisor_stops(hosts, tmp_path):
+    """Teardown asks the guests to power off and serves its loop while they
+    do; `xmp create` reached it there and was obeyed (38 domains were
+    created during one teardown).  It is refused, naming why."""
+    h = hosts(HOST + guest("spin", "busy")).start(("spin",))  # spins: never answers poweroff
+    cfg = tmp_path / "late.toml"
+    cfg.write_text(guest("late", "idle"))
+    log = h.rundir / "logs" / "hypervisor.log"
+    h.proc.send_signal(signal.SIGTERM)
+    h.wait(lambda: "stopping: signal SIGTERM" in log.read_text(), 10, "the teardown to begin")
+    out = h.xmp("create", str(cfg), check=False)
+    assert out.returncode == 1, out.stdout
+    assert "the supervisor is stopping (signal SIGTERM): no new domains" in out.stderr
+    assert h.wait_exit(30) == 0
+    assert "'late'" not in log.read_text()
+    h.assert_clean()
+
+
+def test_a_detached_supervisor_that_fails_leaves_its_traceback_in_its_log(tmp_path):
+    """`xmp run --detach` pointed the supervisor's stderr at /dev/null: its
+    traceback went nowhere.  Here it cannot bind its control socket (the run
+    directory's path is too long for AF_UNIX)."""
+    rundir = tmp_path / ("r" * max(1, 110 - len(str(tmp_path / "control.sock"))))
+    topo = tmp_path / "t.toml"
+    topo.write_text(HOST + guest("a", "idle"))
+    out = subprocess.run([*XMP, "run", "--detach", "--rundir", str(rundir), str(topo)], capture_output=True,
+                         text=True, timeout=60, check=False, env=ENV)
+    assert out.returncode == 1 and "the supervisor did not start: AF_UNIX path too long" in out.stderr
+    log = (rundir / "logs" / "hypervisor.log").read_text()
+    assert "Traceback (most recent call last)" in log and "OSError: AF_UNIX path too long" in log
