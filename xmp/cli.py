@@ -101,16 +101,17 @@ def cmd_run(args) -> int:
         os.dup2(log, 1)
         os.dup2(log, 2)
         code = 1
-        sup = None
+        built = False
         try:
-            sup = Supervisor(topo, rundir, echo=False, stop_when_guests_gone=False)
+            detached = Supervisor(topo, rundir, echo=False, stop_when_guests_gone=False)
+            built = True
             def ready() -> None:
                 os.write(w, b"ok\n")
                 os.close(w)
 
-            code = sup.run(ready=ready)
+            code = detached.run(ready=ready)
         except BaseException as exc:
-            if sup is None:  # run() logs its own failure
+            if not built:  # run() logs its own failure
                 traceback.print_exc()
                 sys.stderr.flush()
             try:
@@ -361,10 +362,23 @@ def cmd_cleanup(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from xmp.limits import describe_capacity, nofile_limits
     from xmp.sharedmem import _ffi  # noqa: F401  (fails with instructions if not built)
 
     print(f"xmp {version('xmp')}")
     print("fast path: built (xmp.sharedmem._fast)")
+    soft, hard = nofile_limits()
+    print(f"descriptors: RLIMIT_NOFILE soft {soft}, hard {hard} (`xmp run` raises soft to hard)")
+    print(f"capacity: {describe_capacity(hard)}")
+    rundir = _rundir(args)
+    try:
+        host = request(rundir, "info")
+    except CliError:
+        if args.rundir:
+            raise
+        return 0  # no supervisor in the default run directory: the facts above are all there is
+    print(f"supervisor in {rundir}: {host['domains']} domains of {host['capacity']} it can hold "
+          f"(RLIMIT_NOFILE {host['nofile']}), {host['pool_free_mib']} MiB of its pool free")
     return 0
 
 
@@ -376,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, func, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
-        if name not in ("info", "cleanup"):
+        if name != "cleanup":
             p.add_argument("--rundir", help="the supervisor's run directory")
         return p
 

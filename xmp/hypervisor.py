@@ -57,6 +57,15 @@ from xmp.hv.toolstack import (
 )
 from xmp.hv.zygote import ZygoteClient
 from xmp.hypercall import DOM0_ONLY, MAX_FDS, MAX_MESSAGE, MessageTooBig, decode_request, encode
+from xmp.limits import (
+    FDS_RESERVED,
+    MAX_DOMID,
+    SUPERVISOR_FDS_PER_DOMAIN,
+    capacity,
+    describe_capacity,
+    domain_cost,
+    raise_nofile,
+)
 from xmp.sharedmem._ffi import lib
 from xmp.sharedmem.evtchn import VIRQ_TIMER
 from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, recv_handles, remove_stale, send_handles
@@ -67,7 +76,6 @@ DOM0_KERNEL = "xmp.dom0:main"
 DRIVER_DOMAIN_KERNEL = "xmp.drivers.backends:main"  # a driver domain without a kernel of its own
 # Frontends every guest may open with kernel.block(…) etc.: loaded once in the zygote.
 PRELOAD = ("xmp.drivers.blk.frontend",)
-MAX_DOMID = 0x7FEF
 RESTART_LIMIT = (10, 10.0)  # at most 10 restarts of one name in 10 s
 DYING_GRACE = 5.0           # seconds a dying domain waits for its mappers to let go
 XENSTORED_START = 15.0      # seconds dom0 gets to bring xenstored up
@@ -80,6 +88,8 @@ class Supervisor(HypercallHandlers):
         # Nobody may read the supervisor's memory (it maps every domain's RAM)
         # or its descriptors through /proc; the zygote and domains inherit this.
         lib.xmp_set_dumpable(0)
+        # Before the zygote: dom0 and every domain inherit this limit.
+        self.nofile = raise_nofile()
         # The zygote is forked first, while we hold nothing it should inherit.
         self.zygote = ZygoteClient()
         self.topology = topology
@@ -211,6 +221,24 @@ class Supervisor(HypercallHandlers):
             self.log(f"created image {image} ({spec.size_bytes} bytes, sparse)")
         return spec, image.resolve(), back
 
+    def _check_descriptors(self, cfg: DomainConfig) -> None:
+        """Refuse a domain that would run dom0 or the supervisor out of
+        descriptors (EMFILE half-way through a build crashed the supervisor
+        and left dom0 without xenstore or consoles for later guests)."""
+        held = FDS_RESERVED + sum(domain_cost(len(d.cfg.disk)) for d in self.domains.values())
+        own = len(os.listdir("/proc/self/fd"))
+        if held + domain_cost(len(cfg.disk)) > self.nofile \
+                or own + SUPERVISOR_FDS_PER_DOMAIN + FDS_RESERVED // 2 > self.nofile:
+            raise HypercallError(errno.EMFILE, "createdomain",
+                                 f"{describe_capacity(self.nofile)}: {len(self.domains)} exist, so "
+                                 f"{cfg.name!r} is refused; destroy a domain or raise the hard limit "
+                                 "(ulimit -Hn) before `xmp run`")
+
+    def host_info(self) -> dict:
+        """What `xmp info` says of a running supervisor."""
+        return {"nofile": self.nofile, "capacity": capacity(self.nofile), "domains": len(self.domains),
+                "max_domid": MAX_DOMID, "pool_free_mib": self.pool_pages * PAGE_SIZE // MIB}
+
     def _alloc_domid(self) -> int:
         # Ids are not reused within a supervisor's life, as in Xen: nothing
         # keyed by an old id can reach the new domain.
@@ -232,43 +260,59 @@ class Supervisor(HypercallHandlers):
             check_fits(self.pool_pages * PAGE_SIZE // MIB + used, used, cfg)
         except XmpError as exc:
             raise HypercallError(errno.ENOMEM, "createdomain", str(exc)) from None
+        self._check_descriptors(cfg)
         disks = self._prepare_disks(cfg) if domid != DOMID_DOM0 else []  # may refuse: nothing built yet
         if domid is None:
             domid = self._alloc_domid()
-        mem_pages = cfg.memory_mib * MIB // PAGE_SIZE
-        self.pool_take(mem_pages, "createdomain")
-        try:
-            dom = build_domain(self.ns, domid, cfg, name)
-        except BaseException:
-            self.pool_give(mem_pages)
-            raise
-        dom.uuid = str(uuid.uuid4())
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        log_fd = os.open(self.rundir / "logs" / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            dom.pid = self.zygote.spawn(domid, f"xmp:{domid}:{name}", theirs.fileno(), log_fd,
-                                        unprivileged=domid != DOMID_DOM0)
-        except OSError:
-            ours.close()
-            dom.release()
-            self.pool_give(mem_pages)
-            raise
-        finally:
-            theirs.close()
-            os.close(log_fd)
-        dom.sock = ours
-        self.domains[domid] = dom
         default_kernel = DOM0_KERNEL if domid == DOMID_DOM0 else DRIVER_DOMAIN_KERNEL if cfg.driver_domain \
             else None
         boot: dict[str, Any] = {"domid": domid, "name": name, "config": cfg.to_dict(),
                                 "kernel": cfg.kernel or default_kernel}
-        fds = [dom.ram.fd, dom.evt_obj.fd]
         if domid == DOMID_DOM0:
             boot["rundir"] = str(self.rundir)
             boot["dom0_kernel"] = DOM0_KERNEL
-            if self.echo_fd is not None:
-                fds.append(self.echo_fd)
-        send_handles(ours, encode(boot), fds)
+        try:
+            boot_msg = encode(boot)  # a config too big for the channel is refused before anything is built
+        except MessageTooBig as exc:
+            raise HypercallError(errno.E2BIG, "createdomain", f"{name}: config too big ({exc})") from None
+        mem_pages = cfg.memory_mib * MIB // PAGE_SIZE
+        self.pool_take(mem_pages, "createdomain")
+        try:
+            dom = build_domain(self.ns, domid, cfg, name)
+        except BaseException as exc:
+            self.pool_give(mem_pages)
+            _out_of_descriptors(exc, self.nofile)
+            raise
+        dom.uuid = str(uuid.uuid4())
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            dom.release()
+            self.pool_give(mem_pages)
+            _out_of_descriptors(exc, self.nofile)
+            raise
+        try:
+            log_fd = os.open(self.rundir / "logs" / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                             0o600)
+            try:
+                dom.pid = self.zygote.spawn(domid, f"xmp:{domid}:{name}", theirs.fileno(), log_fd,
+                                            unprivileged=domid != DOMID_DOM0)
+            finally:
+                os.close(log_fd)
+        except OSError as exc:
+            ours.close()
+            dom.release()
+            self.pool_give(mem_pages)
+            _out_of_descriptors(exc, self.nofile)
+            raise
+        finally:
+            theirs.close()
+        dom.sock = ours
+        self.domains[domid] = dom
+        fds = [dom.ram.fd, dom.evt_obj.fd]
+        if domid == DOMID_DOM0 and self.echo_fd is not None:
+            fds.append(self.echo_fd)
+        send_handles(ours, boot_msg, fds)
         self.sel.register(ours, selectors.EVENT_READ, ("hc", dom))
         if domid != DOMID_DOM0:
             tree = domain_tree(domid, name, dom.uuid, cfg.memory_mib * 1024, cfg.maxmem_mib * 1024,
@@ -704,6 +748,12 @@ class Supervisor(HypercallHandlers):
             self.echo_fd = None
         self.log(f"stopped ({self.stop_reason or 'done'}), exit status {self.exit_code}")
         self.hvlog.close()
+
+
+def _out_of_descriptors(exc: BaseException, nofile: int) -> None:
+    """EMFILE/ENFILE while building is the named limit, not a crash."""
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+        raise HypercallError(errno.EMFILE, "createdomain", f"{describe_capacity(nofile)}: {exc}") from None
 
 
 def _on(reason: str) -> str:

@@ -3,11 +3,16 @@ descriptors running out, a supervisor asked for more while it stops."""
 
 from __future__ import annotations
 
+import errno
+import json
 import signal
+import socket as so
 import subprocess
 
 import pytest
 from xmphost import ENV, HOST, XMP, guest
+
+from xmp.topology import parse_domain
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -64,3 +69,36 @@ def test_a_detached_supervisor_that_fails_leaves_its_traceback_in_its_log(tmp_pa
     assert out.returncode == 1 and "the supervisor did not start: AF_UNIX path too long" in out.stderr
     log = (rundir / "logs" / "hypervisor.log").read_text()
     assert "Traceback (most recent call last)" in log and "OSError: AF_UNIX path too long" in log
+
+
+def test_running_out_of_descriptors_is_a_named_refusal(hosts):
+    """With RLIMIT_NOFILE 256 dom0 ran out at its 34th guest: later guests
+    were "created" without xenstore or console, then EMFILE in the build
+    crashed the supervisor.  Now a domain is refused before it is built,
+    naming the limit, and every domain that was accepted works."""
+    h = hosts(HOST + guest("first", "idle", memory=4)).start(("first",), nofile=256)
+    info = h.xmp("info").stdout
+    assert f"supervisor in {h.rundir}: 2 domains of 27 it can hold (RLIMIT_NOFILE 256)" in info, info
+    sock = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+    sock.connect(str(h.rundir / "control.sock"))
+    f = sock.makefile("rwb")
+    replies = []
+    for i in range(40):
+        cfg = parse_domain(f'[[domain]]\nname = "g{i}"\nkernel = "xmp.guests.idle:main"\nmemory = 4\n')
+        f.write((json.dumps({"cmd": "create", "config": cfg.to_dict()}) + "\n").encode())
+        f.flush()
+        replies.append(json.loads(f.readline()))
+    sock.close()
+    ok = [r for r in replies if r["ok"]]
+    assert len(ok) == 25  # 27 with dom0 and "first"
+    for r in replies[25:]:
+        assert r["errno"] == errno.EMFILE
+        assert r["error"].startswith("this host can hold 27 domains (RLIMIT_NOFILE 256"), r["error"]
+    last = ok[-1]["domid"]
+    h.wait(lambda: h.xmp("xenstore", "read", f"/local/domain/{last}/control/feature-poweroff",
+                         check=False).stdout.strip() == "1", 30, "the last guest's xenstore")
+    h.wait((h.rundir / "console" / f"{last}.sock").exists, 30, "the last guest's console")
+    assert "Too many open files" not in (h.rundir / "logs" / "Domain-0.log").read_text()
+    assert h.proc.poll() is None
+    assert h.stop() == 0
+    h.assert_clean(timeout=20)

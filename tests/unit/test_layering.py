@@ -11,8 +11,8 @@ import xmp
 ROOT = Path(xmp.__file__).parent
 # xenstore's protocol, store and client are pure and low; its daemon is one
 # of dom0's services (dom0/xenstored.py), above the drivers whose backends dom0 runs.
-ORDER = ["errors", "sharedmem", "xenstore", "diskspec", "topology", "startinfo", "hypercall", "domain_proc",
-         "hv", "hypervisor", "drivers", "dom0", "guests", "migration", "testing", "cli"]
+ORDER = ["errors", "sharedmem", "xenstore", "diskspec", "limits", "topology", "startinfo", "hypercall",
+         "domain_proc", "hv", "hypervisor", "drivers", "dom0", "guests", "migration", "testing", "cli"]
 
 
 def imports_of(path: Path) -> set[str]:

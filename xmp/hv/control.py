@@ -123,6 +123,9 @@ class ControlServer:
         return {"domains": [self.sup.domain_info(d) for d in
                             sorted(self.sup.domains.values(), key=lambda d: d.domid)]}
 
+    def cmd_info(self, req):
+        return self.sup.host_info()
+
     def cmd_create(self, req):
         cfg = req.get("config")
         if not isinstance(cfg, dict):

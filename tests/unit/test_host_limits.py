@@ -1,0 +1,33 @@
+"""What one host can hold: descriptor costs and the capacity they give."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+
+from xmp.limits import (
+    DOM0_FDS_PER_DISK,
+    DOM0_FDS_PER_DOMAIN,
+    FDS_RESERVED,
+    MAX_DOMID,
+    capacity,
+    describe_capacity,
+    domain_cost,
+)
+
+
+def test_capacity_is_what_dom0_can_keep_open():
+    assert capacity(256) == (256 - FDS_RESERVED) // DOM0_FDS_PER_DOMAIN == 27
+    assert capacity(FDS_RESERVED) == 0 and capacity(10) == 0
+    assert capacity(1 << 30) == MAX_DOMID + 1  # domain ids run out first
+    assert domain_cost(3) == DOM0_FDS_PER_DOMAIN + 3 * DOM0_FDS_PER_DISK
+    assert describe_capacity(256).startswith("this host can hold 27 domains (RLIMIT_NOFILE 256, hard limit ")
+
+
+def test_the_soft_limit_is_raised_to_the_hard_one():
+    code = "from xmp.limits import raise_nofile; import resource; " \
+           "print(raise_nofile(), *resource.getrlimit(resource.RLIMIT_NOFILE))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 512)))
+    assert out.stdout.split() == ["512", "512", "512"]

@@ -1,0 +1,73 @@
+"""What one host can hold: the ordinary limits a topology runs into.
+
+Every domain costs open descriptors in two long-lived processes: the
+supervisor (its RAM and event objects -- each held once as an object and
+once by its mapping -- and its hypercall channel) and dom0 (xenconsoled's
+and xenstored's mappings of the guest's RAM, the guest's event object,
+its console log and socket; blkback's image file per disk it serves).
+dom0 is forked from the supervisor's zygote and inherits its
+``RLIMIT_NOFILE``, so one soft limit bounds both.  The costs here were
+measured (``/proc/<pid>/fd`` of both processes with 1, 11 and 31 idle
+guests: +5 and +7 a domain); ``benchmarks/bench_scale.py`` re-measures
+them.  A domain that would cross the limit is refused before anything of
+it is built, with the limit named, instead of EMFILE half-way through
+(the supervisor crashed; dom0 lost xenstore and consoles for later guests).
+
+Domain ids are Xen's: 1..``MAX_DOMID`` (DOMID_FIRST_RESERVED - 1), never
+reused within a supervisor's life.
+"""
+
+from __future__ import annotations
+
+import resource
+
+MAX_DOMID = 0x7FEF
+SUPERVISOR_FDS_PER_DOMAIN = 5
+DOM0_FDS_PER_DOMAIN = 7
+DOM0_FDS_PER_DISK = 2       # the image, and room for the backend's own channel
+FDS_RESERVED = 64           # each process's base set, `xmp` clients, descriptors in flight while building
+
+
+def nofile_limits() -> tuple[int, int]:
+    """(soft, hard) RLIMIT_NOFILE, RLIM_INFINITY read as the kernel's nr_open."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = _nr_open()
+    return (ceiling if soft == resource.RLIM_INFINITY else soft,
+            ceiling if hard == resource.RLIM_INFINITY else hard)
+
+
+def raise_nofile() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (what an unprivileged
+    process may do); return the soft limit now in force."""
+    soft, hard = nofile_limits()
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def domain_cost(disks: int = 0) -> int:
+    """Descriptors one domain costs its costliest holder (dom0)."""
+    return max(SUPERVISOR_FDS_PER_DOMAIN, DOM0_FDS_PER_DOMAIN + DOM0_FDS_PER_DISK * disks)
+
+
+def capacity(nofile: int) -> int:
+    """How many diskless domains (dom0 included) a soft limit of ``nofile`` holds."""
+    return max(0, min((nofile - FDS_RESERVED) // domain_cost(), MAX_DOMID + 1))
+
+
+def describe_capacity(nofile: int) -> str:
+    hard = nofile_limits()[1]
+    return (f"this host can hold {capacity(nofile)} domains (RLIMIT_NOFILE {nofile}, hard limit {hard}; "
+            f"dom0 keeps {DOM0_FDS_PER_DOMAIN} descriptors a domain and {DOM0_FDS_PER_DISK} a disk)")
+
+
+def _nr_open() -> int:
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20
