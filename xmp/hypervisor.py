@@ -33,7 +33,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from xmp.diskspec import DiskSpec, parse_diskspec, vdev_devid
+from xmp.diskspec import DiskSpec, parse_diskspec, target_path, vdev_devid
 from xmp.errors import GrantError, HypercallError, XmpError
 from xmp.hv.control import ControlServer
 from xmp.hv.domain import (
@@ -69,7 +69,7 @@ from xmp.limits import (
 from xmp.sharedmem._ffi import lib
 from xmp.sharedmem.evtchn import VIRQ_TIMER
 from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, recv_handles, remove_stale, send_handles
-from xmp.topology import DomainConfig, Topology, check_fits
+from xmp.topology import DomainConfig, Topology, check_fits, source_folder
 from xmp.xenstore.wire import XsType
 
 DOM0_KERNEL = "xmp.dom0:main"
@@ -199,7 +199,7 @@ class Supervisor(HypercallHandlers):
     def _prepare_disks(self, cfg: DomainConfig) -> list[tuple[DiskSpec, Path, Domain]]:
         """Each disk's backend domain and image file, before the domain is built:
         a relative target is relative to the file the domain came from."""
-        base = Path(cfg.source.rsplit(":", 1)[0]).parent if cfg.source else Path.cwd()
+        base = Path(source_folder(cfg.source))
         return [self._prepare_disk(parse_diskspec(text), base) for text in cfg.disk]
 
     def _prepare_disk(self, spec: DiskSpec, base: Path) -> tuple[DiskSpec, Path, Domain]:
@@ -210,14 +210,23 @@ class Supervisor(HypercallHandlers):
             raise HypercallError(errno.ESRCH, "createdomain", f"disk {spec.vdev}: no backend domain")
         if spec.target is None:
             raise HypercallError(errno.EINVAL, "createdomain", f"disk {spec.vdev}: no target")
-        image = Path(spec.target) if Path(spec.target).is_absolute() else base / spec.target
+        image = target_path(spec.target, base)
         if not image.exists():
             if spec.size_bytes is None:
                 raise HypercallError(errno.ENOENT, "createdomain", f"disk {spec.vdev}: {image} "
                                      "does not exist (give size=… to create it)")
-            image.parent.mkdir(parents=True, exist_ok=True)
-            with open(image, "xb") as f:
-                f.truncate(spec.size_bytes)
+            made = False
+            try:
+                image.parent.mkdir(parents=True, exist_ok=True)
+                with open(image, "xb") as f:
+                    made = True
+                    f.truncate(spec.size_bytes)
+            except OSError as exc:  # a caller's bad path is its error answer, not the supervisor's end
+                if made:
+                    image.unlink(missing_ok=True)
+                why = exc.strerror or str(exc)
+                raise HypercallError(exc.errno or errno.EIO, "createdomain",
+                                     f"disk {spec.vdev}: cannot create {image}: {why}") from None
             self.log(f"created image {image} ({spec.size_bytes} bytes, sparse)")
         return spec, image.resolve(), back
 

@@ -19,7 +19,7 @@ with xl's names, units (MiB) and defaults where xl has them; a complete file::
 
     [[domain]]                  # zero or more guests and driver domains
     name = "web"                # required, unique, 1..64 of [A-Za-z0-9_.-]
-    type = "pvh"                # "pv" | "pvh" | "hvm", default "pvh"
+    type = "pvh"                # "pv" | "pvh", default "pvh" ("hvm": refused, not yet)
     memory = 128                # MiB, >= 1, default 128
     maxmem = 256                # MiB, >= memory, default = memory
     vcpus = 1                   # 1..32, default 1
@@ -79,8 +79,10 @@ from typing import Any
 
 import psutil
 
-from xmp.diskspec import DiskSpecError, parse_diskspec
+from xmp import limits
+from xmp.diskspec import DiskSpecError, parse_diskspec, target_problem
 from xmp.errors import XmpError
+from xmp.limits import domain_cost
 
 MiB = 1 << 20
 DOM0_NAME = "Domain-0"
@@ -413,8 +415,10 @@ def _json_problem(value: Any, where: str) -> str | None:
     return f"{where} is {_describe(value)}; only strings, numbers, booleans, arrays and tables can be passed"
 
 
-def _disks(t: _Table, raw: dict) -> tuple[str, ...]:
-    """xl disk specs: each must parse (the block driver reads them later)."""
+def _disks(t: _Table, raw: dict, base: str) -> tuple[str, ...]:
+    """xl disk specs: each must parse (the block driver reads them later),
+    and its image must be one that can be made (`target_problem`); ``base``
+    is the folder relative targets are in."""
     specs = _str_list(t, raw, "disk")
     vdevs: set[str] = set()
     for spec in specs:
@@ -425,7 +429,17 @@ def _disks(t: _Table, raw: dict) -> tuple[str, ...]:
         if parsed.vdev in vdevs:
             raise t.error("disk", f"vdev '{parsed.vdev}' is used twice")
         vdevs.add(parsed.vdev)
+        problem = target_problem(parsed, base)
+        if problem:
+            raise t.error("disk", problem)
     return specs
+
+
+def source_folder(source: str | None) -> str:
+    """The folder a domain's relative disk targets are in: its file's."""
+    if source is None:
+        return os.getcwd()
+    return os.path.dirname(os.path.abspath(source.rsplit(":", 1)[0]))
 
 
 # xl.cfg xenstore_quota: this domain's limits in xenstored, by C xenstored's names.
@@ -538,17 +552,20 @@ def _domain(t: _Table, raw: dict, known: tuple[str, ...], *, dom0: bool) -> Doma
     source = raw["source"] if "source" in raw else t.source()
     if source is not None and not isinstance(source, str):
         raise t.error("source", f"expected a string, got {_describe(source)}")
+    # dom0 is PV, as on classic x86 Xen.
+    kind = _choice(t, raw, "type", "pv" if dom0 else "pvh", DOMAIN_TYPES)
+    if kind == "hvm":  # xl's name, kept so the message can be precise; it must not silently mean PV
+        raise t.error("type", "hvm guests are not supported yet; use pv or pvh")
     return DomainConfig(
         name=name,
-        # dom0 is PV, as on classic x86 Xen.
-        type=_choice(t, raw, "type", "pv" if dom0 else "pvh", DOMAIN_TYPES),
+        type=kind,
         memory_mib=memory,
         maxmem_mib=maxmem,
         vcpus=vcpus,
         maxvcpus=maxvcpus,
         kernel=kernel,
         args=_args(t, raw),
-        disk=_disks(t, raw),
+        disk=_disks(t, raw, source_folder(source)),
         vif=_str_list(t, raw, "vif"),
         on_poweroff=_choice(t, raw, "on_poweroff", "destroy", ACTIONS),
         on_reboot=_choice(t, raw, "on_reboot", "restart", ACTIONS),
@@ -671,6 +688,7 @@ def parse_topology(text: str, path: str = "<topology>") -> Topology:
     domains: list[DomainConfig] = []
     tables: list[_Table] = []
     first_line: dict[str, int | None] = {}
+    held = limits.FDS_RESERVED + domain_cost(0)  # dom0's own place
     for i, raw in enumerate(doc.get("domain", [])):
         t = _Table(path, loc, "domain", i, f"[[domain]] #{i + 1}")
         if not isinstance(raw, dict):
@@ -681,14 +699,23 @@ def parse_topology(text: str, path: str = "<topology>") -> Topology:
             at = f"line {where}" if where is not None else "an earlier [[domain]]"
             raise t.error("name", f"duplicate name '{cfg.name}': already used by the [[domain]] at {at}; "
                                   "names must be unique")
-        first_line[cfg.name] = t.line("name")
         for spec in cfg.disk:  # a disk's backend domain must exist before its frontend
             backend = parse_diskspec(spec).backend
+            if backend == cfg.name:
+                raise t.error("disk", f"backend '{backend}' is this domain itself; a disk is served by "
+                                      "another domain: Domain-0 (no backend=) or a driver domain above")
             if backend not in (None, "Domain-0", "0") and backend not in first_line:
                 raise t.error("disk", f"backend '{backend}' is not a [[domain]] defined above '{cfg.name}'; "
                                       "define the driver domain first")
+            host_dom = next((d for d in domains if d.name == backend), None)
+            if host_dom is not None and not host_dom.driver_domain:
+                raise t.error("disk", f"backend '{backend}' is not a driver domain (it runs no backends); "
+                                      f"set driver_domain = true in '{backend}' or drop backend=")
+        first_line[cfg.name] = t.line("name")
         domains.append(cfg)
         tables.append(t)
+        held += domain_cost(len(cfg.disk))
+        _check_count(t, 1 + len(domains), held)
 
     used = 0
     needed = dom0.memory_mib + sum(d.memory_mib for d in domains)
@@ -699,6 +726,21 @@ def parse_topology(text: str, path: str = "<topology>") -> Topology:
                                     "lower memory or raise [host] memory")
         used += cfg.memory_mib
     return Topology(host=host, dom0=dom0, domains=tuple(domains))
+
+
+def _check_count(t: _Table, count: int, held: int) -> None:
+    """The file's first ``count`` domains, dom0 included, must fit Xen's
+    domain ids and, needing ``held`` descriptors in dom0, the descriptors it
+    will have (the soft RLIMIT_NOFILE, which the supervisor raises to the
+    hard one): 5,000 idle guests were accepted and ~4,000 spawned before
+    descriptors ran out."""
+    if count - 1 > limits.MAX_DOMID:
+        raise t.error(None, f"domain number {count - 1} is past Xen's last domain id ({limits.MAX_DOMID}); "
+                            "split the topology over hosts")
+    nofile = limits.nofile_limits()[1]
+    if held > nofile:
+        raise t.error(None, f"{limits.describe_capacity(nofile)}, and this is domain number {count} "
+                            "(dom0 first); run fewer domains or raise the hard limit (ulimit -Hn) first")
 
 
 def load_topology(path: str | os.PathLike[str]) -> Topology:
