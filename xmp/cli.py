@@ -110,6 +110,10 @@ def cmd_run(args) -> int:
                 os.close(w)
 
             code = detached.run(ready=ready)
+            try:  # still open: it stopped (a signal) before every domain ran
+                os.write(w, f"stopped during start-up ({detached.stop_reason})\n".encode())
+            except OSError:
+                pass
         except BaseException as exc:
             if not built:  # run() logs its own failure
                 traceback.print_exc()

@@ -179,6 +179,8 @@ class Supervisor(HypercallHandlers):
         self._create(self.topology.dom0, domid=DOMID_DOM0)
         deadline = time.monotonic() + XENSTORED_START
         while not self.toolstack.connect():
+            if self.stopping:  # SIGTERM / Ctrl-C: at once, not after the whole file
+                return
             if time.monotonic() > deadline or DOMID_DOM0 not in self.domains:
                 raise XmpError(f"dom0's xenstored did not start within {XENSTORED_START:.0f} s "
                                f"(see {self.rundir / 'logs' / 'Domain-0.log'})")
@@ -187,6 +189,10 @@ class Supervisor(HypercallHandlers):
         self.sel.register(self.toolstack.sock, selectors.EVENT_READ, ("xs", None))
         self.toolstack.send(dom0_tree(), "dom0")
         for cfg in self.topology.domains:
+            if self.stopping:
+                self.log(f"start-up interrupted: {len(self.domains) - 1} of "
+                         f"{len(self.topology.domains)} domains created")
+                return
             self._create(cfg)
 
     def create_domain(self, cfg_dict: dict) -> Domain:
@@ -633,7 +639,7 @@ class Supervisor(HypercallHandlers):
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.start()
-            if ready is not None:
+            if ready is not None and not self.stopping:
                 ready()
             while not self.stopping:
                 timeout = self._fire_timers()

@@ -102,3 +102,24 @@ def test_running_out_of_descriptors_is_a_named_refusal(hosts):
     assert h.proc.poll() is None
     assert h.stop() == 0
     h.assert_clean(timeout=20)
+
+
+def test_sigterm_during_start_up_stops_at_once(hosts):
+    """SIGTERM while `xmp run` creates its domains was honoured only once
+    the whole file had been created (110 s for a large one)."""
+    n = 150
+    h = hosts("[host]\nmemory = 1024\n[dom0]\nmemory = 64\n"
+              + "".join(guest(f"g{i}", "idle", memory=1) for i in range(n)))
+    log = h.rundir / "logs" / "hypervisor.log"
+    out = open(h.out_path, "wb")
+    h.proc = subprocess.Popen([*XMP, "run", "--rundir", str(h.rundir), str(h.topology)], stdout=out,
+                              stderr=subprocess.STDOUT, env=ENV)
+    out.close()
+    h.wait(lambda: log.exists() and "created dom2 " in log.read_text(), 30, "the first guests")
+    h.proc.send_signal(signal.SIGTERM)
+    assert h.wait_exit(30) == 0
+    text = log.read_text()
+    created = text.count("created dom") - 1  # dom0
+    assert 2 <= created < n, created
+    assert f"start-up interrupted: {created} of {n} domains created" in text
+    h.assert_clean(timeout=20)
