@@ -107,6 +107,7 @@ class Supervisor(HypercallHandlers):
         self.stop_when_guests_gone = stop_when_guests_gone
         self.restarts: dict[str, deque[float]] = {}
         self.devices: list[Device] = []  # split devices the toolstack made, to re-home on restarts
+        self.pids: dict[int, tuple[int, str]] = {}  # domain process -> (domid, name), until its exit is told
         self.echo_fd = os.dup(sys.stdout.fileno()) if echo else None
         for sub in ("console", "logs", "dumps"):
             (self.rundir / sub).mkdir(parents=True, exist_ok=True)
@@ -324,6 +325,7 @@ class Supervisor(HypercallHandlers):
             theirs.close()
         dom.sock = ours
         self.domains[domid] = dom
+        self.pids[dom.pid] = (domid, name)
         fds = [dom.ram.fd, dom.evt_obj.fd]
         if domid == DOMID_DOM0 and self.echo_fd is not None:
             fds.append(self.echo_fd)
@@ -534,9 +536,21 @@ class Supervisor(HypercallHandlers):
                 "shutdown_reason": dom.shutdown_reason, "mem_kb": dom.tot_pages * PAGE_SIZE // 1024,
                 "maxmem_kb": len(dom.populated) * PAGE_SIZE // 1024, "vcpus": dom.cfg.vcpus,
                 "cpu_time": round(cpu, 3), "console_port": dom.console_port, "console_gref": 0,
-                "store_port": dom.store_port, "driver_domain": dom.cfg.driver_domain}
+                "store_port": dom.store_port, "driver_domain": dom.cfg.driver_domain, "exit": dom.exit}
 
     # -- a domain's end ----------------------------------------------------
+
+    def _exits(self) -> None:
+        """The zygote's reports of domain processes that ended: how each
+        ended goes to dmesg and onto the domain's record (`xmp list --json`
+        ``exit``) -- its channel's EOF only says that it did."""
+        for pid, status in self.zygote.drain():
+            domid, name = self.pids.pop(pid, (None, "?"))
+            how = f"exited with status {status}" if status >= 0 else f"killed by {_signame(-status)}"
+            self.log(f"dom{domid} {name!r}: process {pid} {how}")
+            dom = self.domains.get(domid) if domid is not None else None
+            if dom is not None and dom.pid in (pid, None):
+                dom.exit = how
 
     def _gone(self, dom: Domain) -> None:
         """The domain's process has ended (its channel hit EOF)."""
@@ -646,6 +660,8 @@ class Supervisor(HypercallHandlers):
                 self._iterate(0.5 if timeout is None else min(max(timeout, 0), 0.5))
                 self._fire_timers()
                 self.reap_dying()
+                if self.zygote.exits:  # reports that came while a spawn waited for its answer
+                    self._exits()
                 if self.stop_when_guests_gone and self.topology.domains and not [
                         d for d in self.domains.values()
                         if d.domid != DOMID_DOM0 and not d.cfg.driver_domain]:
@@ -668,7 +684,7 @@ class Supervisor(HypercallHandlers):
             if kind == "hc":
                 self._hypercall(obj)
             elif kind == "zygote":
-                self.zygote.drain()
+                self._exits()
             elif kind == "listen":
                 self.control.accept(self.sel)
             elif kind == "ctl":
@@ -769,6 +785,13 @@ def _out_of_descriptors(exc: BaseException, nofile: int) -> None:
     """EMFILE/ENFILE while building is the named limit, not a crash."""
     if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
         raise HypercallError(errno.EMFILE, "createdomain", f"{describe_capacity(nofile)}: {exc}") from None
+
+
+def _signame(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _on(reason: str) -> str:

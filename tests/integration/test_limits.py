@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import re
 import signal
 import socket as so
 import subprocess
@@ -123,3 +125,18 @@ def test_sigterm_during_start_up_stops_at_once(hosts):
     assert 2 <= created < n, created
     assert f"start-up interrupted: {created} of {n} domains created" in text
     h.assert_clean(timeout=20)
+
+
+def test_how_a_domain_process_ended_is_told(hosts):
+    """The zygote reports every exit status; the supervisor threw them away."""
+    h = hosts(HOST + guest("crashy", "crasher", on_crash="preserve") + guest("victim", "idle")).start(
+        ("crashy", "victim"))
+    h.wait(lambda: (h.info("crashy") or {}).get("exit") == "exited with status 1", 15, "the crash's status")
+    assert h.info("crashy")["state_letters"] == "---sc-"
+    assert h.info("victim")["exit"] is None
+    pid = h.domain_pid("victim")
+    os.kill(pid, signal.SIGKILL)
+    h.wait(lambda: f"dom2 'victim': process {pid} killed by SIGKILL" in h.dmesg(), 15, "the kill's report")
+    assert re.search(r"dom1 'crashy': process \d+ exited with status 1", h.dmesg())
+    assert h.stop() == 1  # a crash that was not restarted fails the run
+    h.assert_clean()

@@ -33,5 +33,6 @@ def test_a_full_page_of_the_widest_records_fits_one_message():
     widest = {"domid": 0x7FEF, "name": "n" * 64, "uuid": "u" * 36, "state": "shutdown",
               "state_letters": "---sc-", "shutdown_reason": "soft_reset", "mem_kb": 1 << 40,
               "maxmem_kb": 1 << 40, "vcpus": 32, "cpu_time": 123456789.123, "console_port": 4095,
-              "console_gref": 0, "store_port": 4095, "driver_domain": False}
+              "console_gref": 0, "store_port": 4095, "driver_domain": False,
+              "exit": "exited with status 255"}
     assert len(encode({"ret": [widest] * DOMAININFO_PAGE})) < MAX_MESSAGE
