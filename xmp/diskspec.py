@@ -336,6 +336,10 @@ def parse_diskspec(spec: str) -> DiskSpec:
 
 # -- where a target lives --------------------------------------------------
 
+# The image path is the value of the backend's ``params`` node: one xenstore
+# write of at most XENSTORE_PAYLOAD_MAX (4096) bytes, its node path included.
+TARGET_MAX = 4096 - 128
+
 def target_path(target: str, base: str | os.PathLike[str]) -> Path:
     """The image a target names: absolute as given (xl takes them), relative
     to ``base`` (the folder of the file the disk was written in)."""
@@ -360,6 +364,9 @@ def target_problem(spec: DiskSpec, base: str | os.PathLike[str]) -> str | None:
     if not Path(spec.target).is_absolute() and not path.is_relative_to(base_dir):
         return (f"target '{spec.target}' resolves to {path}, outside {base_dir}, the folder the "
                 "target is relative to; move the image inside it or give an absolute path")
+    if len(os.fsencode(path)) > TARGET_MAX:
+        return (f"target's path is {len(os.fsencode(path))} bytes; a disk's xenstore params hold at most "
+                f"{TARGET_MAX}: use a shorter path")
     if spec.size_bytes is None or path.exists():
         return None
     parent = path.parent

@@ -33,8 +33,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from xmp.diskspec import DiskSpec, parse_diskspec, target_path, vdev_devid
-from xmp.errors import GrantError, HypercallError, XmpError
+from xmp.diskspec import TARGET_MAX, DiskSpec, parse_diskspec, target_path, vdev_devid
+from xmp.errors import GrantError, HypercallError, LocalError, XmpError
 from xmp.hv.control import ControlServer
 from xmp.hv.domain import (
     DOMID_DOM0,
@@ -48,6 +48,7 @@ from xmp.hv.domain import (
 from xmp.hv.hypercalls import DEFERRED, HypercallHandlers
 from xmp.hv.toolstack import (
     Device,
+    Done,
     Toolstack,
     device_tree,
     dom0_tree,
@@ -218,6 +219,9 @@ class Supervisor(HypercallHandlers):
         if spec.target is None:
             raise HypercallError(errno.EINVAL, "createdomain", f"disk {spec.vdev}: no target")
         image = target_path(spec.target, base)
+        if len(os.fsencode(image.absolute())) > TARGET_MAX:  # its params write would cut dom0's xenstore off
+            raise HypercallError(errno.ENAMETOOLONG, "createdomain", f"disk {spec.vdev}: the image path "
+                                 f"is longer than xenstore holds ({TARGET_MAX} bytes)")
         if not image.exists():
             if spec.size_bytes is None:
                 raise HypercallError(errno.ENOENT, "createdomain", f"disk {spec.vdev}: {image} "
@@ -419,24 +423,31 @@ class Supervisor(HypercallHandlers):
             self.toolstack.close()
 
     def attach_device(self, front: Domain, back: Domain, devtype: str, devid: int,
-                      back_keys: dict[str, str], front_keys: dict[str, str]) -> Device:
-        """Write a split device's two directories (libxl__device_generic_add)."""
+                      back_keys: dict[str, str], front_keys: dict[str, str],
+                      done: Done | None = None) -> Device:
+        """Write a split device's two directories (libxl__device_generic_add);
+        ``done`` hears xenstored's error replies once all are in."""
         if any(d.front == front.domid and d.devtype == devtype and d.devid == devid for d in self.devices):
             raise HypercallError(errno.EEXIST, "device-attach", f"{front.name} already has {devtype} {devid}")
         dev = Device(front.domid, back.name, back.domid, devtype, devid, back_keys, front_keys)
+        try:
+            self.toolstack.send(device_tree(dev.front, dev.back_domid, devtype, devid, back_keys, front_keys),
+                                f"adding {devtype} {devid} to dom{front.domid}", done)
+        except LocalError as exc:  # nothing was sent
+            raise HypercallError(errno.E2BIG, "device-attach", str(exc)) from None
         self.devices.append(dev)
-        self.toolstack.send(device_tree(dev.front, dev.back_domid, devtype, devid, back_keys, front_keys),
-                            f"adding {devtype} {devid} to dom{front.domid}")
         return dev
 
-    def attach_disk(self, dom: Domain, spec: DiskSpec, image: Path, back: Domain) -> Device:
+    def attach_disk(self, dom: Domain, spec: DiskSpec, image: Path, back: Domain,
+                    done: Done | None = None) -> Device:
         return self.attach_device(dom, back, "vbd", spec.devid,
                                   {"params": str(image), "mode": "r" if spec.readonly else "w",
                                    "device-type": spec.devtype, "type": "file"},
-                                  {"virtual-device": str(spec.devid), "device-type": spec.devtype})
+                                  {"virtual-device": str(spec.devid), "device-type": spec.devtype}, done)
 
-    def block_attach(self, dom: Domain, text: str, base: Path) -> Device:
-        """xl block-attach: hot-plug a disk into a running guest."""
+    def block_attach(self, dom: Domain, text: str, base: Path, done: Done | None = None) -> Device:
+        """xl block-attach: hot-plug a disk into a running guest; ``done``
+        is told xenstored's answers (the CLI waits for them, as xl does)."""
         if self.stopping:
             raise HypercallError(errno.ESHUTDOWN, "block-attach",
                                  f"the supervisor is stopping ({self.stop_reason}): no new devices")
@@ -444,7 +455,7 @@ class Supervisor(HypercallHandlers):
             spec = parse_diskspec(text)
         except XmpError as exc:
             raise HypercallError(errno.EINVAL, "block-attach", str(exc)) from None
-        return self.attach_disk(dom, *self._prepare_disk(spec, base))
+        return self.attach_disk(dom, *self._prepare_disk(spec, base), done=done)
 
     def block_detach(self, dom: Domain, vdev: str, force: bool) -> Device:
         """xl block-detach: the backend is told to close (online 0, Closing);

@@ -140,3 +140,27 @@ def test_how_a_domain_process_ended_is_told(hosts):
     assert re.search(r"dom1 'crashy': process \d+ exited with status 1", h.dmesg())
     assert h.stop() == 1  # a crash that was not restarted fails the run
     h.assert_clean()
+
+
+def test_block_attach_answers_after_xenstore_and_reports_what_failed(hosts, tmp_path):
+    """`xmp block-attach` said "attached" before xenstore had answered; an
+    image path xenstore cannot hold went out anyway, xenstored dropped the
+    toolstack's connection and every later domain had no xenstore; a path
+    that cannot be created crashed the supervisor (FileExistsError)."""
+    h = hosts(HOST + guest("g", "idle")).start(("g",))
+    out = h.xmp("block-attach", "g", f"vdev=xvdb, size=1M, target={tmp_path / 'b.img'}")
+    assert out.stdout.startswith("xmp: disk 51728 attached to dom1 (backend dom0)")
+    assert h.xmp("xenstore", "read", "/local/domain/0/backend/vbd/1/51728/state").stdout.strip() in "1234"
+    deep = tmp_path.joinpath(*["d" * 200] * 20, "c.img")  # 4,000-odd bytes: Linux takes it, xenstore not
+    long = h.xmp("block-attach", "g", f"vdev=xvdc, size=1M, target={deep}", check=False)
+    assert long.returncode == 1 and "the image path is longer than xenstore holds (3968 bytes)" in long.stderr
+    bad = h.xmp("block-attach", "g", "vdev=xvdd, size=1M, target=/dev/null/d.img", check=False)
+    assert bad.returncode == 1 and "disk xvdd: cannot create /dev/null/d.img: " in bad.stderr
+    cfg = tmp_path / "later.toml"
+    cfg.write_text(guest("later", "idle"))
+    domid = h.xmp("create", str(cfg)).stdout.split("(id ")[1].rstrip(")\n")
+    h.wait(lambda: h.xmp("xenstore", "read", f"/local/domain/{domid}/control/feature-poweroff",
+                         check=False).stdout.strip() == "1", 20, "the later guest's xenstore")
+    assert "xenstored closed the toolstack's connection" not in h.dmesg()
+    assert h.stop() == 0
+    h.assert_clean()

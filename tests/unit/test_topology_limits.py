@@ -130,3 +130,10 @@ def test_xmp_run_refuses_5000_domains_before_anything_starts(tmp_path):
     assert out.stderr.startswith(f"xmp run: {topo}:549: [[domain]] 'g136': this host can hold 137 domains "
                                  "(RLIMIT_NOFILE 1024, hard limit 1024"), out.stderr
     assert not rundir.exists()
+
+
+def test_an_image_path_xenstore_cannot_hold(tmp_path):
+    deep = "/".join(["d" * 200] * 20)
+    text = GUEST.format(name="web") + f'disk = ["vdev=xvda, size=1M, target={deep}/a.img"]\n'
+    err = _error(tmp_path / "t.toml", text)
+    assert err.line == 5 and "a disk's xenstore params hold at most 3968: use a shorter path" in str(err)

@@ -55,6 +55,7 @@ class ControlServer:
         self.listener.listen(16)
         self.listener.setblocking(False)
         self.buffers: dict[socket.socket, bytearray] = {}
+        self._conn: socket.socket | None = None  # the connection whose request is being handled
 
     def accept(self, sel: selectors.BaseSelector) -> None:
         try:
@@ -83,21 +84,30 @@ class ControlServer:
         while b"\n" in buf:
             line, _, rest = bytes(buf).partition(b"\n")
             buf[:] = rest
+            self._conn = conn
             reply = self.handle(line)
-            try:
-                conn.setblocking(True)
-                conn.sendall((json.dumps(reply) + "\n").encode())
-                conn.setblocking(False)
-            except OSError:
-                self._drop(sel, conn)
+            if reply is not None and not self.reply(sel, conn, reply):
                 return
+
+    def reply(self, sel: selectors.BaseSelector, conn: socket.socket, reply: dict[str, Any]) -> bool:
+        """Answer one request (now, or later for a command that waits)."""
+        if conn not in self.buffers:
+            return False  # the client went away meanwhile
+        try:
+            conn.setblocking(True)
+            conn.sendall((json.dumps(reply) + "\n").encode())
+            conn.setblocking(False)
+        except OSError:
+            self._drop(sel, conn)
+            return False
+        return True
 
     def _drop(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:
         sel.unregister(conn)
         del self.buffers[conn]
         conn.close()
 
-    def handle(self, line: bytes) -> dict[str, Any]:
+    def handle(self, line: bytes) -> dict[str, Any] | None:
         try:
             req = json.loads(line)
             if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
@@ -105,7 +115,8 @@ class ControlServer:
             method = getattr(self, "cmd_" + req["cmd"].replace("-", "_"), None)
             if method is None:
                 raise HypercallError(errno.ENOSYS, "control", f"no command {req['cmd']!r}")
-            return {"ok": True, **method(req)}
+            out = method(req)
+            return None if out is None else {"ok": True, **out}  # None: it answers later
         except HypercallError as exc:
             return {"ok": False, "errno": exc.errno, "error": exc.detail or str(exc)}
         except XmpError as exc:
@@ -187,8 +198,22 @@ class ControlServer:
         if not isinstance(spec, str) or not isinstance(cwd, str):
             raise HypercallError(errno.EINVAL, "block-attach", "spec and cwd are strings")
         dom = self._dom(req)
-        dev = self.sup.block_attach(dom, spec, Path(cwd))
-        return {"domid": dom.domid, "devid": dev.devid, "backend": dev.back_domid}
+        conn, devs = self._conn, []
+
+        def done(errors: list[str]) -> None:  # xenstored has answered every write
+            if not devs:  # answered before block_attach returned: nothing went out
+                devs.append(None)
+                return
+            dev = devs[0]
+            reply = {"ok": False, "errno": errno.EIO, "error": "; ".join(errors)} if errors else \
+                {"ok": True, "domid": dom.domid, "devid": dev.devid, "backend": dev.back_domid}
+            self.reply(self.sup.sel, conn, reply)
+
+        dev = self.sup.block_attach(dom, spec, Path(cwd), done)
+        if devs:  # done ran already (xenstore unavailable)
+            raise HypercallError(errno.EIO, "block-attach", "xenstore unavailable: the disk was not written")
+        devs.append(dev)
+        return None
 
     def cmd_block_detach(self, req):
         dom, vdev = self._dom(req), req.get("vdev")

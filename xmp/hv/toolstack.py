@@ -22,9 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from xmp.errors import RemoteProtocolError
+from xmp.errors import LocalError, RemoteProtocolError
 from xmp.startinfo import CONSOLE_PFN, XENSTORE_PFN
-from xmp.xenstore.wire import Packet, PacketParser, XsType
+from xmp.xenstore.wire import XENSTORE_PAYLOAD_MAX, Packet, PacketParser, XsType
+
+Done = Callable[[list[str]], None]  # told the batch's error replies (none: all went through)
 
 GUEST_OWNED_DIRS = ("data", "device", "drivers", "feature", "attr", "error")
 GUEST_OWNED_CONTROL = ("shutdown", "feature-poweroff", "feature-reboot", "feature-suspend", "sysrq")
@@ -160,6 +162,8 @@ class Toolstack:
         self.pending: dict[int, str] = {}
         self.next_id = 1
         self.outbuf = bytearray()
+        # Batches whose sender waits for every reply: req_id -> batch, batch = [ids left, errors, done]
+        self.waiting: dict[int, list] = {}
 
     def connect(self) -> bool:
         if self.sock is not None:
@@ -174,18 +178,33 @@ class Toolstack:
         self.sock = sock
         return True
 
-    def send(self, reqs: list[tuple[XsType, bytes]], what: str) -> None:
+    def send(self, reqs: list[tuple[XsType, bytes]], what: str, done: Done | None = None) -> None:
+        """Queue ``reqs``; ``done`` is called once every reply is in, with
+        the errors among them (or the connection's loss)."""
+        for op, payload in reqs:  # xenstored drops a connection that sends more: ours serves every domain
+            if len(payload) > XENSTORE_PAYLOAD_MAX:
+                path = payload.split(b"\0")[0].decode(errors="replace")
+                raise LocalError(f"{what}: {op.name} {path[:80]}: {len(payload)} bytes, more than "
+                                 f"xenstore's {XENSTORE_PAYLOAD_MAX}")
         if self.sock is None:
             self.log(f"xenstore unavailable: {what} not done")
+            if done is not None:
+                done([f"{what}: xenstore unavailable"])
             return
         data = bytearray()
+        batch: list = [set(), [], done]
         for op, payload in reqs:
             req_id = self.next_id
             self.next_id = (self.next_id + 1) & 0xFFFFFFFF or 1
             path = payload.split(b"\0")[0].decode(errors="replace")
             self.pending[req_id] = f"{what}: {op.name} {path}"
+            if done is not None:
+                batch[0].add(req_id)
+                self.waiting[req_id] = batch
             data += Packet(int(op), req_id, 0, payload).encode()
         self.outbuf += data
+        if done is not None and not reqs:
+            done([])
         self.flush()
 
     def flush(self) -> None:
@@ -228,11 +247,24 @@ class Toolstack:
             return
         for pkt in packets:
             what = self.pending.pop(pkt.req_id, None)
+            error = None
             if pkt.type == XsType.ERROR and what is not None:
-                self.log(f"xenstore {what}: {pkt.payload.rstrip(bytes(1)).decode(errors='replace')}")
+                error = f"xenstore {what}: {pkt.payload.rstrip(bytes(1)).decode(errors='replace')}"
+                self.log(error)
+            batch = self.waiting.pop(pkt.req_id, None)
+            if batch is not None:
+                batch[0].discard(pkt.req_id)
+                if error:
+                    batch[1].append(error)
+                if not batch[0]:
+                    batch[2](batch[1])
 
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
         self.outbuf.clear()
+        batches = {id(b): b for b in self.waiting.values()}.values()
+        self.waiting.clear()
+        for batch in batches:  # nobody will answer them now
+            batch[2]([*batch[1], "xenstored's connection was lost before it answered"])
