@@ -572,7 +572,10 @@ def _domain(t: _Table, raw: dict, known: tuple[str, ...], *, dom0: bool) -> Doma
         on_crash=_choice(t, raw, "on_crash", "destroy", ACTIONS),
         driver_domain=driver_domain,
         trusted_backend=_bool(t, raw, "trusted_backend", dom0),
-        max_event_channels=_int(t, raw, "max_event_channels", 1023, *EVTCHN_RANGE),
+        # dom0 serves every guest's console and xenstore ring, two ports each: it gets
+        # all the 2-level ABI has (xl's 1023 is for guests; Xen does not cap dom0 so).
+        max_event_channels=_int(t, raw, "max_event_channels", EVTCHN_RANGE[1] if dom0 else 1023,
+                                *EVTCHN_RANGE),
         max_grant_frames=_int(t, raw, "max_grant_frames", 64, *GRANT_FRAMES_RANGE),
         source=source,
         xenstore_quota=_quota(t, raw),
@@ -734,6 +737,10 @@ def _check_count(t: _Table, count: int, held: int) -> None:
     will have (the soft RLIMIT_NOFILE, which the supervisor raises to the
     hard one): 5,000 idle guests were accepted and ~4,000 spawned before
     descriptors ran out."""
+    ports = limits.PORTS_RESERVED + (count - 1) * limits.domain_ports()
+    if ports > limits.DOM0_PORTS - 1:
+        raise t.error(None, f"{limits.describe_capacity(limits.nofile_limits()[1])}, and this is domain "
+                            f"number {count} (dom0 first); run fewer domains")
     if count - 1 > limits.MAX_DOMID:
         raise t.error(None, f"domain number {count - 1} is past Xen's last domain id ({limits.MAX_DOMID}); "
                             "split the topology over hosts")

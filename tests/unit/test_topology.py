@@ -80,7 +80,7 @@ def test_full_example_parses_with_defaults_filled():
         dom0=DomainConfig(
             name="Domain-0", type="pv", memory_mib=512, maxmem_mib=1024, vcpus=2, maxvcpus=2,
             kernel="json:dumps", args={}, disk=(), vif=(), on_poweroff="destroy", on_reboot="restart",
-            on_crash="destroy", driver_domain=True, trusted_backend=True, max_event_channels=1023,
+            on_crash="destroy", driver_domain=True, trusted_backend=True, max_event_channels=4096,
             max_grant_frames=64, source="lab.toml:7"),
         domains=(
             DomainConfig(

@@ -137,3 +137,14 @@ def test_an_image_path_xenstore_cannot_hold(tmp_path):
     text = GUEST.format(name="web") + f'disk = ["vdev=xvda, size=1M, target={deep}/a.img"]\n'
     err = _error(tmp_path / "t.toml", text)
     assert err.line == 5 and "a disk's xenstore params hold at most 3968: use a shorter path" in str(err)
+
+
+def test_more_domains_than_dom0_has_event_channels_for(monkeypatch):
+    """1,000 idle guests ran dom0 out of ports at ~510 (xl's 1023 was dom0's
+    too): dom0 now has the ABI's 4096, and the file may not ask for more."""
+    monkeypatch.setattr(limits, "nofile_limits", lambda: (1 << 20, 1 << 20))
+    assert parse_topology("", "t.toml").dom0.max_event_channels == 4096
+    text = "".join(GUEST.format(name=f"g{i}") for i in range(2040))
+    with pytest.raises(TopologyError, match=r"t.toml:8125: \[\[domain\]\] 'g2031': this host can hold 2032 "
+                                            r"domains \(dom0's 4096 event channels"):
+        parse_topology(text, "t.toml")
