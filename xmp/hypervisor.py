@@ -625,7 +625,13 @@ class Supervisor(HypercallHandlers):
             self.destroy_domain(dom, f"destroyed ({reason}: on_{_on(reason)} = {configured})")
         if action in ("restart", "rename-restart") and not self.stopping:
             if self._restart_allowed(cfg.name):
-                self._rehome_devices(dom.domid, self._create(cfg))
+                try:
+                    new = self._create(cfg)
+                except HypercallError as exc:  # a limit reached meanwhile: it stays down, the rest run
+                    self.exit_code = 1
+                    self.log(f"{cfg.name!r} not restarted: {exc}")
+                    return
+                self._rehome_devices(dom.domid, new)
             else:
                 self.exit_code = 1
                 self.log(f"{cfg.name!r} restarted {RESTART_LIMIT[0]} times in {RESTART_LIMIT[1]:.0f} s: "

@@ -164,3 +164,18 @@ def test_block_attach_answers_after_xenstore_and_reports_what_failed(hosts, tmp_
     assert "xenstored closed the toolstack's connection" not in h.dmesg()
     assert h.stop() == 0
     h.assert_clean()
+
+
+def test_a_restart_the_host_cannot_hold_is_logged_not_fatal(hosts, tmp_path):
+    """on_crash = restart when the domain's memory went to another meanwhile:
+    the refusal ended the supervisor's loop (an exception from _create)."""
+    crashy = guest("crashy", "crasher", memory=32, on_crash="restart", args={"after": 1.0})
+    h = hosts("[host]\nmemory = 128\n[dom0]\nmemory = 64\n" + crashy).start(("crashy",))
+    cfg = tmp_path / "hog.toml"
+    cfg.write_text(guest("hog", "idle", memory=32))
+    h.xmp("create", str(cfg))  # the pool is now full: crashy's restart cannot fit
+    h.wait(lambda: "'crashy' not restarted: createdomain: ENOMEM" in h.dmesg(), 20, "the refused restart")
+    assert h.info("hog")["state"] == "running" and h.info("crashy") is None
+    assert h.proc.poll() is None
+    assert h.stop() == 1  # a crash that was not restarted fails the run
+    h.assert_clean()
