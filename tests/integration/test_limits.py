@@ -169,7 +169,7 @@ def test_block_attach_answers_after_xenstore_and_reports_what_failed(hosts, tmp_
 def test_a_restart_the_host_cannot_hold_is_logged_not_fatal(hosts, tmp_path):
     """on_crash = restart when the domain's memory went to another meanwhile:
     the refusal ended the supervisor's loop (an exception from _create)."""
-    crashy = guest("crashy", "crasher", memory=32, on_crash="restart", args={"after": 1.0})
+    crashy = guest("crashy", "crasher", memory=32, on_crash="restart", args={"after": 3.0})
     h = hosts("[host]\nmemory = 128\n[dom0]\nmemory = 64\n" + crashy).start(("crashy",))
     cfg = tmp_path / "hog.toml"
     cfg.write_text(guest("hog", "idle", memory=32))
