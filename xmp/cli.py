@@ -377,10 +377,10 @@ def cmd_info(args) -> int:
     rundir = _rundir(args)
     try:
         host = request(rundir, "info")
-    except CliError:
+    except CliError as exc:
         if args.rundir:
-            raise
-        return 0  # no supervisor in the default run directory: the facts above are all there is
+            print(f"supervisor in {rundir}: {exc}")
+        return 0  # the facts above are all there is
     print(f"supervisor in {rundir}: {host['domains']} domains of {host['capacity']} it can hold "
           f"(RLIMIT_NOFILE {host['nofile']}), {host['pool_free_mib']} MiB of its pool free")
     return 0
