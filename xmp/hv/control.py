@@ -210,7 +210,8 @@ class ControlServer:
             self.reply(self.sup.sel, conn, reply)
 
         dev = self.sup.block_attach(dom, spec, Path(cwd), done)
-        if devs:  # done ran already (xenstore unavailable)
+        if devs:  # done ran already: xenstore is unavailable and nothing was written
+            self.sup.devices.remove(dev)
             raise HypercallError(errno.EIO, "block-attach", "xenstore unavailable: the disk was not written")
         devs.append(dev)
         return None
