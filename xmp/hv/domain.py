@@ -84,6 +84,7 @@ class Domain:
     cpu_time_final: float = 0.0
     dying_since: float = 0.0
     uuid: str = ""
+    seen_dying: bool = False  # dom0 fetched a domain list that showed it dying
     exit: str | None = None  # how its process ended, once the zygote said ("exited with status 1")
     console_out: ByteRing | None = None
     views: list[memoryview] = field(default_factory=list)

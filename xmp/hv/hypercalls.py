@@ -97,8 +97,11 @@ class HypercallHandlers:
         count = arg(args, "max_domains", int, op, DOMAININFO_PAGE)
         if first < 0 or not 1 <= count <= DOMAININFO_PAGE:
             raise HypercallError(errno.EINVAL, op, f"first_domain >= 0, max_domains 1..{DOMAININFO_PAGE}")
-        doms = sorted((d for d in self.domains.values() if d.domid >= first), key=lambda d: d.domid)
-        return [self.domain_info(d) for d in doms[:count]], []
+        doms = sorted((d for d in self.domains.values() if d.domid >= first), key=lambda d: d.domid)[:count]
+        for d in doms:
+            if d.state == DomState.DYING:
+                d.seen_dying = True  # dom0 will let go of it now (see reap_dying)
+        return [self.domain_info(d) for d in doms], []
 
     def hc_domctl_max_mem(self, caller: Domain, args: dict) -> Reply:
         dom = self.lookup(arg(args, "domid", int, "max_mem"), "max_mem")
