@@ -186,9 +186,14 @@ def node_count(xs: XsClient, path: str = "/") -> int:
 def resources(host: Host) -> dict:
     assert host.proc is not None
     sup, dom0 = host.proc.pid, host.dom0_pid()
-    # Descriptors before the walk: xenstored holds one for our connection a while after it closes.
-    fds = {"supervisor_fds": len(os.listdir(f"/proc/{sup}/fd")),
-           "dom0_fds": len(os.listdir(f"/proc/{dom0}/fd"))}
+    # Descriptors before the walk, the least of a few looks: xenstored holds one
+    # for a connection of ours a moment after it closed.
+    fds = {"supervisor_fds": 1 << 30, "dom0_fds": 1 << 30}
+    for look in range(3):
+        if look:
+            time.sleep(0.05)
+        fds = {"supervisor_fds": min(fds["supervisor_fds"], len(os.listdir(f"/proc/{sup}/fd"))),
+               "dom0_fds": min(fds["dom0_fds"], len(os.listdir(f"/proc/{dom0}/fd")))}
     xs = host.xs()
     try:
         nodes = node_count(xs)
