@@ -102,26 +102,28 @@ def cmd_run(args) -> int:
         os.dup2(log, 2)
         code = 1
         built = False
+        told: list[bool] = []  # once closed, w's number may be another descriptor's: never write it again
         try:
             detached = Supervisor(topo, rundir, echo=False, stop_when_guests_gone=False)
             built = True
+
             def ready() -> None:
                 os.write(w, b"ok\n")
                 os.close(w)
+                told.append(True)
 
             code = detached.run(ready=ready)
-            try:  # still open: it stopped (a signal) before every domain ran
+            if not told:  # it stopped (a signal) before every domain ran
                 os.write(w, f"stopped during start-up ({detached.stop_reason})\n".encode())
-            except OSError:
-                pass
         except BaseException as exc:
             if not built:  # run() logs its own failure
                 traceback.print_exc()
                 sys.stderr.flush()
-            try:
-                os.write(w, f"{exc}\n".encode())
-            except OSError:
-                pass
+            if not told:
+                try:
+                    os.write(w, f"{exc}\n".encode())
+                except OSError:
+                    pass
         os._exit(code)
     os.close(w)
     with os.fdopen(r) as f:
