@@ -609,7 +609,8 @@ class Supervisor(HypercallHandlers):
                     self.toolstack.flush()
                 if mask & selectors.EVENT_READ and self.toolstack.sock is not None:
                     self.toolstack.readable()
-                if self.toolstack.sock is None:
+                # (unless dom0's end, earlier in this batch, already dropped it)
+                if self.toolstack.sock is None and self.sel.get_map().get(key.fd) is key:
                     self.sel.unregister(key.fileobj)
 
     def _hypercall(self, dom: Domain) -> None:
