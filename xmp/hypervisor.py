@@ -81,7 +81,7 @@ class Supervisor(HypercallHandlers):
         # or its descriptors through /proc; the zygote and domains inherit this.
         lib.xmp_set_dumpable(0)
         # The zygote is forked first, while we hold nothing it should inherit.
-        self.zygote = ZygoteClient()
+        self.zygote = ZygoteClient(topology.host.guest_uids)
         self.topology = topology
         self.rundir = Path(rundir)
         self.ns = ShmNamespace()
@@ -244,7 +244,8 @@ class Supervisor(HypercallHandlers):
         log_fd = os.open(self.rundir / "logs" / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             dom.pid = self.zygote.spawn(domid, f"xmp:{domid}:{name}", theirs.fileno(), log_fd,
-                                        unprivileged=domid != DOMID_DOM0)
+                                        unprivileged=domid != DOMID_DOM0,
+                                        jail="driver" if cfg.driver_domain else "guest")
         except OSError:
             ours.close()
             dom.release()
