@@ -207,7 +207,11 @@ def jail_sources() -> tuple[list[str], list[str]]:
         f = getattr(mod, "__file__", None)
         if isinstance(f, str) and os.path.isabs(f):
             want.add(os.path.dirname(f))
-    real = sorted({os.path.realpath(p) for p in want if os.path.isdir(p)}, key=len)
+    outer: list[str] = []  # realpath() costs a stat per component: only for the outermost
+    for p in sorted(want, key=len):
+        if not _under(p, outer):
+            outer.append(p)
+    real = sorted({os.path.realpath(p) for p in outer if os.path.isdir(p)}, key=len)
     dirs: list[str] = []
     for p in real:
         if not _under(p, dirs):
@@ -355,6 +359,7 @@ class Jailer:
     _filter_note: str = ""
     _sources: tuple[list[str], list[str]] | None = None
     _root_ns: int = -1  # the template mount namespace (for _sources)
+    _sources_key: tuple = ()
     _own_pidns: int = -1
 
     def __post_init__(self) -> None:
@@ -365,7 +370,11 @@ class Jailer:
     def _root_for_now(self) -> None:
         """Rebuild the template root when what Python needs changed (a
         preload imported a package from a new place)."""
+        key = (tuple(sys.path), len(sys.modules))  # sources are costly to find: only after imports
+        if key == self._sources_key and self._root_ns >= 0:
+            return
         sources = jail_sources()
+        self._sources_key = key
         if sources != self._sources or self._root_ns < 0:
             fd = _template_namespace(*sources)
             if self._root_ns >= 0:
