@@ -70,6 +70,7 @@ def test_a_jailed_guest_cannot_kill_signal_or_write_what_is_not_its_own(hosts, t
     assert all(set(u) == {u.real} for u in uids.values()), uids
     assert len({u.real for u in uids.values()}) == 3 and all(u.real >= 200000 for u in uids.values())
     assert results["uid"]["value"] == uids["probe"].real
+    assert results["unshare_user"]["errno"] == errno.EPERM  # the seccomp filter
     # and sees nothing of the host: no /proc, no /dev/shm
     assert results["proc_visible"]["errno"] == errno.ENOENT
     assert results["shm_openable"]["errno"] == errno.ENOENT

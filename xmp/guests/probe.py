@@ -7,7 +7,8 @@ opening anything of xmp in /dev/shm, and reading a sibling domain's memory
 through /proc (every other ``xmp:`` process it can see).  With ``args``
 from the test it also tries to SIGKILL the pids of ``kill``, to signal
 (signal 0: the permission check alone) the pids of ``signal``, and to
-append to the files of ``append``; and it reports its uid.
+append to the files of ``append``; it tries to make a user namespace, and
+reports its uid.
 
 An outcome is ``ok: true`` (it worked: an escape), ``ok: false`` (refused,
 with the errno), or ``ok: null`` when the attempt proved nothing: a process
@@ -46,6 +47,18 @@ def _signal(pid: int, sig: int) -> str:
         # init of its own PID namespace: every pid outside is hidden from it
         raise OSError(errno.ESRCH, f"pid {pid} is not in this PID namespace") from None
     return f"sent {sig} to {pid}"
+
+
+def _unshare_user() -> str:
+    # An unprivileged user may make a user namespace and hold every
+    # capability inside it: the door to the kernel's namespaced attack surface.
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(0x10000000):  # CLONE_NEWUSER
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return "a new user namespace"
 
 
 def _append(path: str) -> int:
@@ -116,6 +129,7 @@ def main(kernel) -> None:
         "shm_openable": _try(_shm_openable),
         "proc_visible": _try(lambda: len(os.listdir("/proc"))),
         "uid": _try(os.getuid),
+        "unshare_user": _try(_unshare_user),
     }
     args = kernel.args
     for pid in args.get("kill", []):

@@ -153,7 +153,8 @@ class Preloads:
         except Exception:  # the domain will report it when it imports
             pass
         group = {}
-        for name in set(sys.modules) - before:
+        # (the module itself too, though the supervisor may have imported it)
+        for name in (set(sys.modules) - before) | {module}:
             sig = _source_signature(name)
             if sig is not None and _is_workload(name):
                 group[name] = sig
