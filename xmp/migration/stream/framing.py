@@ -18,6 +18,8 @@ spec says, ignored on restore.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
+from typing import Any
 
 from xmp.errors import LocalError, RemoteProtocolError
 
@@ -174,3 +176,37 @@ class RecordFramer:
         return StreamError(inp.offset, self.name(rec_type),
                            f"stream ends {inp.available() - REC_HEADER_SIZE} bytes into a body of "
                            f"{length} (+{padding(length)} padding)")
+
+
+class LayerReader:
+    """What the libxc and libxl readers share: bytes in through ``feed()``,
+    validated records out of ``next_event()`` (None = need more) or by
+    iterating; ``close()`` at EOF raises if the stream stopped short.
+    Subclasses set ``_inp`` (an :class:`Input`) and ``_parser``."""
+
+    _inp: Input
+    _parser: Any
+
+    def feed(self, data: bytes) -> None:
+        self._inp.feed(data)
+
+    def next_event(self) -> object | None:
+        return self._parser.step(self._inp)
+
+    def __iter__(self) -> Iterator[object]:
+        while (event := self.next_event()) is not None:
+            yield event
+
+    @property
+    def done(self) -> bool:
+        return self._parser.done
+
+    @property
+    def unused_data(self) -> bytes:
+        return self._inp.rest() if self.done else b""
+
+    def close(self) -> None:
+        self._inp.eof = True
+        if self.next_event() is not None:
+            raise LocalError("close() with events not yet taken")
+        self._parser.check_complete(self._inp)

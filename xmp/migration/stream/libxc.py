@@ -29,12 +29,12 @@ Ordering, per guest type:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from xmp.errors import LocalError
 
-from .framing import REC_TYPE_OPTIONAL, Input, RecordFramer, StreamError, is_optional
+from .framing import REC_TYPE_OPTIONAL, Input, LayerReader, RecordFramer, StreamError, is_optional
 from .libxc_records import (
     _DECODERS,
     _DHDR,
@@ -303,7 +303,7 @@ class LibxcParser:
         return rec
 
 
-class LibxcReader:
+class LibxcReader(LayerReader):
     """A libxc stream on its own: ``feed()`` bytes, take events from
     ``next_event()`` (None = need more) or by iterating; ``close()`` at EOF
     raises if the stream stopped before END.  Bytes after END are the higher
@@ -314,29 +314,6 @@ class LibxcReader:
         self._inp = Input()
         self._parser = LibxcParser(max_pfn, max_vcpus, checkpointed)
 
-    def feed(self, data: bytes) -> None:
-        self._inp.feed(data)
-
-    def next_event(self) -> object | None:
-        return self._parser.step(self._inp)
-
-    def __iter__(self) -> Iterator[object]:
-        while (event := self.next_event()) is not None:
-            yield event
-
-    @property
-    def done(self) -> bool:
-        return self._parser.done
-
-    @property
-    def unused_data(self) -> bytes:
-        return self._inp.rest() if self.done else b""
-
-    def close(self) -> None:
-        self._inp.eof = True
-        if self.next_event() is not None:
-            raise LocalError("close() with events not yet taken")
-        self._parser.check_complete(self._inp)
 
 
 class LibxcWriter:

@@ -27,13 +27,21 @@ from __future__ import annotations
 import enum
 import re
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, NoReturn
 
 from xmp.errors import LocalError
 
-from .framing import XMP_REC_TYPE_BASE, Input, RecordFramer, StreamError, encode_record, is_optional
+from .framing import (
+    XMP_REC_TYPE_BASE,
+    Input,
+    LayerReader,
+    RecordFramer,
+    StreamError,
+    encode_record,
+    is_optional,
+)
 from .libxc import Checkpoint, End, LibxcParser
 
 LIBXL_IDENT = 0x4C6962786C466D74  # "LibxlFmt"
@@ -374,7 +382,7 @@ class LibxlParser:
         return rec
 
 
-class LibxlReader:
+class LibxlReader(LayerReader):
     """A libxl stream (with its libxc stream inside): ``feed()``, then
     ``next_event()`` / iterate; ``close()`` at EOF raises if incomplete.
     Bytes after the libxl END are not part of the image: ``unused_data``."""
@@ -384,29 +392,6 @@ class LibxlReader:
         self._inp = Input()
         self._parser = LibxlParser(max_pfn, max_vcpus, checkpointed)
 
-    def feed(self, data: bytes) -> None:
-        self._inp.feed(data)
-
-    def next_event(self) -> object | None:
-        return self._parser.step(self._inp)
-
-    def __iter__(self) -> Iterator[object]:
-        while (event := self.next_event()) is not None:
-            yield event
-
-    @property
-    def done(self) -> bool:
-        return self._parser.done
-
-    @property
-    def unused_data(self) -> bytes:
-        return self._inp.rest() if self.done else b""
-
-    def close(self) -> None:
-        self._inp.eof = True
-        if self.next_event() is not None:
-            raise LocalError("close() with events not yet taken")
-        self._parser.check_complete(self._inp)
 
 
 class LibxlWriter:
