@@ -276,7 +276,10 @@ class BlkBack(BackendDriver):
         except XmpError:
             pass
         self.disconnect(dev)
-        dev.switch(XenbusState.CLOSING)
+        try:
+            dev.switch(XenbusState.CLOSING)
+        except XmpError:  # its directory is gone (the frontend's domain died): nobody to tell
+            pass
 
     def _serve(self, q: _Queue) -> None:
         ring = q.ring

@@ -73,9 +73,12 @@ class VpingBack(BackendDriver):
                     return
         except RemoteProtocolError as exc:  # a broken frontend: close its device, serve the rest
             if self.dev is not None:
-                self.dev.write("error", str(exc)[:200])
                 self.disconnect(self.dev)
-                self.dev.switch(XenbusState.CLOSING)
+                try:
+                    self.dev.write("error", str(exc)[:200])
+                    self.dev.switch(XenbusState.CLOSING)
+                except XmpError:  # its directory is gone (the frontend's domain died): nobody to tell
+                    pass
 
     def disconnect(self, dev: XenbusDevice) -> None:
         if self.port is not None:
