@@ -11,7 +11,7 @@ from xmp.drivers import grantcopy
 from xmp.drivers.vping import protocol
 from xmp.drivers.xenbus.device import BackendDriver, XenbusDevice
 from xmp.drivers.xenbus.state import XenbusState
-from xmp.errors import HypercallError, RemoteProtocolError
+from xmp.errors import HypercallError, RemoteProtocolError, XmpError
 from xmp.sharedmem.ring import BackRing
 from xmp.sharedmem.shm import PAGE_SIZE
 
