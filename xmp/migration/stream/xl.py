@@ -22,13 +22,12 @@ stream with the libxc stream inside -- from bytes fed in any chunking.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NoReturn
 
 from xmp.errors import LocalError
 
-from .framing import Input, StreamError
+from .framing import Input, LayerReader, StreamError
 from .libxl import LibxlParser
 
 SAVEFILE_MAGIC = b"Xen saved domain, xl format\n \0 \r".ljust(32, b"\0")
@@ -129,7 +128,7 @@ def _parse(inp: Input) -> XlHeader | None:
                     mflags & ~XL_MANDATORY_FLAG_JSON, oflags, rest)
 
 
-class SaveImageReader:
+class SaveImageReader(LayerReader):
     """A whole save image or migration stream: the xl header, then the
     libxl stream with the libxc stream inside.  ``feed()`` any chunks, take
     validated events from ``next_event()`` / iteration (the XlHeader, the
@@ -140,37 +139,22 @@ class SaveImageReader:
                  checkpointed: bool = False):
         self._inp = Input()
         self.header: XlHeader | None = None
-        self._libxl = LibxlParser(max_pfn, max_vcpus, checkpointed)
-
-    def feed(self, data: bytes) -> None:
-        self._inp.feed(data)
+        self._parser = LibxlParser(max_pfn, max_vcpus, checkpointed)
 
     def next_event(self) -> object | None:
         if self.header is None:
             self.header = _parse(self._inp)
             return self.header
-        return self._libxl.step(self._inp)
-
-    def __iter__(self) -> Iterator[object]:
-        while (event := self.next_event()) is not None:
-            yield event
-
-    @property
-    def done(self) -> bool:
-        return self._libxl.done
-
-    @property
-    def unused_data(self) -> bytes:
-        return self._inp.rest() if self.done else b""
+        return self._parser.step(self._inp)
 
     def close(self) -> None:
-        self._inp.eof = True
-        if self.next_event() is not None:
-            raise LocalError("close() with events not yet taken")
         if self.header is None:
-            raise StreamError(self._inp.offset, "xl header",
-                              f"stream ends {self._inp.available()} bytes into the header")
-        self._libxl.check_complete(self._inp)
+            self._inp.eof = True
+            if self.next_event() is None:
+                raise StreamError(self._inp.offset, "xl header",
+                                  f"stream ends {self._inp.available()} bytes into the header")
+            raise LocalError("close() with events not yet taken")
+        super().close()
 
 
 def parse_xl_header(data: bytes) -> tuple[XlHeader, int]:
