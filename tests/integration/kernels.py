@@ -837,3 +837,51 @@ def evtstorm(kernel) -> None:
         for _ in range(10000):
             notify(port)
         kernel.loop.poll(0)  # keep its own devices (console, control) served
+
+
+def conshostile(kernel) -> None:
+    """Breaks its own console ring: once its greeting is drained, it sets
+    ``out_prod`` 0x7FFFFFF0 past ``out_cons`` and kicks xenconsoled; then it
+    lives on, saying so in xenstore (its console is gone)."""
+    import struct
+
+    from xmp.sharedmem.bytering import CONSOLE_OUT
+
+    kernel.print("conshostile: breaking my console ring")
+    out = kernel.console.out
+    kernel.loop.run_until(lambda: out.available() == 0, 10)
+    page = kernel.page(kernel.start_info.console_mfn)
+    cons = struct.unpack_from("<I", page, CONSOLE_OUT.cons)[0]
+    struct.pack_into("<I", page, CONSOLE_OUT.prod, (cons + 0x7FFFFFF0) & 0xFFFFFFFF)
+    kernel.xen.notify(kernel.start_info.console_evtchn)
+    n = 0
+    while True:
+        n += 1
+        kernel.xenstore.write("data/alive", str(n))
+        kernel.sleep(0.1)
+
+
+def consflood(kernel) -> None:
+    """Writes its console as fast as it can, forever (a flood of ``args.line``-byte lines)."""
+    size = int(kernel.args.get("line", 1000))
+    n = 0
+    while True:
+        n += 1
+        kernel.print(f"flood {n:09d} " + "y" * (size - 17))
+
+
+def conssink(kernel) -> None:
+    """Reads nothing for ``args.delay`` seconds, then ``args.n`` bytes of
+    console input, and reports their length and sha256."""
+    import hashlib
+
+    kernel.print("conssink: ready")
+    kernel.sleep(float(kernel.args.get("delay", 3)))
+    want, got = int(kernel.args["n"]), bytearray()
+    while len(got) < want:
+        data = kernel.console.read()
+        if not data:
+            kernel.loop.run_until(lambda: kernel.console.inp.available() > 0, 1.0)
+        got += data
+    kernel.print(f"conssink: got {len(got)} bytes sha256 {hashlib.sha256(got).hexdigest()}")
+    kernel.idle()

@@ -5,10 +5,9 @@ VIRQ_DOM_EXC (one binding, shared).  The supervisor starts it as
 
 from __future__ import annotations
 
-import functools
-import traceback
 from pathlib import Path
 
+from xmp.dom0.service import guarded
 from xmp.dom0.xenconsoled import XenConsoled
 from xmp.dom0.xenstored import XenStored
 from xmp.domain_proc.kernel import Kernel
@@ -22,15 +21,7 @@ def service(kernel: Kernel):
     hypervisor log (and dom0's own log) and the others go on, as separate
     daemons would."""
     def wrap(handler):
-        @functools.wraps(handler)
-        def run(port: int) -> None:
-            try:
-                handler(port)
-            except Exception:
-                text = traceback.format_exc()
-                print(text, flush=True)
-                kernel.xen.console_io(f"dom0 service {handler.__name__} failed:\n{text}")
-        return run
+        return guarded(kernel.xen, f"dom0 service {handler.__name__}", handler)
     return wrap
 
 

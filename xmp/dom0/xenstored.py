@@ -28,10 +28,10 @@ import os
 import selectors
 import socket
 import threading
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xmp.dom0.service import guarded, report
 from xmp.domain_proc.kernel import Kernel
 from xmp.domain_proc.xen import GrantMapping
 from xmp.errors import RemoteProtocolError, XmpError
@@ -79,11 +79,19 @@ class RingConn:
     dead: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class SockConn:
     sock: socket.socket
     conn: Connection
     parser: PacketParser = field(default_factory=PacketParser)
+    out: bytearray = field(default_factory=bytearray)  # replies and events the socket has not taken
+    events: int = 0  # what the selector watches for it now
+    dead: bool = False
+
+
+SOCK_OUT_MAX = 1 << 20     # queued output of a socket client; past it, it is disconnected
+SOCK_READ_STOP = 256 << 10  # queued output past which its requests are not read (back-pressure)
+READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
 class XenStored:
@@ -96,6 +104,7 @@ class XenStored:
         self.locals: dict[int, XsClient] = {}  # by Connection.id
         self._ipi: int | None = None
         self.socks: dict[int, SockConn] = {}   # by Connection.id
+        self._closing: list[SockConn] = []     # dropped: for the socket thread to close
         self.path = rundir / "xenstored.sock"
         self.path.unlink(missing_ok=True)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -105,24 +114,57 @@ class XenStored:
         finally:
             os.umask(old)
         self.listener.listen(64)
+        self.listener.setblocking(False)
         self.sel = selectors.DefaultSelector()
-        self.sel.register(self.listener, selectors.EVENT_READ, None)
+        self.sel.register(self.listener, READ, None)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+        self.sel.register(self._wake_r, READ, "wake")
         threading.Thread(target=self._serve_sockets, name="xenstored-sockets", daemon=True).start()
 
     # -- the socket side -------------------------------------------------------
 
     def _serve_sockets(self) -> None:
         while True:
-            for key, _ in self.sel.select():
-                try:
-                    if key.data is None:
-                        self._accept()
-                    else:
-                        self._sock_readable(key.data)
-                except Exception:  # reported; the other clients go on being served
-                    text = traceback.format_exc()
-                    print(text, flush=True)
-                    self.xen.console_io(f"xenstored: serving a socket client failed:\n{text}")
+            for key, mask in self.sel.select():
+                if key.data is None:
+                    guarded(self.xen, "xenstored: accepting a client", self._accept)()
+                elif key.data == "wake":
+                    self._wake_r.recv(4096)
+                else:
+                    sc = key.data
+                    cut = functools.partial(self._drop_sock, sc)
+                    if mask & WRITE:
+                        guarded(self.xen, "xenstored: a socket client", self._sock_writable, cut)(sc)
+                    if mask & READ and not sc.dead:
+                        guarded(self.xen, "xenstored: a socket client", self._sock_readable, cut)(sc)
+            guarded(self.xen, "xenstored: socket thread", self._housekeeping)()
+
+    def _housekeeping(self) -> None:
+        """Close dropped clients; registrations follow what each one waits for."""
+        with self.lock:
+            for sc in self._closing:
+                if sc.events:
+                    self.sel.unregister(sc.sock)
+                sc.sock.close()
+            self._closing.clear()
+            for sc in self.socks.values():
+                want = _wanted(sc)
+                if want == sc.events:
+                    continue
+                if not want:
+                    self.sel.unregister(sc.sock)
+                elif not sc.events:
+                    self.sel.register(sc.sock, want, sc)
+                else:
+                    self.sel.modify(sc.sock, want, sc)
+                sc.events = want
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except BlockingIOError:
+            pass  # one is pending already
 
     def _accept(self) -> None:
         try:
@@ -132,40 +174,70 @@ class XenStored:
         if from_a_domain(sock, os.getppid()):  # our parent is the zygote: a sibling domain
             sock.close()
             return
+        sock.setblocking(False)
         with self.lock:
             sc = SockConn(sock, self.store.connect(self.k.domid, privileged=True))
             self.socks[sc.conn.id] = sc
-        self.sel.register(sock, selectors.EVENT_READ, sc)
+        # registered by the housekeeping that follows
 
     def _sock_readable(self, sc: SockConn) -> None:
         try:
             data = sc.sock.recv(65536)
+        except BlockingIOError:
+            return
         except OSError:
             data = b""
         if not data:
             self._drop_sock(sc)
             return
         with self.lock:
+            if sc.dead:
+                return
             try:
                 packets = sc.parser.feed(data)
-            except RemoteProtocolError:
-                self._drop_sock(sc)
+            except RemoteProtocolError as exc:
+                self._drop_sock(sc, f"a socket client broke the protocol ({exc}): disconnected")
                 return
             for pkt in packets:
                 self._apply(self.store.handle(sc.conn, pkt))
             self._flush()
 
-    def _drop_sock(self, sc: SockConn) -> None:
+    def _sock_writable(self, sc: SockConn) -> None:
+        with self.lock:
+            self._send_sock(sc)
+
+    def _send_sock(self, sc: SockConn) -> None:
+        """Write what the socket takes now (lock held); the rest waits for
+        it to be writable.  Never blocks: one client that does not read
+        must not stall the others."""
+        if sc.dead:
+            return
+        sc.out += sc.conn.take(1 << 30)
+        if sc.out:
+            try:
+                del sc.out[:sc.sock.send(sc.out)]
+            except BlockingIOError:
+                pass
+            except OSError:
+                self._drop_sock(sc)
+                return
+        if len(sc.out) > SOCK_OUT_MAX:
+            self._drop_sock(sc, f"a socket client does not read its replies ({len(sc.out)} bytes queued): "
+                                "disconnected")
+        elif _wanted(sc) != sc.events:
+            self._wake()  # its registration must change
+
+    def _drop_sock(self, sc: SockConn, why: str = "") -> None:
         with self.lock:
             if self.socks.pop(sc.conn.id, None) is None:
                 return
-            try:
-                self.sel.unregister(sc.sock)
-            except (KeyError, ValueError):
-                pass
-            sc.sock.close()
+            sc.dead = True
+            self._closing.append(sc)
             self.store.disconnect(sc.conn)
             self._flush()
+        self._wake()
+        if why:
+            report(self.xen, "xenstored", why)
 
     # -- the ring side -----------------------------------------------------------
 
@@ -178,21 +250,15 @@ class XenStored:
         local = self.xen.bind_interdomain(domid, port)
         rc = RingConn(domid, self.store.connect(domid), mapping, req, rsp, local)
         self.rings[domid] = rc
-        self.k.loop.bind(local, functools.partial(self._guarded_ring_event, rc))
+        self.k.loop.bind(local, guarded(self.xen, f"xenstored: serving dom{domid}",
+                                        functools.partial(self._ring_event, rc),
+                                        functools.partial(self._kill_ring, rc, "serving it failed")))
         # The guest may have queued requests already (it runs at once), and
         # its notifications then reached nobody.  The bind left our port
         # pending for that (as Xen's), but INTRODUCE comes through the socket
         # thread: the main loop may have taken that event before the handler
         # above existed.  Raise it again now that it does.
         self.xen.evt.send(local)
-
-    def _guarded_ring_event(self, rc: RingConn, port: int) -> None:
-        try:
-            self._ring_event(rc, port)
-        except Exception:  # reported, and every other connection goes on being served
-            text = traceback.format_exc()
-            print(text, flush=True)
-            self.xen.console_io(f"xenstored: serving dom{rc.domid} failed:\n{text}")
 
     def _ring_event(self, rc: RingConn, _port: int) -> None:
         with self.lock:
@@ -208,18 +274,22 @@ class XenStored:
                         self.xen.notify(rc.port)
                     for pkt in rc.parser.feed(data):
                         self._apply(self.store.handle(rc.conn, pkt))
-            except RemoteProtocolError:
-                self._kill_ring(rc)
+            except RemoteProtocolError as exc:
+                self._kill_ring(rc, str(exc))
             self._flush()
             if not rc.dead and rc.conn.out:
                 self._flush_ring(rc)
 
-    def _kill_ring(self, rc: RingConn) -> None:
+    def _kill_ring(self, rc: RingConn, why: str = "") -> None:
         """A domain that broke the ring protocol: stop serving it (as C
         xenstored ignores a bad connection); everyone else goes on."""
-        rc.dead = True
-        self.store.disconnect(rc.conn)
-        print(f"xenstored: dom{rc.domid} broke the ring protocol; its connection is closed", flush=True)
+        with self.lock:
+            if rc.dead:
+                return
+            rc.dead = True
+            self.store.disconnect(rc.conn)
+        report(self.xen, "xenstored",
+               f"dom{rc.domid} broke the ring protocol ({why or 'closed'}); its connection is closed")
 
     def release(self, domid: int) -> None:
         rc = self.rings.pop(domid, None)
@@ -244,7 +314,7 @@ class XenStored:
         other threads queue for it wake dom0's event loop through an IPI."""
         if self._ipi is None:
             self._ipi = self.xen.bind_ipi(0)
-            self.k.loop.bind(self._ipi, self._local_event)
+            self.k.loop.bind(self._ipi, guarded(self.xen, "xenstored: dom0's own clients", self._local_event))
         with self.lock:
             conn = self.store.connect(self.k.domid, privileged=True)
         client = XsClient(LocalTransport(self, conn))
@@ -284,12 +354,7 @@ class XenStored:
                 continue
             sc = self.socks.get(conn.id)
             if sc is not None:
-                data = conn.take(1 << 30)
-                try:
-                    sc.sock.settimeout(2)
-                    sc.sock.sendall(data)
-                except OSError:
-                    self._drop_sock(sc)
+                self._send_sock(sc)
                 continue
             rc = self._ring_of(conn)
             if rc is None or rc.dead:
@@ -304,8 +369,8 @@ class XenStored:
                 if data:
                     rc.rsp.write(data)
                     self.xen.notify(rc.port)
-        except RemoteProtocolError:
-            self._kill_ring(rc)
+        except RemoteProtocolError as exc:
+            self._kill_ring(rc, str(exc))
 
     def _ring_of(self, conn: Connection) -> RingConn | None:
         rc = self.rings.get(conn.domid)
@@ -318,6 +383,12 @@ class XenStored:
                 self.store.release_domain(domid)
                 self.release(domid)
             self._flush()
+
+
+def _wanted(sc: SockConn) -> int:
+    """What a socket client waits for: its requests unless too much output
+    is queued for it, and room for that output."""
+    return (READ if len(sc.out) < SOCK_READ_STOP else 0) | (WRITE if sc.out else 0)
 
 
 def gone(infos: dict[int, dict], domid: int) -> bool:
