@@ -885,3 +885,30 @@ def conssink(kernel) -> None:
         got += data
     kernel.print(f"conssink: got {len(got)} bytes sha256 {hashlib.sha256(got).hexdigest()}")
     kernel.idle()
+
+
+def xstimeout(kernel) -> None:
+    """Writes ``data/tick`` in a loop with a short xenstore timeout
+    (``args.timeout``); reports each ETIMEDOUT, and after the first, that a
+    value it writes reads back as itself (no late reply taken for another)."""
+    import time
+
+    from xmp.errors import XenStoreError
+
+    xs = kernel.xenstore
+    xs.timeout = float(kernel.args.get("timeout", 2))
+    n, timed_out = 0, False
+    while True:
+        n += 1
+        start = time.monotonic()
+        try:
+            xs.write("data/tick", str(n))
+            if timed_out:
+                xs.write("data/check", f"after-{n}")
+                got = xs.read("data/check").decode()
+                kernel.print(f"xstimeout: read back {got} for after-{n}")
+                timed_out = False
+        except XenStoreError as exc:
+            kernel.print(f"xstimeout: {exc.errno} after {time.monotonic() - start:.1f} s")
+            timed_out = True
+        kernel.sleep(0.1)

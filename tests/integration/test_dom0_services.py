@@ -6,6 +6,9 @@ domain and client go on being served."""
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import signal
 import socket
 import struct
 import threading
@@ -221,3 +224,34 @@ def test_a_control_client_that_never_reads_is_cut_alone(hosts):
         deaf.close()
     assert h.stop() == 0
     h.assert_clean()
+
+
+# -- callers of a stopped xenstored -------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_with_dom0_stopped_xenstore_callers_time_out(hosts):
+    h = hosts(HOST + kernel("t", "xstimeout", args="{ timeout = 2 }")).start(("t",))
+    h.wait(lambda: h.xmp("xenstore", "read", "/local/domain/1/data/tick", check=False).returncode == 0,
+           20, "the guest's first write")
+    dom0 = h.domain_pid("Domain-0")
+    os.kill(dom0, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        out = h.xmp("xenstore", "read", "/local/domain/1/name", check=False, timeout=20)
+        took = time.monotonic() - start
+        assert out.returncode == 1
+        assert out.stderr.strip().splitlines() == \
+            ["xmp xenstore: xenstored did not answer within 5 s (is Domain-0 paused?)"]
+        assert 4.5 < took < 9
+    finally:
+        os.kill(dom0, signal.SIGCONT)
+    h.wait(lambda: "xstimeout: read back" in h.console_log("t"), 20, "the guest's check after the timeout")
+    log = h.console_log("t")
+    assert re.search(r"xstimeout: ETIMEDOUT after 2\.\d s", log)
+    for got, want in re.findall(r"xstimeout: read back (\S+) for (\S+)", log):
+        assert got == want
+    assert xs_read(h, "/local/domain/1/name") == "t"
+    assert h.stop() == 0
+    h.assert_clean()
+

@@ -51,7 +51,7 @@ class LocalTransport:
         self.conn = conn
         self.parser = PacketParser()
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, timeout: float | None = None) -> None:  # handled at once
         with self.d.lock:
             for pkt in self.parser.feed(data):
                 self.d._apply(self.d.store.handle(self.conn, pkt))
