@@ -255,3 +255,34 @@ def test_with_dom0_stopped_xenstore_callers_time_out(hosts):
     assert h.stop() == 0
     h.assert_clean()
 
+
+
+# -- a console flood ----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_a_console_flood_is_rate_limited_into_a_capped_rotated_log(hosts):
+    from xmp.dom0.xenconsoled import LOG_MAX
+
+    h = hosts(HOST + kernel("loud", "consflood")
+              + guest("bystander", "counter", args={"count": 0, "interval": 0.05}))
+    h.start(("loud", "bystander"))
+    log = h.rundir / "console" / "loud.log"
+    old = h.rundir / "console" / "loud.log.1"
+    h.wait(old.exists, 30, "the first rotation")
+    first = old.stat().st_ino
+    assert_goes_on(h, "bystander")  # while the flood runs
+    h.wait(lambda: old.stat().st_ino != first, 30, "the second rotation")
+    h.xmp("pause", "loud")  # hold the files still to read them
+    try:
+        assert old.stat().st_size <= LOG_MAX
+        assert log.stat().st_size <= LOG_MAX
+        assert sorted(p.name for p in log.parent.glob("loud.log*")) == ["loud.log", "loud.log.1"]
+        text = old.read_bytes() + log.read_bytes()
+        numbers = [int(m) for m in re.findall(rb"^flood (\d{9}) y+$", text, re.M)]
+        assert len(numbers) > 1000
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # back-pressure: none lost
+    finally:
+        h.xmp("unpause", "loud")
+    assert h.stop() == 0
+    h.assert_clean()
