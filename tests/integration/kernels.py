@@ -912,3 +912,32 @@ def xstimeout(kernel) -> None:
             kernel.print(f"xstimeout: {exc.errno} after {time.monotonic() - start:.1f} s")
             timed_out = True
         kernel.sleep(0.1)
+
+
+def xsbadring(kernel) -> None:
+    """Breaks its xenstore ring (``args.mode``: "idx", a req_prod 5000 past
+    req_cons; "proto", a header claiming a 100000-byte payload), then
+    reports the page's ``error`` and ``server_features`` fields once
+    xenstored has set the error (or after 10 s)."""
+    import struct
+
+    from xmp.sharedmem.bytering import XENSTORE_REQ, XS_ERROR, XS_SERVER_FEATURES
+
+    xs = kernel.xenstore
+    xs.read("name")  # connected and served first
+    si = kernel.start_info
+    page = kernel.page(si.store_mfn)
+    if kernel.args.get("mode", "idx") == "idx":
+        cons = struct.unpack_from("<I", page, XENSTORE_REQ.cons)[0]
+        struct.pack_into("<I", page, XENSTORE_REQ.prod, (cons + 5000) & 0xFFFFFFFF)
+        kernel.xen.notify(si.store_evtchn)
+    else:
+        xs.t.send(struct.pack("<IIII", 2, 99, 0, 100000))
+    for _ in range(200):
+        if struct.unpack_from("<I", page, XS_ERROR)[0]:
+            break
+        kernel.sleep(0.05)
+    error = struct.unpack_from("<I", page, XS_ERROR)[0]
+    features = struct.unpack_from("<I", page, XS_SERVER_FEATURES)[0]
+    kernel.print(f"xsbadring: error={error} server_features={features}")
+    kernel.idle()

@@ -17,6 +17,7 @@ import time
 import pytest
 from xmphost import HOST, guest
 
+from xmp.errors import XenStoreError
 from xmp.xenstore.client import SocketTransport, XsClient
 from xmp.xenstore.wire import Packet, XsType
 
@@ -284,5 +285,38 @@ def test_a_console_flood_is_rate_limited_into_a_capped_rotated_log(hosts):
         assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # back-pressure: none lost
     finally:
         h.xmp("unpause", "loud")
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+# -- INTRODUCE and the ring's error field ---------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_introduce_of_a_domain_that_does_not_exist_is_refused(hosts):
+    h = hosts(HOST + guest("g", "idle")).start(("g",))
+    xs = XsClient(SocketTransport.connect(str(h.rundir / "xenstored.sock")))
+    try:
+        with pytest.raises(XenStoreError) as info:
+            xs.introduce(77, 2, 5)
+        assert info.value.errno == "EINVAL"
+        assert not xs.is_domain_introduced(77)
+        assert xs.is_domain_introduced(1)
+    finally:
+        xs.close()
+    assert "xenstored: introducing dom77" not in h.output()
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("mode", "error"), [("idx", 2), ("proto", 3)])  # XENSTORE_ERROR_RINGIDX / _PROTO
+def test_a_broken_xenstore_ring_gets_its_error_field_set(hosts, mode, error):
+    h = hosts(HOST + kernel("bad", "xsbadring", args=f'{{ mode = "{mode}" }}') + guest("good", "idle"))
+    h.start(("bad", "good"))
+    h.wait(lambda: "xsbadring: error=" in h.console_log("bad"), 20, "the guest's report")
+    assert f"xsbadring: error={error} server_features=2" in h.console_log("bad")  # FEATURE_ERROR
+    assert "dom1 broke the ring protocol" in h.dmesg()
+    h.xmp("shutdown", "-w", "--timeout", "30", "good", timeout=60)  # the others are served
     assert h.stop() == 0
     h.assert_clean()

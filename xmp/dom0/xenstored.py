@@ -27,6 +27,7 @@ import functools
 import os
 import selectors
 import socket
+import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +35,17 @@ from pathlib import Path
 from xmp.dom0.service import guarded, report
 from xmp.domain_proc.kernel import Kernel
 from xmp.domain_proc.xen import GrantMapping
-from xmp.errors import RemoteProtocolError, XmpError
+from xmp.errors import HypercallError, RemoteProtocolError, XmpError
 from xmp.hypercall import from_a_domain
-from xmp.sharedmem.bytering import ByteRing, xenstore_rings
+from xmp.sharedmem.bytering import XS_ERROR, XS_SERVER_FEATURES, ByteRing, xenstore_rings
 from xmp.sharedmem.grant import GNTTAB_RESERVED_XENSTORE
 from xmp.xenstore.client import XsClient
 from xmp.xenstore.server import Close, Connection, Introduce, Release, XenStore
 from xmp.xenstore.wire import PacketParser
+
+# xs_wire.h: xenstore_domain_interface's server_features and error fields
+XENSTORE_SERVER_FEATURE_ERROR = 2
+XENSTORE_ERROR_COMM, XENSTORE_ERROR_RINGIDX, XENSTORE_ERROR_PROTO = 1, 2, 3
 
 
 class LocalTransport:
@@ -99,6 +104,7 @@ class XenStored:
         self.k = kernel
         self.xen = kernel.xen
         self.store = store or XenStore()
+        self.store.domain_exists = self._domain_exists
         self.lock = threading.RLock()
         self.rings: dict[int, RingConn] = {}
         self.locals: dict[int, XsClient] = {}  # by Connection.id
@@ -247,6 +253,10 @@ class XenStored:
             return
         mapping = self.xen.map_grant_ref(domid, [GNTTAB_RESERVED_XENSTORE])
         req, rsp = xenstore_rings(mapping.pages[0])
+        # We report a broken ring in ``error`` (docs/misc/xenstore-ring.txt).
+        page = mapping.pages[0]
+        features = struct.unpack_from("<I", page, XS_SERVER_FEATURES)[0]
+        struct.pack_into("<I", page, XS_SERVER_FEATURES, features | XENSTORE_SERVER_FEATURE_ERROR)
         local = self.xen.bind_interdomain(domid, port)
         rc = RingConn(domid, self.store.connect(domid), mapping, req, rsp, local)
         self.rings[domid] = rc
@@ -267,7 +277,11 @@ class XenStored:
             self._flush_ring(rc)  # the guest may have made room for replies still queued
             try:
                 while rc.conn.wants_requests():
-                    data, writer_waits = rc.req.read_and_check_room()
+                    try:
+                        data, writer_waits = rc.req.read_and_check_room()
+                    except RemoteProtocolError as exc:
+                        self._kill_ring(rc, str(exc), XENSTORE_ERROR_RINGIDX)
+                        break
                     if not data:
                         break
                     if writer_waits:  # the guest may be waiting for room in req
@@ -275,21 +289,31 @@ class XenStored:
                     for pkt in rc.parser.feed(data):
                         self._apply(self.store.handle(rc.conn, pkt))
             except RemoteProtocolError as exc:
-                self._kill_ring(rc, str(exc))
+                self._kill_ring(rc, str(exc), XENSTORE_ERROR_PROTO)
             self._flush()
             if not rc.dead and rc.conn.out:
                 self._flush_ring(rc)
 
-    def _kill_ring(self, rc: RingConn, why: str = "") -> None:
+    def _kill_ring(self, rc: RingConn, why: str = "", error: int = XENSTORE_ERROR_COMM) -> None:
         """A domain that broke the ring protocol: stop serving it (as C
-        xenstored ignores a bad connection); everyone else goes on."""
+        xenstored ignores a bad connection) and say why in the page's
+        ``error`` field (XENSTORE_ERROR_*); everyone else goes on."""
         with self.lock:
             if rc.dead:
                 return
             rc.dead = True
             self.store.disconnect(rc.conn)
+            struct.pack_into("<I", rc.mapping.pages[0], XS_ERROR, error)
         report(self.xen, "xenstored",
                f"dom{rc.domid} broke the ring protocol ({why or 'closed'}); its connection is closed")
+
+    def _domain_exists(self, domid: int) -> bool:
+        """Before INTRODUCE: does the hypervisor know ``domid``?"""
+        try:
+            self.xen.domctl("getdomaininfo", domid=domid)
+        except HypercallError:
+            return False
+        return True
 
     def release(self, domid: int) -> None:
         rc = self.rings.pop(domid, None)
@@ -370,7 +394,7 @@ class XenStored:
                     rc.rsp.write(data)
                     self.xen.notify(rc.port)
         except RemoteProtocolError as exc:
-            self._kill_ring(rc, str(exc))
+            self._kill_ring(rc, str(exc), XENSTORE_ERROR_RINGIDX)
 
     def _ring_of(self, conn: Connection) -> RingConn | None:
         rc = self.rings.get(conn.domid)
