@@ -19,7 +19,7 @@ from xmphost import HOST, guest
 
 from xmp.errors import XenStoreError
 from xmp.xenstore.client import SocketTransport, XsClient
-from xmp.xenstore.wire import Packet, XsType
+from xmp.xenstore.wire import Packet, PacketParser, XsType
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -318,5 +318,33 @@ def test_a_broken_xenstore_ring_gets_its_error_field_set(hosts, mode, error):
     assert f"xsbadring: error={error} server_features=2" in h.console_log("bad")  # FEATURE_ERROR
     assert "dom1 broke the ring protocol" in h.dmesg()
     h.xmp("shutdown", "-w", "--timeout", "30", "good", timeout=60)  # the others are served
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+@pytest.mark.timeout(90)
+def test_a_xenstored_client_that_pipelines_more_than_it_reads_waits_and_loses_nothing(hosts):
+    """4 MB of answers asked for at once, read slowly: back-pressure, not a cut."""
+    h = hosts(HOST + guest("g", "idle")).start(("g",))
+    value = b"0123456789abcdef" * 240
+    h.xmp("xenstore", "write", "/tool/big", value.decode())
+    sock = connect(h.rundir / "xenstored.sock")
+    try:
+        n = 1000
+        reqs = b"".join(Packet(int(XsType.READ), i, 0, b"/tool/big\0").encode() for i in range(1, n + 1))
+        sender = threading.Thread(target=sock.sendall, args=(reqs,), daemon=True)
+        sender.start()
+        time.sleep(1)  # the answers pile up unread meanwhile
+        parser, got = PacketParser(), []
+        sock.settimeout(20)
+        while len(got) < n:
+            data = sock.recv(65536)
+            assert data, f"cut off after {len(got)} answers"
+            got += parser.feed(data)
+        sender.join(10)
+        assert [(p.req_id, p.type, p.payload) for p in got] == \
+            [(i, XsType.READ, value) for i in range(1, n + 1)]
+    finally:
+        sock.close()
     assert h.stop() == 0
     h.assert_clean()

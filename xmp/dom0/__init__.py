@@ -25,7 +25,20 @@ def service(kernel: Kernel):
     return wrap
 
 
+def guard_loop(kernel: Kernel) -> None:
+    """Every handler bound in dom0's loop -- the backends' too -- runs
+    guarded: one that fails is reported and dom0 serves on, since dom0
+    ending would take every domain with it."""
+    bind = kernel.loop.bind
+
+    def guarded_bind(port: int, handler) -> None:
+        bind(port, guarded(kernel.xen, f"dom0: the handler of port {port}", handler))
+
+    kernel.loop.bind = guarded_bind  # type: ignore[method-assign]
+
+
 def main(kernel: Kernel) -> None:
+    guard_loop(kernel)
     fds = kernel.boot_fds
     rundir = Path(kernel.rundir or ".")
     xenstored = XenStored(kernel, rundir)

@@ -1,6 +1,9 @@
 """What every dom0 service handler runs under: a failure is reported (dom0's
 own log and the hypervisor's, dmesg) and the loop goes on, as separate
-daemons would.  ``on_error`` cuts the one peer whose data caused it."""
+daemons would.  ``on_error`` cuts the one peer whose data caused it.
+
+DomainGone is not a failure to survive: it says our supervisor is gone,
+and a domain whose supervisor is gone must end (DESIGN.md section 1)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import functools
 import traceback
 from collections.abc import Callable
 from typing import Any
+
+from xmp.errors import DomainGone
 
 
 def report(xen: Any, what: str, text: str) -> None:
@@ -27,6 +32,8 @@ def guarded(xen: Any, what: str, handler: Callable[..., None],
     def run(*args: Any) -> None:
         try:
             handler(*args)
+        except DomainGone:
+            raise
         except Exception:
             report(xen, what, "failed:\n" + traceback.format_exc())
             if on_error is not None:

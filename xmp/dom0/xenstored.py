@@ -13,8 +13,12 @@ behind its two real ways in.
 Theory of operation.  One lock guards the store and every transport write.
 The socket side runs in its own thread (a selectors loop); ring events run
 in dom0's event loop.  After each request the connections the store marked
-dirty are flushed: sockets get their queued bytes, rings as much as fits
-in ``rsp`` (the rest waits for the guest to consume and kick us).  A ring
+dirty are flushed: sockets get what they take without blocking (the rest
+waits in a bounded buffer for the socket to be writable), rings as much
+as fits in ``rsp`` (the rest waits for the guest to consume and kick us).
+A socket client's requests wait unhandled while much of its output is
+unread, so only watch events it never reads can push it past the bound,
+which costs it its connection -- nobody else waits for it.  A ring
 connection stops being read while it has too many unread replies (the
 outstanding-requests quota), so a guest that never reads cannot grow our
 memory (XSA-326).  A peer that breaks the protocol (oversized packet,
@@ -23,6 +27,7 @@ impossible ring indices) loses its connection; everyone else is served.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import selectors
@@ -41,7 +46,7 @@ from xmp.sharedmem.bytering import XS_ERROR, XS_SERVER_FEATURES, ByteRing, xenst
 from xmp.sharedmem.grant import GNTTAB_RESERVED_XENSTORE
 from xmp.xenstore.client import XsClient
 from xmp.xenstore.server import Close, Connection, Introduce, Release, XenStore
-from xmp.xenstore.wire import PacketParser
+from xmp.xenstore.wire import Packet, PacketParser
 
 # xs_wire.h: xenstore_domain_interface's server_features and error fields
 XENSTORE_SERVER_FEATURE_ERROR = 2
@@ -90,12 +95,14 @@ class SockConn:
     conn: Connection
     parser: PacketParser = field(default_factory=PacketParser)
     out: bytearray = field(default_factory=bytearray)  # replies and events the socket has not taken
+    backlog: collections.deque[Packet] = field(default_factory=collections.deque)  # requests not yet handled
     events: int = 0  # what the selector watches for it now
     dead: bool = False
 
 
 SOCK_OUT_MAX = 1 << 20     # queued output of a socket client; past it, it is disconnected
-SOCK_READ_STOP = 256 << 10  # queued output past which its requests are not read (back-pressure)
+SOCK_READ_STOP = 256 << 10  # queued output past which its requests wait (back-pressure); only
+                            # watch events it does not read can then push it past SOCK_OUT_MAX
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
@@ -204,13 +211,21 @@ class XenStored:
             except RemoteProtocolError as exc:
                 self._drop_sock(sc, f"a socket client broke the protocol ({exc}): disconnected")
                 return
-            for pkt in packets:
-                self._apply(self.store.handle(sc.conn, pkt))
+            sc.backlog.extend(packets)
+            self._serve_backlog(sc)
+
+    def _serve_backlog(self, sc: SockConn) -> None:
+        """Handle a client's requests while its unread output is small
+        (lock held): one that pipelines more than it reads waits, its
+        requests unread (back-pressure), instead of being cut off."""
+        while sc.backlog and not sc.dead and len(sc.out) + sc.conn.out_bytes < SOCK_READ_STOP:
+            self._apply(self.store.handle(sc.conn, sc.backlog.popleft()))
             self._flush()
 
     def _sock_writable(self, sc: SockConn) -> None:
         with self.lock:
             self._send_sock(sc)
+            self._serve_backlog(sc)
 
     def _send_sock(self, sc: SockConn) -> None:
         """Write what the socket takes now (lock held); the rest waits for
@@ -412,7 +427,7 @@ class XenStored:
 def _wanted(sc: SockConn) -> int:
     """What a socket client waits for: its requests unless too much output
     is queued for it, and room for that output."""
-    return (READ if len(sc.out) < SOCK_READ_STOP else 0) | (WRITE if sc.out else 0)
+    return (READ if not sc.backlog and len(sc.out) < SOCK_READ_STOP else 0) | (WRITE if sc.out else 0)
 
 
 def gone(infos: dict[int, dict], domid: int) -> bool:
