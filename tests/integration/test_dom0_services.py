@@ -125,7 +125,7 @@ def test_console_input_for_a_guest_that_reads_late_waits_and_stalls_no_one(hosts
         start = time.monotonic()
         out = h.xmp("console", "echo", input="hello there\nquit\n", timeout=30)
         assert "echo: hello there" in out.stdout
-        assert time.monotonic() - start < 3
+        assert time.monotonic() - start < 5
         h.wait(lambda: "conssink: got" in h.console_log("sink"), 30, "the sink's report")
         assert f"conssink: got {n} bytes sha256 {hashlib.sha256(data).hexdigest()}" in h.console_log("sink")
         sender.join(10)
@@ -193,7 +193,7 @@ def test_a_xenstored_client_that_never_reads_its_watch_events_is_cut_alone(hosts
                 start = time.monotonic()
                 assert other.read("/local/domain/1/name") == b"g"
                 slowest = max(slowest, time.monotonic() - start)
-        assert slowest < 1.0, f"a request took {slowest:.1f} s"
+        assert slowest < 1.5, f"a request took {slowest:.1f} s"  # a stall was 2 s
         h.wait(lambda: "does not read its replies" in h.dmesg(), 20, "the deaf client to be cut")
         assert closed_by_peer(deaf)
         assert_goes_on(h, "g")
