@@ -37,6 +37,7 @@ from xmp.xenstore.wire import Packet, PacketParser, XsType
 
 XBT_NULL = 0
 DEFAULT_TIMEOUT = 10.0  # seconds a request waits for its reply
+TIMEOUT_SLACK = 0.1     # how far from what is asked a socket's wait may end
 
 
 class Transport(Protocol):
@@ -59,15 +60,28 @@ class SocketTransport:
         sock.connect(str(path))
         return cls(sock)
 
+    def _arm(self, timeout: float | None) -> None:
+        """settimeout is a syscall: keep a timeout within TIMEOUT_SLACK of
+        what is asked (successive requests ask for nearly the same; a wait
+        that ends early only makes the caller wait again)."""
+        cur = self.sock.gettimeout()
+        if timeout is None or cur is None or abs(cur - timeout) > TIMEOUT_SLACK:
+            if cur != timeout:
+                self.sock.settimeout(timeout)
+
     def send(self, data: bytes, timeout: float | None = None) -> None:
-        self.sock.settimeout(timeout)  # recv may have left it non-blocking
+        self._arm(timeout)
         self.sock.sendall(data)
 
     def recv(self, timeout: float | None, ready: Callable[[], bool] = lambda: False) -> bytes:
-        self.sock.settimeout(timeout)
         try:
+            if timeout == 0:  # (a socket with a timeout polls first, MSG_DONTWAIT or not)
+                if self.sock.gettimeout() != 0:
+                    self.sock.settimeout(0)
+            else:
+                self._arm(timeout)
             data = self.sock.recv(65536)
-        except (TimeoutError, BlockingIOError):  # BlockingIOError: timeout 0
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: nothing yet (timeout 0)
             return b""
         if not data:
             raise DomainGone(0)
