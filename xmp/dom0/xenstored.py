@@ -34,13 +34,14 @@ import selectors
 import socket
 import struct
 import threading
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from xmp.dom0.service import guarded, report
 from xmp.domain_proc.kernel import Kernel
 from xmp.domain_proc.xen import GrantMapping
-from xmp.errors import HypercallError, RemoteProtocolError, XmpError
+from xmp.errors import DomainGone, HypercallError, RemoteProtocolError, XmpError
 from xmp.hypercall import from_a_domain
 from xmp.sharedmem.bytering import XS_ERROR, XS_SERVER_FEATURES, ByteRing, xenstore_rings
 from xmp.sharedmem.grant import GNTTAB_RESERVED_XENSTORE
@@ -133,29 +134,39 @@ class XenStored:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
         self.sel.register(self._wake_r, READ, "wake")
-        threading.Thread(target=self._serve_sockets, name="xenstored-sockets", daemon=True).start()
+        self._regs_dirty = False
+        self._thread = threading.Thread(target=self._serve_sockets, name="xenstored-sockets", daemon=True)
+        self._thread.start()
 
     # -- the socket side -------------------------------------------------------
 
     def _serve_sockets(self) -> None:
         while True:
             for key, mask in self.sel.select():
-                if key.data is None:
-                    guarded(self.xen, "xenstored: accepting a client", self._accept)()
-                elif key.data == "wake":
-                    self._wake_r.recv(4096)
-                else:
-                    sc = key.data
-                    cut = functools.partial(self._drop_sock, sc)
-                    if mask & WRITE:
-                        guarded(self.xen, "xenstored: a socket client", self._sock_writable, cut)(sc)
-                    if mask & READ and not sc.dead:
-                        guarded(self.xen, "xenstored: a socket client", self._sock_readable, cut)(sc)
-            guarded(self.xen, "xenstored: socket thread", self._housekeeping)()
+                peer = key.data
+                try:
+                    if peer is None:
+                        self._accept()
+                    elif peer == "wake":
+                        self._wake_r.recv(4096)
+                    else:
+                        if mask & WRITE:
+                            self._sock_writable(peer)
+                        if mask & READ and not peer.dead:
+                            self._sock_readable(peer)
+                except DomainGone:
+                    raise
+                except Exception:  # reported; only that client is cut off
+                    report(self.xen, "xenstored: a socket client", "failed:\n" + traceback.format_exc())
+                    if isinstance(peer, SockConn):
+                        self._drop_sock(peer)
+            if self._regs_dirty:
+                guarded(self.xen, "xenstored: socket thread", self._housekeeping)()
 
     def _housekeeping(self) -> None:
         """Close dropped clients; registrations follow what each one waits for."""
         with self.lock:
+            self._regs_dirty = False
             for sc in self._closing:
                 if sc.events:
                     self.sel.unregister(sc.sock)
@@ -174,6 +185,10 @@ class XenStored:
                 sc.events = want
 
     def _wake(self) -> None:
+        """The socket thread must look at registrations and closings."""
+        self._regs_dirty = True
+        if threading.current_thread() is self._thread:
+            return  # it will, once this event is handled
         try:
             self._wake_w.send(b"\0")
         except BlockingIOError:
@@ -191,7 +206,7 @@ class XenStored:
         with self.lock:
             sc = SockConn(sock, self.store.connect(self.k.domid, privileged=True))
             self.socks[sc.conn.id] = sc
-        # registered by the housekeeping that follows
+        self._wake()  # registered by the housekeeping that follows
 
     def _sock_readable(self, sc: SockConn) -> None:
         try:
@@ -220,7 +235,7 @@ class XenStored:
         requests unread (back-pressure), instead of being cut off."""
         while sc.backlog and not sc.dead and len(sc.out) + sc.conn.out_bytes < SOCK_READ_STOP:
             self._apply(self.store.handle(sc.conn, sc.backlog.popleft()))
-            self._flush()
+        self._flush()
 
     def _sock_writable(self, sc: SockConn) -> None:
         with self.lock:
