@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xmp.dom0.service import guarded
 from xmp.dom0.xenconsoled import XenConsoled
 from xmp.dom0.xenstored import XenStored
 from xmp.domain_proc.kernel import Kernel
 from xmp.domain_proc.main import load_entry
+from xmp.domain_proc.service import guard_loop, guarded
 from xmp.drivers.backends import start_backends
 from xmp.sharedmem.evtchn import VIRQ_DOM_EXC
 
@@ -25,20 +25,8 @@ def service(kernel: Kernel):
     return wrap
 
 
-def guard_loop(kernel: Kernel) -> None:
-    """Every handler bound in dom0's loop -- the backends' too -- runs
-    guarded: one that fails is reported and dom0 serves on, since dom0
-    ending would take every domain with it."""
-    bind = kernel.loop.bind
-
-    def guarded_bind(port: int, handler) -> None:
-        bind(port, guarded(kernel.xen, f"dom0: the handler of port {port}", handler))
-
-    kernel.loop.bind = guarded_bind  # type: ignore[method-assign]
-
-
 def main(kernel: Kernel) -> None:
-    guard_loop(kernel)
+    guard_loop(kernel, "dom0")  # the backends' handlers too, not only the services'
     fds = kernel.boot_fds
     rundir = Path(kernel.rundir or ".")
     xenstored = XenStored(kernel, rundir)

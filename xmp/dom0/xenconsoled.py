@@ -43,9 +43,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xmp.dom0.service import guarded, report
 from xmp.dom0.xenstored import gone
 from xmp.domain_proc.kernel import Kernel
+from xmp.domain_proc.service import guarded, report
 from xmp.domain_proc.xen import GrantMapping
 from xmp.errors import RemoteProtocolError, XmpError
 from xmp.hypercall import from_a_domain
