@@ -88,6 +88,11 @@ def test_every_handler_bound_after_guard_loop_is_guarded():
     def orphaned(_port: int) -> None:
         raise DomainGone(-1)
 
+    cut: list[int] = []
+    own = guarded(kernel.xen, "xenstored: serving dom5", backend, lambda: cut.append(5))
+    kernel.loop.bind(5, own)  # guarded already, with its own cut: bound as it is
+    assert kernel.loop.handlers[5] is own
+
     kernel.loop.bind(4, orphaned)
     with pytest.raises(DomainGone):  # still the end of a domain whose supervisor went
         kernel.loop.handlers[4](4)

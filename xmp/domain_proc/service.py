@@ -46,6 +46,7 @@ def guarded(xen: Any, what: str, handler: Callable[..., None],
                     on_error()
                 except Exception:
                     report(xen, what, "cutting the peer off failed:\n" + traceback.format_exc())
+    run.guarded = True  # type: ignore[attr-defined]
     return run
 
 
@@ -56,6 +57,8 @@ def guard_loop(kernel: Kernel, who: str) -> None:
     bind = kernel.loop.bind
 
     def guarded_bind(port: int, handler: Callable[[int], None]) -> None:
-        bind(port, guarded(kernel.xen, f"{who}: the handler of port {port}", handler))
+        if not getattr(handler, "guarded", False):  # one wrapper per event is enough
+            handler = guarded(kernel.xen, f"{who}: the handler of port {port}", handler)
+        bind(port, handler)
 
     kernel.loop.bind = guarded_bind  # type: ignore[method-assign]
