@@ -158,6 +158,32 @@ def test_a_console_client_that_never_reads_is_cut_alone(hosts):
     h.assert_clean()
 
 
+@pytest.mark.timeout(90)
+def test_a_console_client_sending_garbage_and_resetting_costs_only_itself(hosts):
+    """Console input is any bytes: a client that types 256 KiB of noise and
+    then resets its connection is one more typist; the guest it typed at and
+    everyone else go on being served."""
+    h = hosts(HOST + guest("target", "echo") + guest("other", "echo"))
+    h.start(("target", "other"))
+    h.wait(lambda: "echo: ready" in h.console_log("target") and "echo: ready" in h.console_log("other"),
+           10, "the guests")
+    noisy = connect(h.rundir / "console" / "1.sock")
+    try:
+        assert fill(noisy, os.urandom(256 << 10) + b"\n", 10) > 0
+        noisy.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
+    finally:
+        noisy.close()
+    out = h.xmp("console", "other", input="still here\nquit\n", timeout=30)
+    assert "echo: still here" in out.stdout
+    h.wait(lambda: "echo: ready" in h.console_log("target"), 5, "the target's log")
+    out = h.xmp("console", "target", input="\nafter the noise\nquit\n", timeout=30)  # ends its noisy line
+    assert "echo: after the noise" in out.stdout
+    assert h.wait_exit(20) == 0  # its last guest quit
+    hvlog = (h.rundir / "logs" / "hypervisor.log").read_text(errors="replace")
+    assert "xenconsoled" not in hvlog  # nothing failed, nobody was cut for it
+    h.assert_clean()
+
+
 # -- xenstored's socket --------------------------------------------------------------
 
 
