@@ -44,7 +44,8 @@ def test_more_domains_than_one_info_message_holds(hosts):
 def test_no_domain_is_created_while_the_supervisor_stops(hosts, tmp_path):
     """Teardown asks the guests to power off and serves its loop while they
     do; `xmp create` reached it there and was obeyed (38 domains were
-    created during one teardown).  It is refused, naming why."""
+    created during one teardown); so was a hot-plug.  Both are refused,
+    naming why."""
     h = hosts(HOST + guest("spin", "busy")).start(("spin",))  # spins: never answers poweroff
     cfg = tmp_path / "late.toml"
     cfg.write_text(guest("late", "idle"))
@@ -54,6 +55,9 @@ def test_no_domain_is_created_while_the_supervisor_stops(hosts, tmp_path):
     out = h.xmp("create", str(cfg), check=False)
     assert out.returncode == 1, out.stdout
     assert "the supervisor is stopping (signal SIGTERM): no new domains" in out.stderr
+    disk = h.xmp("block-attach", "spin", f"vdev=xvdb, size=1M, target={tmp_path / 'late.img'}", check=False)
+    assert disk.returncode == 1 and "the supervisor is stopping (signal SIGTERM): no new devices" in disk.stderr
+    assert not (tmp_path / "late.img").exists()
     assert h.wait_exit(30) == 0
     assert "'late'" not in log.read_text()
     h.assert_clean()

@@ -125,7 +125,7 @@ class DeviceManager:
 
     def attach(self, front: Domain, cls: DeviceClass, text: str, base: Path) -> Pending:
         """xl <class>-attach: hot-plug one device from its xl spec."""
-        self._not_stopping(f"{cls.command}-attach")
+        self._can_hotplug(f"{cls.command}-attach")
         done = Pending()
         self.add(front, self._planned(cls, text, base, f"{cls.command}-attach"), done)
         return done
@@ -133,17 +133,22 @@ class DeviceManager:
     def attach_keys(self, front: Domain, back: Domain, cls: DeviceClass, devid: int,
                     back_keys: dict[str, str], front_keys: dict[str, str]) -> Pending:
         """The generic device add, with the keys given (tests and tools)."""
-        self._not_stopping("device-attach")
+        self._can_hotplug("device-attach")
         done = Pending()
         self.add(front, Planned(cls, DeviceSpec(devid, str(devid), back.name, back_keys, front_keys), back),
                  done)
         return done
 
-    def _not_stopping(self, op: str) -> None:
+    def _can_hotplug(self, op: str) -> None:
+        """Refuse a hot-plug that could not be written: while stopping
+        (teardown serves the loop, so one still reaches us), or with no
+        xenstore (the device would be recorded but never written)."""
         sup = self.ts.sup
-        if sup.stopping:  # teardown serves the loop: a hot-plug still reaches us
+        if sup.stopping:
             raise HypercallError(errno.ESHUTDOWN, op, f"the supervisor is stopping ({sup.stop_reason}): "
                                  "no new devices")
+        if self.ts.xs.sock is None:
+            raise HypercallError(errno.EIO, op, "xenstore unavailable: the device was not written")
 
     # -- removing ----------------------------------------------------------------
 
