@@ -197,7 +197,8 @@ def test_a_guest_cannot_escape(hosts):
     assert "not offered to dom1" in results["bind_not_offered"]["error"]
     assert results["shm_openable"] == {"test": "shm_openable", "ok": True, "value": []}
     siblings = [r for name, r in results.items() if name.startswith("sibling_mem_")]
-    assert len(siblings) >= 3 and not any(r["ok"] for r in siblings)
+    # (a sibling gone under the probe is ok: null, proving nothing either way)
+    assert sum(r["ok"] is False for r in siblings) >= 3 and not any(r["ok"] for r in siblings)
     # and the hypervisor still serves everyone
     assert {d["name"] for d in h.list()} >= {"Domain-0", "probe", "victim"}
     assert "internal error" not in h.dmesg()
