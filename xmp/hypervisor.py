@@ -60,7 +60,7 @@ from xmp.hypercall import DOM0_ONLY, MAX_FDS, MAX_MESSAGE, decode_request, encod
 from xmp.sharedmem._ffi import lib
 from xmp.sharedmem.evtchn import VIRQ_TIMER
 from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, recv_handles, remove_stale, send_handles
-from xmp.topology import DomainConfig, check_fits
+from xmp.topology import GUEST_UIDS, DomainConfig, check_fits
 
 DYING_GRACE = 5.0           # seconds a dying domain waits for its mappers to let go
 DOMAIN_BOOT = "xmp.domain_proc.main:domain_main"  # what every domain process runs first
@@ -100,12 +100,13 @@ class Alone:
 
 
 class Supervisor(HypercallHandlers):
-    def __init__(self, rundir: Path, pool_mib: int, *, echo: bool = True, preload: Iterable[str] = ()):
+    def __init__(self, rundir: Path, pool_mib: int, *, echo: bool = True, preload: Iterable[str] = (),
+                 guest_uids: tuple[int, int] = GUEST_UIDS):
         # Nobody may read the supervisor's memory (it maps every domain's RAM)
         # or its descriptors through /proc; the zygote and domains inherit this.
         lib.xmp_set_dumpable(0)
         # The zygote is forked first, while we hold nothing it should inherit.
-        self.zygote = ZygoteClient()
+        self.zygote = ZygoteClient(guest_uids)  # (the uids its jailed guests run as)
         self.rundir = Path(rundir)
         self.ns = ShmNamespace()
         self.domains: dict[int, Domain] = {}
@@ -216,9 +217,10 @@ class Supervisor(HypercallHandlers):
         dom.uuid = str(uuid.uuid4())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         log_fd = os.open(self.rundir / "logs" / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        jail = None if domid == DOMID_DOM0 else "driver" if cfg.driver_domain else "guest"
         try:
             dom.pid = self.zygote.spawn(domid, f"xmp:{domid}:{name}", theirs.fileno(), log_fd, DOMAIN_BOOT,
-                                        unprivileged=domid != DOMID_DOM0)
+                                        unprivileged=domid != DOMID_DOM0, jail=jail, config=cfg.to_dict())
         except OSError:
             ours.close()
             dom.release()
