@@ -331,10 +331,13 @@ def cmd_cleanup(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from xmp.hv.jail import describe
     from xmp.sharedmem import _ffi  # noqa: F401  (fails with instructions if not built)
 
     print(f"xmp {version('xmp')}")
     print("fast path: built (xmp.sharedmem._fast)")
+    for line in describe():
+        print(f"isolation: {line}")
     return 0
 
 

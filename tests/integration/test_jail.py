@@ -195,3 +195,22 @@ def test_a_netns_hook_sets_up_the_guests_own_network_namespace_before_the_drop(h
     assert os.readlink(f"/proc/{pid}/fd/{seen['fd']}").startswith("socket:")
     assert h.stop() == 0
     h.assert_clean()
+
+
+def test_xmp_info_says_what_isolation_guests_get():
+    import subprocess
+
+    out = subprocess.run([*xmphost.XMP, "info"], capture_output=True, text=True, timeout=30, check=True,
+                         env=xmphost.ENV).stdout
+    lines = [ln for ln in out.splitlines() if ln.startswith("isolation: ")]
+    want = "own uid (from [host] guest_uids)" if os.geteuid() == 0 else "not root, so no own uid"
+    assert any(want in ln for ln in lines), out
+    assert any("calls denied" in ln for ln in lines), out  # libseccomp is there (a dependency of apt)
+    assert any(ln.startswith("isolation: driver domains: ") for ln in lines), out
+
+
+def test_without_root_the_isolation_said_is_the_weaker_one():
+    from xmp.hv.jail import describe
+
+    head = describe(rooted=False)[0]
+    assert "run as this user" in head and "can signal this user's processes" in head
