@@ -149,6 +149,26 @@ def test_the_zygote_runs_a_guest_module_as_it_is_now_not_as_it_was(hosts, tmp_pa
     h.assert_clean()
 
 
+@as_root
+def test_a_driver_domain_signals_no_other_process(hosts, tmp_path):
+    h = hosts(HOST + guest("bystander", "idle")).start(("bystander",))
+    bystander = h.domain_pid("bystander")
+    cfg = tmp_path / "dd.toml"
+    args = {"kill": [bystander], "signal": [h.pid]}
+    cfg.write_text(guest("ddprobe", "probe", driver_domain=True, args=args))
+    h.xmp("create", str(cfg))
+    results = _probe_results(h, "ddprobe")
+    for test in (f"kill_{bystander}", f"signal_{h.pid}"):
+        assert results[test]["ok"] is False and results[test]["errno"] == errno.ESRCH, results[test]
+    assert psutil.Process(bystander).status() != psutil.STATUS_ZOMBIE
+    assert results["uid"]["value"] == 0  # (its own uid only once its images are made its own)
+    assert results["unshare_user"]["errno"] == errno.EPERM
+    log = (h.rundir / "logs" / "ddprobe.log").read_text()
+    assert "jail: driver domain: host uid, mount and network, own PID namespace" in log
+    assert h.stop() == 0
+    h.assert_clean()
+
+
 NETNS_HOOK_MODULE = '''
 import json
 import os

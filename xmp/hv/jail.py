@@ -36,11 +36,13 @@ zygote jails each guest between fork and kernel entry, in this order:
    flags the filter can see.
 
 Driver domains open image files by path and may run backends to the host
-(a TAP, later), so they keep the host's mount, network and uid; they get the
-seccomp filter, no-new-privs and no capabilities (a uid 0 process without
-capabilities can still write root's files that have an owner write bit: a
-driver domain is trusted with the host's files, as Xen's storage driver
-domains are trusted with their disks).  dom0 is not jailed at all.
+(a TAP, later), so they keep the host's mount, network and uid; as root
+they get a PID namespace of their own (1. above: they signal no other
+process, the supervisor included), and always the seccomp filter,
+no-new-privs and no capabilities.  A uid 0 process without capabilities
+can still write root's files that have an owner write bit: a driver domain
+is trusted with the host's files, as Xen's storage driver domains are
+trusted with their disks.  dom0 is not jailed at all.
 
 Without root none of 1-3 can be had (no user namespaces are used): a guest
 runs as the user who runs xmp, with no capability, no-new-privs, seccomp
@@ -412,14 +414,16 @@ class Jailer:
     # before fork, in the zygote
     def prepare(self, kind: str | None, domid: int) -> tuple[int | None, socket.socket | None, bool]:
         """(uid, its lock, whether the next child gets its own PID namespace)."""
-        if kind != "guest" or not self.rooted:
+        if kind not in ("guest", "driver") or not self.rooted:
             return None, None, False
-        self._root_for_now()
-        uid, lock = claim_uid(*self.guest_uids, self.guest_uids[0] + domid)
+        uid, lock = None, None
+        if kind == "guest":
+            self._root_for_now()
+            uid, lock = claim_uid(*self.guest_uids, self.guest_uids[0] + domid)
         try:
             unshare(CLONE_NEWPID)
         except JailError:
-            return uid, lock, False  # the uid still keeps it from signalling others
+            return uid, lock, False  # a guest's uid still keeps it from signalling others
         return uid, lock, True
 
     # after fork, in the zygote
@@ -446,6 +450,8 @@ class Jailer:
             notes.append(f"uid {uid}, namespaces {'pid,' if pidns else ''}mnt,ipc,net, read-only root")
         elif kind == "guest":
             notes.append("not root: host uid and namespaces (no capabilities)")
+        elif pidns:
+            notes.append("driver domain: host uid, mount and network, own PID namespace (no capabilities)")
         else:
             notes.append("driver domain: host uid and namespaces (no capabilities)")
         notes.append(self._filter_note)
@@ -468,5 +474,6 @@ def describe(rooted: bool | None = None) -> list[str]:
         head = ("guests: not root, so no own uid or namespaces: they run as this user with no "
                 "capabilities, no-new-privs, non-dumpable (they can signal this user's processes "
                 "and write this user's files)")
-    return [head, note, "driver domains: host uid and files, no capabilities, no-new-privs, seccomp",
-            "dom0: not jailed"]
+    drivers = "driver domains: host uid and files, " + ("own pid namespace, " if rooted else "") + \
+        "no capabilities, no-new-privs, seccomp"
+    return [head, note, drivers, "dom0: not jailed"]
