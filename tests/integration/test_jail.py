@@ -71,8 +71,13 @@ def test_a_jailed_guest_cannot_kill_signal_or_write_what_is_not_its_own(hosts, t
     assert len({u.real for u in uids.values()}) == 3 and all(u.real >= 200000 for u in uids.values())
     assert results["uid"]["value"] == uids["probe"].real
     assert results["unshare_user"]["errno"] == errno.EPERM  # the seccomp filter
-    # and sees nothing of the host: no /proc, no /dev/shm
-    assert results["proc_visible"]["errno"] == errno.ENOENT
+    # and sees nothing of the host: no /dev/shm, no process but itself in /proc
+    assert results["proc_visible"]["value"] == [1]
+    # its mounts (mountinfo: the mount point is field 4, its options field 5):
+    # all read-only but its own procfs, which holds no host-wide file
+    mounts = [m.split() for m in Path(f"/proc/{h.domain_pid('probe')}/mountinfo").read_text().splitlines()]
+    assert [m[-3:] for m in mounts if m[4] == "/proc"] == [["proc", "proc", "rw,subset=pid"]], mounts
+    assert all(m[5].split(",")[0] == "ro" for m in mounts if m[4] != "/proc"), mounts
     assert results["shm_openable"]["errno"] == errno.ENOENT
     log = (h.rundir / "logs" / "probe.log").read_text()
     assert "jail: uid " in log and "namespaces pid,mnt,ipc,net" in log and "calls denied" in log

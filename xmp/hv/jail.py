@@ -20,7 +20,8 @@ zygote jails each guest between fork and kernel entry, in this order:
    an import hook maps (editable installs), the loaded shared libraries'
    directories, ``/etc/ld.so.cache``, ``/dev/null``, ``/dev/urandom`` -- then
    ``pivot_root`` and the host's tree is detached.  Nothing is writable; there
-   is no /proc, no /dev/shm, no socket path.  No network but a loopback that
+   is no /dev/shm, no socket path, and /proc is the procfs of the guest's own
+   PID namespace (itself only).  No network but a loopback that
    is down and what a hook put there: a Xen guest's network is netfront.
 3. Its own uid and gid from ``[host] guest_uids``: base + domid when free,
    else the next free one; a uid is held by the zygote (an abstract-socket
@@ -73,7 +74,7 @@ CLONE_NEWUTS = 0x04000000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWTIME = 0x00000080
 
-MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 PR_CAPBSET_DROP = 24
@@ -280,6 +281,7 @@ def build_root(dirs: list[str], files: list[str], links: list[tuple[str, str]]) 
         for name, target in links:
             if not os.path.lexists(_STAGE + name):
                 os.symlink(target, _STAGE + name)
+        _mkdirs(_STAGE, "/proc")  # where each guest mounts the procfs of its own PID namespace
     finally:
         os.umask(old)
     os.chdir(_STAGE)
@@ -292,6 +294,19 @@ def build_root(dirs: list[str], files: list[str], links: list[tuple[str, str]]) 
     _check(_libc.umount2(b".", MNT_DETACH), "umount the host's root")
     os.chdir("/")
     _mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def mount_own_proc() -> None:
+    """A procfs of this process's own PID namespace on the jail's /proc, in
+    a mount namespace copied from the template (a dozen mounts).  The guest
+    is the only process there, so /proc shows it itself and nothing else
+    (``subset=pid``: not even the host-wide files such as /proc/sys, on Linux
+    5.8+).  Its own /proc/self/fd is what a guest -- a hostile one too --
+    can reopen its descriptors through; the wake page's seal holds there."""
+    unshare(CLONE_NEWNS)
+    flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    if _libc.mount(b"proc", b"/proc", b"proc", ctypes.c_ulong(flags), b"subset=pid") != 0:
+        _mount("proc", "/proc", "proc", flags)  # an older kernel: no subset=
 
 
 def _top_level_links() -> list[tuple[str, str]]:
@@ -446,8 +461,11 @@ class Jailer:
             # costs nothing in isolation.  IPC and network stay per guest.
             _check(_libc.setns(self._root_ns, CLONE_NEWNS), "setns into the jail's root")
             os.chdir("/")
+            if pidns:
+                mount_own_proc()
             drop_to(uid)
-            notes.append(f"uid {uid}, namespaces {'pid,' if pidns else ''}mnt,ipc,net, read-only root")
+            notes.append(f"uid {uid}, namespaces {'pid,' if pidns else ''}mnt,ipc,net, read-only root"
+                         + (", /proc of itself only" if pidns else ""))
         elif kind == "guest":
             notes.append("not root: host uid and namespaces (no capabilities)")
         elif pidns:
@@ -469,7 +487,7 @@ def describe(rooted: bool | None = None) -> list[str]:
     _, note = _build_filter()
     if rooted:
         head = ("guests: own uid (from [host] guest_uids), own pid/mount/ipc/net namespaces, "
-                "read-only root of Python only, no capabilities, no-new-privs")
+                "read-only root of Python only, a /proc of itself only, no capabilities, no-new-privs")
     else:
         head = ("guests: not root, so no own uid or namespaces: they run as this user with no "
                 "capabilities, no-new-privs, non-dumpable (they can signal this user's processes "
