@@ -314,7 +314,7 @@ class ZygoteClient:
               unprivileged: bool = True, jail: str | None = "guest", config: dict | None = None) -> int:
         """Fork a domain that runs ``entry`` ("module:function", called with
         its hypercall channel).  ``jail``: "guest" (the whole jail),
-        "driver" (seccomp, no capabilities) or None; it only applies with
+        "driver" (own PID namespace, seccomp, no capabilities) or None; it applies only with
         ``unprivileged``.  ``config`` (the domain's, as a dict) is for the
         jail's network namespace hooks."""
         req = {"cmd": "spawn", "domid": domid, "title": title, "entry": entry, "unprivileged": unprivileged,
