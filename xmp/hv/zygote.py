@@ -7,8 +7,8 @@ request -- a few milliseconds instead of a fresh interpreter's fifty.  It
 is the parent of every domain, so it reaps them and reports each exit.
 
 Guests are jailed on the way (`xmp.hv.jail`: own uid, PID/mount/IPC/net
-namespaces, a read-only root of Python only, seccomp), driver domains get
-the seccomp filter and no capabilities, dom0 nothing of that.
+namespaces, a read-only root of Python only, seccomp), driver domains a PID
+namespace, the seccomp filter and no capabilities, dom0 nothing of that.
 
 Preloaded guest modules are not trusted to stay as they were: before each
 spawn the zygote checks the source files of every module a preload brought
