@@ -61,6 +61,7 @@ class Mapping:
     granter: int
     refs: list[int]
     readonly: bool
+    frames: list[int] = field(default_factory=list)  # the granter's pfns, as mapped
 
 
 @dataclass
