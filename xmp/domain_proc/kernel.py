@@ -8,7 +8,8 @@ between a domain's kernel (and the drivers it loads) and xmp.
         kernel.poweroff()
 
 A guest kernel may use: ``domid``, ``name``, ``config``, ``args``,
-``start_info``, ``memory`` / ``page`` / ``alloc_pages`` / ``free_pages``,
+``start_info``, ``memory`` / ``page`` / ``alloc_pages`` / ``free_pages`` (``pages``, the
+one allocator the balloon driver shares),
 ``grant_table``, ``xen`` (hypercalls), ``loop`` (its event loop),
 ``console``, ``xenstore``, ``print``, ``sleep`` / ``monotonic`` / ``idle``,
 the device openers, ``detect``, and ``shutdown`` / ``poweroff`` /
@@ -29,11 +30,13 @@ from typing import Any
 
 from xmp import devices
 from xmp.devices import DeviceClass
+from xmp.domain_proc.balloon import BalloonDriver
 from xmp.domain_proc.console import Console
 from xmp.domain_proc.control import ControlDriver
 from xmp.domain_proc.loop import EventLoop
+from xmp.domain_proc.pages import PageAllocator
 from xmp.domain_proc.xen import Xen
-from xmp.errors import LocalError, XmpError
+from xmp.errors import XmpError
 from xmp.sharedmem.evtchn import VIRQ_TIMER
 from xmp.sharedmem.grant import GrantTable
 from xmp.sharedmem.shm import PAGE_SIZE
@@ -56,8 +59,9 @@ class Kernel:
         self.start_info = start_info
         self.memory = ram
         self.first_free_pfn = first_free_pfn(start_info.nr_grant_frames)
-        self._next_free = self.first_free_pfn
-        self._freed: list[tuple[int, int]] = []  # runs given back: (pfn, pages)
+        # One allocator for every page the guest takes: the balloon gives back only free ones.
+        self.pages = PageAllocator(self.first_free_pfn, start_info.nr_pages,
+                                   min(start_info.max_pages, len(ram) // PAGE_SIZE))
         page = memoryview(ram)[start_info.console_mfn * PAGE_SIZE:(start_info.console_mfn + 1) * PAGE_SIZE]
         self.console = Console(page, start_info.console_evtchn, xen, loop)
         gnt = start_info.gnttab_pfn * PAGE_SIZE
@@ -68,6 +72,7 @@ class Kernel:
         loop.bind(self._timer_port, self._on_timer)
         self._xs: XsClient | None = None
         self.control: ControlDriver | None = None
+        self.balloon: BalloonDriver | None = None
         # dom0's alone: descriptors passed at boot (the terminal to echo consoles to), the run directory.
         self.boot_fds: list[int] = list(boot.get("fds", []))
         self.rundir: str | None = boot.get("rundir")
@@ -94,6 +99,13 @@ class Kernel:
     def start_control(self) -> None:
         """Answer the toolstack's shutdown requests (control/shutdown)."""
         self.control = ControlDriver(self.xenstore, self.shutdown, self.print)
+
+    def start_balloon(self) -> None:
+        """Follow the toolstack's memory target (memory/target)."""
+        si = self.start_info
+        table = memoryview(self.memory)[si.gnttab_pfn * PAGE_SIZE:
+                                        (si.gnttab_pfn + si.nr_grant_frames) * PAGE_SIZE]
+        self.balloon = BalloonDriver(self.xenstore, self.xen, self.pages, self.grant_table, table, self.print)
 
     # -- devices -------------------------------------------------------------
 
@@ -122,24 +134,20 @@ class Kernel:
 
     def alloc_pages(self, n: int = 1) -> int:
         """Take ``n`` pages of the guest's own memory (for rings and buffers
-        it grants), one run; returns the first pfn.  Runs given back with
-        :meth:`free_pages` are used again first."""
-        for i, (pfn, m) in enumerate(self._freed):
-            if m >= n:
-                self._freed[i:i + 1] = [(pfn + n, m - n)] if m > n else []
-                return pfn
-        pfn = self._next_free
-        if pfn + n > self.start_info.nr_pages:
-            raise MemoryError(f"{self.name}: no {n} free pages left")
-        self._next_free += n
-        return pfn
+        it grants), one run; returns the first pfn.  The lowest free run is
+        taken, so runs given back with :meth:`free_pages` are used again
+        first; pages ballooned out are not the guest's to take."""
+        try:
+            return self.pages.alloc(n)
+        except MemoryError as exc:
+            raise MemoryError(f"{self.name}: {exc}") from None
 
     def free_pages(self, pfn: int, n: int) -> None:
         """Give back a run from :meth:`alloc_pages`.  The caller makes sure no
         other domain can reach it any more (its grants have ended)."""
-        if not self.first_free_pfn <= pfn or pfn + n > self._next_free or n <= 0:
-            raise LocalError(f"pages {pfn}..{pfn + n} were not taken with alloc_pages")
-        self._freed.append((pfn, n))
+        self.pages.free(pfn, n)
+        if self.balloon is not None:
+            self.balloon.pages_freed()
 
     def page(self, pfn: int) -> memoryview:
         """One page of the guest's own memory."""
