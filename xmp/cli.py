@@ -217,6 +217,25 @@ def cmd_resume(args) -> int:
     return 0
 
 
+def _mem_kb(text: str) -> int:
+    from xmp.toolstack.memory import parse_mem_size_kb
+
+    try:
+        return parse_mem_size_kb(text)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_mem_set(args) -> int:
+    request(_rundir(args), "mem-set", dom=args.dom, memkb=_mem_kb(args.size), timeout=args.timeout)
+    return 0
+
+
+def cmd_mem_max(args) -> int:
+    request(_rundir(args), "mem-max", dom=args.dom, memkb=_mem_kb(args.size))
+    return 0
+
+
 XENSTORE_CLI_TIMEOUT = 5.0  # seconds `xmp xenstore` waits for an answer
 
 
@@ -430,6 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(f"{cls.command}-list", _device_list(cls),
                 f"a guest's {cls.devtype} devices (xl {cls.command}-list)")
         p.add_argument("dom", help="name or id")
+    p = add("mem-set", cmd_mem_set, "set a guest's balloon target (memory/target) and wait for it")
+    p.add_argument("dom", help="name or id")
+    p.add_argument("size", help="as xl: 512m, 1g, 262144k, 4096b; a bare number is MiB")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for the guest to reach it (default 10; 0: do not wait)")
+    p = add("mem-max", cmd_mem_max, "set the most memory a domain may hold (the guest is not told)")
+    p.add_argument("dom", help="name or id")
+    p.add_argument("size", help="as xl: 512m, 1g, 262144k, 4096b; a bare number is MiB")
     p = add("xenstore", cmd_xenstore, "read and change xenstore (ls, read, write, rm, watch, chmod)")
     p.add_argument("op", choices=["ls", "read", "write", "rm", "watch", "chmod"])
     p.add_argument("path")

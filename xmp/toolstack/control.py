@@ -11,6 +11,8 @@ object per line and answers one per line, in order::
     {"cmd": "device-remove", "class": "block", "dom": "web", "name": "xvdb", "force": false}
     {"cmd": "device-list", "class": "block", "dom": "web"} -> {"ok": true, "header": "...", "rows": [...]}
     {"cmd": "device-move", "class": "block", "dom": "web", "name": "xvda", "backend": "dd2"}
+    {"cmd": "mem-set", "dom": "web", "memkb": 65536, "timeout": 10} -> {"ok": true, "mem_kb": 65536, ...}
+    {"cmd": "mem-max", "dom": "web", "memkb": 131072}
     {"cmd": "dmesg", "clear": false}       -> {"ok": true, "lines": [...]}
     {"cmd": "console", "dom": "web"}       -> {"ok": true, "socket": "<rundir>/console/7.sock", ...}
     failures                               -> {"ok": false, "error": "...", "errno": 3}
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from xmp import devices
 from xmp.errors import HypercallError, XmpError
 from xmp.hypercall import from_a_domain
+from xmp.toolstack import memory
 from xmp.toolstack.pending import Pending
 
 if TYPE_CHECKING:
@@ -226,6 +229,18 @@ class ControlServer:
         self.sup.resume_domain(dom)
         return {"domid": dom.domid}
 
+    def cmd_mem_set(self, req):
+        kb, timeout = req.get("memkb"), req.get("timeout", memory.TARGET_WAIT)
+        if not _number(kb, int) or not _number(timeout, (int, float)):
+            raise HypercallError(errno.EINVAL, "mem-set", "memkb is an integer, timeout a number")
+        return memory.set_memory_target(self.ts, self._dom(req), kb, float(timeout))
+
+    def cmd_mem_max(self, req):
+        kb = req.get("memkb")
+        if not _number(kb, int):
+            raise HypercallError(errno.EINVAL, "mem-max", "memkb is an integer")
+        return memory.set_max_memory(self.ts, self._dom(req), kb)
+
     def cmd_dmesg(self, req):
         lines = list(self.sup.dmesg)
         if req.get("clear"):
@@ -290,6 +305,10 @@ class ControlServer:
             self.path.unlink()
         except FileNotFoundError:
             pass
+
+
+def _number(value: Any, kind) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool) and value >= 0
 
 
 def _line(answer: dict[str, Any]) -> bytes:

@@ -49,6 +49,7 @@ class DomainRecord:
     domid: int
     cfg: DomainConfig
     devices: list[Device] = field(default_factory=list)
+    target_kb: int = 0  # the balloon target last written (memory/target; xmp mem-set)
 
     def save(self, domain_name: Callable[[int], str]) -> dict[str, Any]:
         """JSON-safe; backends by name (ids differ from host to host)."""
@@ -180,7 +181,7 @@ class Toolstack:
             if self.sup.echo_fd is not None:
                 fds.append(self.sup.echo_fd)
         dom = self.sup.build(cfg, kernel or "", domid=domid, name=name, boot=boot, extra_fds=fds)
-        self.records[dom.domid] = DomainRecord(dom.domid, cfg)
+        self.records[dom.domid] = DomainRecord(dom.domid, cfg, target_kb=cfg.memory_mib * 1024)
         if dom.domid != DOMID_DOM0:
             tree = domain_tree(dom.domid, dom.name, dom.uuid, cfg.memory_mib * 1024, cfg.maxmem_mib * 1024,
                                cfg.vcpus, cfg.maxvcpus, dom.console_port, dom.store_port, cfg.xenstore_quota)
