@@ -87,3 +87,33 @@ def mapped(kernel) -> None:
     page[32:48] = b"granter-saw-it!!"  # dom0 unmaps now
     kernel.print("mapped: " + json.dumps(report))
     kernel.idle()
+
+
+def toucher(kernel) -> None:
+    """Balloon out pages holding data (through the driver, as a target
+    would), then touch them: reports ``toucher: {json}``."""
+    pages = kernel.pages
+    # the toolstack's target first (the watch fires once at once), so ours stands after it
+    kernel.loop.run_until(lambda: kernel.balloon.target_pages is not None, 10)
+    before = kernel.xen.current_reservation()
+    kernel.balloon.target_pages = before - pages.count(FREE) // 2
+    kernel.balloon.balance()
+    gone = pages.ballooned(pages.count(BALLOONED))
+    report = {"given": before - kernel.xen.current_reservation()}
+    # every free page held a pattern before the balloon took half of them
+    report["reads_zero"] = all(bytes(kernel.page(p)) == bytes(4096) for p in gone[:64])
+    kernel.page(gone[0])[:8] = b"scribble"
+    report["write_kept"] = bytes(kernel.page(gone[0])[:8]).decode()
+    report["reservation_after_touch"] = before - kernel.xen.current_reservation()
+    kernel.print("toucher: " + json.dumps(report))
+    kernel.idle()
+
+
+def prefilled_toucher(kernel) -> None:
+    """Write every free page first, then be a toucher."""
+    n = kernel.pages.count(FREE)
+    first = kernel.alloc_pages(n)
+    for pfn in range(first, first + n):
+        kernel.page(pfn)[:] = _pattern(pfn)
+    kernel.free_pages(first, n)
+    toucher(kernel)

@@ -163,3 +163,17 @@ def test_a_page_another_domain_maps_is_not_taken_back(hosts):
     assert r["still_there"] == "granted-page-123dom0-was-here!!!"
     assert h.stop() == 0
     h.assert_clean()
+
+
+@pytest.mark.timeout(60)
+def test_a_page_given_back_reads_as_zeros_when_touched(hosts):
+    """What a guest gets touching a page it gave away (README, balloon.py):
+    a zeroed page of its own memory -- never what the page held -- and its
+    reservation does not grow."""
+    h = hosts(HOST + _domain("t", "prefilled_toucher", 32)).start(("t",))
+    r = json.loads(h.wait(lambda: _lines(h, "t", "toucher: "), 20, "the report")[-1][len("toucher: "):])
+    assert r["given"] > 3000 and r["reads_zero"] and r["write_kept"] == "scribble"
+    assert r["reservation_after_touch"] == r["given"]
+    assert _mem_kb(h, "t") == 32 * 1024 - r["given"] * 4
+    assert h.stop() == 0
+    h.assert_clean()

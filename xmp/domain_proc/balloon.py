@@ -13,14 +13,13 @@ another domain still maps).  Short of free pages, it gives what it can
 and tries again whenever pages are freed; the toolstack sees the domain
 fall short of its target and says so.
 
-A ballooned-out page is punched out of the RAM object: reading it gives
-zeros; writing it makes the kernel fill the hole with a fresh zeroed page
-of the guest's *own* object again (xmp cannot take a mapping away from a
-process, as Xen takes a page out of a PV guest's page tables).  So a guest
-that touches a page it gave away sees zeros, never another domain's data,
-and can at most cost the host its own maxmem -- which ``xmp list`` and the
-pool do not count, as Xen does not count what a broken guest scribbles on
-a hole.
+A ballooned-out page is punched out of the RAM object.  A guest that
+touches it again -- reading or writing -- makes the kernel fill the hole
+with a fresh zeroed page of the guest's *own* object (shared memory
+allocates on any fault; xmp cannot take a mapping away from a process, as
+Xen takes a page out of a PV guest's page tables).  So it sees zeros, never
+another domain's data nor what the page held, and can at most cost the host
+its own maxmem, uncounted by ``xmp list`` and the pool.
 """
 
 from __future__ import annotations
