@@ -98,6 +98,9 @@ def test_mem_set_and_mem_max_refuse_and_change_nothing(hosts):
         assert _mem_kb(h, "b") == 32 * 1024 and target() == "32768"
         return out.stderr
 
+    # the keys libxl writes: static-max, target (KiB) and videoram (none for PV/PVH)
+    assert [h.xmp("xenstore", "read", f"/local/domain/{domid}/memory/{key}").stdout.strip()
+            for key in ("static-max", "target", "videoram")] == ["524288", "32768", "0"]
     assert "above b's maximum of 524288 KiB" in refused("mem-set", "b", "513m")
     assert "the host pool has 131072 KiB free" in refused("mem-set", "b", "400m")
     assert "below the" in refused("mem-set", "b", "16k")
