@@ -5,11 +5,18 @@ background with ``--detach``); every other command talks to a running one
 through ``<rundir>/control.sock``.  The run directory defaults to
 ``$XMP_RUNDIR``, else ``$XDG_RUNTIME_DIR/xmp/<host>``, else
 ``/tmp/xmp-<uid>/<host>``.
+
+Every command is one :func:`command` registration next to its function:
+its name, xl's one-line summary and usage (``tools/xl/xl_cmdtable.c``), and
+its arguments.  ``xmp help`` and each command's ``--help`` are printed from
+that table in xl's layout; every command takes ``--rundir``, and those that
+print a table take ``--json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import select
@@ -18,12 +25,14 @@ import sys
 import termios
 import time
 import tty
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from xmp import devices
-from xmp.errors import XmpError
+from xmp.errors import LocalError, XmpError
 from xmp.sharedmem.shm import remove_stale
 
 ESCAPE = b"\x1d"  # Ctrl-], as xl console
@@ -39,6 +48,119 @@ def default_rundir(host: str | None = None) -> Path:
 
 class CliError(Exception):
     """One clear message for the user, and exit status 1."""
+
+
+class UsageError(CliError):
+    """Arguments a command cannot take: one line, and exit status 2."""
+
+
+# -- the command table -------------------------------------------------------
+
+RUNDIR_HELP = "The supervisor's run directory (default: $XMP_RUNDIR)."
+OPTION_COLUMN = 24  # xl aligns its option help here
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argparse argument: ``add_argument(*names, **kw)``."""
+
+    names: tuple[str, ...]
+    kw: dict[str, Any]
+
+
+def arg(*names: str, **kw: Any) -> Arg:
+    return Arg(names, kw)
+
+
+DOM = arg("dom", metavar="Domain")
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    run: Callable[[argparse.Namespace], int]
+    summary: str            # xl's one-line summary
+    usage: str              # the arguments, as xl's help shows them
+    args: tuple[Arg, ...]
+    table: bool             # prints a table: takes --json
+
+    def options(self) -> list[Arg]:
+        opts = [a for a in self.args if a.names[0].startswith("-")]
+        opts.append(arg("--rundir", metavar="DIR", help=RUNDIR_HELP))
+        if self.table:
+            opts.append(arg("--json", action="store_true", help="Print the table as JSON."))
+        opts.append(arg("-h", "--help", action="store_true", help="Print this help."))
+        return opts
+
+    def help(self) -> str:
+        """xl's layout: ``Usage: xl <cmd> <usage>``, the summary, the options."""
+        lines = []
+        for a in self.options():
+            flags = ", ".join(a.names) + (f" {a.kw['metavar']}" if "metavar" in a.kw else "")
+            text = a.kw.get("help", "")
+            if len(flags) >= OPTION_COLUMN:
+                lines.append(flags)
+                flags = ""
+            lines.append(f"{flags:<{OPTION_COLUMN}}{text}")
+        return (f"Usage: xmp {self.name} {self.usage}\n\n{self.summary}.\n\n"
+                "Options:\n\n" + "\n".join(lines) + "\n")
+
+    def parser(self) -> argparse.ArgumentParser:
+        p = _Parser(self, prog=f"xmp {self.name}", add_help=False)
+        for a in self.args:
+            p.add_argument(*a.names, **a.kw)
+        p.add_argument("--rundir", help=RUNDIR_HELP)
+        if self.table:
+            p.add_argument("--json", action="store_true")
+        p.add_argument("-h", "--help", action=_Help, nargs=0)
+        return p
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, cmd: Command, **kw: Any):
+        super().__init__(**kw)
+        self.cmd = cmd
+
+    def error(self, message: str) -> NoReturn:
+        cmd = self.cmd
+        raise UsageError(f"{message}; usage: xmp {cmd.name} {cmd.usage} (see xmp help {cmd.name})")
+
+
+class _Help(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:
+        assert isinstance(parser, _Parser)
+        sys.stdout.write(parser.cmd.help())
+        raise SystemExit(0)
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, summary: str, usage: str = "", *args: Arg, table: bool = False):
+    """Register the decorated function as ``xmp <name>``."""
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        if name in COMMANDS:
+            raise LocalError(f"two commands named {name!r}")
+        COMMANDS[name] = Command(name, run, summary, usage, args, table)
+        return run
+    return register
+
+
+def overview() -> str:
+    """``xmp help``: every command with its summary, in xl's layout."""
+    out = ["Usage xmp <subcommand> [args]\n\nxmp full list of subcommands:\n\n"]
+    for cmd in COMMANDS.values():
+        out.append(f" {cmd.name:<19} ")
+        if len(cmd.name) > 19:
+            out.append(f"\n {'':<19} ")
+        out.append(f"{cmd.summary}\n")
+    return "".join(out)
+
+
+def unknown(name: str) -> CliError:
+    near = difflib.get_close_matches(name, list(COMMANDS), n=1)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return UsageError(f"'{name}' is not an xmp command{hint} (xmp help lists them)")
 
 
 # -- talking to a supervisor -------------------------------------------------
@@ -69,6 +191,10 @@ def request(rundir: Path, cmd: str, **fields: Any) -> dict[str, Any]:
 # -- commands ------------------------------------------------------------------
 
 
+@command("run", "Start a supervisor and the domains of a topology file (xmp's own)", "[options] <Topology>",
+         arg("topology", metavar="Topology"),
+         arg("--detach", action="store_true", help="Return once every domain runs (stop it with "
+             "`xmp destroy Domain-0`)."))
 def cmd_run(args) -> int:
     from xmp.hypervisor import Supervisor
     from xmp.toolstack import run_host
@@ -122,23 +248,39 @@ def cmd_run(args) -> int:
     return 0
 
 
+
+
+# -- looking domains up --------------------------------------------------------
+
+
 def _rundir(args) -> Path:
     return Path(args.rundir) if args.rundir else default_rundir()
 
 
-def cmd_list(args) -> int:
-    doms = request(_rundir(args), "list")["domains"]
-    if args.json:
-        print(json.dumps(doms, indent=2))
-        return 0
-    # xl list's exact header and row formats (tools/xl/xl_info.c)
-    print(f"{'Name':<40}ID   Mem VCPUs\tState\tTime(s)")
-    for d in doms:
-        print(f"{d['name']:<40}{d['domid']:5d} {d['mem_kb'] // 1024:5d} {d['vcpus']:5d}     "
-              f"{d['state_letters']:6}  {d['cpu_time']:8.1f}")
-    return 0
+def _domains(args) -> list[dict[str, Any]]:
+    return request(_rundir(args), "list")["domains"]
 
 
+def _find(doms: list[dict[str, Any]], ref: str) -> dict[str, Any]:
+    """A domain by name or id, as the hypervisor's find (the living first)."""
+    for d in sorted(doms, key=lambda d: d.get("state") == "dying"):
+        if str(d["domid"]) == ref or d["name"] == ref:
+            return d
+    raise CliError(f"domain '{ref}' does not exist")
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+# -- commands, in xl's order (xl_cmdtable.c) ----------------------------------
+
+
+@command("create", "Create a domain from config file <filename>", "<ConfigFile> [options]",
+         arg("file", metavar="ConfigFile"),
+         arg("-p", dest="paused", action="store_true", help="Leave the domain paused after it is created."),
+         arg("-c", dest="console", action="store_true",
+             help="Connect to the console after the domain is created."))
 def cmd_create(args) -> int:
     from xmp.topology import load_domain
 
@@ -153,6 +295,29 @@ def cmd_create(args) -> int:
     return 0
 
 
+@command("list", "List information about all/some domains", "[options] [Domain...]",
+         arg("doms", nargs="*", metavar="Domain"), table=True)
+def cmd_list(args) -> int:
+    doms = _domains(args)
+    if args.doms:
+        doms = [_find(doms, ref) for ref in args.doms]
+    if args.json:
+        _print_json(doms)
+        return 0
+    sys.stdout.write(list_table(doms))
+    return 0
+
+
+def list_table(doms: list[dict[str, Any]]) -> str:
+    """xl list's exact header and rows (tools/xl/xl_info.c, list_domains):
+    ``%-40s %5d %5lu %5d     %c%c%c%c%c%c  %8.1f``."""
+    out = ["Name" + " " * 40 + "ID   Mem VCPUs\tState\tTime(s)\n"]
+    for d in doms:
+        out.append(f"{d['name']:<40} {d['domid']:5d} {d['mem_kb'] // 1024:5d} {d['vcpus']:5d}     "
+                   f"{d['state_letters']:6}  {d['cpu_time']:8.1f}\n")
+    return "".join(out)
+
+
 def _simple(cmd: str):
     def run(args) -> int:
         request(_rundir(args), cmd, dom=args.dom)
@@ -160,6 +325,17 @@ def _simple(cmd: str):
     return run
 
 
+command("destroy", "Terminate a domain immediately", "<Domain>", DOM)(_simple("destroy"))
+
+_SHUTDOWN_ARGS = (DOM,
+                  arg("-w", "--wait", dest="wait", action="store_true", help="Wait for the guest to go."),
+                  arg("-F", "--force", action="store_true",
+                      help="Destroy the guest if it has not gone within the timeout."),
+                  arg("--timeout", type=float, default=30.0, metavar="S",
+                      help="Seconds -w and -F wait (default 30)."))
+
+
+@command("shutdown", "Issue a shutdown signal to a domain", "[options] <Domain>", *_SHUTDOWN_ARGS)
 def cmd_shutdown(args, reason: str = "poweroff") -> int:
     rundir = _rundir(args)
     domid = request(rundir, "shutdown", dom=args.dom, reason=reason)["domid"]
@@ -182,20 +358,221 @@ def cmd_shutdown(args, reason: str = "poweroff") -> int:
     raise CliError(f"{args.dom} did not shut down within {args.timeout:g} s (-F destroys it)")
 
 
+@command("reboot", "Issue a reboot signal to a domain", "[options] <Domain>", *_SHUTDOWN_ARGS)
 def cmd_reboot(args) -> int:
     return cmd_shutdown(args, "reboot")
 
 
+command("pause", "Pause execution of a domain", "<Domain>", DOM)(_simple("pause"))
+command("unpause", "Unpause a paused domain", "<Domain>", DOM)(_simple("unpause"))
+
+
+@command("console", "Attach to domain's console", "<Domain>", DOM)
+def cmd_console(args) -> int:
+    return _attach(_rundir(args), args.dom)
+
+
+def _attach(rundir: Path, dom: str) -> int:
+    info = request(rundir, "console", dom=dom)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(info["socket"])
+    except OSError as exc:
+        raise CliError(f"console of {info['name']!r} is not available: {exc}") from None
+    stdin = sys.stdin.fileno()
+    raw = os.isatty(stdin)
+    saved = termios.tcgetattr(stdin) if raw else None
+    if raw:
+        tty.setraw(stdin)
+        os.write(1, f"xmp: attached to {info['name']} (Ctrl-] detaches)\r\n".encode())
+    try:
+        stdin_open = True
+        while True:
+            ready, _, _ = select.select([sock] + ([stdin] if stdin_open else []), [], [])
+            if sock in ready:
+                data = sock.recv(65536)
+                if not data:
+                    return 0
+                os.write(1, data)
+            if stdin in ready:
+                data = os.read(stdin, 4096)
+                if not data:
+                    stdin_open = False  # keep showing output until the console goes
+                    continue
+                if ESCAPE in data:
+                    sock.sendall(data.split(ESCAPE)[0])
+                    return 0
+                sock.sendall(data)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+            os.write(1, b"\r\n")
+        sock.close()
+
+
+@command("suspend", "Suspend a domain to RAM", "<Domain>", DOM)
 def cmd_suspend(args) -> int:
     request(_rundir(args), "shutdown", dom=args.dom, reason="suspend")
     return 0
 
 
+@command("resume", "Resume a domain from RAM", "<Domain>", DOM)
 def cmd_resume(args) -> int:
     request(_rundir(args), "resume", dom=args.dom)
     return 0
 
 
+@command("info", "Get information about Xen host", "")
+def cmd_info(args) -> int:
+    from xmp.sharedmem import _ffi  # noqa: F401  (fails with instructions if not built)
+
+    print(f"xmp {version('xmp')}")
+    print("fast path: built (xmp.sharedmem._fast)")
+    return 0
+
+
+@command("domid", "Convert a domain name to domain id", "<DomainName>", arg("name", metavar="DomainName"))
+def cmd_domid(args) -> int:
+    found = [d for d in _domains(args) if d["name"] == args.name]
+    if not found:
+        raise CliError(f"domain '{args.name}' does not exist")
+    print(_find(found, args.name)["domid"])
+    return 0
+
+
+@command("domname", "Convert a domain id to domain name", "<DomainId>", arg("domid", metavar="DomainId"))
+def cmd_domname(args) -> int:
+    if not args.domid.isdigit():
+        raise CliError(f"'{args.domid}' is not a domain id")
+    found = [d for d in _domains(args) if d["domid"] == int(args.domid)]
+    if not found:
+        raise CliError(f"domain '{args.domid}' does not exist")
+    print(found[0]["name"])
+    return 0
+
+
+@command("rename", "Rename a domain", "<Domain> <NewDomainName>", DOM, arg("name", metavar="NewDomainName"))
+def cmd_rename(args) -> int:
+    request(_rundir(args), "rename", dom=args.dom, name=args.name)
+    return 0
+
+
+TRIGGERS = ("nmi", "reset", "init", "power", "sleep", "s3resume")
+
+
+@command("trigger", "Send a trigger to a domain", f"<Domain> <{'|'.join(TRIGGERS)}> [<VCPU>]",
+         DOM, arg("trigger", metavar="Trigger"), arg("vcpu", nargs="?", type=int, default=0, metavar="VCPU"))
+def cmd_trigger(args) -> int:
+    if args.trigger not in TRIGGERS:
+        raise CliError(f"Invalid trigger \"{args.trigger}\" (one of {', '.join(TRIGGERS)})")
+    request(_rundir(args), "trigger", dom=args.dom, trigger=args.trigger, vcpu=args.vcpu)
+    return 0
+
+
+@command("sysrq", "Send a sysrq to a domain", "<Domain> <letter>", DOM, arg("key", metavar="letter"))
+def cmd_sysrq(args) -> int:
+    if len(args.key) != 1:
+        raise CliError(f"a sysrq is one letter, not '{args.key}'")
+    request(_rundir(args), "sysrq", dom=args.dom, key=args.key)
+    return 0
+
+
+@command("dmesg", "Read and/or clear dmesg buffer", "[-c]",
+         arg("-c", dest="clear", action="store_true", help="Clear dmesg buffer as well as printing it."))
+def cmd_dmesg(args) -> int:
+    for line in request(_rundir(args), "dmesg", clear=args.clear)["lines"]:
+        print(line)
+    return 0
+
+
+def _device_attach(cls):
+    def run(args) -> int:
+        reply = request(_rundir(args), "device-add", **{"class": cls.command}, dom=args.dom, spec=args.spec,
+                        cwd=os.getcwd())
+        print(f"xmp: {cls.config_key} {reply['devid']} attached to dom{reply['domid']} "
+              f"(backend dom{reply['backend']})")
+        return 0
+    return run
+
+
+def _device_detach(cls):
+    """As xl: the toolstack asks the backend to close, waits for Closed,
+    then removes the device (--force: at once)."""
+    def run(args) -> int:
+        request(_rundir(args), "device-remove", **{"class": cls.command}, dom=args.dom, name=args.device,
+                force=args.force, timeout=args.timeout)
+        return 0
+    return run
+
+
+def _device_list(cls):
+    def run(args) -> int:
+        reply = request(_rundir(args), "device-list", **{"class": cls.command}, dom=args.dom)
+        if args.json:
+            _print_json(reply["devices"])
+            return 0
+        print(reply["header"])
+        for row in reply["rows"]:
+            print(row)
+        return 0
+    return run
+
+
+for _cls in devices.DEVICE_CLASSES:  # <command>-attach / -list / -detach for each device class
+    if _cls.command is None:
+        continue
+    _stem = _cls.command
+    command(f"{_stem}-attach", f"Create a new virtual {_stem} device", f"<Domain> <{_cls.config_key}-spec>",
+            DOM, arg("spec", metavar="Spec"))(_device_attach(_cls))
+    command(f"{_stem}-list", f"List virtual {_stem} devices for a domain", "<Domain>", DOM,
+            table=True)(_device_list(_cls))
+    command(f"{_stem}-detach", f"Destroy a domain's virtual {_stem} device", "[options] <Domain> <DevId>",
+            DOM, arg("device", metavar="DevId"),
+            arg("--force", action="store_true", help="Remove it without waiting for the guest."),
+            arg("--timeout", type=float, default=10.0, metavar="S",
+                help="Seconds to wait for Closed (default 10)."))(_device_detach(_cls))
+
+
+def uptime_string(seconds: int, short: bool) -> str:
+    """xl's uptime_to_string: ``[N day(s), ]H:MM[:SS]``."""
+    day, rest = divmod(seconds, 86400)
+    hour, rest = divmod(rest, 3600)
+    minute, sec = divmod(rest, 60)
+    clock = f"{hour:2d}:{minute:02d}" if short else f"{hour:2d}:{minute:02d}:{sec:02d}"
+    return f"{day} days, {clock}" if day > 1 else f"{day} day, {clock}" if day == 1 else clock
+
+
+@command("uptime", "Print uptime for all/some domains", "[-s] [Domain...]",
+         arg("-s", dest="short", action="store_true", help="Print a short uptime output."),
+         arg("doms", nargs="*", metavar="Domain"), table=True)
+def cmd_uptime(args) -> int:
+    doms = request(_rundir(args), "uptime")["domains"]
+    if args.doms:
+        doms = [_find(doms, ref) for ref in args.doms]
+    now = int(time.time())
+    rows = [(d["name"], d["domid"], max(0, now - int(d["start_time"]))) for d in doms]
+    if args.json:
+        _print_json([{"name": n, "domid": i, "uptime": s} for n, i, s in rows])
+        return 0
+    sys.stdout.write(uptime_table(rows, now, args.short))
+    return 0
+
+
+def uptime_table(rows: list[tuple[str, int, int]], now: int, short: bool) -> str:
+    """xl uptime's formats (xl_info.c, print_uptime): ``%-33s %4d %s``, or
+    with -s `` %s up %s, %s (%d)``."""
+    if short:
+        clock = time.strftime("%H:%M:%S", time.localtime(now))
+        return "".join(f" {clock} up {uptime_string(s, True)}, {n} ({i})\n" for n, i, s in rows)
+    return f"{'Name':<33} {'ID':>4} Uptime\n" + "".join(f"{n:<33} {i:4d} {uptime_string(s, False)}\n"
+                                                       for n, i, s in rows)
+
+
+@command("xenstore", "Read and change xenstore (xenstore-ls/-read/-write/-rm/-watch/-chmod; xmp's own)",
+         "<ls|read|write|rm|watch|chmod> <Path> [Value|Perm...|Count]",
+         arg("op", choices=["ls", "read", "write", "rm", "watch", "chmod"], metavar="Op"),
+         arg("path", metavar="Path"),
+         arg("values", nargs="*", metavar="Value"))
 def cmd_xenstore(args) -> int:
     from xmp.errors import XenStoreError
     from xmp.xenstore.client import SocketTransport, XsClient
@@ -244,84 +621,9 @@ def _xs_ls(xs, path: str, depth: int) -> None:
         _xs_ls(xs, child, depth + 1)
 
 
-def _device_attach(cls):
-    def run(args) -> int:
-        reply = request(_rundir(args), "device-add", **{"class": cls.command}, dom=args.dom, spec=args.spec,
-                        cwd=os.getcwd())
-        print(f"xmp: {cls.config_key} {reply['devid']} attached to dom{reply['domid']} "
-              f"(backend dom{reply['backend']})")
-        return 0
-    return run
 
 
-def _device_detach(cls):
-    """As xl: the toolstack asks the backend to close, waits for Closed,
-    then removes the device (--force: at once)."""
-    def run(args) -> int:
-        request(_rundir(args), "device-remove", **{"class": cls.command}, dom=args.dom, name=args.device,
-                force=args.force, timeout=args.timeout)
-        return 0
-    return run
-
-
-def _device_list(cls):
-    def run(args) -> int:
-        reply = request(_rundir(args), "device-list", **{"class": cls.command}, dom=args.dom)
-        print(reply["header"])
-        for row in reply["rows"]:
-            print(row)
-        return 0
-    return run
-
-
-def cmd_dmesg(args) -> int:
-    for line in request(_rundir(args), "dmesg", clear=args.clear)["lines"]:
-        print(line)
-    return 0
-
-
-def cmd_console(args) -> int:
-    return _attach(_rundir(args), args.dom)
-
-
-def _attach(rundir: Path, dom: str) -> int:
-    info = request(rundir, "console", dom=dom)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(info["socket"])
-    except OSError as exc:
-        raise CliError(f"console of {info['name']!r} is not available: {exc}") from None
-    stdin = sys.stdin.fileno()
-    raw = os.isatty(stdin)
-    saved = termios.tcgetattr(stdin) if raw else None
-    if raw:
-        tty.setraw(stdin)
-        os.write(1, f"xmp: attached to {info['name']} (Ctrl-] detaches)\r\n".encode())
-    try:
-        stdin_open = True
-        while True:
-            ready, _, _ = select.select([sock] + ([stdin] if stdin_open else []), [], [])
-            if sock in ready:
-                data = sock.recv(65536)
-                if not data:
-                    return 0
-                os.write(1, data)
-            if stdin in ready:
-                data = os.read(stdin, 4096)
-                if not data:
-                    stdin_open = False  # keep showing output until the console goes
-                    continue
-                if ESCAPE in data:
-                    sock.sendall(data.split(ESCAPE)[0])
-                    return 0
-                sock.sendall(data)
-    finally:
-        if saved is not None:
-            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
-            os.write(1, b"\r\n")
-        sock.close()
-
-
+@command("cleanup", "Remove shared memory left by dead supervisors (xmp's own)", "[options]")
 def cmd_cleanup(args) -> int:
     removed = remove_stale()
     for name in removed:
@@ -330,85 +632,46 @@ def cmd_cleanup(args) -> int:
     return 0
 
 
-def cmd_info(args) -> int:
-    from xmp.sharedmem import _ffi  # noqa: F401  (fails with instructions if not built)
-
-    print(f"xmp {version('xmp')}")
-    print("fast path: built (xmp.sharedmem._fast)")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xmp", description="Xen's architecture as Linux processes.")
-    parser.add_argument("--version", action="version", version=f"xmp {version('xmp')}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name: str, func, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(func=func)
-        if name not in ("info", "cleanup"):
-            p.add_argument("--rundir", help="the supervisor's run directory")
-        return p
-
-    p = add("run", cmd_run, "start a supervisor and the domains of a topology file")
-    p.add_argument("topology")
-    p.add_argument("--detach", action="store_true", help="return once every domain runs")
-    p = add("list", cmd_list, "list domains (xl list)")
-    p.add_argument("--json", action="store_true")
-    p = add("create", cmd_create, "create one more domain from a TOML file")
-    p.add_argument("file")
-    p.add_argument("-p", dest="paused", action="store_true", help="leave it paused")
-    p.add_argument("-c", dest="console", action="store_true", help="attach to its console")
-    for name, help in (("destroy", "destroy a domain at once (pull the plug)"),
-                       ("pause", "stop scheduling a domain"), ("unpause", "resume a paused domain")):
-        add(name, _simple(name), help).add_argument("dom", help="name or id")
-    for name, func, help in (("shutdown", cmd_shutdown, "ask a guest to power off (control/shutdown)"),
-                             ("reboot", cmd_reboot, "ask a guest to reboot (control/shutdown)")):
-        p = add(name, func, help)
-        p.add_argument("dom", help="name or id")
-        p.add_argument("-w", dest="wait", action="store_true", help="wait until it has gone")
-        p.add_argument("-F", "--force", action="store_true", help="destroy it if it does not answer in time")
-        p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
-    add("suspend", cmd_suspend, "ask a guest to suspend (control/shutdown)").add_argument(
-        "dom", help="name or id")
-    add("resume", cmd_resume, "resume a suspended guest in place").add_argument("dom", help="name or id")
-    for cls in devices.DEVICE_CLASSES:  # <command>-attach / -detach / -list for each device class
-        if cls.command is None:
-            continue
-        p = add(f"{cls.command}-attach", _device_attach(cls), f"hot-plug a {cls.devtype} device into a guest")
-        p.add_argument("dom", help="name or id")
-        p.add_argument("spec", help=f"an xl {cls.config_key} spec")
-        p = add(f"{cls.command}-detach", _device_detach(cls),
-                f"unplug a guest's {cls.devtype} device (the guest is asked first)")
-        p.add_argument("dom", help="name or id")
-        p.add_argument("device", help="its name (e.g. xvdb) or number")
-        p.add_argument("--force", action="store_true", help="remove it without waiting for the guest")
-        p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for Closed (default 10)")
-        p = add(f"{cls.command}-list", _device_list(cls),
-                f"a guest's {cls.devtype} devices (xl {cls.command}-list)")
-        p.add_argument("dom", help="name or id")
-    p = add("xenstore", cmd_xenstore, "read and change xenstore (ls, read, write, rm, watch, chmod)")
-    p.add_argument("op", choices=["ls", "read", "write", "rm", "watch", "chmod"])
-    p.add_argument("path")
-    p.add_argument("values", nargs="*", help="write: VALUE; chmod: PERM...; watch: how many events")
-    p = add("console", cmd_console, "attach to a domain's console (Ctrl-] detaches)")
-    p.add_argument("dom", help="name or id")
-    p = add("dmesg", cmd_dmesg, "the hypervisor's log")
-    p.add_argument("-c", dest="clear", action="store_true", help="clear it after printing")
-    add("info", cmd_info, "what this installation has")
-    add("cleanup", cmd_cleanup, "remove shared-memory objects left by dead supervisors")
-    return parser
+# -- the entry point -------------------------------------------------------------
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return args.func(args)
+        if not argv:
+            sys.stdout.write(overview())
+            return 1  # as xl with no subcommand
+        name, rest = argv[0], argv[1:]
+        if name in ("-h", "--help") or (name == "help" and not rest):
+            sys.stdout.write(overview())
+            return 0
+        if name == "--version":
+            print(f"xmp {version('xmp')}")
+            return 0
+        if name == "help":
+            if rest[0] not in COMMANDS:
+                raise unknown(rest[0])
+            sys.stdout.write(COMMANDS[rest[0]].help())
+            return 0
+        cmd = COMMANDS.get(name)
+        if cmd is None:
+            raise unknown(name)
+        try:
+            args = cmd.parser().parse_args(rest)
+        except SystemExit as exc:  # --help has printed it
+            return int(exc.code or 0)
+        return cmd.run(args)
+    except UsageError as exc:
+        print(f"xmp: {exc}", file=sys.stderr)
+        return 2
     except CliError as exc:
-        print(f"xmp {args.command}: {exc}", file=sys.stderr)
+        print(f"xmp: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `xmp ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ object per line and answers one per line, in order::
     {"cmd": "device-remove", "class": "block", "dom": "web", "name": "xvdb", "force": false}
     {"cmd": "device-list", "class": "block", "dom": "web"} -> {"ok": true, "header": "...", "rows": [...]}
     {"cmd": "device-move", "class": "block", "dom": "web", "name": "xvda", "backend": "dd2"}
+    {"cmd": "rename", "dom": "web", "name": "www"}
+    {"cmd": "sysrq", "dom": "web", "key": "t"}
+    {"cmd": "trigger", "dom": "web", "trigger": "nmi" | "reset" | "power" | ...}
+    {"cmd": "uptime"}                      -> {"ok": true, "domains": [{"domid", "name", "start_time"}, ...]}
     {"cmd": "dmesg", "clear": false}       -> {"ok": true, "lines": [...]}
     {"cmd": "console", "dom": "web"}       -> {"ok": true, "socket": "<rundir>/console/7.sock", ...}
     failures                               -> {"ok": false, "error": "...", "errno": 3}
@@ -35,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from xmp import devices
 from xmp.errors import HypercallError, XmpError
+from xmp.hv.domain import DomState
 from xmp.hypercall import from_a_domain
 from xmp.toolstack.pending import Pending
 
@@ -221,6 +226,35 @@ class ControlServer:
         dom = self._dom(req)
         self.sup.resume_domain(dom)
         return {"domid": dom.domid}
+
+    def _string(self, req: dict[str, Any], key: str, op: str) -> str:
+        value = req.get(key)
+        if not isinstance(value, str):
+            raise HypercallError(errno.EINVAL, op, f"{key} is a string")
+        return value
+
+    def cmd_rename(self, req):
+        dom, name = self._dom(req), self._string(req, "name", "rename")
+        self.ts.rename(dom, name)
+        return {"domid": dom.domid, "name": name}
+
+    def cmd_sysrq(self, req):
+        dom = self._dom(req)
+        self.ts.sysrq(dom, self._string(req, "key", "sysrq"))
+        return {"domid": dom.domid}
+
+    def cmd_trigger(self, req):
+        dom = self._dom(req)
+        self.ts.trigger(dom, self._string(req, "trigger", "trigger"))
+        return {"domid": dom.domid}
+
+    def cmd_uptime(self, req):
+        """libxl_vm_get_start_time for every domain the toolstack built."""
+        recs = self.ts.records
+        doms = sorted((d for d in self.sup.domains.values() if d.state != DomState.DYING and d.domid in recs),
+                      key=lambda d: d.domid)
+        return {"domains": [{"domid": d.domid, "name": d.name, "start_time": recs[d.domid].start_time}
+                            for d in doms]}
 
     def cmd_dmesg(self, req):
         lines = list(self.sup.dmesg)

@@ -1,0 +1,159 @@
+"""xl's everyday commands against a real host: uptime, domid, domname,
+rename, sysrq, trigger, list's CPU time, and the one-line refusals of bad
+input (nothing changed by them)."""
+
+# ruff: noqa: UP031  (xl's printf formats, kept as printf formats)
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import psutil
+import pytest
+from xmphost import HOST, guest
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _xs(h, path: str) -> str:
+    return h.xmp("xenstore", "read", path).stdout.rstrip("\n")
+
+
+def test_list_time_is_the_domains_cpu_time(hosts):
+    h = hosts(HOST + guest("spin", "busy") + guest("still", "idle")).start(("spin", "still"))
+    proc = psutil.Process(h.domain_pid("spin"))
+    h.wait(lambda: h.info("spin")["cpu_time"] > 0.5, 20, "the busy guest's CPU time to show")
+    before = sum(proc.cpu_times()[:2])
+    listed = h.info("spin")["cpu_time"]
+    after = sum(proc.cpu_times()[:2])
+    assert before - 0.05 <= listed <= after + 0.05
+    row = next(ln for ln in h.xmp("list", "spin").stdout.splitlines() if ln.startswith("spin"))
+    assert float(row.split()[-1]) >= 0.5
+    assert h.info("still")["cpu_time"] < 0.5  # an idle guest uses (almost) none
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_uptime_domid_domname(hosts):
+    h = hosts(HOST + guest("web", "idle") + guest("db", "idle")).start(("web", "db"))
+    out = h.xmp("uptime").stdout.splitlines()
+    assert out[0] == "%-33s %4s %s" % ("Name", "ID", "Uptime")
+    assert [re.fullmatch(r"(\S+) +(\d+) +\d+:\d\d:\d\d", ln).groups() for ln in out[1:]] == \
+        [("Domain-0", "0"), ("web", "1"), ("db", "2")]
+    assert re.fullmatch(r"%-33s %4d [ \d]\d:\d\d:\d\d" % ("db", 2), out[3])
+    short = h.xmp("uptime", "-s", "db", "web").stdout.splitlines()
+    assert [re.fullmatch(r" \d\d:\d\d:\d\d up [ \d]\d:\d\d, (\S+) \((\d+)\)", ln).groups()
+            for ln in short] == [("db", "2"), ("web", "1")]
+    doms = json.loads(h.xmp("uptime", "--json").stdout)
+    assert [d["name"] for d in doms] == ["Domain-0", "web", "db"] and all(d["uptime"] < 60 for d in doms)
+    start = _xs(h, f"/vm/{h.info('web')['uuid']}/start_time")  # libxl's node, "%lu.%02d"
+    assert re.fullmatch(r"\d+\.\d\d", start) and abs(float(start) - time.time()) < 60
+    assert h.xmp("domid", "db").stdout == "2\n"
+    assert h.xmp("domname", "1").stdout == "web\n"
+    assert h.xmp("domname", "0").stdout == "Domain-0\n"
+    for argv, err in ((["domid", "nosuch"], "xmp: domain 'nosuch' does not exist\n"),
+                      (["domid", "1"], "xmp: domain '1' does not exist\n"),
+                      (["domname", "9"], "xmp: domain '9' does not exist\n"),
+                      (["domname", "web"], "xmp: 'web' is not a domain id\n"),
+                      (["uptime", "web", "nosuch"], "xmp: domain 'nosuch' does not exist\n")):
+        out = h.xmp(*argv, check=False)
+        assert (out.returncode, out.stdout, out.stderr) == (1, "", err), argv
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_rename_follows_in_xenstore_and_across_a_restart(hosts):
+    h = hosts(HOST + guest("old", "idle") + guest("other", "idle")).start(("old", "other"))
+    uuid = h.info("old")["uuid"]
+    h.xmp("rename", "old", "new")
+    assert [d["name"] for d in h.list()] == ["Domain-0", "new", "other"]
+    assert _xs(h, "/local/domain/1/name") == "new" and _xs(h, f"/vm/{uuid}/name") == "new"
+    assert h.xmp("domid", "new").stdout == "1\n"
+    for argv, err in ((["rename", "old", "x"], "xmp: domain 'old' does not exist\n"),
+                      (["rename", "new", "other"], "xmp: a domain named 'other' already exists\n"),
+                      (["rename", "new", "bad name"],
+                       "xmp: domain name 'bad name' is not 1..64 characters of A-Z a-z 0-9 _ . -\n"),
+                      (["rename", "new", "Domain-0"],
+                       "xmp: domain name 'Domain-0' is dom0's name; configure dom0 in [dom0]\n"),
+                      (["rename", "Domain-0", "boss"], "xmp: Domain-0 keeps its name\n")):
+        out = h.xmp(*argv, check=False)
+        assert (out.returncode, out.stderr) == (1, err), argv
+    assert [d["name"] for d in h.list()] == ["Domain-0", "new", "other"]
+    assert _xs(h, "/local/domain/1/name") == "new"
+    h.xmp("reboot", "new")  # on_reboot = restart: the toolstack rebuilds it from its record
+    h.wait(lambda: (h.info("new") or {}).get("domid", 1) > 1, 15, "the restart")
+    domid = h.info("new")["domid"]
+    assert _xs(h, f"/local/domain/{domid}/name") == "new"
+    assert h.info("old") is None
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_sysrq_reaches_the_guests_control_driver(hosts):
+    h = hosts(HOST + guest("g", "idle") + guest("stay", "idle", on_reboot="destroy")).start(("g", "stay"))
+    h.xmp("sysrq", "g", "h")
+    h.wait(lambda: "sysrq: HELP : reboot(b) crash(c) poweroff(o) show-task-states(t)" in h.console_log("g"),
+           10, "the help line")
+    h.wait(lambda: _xs(h, "/local/domain/1/control/sysrq") == "", 10, "the guest to clear the key")
+    h.xmp("sysrq", "g", "q")  # a key it has no handler for: the help line again, as Linux
+    h.wait(lambda: h.console_log("g").count("sysrq: HELP :") == 2, 10, "a second help line")
+    h.xmp("sysrq", "g", "t")
+    h.wait(lambda: "sysrq: Show State" in h.console_log("g") and "in domain_main" in h.console_log("g"),
+           10, "the task states")
+    assert "task:MainThread" in h.console_log("g") and "in idle" in h.console_log("g")
+    bad = h.xmp("sysrq", "g", "tb", check=False)
+    assert (bad.returncode, bad.stderr) == (1, "xmp: a sysrq is one letter, not 'tb'\n")
+    assert h.info("g")["state"] == "running"
+    h.xmp("sysrq", "g", "b")  # an immediate reboot: on_reboot (restart) applies
+    h.wait(lambda: (h.info("g") or {}).get("domid", 1) > 2, 15, "the reboot")
+    assert "sysrq: Resetting" in h.console_log("g")
+    h.xmp("sysrq", "stay", "o")
+    h.wait(lambda: h.info("stay") is None, 15, "the poweroff")
+    assert "dom2 'stay' shut down: poweroff" in h.dmesg()
+    missing = h.xmp("sysrq", "gone", "h", check=False)
+    assert (missing.returncode, missing.stderr) == (1, "xmp: domain 'gone' does not exist\n")
+    dom0 = h.xmp("sysrq", "Domain-0", "h", check=False)
+    assert dom0.returncode == 1 and "Domain-0 takes no sysrq" in dom0.stderr
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_sysrq_c_crashes_and_on_crash_applies(hosts):
+    h = hosts(HOST + guest("c", "idle", on_crash="restart")).start(("c",))
+    h.xmp("sysrq", "c", "c")
+    h.wait(lambda: (h.info("c") or {}).get("domid", 1) > 1, 15, "the restart after the crash")
+    assert "Kernel panic - not syncing: sysrq triggered crash" in h.console_log("c")
+    assert "dom1 'c' crashed" in h.dmesg()
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_triggers(hosts):
+    h = hosts(HOST + guest("hung", "busy", on_crash="coredump-destroy") + guest("r", "busy")
+              + guest("p", "idle") + guest("keep", "idle")).start(("hung", "r", "p", "keep"))
+    for what, err in (("init", "xmp: init: xmp's vCPUs have no local APIC to send an INIT to\n"),
+                      ("sleep", "xmp: sleep: xmp guests have no ACPI S3 sleep state\n"),
+                      ("s3resume", "xmp: s3resume: xmp guests have no ACPI S3 sleep state\n"),
+                      ("bogus",
+                       'xmp: Invalid trigger "bogus" (one of nmi, reset, init, power, sleep, s3resume)\n')):
+        out = h.xmp("trigger", "keep", what, check=False)
+        assert (out.returncode, out.stderr) == (1, err), what
+    assert h.info("keep")["state"] == "running"
+    # nmi: a guest that answers nothing (it spins) still panics; on_crash writes its core
+    h.xmp("trigger", "hung", "nmi")
+    h.wait(lambda: h.info("hung") is None, 15, "the crash")
+    assert (h.rundir / "dumps" / "hung-1.core").stat().st_size == 32 << 20
+    # reset: at once, as a reboot: on_reboot = restart
+    h.xmp("trigger", "r", "reset", "0")
+    h.wait(lambda: (h.info("r") or {}).get("domid", 2) > 4, 15, "the reset's restart")
+    # power: the power button is an orderly poweroff
+    h.xmp("trigger", "p", "power")
+    h.wait(lambda: h.info("p") is None, 15, "the poweroff")
+    log = h.dmesg()
+    assert "dom1 'hung' crashed" in log and "dom3 'p' shut down: poweroff" in log
+    assert "dom2 'r' destroyed (reboot: on_reboot = restart)" in log
+    vcpu = h.xmp("trigger", "keep", "nmi", "x", check=False)
+    assert vcpu.returncode == 2 and "invalid int value: 'x'" in vcpu.stderr
+    assert h.stop() == 1  # the nmi was a crash whose policy was not a restart
+    h.assert_clean()
