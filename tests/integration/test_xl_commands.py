@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
 import time
 
 import psutil
 import pytest
-from xmphost import HOST, guest
+from xmphost import ENV, HOST, XMP, guest
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -156,4 +158,50 @@ def test_triggers(hosts):
     vcpu = h.xmp("trigger", "keep", "nmi", "x", check=False)
     assert vcpu.returncode == 2 and "invalid int value: 'x'" in vcpu.stderr
     assert h.stop() == 1  # the nmi was a crash whose policy was not a restart
+    h.assert_clean()
+
+
+def test_a_second_run_on_the_same_rundir_is_refused_and_changes_nothing(hosts):
+    h = hosts(HOST + guest("a", "idle")).start(("a",))
+    hvlog = (h.rundir / "logs" / "hypervisor.log").read_text()
+    second = subprocess.run([*XMP, "run", "--rundir", str(h.rundir), str(h.topology)], capture_output=True,
+                            text=True, timeout=30, check=False, env=ENV)
+    assert (second.returncode, second.stdout) == (1, "")
+    assert second.stderr == (f"xmp: a supervisor (pid {h.pid}) already runs in {h.rundir}: stop it with "
+                             f"`xmp destroy Domain-0 --rundir {h.rundir}`, or use another --rundir\n")
+    # the first still serves: its sockets, its xenstore, its log untouched
+    assert (h.rundir / "xenstored.sock").exists() and (h.rundir / "control.sock").exists()
+    assert _xs(h, "/local/domain/1/name") == "a"
+    assert (h.rundir / "logs" / "hypervisor.log").read_text().startswith(hvlog)
+    assert "created dom" not in (h.rundir / "logs" / "hypervisor.log").read_text()[len(hvlog):]
+    assert h.stop() == 0
+    h.assert_clean()
+    assert not (h.rundir / "xmp.pid").exists()
+
+
+def test_a_supervisor_killed_leaves_a_lock_the_next_one_takes(hosts):
+    h = hosts(HOST + guest("a", "idle")).start(("a",))
+    h.stop(signal.SIGKILL)
+    h.assert_clean(sockets=False)
+    assert (h.rundir / "xmp.pid").read_text() == f"{h.pid}\n"
+    h.start(("a",))
+    assert (h.rundir / "xmp.pid").read_text() == f"{h.pid}\n"
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_sigint_while_the_host_is_being_made_is_a_clean_stop(hosts):
+    h = hosts(HOST + guest("a", "idle") + guest("b", "idle"))
+    h.proc = subprocess.Popen([*XMP, "run", "--rundir", str(h.rundir), str(h.topology)],
+                              stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=ENV)
+    assert h.proc.stdout is not None
+    first = h.proc.stdout.readline()  # printed once the supervisor exists, before dom0 is built
+    assert "xmp: supervisor" in first, first
+    h.descendants()
+    h.proc.send_signal(signal.SIGINT)
+    rest = h.proc.stdout.read()
+    assert h.proc.wait(30) == 0, rest
+    assert rest.splitlines()[-1] == "xmp: stopped (signal SIGINT), exit status 0"
+    h.proc.stdout.close()
     h.assert_clean()
