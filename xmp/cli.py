@@ -172,8 +172,8 @@ def request(rundir: Path, cmd: str, **fields: Any) -> dict[str, Any]:
     try:
         sock.connect(str(path))
     except (FileNotFoundError, ConnectionRefusedError):
-        raise CliError(f"no supervisor runs in {rundir} (start one with `xmp run TOPOLOGY`, "
-                       "or give --rundir)") from None
+        raise CliError(f"no supervisor runs in {rundir} (start one with "
+                       f"`xmp run TOPOLOGY --rundir {rundir}`)") from None
     with sock:
         sock.sendall((json.dumps({"cmd": cmd, **fields}) + "\n").encode())
         buf = b""

@@ -205,3 +205,37 @@ def test_sigint_while_the_host_is_being_made_is_a_clean_stop(hosts):
     assert rest.splitlines()[-1] == "xmp: stopped (signal SIGINT), exit status 0"
     h.proc.stdout.close()
     h.assert_clean()
+
+
+DOMAIN_COMMANDS = [["destroy"], ["pause"], ["unpause"], ["shutdown"], ["reboot"], ["suspend"], ["resume"],
+                   ["console"], ["list"], ["uptime"], ["domid"], ["rename", "{}", "newname"],
+                   ["sysrq", "{}", "h"], ["trigger", "{}", "nmi"], ["block-list"],
+                   ["block-detach", "{}", "xvda"],
+                   ["block-attach", "{}", "format=raw, vdev=xvdb, target=x.img, size=1M"]]
+
+
+def test_an_unknown_domain_is_one_line_for_every_command(hosts):
+    h = hosts(HOST + guest("a", "idle")).start(("a",))
+    before = h.list()
+    for argv in DOMAIN_COMMANDS:
+        argv = [a.format("nosuch") for a in argv] if len(argv) > 1 else [argv[0], "nosuch"]
+        out = h.xmp(*argv, check=False)
+        assert (out.returncode, out.stdout, out.stderr) == \
+            (1, "", "xmp: domain 'nosuch' does not exist\n"), argv
+    after = h.list()
+    assert [(d["domid"], d["name"], d["state"]) for d in after] == \
+        [(d["domid"], d["name"], d["state"]) for d in before]
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+@pytest.mark.parametrize("argv", [["list"], ["uptime"], ["rename", "a", "b"], ["sysrq", "a", "h"],
+                                  ["trigger", "a", "power"], ["domid", "a"], ["dmesg"]])
+def test_no_supervisor_says_how_to_start_one(tmp_path, argv):
+    rundir = tmp_path / "none"
+    out = subprocess.run([*XMP, *argv, "--rundir", str(rundir)], capture_output=True, text=True, timeout=30,
+                         check=False, env=ENV)
+    assert (out.returncode, out.stdout) == (1, "")
+    assert out.stderr == (f"xmp: no supervisor runs in {rundir} (start one with "
+                          f"`xmp run TOPOLOGY --rundir {rundir}`)\n")
+    assert not rundir.exists()
