@@ -623,12 +623,28 @@ def _xs_ls(xs, path: str, depth: int) -> None:
 
 
 
-@command("cleanup", "Remove shared memory left by dead supervisors (xmp's own)", "[options]")
+@command("cleanup", "Remove what dead supervisors left: shared memory, and a run directory's sockets "
+         "(xmp's own)", "[options]")
 def cmd_cleanup(args) -> int:
+    from xmp.toolstack.runlock import RunLock
+
     removed = remove_stale()
     for name in removed:
         print(f"removed /dev/shm/{name}")
     print(f"{len(removed)} stale object(s) of dead supervisors removed")
+    rundir = Path(args.rundir) if args.rundir else default_rundir()
+    if rundir.is_dir():
+        try:
+            lock = RunLock(rundir)  # held by a live supervisor: its sockets are in use
+        except XmpError as exc:
+            print(f"kept the sockets of {rundir}: {str(exc).partition(':')[0]}")
+            return 0
+        try:
+            for sock in [*rundir.glob("*.sock"), *rundir.glob("console/*.sock")]:
+                sock.unlink(missing_ok=True)
+                print(f"removed {sock}")
+        finally:
+            lock.release()
     return 0
 
 

@@ -239,3 +239,17 @@ def test_no_supervisor_says_how_to_start_one(tmp_path, argv):
     assert out.stderr == (f"xmp: no supervisor runs in {rundir} (start one with "
                           f"`xmp run TOPOLOGY --rundir {rundir}`)\n")
     assert not rundir.exists()
+
+
+def test_cleanup_removes_a_dead_supervisors_sockets_and_keeps_a_live_ones(hosts):
+    h = hosts(HOST + guest("a", "idle")).start(("a",))
+    kept = h.xmp("cleanup").stdout
+    assert f"kept the sockets of {h.rundir}: a supervisor (pid {h.pid}) already runs in {h.rundir}" in kept
+    assert (h.rundir / "control.sock").exists() and h.info("a") is not None
+    h.stop(signal.SIGKILL)
+    h.assert_clean(sockets=False)
+    assert (h.rundir / "control.sock").exists()  # a SIGKILL leaves them
+    out = h.xmp("cleanup").stdout
+    assert f"removed {h.rundir / 'control.sock'}" in out
+    h.assert_clean()
+    assert not (h.rundir / "xmp.pid").exists()
