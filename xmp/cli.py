@@ -296,7 +296,9 @@ def cmd_create(args) -> int:
 
 
 @command("list", "List information about all/some domains", "[options] [Domain...]",
-         arg("doms", nargs="*", metavar="Domain"), table=True)
+         arg("doms", nargs="*", metavar="Domain"),
+         arg("-l", "--long", dest="json", action="store_true", help="The same as --json, as xl list -l."),
+         table=True)
 def cmd_list(args) -> int:
     doms = _domains(args)
     if args.doms:

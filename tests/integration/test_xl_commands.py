@@ -157,6 +157,9 @@ def test_triggers(hosts):
     assert "dom2 'r' destroyed (reboot: on_reboot = restart)" in log
     vcpu = h.xmp("trigger", "keep", "nmi", "x", check=False)
     assert vcpu.returncode == 2 and "invalid int value: 'x'" in vcpu.stderr
+    vcpu = h.xmp("trigger", "keep", "nmi", "1", check=False)
+    assert (vcpu.returncode, vcpu.stderr) == (1, "xmp: keep has no vCPU 1\n")
+    assert h.info("keep")["state"] == "running"
     assert h.stop() == 1  # the nmi was a crash whose policy was not a restart
     h.assert_clean()
 

@@ -244,7 +244,10 @@ class ControlServer:
         return {"domid": dom.domid}
 
     def cmd_trigger(self, req):
-        dom = self._dom(req)
+        dom, vcpu = self._dom(req), req.get("vcpu", 0)
+        # as XEN_DOMCTL_sendtrigger: the vCPU must exist (every trigger here acts on the whole domain)
+        if not isinstance(vcpu, int) or isinstance(vcpu, bool) or not 0 <= vcpu < dom.cfg.maxvcpus:
+            raise HypercallError(errno.EINVAL, "trigger", f"{dom.name} has no vCPU {vcpu!r}")
         self.ts.trigger(dom, self._string(req, "trigger", "trigger"))
         return {"domid": dom.domid}
 
