@@ -218,6 +218,12 @@ def cmd_run(args) -> int:
             raise CliError(str(exc)) from None
         print(f"xmp: stopped ({hosts[0].stop_reason}), exit status {code}", flush=True)
         return code
+    from xmp.toolstack.runlock import RunLock
+
+    try:  # refused here, in the same words as in the foreground (the child takes the lock again)
+        RunLock(rundir).release()
+    except XmpError as exc:
+        raise CliError(str(exc)) from None
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the detached supervisor

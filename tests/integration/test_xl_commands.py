@@ -172,6 +172,9 @@ def test_a_second_run_on_the_same_rundir_is_refused_and_changes_nothing(hosts):
     assert (second.returncode, second.stdout) == (1, "")
     assert second.stderr == (f"xmp: a supervisor (pid {h.pid}) already runs in {h.rundir}: stop it with "
                              f"`xmp destroy Domain-0 --rundir {h.rundir}`, or use another --rundir\n")
+    detached = subprocess.run([*XMP, "run", "--detach", "--rundir", str(h.rundir), str(h.topology)],
+                              capture_output=True, text=True, timeout=30, check=False, env=ENV)
+    assert (detached.returncode, detached.stdout, detached.stderr) == (1, "", second.stderr)
     # the first still serves: its sockets, its xenstore, its log untouched
     assert (h.rundir / "xenstored.sock").exists() and (h.rundir / "control.sock").exists()
     assert _xs(h, "/local/domain/1/name") == "a"
