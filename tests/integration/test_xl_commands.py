@@ -6,6 +6,7 @@ input (nothing changed by them)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -180,9 +181,38 @@ def test_a_second_run_on_the_same_rundir_is_refused_and_changes_nothing(hosts):
     assert _xs(h, "/local/domain/1/name") == "a"
     assert (h.rundir / "logs" / "hypervisor.log").read_text().startswith(hvlog)
     assert "created dom" not in (h.rundir / "logs" / "hypervisor.log").read_text()[len(hvlog):]
+    # no guest holds the lock's descriptor (it could unlock it)
+    fds = f"/proc/{h.domain_pid('a')}/fd"
+    guest_fds = [os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds)]
+    assert not [f for f in guest_fds if f.endswith("xmp.pid")]
     assert h.stop() == 0
     h.assert_clean()
     assert not (h.rundir / "xmp.pid").exists()
+
+
+def test_bad_control_requests_are_answered_and_change_nothing(hosts):
+    from xmp.cli import CliError, request
+
+    h = hosts(HOST + guest("a", "idle")).start(("a",))
+    for fields, message in (({"cmd": "rename", "dom": "a", "name": 5}, "name is a string"),
+                            ({"cmd": "rename", "dom": "a"}, "name is a string"),
+                            ({"cmd": "sysrq", "dom": "a", "key": ["b"]}, "key is a string"),
+                            ({"cmd": "sysrq", "dom": "a", "key": "\n"}, "a sysrq is one letter"),
+                            ({"cmd": "trigger", "dom": "a", "trigger": "nmi", "vcpu": True},
+                             "has no vCPU True"),
+                            ({"cmd": "trigger", "dom": "a", "trigger": "nmi", "vcpu": -1}, "has no vCPU -1"),
+                            ({"cmd": "trigger", "dom": "a"}, "trigger is a string"),
+                            ({"cmd": "uptime", "dom": ["x"]}, None)):
+        try:
+            reply = request(h.rundir, **fields)
+        except CliError as exc:
+            assert message is not None and message in str(exc), (fields, exc)
+        else:
+            assert message is None and [d["name"] for d in reply["domains"]] == ["Domain-0", "a"]
+    assert [(d["name"], d["state"]) for d in h.list()] == [("Domain-0", "running"), ("a", "running")]
+    assert _xs(h, "/local/domain/1/control/sysrq") == ""
+    assert h.stop() == 0
+    h.assert_clean()
 
 
 def test_a_supervisor_killed_leaves_a_lock_the_next_one_takes(hosts):
