@@ -313,6 +313,29 @@ def cmd_resume(args) -> int:
     return 0
 
 
+@command("dump-core", "Core dump a domain", "<Domain> <filename>", DOM, arg("file", metavar="filename"))
+def cmd_dump_core(args) -> int:
+    request(_rundir(args), "dump-core", dom=args.dom, path=os.path.abspath(args.file))
+    return 0
+
+
+@command("vm-list", "List guest domains, excluding dom0, stubdoms, etc.", "", table=True)
+def cmd_vm_list(args) -> int:
+    doms = [d for d in _domains(args) if d["state"] != "dying"]
+    if args.json:
+        _print_json([{"uuid": d["uuid"], "domid": d["domid"], "name": d["name"]} for d in doms])
+        return 0
+    sys.stdout.write(vm_list_table(doms))
+    return 0
+
+
+def vm_list_table(doms: list[dict[str, Any]]) -> str:
+    """xl vm-list (xl_info.c, list_vm): a header, then ``%s  %d    %-30s``
+    (dom0 included, as libxl_list_vm gives it, whatever the summary says)."""
+    return "UUID                                  ID    name\n" + "".join(
+        f"{d['uuid']}  {d['domid']}    {d['name']:<30}\n" for d in doms)
+
+
 @command("info", "Get information about Xen host", "")
 def cmd_info(args) -> int:
     from xmp.sharedmem import _ffi  # noqa: F401  (fails with instructions if not built)

@@ -289,3 +289,22 @@ def test_cleanup_removes_a_dead_supervisors_sockets_and_keeps_a_live_ones(hosts)
     assert f"removed {h.rundir / 'control.sock'}" in out
     h.assert_clean()
     assert not (h.rundir / "xmp.pid").exists()
+
+
+def test_dump_core_and_vm_list(hosts, tmp_path):
+    h = hosts(HOST + guest("d", "idle")).start(("d",))
+    core = tmp_path / "d.core"
+    h.xmp("dump-core", "d", str(core))
+    data = core.read_bytes()
+    assert len(data) == 32 << 20 and b"xmp-1.0-x86_64" in data[:64]  # start_info leads the image
+    assert h.info("d")["state"] == "running"  # xl dump-core leaves it running
+    bad = h.xmp("dump-core", "d", str(tmp_path / "no" / "such" / "dir" / "x.core"), check=False)
+    assert bad.returncode == 1 and bad.stderr.startswith(f"xmp: cannot write {tmp_path / 'no'}")
+    out = h.xmp("vm-list").stdout
+    doms = h.list()
+    assert out == "UUID                                  ID    name\n" + "".join(
+        "%s  %d    %-30s\n" % (d["uuid"], d["domid"], d["name"]) for d in doms)
+    assert json.loads(h.xmp("vm-list", "--json").stdout) == [
+        {"uuid": d["uuid"], "domid": d["domid"], "name": d["name"]} for d in doms]
+    assert h.stop() == 0
+    h.assert_clean()

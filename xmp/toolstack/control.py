@@ -13,6 +13,7 @@ object per line and answers one per line, in order::
     {"cmd": "rename", "dom": "web", "name": "www"}
     {"cmd": "sysrq", "dom": "web", "key": "t"}
     {"cmd": "trigger", "dom": "web", "trigger": "nmi" | "reset" | "power" | ...}
+    {"cmd": "dump-core", "dom": "web", "path": "/abs/file"}
     {"cmd": "uptime"}                      -> {"ok": true, "domains": [{"domid", "name", "start_time"}, ...]}
     {"cmd": "dmesg", "clear": false}       -> {"ok": true, "lines": [...]}
     {"cmd": "console", "dom": "web"}       -> {"ok": true, "socket": "<rundir>/console/7.sock", ...}
@@ -250,6 +251,12 @@ class ControlServer:
             raise HypercallError(errno.EINVAL, "trigger", f"{dom.name} has no vCPU {vcpu!r}")
         self.ts.trigger(dom, self._string(req, "trigger", "trigger"))
         return {"domid": dom.domid}
+
+    def cmd_dump_core(self, req):
+        dom, path = self._dom(req), Path(self._string(req, "path", "dump-core"))
+        if not path.is_absolute():
+            raise HypercallError(errno.EINVAL, "dump-core", "the path is absolute")
+        return {"domid": dom.domid, "path": str(self.ts.coredump(dom, path))}
 
     def cmd_uptime(self, req):
         """libxl_vm_get_start_time for every domain the toolstack built."""

@@ -287,7 +287,10 @@ class Toolstack:
             self.sup.exit_code = 1
         configured = action
         if action.startswith("coredump-"):
-            self.coredump(dom)
+            try:
+                self.coredump(dom)
+            except HypercallError as exc:  # the action goes on without its dump
+                self.sup.log(f"dom{dom.domid}: no core dump: {exc.detail}")
             action = action.removeprefix("coredump-")
         if action == "preserve":
             return
@@ -330,9 +333,17 @@ class Toolstack:
         times.append(now)
         return True
 
-    def coredump(self, dom: Domain) -> Path:
-        path = self.sup.rundir / "dumps" / f"{dom.name}-{dom.domid}.core"
-        with open(path, "wb") as f:
-            f.write(self.sup.domain_memory(dom))
+    def coredump(self, dom: Domain, path: Path | None = None) -> Path:
+        """The domain's RAM to ``path`` (default: the run directory's dumps/),
+        as on_crash = coredump-* and xl dump-core do."""
+        path = path or self.sup.rundir / "dumps" / f"{dom.name}-{dom.domid}.core"
+        if dom.state == DomState.DYING:
+            raise HypercallError(errno.EINVAL, "dump-core", f"{dom.name} is dying")
+        try:
+            with open(path, "wb") as f:
+                f.write(self.sup.domain_memory(dom))
+        except OSError as exc:
+            raise HypercallError(exc.errno or errno.EIO, "dump-core",
+                                 f"cannot write {path}: {exc.strerror}") from None
         self.sup.log(f"dom{dom.domid} memory written to {path}")
         return path
