@@ -23,6 +23,8 @@ XL_SUMMARIES = {
     "pause": "Pause execution of a domain",
     "unpause": "Unpause a paused domain",
     "console": "Attach to domain's console",
+    "dump-core": "Core dump a domain",
+    "vm-list": "List guest domains, excluding dom0, stubdoms, etc.",
     "info": "Get information about Xen host",
     "domid": "Convert a domain name to domain id",
     "domname": "Convert a domain id to domain name",
