@@ -218,38 +218,49 @@ def _simple(cmd: str):
 
 command("destroy", "Terminate a domain immediately", "<Domain>", DOM)(_simple("destroy"))
 
-_SHUTDOWN_ARGS = (DOM,
-                  arg("-w", "--wait", dest="wait", action="store_true", help="Wait for the guest to go."),
+_SHUTDOWN_ARGS = (arg("dom", nargs="?", metavar="Domain"),
+                  arg("-a", "--all", action="store_true", help="Every guest (all but Domain-0)."),
+                  arg("-w", "--wait", dest="wait", action="store_true", help="Wait for the guest(s) to go."),
                   arg("-F", "--force", action="store_true",
-                      help="Destroy the guest if it has not gone within the timeout."),
+                      help="Destroy a guest that has not gone within the timeout."),
                   arg("--timeout", type=float, default=30.0, metavar="S",
                       help="Seconds -w and -F wait (default 30)."))
 
 
-@command("shutdown", "Issue a shutdown signal to a domain", "[options] <Domain>", *_SHUTDOWN_ARGS)
+@command("shutdown", "Issue a shutdown signal to a domain", "[options] <-a|Domain>", *_SHUTDOWN_ARGS)
 def cmd_shutdown(args, reason: str = "poweroff") -> int:
     rundir = _rundir(args)
-    domid = request(rundir, "shutdown", dom=args.dom, reason=reason)["domid"]
-    if not getattr(args, "wait", False) and not getattr(args, "force", False):
+    if bool(args.all) == bool(args.dom):
+        raise UsageError("name one domain, or give -a for every guest")
+    if args.all:
+        refs = [str(d["domid"]) for d in _domains(args) if d["domid"] != 0 and d["state"] == "running"]
+    else:
+        refs = [args.dom]
+    asked = {request(rundir, "shutdown", dom=ref, reason=reason)["domid"]: ref for ref in refs}
+    if not args.wait and not args.force:
         return 0
     deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline:
+    while asked and time.monotonic() < deadline:
         try:
             doms = request(rundir, "list")["domains"]
         except CliError:
-            return 0  # the supervisor stopped (its last guest went): so did this one
-        if not [d for d in doms if d["domid"] == domid and d["state"] != "dying"]:
-            return 0
-        time.sleep(0.05)
-    if args.force:
-        request(rundir, "destroy", dom=str(domid))
-        print(f"xmp shutdown: {args.dom} did not shut down within {args.timeout:g} s: destroyed",
-              file=sys.stderr)
+            return 0  # the supervisor stopped (its last guest went): so did these
+        alive = {d["domid"] for d in doms if d["state"] != "dying"}
+        asked = {domid: ref for domid, ref in asked.items() if domid in alive}
+        if asked:
+            time.sleep(0.05)
+    if not asked:
         return 0
-    raise CliError(f"{args.dom} did not shut down within {args.timeout:g} s (-F destroys it)")
+    late = ", ".join(asked.values())
+    if args.force:
+        for domid in asked:
+            request(rundir, "destroy", dom=str(domid))
+        print(f"xmp: {late} did not shut down within {args.timeout:g} s: destroyed", file=sys.stderr)
+        return 0
+    raise CliError(f"{late} did not shut down within {args.timeout:g} s (-F destroys it)")
 
 
-@command("reboot", "Issue a reboot signal to a domain", "[options] <Domain>", *_SHUTDOWN_ARGS)
+@command("reboot", "Issue a reboot signal to a domain", "[options] <-a|Domain>", *_SHUTDOWN_ARGS)
 def cmd_reboot(args) -> int:
     return cmd_shutdown(args, "reboot")
 

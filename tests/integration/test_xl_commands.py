@@ -308,3 +308,17 @@ def test_dump_core_and_vm_list(hosts, tmp_path):
         {"uuid": d["uuid"], "domid": d["domid"], "name": d["name"]} for d in doms]
     assert h.stop() == 0
     h.assert_clean()
+
+
+def test_shutdown_all_waits_for_every_guest(hosts):
+    h = hosts(HOST + guest("a", "idle") + guest("b", "idle", on_reboot="destroy") + guest("c", "idle"))
+    h.start(("a", "b", "c"))
+    for argv in (["shutdown"], ["shutdown", "-a", "a"]):
+        out = h.xmp(*argv, check=False)
+        assert (out.returncode, out.stderr) == (2, "xmp: name one domain, or give -a for every guest\n")
+    h.xmp("reboot", "-a", "-w")  # a and c restart (on_reboot = restart); b's policy destroys it
+    names = {d["name"]: d["domid"] for d in h.list()}
+    assert "b" not in names and names["a"] > 3 and names["c"] > 3
+    h.xmp("shutdown", "-a", "-w")
+    assert h.wait_exit(20) == 0  # every guest gone: the supervisor stops
+    h.assert_clean()
