@@ -31,6 +31,7 @@ from typing import Any
 from xmp import devices
 from xmp.clitable import COMMANDS, DOM, CliError, UsageError, arg, command, overview, unknown
 from xmp.errors import XmpError
+from xmp.hypercall import SHUTDOWN_REASONS
 from xmp.sharedmem.shm import remove_stale
 
 ESCAPE = b"\x1d"  # Ctrl-], as xl console
@@ -187,6 +188,7 @@ def cmd_create(args) -> int:
 @command("list", "List information about all/some domains", "[options] [Domain...]",
          arg("doms", nargs="*", metavar="Domain"),
          arg("-l", "--long", dest="json", action="store_true", help="The same as --json, as xl list -l."),
+         arg("-v", "--verbose", action="store_true", help="Prints out UUIDs and the shutdown reason code."),
          table=True)
 def cmd_list(args) -> int:
     doms = _domains(args)
@@ -195,17 +197,25 @@ def cmd_list(args) -> int:
     if args.json:
         _print_json(doms)
         return 0
-    sys.stdout.write(list_table(doms))
+    sys.stdout.write(list_table(doms, args.verbose))
     return 0
 
 
-def list_table(doms: list[dict[str, Any]]) -> str:
+def list_table(doms: list[dict[str, Any]], verbose: bool = False) -> str:
     """xl list's exact header and rows (tools/xl/xl_info.c, list_domains):
-    ``%-40s %5d %5lu %5d     %c%c%c%c%c%c  %8.1f``."""
-    out = ["Name" + " " * 40 + "ID   Mem VCPUs\tState\tTime(s)\n"]
+    ``%-40s %5d %5lu %5d     %c%c%c%c%c%c  %8.1f``; -v adds
+    `` <uuid> %8x|%8s %16s`` (reason code, and the security label xmp does
+    not have: "-")."""
+    out = ["Name" + " " * 40 + "ID   Mem VCPUs\tState\tTime(s)"
+           + ("   UUID                            Reason-Code\tSecurity Label" if verbose else "") + "\n"]
     for d in doms:
-        out.append(f"{d['name']:<40} {d['domid']:5d} {d['mem_kb'] // 1024:5d} {d['vcpus']:5d}     "
-                   f"{d['state_letters']:6}  {d['cpu_time']:8.1f}\n")
+        row = (f"{d['name']:<40} {d['domid']:5d} {d['mem_kb'] // 1024:5d} {d['vcpus']:5d}     "
+               f"{d['state_letters']:6}  {d['cpu_time']:8.1f}")
+        if verbose:
+            code = SHUTDOWN_REASONS.get(d.get("shutdown_reason") or "", 0)
+            reason = f"{code:8x}" if d["state"] == "shutdown" else f"{'-':>8}"
+            row += f" {d['uuid']} {reason} {'-':>16}"
+        out.append(row + "\n")
     return "".join(out)
 
 

@@ -151,3 +151,17 @@ def test_uptime_table_is_xls_printf():
     assert cli.uptime_table(rows, now, True) == (
         " %s up %s, %s (%d)\n" % (clock, " 1:02", "Domain-0", 0)
         + " %s up %s, %s (%d)\n" % (clock, "1 day,  1:00", "web", 12))
+
+
+def test_list_verbose_is_xls_printf():
+    doms = [{"name": "Domain-0", "domid": 0, "mem_kb": 65536, "vcpus": 1, "state_letters": "r-----",
+             "cpu_time": 1.0, "uuid": "00000000-0000-0000-0000-000000000000", "state": "running",
+             "shutdown_reason": None},
+            {"name": "kept", "domid": 3, "mem_kb": 32768, "vcpus": 1, "state_letters": "---sc-",
+             "cpu_time": 0.5, "uuid": "8e1f0c6a-3b4d-4c8e-9f00-123456789abc", "state": "shutdown", "shutdown_reason": "crash"}]
+    lines = cli.list_table(doms, verbose=True).splitlines()
+    assert lines[0] == ("Name                                        ID   Mem VCPUs\tState\tTime(s)"
+                        "   UUID                            Reason-Code\tSecurity Label")
+    assert lines[1].endswith(" 00000000-0000-0000-0000-000000000000" + " %8s" % "-" + " %16s" % "-")
+    assert lines[2] == ("%-40s %5d %5lu %5d     %s  %8.1f" % ("kept", 3, 32, 1, "---sc-", 0.5)
+                        + " 8e1f0c6a-3b4d-4c8e-9f00-123456789abc" + " %8x" % 3 + " %16s" % "-")
