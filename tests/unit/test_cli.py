@@ -158,7 +158,8 @@ def test_list_verbose_is_xls_printf():
              "cpu_time": 1.0, "uuid": "00000000-0000-0000-0000-000000000000", "state": "running",
              "shutdown_reason": None},
             {"name": "kept", "domid": 3, "mem_kb": 32768, "vcpus": 1, "state_letters": "---sc-",
-             "cpu_time": 0.5, "uuid": "8e1f0c6a-3b4d-4c8e-9f00-123456789abc", "state": "shutdown", "shutdown_reason": "crash"}]
+             "cpu_time": 0.5, "uuid": "8e1f0c6a-3b4d-4c8e-9f00-123456789abc", "state": "shutdown",
+             "shutdown_reason": "crash"}]
     lines = cli.list_table(doms, verbose=True).splitlines()
     assert lines[0] == ("Name                                        ID   Mem VCPUs\tState\tTime(s)"
                         "   UUID                            Reason-Code\tSecurity Label")
