@@ -593,7 +593,7 @@ def main(argv=None) -> int:
             sys.stdout.write(overview())
             return 1  # as xl with no subcommand
         name, rest = argv[0], argv[1:]
-        if name in ("-h", "--help") or (name == "help" and not rest):
+        if name in ("-h", "--help") or (name == "help" and rest[:1] in ([], ["help"])):
             sys.stdout.write(overview())
             return 0
         if name == "--version":

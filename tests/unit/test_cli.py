@@ -50,7 +50,7 @@ def test_every_xl_command_has_xls_summary():
         assert cli.COMMANDS[name].summary == summary, name
 
 
-@pytest.mark.parametrize("argv", [["help"], ["--help"], ["-h"]])
+@pytest.mark.parametrize("argv", [["help"], ["--help"], ["-h"], ["help", "help"]])
 def test_help_lists_every_command_in_xls_layout(capsys, argv):
     code, out, err = run(capsys, *argv)
     expected = "Usage xmp <subcommand> [args]\n\nxmp full list of subcommands:\n\n"
