@@ -1,0 +1,75 @@
+"""The guest's control driver over the real (in-memory) xenstore: the
+toolstack's control/shutdown and control/sysrq requests, as Linux's
+drivers/xen/manage.c answers them -- no processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from xmp.domain_proc.control import SYSRQ_HELP, ControlDriver
+from xmp.testing import settle, store_client
+from xmp.xenstore.server import XenStore
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def world():
+    store = XenStore()
+    tool = store_client(store, 0, privileged=True)
+    tool.mkdir("/local/domain/1")
+    tool.set_perms("/local/domain/1", ["n0", "r1"])
+    for key in ("shutdown", "sysrq", "feature-poweroff", "feature-reboot", "feature-suspend"):
+        tool.write(f"/local/domain/1/control/{key}", "")
+        tool.set_perms(f"/local/domain/1/control/{key}", ["n1"])
+    guest = store_client(store, 1)
+    ends, said = [], []
+    ControlDriver(guest, ends.append, said.append)
+    settle(guest)
+    return tool, guest, ends, said
+
+
+def test_features_are_advertised(world):
+    tool, *_ = world
+    assert [tool.read(f"/local/domain/1/control/feature-{f}") for f in ("poweroff", "reboot", "suspend")] == \
+        [b"1"] * 3
+
+
+@pytest.mark.parametrize(("key", "said", "end"), [
+    ("b", ["sysrq: Resetting"], ["reboot"]),
+    ("o", ["sysrq: Power Off"], ["poweroff"]),
+    ("c", ["sysrq: Trigger a crash", "Kernel panic - not syncing: sysrq triggered crash"], ["crash"]),
+    ("h", [SYSRQ_HELP], []),
+    ("z", [SYSRQ_HELP], []),  # no handler: Linux prints its help
+])
+def test_a_sysrq_key_is_taken_cleared_and_acted_on(world, key, said, end):
+    tool, guest, ends, lines = world
+    tool.write("/local/domain/1/control/sysrq", key)
+    settle(guest)
+    assert tool.read("/local/domain/1/control/sysrq") == b""
+    assert (lines, ends) == (said, end)
+
+
+def test_sysrq_t_shows_this_threads_stack(world):
+    tool, guest, ends, lines = world
+    tool.write("/local/domain/1/control/sysrq", "t")
+    settle(guest)
+    assert lines[:2] == ["sysrq: Show State", "task:MainThread"]
+    assert any("in test_sysrq_t_shows_this_threads_stack" in ln for ln in lines) and ends == []
+
+
+def test_clearing_and_the_first_event_do_nothing(world):
+    tool, guest, ends, lines = world
+    tool.write("/local/domain/1/control/sysrq", "")
+    settle(guest)
+    assert (lines, ends) == ([], [])
+
+
+def test_shutdown_is_acknowledged_then_done(world):
+    tool, guest, ends, lines = world
+    tool.write("/local/domain/1/control/shutdown", "poweroff")
+    settle(guest)
+    assert tool.read("/local/domain/1/control/shutdown") == b"" and ends == ["poweroff"]
+    tool.write("/local/domain/1/control/shutdown", "dance")  # not a request it knows: left alone
+    settle(guest)
+    assert tool.read("/local/domain/1/control/shutdown") == b"dance" and ends == ["poweroff"]
