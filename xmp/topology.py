@@ -41,8 +41,8 @@ with xl's names, units (MiB) and defaults where xl has them; a complete file::
                                 # outstanding, permissions, transaction-nodes)
 
 Actions are xl's: destroy, restart, rename-restart, preserve,
-coredump-destroy, coredump-restart.  ``disk`` and ``vif`` are only checked
-to be lists of strings here; their own parsers read the specs.  ``kernel``
+coredump-destroy, coredump-restart.  ``disk`` and ``vif`` are lists of
+strings, each checked by its device class's own parser.  ``kernel``
 names a module that must be findable, but it is not imported: a topology is
 checked before anything runs, and importing a guest's module would run it.
 
@@ -97,7 +97,7 @@ HOST_KEYS = ("name", "memory", "rundir")
 DOM0_KEYS = ("memory", "maxmem", "vcpus", "kernel", "args")
 # Each device class with an xl spec adds its key ("disk", …) through xmp.devices.
 DEVICE_KEYS = tuple(c.config_key for c in devices.with_config_key() if c.config_key)
-DOMAIN_KEYS = ("name", "type", "memory", "maxmem", "vcpus", "maxvcpus", "kernel", "args", *DEVICE_KEYS, "vif",
+DOMAIN_KEYS = ("name", "type", "memory", "maxmem", "vcpus", "maxvcpus", "kernel", "args", *DEVICE_KEYS,
                "on_poweroff", "on_reboot", "on_crash", "driver_domain", "trusted_backend",
                "max_event_channels", "max_grant_frames", "xenstore_quota")
 TABLES = {"host": "[host]", "dom0": "[dom0]", "domain": "[[domain]]"}
@@ -147,7 +147,6 @@ class DomainConfig:
     kernel: str | None
     args: dict[str, Any] = field(hash=False)
     devices: dict[str, tuple[str, ...]] = field(hash=False)  # device class key ("disk") -> its xl specs
-    vif: tuple[str, ...]
     on_poweroff: str
     on_reboot: str
     on_crash: str
@@ -168,7 +167,7 @@ class DomainConfig:
             "name": self.name, "type": self.type, "memory": self.memory_mib, "maxmem": self.maxmem_mib,
             "vcpus": self.vcpus, "maxvcpus": self.maxvcpus, "args": _copy_json(self.args),
             **{key: list(self.devices.get(key, ())) for key in DEVICE_KEYS},
-            "vif": list(self.vif), "on_poweroff": self.on_poweroff,
+            "on_poweroff": self.on_poweroff,
             "on_reboot": self.on_reboot, "on_crash": self.on_crash, "driver_domain": self.driver_domain,
             "trusted_backend": self.trusted_backend, "max_event_channels": self.max_event_channels,
             "max_grant_frames": self.max_grant_frames,
@@ -571,7 +570,6 @@ def _domain(t: _Table, raw: dict, known: tuple[str, ...], *, dom0: bool) -> Doma
         kernel=kernel,
         args=_args(t, raw),
         devices=_devices(t, raw),
-        vif=_str_list(t, raw, "vif"),
         on_poweroff=_choice(t, raw, "on_poweroff", "destroy", ACTIONS),
         on_reboot=_choice(t, raw, "on_reboot", "restart", ACTIONS),
         on_crash=_choice(t, raw, "on_crash", "destroy", ACTIONS),

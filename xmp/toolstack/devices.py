@@ -78,14 +78,17 @@ class DeviceManager:
         base = Path(cfg.source.rsplit(":", 1)[0]).parent if cfg.source else Path.cwd()
         out = []
         for cls in devices.with_config_key():
-            for text in cfg.devices.get(cls.config_key or "", ()):
-                out.append(self._planned(cls, text, base, "createdomain"))
+            for i, text in enumerate(cfg.devices.get(cls.config_key or "", ())):
+                out.append(self._planned(cls, text, base, "createdomain", i))
         return out
 
-    def _planned(self, cls: DeviceClass, text: str, base: Path, op: str) -> Planned:
+    def _planned(self, cls: DeviceClass, text: str, base: Path, op: str, index: int = 0) -> Planned:
         part = cls.part("toolstack")
         try:
-            spec = part.device(part.parse(text), base)
+            parsed = part.parse(text)
+            if hasattr(part, "indexed"):  # a class whose devid defaults to the spec's place (vif)
+                parsed = part.indexed(parsed, index)
+            spec = part.device(parsed, base)
         except XmpError as exc:
             raise HypercallError(errno.EINVAL, op, str(exc)) from None
         return Planned(cls, spec, self._backend(spec, op))
@@ -121,7 +124,9 @@ class DeviceManager:
     def attach(self, front: Domain, cls: DeviceClass, text: str, base: Path) -> Pending:
         """xl <class>-attach: hot-plug one device from its xl spec."""
         done = Pending()
-        self.add(front, self._planned(cls, text, base, f"{cls.command}-attach"), done)
+        taken = [d.devid for d in self.ts.record(front).devices if d.cls == cls]
+        nextid = max(taken, default=-1) + 1  # libxl__device_nextid
+        self.add(front, self._planned(cls, text, base, f"{cls.command}-attach", nextid), done)
         return done
 
     def attach_keys(self, front: Domain, back: Domain, cls: DeviceClass, devid: int,
@@ -135,11 +140,15 @@ class DeviceManager:
     # -- removing ----------------------------------------------------------------
 
     def find(self, front: Domain, cls: DeviceClass, name: str) -> Device:
+        mine = [d for d in self.ts.record(front).devices if d.cls == cls]
         try:
             devid = cls.part("toolstack").devid_of(name)
         except XmpError as exc:
-            raise HypercallError(errno.EINVAL, f"{cls.command}-detach", str(exc)) from None
-        dev = next((d for d in self.ts.record(front).devices if d.cls == cls and d.devid == devid), None)
+            by_name = [d for d in mine if d.spec.name.lower() == name.lower()]  # a vif's MAC
+            if not by_name:
+                raise HypercallError(errno.EINVAL, f"{cls.command}-detach", str(exc)) from None
+            devid = by_name[0].devid
+        dev = next((d for d in mine if d.devid == devid), None)
         if dev is None:
             raise HypercallError(errno.ENOENT, f"{cls.command}-detach",
                                  f"{front.name} has no {cls.config_key or cls.devtype} {name}")

@@ -1,0 +1,106 @@
+"""Linux TAP devices and bridges, over netlink (pyroute2), never a shell.
+
+A TAP is made non-persistent with TUNSETIFF on ``/dev/net/tun``: it exists
+exactly as long as its descriptor, so a backend that dies -- SIGKILL
+included -- leaves no interface behind.  A bridge xmp had to create is
+removed when the last port xmp put on it leaves; one that existed already
+(the host's ``xenbr0``) is left alone, as Xen's vif-bridge script does.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+CAP_NET_ADMIN = 12
+
+
+def privileged() -> bool:
+    """Whether this process may make network devices (CAP_NET_ADMIN in
+    its effective set) and has /dev/net/tun."""
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return bool(caps & (1 << CAP_NET_ADMIN)) and os.path.exists("/dev/net/tun")
+
+
+def open_tap(name: str) -> int:
+    """A non-blocking descriptor of a new TAP ``name`` (no packet info header)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _ipr():
+    from pyroute2 import IPRoute  # imported late: only TAP mode needs it
+
+    return IPRoute()
+
+
+def _index(ipr, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+def attach(name: str, bridge: str, mtu: int) -> bool:
+    """Put TAP ``name`` on ``bridge`` (made if missing) and bring both up;
+    True if the bridge was made here."""
+    with _ipr() as ipr:
+        made = False
+        br = _index(ipr, bridge)
+        if br is None:
+            try:
+                ipr.link("add", ifname=bridge, kind="bridge")
+                made = True
+            except Exception as exc:  # another vif made it at the same moment
+                if getattr(exc, "code", None) != errno.EEXIST:
+                    raise
+            br = _index(ipr, bridge)
+            if br is None:
+                raise OSError(errno.ENODEV, f"bridge {bridge} vanished")
+            ipr.link("set", index=br, state="up")
+        idx = _index(ipr, name)
+        if idx is None:
+            raise OSError(errno.ENODEV, f"TAP {name} vanished")
+        ipr.link("set", index=idx, mtu=mtu)
+        ipr.link("set", index=idx, master=br, state="up")
+        return made
+
+
+def detach(name: str, bridge: str, made_bridge: bool) -> None:
+    """After the TAP's descriptor is closed (it is gone then): remove the
+    bridge if we made it and no port is left on it."""
+    if not made_bridge:
+        return
+    with _ipr() as ipr:
+        br = _index(ipr, bridge)
+        if br is None:
+            return
+        if any(link.get_attr("IFLA_MASTER") == br for link in ipr.get_links()):
+            return
+        try:
+            ipr.link("del", index=br)
+        except Exception:  # gone meanwhile
+            pass
+
+
+def set_address(name: str, address: str) -> None:
+    """Give interface ``name`` an address (``10.0.0.1/24``) and bring it up."""
+    addr, _, prefix = address.partition("/")
+    with _ipr() as ipr:
+        idx = _index(ipr, name)
+        if idx is None:
+            raise OSError(errno.ENODEV, f"no interface {name}")
+        ipr.addr("add", index=idx, address=addr, prefixlen=int(prefix or 24))
+        ipr.link("set", index=idx, state="up")

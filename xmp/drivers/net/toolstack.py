@@ -1,0 +1,66 @@
+"""The network driver's part of the toolstack (libxl's ``libxl_nic.c``):
+an xl vif spec becomes the two xenstore directories of a vif.
+
+A vif without ``devid=`` gets its index in the domain's ``vif`` list, or,
+hot-plugged, the next free devid (libxl__device_nextid).  The device is
+named by its MAC, so ``xmp network-detach DOM MAC`` works as xl's does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from xmp.devices import DeviceSpec
+from xmp.drivers.net.spec import VifSpec, parse_vifspec
+from xmp.errors import XmpError
+
+LIST_HEADER = (f"{'Idx':<3} {'BE':<2} {'Mac Addr.':<17} {'handle':<6} {'state':<5} {'evt-ch':<6} "
+               f"{'tx-':>5}/{'rx-ring-ref':<11} BE-path")
+LIST_KEYS = ("backend-id", "mac", "handle", "state", "event-channel", "event-channel-tx",
+             "tx-ring-ref", "rx-ring-ref", "backend")
+
+
+def parse(text: str) -> VifSpec:
+    return parse_vifspec(text)
+
+
+def indexed(spec: VifSpec, index: int) -> VifSpec:
+    """The spec with its default devid: its place in the list."""
+    return spec if spec.devid is not None else dataclasses.replace(spec, devid=index)
+
+
+def name_of(spec: VifSpec) -> str:
+    return spec.mac
+
+
+def devid_of(name: str) -> int:
+    """A vif by its devid; a MAC is matched by the device manager."""
+    if not name.isdigit():
+        raise XmpError(f"a vif is named by its devid or its MAC, not {name!r}")
+    return int(name)
+
+
+def device(spec: VifSpec, base: Path) -> DeviceSpec:
+    devid = spec.devid or 0
+    back = {"mac": spec.mac, "bridge": spec.bridge, "script": spec.script, "handle": str(devid),
+            "mtu": str(spec.mtu), "type": "vif"}
+    if spec.ip:
+        back["ip"] = " ".join(spec.ip)
+    if spec.vifname:
+        back["vifname"] = spec.vifname
+    if spec.rate is not None:
+        back["rate"] = spec.rate.xenstore()
+    front = {"mac": spec.mac, "handle": str(devid), "mtu": str(spec.mtu)}
+    if spec.ip:
+        front["ip"] = " ".join(spec.ip)  # xmp's guests configure eth0 from it (no DHCP)
+    return DeviceSpec(devid, spec.mac, spec.backend, back_keys=back, front_keys=front)
+
+
+def list_row(devid: int, front: dict[str, str]) -> str:
+    """One line of xl network-list (split channels show the tx one)."""
+    evtch = front.get("event-channel", front.get("event-channel-tx", "-1"))
+    return (f"{devid:<3} {front.get('backend-id', '-'):<2} {front.get('mac', '-'):<17} "
+            f"{front.get('handle', '-'):<6} {front.get('state', '-'):<5} {evtch:<6} "
+            f"{front.get('tx-ring-ref', '-1'):>5}/{front.get('rx-ring-ref', '-1'):<11} "
+            f"{front.get('backend', '-')}")
