@@ -14,7 +14,7 @@ def mac_bytes(text: str) -> bytes:
     return bytes.fromhex(text.replace(":", ""))
 
 
-def test_frame(dst: bytes, src: bytes, size: int, seq: int = 0) -> bytes:
+def make_frame(dst: bytes, src: bytes, size: int, seq: int = 0) -> bytes:
     """A frame of ``size`` bytes whose payload the receiver recomputes."""
     head = dst + src + ETHERTYPE
     need = size - len(head)
@@ -54,7 +54,7 @@ def exchange(kernel) -> None:
     sent = 0
     todo = list(expected)
     while got < len(expected):
-        while todo and nic.send(test_frame(peer, nic.mac, todo[0][1], todo[0][0]), block=False):
+        while todo and nic.send(make_frame(peer, nic.mac, todo[0][1], todo[0][0]), block=False):
             todo.pop(0)
             sent += 1
         frame = nic.recv(timeout=0.2 if todo else 20)
@@ -65,11 +65,11 @@ def exchange(kernel) -> None:
         if frame[12:14] != ETHERTYPE or frame[6:12] != peer:
             continue  # not the peer's test frame (an ARP, a neighbour's probe)
         r, s = expected[got]
-        if frame != test_frame(nic.mac, peer, s, r):
+        if frame != make_frame(nic.mac, peer, s, r):
             bad.append([r, s, len(frame)])
         got += 1
     while todo:
-        nic.send(test_frame(peer, nic.mac, todo[0][1], todo[0][0]))
+        nic.send(make_frame(peer, nic.mac, todo[0][1], todo[0][0]))
         todo.pop(0)
         sent += 1
     kernel.sleep(0.3)  # let the last answers land before the counters are read
@@ -86,7 +86,7 @@ def pump(kernel) -> None:
     wait_go(kernel, "go")
     count = int(kernel.args.get("count", 1000))
     for i in range(count):
-        nic.send(test_frame(peer, nic.mac, 64, i))
+        nic.send(make_frame(peer, nic.mac, 64, i))
     kernel.sleep(0.3)
     report(kernel, "pumped", count=count, stats=nic.counters())
     kernel.idle()
@@ -122,7 +122,7 @@ def hostile(kernel) -> None:
     case = kernel.args["case"]
     req = struct.Struct("<IHHHH")
     ring = nic.tx_ring
-    frame = test_frame(peer, nic.mac, 64)
+    frame = make_frame(peer, nic.mac, 64)
     mem = kernel.memory
     base = nic._tx_pfn * 4096
     mem[base:base + 64] = frame
@@ -178,3 +178,13 @@ def hostile(kernel) -> None:
     report(kernel, "hostile", case=case, answers={str(k): v for k, v in answers.items()},
            state=state.decode() if state else None)
     kernel.idle()
+
+
+def echo(kernel) -> None:
+    """Answer every frame: its source becomes its destination, the rest kept."""
+    nic = kernel.net("eth0")
+    report(kernel, "ready", mac=nic.mac_address)
+    while True:
+        frame = nic.recv()
+        if frame is not None and frame[12:14] == ETHERTYPE:
+            nic.send(frame[6:12] + nic.mac + frame[12:])

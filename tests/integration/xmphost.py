@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,6 +102,23 @@ class Host:
         assert not alive, f"processes left: {alive}"
         assert not shm, f"shared memory left: {shm}"
         assert not socks, f"sockets left: {socks}"
+
+    def interfaces(self) -> list[str]:
+        """The network interfaces this host's topology names (``bridge=``,
+        ``vifname=``) that exist now -- tests name them uniquely."""
+        names = set(re.findall(r"\b(?:bridge|vifname)=([A-Za-z0-9_.-]+)", self.topology.read_text()))
+        if not names or not os.path.isdir("/sys/class/net"):
+            return []
+        return sorted(names & set(os.listdir("/sys/class/net")))
+
+    def assert_no_interfaces(self, timeout: float = 5) -> None:
+        """No TAP or bridge of this host outlives it (a guest's network
+        namespace goes with its process, which assert_clean checks)."""
+        deadline = time.monotonic() + timeout
+        while self.interfaces() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = self.interfaces()
+        assert not left, f"network interfaces left: {left}"
 
     def cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

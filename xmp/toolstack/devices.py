@@ -245,6 +245,18 @@ class DeviceManager:
                 if dev.back_domid == old and dev.front in self.ts.sup.domains:
                     self.move(dev, new)
 
+    def close(self) -> None:
+        """The host is going: each class gives back what it made on it
+        (``host_close`` in its toolstack.py: the network's bridges)."""
+        for cls in devices.DEVICE_CLASSES:
+            if cls.has("toolstack"):
+                close = getattr(cls.part("toolstack"), "host_close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception as exc:  # the others still get theirs
+                        self.ts.sup.log(f"{cls.kind}: cleanup failed: {exc}")
+
     @staticmethod
     def _result(dev: Device) -> dict[str, Any]:
         return {"domid": dev.front, "devid": dev.devid, "backend": dev.back_domid}

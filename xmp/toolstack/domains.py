@@ -136,6 +136,7 @@ class Toolstack:
             self.sup.iterate(0.05)
 
     def close(self) -> None:
+        self.devices.close()
         self.xs.close()
         (self.sup.rundir / "xenstored.sock").unlink(missing_ok=True)
         for sock in (self.sup.rundir / "console").glob("*.sock"):  # dom0's, if it could not

@@ -104,7 +104,7 @@ class TapPort:
         self.write_errors = 0
         self.fd = tap.open_tap(name)
         try:
-            self.made_bridge = tap.attach(name, bridge, mtu)
+            tap.attach(name, bridge, mtu)
         except BaseException:
             os.close(self.fd)
             raise
@@ -123,8 +123,7 @@ class TapPort:
             self.vif.deliver(self.inbox.popleft())
 
     def close(self) -> None:
-        os.close(self.fd)
-        tap.detach(self.name, self.bridge, self.made_bridge)
+        os.close(self.fd)  # the TAP goes with it
 
 
 class NetService:

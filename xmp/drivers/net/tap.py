@@ -53,46 +53,45 @@ def _index(ipr, name: str) -> int | None:
     return found[0] if found else None
 
 
-def attach(name: str, bridge: str, mtu: int) -> bool:
-    """Put TAP ``name`` on ``bridge`` (made if missing) and bring both up;
-    True if the bridge was made here."""
+def ensure_bridge(bridge: str) -> bool:
+    """Make ``bridge`` (up) unless it exists; True if made here."""
     with _ipr() as ipr:
-        made = False
+        if _index(ipr, bridge) is not None:
+            return False
+        try:
+            ipr.link("add", ifname=bridge, kind="bridge")
+        except Exception as exc:
+            if getattr(exc, "code", None) == errno.EEXIST:
+                return False
+            raise OSError(getattr(exc, "code", errno.EIO), str(exc)) from None
+        br = _index(ipr, bridge)
+        if br is not None:
+            ipr.link("set", index=br, state="up")
+        return True
+
+
+def remove_bridge(bridge: str) -> None:
+    with _ipr() as ipr:
+        br = _index(ipr, bridge)
+        if br is not None:
+            try:
+                ipr.link("del", index=br)
+            except Exception:  # gone meanwhile
+                pass
+
+
+def attach(name: str, bridge: str, mtu: int) -> None:
+    """Put TAP ``name`` on ``bridge`` and bring it up (vif-bridge's job);
+    the bridge must exist (the toolstack makes a missing one)."""
+    with _ipr() as ipr:
         br = _index(ipr, bridge)
         if br is None:
-            try:
-                ipr.link("add", ifname=bridge, kind="bridge")
-                made = True
-            except Exception as exc:  # another vif made it at the same moment
-                if getattr(exc, "code", None) != errno.EEXIST:
-                    raise
-            br = _index(ipr, bridge)
-            if br is None:
-                raise OSError(errno.ENODEV, f"bridge {bridge} vanished")
-            ipr.link("set", index=br, state="up")
+            raise OSError(errno.ENODEV, f"no bridge {bridge}")
         idx = _index(ipr, name)
         if idx is None:
             raise OSError(errno.ENODEV, f"TAP {name} vanished")
         ipr.link("set", index=idx, mtu=mtu)
         ipr.link("set", index=idx, master=br, state="up")
-        return made
-
-
-def detach(name: str, bridge: str, made_bridge: bool) -> None:
-    """After the TAP's descriptor is closed (it is gone then): remove the
-    bridge if we made it and no port is left on it."""
-    if not made_bridge:
-        return
-    with _ipr() as ipr:
-        br = _index(ipr, bridge)
-        if br is None:
-            return
-        if any(link.get_attr("IFLA_MASTER") == br for link in ipr.get_links()):
-            return
-        try:
-            ipr.link("del", index=br)
-        except Exception:  # gone meanwhile
-            pass
 
 
 def set_address(name: str, address: str) -> None:

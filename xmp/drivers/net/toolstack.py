@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from xmp.devices import DeviceSpec
+from xmp.drivers.net import tap
 from xmp.drivers.net.spec import VifSpec, parse_vifspec
 from xmp.errors import XmpError
 
@@ -41,7 +42,19 @@ def devid_of(name: str) -> int:
     return int(name)
 
 
+_made_bridges: list[str] = []   # by this supervisor, removed when it goes
+
+
 def device(spec: VifSpec, base: Path) -> DeviceSpec:
+    """The vif's keys, as libxl writes them.  As root, a ``vif-bridge``
+    vif's bridge is made here if the host has none of that name (the
+    backend only puts its TAP on it), and removed when this host stops."""
+    if spec.script == "vif-bridge" and tap.privileged() and spec.bridge not in _made_bridges:
+        try:
+            if tap.ensure_bridge(spec.bridge):
+                _made_bridges.append(spec.bridge)
+        except OSError as exc:
+            raise XmpError(f"vif {spec.mac}: cannot make bridge {spec.bridge}: {exc}") from None
     devid = spec.devid or 0
     back = {"mac": spec.mac, "bridge": spec.bridge, "script": spec.script, "handle": str(devid),
             "mtu": str(spec.mtu), "type": "vif"}
@@ -55,6 +68,12 @@ def device(spec: VifSpec, base: Path) -> DeviceSpec:
     if spec.ip:
         front["ip"] = " ".join(spec.ip)  # xmp's guests configure eth0 from it (no DHCP)
     return DeviceSpec(devid, spec.mac, spec.backend, back_keys=back, front_keys=front)
+
+
+def host_close() -> None:
+    """Remove the bridges this host made (their TAPs went with their backends)."""
+    while _made_bridges:
+        tap.remove_bridge(_made_bridges.pop())
 
 
 def list_row(devid: int, front: dict[str, str]) -> str:
