@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+from xmp import devices
 from xmp.domid import DOMID_DOM0, MAX_DOMID
 from xmp.errors import GrantError, HypercallError, XmpError
 from xmp.hv import state
@@ -218,7 +219,9 @@ class Supervisor(HypercallHandlers):
         log_fd = os.open(self.rundir / "logs" / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             dom.pid = self.zygote.spawn(domid, f"xmp:{domid}:{name}", theirs.fileno(), log_fd, DOMAIN_BOOT,
-                                        unprivileged=domid != DOMID_DOM0)
+                                        unprivileged=domid != DOMID_DOM0,
+                                        pre_drop=devices.pre_drop_steps(cfg.devices) if domid != DOMID_DOM0
+                                        else [])
         except OSError:
             ours.close()
             dom.release()

@@ -8,6 +8,8 @@ with xl's names, units (MiB) and defaults where xl has them; a complete file::
     memory = 4096               # MiB pool for all domains, dom0 included;
                                 # default: the host's available memory
     rundir = "/tmp/xmp-lab"     # optional run directory (control socket, ...)
+    bridges = { xenbr0 = "10.0.0.1/24" }  # optional: bridges made as root, with the
+                                # host's address (removed when the host stops)
 
     [dom0]                      # optional; dom0 always exists, named "Domain-0"
     memory = 256                # MiB, default 256
@@ -69,6 +71,7 @@ from __future__ import annotations
 import difflib
 import importlib.machinery
 import importlib.util
+import ipaddress
 import os
 import re
 import socket
@@ -93,7 +96,7 @@ RESERVED_SUFFIXES = ("--incoming", "--migratedaway")
 EVTCHN_RANGE = (2, 4096)
 GRANT_FRAMES_RANGE = (1, 64)
 
-HOST_KEYS = ("name", "memory", "rundir")
+HOST_KEYS = ("name", "memory", "rundir", "bridges")
 DOM0_KEYS = ("memory", "maxmem", "vcpus", "kernel", "args")
 # Each device class with an xl spec adds its key ("disk", …) through xmp.devices.
 DEVICE_KEYS = tuple(c.config_key for c in devices.with_config_key() if c.config_key)
@@ -131,6 +134,8 @@ class HostConfig:
     name: str
     memory_mib: int
     rundir: str | None
+    # bridges the host makes (as root), each with the host's own address on it
+    bridges: dict[str, str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -424,6 +429,11 @@ def _devices(t: _Table, raw: dict) -> dict[str, tuple[str, ...]]:
         specs = _str_list(t, raw, key)
         part = cls.part("toolstack")
         names: set[str] = set()
+        if hasattr(part, "pinned"):  # what the spec leaves random is chosen once, here (a vif's MAC)
+            try:
+                specs = tuple(part.pinned(spec) for spec in specs)
+            except XmpError as exc:
+                raise t.error(key, str(exc)) from None
         for spec in specs:
             try:
                 name = part.name_of(part.parse(spec))
@@ -591,7 +601,25 @@ def _host(t: _Table, raw: dict) -> HostConfig:
     name = _str(t, raw, "name") if "name" in raw else socket.gethostname()
     memory = _int(t, raw, "memory", 0, 1, unit=" MiB") if "memory" in raw else _available_mib()
     rundir = _str(t, raw, "rundir") if "rundir" in raw else None
-    return HostConfig(name=name, memory_mib=memory, rundir=rundir)
+    return HostConfig(name=name, memory_mib=memory, rundir=rundir, bridges=_bridges(t, raw))
+
+
+def _bridges(t: _Table, raw: dict) -> dict[str, str]:
+    """``bridges = { xenbr0 = "10.0.0.1/24" }``: interface names to an
+    address with its prefix."""
+    value = raw.get("bridges", {})
+    if not isinstance(value, dict):
+        raise t.error("bridges", f"expected a table of bridge = \"address/prefix\", got {_describe(value)}")
+    for name, addr in value.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", name):
+            raise t.error("bridges", f"{name!r} is not an interface name (1 to 15 letters, digits, _ . -)")
+        try:
+            ipaddress.ip_interface(addr)
+        except (TypeError, ValueError):
+            raise t.error("bridges", f"{name}: {addr!r} is not an address like 10.0.0.1/24") from None
+        if "/" not in addr:
+            raise t.error("bridges", f"{name}: {addr!r} needs its prefix (10.0.0.1/24)")
+    return dict(value)
 
 
 # -- memory -----------------------------------------------------------------

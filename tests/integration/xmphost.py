@@ -121,6 +121,14 @@ class Host:
         assert not left, f"network interfaces left: {left}"
 
     def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None and self.interfaces():
+            # a host that made bridges removes them when it stops (not when it is killed)
+            self.descendants()
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
         if self.proc is not None and self.proc.poll() is None:
             self.descendants()
             self.proc.kill()

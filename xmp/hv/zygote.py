@@ -143,10 +143,6 @@ def _spawn(req, fds) -> int:
         if os.getppid() != zygote:
             os._exit(1)
         lib.xmp_set_dumpable(0)
-        if req.get("unprivileged"):
-            rc = lib.xmp_drop_privileges()
-            if rc:
-                raise OSError(-rc, "dropping privileges")
         title = req["title"]
         lib.xmp_set_comm(title.encode()[:15])
         _set_title(title)
@@ -162,6 +158,15 @@ def _spawn(req, fds) -> int:
         os.closerange(keep + 1, 65536)
         sys.stdout = os.fdopen(1, "w", buffering=1)
         sys.stderr = os.fdopen(2, "w", buffering=1)
+        # What the domain's devices need set up while it still may (its
+        # network namespace and TAPs), then no OS privilege is left.
+        for step in req.get("pre_drop", ()):
+            mod, _, fn = step["entry"].partition(":")
+            getattr(importlib.import_module(mod), fn)(step["specs"])
+        if req.get("unprivileged"):
+            rc = lib.xmp_drop_privileges()
+            if rc:
+                raise OSError(-rc, "dropping privileges")
         # The program every domain boots (the supervisor names it, as Xen is
         # handed a kernel image): looked up by name, never imported by the hypervisor.
         module, _, func = req["entry"].partition(":")
@@ -191,10 +196,12 @@ class ZygoteClient:
         self.sock.send(json.dumps({"cmd": "preload", "modules": sorted(set(modules))}).encode())
 
     def spawn(self, domid: int, title: str, hc_fd: int, log_fd: int, entry: str,
-              unprivileged: bool = True) -> int:
+              unprivileged: bool = True, pre_drop: list[dict] | None = None) -> int:
         """Fork a domain that runs ``entry`` ("module:function", called with
-        its hypercall channel)."""
-        req = {"cmd": "spawn", "domid": domid, "title": title, "entry": entry, "unprivileged": unprivileged}
+        its hypercall channel); ``pre_drop`` steps run before it drops its
+        privileges (xmp.devices.pre_drop_steps)."""
+        req = {"cmd": "spawn", "domid": domid, "title": title, "entry": entry, "unprivileged": unprivileged,
+               "pre_drop": pre_drop or []}
         send_handles(self.sock, json.dumps(req).encode(), [hc_fd, log_fd])
         while True:
             msg = self._recv()

@@ -69,6 +69,12 @@ class DeviceManager:
     def __init__(self, ts: Toolstack):
         self.ts = ts
         self._tokens = itertools.count(1)
+        # each class readies the host (``host_open`` in its toolstack.py: the network's bridges)
+        for cls in devices.DEVICE_CLASSES:
+            opener = getattr(cls.part("toolstack"), "host_open", None) if cls.has("toolstack") else None
+            if opener is not None:
+                for line in opener(ts.topology.host):
+                    ts.sup.log(line)
 
     # -- adding ----------------------------------------------------------------
 

@@ -115,6 +115,7 @@ class NetFront(FrontendDriver):
         self.rxq: deque[bytes] = deque()
         self.sink: Callable[[bytes], None] | None = None   # takes frames instead of rxq
         self.on_connect: list[Callable[[], None]] = []
+        self.on_tx_room: Callable[[], None] | None = None   # called when tx slots came free
         self._parts: list[bytes] = []
         self._bad = False
         self._more = False
@@ -251,6 +252,12 @@ class NetFront(FrontendDriver):
         self._rx_event()
 
     def _tx_done(self) -> None:
+        freed = len(self.tx_free)
+        self._tx_collect()
+        if self.on_tx_room is not None and len(self.tx_free) > freed:
+            self.on_tx_room()
+
+    def _tx_collect(self) -> None:
         ring = self.tx_ring
         while ring is not None:
             rsps = ring.get_responses()
@@ -367,7 +374,7 @@ class NetFront(FrontendDriver):
         slots = pages + (1 if gso_mss else 0)
         if not self._room(pages, slots):
             if not block:
-                self._tx_done()
+                self._tx_collect()
                 if not self._room(pages, slots):
                     return False
             elif not self.k.loop.run_until(lambda: self._room(pages, slots), timeout):

@@ -101,5 +101,28 @@ def set_address(name: str, address: str) -> None:
         idx = _index(ipr, name)
         if idx is None:
             raise OSError(errno.ENODEV, f"no interface {name}")
-        ipr.addr("add", index=idx, address=addr, prefixlen=int(prefix or 24))
+        try:
+            ipr.addr("add", index=idx, address=addr, prefixlen=int(prefix or 24))
+        except Exception as exc:
+            if getattr(exc, "code", None) != errno.EEXIST:  # there already: fine
+                raise
         ipr.link("set", index=idx, state="up")
+
+
+def configure(name: str, *, mac: str, mtu: int, addresses: list[str], gateway: str | None = None) -> None:
+    """Set up interface ``name`` in this thread's network namespace: its
+    MAC and MTU, its addresses, up; ``lo`` up; a default route if given."""
+    with _ipr() as ipr:
+        lo = _index(ipr, "lo")
+        if lo is not None:
+            ipr.link("set", index=lo, state="up")
+        idx = _index(ipr, name)
+        if idx is None:
+            raise OSError(errno.ENODEV, f"no interface {name}")
+        ipr.link("set", index=idx, address=mac, mtu=mtu)
+        for address in addresses:
+            addr, _, prefix = address.partition("/")
+            ipr.addr("add", index=idx, address=addr, prefixlen=int(prefix or (24 if ":" not in addr else 64)))
+        ipr.link("set", index=idx, state="up")
+        if gateway:
+            ipr.route("add", dst="default", gateway=gateway)

@@ -26,6 +26,17 @@ def parse(text: str) -> VifSpec:
     return parse_vifspec(text)
 
 
+def pinned(text: str) -> str:
+    """The spec with a MAC: a random one is chosen once, when the config is
+    read, so the guest keeps it across reboots (as xl writes it into the
+    domain's config) and its network namespace is made with it."""
+    spec = parse_vifspec(text)
+    if not spec.mac_generated:
+        return text
+    rest = [p for p in text.split(",") if p.strip() and not p.strip().startswith("mac")]
+    return ", ".join([*(p.strip() for p in rest), f"mac={spec.mac}"])
+
+
 def indexed(spec: VifSpec, index: int) -> VifSpec:
     """The spec with its default devid: its place in the list."""
     return spec if spec.devid is not None else dataclasses.replace(spec, devid=index)
@@ -68,6 +79,24 @@ def device(spec: VifSpec, base: Path) -> DeviceSpec:
     if spec.ip:
         front["ip"] = " ".join(spec.ip)  # xmp's guests configure eth0 from it (no DHCP)
     return DeviceSpec(devid, spec.mac, spec.backend, back_keys=back, front_keys=front)
+
+
+def host_open(host) -> list[str]:
+    """Make the ``[host] bridges`` with the host's address on each (root
+    only: otherwise the vifs meet in netback's switch and the host has no
+    way in); returns what to log."""
+    if not host.bridges:
+        return []
+    if not tap.privileged():
+        return [f"network: not root: bridges {', '.join(host.bridges)} not made; vifs on them meet "
+                "in netback's learning switch, unreachable from the host"]
+    out = []
+    for name, address in host.bridges.items():
+        if tap.ensure_bridge(name):
+            _made_bridges.append(name)
+        tap.set_address(name, address)
+        out.append(f"network: bridge {name} with the host at {address}")
+    return out
 
 
 def host_close() -> None:

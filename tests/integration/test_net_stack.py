@@ -1,0 +1,63 @@
+"""Guests with their own TCP/IP stack (a network namespace whose eth0 is
+netfront's TAP) reached by real, unmodified clients: ping and curl from
+the host through the bridge, and guest-to-guest ICMP."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+import uuid
+
+import pytest
+from test_net import stats, wait_stats
+from xmphost import guest
+
+from xmp.drivers.net import tap
+
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(not tap.privileged(),
+                                 reason="network namespaces, TAPs and bridges need root")]
+
+
+def lan() -> tuple[str, str]:
+    """A bridge name and a /24 no parallel test shares."""
+    return f"xt{uuid.uuid4().hex[:8]}", f"10.{random.randint(200, 250)}.{random.randint(0, 255)}"
+
+
+def topology(br: str, net: str) -> str:
+    return (f'[host]\nmemory = 1024\nbridges = {{ {br} = "{net}.1/24" }}\n[dom0]\nmemory = 64\n'
+            + guest("web", "httpd", 48, vif=[f"mac=00:16:3e:4e:02:02, bridge={br}, ip={net}.2"],
+                    args={"port": 8080})
+            + guest("pinger", "netpinger", 48, vif=[f"mac=00:16:3e:4e:02:03, bridge={br}, ip={net}.3/24"],
+                    args={"target": f"{net}.2", "count": 5}))
+
+
+def run(*cmd: str, timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_host_pings_and_curls_a_guest_and_guests_ping_each_other(hosts):
+    for tool in ("ping", "curl"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (apt-get install iputils-ping curl)")
+    br, net = lan()
+    h = hosts(topology(br, net)).start(("web", "pinger"))
+    h.wait(lambda: "httpd: serving" in h.console_log("web"), 20, "the web guest serving")
+    # guest to guest: ICMP from pinger's stack to web's, through both vifs and the bridge
+    h.wait(lambda: "netpinger: 5/5 answers" in h.console_log("pinger"), 30, "pinger's answers")
+    ping = run("ping", "-c", "3", "-W", "2", f"{net}.2")
+    assert ping.returncode == 0 and "3 received" in ping.stdout, ping.stdout + ping.stderr
+    got = run("curl", "-s", "--max-time", "5", f"http://{net}.2:8080/")
+    assert got.returncode == 0 and got.stdout.startswith("hello from web"), got
+    put = run("curl", "-s", "--max-time", "5", "-X", "PUT", "--data-binary", "x" * 100_000,
+              f"http://{net}.2:8080/kv/big")
+    assert put.stdout == "stored\n", put
+    back = run("curl", "-s", "--max-time", "5", f"http://{net}.2:8080/kv/big")
+    assert back.stdout == "x" * 100_000
+    # the frames took the rings: netback counted them, and so did the guest's netfront
+    s = wait_stats(h, "web", lambda v: v["rx_bytes"] > 100_000 and v["tx_packets"] > 10)
+    assert s["tx_errors"] == s["rx_errors"] == 0
+    front = run("curl", "-s", "--max-time", "5", f"http://{net}.2:8080/stats")
+    assert front.returncode == 0 and '"rx_bytes"' in front.stdout
+    assert stats(h, "pinger")["tx_packets"] >= 5
