@@ -5,12 +5,15 @@ the host through the bridge, and guest-to-guest ICMP."""
 from __future__ import annotations
 
 import random
+import re
 import shutil
+import socket
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
-from test_net import stats, wait_stats
+from test_net import backend_dir, read, stats, wait_stats
 from xmphost import guest
 
 from xmp.drivers.net import tap
@@ -22,14 +25,15 @@ pytestmark = [pytest.mark.timeout(120),
 
 def lan() -> tuple[str, str]:
     """A bridge name and a /24 no parallel test shares."""
-    return f"xt{uuid.uuid4().hex[:8]}", f"10.{random.randint(200, 250)}.{random.randint(0, 255)}"
+    return f"xt{uuid.uuid4().hex[:8]}", f"10.{random.randint(200, 250)}.{random.randint(0, 255)}"  # 10 chars
 
 
 def topology(br: str, net: str) -> str:
     return (f'[host]\nmemory = 1024\nbridges = {{ {br} = "{net}.1/24" }}\n[dom0]\nmemory = 64\n'
-            + guest("web", "httpd", 48, vif=[f"mac=00:16:3e:4e:02:02, bridge={br}, ip={net}.2"],
+            + guest("web", "httpd", 48, vif=[f"mac=00:16:3e:4e:02:02, bridge={br}, ip={net}.2, vifname={br}a"],
                     args={"port": 8080})
-            + guest("pinger", "netpinger", 48, vif=[f"mac=00:16:3e:4e:02:03, bridge={br}, ip={net}.3/24"],
+            + guest("pinger", "netpinger", 48,
+                    vif=[f"mac=00:16:3e:4e:02:03, bridge={br}, ip={net}.3/24, vifname={br}b"],
                     args={"target": f"{net}.2", "count": 5}))
 
 
@@ -61,3 +65,43 @@ def test_host_pings_and_curls_a_guest_and_guests_ping_each_other(hosts):
     front = run("curl", "-s", "--max-time", "5", f"http://{net}.2:8080/stats")
     assert front.returncode == 0 and '"rx_bytes"' in front.stdout
     assert stats(h, "pinger")["tx_packets"] >= 5
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def example(name: str, br: str, net: str) -> str:
+    """An example with its bridge and subnet made unique for this test."""
+    text = (EXAMPLES / name).read_text()
+    text = text.replace("xenbr0", br).replace("10.77.0", net).replace("10.78.0", net).replace("lan0", br)
+    n = iter(range(10))  # TAP names of their own: vif<domid>.0 is every parallel host's
+    return re.sub(r"(vif = \[\"mac=[^,]+)", lambda m: f"{m.group(1)}, vifname={br}v{next(n)}", text)
+
+
+def test_example_net_toml_host_reaches_both_guests(hosts):
+    for tool in ("ping", "curl"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (apt-get install iputils-ping curl)")
+    br, net = lan()
+    h = hosts(example("net.toml", br, net)).start(("web", "sink", "pinger"))
+    h.wait(lambda: "httpd: serving" in h.console_log("web"), 20, "the web guest serving")
+    h.wait(lambda: "tcpsink: listening" in h.console_log("sink"), 20, "the sink listening")
+    assert run("ping", "-c", "2", "-W", "2", f"{net}.2").returncode == 0
+    assert run("curl", "-s", "--max-time", "5", f"http://{net}.2/").stdout.startswith("hello from web")
+    # a stream into the sink: nc when there is one, else Python's own socket
+    data = bytes(range(256)) * 4096  # 1 MiB
+    with socket.create_connection((f"{net}.3", 5201), timeout=5) as c:
+        c.sendall(data)
+    h.wait(lambda: f"tcpsink: {len(data)} bytes" in h.console_log("sink"), 20, "the sink's count")
+    h.wait(lambda: "netpinger: 3/3 answers" in h.console_log("pinger"), 20, "the pinger's answers")
+    h.stop()
+    assert h.wait_exit() == 0
+
+
+def test_example_net_driver_domain_guests_meet_in_its_switch(hosts):
+    br, net = lan()
+    h = hosts(example("net-driver-domain.toml", br, net)).start(("netdd", "web", "pinger"))
+    h.wait(lambda: "netpinger: 3/3 answers" in h.console_log("pinger"), 30, "the pinger's answers")
+    assert read(h, backend_dir(h, "web", "netdd") + "/mode") == "switch"
+    s = wait_stats(h, "pinger", lambda v: v["rx_packets"] >= 3, "netdd")
+    assert s["tx_errors"] == s["rx_errors"] == 0

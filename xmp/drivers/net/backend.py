@@ -191,7 +191,11 @@ class NetBack(BackendDriver, switch.SwitchPort):
         frontid, devid = dev.nodename.rsplit("/", 2)[-2:]
         self.ifname = (dev.xs.read_or(f"{dev.nodename}/vifname") or f"vif{frontid}.{devid}".encode()).decode()
         if script == "vif-bridge" and self.svc.may_tap():
-            self.tap = self.svc.open_tap(self.ifname, bridge, self.mtu, self)
+            try:
+                self.tap = self.svc.open_tap(self.ifname, bridge, self.mtu, self)
+            except OSError as exc:  # a name in use, no such bridge: this vif fails, alone
+                raise ValueError(f"vif: cannot put TAP {self.ifname} on bridge {bridge}: "
+                                 f"{exc.strerror or exc}") from None
             dev.write("mode", "bridge")
         else:
             self.sw = self.svc.switch(bridge)

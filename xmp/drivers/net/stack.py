@@ -74,8 +74,10 @@ def prepare(specs: list[str]) -> None:
         return
     unshare_net()
     # Unprivileged ICMP echo sockets (what ping uses without CAP_NET_RAW), in this namespace only.
-    with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
-        f.write("0 2147483647")
+    # And any port for its servers (no CAP_NET_BIND_SERVICE after the drop): it is its own host.
+    for key, value in (("ping_group_range", "0 2147483647"), ("ip_unprivileged_port_start", "0")):
+        with open(f"/proc/sys/net/ipv4/{key}", "w") as f:
+            f.write(value)
     for i, text in enumerate(specs):
         spec = parse_vifspec(text)
         name = f"eth{spec.devid if spec.devid is not None else i}"
