@@ -188,3 +188,25 @@ def echo(kernel) -> None:
         frame = nic.recv()
         if frame is not None and frame[12:14] == ETHERTYPE:
             nic.send(frame[6:12] + nic.mac + frame[12:])
+
+
+def chatter(kernel) -> None:
+    """Send ``args.peer`` a numbered 1000-byte frame every 10 ms forever,
+    and print every second how many of the peer's we got and how often
+    eth0 has connected (a backend restart makes it reconnect)."""
+    nic = kernel.net("eth0")
+    peer = mac_bytes(kernel.args["peer"])
+    report(kernel, "ready", mac=nic.mac_address)
+    seq = got = 0
+    last = kernel.monotonic()
+    while True:
+        if nic.is_connected:
+            nic.send(make_frame(peer, nic.mac, 1000, seq), block=False)
+            seq += 1
+        while (frame := nic.recv(block=False)) is not None:
+            if frame[6:12] == peer and frame[12:14] == ETHERTYPE:
+                got += 1
+        if kernel.monotonic() - last >= 1:
+            last = kernel.monotonic()
+            report(kernel, "chatter", got=got, connections=nic.connections)
+        kernel.sleep(0.01)

@@ -5,6 +5,8 @@ dom0 or a driver domain, joined by netback's learning switch
 from __future__ import annotations
 
 import json
+import os
+import signal
 import uuid
 
 import pytest
@@ -234,3 +236,25 @@ def test_tx_flood_does_not_starve_the_others(hosts):
         assert x["bad"] == [] and x["got"] == x["want"] == 3 * len(NET_SIZES)
     flooded = report(h, "f", "flooded", 30)
     assert flooded["sent"] > 100 and flooded["stats"]["tx_errors"] == 0
+
+
+def chatter_reports(h, dom: str) -> list[dict]:
+    return [r for r in reports(h, dom) if r["test"] == "chatter"]
+
+
+def test_network_driver_domain_killed_while_traffic_flows(hosts):
+    br = bridge()
+    h = hosts(HOST + driver_domain().rstrip("\n") + '\non_crash = "restart"\n'
+              + guest("a", "chatter", MAC_A, br, backend="netdd", peer=MAC_B)
+              + guest("b", "chatter", MAC_B, br, backend="netdd", peer=MAC_A)).start(("netdd", "a", "b"))
+    h.wait(lambda: any(r["got"] > 20 for r in chatter_reports(h, "a")), 20, "traffic through netdd")
+    old = h.info("netdd")["domid"]
+    os.kill(h.domain_pid("netdd"), signal.SIGKILL)
+    h.wait(lambda: (h.info("netdd") or {}).get("domid", old) != old, 10, "netdd to restart")
+    for dom in ("a", "b"):  # both guests live on, reconnect to the new netdd, and hear each other again
+        h.wait(lambda dom=dom: (r := chatter_reports(h, dom)) and r[-1]["connections"] == 2, 20,
+               f"{dom} reconnected")
+        base = chatter_reports(h, dom)[-1]["got"]
+        h.wait(lambda dom=dom, base=base: chatter_reports(h, dom)[-1]["got"] > base + 20, 20,
+               f"traffic to {dom} through the restarted netdd")
+    assert {d["name"] for d in h.list()} >= {"a", "b", "netdd"}
