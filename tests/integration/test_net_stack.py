@@ -30,7 +30,8 @@ def lan() -> tuple[str, str]:
 
 def topology(br: str, net: str) -> str:
     return (f'[host]\nmemory = 1024\nbridges = {{ {br} = "{net}.1/24" }}\n[dom0]\nmemory = 64\n'
-            + guest("web", "httpd", 48, vif=[f"mac=00:16:3e:4e:02:02, bridge={br}, ip={net}.2, vifname={br}a"],
+            + guest("web", "httpd", 48,
+                    vif=[f"mac=00:16:3e:4e:02:02, bridge={br}, ip={net}.2, vifname={br}a"],
                     args={"port": 8080})
             + guest("pinger", "netpinger", 48,
                     vif=[f"mac=00:16:3e:4e:02:03, bridge={br}, ip={net}.3/24, vifname={br}b"],
@@ -105,3 +106,20 @@ def test_example_net_driver_domain_guests_meet_in_its_switch(hosts):
     assert read(h, backend_dir(h, "web", "netdd") + "/mode") == "switch"
     s = wait_stats(h, "pinger", lambda v: v["rx_packets"] >= 3, "netdd")
     assert s["tx_errors"] == s["rx_errors"] == 0
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.xdist_group("heavy")
+def test_bench_net_smoke_run_reports_every_target():
+    import json
+    import sys
+
+    bench = EXAMPLES.parent / "benchmarks" / "bench_net.py"
+    out = subprocess.run([sys.executable, str(bench), "--smoke", "--json"], capture_output=True, text=True,
+                         timeout=280, check=False, cwd=bench.parent)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    doc = json.loads(out.stdout)
+    assert set(doc["results"]) == {"dom0", "dom0-jumbo", "driver-domain", "veth", "pipe"}
+    assert all(r["tcp_mbit_s"] > 0 and r["udp_pps"] > 0 for r in doc["results"].values())
+    for target in doc["targets"].values():
+        assert set(target) >= {"measured", "target", "better", "met"}

@@ -11,7 +11,8 @@ libxl does.  The backend offers ``feature-sg``, ``feature-gso-tcpv4``,
 tx (guest -> network).  Slots are copied out of the ring once and judged
 by :class:`~xmp.drivers.net.packets.TxAssembler` (XSA-39 / -432 rules); a
 good packet's bytes are read from the granted pages -- dom0 maps them
-read-only for the batch, a driver domain (which may not map: EPERM) grant-
+read-only at their first use and keeps them mapped for the connection
+(netfront grants its tx pages once), a driver domain (which may not map: EPERM) grant-
 copies them into its own bounce pages, many packets per GNTTABOP_copy --
 and go to the switch port (:mod:`xmp.drivers.net.switch`).  A bad packet
 is answered ERROR and counted; a fatal one disables the vif alone: its
@@ -38,6 +39,7 @@ import itertools
 import traceback
 from collections import deque
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from xmp.domain_proc.xen import GrantMapping
 from xmp.drivers import grantcopy
@@ -72,6 +74,7 @@ RXQ_MAX_BYTES = 4 << 20
 DATA_BOUNCE_PAGES = 64      # a driver domain's (and rx's) bounce pages per vif
 RING_BOUNCE_PAGES = grantcopy.bounce_pages_for(PAGE_SIZE)
 BATCHES_PER_EVENT = 4
+MAX_TX_MAPPED = 1024        # dom0's tx grants kept mapped per vif (netfront uses 256)
 GSO_TYPES = frozenset({XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6})
 SCRIPTS = ("vif-bridge", "vif-switch")
 
@@ -108,6 +111,8 @@ class NetBack(BackendDriver, switch.SwitchPort):
         self.tx_port: int | None = None
         self.rx_port: int | None = None      # == tx_port without split channels
         self.mappings: list[GrantMapping] = []
+        self.tx_pages: dict[int, Any] = {}       # dom0: gref -> its page, mapped read-only
+        self.tx_maps: list[GrantMapping] = []
         self.copying = False
         self.stats = VifStats()
         self._published: dict[str, int] | None = None
@@ -235,6 +240,7 @@ class NetBack(BackendDriver, switch.SwitchPort):
             if ring is not None:
                 ring.release()
         self.tx = self.rx = None
+        self._unmap_tx()
         for mapping in self.mappings:
             _unmap_quietly(self.k, mapping)
         self.mappings = []
@@ -386,33 +392,37 @@ class NetBack(BackendDriver, switch.SwitchPort):
         return self._tx_map(packets)
 
     def _tx_map(self, packets: list[TxPacket]) -> dict[int, bytes]:
+        """dom0: read the packets from the frontend's pages, mapped read-only
+        at their first use and kept for the connection (netfront grants its
+        tx pages once), so a batch costs no hypercall once warm."""
         assert self.dev is not None
-        grefs = list(dict.fromkeys(p.gref for pk in packets for p in pk.pieces))
-        try:
-            mapping = self.k.xen.map_grant_ref(self.dev.otherend_id, grefs, readonly=True)
-        except HypercallError as exc:
-            if exc.errno == errno.EPERM:
-                self.copying = True
-                return self._tx_copy(packets)
-            if len(packets) == 1:
-                return {}
-            out: dict[int, bytes] = {}
-            for pk in packets:  # one bad gref costs only its own packet
-                out.update(self._tx_map([pk]))
-            return out
-        except GrantError:
-            if len(packets) == 1:
-                return {}
-            out = {}
-            for pk in packets:
-                out.update(self._tx_map([pk]))
-            return out
-        try:
-            page = dict(zip(grefs, mapping.pages, strict=True))
-            return {id(pk): b"".join(page[p.gref][p.offset:p.offset + p.length] for p in pk.pieces)
-                    for pk in packets}
-        finally:
+        pages = self.tx_pages
+        missing = list(dict.fromkeys(p.gref for pk in packets for p in pk.pieces if p.gref not in pages))
+        if missing:
+            if len(pages) + len(missing) > MAX_TX_MAPPED:  # a frontend cycling through grants
+                self._unmap_tx()
+            try:
+                mapping = self.k.xen.map_grant_ref(self.dev.otherend_id, missing, readonly=True)
+            except (HypercallError, GrantError) as exc:
+                if isinstance(exc, HypercallError) and exc.errno == errno.EPERM:
+                    self.copying = True
+                    return self._tx_copy(packets)
+                if len(packets) == 1:
+                    return {}
+                out: dict[int, bytes] = {}
+                for pk in packets:  # one bad gref costs only its own packet
+                    out.update(self._tx_map([pk]))
+                return out
+            self.tx_maps.append(mapping)
+            pages.update(zip(missing, mapping.pages, strict=True))
+        return {id(pk): b"".join(pages[p.gref][p.offset:p.offset + p.length] for p in pk.pieces)
+                for pk in packets}
+
+    def _unmap_tx(self) -> None:
+        self.tx_pages.clear()
+        for mapping in self.tx_maps:
             _unmap_quietly(self.k, mapping)
+        self.tx_maps = []
 
     def _tx_copy(self, packets: list[TxPacket]) -> dict[int, bytes]:
         assert self.dev is not None
