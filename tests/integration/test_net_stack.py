@@ -123,3 +123,36 @@ def test_bench_net_smoke_run_reports_every_target():
     assert all(r["tcp_mbit_s"] > 0 and r["udp_pps"] > 0 for r in doc["results"].values())
     for target in doc["targets"].values():
         assert set(target) >= {"measured", "target", "better", "met"}
+
+
+def test_real_iperf3_and_nc_from_the_host(hosts):
+    for tool in ("iperf3", "nc"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (apt-get install iperf3 netcat-openbsd)")
+    br, net = lan()
+    h = hosts(f'[host]\nmemory = 1024\nbridges = {{ {br} = "{net}.1/24" }}\n[dom0]\nmemory = 64\n'
+              + f'[[domain]]\nname = "perf"\nkernel = "netkernels:iperf3_server"\nmemory = 64\n'
+              f'vif = ["mac=00:16:3e:4e:03:02, bridge={br}, ip={net}.2/24, vifname={br}a"]\n'
+              + guest("sink", "tcpsink", 48, vif=[f"mac=00:16:3e:4e:03:03, bridge={br}, ip={net}.3/24, "
+                                                   f"vifname={br}b"])).start(("perf", "sink"))
+    h.wait(lambda: "tcpsink: listening" in h.console_log("sink"), 20, "the sink listening")
+    h.wait(lambda: "iperf3-server: pid" in h.console_log("perf"), 20, "iperf3 -s in the guest")
+
+    def iperf() -> subprocess.CompletedProcess | None:
+        out = run("iperf3", "-c", f"{net}.2", "-t", "2", "-J", timeout=30)
+        return out if out.returncode == 0 else None
+
+    out = h.wait(iperf, 20, "iperf3 to the guest")
+    import json
+    result = json.loads(out.stdout)
+    assert result["end"]["sum_received"]["bytes"] > 1_000_000
+    s = wait_stats(h, "perf", lambda v: v["rx_bytes"] >= result["end"]["sum_received"]["bytes"])
+    assert s["rx_errors"] == 0
+    data = "netcat says hi\n" * 1000
+    nc = subprocess.run(["nc", "-N", "-w", "5", f"{net}.3", "5201"], input=data, capture_output=True,
+                        text=True, timeout=20, check=False)
+    assert nc.returncode == 0, nc.stderr
+    h.wait(lambda: f"tcpsink: {len(data)} bytes" in h.console_log("sink"), 20, "the sink's count")
+    h.stop()
+    h.wait_exit()
+    h.assert_clean()  # iperf3 -s went with its guest
