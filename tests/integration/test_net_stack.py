@@ -9,6 +9,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -26,6 +27,9 @@ pytestmark = [pytest.mark.timeout(120),
 def lan() -> tuple[str, str]:
     """A bridge name and a /24 no parallel test shares."""
     return f"xt{uuid.uuid4().hex[:8]}", f"10.{random.randint(200, 250)}.{random.randint(0, 255)}"  # 10 chars
+
+
+HOST_BARE = "[host]\nmemory = 1024\n[dom0]\nmemory = 64\n"
 
 
 def topology(br: str, net: str) -> str:
@@ -156,3 +160,44 @@ def test_real_iperf3_and_nc_from_the_host(hosts):
     h.stop()
     h.wait_exit()
     h.assert_clean()  # iperf3 -s went with its guest
+
+
+def test_guest_announces_itself_with_a_gratuitous_arp(hosts):
+    """The bridge exists before the host starts (the host keeps it), so a
+    listener on it hears the guest's eth0 come up."""
+    from pyroute2 import IPRoute
+
+    br, net = lan()
+    with IPRoute() as ipr:
+        ipr.link("add", ifname=br, kind="bridge")
+        ipr.link("set", index=ipr.link_lookup(ifname=br)[0], state="up")
+    try:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+        s.bind((br, 0))
+        s.settimeout(1)
+        h = hosts(HOST_BARE + guest("web", "httpd", 48,
+                                    vif=[f"mac=00:16:3e:4e:04:02, bridge={br}, ip={net}.2/24, "
+                                         f"vifname={br}a"]))
+        h.start(("web",))
+        ip = socket.inet_aton(f"{net}.2")
+        mac = bytes.fromhex("00163e4e0402")
+        deadline = time.monotonic() + 20
+        seen = None
+        while seen is None and time.monotonic() < deadline:
+            try:
+                f = s.recv(2048)
+            except TimeoutError:
+                continue
+            # ARP request, sender = target = our address, from our MAC: gratuitous
+            if f[6:12] == mac and f[20:22] == b"\x00\x01" and f[28:32] == ip and f[38:42] == ip:
+                seen = f
+        s.close()
+        assert seen is not None, "no gratuitous ARP from the guest"
+        assert seen[:6] == b"\xff" * 6 and seen[22:28] == mac
+        h.stop()
+        h.wait_exit()
+    finally:
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=br)
+            if idx:
+                ipr.link("del", index=idx[0])
