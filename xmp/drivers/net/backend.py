@@ -4,9 +4,11 @@ The toolstack writes ``mac``, ``bridge``, ``script``, ``handle`` (and
 optionally ``vifname``, ``mtu``, ``ip``) in the backend directory, as
 libxl does.  The backend offers ``feature-sg``, ``feature-gso-tcpv4``,
 ``feature-gso-tcpv6``, ``feature-rx-copy`` (and ``feature-rx-flip`` 0) and
-``feature-split-event-channels``; the frontend must ask for
-``request-rx-copy`` and gives ``tx-ring-ref``, ``rx-ring-ref`` and
-``event-channel`` (or ``event-channel-tx`` / ``-rx``).  One queue.
+``feature-split-event-channels`` and ``multi-queue-max-queues`` (4); the
+frontend must ask for ``request-rx-copy`` and gives ``tx-ring-ref``,
+``rx-ring-ref`` and ``event-channel`` (or ``event-channel-tx`` / ``-rx``),
+per queue under ``queue-N/`` when it asks for ``multi-queue-num-queues``
+above 1.  A frame for the guest goes to the queue its flow hashes to.
 
 tx (guest -> network).  Slots are copied out of the ring once and judged
 by :class:`~xmp.drivers.net.packets.TxAssembler` (XSA-39 / -432 rules); a
@@ -37,8 +39,9 @@ from __future__ import annotations
 import errno
 import itertools
 import traceback
+import zlib
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from xmp.domain_proc.xen import GrantMapping
@@ -74,9 +77,11 @@ RXQ_MAX_BYTES = 4 << 20
 DATA_BOUNCE_PAGES = 64      # a driver domain's (and rx's) bounce pages per vif
 RING_BOUNCE_PAGES = grantcopy.bounce_pages_for(PAGE_SIZE)
 BATCHES_PER_EVENT = 4
+MAX_QUEUES = 4              # multi-queue-max-queues
 MAX_TX_MAPPED = 1024        # dom0's tx grants kept mapped per vif (netfront uses 256)
 GSO_TYPES = frozenset({XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6})
 SCRIPTS = ("vif-bridge", "vif-switch")
+RING_BOUNCE_TOTAL = 2 * MAX_QUEUES * RING_BOUNCE_PAGES   # a driver domain's, for every ring
 
 
 @dataclass
@@ -99,6 +104,26 @@ class VifStats:
 Ring = BackRing | grantcopy.CopyBackRing
 
 
+@dataclass(eq=False)
+class _Queue:
+    """One queue of a vif: its two rings, their ports (one, or split),
+    what its frontend posted and what waits for it."""
+
+    index: int
+    tx: Ring
+    rx: Ring
+    tx_port: int = 0
+    rx_port: int = 0
+    assembler: TxAssembler = field(default_factory=lambda: TxAssembler(gso_types=GSO_TYPES))
+    posted: deque = field(default_factory=deque)             # protocol.RxRequest, ring order
+    rxq: deque = field(default_factory=deque)                # (frame, gso) for the guest
+    rxq_bytes: int = 0
+
+    def release(self) -> None:
+        self.tx.release()
+        self.rx.release()
+
+
 class NetBack(BackendDriver, switch.SwitchPort):
     devtype = "vif"
 
@@ -106,20 +131,13 @@ class NetBack(BackendDriver, switch.SwitchPort):
         self.k = kernel
         self.svc = switch.service(kernel)
         self.dev: XenbusDevice | None = None
-        self.tx: Ring | None = None
-        self.rx: Ring | None = None
-        self.tx_port: int | None = None
-        self.rx_port: int | None = None      # == tx_port without split channels
+        self.queues: list[_Queue] = []
         self.mappings: list[GrantMapping] = []
         self.tx_pages: dict[int, Any] = {}       # dom0: gref -> its page, mapped read-only
         self.tx_maps: list[GrantMapping] = []
         self.copying = False
         self.stats = VifStats()
         self._published: dict[str, int] | None = None
-        self.rxq: deque[tuple[bytes, GsoExtra | None]] = deque()
-        self.rxq_bytes = 0
-        self.posted: deque[protocol.RxRequest] = deque()
-        self.assembler = TxAssembler(gso_types=GSO_TYPES)
         self.builder = RxBuilder()
         self.mac = b""
         self.mtu = protocol.DEFAULT_MTU
@@ -137,22 +155,26 @@ class NetBack(BackendDriver, switch.SwitchPort):
     def publish_features(self, dev: XenbusDevice) -> None:
         for key, value in {protocol.FEATURE_SG: 1, protocol.FEATURE_GSO_TCPV4: 1,
                            protocol.FEATURE_GSO_TCPV6: 1, protocol.FEATURE_RX_COPY: 1,
-                           protocol.FEATURE_RX_FLIP: 0, protocol.FEATURE_SPLIT_EVENT_CHANNELS: 1}.items():
+                           protocol.FEATURE_RX_FLIP: 0, protocol.FEATURE_SPLIT_EVENT_CHANNELS: 1,
+                           protocol.MULTI_QUEUE_MAX_QUEUES: MAX_QUEUES}.items():
             dev.write(key, value)
 
     def connect(self, dev: XenbusDevice) -> None:
         if dev.read_other(protocol.REQUEST_RX_COPY) != b"1":
             raise ValueError("vif: the frontend did not set request-rx-copy (rx-flip is not supported)")
-        if _number(dev, protocol.MULTI_QUEUE_NUM_QUEUES, 1, 1, 1, other=True) != 1:
-            raise ValueError("vif: one queue only (multi-queue-max-queues is not offered)")
-        tx_ref = _number(dev, protocol.TX_RING_REF, None, 0, 0xFFFFFFFF, other=True)
-        rx_ref = _number(dev, protocol.RX_RING_REF, None, 0, 0xFFFFFFFF, other=True)
-        if dev.read_other(protocol.EVENT_CHANNEL_TX) is not None:
-            ports = (_number(dev, protocol.EVENT_CHANNEL_TX, None, 1, 0xFFFFFFFF, other=True),
-                     _number(dev, protocol.EVENT_CHANNEL_RX, None, 1, 0xFFFFFFFF, other=True))
-        else:
-            port = _number(dev, protocol.EVENT_CHANNEL, None, 1, 0xFFFFFFFF, other=True)
-            ports = (port, port)
+        nq = _number(dev, protocol.MULTI_QUEUE_NUM_QUEUES, 1, 1, MAX_QUEUES, other=True)
+        keys = []  # every queue's keys checked before anything is mapped or bound
+        for i in range(nq):
+            pre = f"{protocol.queue_dir(i)}/" if nq > 1 else ""
+            tx_ref = _number(dev, pre + protocol.TX_RING_REF, None, 0, 0xFFFFFFFF, other=True)
+            rx_ref = _number(dev, pre + protocol.RX_RING_REF, None, 0, 0xFFFFFFFF, other=True)
+            if dev.read_other(pre + protocol.EVENT_CHANNEL_TX) is not None:
+                ports = (_number(dev, pre + protocol.EVENT_CHANNEL_TX, None, 1, 0xFFFFFFFF, other=True),
+                         _number(dev, pre + protocol.EVENT_CHANNEL_RX, None, 1, 0xFFFFFFFF, other=True))
+            else:
+                port = _number(dev, pre + protocol.EVENT_CHANNEL, None, 1, 0xFFFFFFFF, other=True)
+                ports = (port, port)
+            keys.append((tx_ref, rx_ref, ports))
         mac = (dev.xs.read_or(f"{dev.nodename}/{protocol.MAC}") or b"").decode()
         try:
             self.mac = bytes.fromhex(mac.replace(":", ""))
@@ -171,25 +193,35 @@ class NetBack(BackendDriver, switch.SwitchPort):
         self.builder = RxBuilder(sg=dev.read_other(protocol.FEATURE_SG) == b"1", gso_types=self.gso_rx)
         self._drop_connection()
         self.dev = dev
-        self.assembler.reset()
         try:
-            self.tx = self._ring(dev, tx_ref, TX_SLOT_SIZE, TX_SLOT_SIZE)  # responses fill their slot
-            self.rx = self._ring(dev, rx_ref, RX_SLOT_SIZE, RX_SLOT_SIZE)
-            self.tx_port = self.k.xen.bind_interdomain(dev.otherend_id, ports[0])
-            if ports[1] != ports[0]:
-                self.rx_port = self.k.xen.bind_interdomain(dev.otherend_id, ports[1])
-                self.k.loop.bind(self.tx_port, lambda _p: self._on_event(self._serve_tx))
-                self.k.loop.bind(self.rx_port, lambda _p: self._on_event(self._rx_flush))
-            else:
-                self.rx_port = self.tx_port
-                self.k.loop.bind(self.tx_port, lambda _p: self._on_event(self._serve_both))
+            for index, (tx_ref, rx_ref, ports) in enumerate(keys):
+                self._connect_queue(dev, index, tx_ref, rx_ref, ports)
             self._plug(dev, script, bridge)
         except BaseException:
             self._drop_connection()
             raise
         self.svc.add_ticker(self._tick)
         dev.write("hotplug-status", "connected")
-        self._on_event(self._serve_both)
+        for q in self.queues:
+            self._on_event(self._serve_both, q)
+
+    def _connect_queue(self, dev: XenbusDevice, index: int, tx_ref: int, rx_ref: int,
+                       ports: tuple[int, int]) -> None:
+        tx = self._ring(dev, tx_ref, TX_SLOT_SIZE, TX_SLOT_SIZE, 2 * index)  # responses fill their slot
+        try:
+            rx = self._ring(dev, rx_ref, RX_SLOT_SIZE, RX_SLOT_SIZE, 2 * index + 1)
+        except BaseException:
+            tx.release()
+            raise
+        q = _Queue(index, tx, rx)
+        self.queues.append(q)  # from here _drop_connection undoes it
+        q.tx_port = q.rx_port = self.k.xen.bind_interdomain(dev.otherend_id, ports[0])
+        if ports[1] != ports[0]:
+            q.rx_port = self.k.xen.bind_interdomain(dev.otherend_id, ports[1])
+            self.k.loop.bind(q.tx_port, lambda _p: self._on_event(self._serve_tx, q))
+            self.k.loop.bind(q.rx_port, lambda _p: self._on_event(self._rx_flush, q))
+        else:
+            self.k.loop.bind(q.tx_port, lambda _p: self._on_event(self._serve_both, q))
 
     def _plug(self, dev: XenbusDevice, script: str, bridge: str) -> None:
         """Join the switch, or make the TAP on the bridge (vif-bridge's job)."""
@@ -207,7 +239,7 @@ class NetBack(BackendDriver, switch.SwitchPort):
             self.sw.join(self)
             dev.write("mode", "switch")
 
-    def _ring(self, dev: XenbusDevice, ref: int, req_size: int, rsp_size: int) -> Ring:
+    def _ring(self, dev: XenbusDevice, ref: int, req_size: int, rsp_size: int, which: int) -> Ring:
         if not self.copying:
             try:
                 mapping = self.k.xen.map_grant_ref(dev.otherend_id, [ref])
@@ -219,11 +251,11 @@ class NetBack(BackendDriver, switch.SwitchPort):
                 self.mappings.append(mapping)
                 return BackRing(mapping.pages[0], req_size, rsp_size)
         if self.ring_bounce is None:
-            self.ring_bounce = self.k.alloc_pages(2 * RING_BOUNCE_PAGES)
+            self.ring_bounce = self.k.alloc_pages(RING_BOUNCE_TOTAL)
             self.ring_copies = grantcopy.CopyList(self.k)
         assert self.ring_copies is not None
-        which = 0 if self.tx is None else RING_BOUNCE_PAGES
-        copier = grantcopy.GrantCopier(self.k, dev.otherend_id, [ref], self.ring_bounce + which,
+        copier = grantcopy.GrantCopier(self.k, dev.otherend_id, [ref],
+                                       self.ring_bounce + which * RING_BOUNCE_PAGES,
                                        RING_BOUNCE_PAGES, self.ring_copies)
         return grantcopy.CopyBackRing(copier, PAGE_SIZE, req_size, rsp_size)
 
@@ -232,14 +264,12 @@ class NetBack(BackendDriver, switch.SwitchPort):
 
     def _drop_connection(self) -> None:
         self.svc.remove_ticker(self._tick)
-        for port in {self.tx_port, self.rx_port} - {None}:
-            assert port is not None
-            self.k.close_port(port)
-        self.tx_port = self.rx_port = None
-        for ring in (self.tx, self.rx):
-            if ring is not None:
-                ring.release()
-        self.tx = self.rx = None
+        for q in self.queues:
+            for port in {q.tx_port, q.rx_port} - {0}:
+                self.k.close_port(port)
+            q.release()
+            self.stats.rx_dropped += len(q.rxq)
+        self.queues = []
         self._unmap_tx()
         for mapping in self.mappings:
             _unmap_quietly(self.k, mapping)
@@ -254,16 +284,12 @@ class NetBack(BackendDriver, switch.SwitchPort):
                 self.svc.close_tap(tap)
             except Exception:  # the TAP is gone with its descriptor; a bridge left is logged
                 print(traceback.format_exc(), flush=True)
-        self.stats.rx_dropped += len(self.rxq)
-        self.rxq.clear()
-        self.rxq_bytes = 0
-        self.posted.clear()
         self.svc.dirty.discard(self)
         if self.dev is not None:
             self._publish()
 
     def release(self) -> None:
-        for pfn, pages in ((self.ring_bounce, 2 * RING_BOUNCE_PAGES), (self.bounce, DATA_BOUNCE_PAGES)):
+        for pfn, pages in ((self.ring_bounce, RING_BOUNCE_TOTAL), (self.bounce, DATA_BOUNCE_PAGES)):
             if pfn is not None:
                 self.k.free_pages(pfn, pages)
         self.ring_bounce = self.bounce = None
@@ -290,16 +316,17 @@ class NetBack(BackendDriver, switch.SwitchPort):
 
     # -- failure -------------------------------------------------------------------
 
-    def _on_event(self, fn) -> None:
-        self._guarded(fn)
+    def _on_event(self, fn, *args) -> None:
+        self._guarded(fn, *args)
         self.svc.flush()
 
     def rx_flush(self) -> None:
-        self._guarded(self._rx_flush)
+        for q in list(self.queues):
+            self._guarded(self._rx_flush, q)
 
-    def _guarded(self, fn) -> None:
+    def _guarded(self, fn, *args) -> None:
         try:
-            fn()
+            fn(*args)
         except RemoteProtocolError as exc:  # a broken frontend: close its vif, serve the rest
             self._fail(str(exc))
         except XmpError as exc:  # its directory is gone (the frontend's domain died), or the like
@@ -323,29 +350,30 @@ class NetBack(BackendDriver, switch.SwitchPort):
 
     # -- tx: the guest's frames ----------------------------------------------------
 
-    def _serve_both(self) -> None:
-        self._serve_tx()
-        self._rx_flush()
+    def _serve_both(self, q: _Queue) -> None:
+        self._serve_tx(q)
+        self._rx_flush(q)
 
-    def _serve_tx(self) -> None:
+    def _serve_tx(self, q: _Queue) -> None:
+        ring = q.tx
         for _ in range(BATCHES_PER_EVENT):
-            ring = self.tx
-            if ring is None:
+            if q not in self.queues:
                 return
             reqs = ring.get_requests()
             if reqs:
-                self._tx_batch(ring, self.assembler.feed(reqs))
+                self._tx_batch(q, q.assembler.feed(reqs))
                 continue
             if ring.final_check_for_requests():
                 continue
-            reject = self.assembler.end_of_batch()
+            reject = q.assembler.end_of_batch()
             if reject is not None:
-                self._tx_batch(ring, [reject])
+                self._tx_batch(q, [reject])
             return
-        if self.tx_port is not None:  # still busy: let the loop serve the others first
-            self.k.xen.evt.send(self.tx_port)
+        if q in self.queues:  # still busy: let the loop serve the others first
+            self.k.xen.evt.send(q.tx_port)
 
-    def _tx_batch(self, ring: Ring, decisions: list) -> None:
+    def _tx_batch(self, q: _Queue, decisions: list) -> None:
+        ring = q.tx
         packets = [d for d in decisions if isinstance(d, TxPacket)]
         frames = self._tx_data(packets) if packets else {}
         out: list[bytes] = []
@@ -370,10 +398,10 @@ class NetBack(BackendDriver, switch.SwitchPort):
                 out.append(d.pack_responses())
                 if d.fatal:
                     fatal = d
-        if out:
+        if out and q in self.queues:
             ring.put_responses(b"".join(out))
-            if ring.push_responses_and_check_notify() and self.tx_port is not None:
-                self.k.xen.notify(self.tx_port)
+            if ring.push_responses_and_check_notify():
+                self.k.xen.notify(q.tx_port)
         if fatal is not None:
             raise RemoteProtocolError(f"vif: fatal tx error: {fatal.reason}")
 
@@ -471,54 +499,58 @@ class NetBack(BackendDriver, switch.SwitchPort):
     # -- rx: frames for the guest ------------------------------------------------------
 
     def deliver(self, frame: bytes, gso: GsoExtra | None = None) -> None:
-        """A frame from the switch or the TAP, queued for the guest (bounded)."""
-        if (self.rx is None or len(self.rxq) >= RXQ_MAX_FRAMES
-                or self.rxq_bytes + len(frame) > RXQ_MAX_BYTES):
+        """A frame from the switch or the TAP, queued for the guest (bounded),
+        on the queue its flow hashes to (so a flow keeps its order)."""
+        queues = self.queues
+        if not queues:
             self.stats.rx_dropped += 1
             return
-        self.rxq.append((frame, gso if gso is not None and gso.gso_type in self.gso_rx else None))
-        self.rxq_bytes += len(frame)
+        q = queues[flow_hash(frame) % len(queues)] if len(queues) > 1 else queues[0]
+        if len(q.rxq) >= RXQ_MAX_FRAMES or q.rxq_bytes + len(frame) > RXQ_MAX_BYTES:
+            self.stats.rx_dropped += 1
+            return
+        q.rxq.append((frame, gso if gso is not None and gso.gso_type in self.gso_rx else None))
+        q.rxq_bytes += len(frame)
         self.svc.dirty.add(self)
 
-    def _take_rx_requests(self) -> None:
-        ring = self.rx
-        assert ring is not None
+    def _take_rx_requests(self, q: _Queue) -> None:
+        ring = q.rx
         while True:
             reqs = ring.get_requests()
             for off in range(0, len(reqs), RX_SLOT_SIZE):
-                self.posted.append(parse_rx_request(reqs[off:off + RX_SLOT_SIZE]))
+                q.posted.append(parse_rx_request(reqs[off:off + RX_SLOT_SIZE]))
             if not reqs and not ring.final_check_for_requests():
                 return
 
-    def _rx_flush(self) -> None:
-        ring = self.rx
-        if ring is None:
+    def _rx_flush(self, q: _Queue) -> None:
+        if q not in self.queues:
             return
-        self._take_rx_requests()
+        self._take_rx_requests(q)
         batch: list[tuple[RxPlan, int]] = []   # plan, its first copy record
         records = 0
         bounce = self._bounce()
         copies = self._copies()
         cursor = 0                              # bytes of bounce used
         st = self.stats
-        while self.rxq:
-            frame, gso = self.rxq[0]
+        rxq, posted = q.rxq, q.posted
+        while rxq:
+            frame, gso = rxq[0]
             need = rx_slots_needed(len(frame), gso=gso is not None)
-            if need > len(self.posted):
+            if need > len(posted):
                 break  # wait for the guest to post buffers (the queue is bounded)
             nbytes = len(frame)
             if batch and (records + need > grantcopy.MAX_COPY_OPS
                           or _bounce_after(cursor, frame) > DATA_BOUNCE_PAGES * PAGE_SIZE):
-                self._rx_run(ring, batch)
+                self._rx_run(q, batch)
                 batch, records, cursor = [], 0, 0
-            self.rxq.popleft()
-            self.rxq_bytes -= nbytes
-            plan = self.builder.build(nbytes, list(itertools.islice(self.posted, need)), gso=gso)
+            rxq.popleft()
+            q.rxq_bytes -= nbytes
+            plan = self.builder.build(nbytes, list(itertools.islice(posted, need)), gso=gso)
             if isinstance(plan, RxDrop):
                 st.rx_dropped += 1
                 continue
             for _ in range(plan.consumed):
-                self.posted.popleft()
+                posted.popleft()
             first = records
             for c in plan.copies:
                 if cursor % PAGE_SIZE + c.length > PAGE_SIZE:
@@ -531,9 +563,10 @@ class NetBack(BackendDriver, switch.SwitchPort):
                 records += 1
             batch.append((plan, first))
         if batch:
-            self._rx_run(ring, batch)
+            self._rx_run(q, batch)
 
-    def _rx_run(self, ring: Ring, batch: list[tuple[RxPlan, int]]) -> None:
+    def _rx_run(self, q: _Queue, batch: list[tuple[RxPlan, int]]) -> None:
+        ring = q.rx
         statuses = self._copies().run()
         st = self.stats
         out = []
@@ -547,8 +580,18 @@ class NetBack(BackendDriver, switch.SwitchPort):
                 st.rx_bytes += sum(c.length for c in plan.copies)
             out.append(plan.pack_responses())
         ring.put_responses(b"".join(out))
-        if ring.push_responses_and_check_notify() and self.rx_port is not None:
-            self.k.xen.notify(self.rx_port)
+        if ring.push_responses_and_check_notify():
+            self.k.xen.notify(q.rx_port)
+
+
+def flow_hash(frame: bytes) -> int:
+    """A frame's flow, as a number: its MACs, and for IPv4 its addresses
+    and (TCP/UDP) ports -- frames of one flow always hash alike."""
+    key = frame[:12]
+    if frame[12:14] == b"\x08\x00" and len(frame) >= 34:
+        ihl = (frame[14] & 0x0F) * 4
+        key += frame[26:34] + frame[14 + ihl:18 + ihl]
+    return zlib.crc32(key)
 
 
 def _bounce_after(cursor: int, frame: bytes) -> int:
