@@ -47,7 +47,7 @@ def exchange(kernel) -> None:
     peer = mac_bytes(kernel.args["peer"])
     rounds = int(kernel.args.get("rounds", 1))
     sizes = [int(s) for s in kernel.args.get("sizes", NET_SIZES)]
-    report(kernel, "ready", mac=nic.mac_address, sg=nic.sg, split=nic.split)
+    report(kernel, "ready", mac=nic.mac_address, sg=nic.sg, split=nic.split, queues=len(nic.queues))
     wait_go(kernel, "go")
     expected = [(r, s) for r in range(rounds) for s in sizes]
     got, bad = 0, []
@@ -97,7 +97,7 @@ def sink(kernel) -> None:
     buffers (a frontend that never refills its rx ring)."""
     nic = kernel.net("eth0")
     if kernel.args.get("stall"):
-        nic._post = lambda ids: None       # the buffers are never given back
+        nic._post = lambda q, ids: None    # the buffers are never given back
     # announce ourselves (a broadcast), so that switches learn where we are
     nic.send(b"\xff" * 6 + nic.mac + ETHERTYPE + bytes(50))
     report(kernel, "ready", mac=nic.mac_address)

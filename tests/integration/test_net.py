@@ -111,7 +111,8 @@ def exchange_pair(hosts, front: dict | None = None, backend: str | None = None, 
     return h, report(h, "a", "exchange", 60), report(h, "b", "exchange", 60)
 
 
-@pytest.mark.parametrize("front", [None, {"split": True}], ids=["one-channel", "split-channels"])
+@pytest.mark.parametrize("front", [None, {"split": True}, {"queues": 4}, {"queues": 3, "split": True}],
+                         ids=["one-channel", "split-channels", "four-queues", "three-queues-split"])
 def test_frames_of_every_size_both_ways_through_dom0(hosts, front):
     h, ra, rb = exchange_pair(hosts, front)
     want = len(NET_SIZES)
@@ -119,9 +120,16 @@ def test_frames_of_every_size_both_ways_through_dom0(hosts, front):
         assert r["bad"] == [] and r["got"] == want == r["want"]
         assert r["stats"]["tx_packets"] == want and r["stats"]["rx_packets"] == want
         assert r["stats"]["tx_errors"] == r["stats"]["rx_errors"] == 0
-    if front:
+    front_dir = f"/local/domain/{h.info('a')['domid']}/device/vif/0"
+    queues = (front or {}).get("queues", 1)
+    if queues > 1:
+        assert read(h, front_dir + "/multi-queue-num-queues") == str(queues)
+        assert read(h, front_dir + f"/queue-{queues - 1}/tx-ring-ref") is not None
+        assert report(h, "a", "ready")["queues"] == queues
+    if (front or {}).get("split"):
         assert report(h, "a", "ready")["split"] is True
-        assert read(h, f"/local/domain/{h.info('a')['domid']}/device/vif/0/event-channel-tx") is not None
+        where = f"{front_dir}/queue-0" if queues > 1 else front_dir
+        assert read(h, where + "/event-channel-tx") is not None
     total = sum(NET_SIZES)
     # the backend counted the same frames, each direction
     s = wait_stats(h, "a", lambda v: v["rx_packets"] == want)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import errno
 import itertools
 import traceback
-import zlib
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -55,6 +54,7 @@ from xmp.drivers.net.packets import (
     TxMcast,
     TxPacket,
     TxReject,
+    flow_hash,
     rx_slots_needed,
 )
 from xmp.drivers.net.protocol import (
@@ -582,16 +582,6 @@ class NetBack(BackendDriver, switch.SwitchPort):
         ring.put_responses(b"".join(out))
         if ring.push_responses_and_check_notify():
             self.k.xen.notify(q.rx_port)
-
-
-def flow_hash(frame: bytes) -> int:
-    """A frame's flow, as a number: its MACs, and for IPv4 its addresses
-    and (TCP/UDP) ports -- frames of one flow always hash alike."""
-    key = frame[:12]
-    if frame[12:14] == b"\x08\x00" and len(frame) >= 34:
-        ihl = (frame[14] & 0x0F) * 4
-        key += frame[26:34] + frame[14 + ihl:18 + ihl]
-    return zlib.crc32(key)
 
 
 def _bounce_after(cursor: int, frame: bytes) -> int:

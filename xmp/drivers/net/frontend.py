@@ -1,7 +1,8 @@
 """netif frontend ("vif"): ``kernel.net("eth0")`` in a guest.
 
-Memory, taken at the first setup and kept across reconnections: the tx and
-rx ring pages, and one buffer page per ring slot each way (256 + 256).
+Memory, taken at the first setup and kept across reconnections: per
+queue, the tx and rx ring pages, and one buffer page per ring slot each
+way (256 + 256).
 Per connection every buffer is granted once (tx read-only, rx writable), so
 a packet costs no grant-table writes.  A tx packet takes as many free
 pages as it spans, its id is its first page's index; an rx request posts a
@@ -12,7 +13,9 @@ What is negotiated (:func:`configure`, like Linux's xen-netfront module
 parameters): ``sg`` (frames over one page, ``feature-sg``), ``gso``
 (``feature-gso-tcpv4``/``-tcpv6``: the backend may hand us frames larger
 than the MTU), ``split`` (``feature-split-event-channels``: one port per
-ring).  ``request-rx-copy`` and ``feature-rx-notify`` are always set.
+ring), ``queues`` (1..4, ``multi-queue-num-queues``, capped by the
+backend's ``multi-queue-max-queues``; a frame goes out on the queue its
+flow hashes to).  ``request-rx-copy`` and ``feature-rx-notify`` are always set.
 
 A frame is at least an Ethernet header (14 bytes) and at most 65535 (a tx
 size is 16 bits).  ``send`` blocks (or, ``block=False``, returns False)
@@ -29,9 +32,10 @@ import struct
 import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from xmp.drivers.net import protocol
+from xmp.drivers.net.packets import flow_hash
 from xmp.drivers.net.protocol import (
     ETH_HLEN,
     NET_RX_RING_SIZE,
@@ -62,17 +66,22 @@ _TXREQ = struct.Struct("<IHHHH")
 _TXRSP = struct.Struct("<Hh")
 _RXREQ = struct.Struct("<H2xI")
 
-DEFAULTS = {"sg": True, "gso": True, "split": False}
+DEFAULTS: dict[str, bool | int] = {"sg": True, "gso": True, "split": False, "queues": 1}
+_RING_KEYS = {protocol.EVENT_CHANNEL, protocol.EVENT_CHANNEL_TX, protocol.EVENT_CHANNEL_RX,
+              protocol.TX_RING_REF, protocol.RX_RING_REF, protocol.MULTI_QUEUE_NUM_QUEUES}
 _options: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def configure(kernel, **options: bool) -> None:
+def configure(kernel, **options: bool | int) -> None:
     """This guest's netfront parameters for the vifs it attaches from now on."""
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         raise LocalError(f"netfront: unknown option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     for key, value in options.items():
-        if not isinstance(value, bool):
+        if key == "queues":
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4:
+                raise LocalError(f"netfront: queues = {value!r} is not an integer in 1..4")
+        elif not isinstance(value, bool):
             raise LocalError(f"netfront: {key} = {value!r} is not a boolean")
     _options[kernel] = {**DEFAULTS, **_options.get(kernel, {}), **options}
 
@@ -94,6 +103,43 @@ class NetStats:
         return asdict(self)
 
 
+PAGES_PER_QUEUE = 2 + NTX + NRX   # its two rings, then its tx and rx buffers
+
+
+@dataclass(eq=False)
+class _Queue:
+    """One queue's rings, buffers and in-flight state."""
+
+    index: int
+    area: int                                   # first pfn: tx ring, rx ring, tx bufs, rx bufs
+    tx_ring: FrontRing | None = None
+    rx_ring: FrontRing | None = None
+    ring_grefs: list[int] = field(default_factory=list)
+    tx_grefs: list[int] = field(default_factory=list)
+    rx_grefs: list[int] = field(default_factory=list)
+    tx_port: int | None = None
+    rx_port: int | None = None
+    tx_free: list[int] = field(default_factory=list)
+    tx_pending: dict[int, int] = field(default_factory=dict)   # first id -> bytes of its packet
+    tx_busy: set[int] = field(default_factory=set)             # ids (pages) not answered yet
+    rx_slot: list[int] = field(default_factory=lambda: [0] * NRX)  # ring slot -> the id posted
+    parts: list[bytes] = field(default_factory=list)           # the frame being received
+    bad: bool = False
+    more: bool = False
+    extra: bool = False
+
+    @property
+    def tx_pfn(self) -> int:
+        return self.area + 2
+
+    @property
+    def rx_pfn(self) -> int:
+        return self.area + 2 + NTX
+
+    def grefs(self) -> list[int]:
+        return self.ring_grefs + self.tx_grefs + self.rx_grefs
+
+
 class NetFront(FrontendDriver):
     devtype = "vif"
 
@@ -101,25 +147,12 @@ class NetFront(FrontendDriver):
         self.k = kernel
         self.opts = dict(_options.get(kernel, DEFAULTS))
         self.area: int | None = None
-        self.tx_ring: FrontRing | None = None
-        self.rx_ring: FrontRing | None = None
-        self.ring_grefs: list[int] = []
-        self.tx_grefs: list[int] = []
-        self.rx_grefs: list[int] = []
-        self.tx_port: int | None = None
-        self.rx_port: int | None = None
-        self.tx_free: list[int] = []
-        self.tx_pending: dict[int, int] = {}      # first id -> bytes of its packet
-        self.tx_busy: set[int] = set()            # ids (pages) not answered yet
-        self.rx_slot: list[int] = [0] * NRX       # ring slot -> the id posted in it
+        self.all_queues: list[_Queue] = []       # as many as configured, memory kept
+        self.queues: list[_Queue] = []           # those of this connection
         self.rxq: deque[bytes] = deque()
         self.sink: Callable[[bytes], None] | None = None   # takes frames instead of rxq
         self.on_connect: list[Callable[[], None]] = []
         self.on_tx_room: Callable[[], None] | None = None   # called when tx slots came free
-        self._parts: list[bytes] = []
-        self._bad = False
-        self._more = False
-        self._extra = False
         self.stats = NetStats()
         self.mac = b""
         self.mtu = protocol.DEFAULT_MTU
@@ -129,26 +162,25 @@ class NetFront(FrontendDriver):
         self.is_connected = False
         self.connections = 0
 
+    # queue 0, by the names a single-queue vif has (tests drive its rings by hand)
+    tx_ring = property(lambda self: self.queues[0].tx_ring if self.queues else None)
+    tx_port = property(lambda self: self.queues[0].tx_port if self.queues else None)
+    tx_grefs = property(lambda self: self.queues[0].tx_grefs)
+    tx_free = property(lambda self: self.queues[0].tx_free)
+    tx_busy = property(lambda self: self.queues[0].tx_busy)
+    _tx_pfn = property(lambda self: self.queues[0].tx_pfn)
+
     # -- memory --------------------------------------------------------------------
-
-    @property
-    def _tx_pfn(self) -> int:
-        assert self.area is not None
-        return self.area + 2
-
-    @property
-    def _rx_pfn(self) -> int:
-        return self._tx_pfn + NTX
 
     def release(self) -> None:
         if self.area is None:
             return
         gt = self.k.grant_table
         gt.retry_deferred()
-        ours = set(self.ring_grefs + self.tx_grefs + self.rx_grefs)
+        ours = {g for q in self.all_queues for g in q.grefs()}
         if ours & gt.deferred_refs():
             return  # a dead backend may still hold some mapped: the pages stay
-        self.k.free_pages(self.area, 2 + NTX + NRX)
+        self.k.free_pages(self.area, PAGES_PER_QUEUE * len(self.all_queues))
         self.area = None
 
     # -- xenbus ----------------------------------------------------------------------
@@ -156,7 +188,9 @@ class NetFront(FrontendDriver):
     def setup(self, dev: XenbusDevice) -> None:
         self.dev = dev
         if self.area is None:
-            self.area = self.k.alloc_pages(2 + NTX + NRX)
+            n = int(self.opts["queues"])
+            self.area = self.k.alloc_pages(PAGES_PER_QUEUE * n)
+            self.all_queues = [_Queue(i, self.area + i * PAGES_PER_QUEUE) for i in range(n)]
         gt = self.k.grant_table
         gt.retry_deferred()
         mac = (dev.xs.read_or(f"{dev.nodename}/{protocol.MAC}") or b"").decode()
@@ -168,44 +202,55 @@ class NetFront(FrontendDriver):
             raise ValueError(f"vif: mac {mac!r} in the frontend directory is not a MAC")
         mtu = dev.xs.read_or(f"{dev.nodename}/{protocol.MTU}")
         self.mtu = int(mtu) if mtu is not None and mtu.isdigit() else protocol.DEFAULT_MTU
-        other = dev.otherend_id
         self.sg = self.opts["sg"] and dev.read_other(protocol.FEATURE_SG) == b"1"
         self.gso = self.opts["gso"]
         self.split = self.opts["split"] and dev.read_other(protocol.FEATURE_SPLIT_EVENT_CHANNELS) == b"1"
-        for key in (protocol.EVENT_CHANNEL, protocol.EVENT_CHANNEL_TX, protocol.EVENT_CHANNEL_RX):
-            if dev.xs.read_or(f"{dev.nodename}/{key}") is not None:  # an earlier negotiation's
+        offered = dev.read_other(protocol.MULTI_QUEUE_MAX_QUEUES)
+        nq = max(1, min(len(self.all_queues), int(offered) if offered and offered.isdigit() else 1))
+        # what an earlier negotiation wrote must not mislead this backend
+        for key in dev.xs.directory(dev.nodename):
+            if key in _RING_KEYS or key.startswith("queue-"):
                 dev.xs.rm(f"{dev.nodename}/{key}")
-        tx_page, rx_page = self.k.page(self.area), self.k.page(self.area + 1)
-        tx_page[:] = bytes(PAGE_SIZE)
-        rx_page[:] = bytes(PAGE_SIZE)
-        self.tx_ring = FrontRing(tx_page, TX_SLOT_SIZE, protocol.TX_RESPONSE_SIZE)
-        self.rx_ring = FrontRing(rx_page, RX_SLOT_SIZE, RX_SLOT_SIZE)
-        self.ring_grefs = [gt.grant_foreign_access(other, self.area + i) for i in range(2)]
-        self.tx_grefs = [gt.grant_foreign_access(other, self._tx_pfn + i, True) for i in range(NTX)]
-        self.rx_grefs = [gt.grant_foreign_access(other, self._rx_pfn + i) for i in range(NRX)]
-        self.tx_free = list(range(NTX - 1, -1, -1))
-        self.tx_busy.clear()
-        self.tx_pending.clear()
-        self._parts, self._bad, self._more, self._extra = [], False, False, False
-        self.tx_port = self.k.xen.alloc_unbound(other)
-        if self.split:
-            self.rx_port = self.k.xen.alloc_unbound(other)
-            self.k.loop.bind(self.tx_port, lambda _p: self._guarded(self._tx_done))
-            self.k.loop.bind(self.rx_port, lambda _p: self._guarded(self._rx_event))
-            dev.write(protocol.EVENT_CHANNEL_TX, self.tx_port)
-            dev.write(protocol.EVENT_CHANNEL_RX, self.rx_port)
-        else:
-            self.rx_port = self.tx_port
-            self.k.loop.bind(self.tx_port, lambda _p: self._guarded(self._event))
-            dev.write(protocol.EVENT_CHANNEL, self.tx_port)
-        dev.write(protocol.TX_RING_REF, self.ring_grefs[0])
-        dev.write(protocol.RX_RING_REF, self.ring_grefs[1])
+        self.queues = self.all_queues[:nq]
+        for q in self.queues:
+            self._setup_queue(dev, q, f"{protocol.queue_dir(q.index)}/" if nq > 1 else "")
+        if nq > 1:
+            dev.write(protocol.MULTI_QUEUE_NUM_QUEUES, nq)
         dev.write(protocol.REQUEST_RX_COPY, 1)
         dev.write(protocol.FEATURE_RX_NOTIFY, 1)
         dev.write(protocol.FEATURE_SG, int(self.opts["sg"]))
         dev.write(protocol.FEATURE_GSO_TCPV4, int(self.gso))
         dev.write(protocol.FEATURE_GSO_TCPV6, int(self.gso))
-        self._post(range(NRX))
+        for q in self.queues:
+            self._post(q, range(NRX))
+
+    def _setup_queue(self, dev: XenbusDevice, q: _Queue, pre: str) -> None:
+        gt = self.k.grant_table
+        other = dev.otherend_id
+        tx_page, rx_page = self.k.page(q.area), self.k.page(q.area + 1)
+        tx_page[:] = bytes(PAGE_SIZE)
+        rx_page[:] = bytes(PAGE_SIZE)
+        q.tx_ring = FrontRing(tx_page, TX_SLOT_SIZE, protocol.TX_RESPONSE_SIZE)
+        q.rx_ring = FrontRing(rx_page, RX_SLOT_SIZE, RX_SLOT_SIZE)
+        q.ring_grefs = [gt.grant_foreign_access(other, q.area + i) for i in range(2)]
+        q.tx_grefs = [gt.grant_foreign_access(other, q.tx_pfn + i, True) for i in range(NTX)]
+        q.rx_grefs = [gt.grant_foreign_access(other, q.rx_pfn + i) for i in range(NRX)]
+        q.tx_free = list(range(NTX - 1, -1, -1))
+        q.tx_busy.clear()
+        q.tx_pending.clear()
+        q.parts, q.bad, q.more, q.extra = [], False, False, False
+        q.tx_port = q.rx_port = self.k.xen.alloc_unbound(other)
+        if self.split:
+            q.rx_port = self.k.xen.alloc_unbound(other)
+            self.k.loop.bind(q.tx_port, lambda _p: self._guarded(self._tx_done, q))
+            self.k.loop.bind(q.rx_port, lambda _p: self._guarded(self._rx_event, q))
+            dev.write(pre + protocol.EVENT_CHANNEL_TX, q.tx_port)
+            dev.write(pre + protocol.EVENT_CHANNEL_RX, q.rx_port)
+        else:
+            self.k.loop.bind(q.tx_port, lambda _p: self._guarded(self._event, q))
+            dev.write(pre + protocol.EVENT_CHANNEL, q.tx_port)
+        dev.write(pre + protocol.TX_RING_REF, q.ring_grefs[0])
+        dev.write(pre + protocol.RX_RING_REF, q.ring_grefs[1])
 
     def connected(self, dev: XenbusDevice) -> None:
         self.is_connected = True
@@ -215,27 +260,28 @@ class NetFront(FrontendDriver):
 
     def disconnect(self, dev: XenbusDevice) -> None:
         self.is_connected = False
-        for port in {self.tx_port, self.rx_port} - {None}:
-            assert port is not None
-            self.k.close_port(port)
-        self.tx_port = self.rx_port = None
-        for ring in (self.tx_ring, self.rx_ring):
-            if ring is not None:
-                ring.release()
-        self.tx_ring = self.rx_ring = None
         gt = self.k.grant_table
-        for gref in self.ring_grefs + self.tx_grefs + self.rx_grefs:
-            gt.end_foreign_access_later(gref)
-        self.stats.tx_dropped += len(self.tx_pending)   # lost with the backend
-        self.tx_pending.clear()
-        self.tx_busy.clear()
-        self.tx_free = []
+        for q in self.queues:
+            for port in {q.tx_port, q.rx_port} - {None}:
+                assert port is not None
+                self.k.close_port(port)
+            q.tx_port = q.rx_port = None
+            for ring in (q.tx_ring, q.rx_ring):
+                if ring is not None:
+                    ring.release()
+            q.tx_ring = q.rx_ring = None
+            for gref in q.grefs():
+                gt.end_foreign_access_later(gref)
+            self.stats.tx_dropped += len(q.tx_pending)   # lost with the backend
+            q.tx_pending.clear()
+            q.tx_busy.clear()
+            q.tx_free = []
 
     # -- events ------------------------------------------------------------------------
 
-    def _guarded(self, fn) -> None:
+    def _guarded(self, fn, *args) -> None:
         try:
-            fn()
+            fn(*args)
         except RemoteProtocolError as exc:  # a broken backend: close the device
             dev = self.dev
             if dev is None:
@@ -247,18 +293,18 @@ class NetFront(FrontendDriver):
             self.disconnect(dev)
             dev.switch(XenbusState.CLOSING)
 
-    def _event(self) -> None:
-        self._tx_done()
-        self._rx_event()
+    def _event(self, q: _Queue) -> None:
+        self._tx_done(q)
+        self._rx_event(q)
 
-    def _tx_done(self) -> None:
-        freed = len(self.tx_free)
-        self._tx_collect()
-        if self.on_tx_room is not None and len(self.tx_free) > freed:
+    def _tx_done(self, q: _Queue) -> None:
+        freed = len(q.tx_free)
+        self._tx_collect(q)
+        if self.on_tx_room is not None and len(q.tx_free) > freed:
             self.on_tx_room()
 
-    def _tx_collect(self) -> None:
-        ring = self.tx_ring
+    def _tx_collect(self, q: _Queue) -> None:
+        ring = q.tx_ring
         while ring is not None:
             rsps = ring.get_responses()
             st = self.stats
@@ -266,11 +312,11 @@ class NetFront(FrontendDriver):
                 rid, status = _TXRSP.unpack_from(rsps, off)
                 if status == NetifStatus.NULL:
                     continue
-                if rid not in self.tx_busy:
+                if rid not in q.tx_busy:
                     raise RemoteProtocolError(f"vif: tx response for id {rid}, which is not in flight")
-                self.tx_busy.discard(rid)
-                self.tx_free.append(rid)
-                nbytes = self.tx_pending.pop(rid, None)
+                q.tx_busy.discard(rid)
+                q.tx_free.append(rid)
+                nbytes = q.tx_pending.pop(rid, None)
                 if nbytes is None:
                     continue
                 if status == NetifStatus.OKAY:
@@ -283,8 +329,8 @@ class NetFront(FrontendDriver):
             if not ring.final_check_for_responses():
                 return
 
-    def _rx_event(self) -> None:
-        ring = self.rx_ring
+    def _rx_event(self, q: _Queue) -> None:
+        ring = q.rx_ring
         if ring is None:
             return
         repost: list[int] = []
@@ -293,31 +339,31 @@ class NetFront(FrontendDriver):
             rsps = ring.get_responses()
             for k in range(len(rsps) // RX_SLOT_SIZE):
                 raw = rsps[k * RX_SLOT_SIZE:(k + 1) * RX_SLOT_SIZE]
-                rid = self.rx_slot[(start + k) & (NRX - 1)]
+                rid = q.rx_slot[(start + k) & (NRX - 1)]
                 repost.append(rid)
-                self._rx_slot(raw, rid)
+                self._rx_slot(q, raw, rid)
             if not ring.final_check_for_responses():
                 break
-        if repost and self.rx_ring is not None:
-            self._post(repost)
+        if repost and q.rx_ring is not None:
+            self._post(q, repost)
 
-    def _rx_slot(self, raw: bytes, rid: int) -> None:
-        if self._extra:  # an extra-info slot overwrote the response
-            self._extra = bool(raw[1] & XEN_NETIF_EXTRA_FLAG_MORE)
+    def _rx_slot(self, q: _Queue, raw: bytes, rid: int) -> None:
+        if q.extra:  # an extra-info slot overwrote the response
+            q.extra = bool(raw[1] & XEN_NETIF_EXTRA_FLAG_MORE)
         else:
             rsp = parse_rx_response(raw)
             if rsp.status < 0:
-                self._bad = True
+                q.bad = True
             elif rsp.status > 0:
-                base = (self._rx_pfn + rid) * PAGE_SIZE
-                self._parts.append(bytes(self.k.memory[base + rsp.offset:base + rsp.offset + rsp.status]))
-            self._more = bool(rsp.flags & NETRXF_more_data)
-            self._extra = bool(rsp.flags & NETRXF_extra_info)
-        if self._extra or self._more:
+                base = (q.rx_pfn + rid) * PAGE_SIZE
+                q.parts.append(bytes(self.k.memory[base + rsp.offset:base + rsp.offset + rsp.status]))
+            q.more = bool(rsp.flags & NETRXF_more_data)
+            q.extra = bool(rsp.flags & NETRXF_extra_info)
+        if q.extra or q.more:
             return
-        frame = b"".join(self._parts)
-        bad = self._bad or len(frame) < ETH_HLEN
-        self._parts, self._bad = [], False
+        frame = b"".join(q.parts)
+        bad = q.bad or len(frame) < ETH_HLEN
+        q.parts, q.bad = [], False
         st = self.stats
         if bad:
             st.rx_errors += 1
@@ -331,17 +377,17 @@ class NetFront(FrontendDriver):
         else:
             self.rxq.append(frame)
 
-    def _post(self, ids) -> None:
-        ring = self.rx_ring
+    def _post(self, q: _Queue, ids) -> None:
+        ring = q.rx_ring
         assert ring is not None
         out = []
         prod = ring.req_prod_pvt
         for n, rid in enumerate(ids):
-            self.rx_slot[(prod + n) & (NRX - 1)] = rid
-            out.append(_RXREQ.pack(rid, self.rx_grefs[rid]))
+            q.rx_slot[(prod + n) & (NRX - 1)] = rid
+            out.append(_RXREQ.pack(rid, q.rx_grefs[rid]))
         ring.put_requests(b"".join(out))
-        if ring.push_requests_and_check_notify() and self.rx_port is not None:
-            self.k.xen.notify(self.rx_port)
+        if ring.push_requests_and_check_notify() and q.rx_port is not None:
+            self.k.xen.notify(q.rx_port)
 
     # -- the device API ----------------------------------------------------------------
 
@@ -353,10 +399,16 @@ class NetFront(FrontendDriver):
         if not self.k.loop.run_until(lambda: self.is_connected, timeout):
             raise TimeoutError("vif: not connected")
 
-    def _room(self, pages: int, slots: int) -> bool:
-        ring = self.tx_ring
-        return (self.is_connected and ring is not None and len(self.tx_free) >= pages
-                and ring.free_requests() >= slots)
+    def _queue_for(self, frame: bytes) -> _Queue | None:
+        queues = self.queues
+        if not queues:
+            return None
+        return queues[flow_hash(frame) % len(queues)] if len(queues) > 1 else queues[0]
+
+    @staticmethod
+    def _room(q: _Queue | None, pages: int, slots: int) -> bool:
+        ring = q.tx_ring if q is not None else None
+        return ring is not None and len(q.tx_free) >= pages and ring.free_requests() >= slots  # type: ignore[union-attr]
 
     def send(self, frame: bytes | bytearray | memoryview, *, gso_mss: int = 0, block: bool = True,
              timeout: float | None = 10.0) -> bool:
@@ -372,35 +424,43 @@ class NetFront(FrontendDriver):
         if pages > 1 and not self.sg:
             raise LocalError(f"vif: a {n}-byte frame needs feature-sg, which was not negotiated")
         slots = pages + (1 if gso_mss else 0)
-        if not self._room(pages, slots):
+
+        def room() -> bool:
+            return self.is_connected and self._room(self._queue_for(data), pages, slots)
+
+        if not room():
             if not block:
-                self._tx_collect()
-                if not self._room(pages, slots):
+                q0 = self._queue_for(data)
+                if q0 is not None:
+                    self._tx_collect(q0)
+                if not room():
                     return False
-            elif not self.k.loop.run_until(lambda: self._room(pages, slots), timeout):
+            elif not self.k.loop.run_until(room, timeout):
                 raise TimeoutError(f"vif: no room on the tx ring within {timeout} s")
-        ring = self.tx_ring
-        assert ring is not None and self.tx_port is not None
-        ids = [self.tx_free.pop() for _ in range(pages)]
+        q = self._queue_for(data)
+        assert q is not None
+        ring = q.tx_ring
+        assert ring is not None and q.tx_port is not None
+        ids = [q.tx_free.pop() for _ in range(pages)]
         mem = self.k.memory
         out = []
         for i, rid in enumerate(ids):
             chunk = data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
-            base = (self._tx_pfn + rid) * PAGE_SIZE
+            base = (q.tx_pfn + rid) * PAGE_SIZE
             mem[base:base + len(chunk)] = chunk
             more = NETTXF_more_data if i + 1 < pages else 0
             if i == 0:
                 flags = more | (NETTXF_extra_info if gso_mss else 0)
-                out.append(_TXREQ.pack(self.tx_grefs[rid], 0, flags, rid, n))
+                out.append(_TXREQ.pack(q.tx_grefs[rid], 0, flags, rid, n))
                 if gso_mss:
                     out.append(GsoExtra(XEN_NETIF_GSO_TYPE_TCPV4, gso_mss).pack(TX_SLOT_SIZE))
             else:
-                out.append(_TXREQ.pack(self.tx_grefs[rid], 0, more, rid, len(chunk)))
-        self.tx_busy.update(ids)
-        self.tx_pending[ids[0]] = n
+                out.append(_TXREQ.pack(q.tx_grefs[rid], 0, more, rid, len(chunk)))
+        q.tx_busy.update(ids)
+        q.tx_pending[ids[0]] = n
         ring.put_requests(b"".join(out))
         if ring.push_requests_and_check_notify():
-            self.k.xen.notify(self.tx_port)
+            self.k.xen.notify(q.tx_port)
         return True
 
     def recv(self, *, block: bool = True, timeout: float | None = None) -> bytes | None:
@@ -408,7 +468,8 @@ class NetFront(FrontendDriver):
         timeout ran out) and none is waiting."""
         if not self.rxq:
             if not block:
-                self._rx_event()
+                for q in self.queues:
+                    self._rx_event(q)
             else:
                 self.k.loop.run_until(lambda: bool(self.rxq), timeout)
         return self.rxq.popleft() if self.rxq else None
