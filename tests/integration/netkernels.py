@@ -227,3 +227,42 @@ def iperf3_server(kernel) -> None:
                             preexec_fn=lambda: lib.xmp_set_pdeathsig(signal.SIGKILL))  # dies with us
     kernel.print(f"iperf3-server: pid {proc.pid}")
     kernel.idle()
+
+
+def flows(kernel) -> None:
+    """Send ``args.count`` IPv4/UDP-looking frames of as many different
+    flows (source ports) to ``args.peer``; report how many each queue took."""
+    import struct
+
+    from xmp.drivers.net import frontend
+
+    frontend.configure(kernel, queues=int(kernel.args.get("queues", 4)))
+    nic = kernel.net("eth0")
+    peer = mac_bytes(kernel.args["peer"])
+    report(kernel, "ready", mac=nic.mac_address, queues=len(nic.queues))
+    wait_go(kernel, "go")
+    count = int(kernel.args.get("count", 64))
+    for i in range(count):
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, bytes([10, 0, 0, 1]),
+                         bytes([10, 0, 0, 2]))
+        udp = struct.pack("!HHHH", 1024 + i, 9, 8, 0)
+        nic.send(peer + nic.mac + b"\x08\x00" + ip + udp + bytes(18))
+    kernel.sleep(0.3)
+    report(kernel, "flows", per_queue=[q.sent for q in nic.queues], stats=nic.counters())
+    kernel.idle()
+
+
+def count_ipv4(kernel) -> None:
+    """Count the IPv4 frames that arrive (over however many queues)."""
+    from xmp.drivers.net import frontend
+
+    frontend.configure(kernel, queues=int(kernel.args.get("queues", 4)))
+    nic = kernel.net("eth0")
+    nic.send(b"\xff" * 6 + nic.mac + ETHERTYPE + bytes(50))  # be learnt
+    report(kernel, "ready", mac=nic.mac_address, queues=len(nic.queues))
+    got = 0
+    while True:
+        frame = nic.recv(timeout=1)
+        if frame is not None and frame[12:14] == b"\x08\x00":
+            got += 1
+            report(kernel, "ipv4", got=got)

@@ -266,3 +266,15 @@ def test_network_driver_domain_killed_while_traffic_flows(hosts):
         h.wait(lambda dom=dom, base=base: chatter_reports(h, dom)[-1]["got"] > base + 20, 20,
                f"traffic to {dom} through the restarted netdd")
     assert {d["name"] for d in h.list()} >= {"a", "b", "netdd"}
+
+
+def test_flows_spread_over_the_queues_both_ways(hosts):
+    br = bridge()
+    h = hosts(HOST + guest("a", "flows", MAC_A, br, peer=MAC_B, count=64)
+              + guest("b", "count_ipv4", MAC_B, br)).start(("a", "b"))
+    assert report(h, "a", "ready")["queues"] == 4 and report(h, "b", "ready")["queues"] == 4
+    go(h, "a")
+    r = report(h, "a", "flows")
+    assert sum(r["per_queue"]) == 64 and sum(1 for n in r["per_queue"] if n) >= 3, r
+    h.wait(lambda: any(x.get("got") == 64 for x in reports(h, "b") if x["test"] == "ipv4"), 10,
+           "every flow's frame at b")

@@ -127,6 +127,7 @@ class _Queue:
     bad: bool = False
     more: bool = False
     extra: bool = False
+    sent: int = 0                               # packets put on this queue's tx ring
 
     @property
     def tx_pfn(self) -> int:
@@ -458,6 +459,7 @@ class NetFront(FrontendDriver):
                 out.append(_TXREQ.pack(q.tx_grefs[rid], 0, more, rid, len(chunk)))
         q.tx_busy.update(ids)
         q.tx_pending[ids[0]] = n
+        q.sent += 1
         ring.put_requests(b"".join(out))
         if ring.push_requests_and_check_notify():
             self.k.xen.notify(q.tx_port)
