@@ -30,8 +30,8 @@ import report  # benchmarks/report.py: the shared targets shape
 from harness import BenchError, BenchHost  # benchmarks/harness.py: a supervisor under measurement
 
 from xmp.drivers.net import tap
-from xmp.drivers.net.stack import unshare_net
 from xmp.guests import netbench
+from xmp.hv.jail import CLONE_NEWNET, unshare
 
 PATHS = ("dom0", "dom0-jumbo", "driver-domain", "veth", "pipe")
 LABELS = {"dom0": "(1) xmp dom0", "dom0-jumbo": "(1j) dom0 MTU 65000", "driver-domain": "(1b) xmp driver dom",
@@ -107,7 +107,7 @@ def run_xmp(seconds: float, driver_domain: bool, mtu: int = 1500) -> dict:
 
 
 def _ns_end(role: str, conn, seconds: float, ifname: str, address: str, target: str) -> None:
-    unshare_net()
+    unshare(CLONE_NEWNET)
     conn.send("in")
     conn.recv()  # the parent has moved our veth end in
     tap.configure(ifname, mac="02:00:00:5b:00:0" + ("1" if role == "server" else "2"), mtu=1500,

@@ -49,10 +49,6 @@ class DeviceClass:
     command: str | None = None     # xl's command stem: "block" -> block-attach / -detach / -list
     opener: str | None = None      # kernel.<opener>(ref) opens one in a guest
     summary: str = ""
-    # "module:function" run in a guest's process before it drops its OS
-    # privileges, given the class's specs from the config (the network's
-    # namespace and TAPs); named, never imported here
-    pre_drop: str | None = None
 
     def part(self, name: str) -> ModuleType:
         """One of the folder's files, imported on first use."""
@@ -105,8 +101,7 @@ DEVICE_CLASSES: tuple[DeviceClass, ...] = (
     DeviceClass("blk", "vbd", config_key="disk", command="block", opener="block",
                 summary="virtual block devices (blkfront / blkback over image files)"),
     DeviceClass("net", "vif", config_key="vif", command="network", opener="net",
-                summary="virtual network interfaces (netfront / netback on a bridge or switch)",
-                pre_drop="xmp.drivers.net.stack:prepare"),
+                summary="virtual network interfaces (netfront / netback on a bridge or switch)"),
 )
 
 
@@ -124,13 +119,6 @@ def by_opener(opener: str) -> DeviceClass | None:
 
 def with_config_key() -> tuple[DeviceClass, ...]:
     return tuple(c for c in DEVICE_CLASSES if c.config_key)
-
-
-def pre_drop_steps(config_devices: dict[str, tuple[str, ...]]) -> list[dict]:
-    """What a guest's process runs before it drops its privileges: one
-    ``{"entry", "specs"}`` per class that has a pre_drop and specs in the config."""
-    return [{"entry": c.pre_drop, "specs": list(config_devices[c.config_key])}
-            for c in DEVICE_CLASSES if c.pre_drop and c.config_key and config_devices.get(c.config_key)]
 
 
 def frontend_modules() -> tuple[str, ...]:

@@ -212,23 +212,6 @@ def chatter(kernel) -> None:
         kernel.sleep(0.01)
 
 
-def iperf3_server(kernel) -> None:
-    """A real ``iperf3 -s`` inside this guest's own network namespace (its
-    child inherits it): unmodified iperf3 on both ends, netif between."""
-    import signal
-    import subprocess
-
-    from xmp.drivers.net import stack
-    from xmp.sharedmem._ffi import lib
-
-    stack.start(kernel)
-    proc = subprocess.Popen(["iperf3", "-s", "-p", str(kernel.args.get("port", 5201))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            preexec_fn=lambda: lib.xmp_set_pdeathsig(signal.SIGKILL))  # dies with us
-    kernel.print(f"iperf3-server: pid {proc.pid}")
-    kernel.idle()
-
-
 def flows(kernel) -> None:
     """Send ``args.count`` IPv4/UDP-looking frames of as many different
     flows (source ports) to ``args.peer``; report how many each queue took."""

@@ -503,6 +503,10 @@ def attach(kernel, devid: int, timeout: float = 30.0) -> NetFront:
     return front
 
 
+# The guest's network namespace hook registers with the jail when netfront is loaded.
+from xmp.drivers.net import stack as _stack  # noqa: E402,F401
+
+
 def devid_of(ref: str | int) -> int:
     """``eth1`` -> 1; a number is the devid itself."""
     if isinstance(ref, int):

@@ -11,13 +11,15 @@ unmodified clients on the host (ping, curl, iperf3) reach it through
 bridge -> TAP ``vifN.M`` -> netback -> rings -> netfront -> eth0 -- the
 vif's counters prove every frame took that way.
 
-The namespace is made before the guest drops its privileges (it needs
-CAP_SYS_ADMIN and CAP_NET_ADMIN): :func:`prepare` is the network class's
-pre-drop step (``xmp.devices``), run by the zygote in the new guest's
-process for the vifs of its config; :func:`start` later connects it, and
-says clearly why when there is none.  The event loop stays on the guest's main thread (it pumps
-the rings); a guest serving sockets does so on threads of its own (they
-share the namespace: threads made after :func:`start` are in it).  A
+The namespace is the guest's jail's (:mod:`xmp.hv.jail`, as root): its
+network namespace hook, :func:`setup_guest_netns`, runs in the new
+guest's process before it drops its privileges and makes the TAPs for
+the vifs of its config; :func:`start` later connects one, and says
+clearly why when there is none.  (This module is imported with netfront,
+which the zygote preloads, so the hook is in place before any fork.)
+The event loop stays on the guest's main thread (it pumps the rings); a
+guest serving sockets does so on threads of its own (they share the
+namespace).  A
 reader thread takes frames from the TAP into a bounded queue and raises an
 IPI port of ours; the loop sends them.  On every (re)connection of the vif
 -- after a backend restart, as after a migration -- the stack announces
@@ -26,7 +28,6 @@ its addresses with a gratuitous ARP.
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import os
 import select
@@ -36,19 +37,10 @@ from collections import deque
 
 from xmp.drivers.net import tap
 from xmp.errors import LocalError
+from xmp.hv.jail import on_guest_netns
 
-CLONE_NEWNET = 0x40000000
 QUEUE_MAX = 512
 IFNAME = "eth0"
-
-
-def unshare_net() -> None:  # os.unshare is Python 3.12's
-    """This thread (and the threads it makes later) into a new network namespace."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise LocalError(f"netstack: cannot make a network namespace ({os.strerror(err)}); "
-                         "it needs root (CAP_SYS_ADMIN) before the guest drops its privileges")
 
 
 def garp(mac: bytes, ip: str) -> bytes:
@@ -58,23 +50,24 @@ def garp(mac: bytes, ip: str) -> bytes:
             + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + addr + b"\0" * 6 + addr + b"\0" * 18)
 
 
-# ethN -> (its TAP's descriptor, its addresses), made by prepare() before the privileges went
+# ethN -> (its TAP's descriptor, its addresses), made by the hook before the privileges went
 _prepared: dict[str, tuple[int, list[str]]] = {}
 
 
-def prepare(specs: list[str]) -> None:
-    """In the guest's process, before it drops its privileges (the
-    zygote's pre-drop step): a network namespace of its own with one TAP
-    ``ethN`` per vif of its config (N = devid), its MAC, MTU and ``ip=``
-    addresses set, up.  Without the privilege to do so nothing is made (the
-    guest then has netfront's frames only; :func:`start` says why)."""
+@on_guest_netns
+def setup_guest_netns(domid: int, config: dict) -> list[int]:
+    """The jail's network namespace hook (:func:`xmp.hv.jail.on_guest_netns`):
+    in the guest's process, in its new network namespace, still root: one
+    TAP ``ethN`` per vif of its config (N = devid), its MAC, MTU and
+    ``ip=`` addresses set, up.  Returns the TAPs' descriptors (the domain
+    keeps them); :func:`start` connects one to netfront."""
     from xmp.drivers.net.spec import parse_vifspec
 
-    if not tap.privileged():
-        return
-    unshare_net()
-    # Unprivileged ICMP echo sockets (what ping uses without CAP_NET_RAW), in this namespace only.
-    # And any port for its servers (no CAP_NET_BIND_SERVICE after the drop): it is its own host.
+    specs = config.get("vif") or []
+    if not specs:
+        return []
+    # Unprivileged ICMP echo sockets (what ping uses without CAP_NET_RAW) and any
+    # port for its servers: in this namespace only, which is the guest's own host.
     for key, value in (("ping_group_range", "0 2147483647"), ("ip_unprivileged_port_start", "0")):
         with open(f"/proc/sys/net/ipv4/{key}", "w") as f:
             f.write(value)
@@ -85,6 +78,7 @@ def prepare(specs: list[str]) -> None:
         addresses = list(spec.ip)
         tap.configure(name, mac=spec.mac, mtu=spec.mtu, addresses=addresses)
         _prepared[name] = (fd, addresses)
+    return [fd for fd, _ in _prepared.values()]
 
 
 class NetStack:
@@ -154,8 +148,8 @@ def start(kernel, ref: str = "eth0") -> NetStack:
     """Connect this guest's TCP/IP stack (its namespace's ``ref``, made at
     boot with the vif spec's ``ip=`` addresses) to netfront."""
     if ref not in _prepared:
-        why = ("this process could not make one (xmp runs guests' namespaces as root only)"
-               if not tap.privileged() and not _prepared else f"its config has no vif for {ref}")
+        why = ("xmp makes a guest's network namespace only when it runs as root (the jail's)"
+               if not _prepared else f"its config has no vif for {ref}")
         raise LocalError(f"netstack: no network namespace with {ref}: {why}")
     fd, addresses = _prepared.pop(ref)
     return NetStack(kernel, kernel.net(ref), fd, addresses)
