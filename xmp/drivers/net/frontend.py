@@ -412,11 +412,12 @@ class NetFront(FrontendDriver):
         return ring is not None and len(q.tx_free) >= pages and ring.free_requests() >= slots  # type: ignore[union-attr]
 
     def send(self, frame: bytes | bytearray | memoryview, *, gso_mss: int = 0, block: bool = True,
-             timeout: float | None = 10.0) -> bool:
+             timeout: float | None = 10.0, push: bool = True) -> bool:
         """Put one Ethernet frame on the tx ring.  ``gso_mss`` marks a TCP
         frame larger than the MTU for segmentation (a GSO extra).  False
         when ``block`` is off and there is no room; TimeoutError when
-        blocking ran out of time."""
+        blocking ran out of time.  ``push=False`` leaves the frame for the
+        next :meth:`push` (a burst costs the backend one event)."""
         data = bytes(frame)
         n = len(data)
         if not ETH_HLEN <= n <= XEN_NETIF_MAX_TX_SIZE:
@@ -461,9 +462,16 @@ class NetFront(FrontendDriver):
         q.tx_pending[ids[0]] = n
         q.sent += 1
         ring.put_requests(b"".join(out))
-        if ring.push_requests_and_check_notify():
+        if push and ring.push_requests_and_check_notify():
             self.k.xen.notify(q.tx_port)
         return True
+
+    def push(self) -> None:
+        """Publish the frames sent with ``push=False`` (and notify if needed)."""
+        for q in self.queues:
+            ring = q.tx_ring
+            if ring is not None and q.tx_port is not None and ring.push_requests_and_check_notify():
+                self.k.xen.notify(q.tx_port)
 
     def recv(self, *, block: bool = True, timeout: float | None = None) -> bytes | None:
         """The next frame received; None when ``block`` is off (or the

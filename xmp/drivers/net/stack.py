@@ -138,10 +138,14 @@ class NetStack:
 
     def _drain(self) -> None:
         q = self.queue
-        while q:
-            if not self.nic.send(q[0], block=False):
-                return  # the ring is full: on_tx_room brings us back
-            q.popleft()
+        nic = self.nic
+        try:
+            while q:
+                if not nic.send(q[0], block=False, push=False):
+                    return  # the ring is full: on_tx_room brings us back
+                q.popleft()
+        finally:
+            nic.push()  # the burst, published at once
 
 
 def start(kernel, ref: str = "eth0") -> NetStack:
