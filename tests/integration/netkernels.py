@@ -98,6 +98,9 @@ def sink(kernel) -> None:
     nic = kernel.net("eth0")
     if kernel.args.get("stall"):
         nic._post = lambda q, ids: None    # the buffers are never given back
+    if kernel.args.get("bad_gref"):        # buffers given back under a gref that grants nothing
+        for q in nic.queues:
+            q.rx_grefs[:] = [60000] * len(q.rx_grefs)
     # announce ourselves (a broadcast), so that switches learn where we are
     nic.send(b"\xff" * 6 + nic.mac + ETHERTYPE + bytes(50))
     report(kernel, "ready", mac=nic.mac_address)

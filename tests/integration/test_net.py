@@ -229,6 +229,26 @@ def test_rx_never_refilled_is_bounded_and_counted(hosts):
         assert x["bad"] == [] and x["got"] == x["want"]
 
 
+def test_rx_buffers_under_a_bad_gref_are_errors_for_that_vif_alone(hosts):
+    br = bridge()
+    h = hosts(HOST + guest("bad", "sink", MAC_A, br, bad_gref=True)
+              + guest("p", "pump", MAC_B, br, peer=MAC_A, count=1000)
+              + guest("b", "exchange", MAC_C, br, peer=MAC_D)
+              + guest("c", "exchange", MAC_D, br, peer=MAC_C)).start(("bad", "p", "b", "c"))
+    for dom in ("bad", "p", "b", "c"):
+        report(h, dom, "ready")
+    go(h, "p")
+    report(h, "p", "pumped", 60)
+    # the first 256 buffers were good; every frame after them hit a bad gref: NETIF_RSP_ERROR
+    s = wait_stats(h, "bad", lambda v: v["rx_errors"] >= 500)
+    assert 200 <= s["rx_packets"] <= 257, s
+    assert read(h, backend_dir(h, "bad") + "/state") == "4"  # an error answer, not a disconnect
+    go(h, "b", "c")
+    for dom in ("b", "c"):
+        x = report(h, dom, "exchange", 60)
+        assert x["bad"] == [] and x["got"] == x["want"]
+
+
 def test_tx_flood_does_not_starve_the_others(hosts):
     br = bridge()
     h = hosts(HOST + guest("f", "hostile", MAC_A, br, peer=MAC_D, case="flood", seconds=4)
