@@ -202,8 +202,10 @@ class NetBack(BackendDriver, switch.SwitchPort):
             raise
         self.svc.add_ticker(self._tick)
         dev.write("hotplug-status", "connected")
-        for q in self.queues:
+        for q in list(self.queues):
             self._on_event(self._serve_both, q)
+        if not self.queues:  # what was queued already broke the protocol: stay closed
+            raise ValueError((dev.xs.read_or(f"{dev.nodename}/error") or b"vif: disabled").decode())
 
     def _connect_queue(self, dev: XenbusDevice, index: int, tx_ref: int, rx_ref: int,
                        ports: tuple[int, int]) -> None:
