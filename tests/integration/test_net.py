@@ -13,6 +13,7 @@ import pytest
 from netkernels import NET_SIZES
 from xmphost import HOST
 
+from xmp.errors import XmpError
 from xmp.xenstore.client import SocketTransport, XsClient
 
 pytestmark = pytest.mark.timeout(120)
@@ -83,10 +84,19 @@ def stats(h, dom: str, back: str = "Domain-0") -> dict[str, int]:
 
 
 def wait_stats(h, dom: str, cond, back: str = "Domain-0", what: str = "the counters") -> dict[str, int]:
+    last: list[dict] = [{}]
+
     def check():
-        s = stats(h, dom, back)
-        return s if cond(s) else None
-    return h.wait(check, 10, f"{dom}'s {what}")
+        try:
+            last[0] = stats(h, dom, back)
+        except XmpError as exc:  # not published yet
+            last[0] = {"unreadable": str(exc)}
+            return None
+        return last[0] if cond(last[0]) else None
+    try:
+        return h.wait(check, 10, f"{dom}'s {what}")
+    except AssertionError as exc:
+        raise AssertionError(f"{dom}'s counters stayed {last[0]}") from exc
 
 
 def read(h, path: str) -> str | None:
@@ -239,9 +249,10 @@ def test_rx_buffers_under_a_bad_gref_are_errors_for_that_vif_alone(hosts):
         report(h, dom, "ready")
     go(h, "p")
     report(h, "p", "pumped", 60)
-    # the first 256 buffers were good; every frame after them hit a bad gref: NETIF_RSP_ERROR
-    s = wait_stats(h, "bad", lambda v: v["rx_errors"] >= 500)
-    assert 200 <= s["rx_packets"] <= 257, s
+    # the first 256 buffers were good; a frame after them hits a bad gref (NETIF_RSP_ERROR),
+    # or, when the pump outran the guest, the bounded queue (dropped)
+    s = wait_stats(h, "bad", lambda v: v["rx_errors"] + v["rx_dropped"] + v["rx_packets"] >= 1000 - 256)
+    assert s["rx_packets"] <= 257 and s["rx_errors"] >= 100, s
     assert read(h, backend_dir(h, "bad") + "/state") == "4"  # an error answer, not a disconnect
     go(h, "b", "c")
     for dom in ("b", "c"):
