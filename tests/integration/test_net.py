@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 import uuid
 
 import pytest
@@ -309,3 +310,18 @@ def test_flows_spread_over_the_queues_both_ways(hosts):
     assert sum(r["per_queue"]) == 64 and sum(1 for n in r["per_queue"] if n) >= 3, r
     h.wait(lambda: any(x.get("got") == 64 for x in reports(h, "b") if x["test"] == "ipv4"), 10,
            "every flow's frame at b")
+
+
+def test_a_destroyed_guests_backend_directory_stays_gone(hosts):
+    """netback's last counters must not bring back the backend directory the
+    toolstack removed with the guest (a xenstore WRITE makes its parents)."""
+    br = bridge()
+    h = hosts(HOST + guest("a", "chatter", MAC_A, br, peer=MAC_B)
+              + guest("b", "chatter", MAC_B, br, peer=MAC_A)).start(("a", "b"))
+    h.wait(lambda: any(r["got"] > 10 for r in chatter_reports(h, "a")), 20, "traffic")
+    back = backend_dir(h, "a")
+    h.xmp("destroy", "a")
+    h.wait(lambda: read(h, back) is None and h.info("a") is None, 10, "a and its backend gone")
+    time.sleep(1)  # four ticks of netback's counter publication: nothing may come back
+    assert read(h, back) is None
+    assert chatter_reports(h, "b")[-1]["connections"] == 1

@@ -288,7 +288,10 @@ class NetBack(BackendDriver, switch.SwitchPort):
                 print(traceback.format_exc(), flush=True)
         self.svc.dirty.discard(self)
         if self.dev is not None:
-            self._publish()
+            try:
+                self._publish()
+            except XmpError:  # its directory went meanwhile
+                pass
 
     def release(self) -> None:
         for pfn, pages in ((self.ring_bounce, RING_BOUNCE_TOTAL), (self.bounce, DATA_BOUNCE_PAGES)):
@@ -307,9 +310,16 @@ class NetBack(BackendDriver, switch.SwitchPort):
             self._guarded(self._publish)
 
     def _publish(self) -> None:
-        assert self.dev is not None
+        dev = self.dev
+        assert dev is not None
         now = self.stats.as_dict()
         if now == self._published:
+            return
+        # A WRITE makes its parents: never bring back a directory the toolstack removed
+        # (the frontend's domain is gone).  The read and the writes are not one
+        # transaction; a removal in between leaves at most these keys, which the
+        # toolstack's next removal of the domain's backends takes too.
+        if dev.xs.read_or(f"{dev.nodename}/state") is None:
             return
         for key, value in now.items():
             if self._published is None or self._published.get(key) != value:
