@@ -65,6 +65,7 @@ RXQ_MAX = 1024
 _TXREQ = struct.Struct("<IHHHH")
 _TXRSP = struct.Struct("<Hh")
 _RXREQ = struct.Struct("<H2xI")
+_RXRSP_IN = struct.Struct("<HHHh")
 
 DEFAULTS: dict[str, bool | int] = {"sg": True, "gso": True, "split": False, "queues": 1}
 _RING_KEYS = {protocol.EVENT_CHANNEL, protocol.EVENT_CHANNEL_TX, protocol.EVENT_CHANNEL_RX,
@@ -352,14 +353,15 @@ class NetFront(FrontendDriver):
         if q.extra:  # an extra-info slot overwrote the response
             q.extra = bool(raw[1] & XEN_NETIF_EXTRA_FLAG_MORE)
         else:
-            rsp = parse_rx_response(raw)
-            if rsp.status < 0:
-                q.bad = True
-            elif rsp.status > 0:
-                base = (q.rx_pfn + rid) * PAGE_SIZE
-                q.parts.append(bytes(self.k.memory[base + rsp.offset:base + rsp.offset + rsp.status]))
-            q.more = bool(rsp.flags & NETRXF_more_data)
-            q.extra = bool(rsp.flags & NETRXF_extra_info)
+            _, offset, flags, status = _RXRSP_IN.unpack(raw)
+            if status < 0 or offset + status > PAGE_SIZE:
+                parse_rx_response(raw)  # raises for what breaks the protocol
+                q.bad = True            # NETIF_RSP_ERROR / DROPPED
+            elif status > 0:
+                base = (q.rx_pfn + rid) * PAGE_SIZE + offset
+                q.parts.append(bytes(self.k.memory[base:base + status]))
+            q.more = bool(flags & NETRXF_more_data)
+            q.extra = bool(flags & NETRXF_extra_info)
         if q.extra or q.more:
             return
         frame = b"".join(q.parts)
