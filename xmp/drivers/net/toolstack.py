@@ -58,9 +58,11 @@ _made_bridges: list[str] = []   # by this supervisor, removed when it goes
 
 def device(spec: VifSpec, base: Path) -> DeviceSpec:
     """The vif's keys, as libxl writes them.  As root, a ``vif-bridge``
-    vif's bridge is made here if the host has none of that name (the
-    backend only puts its TAP on it), and removed when this host stops."""
-    if spec.script == "vif-bridge" and tap.privileged() and spec.bridge not in _made_bridges:
+    vif served by dom0 has its bridge made here if the host has none of
+    that name (the backend only puts its TAP on it), removed when this host
+    stops."""
+    in_dom0 = spec.backend in (None, "Domain-0", "0")  # a driver domain holds no privilege: its switch
+    if spec.script == "vif-bridge" and in_dom0 and tap.privileged() and spec.bridge not in _made_bridges:
         try:
             if tap.ensure_bridge(spec.bridge):
                 _made_bridges.append(spec.bridge)
