@@ -365,3 +365,40 @@ def test_a_frontend_whose_backend_domain_has_gone_disconnects_and_waits():
     settle(guest)
     assert log == ["front disconnect"] and int(tool.read(f"{FRONT}/state")) == S.INITIALISING
 
+
+class _ToolstackXs:
+    """The toolstack's xenstore connection, straight into a real store."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def send(self, reqs, what, done=None):
+        for op, payload in reqs:
+            self.client.request(op, payload)
+
+
+def test_teardown_removes_every_backend_frontid_directory_of_the_dead_domain():
+    """libxl removes ``backend/<type>/<frontid>`` itself: the dead domain's
+    directories go in every backend domain, nobody else's."""
+    from types import SimpleNamespace
+
+    from xmp import devices
+    from xmp.devices import DeviceSpec
+    from xmp.toolstack.devices import Device, DeviceManager
+    from xmp.toolstack.domains import DomainRecord
+
+    store = XenStore()
+    tool = store_client(store, 0, privileged=True)
+    vbd, vping = devices.by_devtype("vbd"), devices.by_devtype("vping")
+    devs = [Device(3, 0, vbd, DeviceSpec(51712, "xvda", None)),
+            Device(3, 2, vbd, DeviceSpec(51728, "xvdb", "s")),
+            Device(3, 2, vping, DeviceSpec(0, "0", "s")),
+            Device(4, 0, vbd, DeviceSpec(51712, "xvda", None))]
+    for dev in devs:
+        tool.write(f"{dev.back_path}/state", "4")
+    ts = SimpleNamespace(xs=_ToolstackXs(tool))
+    DeviceManager(ts).forget(DomainRecord(3, None, devs[:3]))  # type: ignore[arg-type]
+    assert tool.directory("/local/domain/0/backend/vbd") == ["4"]
+    assert tool.read("/local/domain/0/backend/vbd/4/51712/state") == b"4"
+    assert tool.directory("/local/domain/2/backend/vbd") == []
+    assert tool.directory("/local/domain/2/backend/vping") == []
