@@ -160,7 +160,10 @@ class Xen:
             for fd in fds[len(ret["new"]):]:
                 os.close(fd)
             for sender in set(have) - set(ret["senders"]):
-                self.evt.detach_doorbell(sender)
+                # the hypervisor drops a sender's doorbells only when it destroys
+                # it: the peer is dead, so what we hold of it goes too (its wake
+                # page, our doorbell into it, its RAM once nothing maps it)
+                self.forget_domain(sender)
             if len(ret["new"]) < MAX_FDS:  # else there may be more
                 return
 
