@@ -19,7 +19,7 @@ with xl's names, units (MiB) and defaults where xl has them; a complete file::
 
     [[domain]]                  # zero or more guests and driver domains
     name = "web"                # required, unique, 1..64 of [A-Za-z0-9_.-]
-    type = "pvh"                # "pv" | "pvh" | "hvm", default "pvh"
+    type = "pvh"                # "pv" | "pvh", default "pvh" ("hvm": refused, not yet)
     memory = 128                # MiB, >= 1, default 128
     maxmem = 256                # MiB, >= memory, default = memory
     vcpus = 1                   # 1..32, default 1
@@ -34,7 +34,7 @@ with xl's names, units (MiB) and defaults where xl has them; a complete file::
     on_crash = "destroy"        # default destroy
     driver_domain = false       # hosts backends; needs no kernel
     trusted_backend = false     # ignored, kept for old files: only dom0 maps grants
-    max_event_channels = 1023   # 2..4096, default 1023
+    max_event_channels = 1023   # 2..4096, default 1023 (dom0: 4096)
     max_grant_frames = 64       # 1..64, default 64
     xenstore_quota = { nodes = 2000 }   # xenstored limits for this domain (C xenstored's
                                 # names: nodes, node-size, watches, transactions,
@@ -75,11 +75,12 @@ import socket
 import sys
 import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
 
-from xmp import devices
+from xmp import devices, limits
 from xmp.errors import XmpError
 
 MiB = 1 << 20
@@ -416,9 +417,11 @@ def _json_problem(value: Any, where: str) -> str | None:
     return f"{where} is {_describe(value)}; only strings, numbers, booleans, arrays and tables can be passed"
 
 
-def _devices(t: _Table, raw: dict) -> dict[str, tuple[str, ...]]:
+def _devices(t: _Table, raw: dict, base: str) -> dict[str, tuple[str, ...]]:
     """Each device class's xl specs: each must parse, by the class's own
-    parser, and name a different device."""
+    parser, name a different device, and be one that can be made (the
+    class's ``problem(spec, base)``, if it has one; ``base`` is the folder
+    relative paths are in)."""
     out: dict[str, tuple[str, ...]] = {}
     for cls in devices.with_config_key():
         key = cls.config_key or ""
@@ -427,12 +430,16 @@ def _devices(t: _Table, raw: dict) -> dict[str, tuple[str, ...]]:
         names: set[str] = set()
         for spec in specs:
             try:
-                name = part.name_of(part.parse(spec))
+                parsed = part.parse(spec)
             except XmpError as exc:
                 raise t.error(key, str(exc)) from None
+            name = part.name_of(parsed)
             if name in names:
                 raise t.error(key, f"{cls.devtype} '{name}' is used twice")
             names.add(name)
+            problem = part.problem(parsed, Path(base)) if hasattr(part, "problem") else None
+            if problem:
+                raise t.error(key, problem)
         if specs:
             out[key] = specs
     return out
@@ -448,6 +455,13 @@ def device_backends(cfg: DomainConfig) -> list[tuple[str, str]]:
             if backend not in (None, DOM0_NAME, "0"):
                 out.append((cls.config_key or "", backend))
     return out
+
+
+def source_folder(source: str | None) -> str:
+    """The folder a domain's relative device paths are in: its file's."""
+    if source is None:
+        return os.getcwd()
+    return os.path.dirname(os.path.abspath(source.rsplit(":", 1)[0]))
 
 
 # xl.cfg xenstore_quota: this domain's limits in xenstored, by C xenstored's names.
@@ -560,24 +574,30 @@ def _domain(t: _Table, raw: dict, known: tuple[str, ...], *, dom0: bool) -> Doma
     source = raw["source"] if "source" in raw else t.source()
     if source is not None and not isinstance(source, str):
         raise t.error("source", f"expected a string, got {_describe(source)}")
+    # dom0 is PV, as on classic x86 Xen.
+    kind = _choice(t, raw, "type", "pv" if dom0 else "pvh", DOMAIN_TYPES)
+    if kind == "hvm":  # xl's name, kept so the message can be precise; it must not silently mean PV
+        raise t.error("type", "hvm guests are not supported yet; use pv or pvh")
     return DomainConfig(
         name=name,
-        # dom0 is PV, as on classic x86 Xen.
-        type=_choice(t, raw, "type", "pv" if dom0 else "pvh", DOMAIN_TYPES),
+        type=kind,
         memory_mib=memory,
         maxmem_mib=maxmem,
         vcpus=vcpus,
         maxvcpus=maxvcpus,
         kernel=kernel,
         args=_args(t, raw),
-        devices=_devices(t, raw),
+        devices=_devices(t, raw, source_folder(source)),
         vif=_str_list(t, raw, "vif"),
         on_poweroff=_choice(t, raw, "on_poweroff", "destroy", ACTIONS),
         on_reboot=_choice(t, raw, "on_reboot", "restart", ACTIONS),
         on_crash=_choice(t, raw, "on_crash", "destroy", ACTIONS),
         driver_domain=driver_domain,
         trusted_backend=_bool(t, raw, "trusted_backend", dom0),
-        max_event_channels=_int(t, raw, "max_event_channels", 1023, *EVTCHN_RANGE),
+        # dom0 serves every guest's console and xenstore ring, two ports each: it gets
+        # all the 2-level ABI has (xl's 1023 is for guests; Xen does not cap dom0 so).
+        max_event_channels=_int(t, raw, "max_event_channels", EVTCHN_RANGE[1] if dom0 else 1023,
+                                *EVTCHN_RANGE),
         max_grant_frames=_int(t, raw, "max_grant_frames", 64, *GRANT_FRAMES_RANGE),
         source=source,
         xenstore_quota=_quota(t, raw),
@@ -693,6 +713,7 @@ def parse_topology(text: str, path: str = "<topology>") -> Topology:
     domains: list[DomainConfig] = []
     tables: list[_Table] = []
     first_line: dict[str, int | None] = {}
+    held = limits.FDS_RESERVED + limits.domain_cost(0)  # dom0's own place
     for i, raw in enumerate(doc.get("domain", [])):
         t = _Table(path, loc, "domain", i, f"[[domain]] #{i + 1}")
         if not isinstance(raw, dict):
@@ -703,13 +724,22 @@ def parse_topology(text: str, path: str = "<topology>") -> Topology:
             at = f"line {where}" if where is not None else "an earlier [[domain]]"
             raise t.error("name", f"duplicate name '{cfg.name}': already used by the [[domain]] at {at}; "
                                   "names must be unique")
-        first_line[cfg.name] = t.line("name")
         for key, backend in device_backends(cfg):  # a backend domain must exist before its frontends
+            if backend == cfg.name:
+                raise t.error(key, f"backend '{backend}' is this domain itself; a device is served by "
+                                   "another domain: Domain-0 (no backend=) or a driver domain above")
             if backend not in first_line:
                 raise t.error(key, f"backend '{backend}' is not a [[domain]] defined above '{cfg.name}'; "
                                    "define the driver domain first")
+            host_dom = next(d for d in domains if d.name == backend)
+            if not host_dom.driver_domain:
+                raise t.error(key, f"backend '{backend}' is not a driver domain (it runs no backends); "
+                                   f"set driver_domain = true in '{backend}' or drop backend=")
+        first_line[cfg.name] = t.line("name")
         domains.append(cfg)
         tables.append(t)
+        held += limits.domain_cost(sum(len(v) for v in cfg.devices.values()))
+        _check_count(t, 1 + len(domains), held)
 
     used = 0
     needed = dom0.memory_mib + sum(d.memory_mib for d in domains)
@@ -720,6 +750,25 @@ def parse_topology(text: str, path: str = "<topology>") -> Topology:
                                     "lower memory or raise [host] memory")
         used += cfg.memory_mib
     return Topology(host=host, dom0=dom0, domains=tuple(domains))
+
+
+def _check_count(t: _Table, count: int, held: int) -> None:
+    """The file's first ``count`` domains, dom0 included, must fit dom0's
+    event channels, Xen's domain ids and, needing ``held`` descriptors in
+    dom0, the descriptors it will have (the soft RLIMIT_NOFILE, which the
+    supervisor raises to the hard one): 5,000 idle guests were accepted and
+    ~4,000 spawned before descriptors ran out."""
+    ports = limits.PORTS_RESERVED + (count - 1) * limits.domain_ports()
+    if ports > limits.DOM0_PORTS - 1:
+        raise t.error(None, f"{limits.describe_capacity(limits.nofile_limits()[1])}, and this is domain "
+                            f"number {count} (dom0 first); run fewer domains")
+    if count - 1 > limits.MAX_DOMID:
+        raise t.error(None, f"domain number {count - 1} is past Xen's last domain id ({limits.MAX_DOMID}); "
+                            "split the topology over hosts")
+    nofile = limits.nofile_limits()[1]
+    if held > nofile:
+        raise t.error(None, f"{limits.describe_capacity(nofile)}, and this is domain number {count} "
+                            "(dom0 first); run fewer domains or raise the hard limit (ulimit -Hn) first")
 
 
 def load_topology(path: str | os.PathLike[str]) -> Topology:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -41,10 +42,16 @@ class Host:
 
     # -- start / stop -------------------------------------------------------
 
-    def start(self, wait_for: tuple[str, ...] = ()) -> Host:
+    def start(self, wait_for: tuple[str, ...] = (), nofile: int | None = None) -> Host:
+        """``nofile``: the supervisor's RLIMIT_NOFILE (soft and hard)."""
         out = open(self.out_path, "wb")
+
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen([*XMP, "run", "--rundir", str(self.rundir), str(self.topology)],
-                                     stdout=out, stderr=subprocess.STDOUT, env=ENV)
+                                     stdout=out, stderr=subprocess.STDOUT, env=ENV,
+                                     preexec_fn=limit if nofile else None)
         out.close()
         # A supervisor may also be done already (every guest gone): that is for the test to judge.
         self.wait(lambda: self.proc.poll() is not None or self._answers(), 20, "exit")

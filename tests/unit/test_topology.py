@@ -50,7 +50,7 @@ args = { }
 
 [[domain]]
 name = "web"
-type = "hvm"
+type = "pv"
 memory = 256
 maxmem = 512
 vcpus = 2
@@ -80,11 +80,11 @@ def test_full_example_parses_with_defaults_filled():
         dom0=DomainConfig(
             name="Domain-0", type="pv", memory_mib=512, maxmem_mib=1024, vcpus=2, maxvcpus=2,
             kernel="json:dumps", args={}, devices={}, vif=(), on_poweroff="destroy", on_reboot="restart",
-            on_crash="destroy", driver_domain=True, trusted_backend=True, max_event_channels=1023,
+            on_crash="destroy", driver_domain=True, trusted_backend=True, max_event_channels=4096,
             max_grant_frames=64, source="lab.toml:7"),
         domains=(
             DomainConfig(
-                name="web", type="hvm", memory_mib=256, maxmem_mib=512, vcpus=2, maxvcpus=4,
+                name="web", type="pv", memory_mib=256, maxmem_mib=512, vcpus=2, maxvcpus=4,
                 kernel="json:dumps", args={"greeting": "hi", "sizes": [1, 2], "nested": {"ok": True}},
                 devices={"disk": ("format=raw, vdev=xvda, access=rw, target=a.img",)},
                 vif=("mac=00:16:3e:00:00:01, bridge=xenbr0",), on_poweroff="preserve",

@@ -14,6 +14,7 @@ from xmp.dom0.xenstored import XenStored
 from xmp.domain_proc.kernel import Kernel
 from xmp.domain_proc.main import load_entry
 from xmp.drivers.backends import start_backends
+from xmp.hypercall import domain_info_list
 from xmp.sharedmem.evtchn import VIRQ_DOM_EXC
 
 
@@ -42,7 +43,7 @@ def main(kernel: Kernel) -> None:
 
     @service(kernel)
     def domains_changed(_port: int) -> None:
-        infos = {i["domid"]: i for i in kernel.xen.domctl("getdomaininfo") if i["domid"] != kernel.domid}
+        infos = {i["domid"]: i for i in domain_info_list(kernel.xen.call) if i["domid"] != kernel.domid}
         consoled.scan(infos)
         xenstored.domains_changed(infos)
 

@@ -19,7 +19,7 @@ from typing import Any
 from xmp.domid import DOMID_DOM0, DOMID_SELF
 from xmp.errors import GrantError, HypercallError
 from xmp.hv.domain import Domain, DomState, Mapping
-from xmp.hypercall import HYPERCALLS, MAX_FDS, SHUTDOWN_REASONS, arg, int_list
+from xmp.hypercall import DOMAININFO_PAGE, HYPERCALLS, MAX_FDS, SHUTDOWN_REASONS, arg, int_list
 from xmp.sharedmem._ffi import lib
 from xmp.sharedmem.evtchn import (
     DOORBELL_SIZE,
@@ -86,10 +86,29 @@ class HypercallHandlers:
         return 0, []
 
     def hc_domctl_getdomaininfo(self, caller: Domain, args: dict) -> Reply:
+        """One domain's record; the list is sysctl getdomaininfolist (a reply
+        that grows with the domain count would outgrow the channel)."""
         domid = arg(args, "domid", int, "getdomaininfo", None)
         if domid is None:
-            return [self.domain_info(d) for d in sorted(self.domains.values(), key=lambda d: d.domid)], []
+            raise HypercallError(errno.EINVAL, "getdomaininfo",
+                                 "name a domid; sysctl getdomaininfolist pages through them all")
         return self.domain_info(self.lookup(domid, "getdomaininfo")), []
+
+    # -- sysctl (dom0 only) --------------------------------------------------
+
+    def hc_sysctl_getdomaininfolist(self, caller: Domain, args: dict) -> Reply:
+        """XEN_SYSCTL_getdomaininfolist: up to ``max_domains`` records of
+        domains numbered ``first_domain`` or above, in id order."""
+        op = "getdomaininfolist"
+        first = arg(args, "first_domain", int, op, 0)
+        count = arg(args, "max_domains", int, op, DOMAININFO_PAGE)
+        if first < 0 or not 1 <= count <= DOMAININFO_PAGE:
+            raise HypercallError(errno.EINVAL, op, f"first_domain >= 0, max_domains 1..{DOMAININFO_PAGE}")
+        doms = sorted((d for d in self.domains.values() if d.domid >= first), key=lambda d: d.domid)[:count]
+        for d in doms:
+            if d.state == DomState.DYING:
+                d.seen_dying = True  # dom0 lets go of it now (see reap_dying)
+        return [self.domain_info(d) for d in doms], []
 
     def hc_domctl_max_mem(self, caller: Domain, args: dict) -> Reply:
         dom = self.lookup(arg(args, "domid", int, "max_mem"), "max_mem")

@@ -23,11 +23,11 @@ from xmp import devices
 from xmp.devices import DeviceClass, DeviceSpec
 from xmp.domid import DOMID_DOM0
 from xmp.drivers.xenbus.state import XenbusState
-from xmp.errors import HypercallError, XmpError
+from xmp.errors import HypercallError, LocalError, XmpError
 from xmp.hv.domain import Domain
 from xmp.toolstack.pending import Pending
 from xmp.toolstack.xs import _z, device_tree, move_backend_tree
-from xmp.topology import DomainConfig
+from xmp.topology import DomainConfig, source_folder
 from xmp.xenstore.wire import Packet, XsType
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class DeviceManager:
     def plan(self, cfg: DomainConfig) -> list[Planned]:
         """Every device a config lists, checked (and its files made) before
         the domain is built: a relative path is relative to the config's file."""
-        base = Path(cfg.source.rsplit(":", 1)[0]).parent if cfg.source else Path.cwd()
+        base = Path(source_folder(cfg.source))
         out = []
         for cls in devices.with_config_key():
             for text in cfg.devices.get(cls.config_key or "", ()):
@@ -86,6 +86,8 @@ class DeviceManager:
         part = cls.part("toolstack")
         try:
             spec = part.device(part.parse(text), base)
+        except HypercallError as exc:  # the class's own errno (a path it cannot create), under our op
+            raise HypercallError(exc.errno, op, exc.detail or str(exc)) from None
         except XmpError as exc:
             raise HypercallError(errno.EINVAL, op, str(exc)) from None
         return Planned(cls, spec, self._backend(spec, op))
@@ -111,15 +113,19 @@ class DeviceManager:
             raise HypercallError(errno.EEXIST, "device-add",
                                  f"{front.name} already has {plan.cls.devtype} {plan.spec.name}")
         dev = Device(front.domid, plan.back.domid, plan.cls, plan.spec)
+        try:
+            self.ts.xs.send(device_tree(front.domid, dev.back_domid, plan.cls.devtype, dev.devid,
+                                        plan.spec.back_keys, plan.spec.front_keys),
+                            f"adding {plan.cls.devtype} {dev.devid} to dom{front.domid}",
+                            None if done is None else _settle(done, self._result(dev)))
+        except LocalError as exc:  # more than xenstored takes: nothing was sent
+            raise HypercallError(errno.E2BIG, "device-add", str(exc)) from None
         rec.devices.append(dev)
-        self.ts.xs.send(device_tree(front.domid, dev.back_domid, plan.cls.devtype, dev.devid,
-                                    plan.spec.back_keys, plan.spec.front_keys),
-                        f"adding {plan.cls.devtype} {dev.devid} to dom{front.domid}",
-                        None if done is None else _settle(done, self._result(dev)))
         return dev
 
     def attach(self, front: Domain, cls: DeviceClass, text: str, base: Path) -> Pending:
         """xl <class>-attach: hot-plug one device from its xl spec."""
+        self._can_hotplug(f"{cls.command}-attach")
         done = Pending()
         self.add(front, self._planned(cls, text, base, f"{cls.command}-attach"), done)
         return done
@@ -127,10 +133,22 @@ class DeviceManager:
     def attach_keys(self, front: Domain, back: Domain, cls: DeviceClass, devid: int,
                     back_keys: dict[str, str], front_keys: dict[str, str]) -> Pending:
         """The generic device add, with the keys given (tests and tools)."""
+        self._can_hotplug("device-attach")
         done = Pending()
         self.add(front, Planned(cls, DeviceSpec(devid, str(devid), back.name, back_keys, front_keys), back),
                  done)
         return done
+
+    def _can_hotplug(self, op: str) -> None:
+        """Refuse a hot-plug that could not be written: while stopping
+        (teardown serves the loop, so one still reaches us), or with no
+        xenstore (the device would be recorded but never written)."""
+        sup = self.ts.sup
+        if sup.stopping:
+            raise HypercallError(errno.ESHUTDOWN, op, f"the supervisor is stopping ({sup.stop_reason}): "
+                                 "no new devices")
+        if self.ts.xs.sock is None:
+            raise HypercallError(errno.EIO, op, "xenstore unavailable: the device was not written")
 
     # -- removing ----------------------------------------------------------------
 

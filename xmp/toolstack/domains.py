@@ -120,6 +120,8 @@ class Toolstack:
         self.xs.send(dom0_tree(), "dom0")
         for cfg in self.topology.domains:
             if self.sup.stopping:
+                self.sup.log(f"start-up interrupted: {len(self.records) - 1} of "
+                             f"{len(self.topology.domains)} domains created")
                 return
             self.create(cfg)
 
@@ -167,8 +169,7 @@ class Toolstack:
         """libxl_domain_create_new: check every device first (nothing is
         built if one is wrong), build the domain, write its tree, add its
         devices."""
-        if self.sup.stopping and domid != DOMID_DOM0:
-            raise HypercallError(errno.ESHUTDOWN, "createdomain", "the host is stopping")
+        self.sup.check_build(cfg, name, dom0=domid == DOMID_DOM0)  # before a device's files are made
         planned = [] if domid == DOMID_DOM0 else self.devices.plan(cfg)
         kernel = cfg.kernel or (DOM0_KERNEL if domid == DOMID_DOM0 else
                                 DRIVER_DOMAIN_KERNEL if cfg.driver_domain else None)
@@ -225,7 +226,13 @@ class Toolstack:
             self.sup.destroy_domain(dom, f"destroyed ({reason}: on_{reason} = {configured})")
         if action in ("restart", "rename-restart") and not self.sup.stopping:
             if self._restart_allowed(cfg.name):
-                self.devices.rehome(dom.domid, self.create(cfg))
+                try:
+                    new = self.create(cfg)
+                except HypercallError as exc:  # a limit reached meanwhile: it stays down, the rest run
+                    self.sup.exit_code = 1
+                    self.sup.log(f"{cfg.name!r} not restarted: {exc}")
+                    return
+                self.devices.rehome(dom.domid, new)
             else:
                 self.sup.exit_code = 1
                 self.sup.log(f"{cfg.name!r} restarted {RESTART_LIMIT[0]} times in {RESTART_LIMIT[1]:.0f} s: "
