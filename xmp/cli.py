@@ -352,6 +352,7 @@ def cmd_cleanup(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from xmp.hv.jail import describe
     from xmp.limits import describe_capacity, nofile_limits
     from xmp.sharedmem import _ffi  # noqa: F401  (fails with instructions if not built)
 
@@ -360,6 +361,8 @@ def cmd_info(args) -> int:
     soft, hard = nofile_limits()
     print(f"descriptors: RLIMIT_NOFILE soft {soft}, hard {hard} (`xmp run` raises soft to hard)")
     print(f"capacity: {describe_capacity(hard)}")
+    for line in describe():
+        print(f"isolation: {line}")
     rundir = _rundir(args)
     try:
         host = request(rundir, "info")

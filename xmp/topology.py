@@ -8,6 +8,7 @@ with xl's names, units (MiB) and defaults where xl has them; a complete file::
     memory = 4096               # MiB pool for all domains, dom0 included;
                                 # default: the host's available memory
     rundir = "/tmp/xmp-lab"     # optional run directory (control socket, ...)
+    guest_uids = "200000-265535"  # uids for jailed guests (as root), one per running guest
 
     [dom0]                      # optional; dom0 always exists, named "Domain-0"
     memory = 256                # MiB, default 256
@@ -94,7 +95,8 @@ RESERVED_SUFFIXES = ("--incoming", "--migratedaway")
 EVTCHN_RANGE = (2, 4096)
 GRANT_FRAMES_RANGE = (1, 64)
 
-HOST_KEYS = ("name", "memory", "rundir")
+HOST_KEYS = ("name", "memory", "rundir", "guest_uids")
+GUEST_UIDS = (200000, 265535)  # the default [host] guest_uids
 DOM0_KEYS = ("memory", "maxmem", "vcpus", "kernel", "args")
 # Each device class with an xl spec adds its key ("disk", …) through xmp.devices.
 DEVICE_KEYS = tuple(c.config_key for c in devices.with_config_key() if c.config_key)
@@ -132,6 +134,7 @@ class HostConfig:
     name: str
     memory_mib: int
     rundir: str | None
+    guest_uids: tuple[int, int] = GUEST_UIDS
 
 
 @dataclass(frozen=True)
@@ -613,7 +616,14 @@ def _host(t: _Table, raw: dict) -> HostConfig:
     name = _str(t, raw, "name") if "name" in raw else socket.gethostname()
     memory = _int(t, raw, "memory", 0, 1, unit=" MiB") if "memory" in raw else _available_mib()
     rundir = _str(t, raw, "rundir") if "rundir" in raw else None
-    return HostConfig(name=name, memory_mib=memory, rundir=rundir)
+    uids = GUEST_UIDS
+    if "guest_uids" in raw:
+        lo, sep, hi = _str(t, raw, "guest_uids").partition("-")
+        if not (sep and lo.isdigit() and hi.isdigit() and 0 < int(lo) <= int(hi) < 2**32 - 1):
+            raise t.error("guest_uids", f"'{raw['guest_uids']}' is not a range of uids "
+                                        "FIRST-LAST with 0 < FIRST <= LAST, like \"200000-265535\"")
+        uids = (int(lo), int(hi))
+    return HostConfig(name=name, memory_mib=memory, rundir=rundir, guest_uids=uids)
 
 
 # -- memory -----------------------------------------------------------------

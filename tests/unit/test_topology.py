@@ -427,3 +427,20 @@ def test_xenstore_quota_is_checked_and_kept():
         parse_topology(base + "xenstore_quota = { nodes = 0 }\n")
     with pytest.raises(TopologyError, match=":4: .*xenstore_quota: expected a table"):
         parse_topology(base + 'xenstore_quota = "nodes=5"\n', "t.toml")
+
+
+@pytest.mark.parametrize("value, problem", [
+    ('"200000-265535"', None), ('"7-7"', None),
+    ('"0-10"', "is not a range of uids"), ('"10-5"', "is not a range of uids"),
+    ('"abc"', "is not a range of uids"), ("5", "expected a string, got an integer (5)"),
+])
+def test_host_guest_uids_is_a_range_of_uids(value, problem):
+    text = f"[host]\nmemory = 1024\nguest_uids = {value}\n"
+    if problem is None:
+        first, last = (int(x) for x in value.strip('"').split("-"))
+        assert topology.parse_topology(text).host.guest_uids == (first, last)
+        return
+    with pytest.raises(topology.TopologyError) as err:
+        topology.parse_topology(text, "t.toml")
+    assert str(err.value).startswith("t.toml:3: [host]: guest_uids: ") and problem in str(err.value)
+    assert topology.parse_topology("[host]\nmemory = 1024\n").host.guest_uids == topology.GUEST_UIDS
