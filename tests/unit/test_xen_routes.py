@@ -67,10 +67,13 @@ def test_a_peer_the_hypervisor_has_destroyed_is_forgotten_at_the_next_doorbell_r
 
     class Hypervisor:
         senders = [5, 6]
+        gone: list[int] = []
 
         def call_with_fds(self, op, cmd, **args):
             assert (op, cmd) == ("event_channel_op", "doorbells")
-            return {"senders": list(self.senders), "new": []}, []
+            assert args["have"] == xen.evt.doorbell_senders() and args["peers"] == sorted(xen._peers)
+            return {"senders": list(self.senders), "new": [], "gone": [p for p in args["peers"]
+                                                                      if p in self.gone]}, []
 
     def fds() -> set[str]:
         return {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
@@ -106,3 +109,7 @@ def test_a_peer_the_hypervisor_has_destroyed_is_forgotten_at_the_next_doorbell_r
     assert list(xen._foreign) == [(6, True)] and xen._live_granters == {6}
     gone = {path for path in held - fds()}
     assert sorted(p.split(".")[3] for p in gone) == ["db5", "into5", "ram5", "wake5"], gone
+    # a peer that never rang us (no doorbell of it here) and was destroyed: the reply says gone
+    hv.gone = [6]
+    xen.refresh_doorbells()
+    assert xen._peers == {} and xen._route == {} and xen._foreign == {}
