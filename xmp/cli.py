@@ -217,13 +217,16 @@ def cmd_resume(args) -> int:
     return 0
 
 
+XENSTORE_CLI_TIMEOUT = 5.0  # seconds `xmp xenstore` waits for an answer
+
+
 def cmd_xenstore(args) -> int:
     from xmp.errors import XenStoreError
     from xmp.xenstore.client import SocketTransport, XsClient
 
     path = os.environ.get("XENSTORED_PATH") or str(_rundir(args) / "xenstored.sock")
     try:
-        xs = XsClient(SocketTransport.connect(path))
+        xs = XsClient(SocketTransport.connect(path), timeout=XENSTORE_CLI_TIMEOUT)
     except OSError as exc:
         raise CliError(f"cannot reach xenstored at {path}: {exc}") from None
     try:
@@ -251,6 +254,9 @@ def cmd_xenstore(args) -> int:
                     print(event[0], flush=True)
                     seen += 1
     except XenStoreError as exc:
+        if exc.errno == "ETIMEDOUT":
+            raise CliError(f"xenstored did not answer within {XENSTORE_CLI_TIMEOUT:g} s "
+                           "(is Domain-0 paused?)") from None
         raise CliError(str(exc)) from None
     finally:
         xs.close()

@@ -6,9 +6,14 @@ peer's event object."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+
+from xmp.domain_proc.xen import Xen
+from xmp.sharedmem.evtchn import EVTCHN_OBJECT_SIZE, EventChannels
+from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, ShmObject
 
 CHILD = textwrap.dedent("""
     import os, sys, threading, time
@@ -113,3 +118,46 @@ def test_a_peer_the_hypervisor_has_destroyed_is_forgotten_at_the_next_doorbell_r
     hv.gone = [6]
     xen.refresh_doorbells()
     assert xen._peers == {} and xen._route == {} and xen._foreign == {}
+
+
+class ForgettingChannel:
+    """The hypervisor's end of map_grant_ref for dom5 (RAM ``ram``): while
+    the first call that says it holds dom5's RAM is in flight, another
+    thread of ours forgets dom5 (xenstored releasing it as xenconsoled
+    takes its last words)."""
+
+    def __init__(self, ram):
+        self.ram, self.calls, self.xen, self.raced = ram, [], None, False
+
+    def call_with_fds(self, op, cmd, **args):
+        self.calls.append((cmd, args["have_ram"]))
+        if args["have_ram"] and not self.raced:
+            self.raced = True
+            self.xen.forget_domain(args["dom"])
+        return {"handle": len(self.calls), "frames": [1]}, [] if args["have_ram"] else [os.dup(self.ram.fd)]
+
+    def call(self, op, cmd, **args):
+        self.calls.append((cmd, args["handle"]))
+
+
+def test_a_granter_forgotten_while_its_page_is_being_mapped_is_asked_for_again():
+    ns = ShmNamespace()
+    own = ShmObject.create(ns, "own", EVTCHN_OBJECT_SIZE)
+    ram = ShmObject.create(ns, "ram", 2 * PAGE_SIZE)
+    try:
+        ram.map(1, 1)[:5] = b"words"
+        EventChannels(own.map(), init_vcpus=1).release()
+        ch = ForgettingChannel(ram)
+        evt = EventChannels(own.map())
+        xen = ch.xen = Xen(ch, 0, evt)
+        xen.unmap_grant_ref(xen.map_grant_ref(5, [2]))  # its RAM's descriptor is kept: dom5 lives
+        mapping = xen.map_grant_ref(5, [2])  # KeyError here, before
+        assert bytes(mapping.pages[0][:5]) == b"words"
+        assert ch.calls == [("map_grant_ref", False), ("unmap_grant_ref", 1),
+                            ("map_grant_ref", True), ("unmap_grant_ref", 3), ("map_grant_ref", False)]
+        xen.unmap_grant_ref(mapping)
+        xen.forget_domain(5)
+        evt.release()
+    finally:
+        ram.close()
+        own.close()

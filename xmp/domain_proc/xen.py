@@ -16,12 +16,14 @@ the supervisor says the set changed: our event loop's scan calls
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from xmp.domid import DOMID_SELF
+from xmp.errors import HypercallError
 from xmp.hypercall import MAX_FDS, Channel
 from xmp.sharedmem.evtchn import Doorbell, EventChannels
 from xmp.sharedmem.shm import PAGE_SIZE, ShmObject
@@ -194,31 +196,42 @@ class Xen:
 
     def map_grant_ref(self, granter: int, refs: list[int], readonly: bool = False) -> GrantMapping:
         key = (granter, not readonly)
-        ret, fds = self.ch.call_with_fds("grant_table_op", "map_grant_ref", dom=granter, refs=list(refs),
-                                         readonly=readonly, have_ram=key in self._foreign)
-        with self._lock:
-            self._live_granters.add(granter)
-            for fd in fds:
-                if key in self._foreign:  # another thread got it meanwhile: keep that one
-                    os.close(fd)
-                else:
-                    self._foreign[key] = ShmObject.from_fd(fd)
-            obj = self._foreign[key]
-            frames = ret["frames"]
-            maps: list = []
-            pages: list = []
-            where: list[tuple[int, int]] = []
-            i = 0
-            while i < len(frames):
-                n = 1
-                while i + n < len(frames) and frames[i + n] == frames[i] + n:
-                    n += 1
-                m = obj.map(frames[i], n, writable=not readonly)
-                where += [(len(maps), k) for k in range(n)]
-                maps.append(m)
-                pages += [m] if n == 1 else [memoryview(m)[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
-                                             for k in range(n)]
-                i += n
+        for _ in range(3):
+            ret, fds = self.ch.call_with_fds("grant_table_op", "map_grant_ref", dom=granter, refs=list(refs),
+                                             readonly=readonly, have_ram=key in self._foreign)
+            with self._lock:
+                self._live_granters.add(granter)
+                for fd in fds:
+                    if key in self._foreign:  # another thread got it meanwhile: keep that one
+                        os.close(fd)
+                    else:
+                        self._foreign[key] = ShmObject.from_fd(fd)
+                if key in self._foreign:
+                    return self._map_frames(ret, granter, refs, readonly, self._foreign[key])
+            # We said we held its RAM, and another thread forgot the granter
+            # meanwhile (xenstored releasing it as xenconsoled takes its last
+            # words): give the grant back and ask again, descriptor included.
+            self.call("grant_table_op", "unmap_grant_ref", handle=ret["handle"])
+        raise HypercallError(errno.ESRCH, "map_grant_ref", f"dom{granter} keeps being forgotten meanwhile")
+
+    def _map_frames(self, ret: dict, granter: int, refs: list[int], readonly: bool,
+                    obj: ShmObject) -> GrantMapping:
+        """mmap the frames the hypervisor named (lock held)."""
+        frames = ret["frames"]
+        maps: list = []
+        pages: list = []
+        where: list[tuple[int, int]] = []
+        i = 0
+        while i < len(frames):
+            n = 1
+            while i + n < len(frames) and frames[i + n] == frames[i] + n:
+                n += 1
+            m = obj.map(frames[i], n, writable=not readonly)
+            where += [(len(maps), k) for k in range(n)]
+            maps.append(m)
+            pages += [m] if n == 1 else [memoryview(m)[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
+                                         for k in range(n)]
+            i += n
         return GrantMapping(ret["handle"], granter, list(refs), readonly, pages, maps, where)
 
     def unmap_grant_ref(self, mapping: GrantMapping) -> None:
