@@ -855,6 +855,7 @@ def blkdirty(kernel) -> None:
     kernel.print(f"blkdirty: {'ready' if ok else 'BAD'}")
     if kernel.args.get("poweroff"):
         kernel.poweroff()
+    kernel.idle()
 
 
 def conshostile(kernel) -> None:
