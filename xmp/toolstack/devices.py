@@ -27,7 +27,7 @@ from xmp.errors import HypercallError, LocalError, XmpError
 from xmp.hv.domain import Domain
 from xmp.toolstack.pending import Pending
 from xmp.toolstack.xs import _z, device_tree, move_backend_tree
-from xmp.topology import DomainConfig, source_folder
+from xmp.topology import DomainConfig, HostConfig, source_folder
 from xmp.xenstore.wire import Packet, XsType
 
 if TYPE_CHECKING:
@@ -69,12 +69,15 @@ class DeviceManager:
     def __init__(self, ts: Toolstack):
         self.ts = ts
         self._tokens = itertools.count(1)
-        # each class readies the host (``host_open`` in its toolstack.py: the network's bridges)
+
+    def open_host(self, host: HostConfig) -> None:
+        """Each class readies the host (``host_open`` in its toolstack.py:
+        the network's bridges); what they say goes to the hypervisor's log."""
         for cls in devices.DEVICE_CLASSES:
             opener = getattr(cls.part("toolstack"), "host_open", None) if cls.has("toolstack") else None
             if opener is not None:
-                for line in opener(ts.topology.host):
-                    ts.sup.log(line)
+                for line in opener(host):
+                    self.ts.sup.log(line)
 
     # -- adding ----------------------------------------------------------------
 

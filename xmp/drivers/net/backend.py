@@ -69,7 +69,6 @@ from xmp.drivers.net.protocol import (
     parse_rx_request,
 )
 from xmp.drivers.xenbus.device import BackendDriver, XenbusDevice
-from xmp.drivers.xenbus.state import XenbusState
 from xmp.errors import GrantError, HypercallError, RemoteProtocolError, XmpError
 from xmp.sharedmem.ring import BackRing
 
@@ -206,7 +205,7 @@ class NetBack(BackendDriver, switch.SwitchPort):
         for q in list(self.queues):
             self._on_event(self._serve_both, q)
         if not self.queues:  # what was queued already broke the protocol: stay closed
-            raise ValueError((dev.xs.read_or(f"{dev.nodename}/error") or b"vif: disabled").decode())
+            raise ValueError(dev.error or "vif: disabled while connecting")
 
     def _connect_queue(self, dev: XenbusDevice, index: int, tx_ref: int, rx_ref: int,
                        ports: tuple[int, int]) -> None:
@@ -353,12 +352,7 @@ class NetBack(BackendDriver, switch.SwitchPort):
         if dev is None:
             return
         print(f"{dev.nodename}: disabled: {message}", flush=True)
-        self._drop_connection()
-        try:
-            dev.write("error", message[:200])
-            dev.switch(XenbusState.CLOSING)
-        except XmpError:  # nobody left to tell
-            pass
+        dev.fatal(message)  # disconnects us (or removes the device, if its frontend has gone)
 
     # -- tx: the guest's frames ----------------------------------------------------
 
