@@ -23,6 +23,7 @@ import socket
 import sys
 import termios
 import time
+import traceback
 import tty
 from importlib.metadata import version
 from pathlib import Path
@@ -113,21 +114,30 @@ def cmd_run(args) -> int:
     if pid == 0:  # the detached supervisor
         os.close(r)
         os.setsid()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
+        os.dup2(os.open(os.devnull, os.O_RDWR), 0)
+        _to_log(rundir)  # no terminal: whatever it prints, a traceback above all, goes to its log
         code = 1
+        told: list[bool] = []  # once closed, w's number may be another descriptor's: never write it again
+        hosts = []
         try:
             def ready() -> None:
                 os.write(w, b"ok\n")
                 os.close(w)
+                told.append(True)
 
-            code = run_host(topo, rundir, echo=False, stop_when_guests_gone=False, ready=ready)
+            code = run_host(topo, rundir, echo=False, stop_when_guests_gone=False, ready=ready,
+                            started=hosts.append)
+            if not told:  # it stopped (a signal) before every domain ran
+                os.write(w, f"stopped during start-up ({hosts[0].stop_reason})\n".encode())
         except BaseException as exc:
-            try:
-                os.write(w, f"{exc}\n".encode())
-            except OSError:
-                pass
+            if not hosts:  # run() logs its own failure
+                traceback.print_exc()
+                sys.stderr.flush()
+            if not told:
+                try:
+                    os.write(w, f"{exc}\n".encode())
+                except OSError:
+                    pass
         os._exit(code)
     os.close(w)
     with os.fdopen(r) as f:
@@ -138,6 +148,15 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _to_log(rundir: Path) -> None:
+    """A detached supervisor's stdout and stderr: logs/hypervisor.log."""
+    try:
+        (rundir / "logs").mkdir(parents=True, exist_ok=True, mode=0o700)
+        log = os.open(rundir / "logs" / "hypervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError:
+        log = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
 
 
 # -- looking domains up --------------------------------------------------------
@@ -357,12 +376,42 @@ def vm_list_table(doms: list[dict[str, Any]]) -> str:
         f"{d['uuid']}  {d['domid']}    {d['name']:<30}\n" for d in doms)
 
 
-@command("info", "Get information about Xen host", "")
+@command("info", "Get information about Xen host", "[options] [Key]", arg("key", nargs="?", metavar="Key"),
+         table=True)
 def cmd_info(args) -> int:
+    """xl info's facts (:mod:`xmp.toolstack.physinfo`), then xmp's own:
+    descriptors, capacity, isolation, and the supervisor in the run
+    directory if one runs there."""
+    from xmp.hv.jail import describe
+    from xmp.limits import describe_capacity, nofile_limits
     from xmp.sharedmem import _ffi  # noqa: F401  (fails with instructions if not built)
+    from xmp.toolstack import physinfo
 
-    print(f"xmp {version('xmp')}")
-    print("fast path: built (xmp.sharedmem._fast)")
+    rundir = _rundir(args)
+    host: dict[str, Any] | None = None
+    try:
+        host = request(rundir, "info")
+        supervisor = (f"{rundir}: {host['domains']} domains of {host['capacity']} it can hold "
+                      f"(RLIMIT_NOFILE {host['nofile']}), {host['pool_free_mib']} MiB of its pool free")
+    except CliError as exc:
+        supervisor = str(exc)
+    soft, hard = nofile_limits()
+    facts = physinfo.host_facts(host) + [
+        ("xmp_version", version("xmp")), ("xmp_fast_path", "built (xmp.sharedmem._fast)"),
+        ("xmp_descriptors", f"RLIMIT_NOFILE soft {soft}, hard {hard} (`xmp run` raises soft to hard)"),
+        ("xmp_capacity", describe_capacity(hard)),
+        *(("xmp_isolation", line) for line in describe()),
+        ("xmp_supervisor", supervisor)]
+    if args.json:
+        merged: dict[str, Any] = {}
+        for key, value in facts:
+            if key == "xmp_isolation":  # several lines
+                merged.setdefault(key, []).append(value)
+            else:
+                merged[key] = value
+        _print_json(merged)
+        return 0
+    sys.stdout.write(physinfo.render(facts, args.key))
     return 0
 
 
@@ -503,6 +552,9 @@ def uptime_table(rows: list[tuple[str, int, int]], now: int, short: bool) -> str
                                                        for n, i, s in rows)
 
 
+XENSTORE_CLI_TIMEOUT = 5.0  # seconds `xmp xenstore` waits for an answer
+
+
 @command("xenstore", "Read and change xenstore (xenstore-ls/-read/-write/-rm/-watch/-chmod; xmp's own)",
          "<ls|read|write|rm|watch|chmod> <Path> [Value|Perm...|Count]",
          arg("op", choices=["ls", "read", "write", "rm", "watch", "chmod"], metavar="Op"),
@@ -514,7 +566,7 @@ def cmd_xenstore(args) -> int:
 
     path = os.environ.get("XENSTORED_PATH") or str(_rundir(args) / "xenstored.sock")
     try:
-        xs = XsClient(SocketTransport.connect(path))
+        xs = XsClient(SocketTransport.connect(path), timeout=XENSTORE_CLI_TIMEOUT)
     except OSError as exc:
         raise CliError(f"cannot reach xenstored at {path}: {exc}") from None
     try:
@@ -542,6 +594,9 @@ def cmd_xenstore(args) -> int:
                     print(event[0], flush=True)
                     seen += 1
     except XenStoreError as exc:
+        if exc.errno == "ETIMEDOUT":
+            raise CliError(f"xenstored did not answer within {XENSTORE_CLI_TIMEOUT:g} s "
+                           "(is Domain-0 paused?)") from None
         raise CliError(str(exc)) from None
     finally:
         xs.close()

@@ -322,3 +322,24 @@ def test_shutdown_all_waits_for_every_guest(hosts):
     h.xmp("shutdown", "-a", "-w")
     assert h.wait_exit(20) == 0  # every guest gone: the supervisor stops
     h.assert_clean()
+
+
+def test_info_is_xl_info_with_the_supervisors_pool(hosts):
+    h = hosts(HOST + guest("a", "idle", memory=32)).start(("a",))
+    lines = h.xmp("info").stdout.splitlines()
+    keys = [ln.split(":", 1)[0].rstrip() for ln in lines]
+    assert keys[:4] == ["host", "release", "version", "machine"] and "xend_config_format" in keys
+    assert all(re.fullmatch(r"[a-z_0-9]{1,22} +:( .*)?", ln) and ln.index(":") == 23 for ln in lines), lines
+    assert "total_memory           : 1024" in lines  # [host] memory: the pool
+    assert "free_memory            : 928" in lines  # less dom0's 64 and a's 32
+    assert "xen_version            : 4.19-xmp" in lines
+    assert next(ln for ln in lines if ln.startswith("xen_commandline")).endswith(f"run --rundir {h.rundir} "
+                                                                                  f"{h.topology}")
+    assert f"xmp_supervisor         : {h.rundir}: 2 domains of " in "\n".join(lines)
+    assert h.xmp("info", "free_memory").stdout == "928\n"
+    facts = json.loads(h.xmp("info", "--json").stdout)
+    assert facts["total_memory"] == 1024 and facts["xen_pagesize"] == 4096
+    assert facts["nr_cpus"] == os.cpu_count()
+    assert isinstance(facts["xmp_isolation"], list)
+    assert h.stop() == 0
+    h.assert_clean()

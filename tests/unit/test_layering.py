@@ -15,9 +15,9 @@ ROOT = Path(xmp.__file__).parent
 # ``devices`` is the drivers' registration table, read by layers below the drivers (it imports
 # driver modules by name only when used); ``domain_proc`` is a domain's own kernel, which the
 # drivers run on; dom0's services (xenstored's daemon among them) run the drivers' backends.
-ORDER = ["errors", "domid", "sharedmem", "devices", "topology", "startinfo", "hypercall", "hv", "hypervisor",
-         "xenstore", "domain_proc", "drivers", "dom0", "guests", "toolstack", "migration", "libs", "testing",
-         "clitable", "cli"]
+ORDER = ["errors", "domid", "limits", "sharedmem", "devices", "topology", "startinfo", "hypercall", "hv",
+         "hypervisor", "xenstore", "domain_proc", "drivers", "dom0", "guests", "toolstack", "migration",
+         "libs", "testing", "clitable", "cli"]
 
 
 def imports_of(path: Path) -> set[str]:

@@ -19,7 +19,8 @@ XL_KEYS = ["host", "release", "version", "machine", "nr_cpus", "max_cpu_id", "nr
 
 
 def test_keys_in_xls_order_and_layout():
-    facts = physinfo.host_facts({"total_mib": 1024, "free_mib": 960, "commandline": "xmp run t.toml"})
+    facts = physinfo.host_facts({"pool_total_mib": 1024, "pool_free_mib": 960,
+                                 "commandline": "xmp run t.toml"})
     assert [k for k, _ in facts] == XL_KEYS
     text = physinfo.render(facts)
     lines = text.splitlines()

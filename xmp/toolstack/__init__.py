@@ -30,7 +30,8 @@ def run_host(topology: Topology, rundir: Path, *, echo: bool = True, stop_when_g
            for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
-            sup = Supervisor(rundir, topology.host.memory_mib, echo=echo, preload=preload_modules(topology))
+            sup = Supervisor(rundir, topology.host.memory_mib, echo=echo, preload=preload_modules(topology),
+                             guest_uids=topology.host.guest_uids)
         except BaseException:
             lock.release()
             raise

@@ -4,6 +4,7 @@
 object per line and answers one per line, in order::
 
     {"cmd": "list"}                        -> {"ok": true, "domains": [...]}
+    {"cmd": "info"}                        -> {"ok": true, "domains": 3, "capacity": 2032, "nofile": ...}
     {"cmd": "create", "config": {...}}     -> {"ok": true, "domid": 7}
     {"cmd": "destroy" | "pause" | "unpause", "dom": "web" | 7}
     {"cmd": "device-add", "class": "block", "dom": "web", "spec": "...", "cwd": "/"}
@@ -34,6 +35,7 @@ import json
 import os
 import selectors
 import socket
+import sys
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +44,7 @@ from xmp import devices
 from xmp.errors import HypercallError, XmpError
 from xmp.hv.domain import DomState
 from xmp.hypercall import from_a_domain
+from xmp.sharedmem.shm import PAGE_SIZE
 from xmp.toolstack.pending import Pending
 
 if TYPE_CHECKING:
@@ -190,6 +193,13 @@ class ControlServer:
     def cmd_list(self, req):
         return {"domains": [self.sup.domain_info(d) for d in
                             sorted(self.sup.domains.values(), key=lambda d: d.domid)]}
+
+    def cmd_info(self, req):
+        """The hypervisor's share of xl info (its pool, the command line it
+        runs), and xmp's limits."""
+        used = sum(d.tot_pages for d in self.sup.domains.values())
+        return {**self.sup.host_info(), "pool_total_mib": (self.sup.pool_pages + used) * PAGE_SIZE >> 20,
+                "commandline": " ".join(sys.orig_argv)}
 
     def cmd_create(self, req):
         cfg = req.get("config")

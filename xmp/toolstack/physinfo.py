@@ -81,16 +81,17 @@ def _compiler(so: Path | None) -> str:
 
 def host_facts(pool: dict[str, Any] | None = None) -> list[tuple[str, Any]]:
     """xl info's keys and xmp's values.  ``pool``: a running supervisor's
-    ``{"total_mib", "free_mib", "commandline"}``; without one, the memory
-    is the machine's (what a supervisor would take by default)."""
+    ``info`` answer (``pool_total_mib``, ``pool_free_mib``, ``commandline``);
+    without one, the memory is the machine's (what a supervisor would take
+    by default)."""
     uts = os.uname()
     logical = psutil.cpu_count() or 1
     physical = psutil.cpu_count(logical=False) or logical
     sockets = _sockets()
     khz = _cpu_khz()
     mem = psutil.virtual_memory()
-    total = pool["total_mib"] if pool else mem.total >> 20
-    free = pool["free_mib"] if pool else mem.available >> 20
+    total = pool["pool_total_mib"] if pool else mem.total >> 20
+    free = pool["pool_free_mib"] if pool else mem.available >> 20
     so = _fast_path()
     built = time.ctime(so.stat().st_mtime) if so is not None else "unknown"
     v = XEN_VERSION
