@@ -837,3 +837,67 @@ def evtstorm(kernel) -> None:
         for _ in range(10000):
             notify(port)
         kernel.loop.poll(0)  # keep its own devices (console, control) served
+
+
+def scribbler(kernel) -> None:
+    """Write a counter into each of ``args.pages`` pages of its own, pass
+    after pass, and never anywhere else; grant dom0 one more page (ref 8)
+    that it never writes itself; says which pfns first."""
+    n = int(kernel.args.get("pages", 16))
+    pfn = kernel.alloc_pages(n + 1)
+    pages = [kernel.page(pfn + i) for i in range(n)]
+    kernel.grant_table.grant_access(REF, 0, pfn + n)
+    kernel.print(f"scribbler: pfns {pfn} {n} granted {pfn + n}")
+    count = 0
+    while True:
+        count += 1
+        word = count.to_bytes(8, "little")
+        for i, page in enumerate(pages):
+            off = (count * 8 + i * 64) % 4096
+            page[off:off + 8] = word
+        kernel.sleep(0.002)
+
+
+def logdirty(kernel) -> None:
+    """dom0's workload: put dom``args.guest`` in log-dirty mode
+    (``args.tracker``), CLEAN ``args.rounds`` rounds 50 ms apart, write its
+    granted page through a grant mapping and CLEAN, PEEK once, turn it off,
+    and report each round's dirty pfns:
+    ``logdirty: {json}``."""
+    import base64
+    import json
+
+    from xmp.errors import HypercallError
+    from xmp.sharedmem.logdirty import bitmap_pfns
+
+    guest = int(kernel.args.get("guest", 1))
+    report: dict = {"rounds": []}
+    for _ in range(400):
+        try:
+            report["tracker"] = kernel.xen.call("domctl", "shadow_op", domid=guest, sop=2,
+                                                tracker=kernel.args.get("tracker", "userfaultfd"))["tracker"]
+            break
+        except HypercallError:  # ESRCH until the guest exists
+            kernel.sleep(0.02)
+    try:
+        kernel.xen.call("domctl", "shadow_op", domid=guest, sop=2)
+    except HypercallError as exc:
+        report["enable_twice"] = exc.errno
+    for _ in range(int(kernel.args.get("rounds", 10))):
+        kernel.sleep(0.05)
+        r = kernel.xen.call("domctl", "shadow_op", domid=guest, sop=11)
+        report["rounds"].append(bitmap_pfns(base64.b64decode(r["bitmap"]), r["first"]))
+        report["broken"] = r["broken"]
+    m = kernel.xen.map_grant_ref(guest, [REF])  # written only through dom0's mapping
+    m.pages[0][:8] = b"dom0-was"
+    kernel.xen.unmap_grant_ref(m)
+    r = kernel.xen.call("domctl", "shadow_op", domid=guest, sop=11)
+    report["after_unmap"] = bitmap_pfns(base64.b64decode(r["bitmap"]), r["first"])
+    r = kernel.xen.call("domctl", "shadow_op", domid=guest, sop=12, first=8, pages=8)
+    report["peek_window"] = [r["first"], r["pages"], bitmap_pfns(base64.b64decode(r["bitmap"]), r["first"])]
+    kernel.xen.call("domctl", "shadow_op", domid=guest, sop=0)
+    try:
+        kernel.xen.call("domctl", "shadow_op", domid=guest, sop=11)
+    except HypercallError as exc:
+        report["clean_when_off"] = exc.errno
+    kernel.xen.console_io("logdirty: " + json.dumps(report))
