@@ -8,6 +8,10 @@ with xl's names, units (MiB) and defaults where xl has them; a complete file::
     memory = 4096               # MiB pool for all domains, dom0 included;
                                 # default: the host's available memory
     rundir = "/tmp/xmp-lab"     # optional run directory (control socket, ...)
+    migrate = "10.0.0.1:8002"   # optional: receive migrations on ADDR:PORT
+                                # ("[v6addr]:PORT"; port 0: any free one)
+    migrate_key = "lab.key"     # required with migrate: the key file both hosts
+                                # hold (mode 0600; relative to this file)
 
     [dom0]                      # optional; dom0 always exists, named "Domain-0"
     memory = 256                # MiB, default 256
@@ -94,7 +98,7 @@ RESERVED_SUFFIXES = ("--incoming", "--migratedaway")
 EVTCHN_RANGE = (2, 4096)
 GRANT_FRAMES_RANGE = (1, 64)
 
-HOST_KEYS = ("name", "memory", "rundir")
+HOST_KEYS = ("name", "memory", "rundir", "migrate", "migrate_key")
 DOM0_KEYS = ("memory", "maxmem", "vcpus", "kernel", "args")
 # Each device class with an xl spec adds its key ("disk", …) through xmp.devices.
 DEVICE_KEYS = tuple(c.config_key for c in devices.with_config_key() if c.config_key)
@@ -132,6 +136,8 @@ class HostConfig:
     name: str
     memory_mib: int
     rundir: str | None
+    migrate: str | None = None      # "ADDR:PORT" the host receives migrations on
+    migrate_key: str | None = None  # its key file, absolute
 
 
 @dataclass(frozen=True)
@@ -613,7 +619,24 @@ def _host(t: _Table, raw: dict) -> HostConfig:
     name = _str(t, raw, "name") if "name" in raw else socket.gethostname()
     memory = _int(t, raw, "memory", 0, 1, unit=" MiB") if "memory" in raw else _available_mib()
     rundir = _str(t, raw, "rundir") if "rundir" in raw else None
-    return HostConfig(name=name, memory_mib=memory, rundir=rundir)
+    migrate, key = _migrate(t, raw)
+    return HostConfig(name=name, memory_mib=memory, rundir=rundir, migrate=migrate, migrate_key=key)
+
+
+def _migrate(t: _Table, raw: dict) -> tuple[str | None, str | None]:
+    if "migrate" not in raw:
+        if "migrate_key" in raw:
+            raise t.error("migrate_key", "a key without migrate = \"ADDR:PORT\" to listen on")
+        return None, None
+    address = _str(t, raw, "migrate")
+    host, sep, port = address.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+        raise t.error("migrate", f"'{address}' is not ADDR:PORT (an IPv6 address as [ADDR]:PORT)")
+    if "migrate_key" not in raw:
+        raise t.error("migrate", "needs migrate_key, the key file both hosts hold")
+    # read (and its mode checked) when the host starts, before anything runs
+    key = os.path.join(os.path.dirname(os.path.abspath(t.path)), _str(t, raw, "migrate_key"))
+    return address, key
 
 
 # -- memory -----------------------------------------------------------------
