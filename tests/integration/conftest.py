@@ -28,8 +28,8 @@ def pytest_runtest_makereport(item, call):
 def hosts(tmp_path, request):
     made: list[Host] = []
 
-    def make(topology: str, name: str = "host") -> Host:
-        h = Host(tmp_path, topology, name)
+    def make(topology: str, name: str = "host", netns: str | None = None) -> Host:
+        h = Host(tmp_path, topology, name, netns)
         made.append(h)
         return h
 
