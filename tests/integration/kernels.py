@@ -861,17 +861,27 @@ def scribbler(kernel) -> None:
 def logdirty(kernel) -> None:
     """dom0's workload: put dom``args.guest`` in log-dirty mode
     (``args.tracker``), CLEAN ``args.rounds`` rounds 50 ms apart, write its
-    granted page through a grant mapping and CLEAN, PEEK once, turn it off,
-    and report each round's dirty pfns:
-    ``logdirty: {json}``."""
+    granted page through a grant mapping and CLEAN, grant-copy into it (both
+    forms) and CLEAN after each, PEEK once, turn it off,
+    and report each round's dirty pfns (the reserved ones only as whether
+    all were there): ``logdirty: {json}``."""
     import base64
     import json
 
     from xmp.errors import HypercallError
     from xmp.sharedmem.logdirty import bitmap_pfns
+    from xmp.startinfo import first_free_pfn
 
     guest = int(kernel.args.get("guest", 1))
-    report: dict = {"rounds": []}
+    reserved = set(range(first_free_pfn(64)))  # the guest's rings and grant table
+    report: dict = {"rounds": [], "reserved_dirty": []}
+
+    def pfns(r) -> list[int]:
+        """The round's dirty pfns but the reserved ones (noting whether those were all in)."""
+        got = bitmap_pfns(base64.b64decode(r["bitmap"]), r["first"])
+        report["reserved_dirty"].append(reserved <= set(got))
+        return [p for p in got if p not in reserved]
+
     for _ in range(400):
         try:
             report["tracker"] = kernel.xen.call("domctl", "shadow_op", domid=guest, sop=2,
@@ -886,13 +896,29 @@ def logdirty(kernel) -> None:
     for _ in range(int(kernel.args.get("rounds", 10))):
         kernel.sleep(0.05)
         r = kernel.xen.call("domctl", "shadow_op", domid=guest, sop=11)
-        report["rounds"].append(bitmap_pfns(base64.b64decode(r["bitmap"]), r["first"]))
+        report["rounds"].append(pfns(r))
         report["broken"] = r["broken"]
     m = kernel.xen.map_grant_ref(guest, [REF])  # written only through dom0's mapping
     m.pages[0][:8] = b"dom0-was"
     kernel.xen.unmap_grant_ref(m)
     r = kernel.xen.call("domctl", "shadow_op", domid=guest, sop=11)
-    report["after_unmap"] = bitmap_pfns(base64.b64decode(r["bitmap"]), r["first"])
+    report["after_unmap"] = pfns(r)
+    # grant copies into the page (the hypervisor writes it), in both of GNTTABOP_copy's forms
+    from xmp.sharedmem.grant import GNTTAB_COPY, GNTCOPY_dest_gref
+
+    bounce = kernel.alloc_pages(2)
+    kernel.page(bounce)[:8] = b"copied!!"
+    seg = {"source": {"domid": 0x7FF0, "frame": bounce, "offset": 0},
+           "dest": {"domid": guest, "ref": REF, "offset": 8}, "len": 8}
+    report["copy_status"] = kernel.xen.grant_copy([seg])
+    r = kernel.xen.call("domctl", "shadow_op", domid=guest, sop=11)
+    report["after_copy"] = pfns(r)
+    GNTTAB_COPY.pack_into(kernel.page(bounce + 1), 0, bounce, 0x7FF0, 0, REF, guest, 16, 8,
+                          GNTCOPY_dest_gref, 1)
+    kernel.xen.grant_copy_records(bounce + 1, 1)
+    report["records_status"] = GNTTAB_COPY.unpack_from(kernel.page(bounce + 1))[-1]
+    r = kernel.xen.call("domctl", "shadow_op", domid=guest, sop=11)
+    report["after_records"] = pfns(r)
     r = kernel.xen.call("domctl", "shadow_op", domid=guest, sop=12, first=8, pages=8)
     report["peek_window"] = [r["first"], r["pages"], bitmap_pfns(base64.b64decode(r["bitmap"]), r["first"])]
     kernel.xen.call("domctl", "shadow_op", domid=guest, sop=0)
