@@ -106,7 +106,9 @@ def _run(ram: ShmObject, kind: str) -> tuple[int, set[int], int]:
         stale = [p for p in range(NR)
                  if replica[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] != ours[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]]
         assert hashlib.sha256(replica).digest() == hashlib.sha256(ours).digest(), f"stale pages {stale[:10]}"
-        return int.from_bytes(stop[8:16], "little"), seen, rounds
+        writes = int.from_bytes(stop[8:16], "little")
+        print(f"{kind}: {writes} writes in {rounds} rounds")
+        return writes, seen, rounds
     finally:
         if pid:
             os.kill(pid, signal.SIGKILL)
@@ -122,13 +124,14 @@ def _run(ram: ShmObject, kind: str) -> tuple[int, set[int], int]:
 def test_userfaultfd_catches_every_write_of_a_fast_writer(ram):
     writes, seen, rounds = _run(ram, "userfaultfd")
     assert writes > 100_000 and rounds > 3
-    assert seen and all(p % 2 == 0 for p in seen)  # only what was written
+    # only what was written, and all of it (100k writes at random miss one of 1024 pages with p ~ e^-97)
+    assert seen == set(range(0, NR, 2))
 
 
 def test_hashing_catches_every_write_of_a_fast_writer(ram):
     writes, seen, rounds = _run(ram, "hash")
     assert writes > 100_000 and rounds > 3
-    assert seen and all(p % 2 == 0 for p in seen)
+    assert seen == set(range(0, NR, 2))
 
 
 @needs_root
