@@ -13,7 +13,11 @@ Xen dirty bitmap, ``mark`` a pfn the hypervisor itself wrote, ``close``):
   RAM's address is read from ``/proc/PID/maps`` by the RAM's inode, never
   from anything the guest says.  A guest that unmaps or replaces that
   mapping makes the scan fail (PM_SCAN_CHECK_WPASYNC): every populated page
-  is then reported dirty, and the tracker says it broke.
+  is then reported dirty, and the tracker says it broke.  The guest keeps
+  its own reference to the userfaultfd, so a hostile guest can re-protect
+  pages it wrote and hide those writes -- from its own migration only: the
+  stale pages are its own, on the destination (no other domain's memory is
+  reachable this way).  Hashing is the tracker a guest cannot fool.
   Needs root here (``/dev/userfaultfd`` is root's, mode 0600;
   vm.unprivileged_userfaultfd=0 keeps the syscall to CAP_SYS_PTRACE) and
   ptrace access to the guest (pidfd_getfd, pagemap): without them
