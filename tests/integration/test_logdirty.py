@@ -22,6 +22,8 @@ import time
 import pytest
 from xmphost import HOST
 
+from xmp.migration.precopy import Policy
+from xmp.migration.rounds import run_precopy
 from xmp.sharedmem.logdirty import (
     HashTracker,
     UffdTracker,
@@ -250,3 +252,50 @@ def test_dom0_tracks_a_guest_through_shadow_op(hosts, kind):
     assert r["peek_window"][:2] == [8, 8] and r["peek_window"][2] == list(range(8, 16))
     assert h.stop() == 0
     h.assert_clean()
+
+
+@pytest.mark.parametrize("kind", ["userfaultfd", "hash"])
+def test_policy_driven_rounds_over_a_real_tracker_replicate_the_ram(ram, kind):
+    """run_precopy over a live writer, then the stop-and-copy with the
+    writer stopped (a suspended guest): the replica is the RAM."""
+    if kind == "userfaultfd" and os.geteuid() != 0:
+        pytest.skip("userfaultfd needs root on this host")
+    stop = mmap.mmap(-1, PAGE_SIZE)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        _writer(ram.fd, w, stop, kind == "userfaultfd")
+    os.close(w)
+    ours = ram.map()
+    tracker = None
+    try:
+        assert os.read(r, 1) == b"r"
+        populated = bytearray(b"\1" * NR)
+        tracker = (UffdTracker(pid, ram.fd, NR, populated) if kind == "userfaultfd"
+                   else HashTracker(ours, NR, populated))
+        replica = bytearray(NR * PAGE_SIZE)
+        sent = []
+
+        def send(pfns):
+            sent.append(len(pfns))
+            for pfn in pfns:
+                replica[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE] = ours[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE]
+
+        decision, pc = run_precopy(range(NR), NR, lambda: bitmap_pfns(tracker.scan(clean=True)), send,
+                                   Policy(max_rounds=8))
+        stop[0] = 1  # suspend
+        assert os.read(r, 1) == b"s"
+        last = set(decision.pfns) | set(bitmap_pfns(tracker.scan(clean=True)))
+        send(sorted(last))
+        assert decision.stop and decision.reason and sent[0] == NR and len(pc.rounds) <= 8
+        assert hashlib.sha256(replica).digest() == hashlib.sha256(ours).digest()
+        assert all(p % 2 == 0 for p in last)  # the writer's pages: the working set, not all of RAM
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        if tracker is not None:
+            tracker.close()
+        os.close(r)
+        ours.close()
+        stop.close()
