@@ -24,6 +24,7 @@ from xmphost import HOST
 
 from xmp.migration.precopy import Policy
 from xmp.migration.rounds import run_precopy
+from xmp.sharedmem._ffi import lib
 from xmp.sharedmem.logdirty import (
     HashTracker,
     UffdTracker,
@@ -184,18 +185,15 @@ def test_a_replaced_mapping_breaks_the_tracker_and_everything_is_dirty(ram):
 
 
 def test_without_a_userfaultfd_the_tracker_falls_back_to_hashing(ram):
-    """A guest process that holds no userfaultfd (a host without access to
-    one: the guest's guest_uffd() failed) gets page hashing, with the reason."""
+    """A guest process that holds no userfaultfd (none was made for it)
+    gets page hashing, with the reason."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            if os.geteuid() == 0:
-                os.setresuid(65534, 65534, 65534)
-            rc = guest_uffd()
             m = mmap.mmap(ram.fd, NR * PAGE_SIZE)
-            os.write(w, str(rc).encode())
+            os.write(w, b"r")
             time.sleep(30)  # until killed
             m.close()
             code = 0
@@ -203,10 +201,9 @@ def test_without_a_userfaultfd_the_tracker_falls_back_to_hashing(ram):
             os._exit(code)
     ours = ram.map()
     try:
-        rc = int(os.read(r, 16))
-        assert rc < 0  # EACCES/EPERM: no /dev/userfaultfd access, no CAP_SYS_PTRACE
+        assert os.read(r, 1) == b"r"
         tracker, why = open_tracker(pid, ram.fd, ours, NR, bytearray(b"\1" * NR))
-        assert tracker.kind == "hash" and why and "userfaultfd unavailable" in why
+        assert tracker.kind == "hash" and why and "holds no userfaultfd" in why
         ours[5 * PAGE_SIZE] = 1
         assert bitmap_pfns(tracker.scan(clean=True)) == [5]
         tracker.close()
@@ -216,6 +213,48 @@ def test_without_a_userfaultfd_the_tracker_falls_back_to_hashing(ram):
         os.close(r)
         os.close(w)
         ours.close()
+
+
+@needs_root
+def test_without_root_the_supervisor_cannot_take_the_guests_userfaultfd(ram):
+    """As an ordinary user: the guest can make its (user-mode-only)
+    userfaultfd, but a supervisor without CAP_SYS_PTRACE has no ptrace
+    access to a non-dumpable guest (its /proc maps and pagemap are EACCES,
+    pidfd_getfd EPERM), so it hashes, and says why."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the unprivileged "supervisor", which forks its guest
+        code = 1
+        try:
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            gr, gw = os.pipe()
+            guest = os.fork()
+            if guest == 0:
+                lib.xmp_set_dumpable(0)
+                rc = guest_uffd()
+                mmap.mmap(ram.fd, NR * PAGE_SIZE)
+                os.write(gw, str(rc).encode())
+                time.sleep(30)
+                os._exit(0)
+            rc = int(os.read(gr, 16))
+            ours = mmap.mmap(ram.fd, NR * PAGE_SIZE)
+            tracker, why = open_tracker(guest, ram.fd, ours, NR, bytearray(b"\1" * NR))
+            os.write(w, json.dumps({"uffd": rc, "kind": tracker.kind, "why": why}).encode())
+            tracker.close()
+            os.kill(guest, signal.SIGKILL)
+            os.waitpid(guest, 0)
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        got = json.loads(os.read(r, 4096))
+    finally:
+        os.waitpid(pid, 0)
+        os.close(r)
+        os.close(w)
+    assert got["uffd"] >= 0  # UFFD_USER_MODE_ONLY needs no privilege
+    assert got["kind"] == "hash" and "Permission denied" in got["why"], got
 
 
 @pytest.mark.parametrize("kind", ["userfaultfd", "hash"])

@@ -33,6 +33,9 @@
 #ifndef UFFD_FEATURE_WP_ASYNC
 #define UFFD_FEATURE_WP_ASYNC (1 << 15)
 #endif
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#endif
 #ifndef USERFAULTFD_IOC_NEW
 #define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
 #endif
@@ -62,21 +65,23 @@ struct pm_scan_arg {
 #define LD_REGIONS 512
 
 /* A userfaultfd for the calling process, handshaken for WP_ASYNC.  Through
- * /dev/userfaultfd first (its file mode is the access control, so a process
- * that dropped its capabilities but is the device's owner may use it), then
- * the syscall (which needs CAP_SYS_PTRACE while vm.unprivileged_userfaultfd
- * is 0).  Returns the descriptor or -errno. */
+ * /dev/userfaultfd first (its file mode is the access control), then the
+ * syscall (which needs CAP_SYS_PTRACE while vm.unprivileged_userfaultfd is
+ * 0).  UFFD_USER_MODE_ONLY: the guest keeps a reference, and a userfaultfd
+ * that could stall the kernel's own accesses (copy_from_user) is the
+ * classic exploit primitive seccomp denies guests; WP_ASYNC never hands a
+ * fault to a handler, so it loses nothing.  Returns the descriptor or -errno. */
 int xmp_uffd_open(void)
 {
     int fd = -1, err = 0;
     int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
     if (dev >= 0) {
-        fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+        fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
         err = errno;
         close(dev);
     }
     if (fd < 0) {
-        fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+        fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
         if (fd < 0)
             return -(err ? err : errno);
     }
