@@ -18,9 +18,9 @@ Xen dirty bitmap, ``mark`` a pfn the hypervisor itself wrote, ``close``):
   pages it wrote and hide those writes -- from its own migration only: the
   stale pages are its own, on the destination (no other domain's memory is
   reachable this way).  Hashing is the tracker a guest cannot fool.
-  Needs root here (``/dev/userfaultfd`` is root's, mode 0600;
-  vm.unprivileged_userfaultfd=0 keeps the syscall to CAP_SYS_PTRACE) and
-  ptrace access to the guest (pidfd_getfd, pagemap): without them
+  The uffd is user-mode-only, which any process may make; what needs root
+  (CAP_SYS_PTRACE) is the supervisor's access to a non-dumpable guest
+  (``/proc/PID/maps`` and ``pagemap``, pidfd_getfd): without it
   :func:`open_tracker` falls back to hashing and says why.
 * :class:`HashTracker` -- a 64-bit hash per populated page, compared with
   the last round's, over the supervisor's own mapping: it sees every
