@@ -921,6 +921,16 @@ def logdirty(kernel) -> None:
     report["after_records"] = pfns(r)
     r = kernel.xen.call("domctl", "shadow_op", domid=guest, sop=12, first=8, pages=8)
     report["peek_window"] = [r["first"], r["pages"], bitmap_pfns(base64.b64decode(r["bitmap"]), r["first"])]
+    report["refusals"] = {}
+    for name, kw in (("unknown_op", {"domid": guest, "sop": 99}),
+                     ("no_pages", {"domid": guest, "sop": 11, "pages": 0}),
+                     ("no_domain", {"domid": 999, "sop": 11}), ("dom0", {"domid": 0, "sop": 2}),
+                     ("not_int", {"domid": guest, "sop": "11"})):
+        try:
+            kernel.xen.call("domctl", "shadow_op", **kw)
+            report["refusals"][name] = 0
+        except HypercallError as exc:
+            report["refusals"][name] = exc.errno
     kernel.xen.call("domctl", "shadow_op", domid=guest, sop=0)
     try:
         kernel.xen.call("domctl", "shadow_op", domid=guest, sop=11)

@@ -288,6 +288,8 @@ def test_dom0_tracks_a_guest_through_shadow_op(hosts, kind):
     # ...and each grant copy into it (the hypervisor's own write: Xen's gnttab_copy marks it)
     assert r["copy_status"] == [0] and r["records_status"] == 0
     assert granted in r["after_copy"] and granted in r["after_records"]
+    assert r["refusals"] == {"unknown_op": errno.EINVAL, "no_pages": errno.EINVAL, "no_domain": errno.ESRCH,
+                             "dom0": errno.EINVAL, "not_int": errno.EINVAL}
     assert r["peek_window"][:2] == [8, 8] and r["peek_window"][2] == list(range(8, 16))
     assert h.stop() == 0
     h.assert_clean()
