@@ -265,13 +265,16 @@ def cmd_resume(args) -> int:
     return 0
 
 
+XENSTORE_CLI_TIMEOUT = 5.0  # seconds `xmp xenstore` waits for an answer
+
+
 def cmd_xenstore(args) -> int:
     from xmp.errors import XenStoreError
     from xmp.xenstore.client import SocketTransport, XsClient
 
     path = os.environ.get("XENSTORED_PATH") or str(_rundir(args) / "xenstored.sock")
     try:
-        xs = XsClient(SocketTransport.connect(path))
+        xs = XsClient(SocketTransport.connect(path), timeout=XENSTORE_CLI_TIMEOUT)
     except OSError as exc:
         raise CliError(f"cannot reach xenstored at {path}: {exc}") from None
     try:
@@ -299,6 +302,9 @@ def cmd_xenstore(args) -> int:
                     print(event[0], flush=True)
                     seen += 1
     except XenStoreError as exc:
+        if exc.errno == "ETIMEDOUT":
+            raise CliError(f"xenstored did not answer within {XENSTORE_CLI_TIMEOUT:g} s "
+                           "(is Domain-0 paused?)") from None
         raise CliError(str(exc)) from None
     finally:
         xs.close()
@@ -400,6 +406,7 @@ def cmd_cleanup(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from xmp.hv.jail import describe
     from xmp.limits import describe_capacity, nofile_limits
     from xmp.sharedmem import _ffi  # noqa: F401  (fails with instructions if not built)
 
@@ -408,6 +415,8 @@ def cmd_info(args) -> int:
     soft, hard = nofile_limits()
     print(f"descriptors: RLIMIT_NOFILE soft {soft}, hard {hard} (`xmp run` raises soft to hard)")
     print(f"capacity: {describe_capacity(hard)}")
+    for line in describe():
+        print(f"isolation: {line}")
     rundir = _rundir(args)
     try:
         host = request(rundir, "info")

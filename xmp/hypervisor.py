@@ -70,7 +70,7 @@ from xmp.limits import (
 from xmp.sharedmem._ffi import lib
 from xmp.sharedmem.evtchn import VIRQ_TIMER
 from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, recv_handles, remove_stale, send_handles
-from xmp.topology import DomainConfig, check_fits
+from xmp.topology import GUEST_UIDS, DomainConfig, check_fits
 
 DYING_GRACE = 5.0           # seconds a dying domain waits for its mappers to let go
 DOM0_NOTICE = 60.0          # ... and at most for dom0 to list it dying (it is behind)
@@ -111,14 +111,15 @@ class Alone:
 
 
 class Supervisor(HypercallHandlers):
-    def __init__(self, rundir: Path, pool_mib: int, *, echo: bool = True, preload: Iterable[str] = ()):
+    def __init__(self, rundir: Path, pool_mib: int, *, echo: bool = True, preload: Iterable[str] = (),
+                 guest_uids: tuple[int, int] = GUEST_UIDS):
         # Nobody may read the supervisor's memory (it maps every domain's RAM)
         # or its descriptors through /proc; the zygote and domains inherit this.
         lib.xmp_set_dumpable(0)
         # Before the zygote: dom0 and every domain inherit this limit.
         self.nofile = raise_nofile()
         # The zygote is forked first, while we hold nothing it should inherit.
-        self.zygote = ZygoteClient()
+        self.zygote = ZygoteClient(guest_uids)  # (the uids its jailed guests run as)
         self.rundir = Path(rundir)
         self.ns = ShmNamespace()
         self.domains: dict[int, Domain] = {}
@@ -281,12 +282,14 @@ class Supervisor(HypercallHandlers):
             self.pool_give(mem_pages)
             _out_of_descriptors(exc, self.nofile)
             raise
+        jail = None if domid == DOMID_DOM0 else "driver" if cfg.driver_domain else "guest"
         try:
             log_fd = os.open(self.rundir / "logs" / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                              0o600)
             try:
                 dom.pid = self.zygote.spawn(domid, f"xmp:{domid}:{name}", theirs.fileno(), log_fd,
-                                            DOMAIN_BOOT, unprivileged=domid != DOMID_DOM0)
+                                            DOMAIN_BOOT, unprivileged=domid != DOMID_DOM0, jail=jail,
+                                            config=cfg.to_dict())
             finally:
                 os.close(log_fd)
         except OSError as exc:
