@@ -24,7 +24,6 @@ from xmp.domain_proc.xen import Xen
 from xmp.errors import DomainGone
 from xmp.hypercall import Channel
 from xmp.sharedmem.evtchn import EVTCHN_WAKE_SIZE, EventChannels
-from xmp.sharedmem.logdirty import guest_uffd
 from xmp.sharedmem.shm import PAGE_SIZE, ShmObject
 from xmp.sharedmem.wakepage import seal_wake_page
 from xmp.startinfo import START_INFO_PFN, StartInfo
@@ -44,10 +43,6 @@ def domain_main(sock: socket.socket) -> int:
     os.close(fds[2])  # the mapping is all we need of it
     extra_fds = fds[3:]
     ram = ram_obj.map()
-    if boot["domid"] != 0:
-        # for the hypervisor's log-dirty mode (it takes a duplicate with
-        # pidfd_getfd); refused on a host without userfaultfd, and it hashes
-        guest_uffd()
     evt = EventChannels(evt_obj.map(), wake)
     xen = Xen(ch, boot["domid"], evt)
     start_info = StartInfo.unpack_from(ram, START_INFO_PFN * PAGE_SIZE)
