@@ -141,7 +141,7 @@ class BlkFront(FrontendDriver):
         ring_pages = 1 << int(self.opts["ring_page_order"])
         nq = int(self.opts["num_queues"])
         self.area_pages = self.pool_pages + self.nr_indirect + nq * ring_pages
-        self.area = self.pool_pfn = self.k.alloc_pages(self.area_pages)
+        self.area = self.pool_pfn = self.k.alloc_pages(self.area_pages, driver=True)
         self.indirect_pfn = self.pool_pfn + self.pool_pages
         first_ring = self.indirect_pfn + self.nr_indirect
         self.queues = [_FrontQueue(i, first_ring + i * ring_pages) for i in range(nq)]
