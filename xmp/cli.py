@@ -196,6 +196,26 @@ def cmd_resume(args) -> int:
     return 0
 
 
+def cmd_save(args) -> int:
+    """xl save: the image is written by the supervisor (it holds the RAM),
+    into FILE, which appears only once complete."""
+    reply = request(_rundir(args), "save", dom=args.dom, path=os.path.abspath(args.file),
+                    checkpoint=args.checkpoint, paused=args.paused)
+    rate = reply["bytes"] / max(reply["write_seconds"], 1e-6) / 1e6
+    print(f"xmp: saved {reply['name']!r} to {reply['path']}: {reply['pages']} pages, "
+          f"{reply['bytes'] / 1e6:.1f} MB in {reply['seconds']:.2f} s ({rate:.0f} MB/s written)")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    reply = request(_rundir(args), "restore", path=os.path.abspath(args.file), paused=args.paused)
+    print(f"xmp: restored domain {reply['name']!r} (id {reply['domid']}): {reply['pages']} pages "
+          f"in {reply['seconds']:.2f} s")
+    if args.console:
+        return _attach(_rundir(args), str(reply["domid"]))
+    return 0
+
+
 def cmd_xenstore(args) -> int:
     from xmp.errors import XenStoreError
     from xmp.xenstore.client import SocketTransport, XsClient
@@ -372,6 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("suspend", cmd_suspend, "ask a guest to suspend (control/shutdown)").add_argument(
         "dom", help="name or id")
     add("resume", cmd_resume, "resume a suspended guest in place").add_argument("dom", help="name or id")
+    p = add("save", cmd_save, "save a guest to a file (xl save); without -c the guest is destroyed")
+    p.add_argument("-c", dest="checkpoint", action="store_true", help="checkpoint: leave it running")
+    p.add_argument("-p", dest="paused", action="store_true", help="with -c: leave it paused")
+    p.add_argument("dom", help="name or id")
+    p.add_argument("file")
+    p = add("restore", cmd_restore, "restore a guest from a file xmp save wrote (xl restore)")
+    p.add_argument("-p", dest="paused", action="store_true", help="leave it paused")
+    p.add_argument("-c", dest="console", action="store_true", help="attach to its console")
+    p.add_argument("file")
     for cls in devices.DEVICE_CLASSES:  # <command>-attach / -detach / -list for each device class
         if cls.command is None:
             continue

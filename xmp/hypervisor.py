@@ -192,10 +192,13 @@ class Supervisor(HypercallHandlers):
         return domid
 
     def build(self, cfg: DomainConfig, kernel: str, *, domid: int | None = None, name: str | None = None,
-              boot: dict[str, Any] | None = None, extra_fds: Iterable[int] = ()) -> Domain:
+              boot: dict[str, Any] | None = None, extra_fds: Iterable[int] = (),
+              prepare: Callable[[Domain], None] | None = None) -> Domain:
         """Build a domain and start its process, running ``kernel``: memory
         from the pool, RAM and event objects, special pages, a domid (or
-        ``domid``, for dom0).  ``boot`` adds to the boot message."""
+        ``domid``, for dom0).  ``boot`` adds to the boot message.
+        ``prepare(dom)`` runs before the process exists (a restore fills the
+        RAM there); if it raises, nothing is left of the domain."""
         name = name or cfg.name
         if any(d.name == name and d.state != DomState.DYING for d in self.domains.values()):
             raise HypercallError(errno.EEXIST, "createdomain", f"a domain named {name!r} already exists")
@@ -213,6 +216,19 @@ class Supervisor(HypercallHandlers):
         except BaseException:
             self.pool_give(mem_pages)
             raise
+        if prepare is not None:
+            try:
+                prepare(dom)
+                # prepare may set the populated pages (a restored balloon): the pool follows
+                if dom.tot_pages > mem_pages:
+                    self.pool_take(dom.tot_pages - mem_pages, "createdomain")
+            except BaseException:
+                dom.release()
+                self.pool_give(mem_pages)
+                raise
+            if dom.tot_pages < mem_pages:
+                self.pool_give(mem_pages - dom.tot_pages)
+            mem_pages = dom.tot_pages
         dom.uuid = str(uuid.uuid4())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         log_fd = os.open(self.rundir / "logs" / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

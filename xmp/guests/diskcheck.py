@@ -6,7 +6,9 @@ and last one line ``diskcheck: OK <N> bytes verified`` or
 args: vdev ("xvda"), bytes (how much of the disk, default all), seed (default 1),
 verify_only (only check a pattern an earlier run left: kill everything, start
 again, verify), hold (after the flush, wait to be killed or shut down), front
-(blkfront settings: see ``xmp.drivers.blk.frontend.configure``).
+(blkfront settings: see ``xmp.drivers.blk.frontend.configure``), interval
+(seconds to sleep between writes, default 0: a slow writer, to be caught
+mid-way).
 
 Saved and restored (or migrated) at any point, it goes on where it was: a
 page of its RAM holds how many writes the disk has acknowledged and
@@ -56,6 +58,7 @@ def main(kernel) -> None:
     disk = kernel.block(args.get("vdev", "xvda"))
     seed = int(args.get("seed", 1))
     total = min(disk.sectors, int(args.get("bytes", disk.sectors * SECTOR)) // SECTOR)
+    interval = float(args.get("interval", 0))
     if not args.get("verify_only") and not flushed:
         t0 = time.perf_counter()
         for i, (sector, n) in enumerate(_chunks(total, WRITE_SIZES)):
@@ -63,6 +66,8 @@ def main(kernel) -> None:
                 continue
             disk.write(sector, pattern(seed, sector, n))
             _STATE.pack_into(state, 0, i + 1, 0)
+            if interval:
+                kernel.sleep(interval)
         disk.flush()
         _STATE.pack_into(state, 0, _STATE.unpack_from(state)[0], 1)
         dt = time.perf_counter() - t0

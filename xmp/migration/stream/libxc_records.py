@@ -22,10 +22,10 @@ them (ordering, reader, writer).
 
 PAGE_DATA.  Each pfn word carries the page type in bits 60-63 and the pfn in
 bits 0-51 (52-59 reserved: written zero, ignored on restore).  Only BROKEN,
-XALLOC and XTAB carry no page contents.  A zero page is *not* one of those:
-XALLOC means "allocate only", and the spec promises nothing about the
-contents of such a page, so the writer sends zero pages as NOTAB with their
-4096 zero bytes, as xc does.
+XALLOC and XTAB carry no page contents.  XALLOC means "allocate only": the
+spec promises nothing about such a page's contents, but a page Xen
+allocates is scrubbed, and a page of xmp's fresh RAM object is zero, so
+xmp's save image (``xmp.migration.image``) sends a zero page as XALLOC.
 """
 
 

@@ -1,0 +1,169 @@
+"""xmp save / xmp restore end to end: a guest written to a file in Xen's
+migration stream format and brought back -- on the same supervisor or on
+another -- going on where it was."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import pytest
+from xmphost import HOST, guest
+
+from xmp.migration.image import ZERO_PAGE, decode_image
+from xmp.startinfo import first_free_pfn
+
+pytestmark = pytest.mark.timeout(120)
+
+KEEP = guest("keep", "idle")   # a guest that stays, so the host does not stop when the saved one goes
+COUNTER = guest("c", "counter", args={"count": 0, "interval": 0.02})
+
+
+def counts(log: str) -> list[int]:
+    return [int(m) for m in re.findall(r"^count (\d+)$", log, re.M)]
+
+
+def image_hash(path) -> str:
+    """The hash of the guest's own RAM as the image holds it."""
+    with open(path, "rb") as f:
+        img = decode_image([f.read()])
+    first = first_free_pfn(img.config.max_grant_frames)
+    last = img.config.memory_mib * 256
+    return hashlib.sha256(b"".join(img.pages.get(p) or ZERO_PAGE for p in range(first, last))).hexdigest()
+
+
+def test_counter_saved_and_restored_twice_goes_on_without_gap_or_repeat(hosts, tmp_path):
+    h = hosts(HOST + KEEP + COUNTER).start(("keep", "c"))
+    f = tmp_path / "c.save"
+    for round_ in (1, 2):
+        seen = len(counts(h.console_log("c")))
+        h.wait(lambda seen=seen: len(counts(h.console_log("c"))) > seen + 5, 20, "counting")
+        old = h.info("c")["domid"]
+        out = h.xmp("save", "c", str(f)).stdout
+        assert f"saved 'c' to {f}" in out
+        assert h.info("c") is None and f.exists()
+        assert not list(tmp_path.glob(".*partial"))
+        out = h.xmp("restore", str(f)).stdout
+        new = h.info("c")
+        assert f"restored domain 'c' (id {new['domid']})" in out and new["domid"] > old
+        assert new["state"] == "running" and new["mem_kb"] == 32 * 1024
+        at = len(counts(h.console_log("c")))
+        h.wait(lambda at=at: len(counts(h.console_log("c"))) > at + 5, 20, f"counting after restore {round_}")
+    log = h.console_log("c")
+    numbers = counts(log)
+    assert numbers == list(range(1, len(numbers) + 1)), numbers   # the history and the new output, no gap
+    assert log.count("c: suspending") == 2
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_ram_is_the_same_before_in_the_file_and_after_twice(hosts, tmp_path):
+    h = hosts(HOST + KEEP + guest("r", "idle").replace("xmp.guests.idle:main", "save_kernels:ramhash"))
+    h.start(("keep", "r"))
+    for gen in (1, 2):
+        h.wait(lambda gen=gen: f"ramhash: generation {gen} written" in h.console_log("r"), 20, "the pattern")
+        f = tmp_path / f"r{gen}.save"
+        h.xmp("save", "r", str(f))
+        h.xmp("restore", str(f))
+        h.wait(lambda gen=gen: f"ramhash: after {gen} " in h.console_log("r"), 20, "the restored hash")
+        log = h.console_log("r")
+        before = re.search(rf"ramhash: before {gen} (\w+)", log).group(1)
+        after = re.search(rf"ramhash: after {gen} (\w+)", log).group(1)
+        assert before == after == image_hash(f)
+    assert image_hash(tmp_path / "r1.save") != image_hash(tmp_path / "r2.save")
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_checkpoint_keeps_the_source_and_a_second_supervisor_restores_it(hosts, tmp_path):
+    src = hosts(HOST + KEEP + COUNTER, name="src").start(("keep", "c"))
+    dst = hosts(HOST, name="dst").start()
+    src.wait(lambda: len(counts(src.console_log("c"))) > 5, 20, "counting")
+    f = tmp_path / "c.save"
+    domid = src.info("c")["domid"]
+    src.xmp("save", "-c", "c", str(f))
+    assert src.info("c")["domid"] == domid
+    n = len(counts(src.console_log("c")))
+    src.wait(lambda: len(counts(src.console_log("c"))) > n + 3, 20, "the source counting on")
+    assert "c: resumed" in src.console_log("c")     # its suspend call returned "cancelled"
+    again = src.xmp("restore", str(f), check=False)  # the name is taken here
+    assert again.returncode == 1 and "a domain named 'c' already exists" in again.stderr
+    dst.xmp("restore", str(f))
+    dst.wait(lambda: len(counts(dst.console_log("c"))) > 3, 20, "counting on the second host")
+    first = counts(dst.console_log("c"))[0]
+    saved_at = counts(src.console_log("c").split("c: suspending")[0])[-1]
+    assert first == saved_at + 1
+    assert [d["name"] for d in dst.list()] == ["Domain-0", "c"]
+    for h in (src, dst):
+        assert h.stop() == 0
+        h.assert_clean()
+
+
+def test_a_corrupt_image_creates_nothing(hosts, tmp_path):
+    h = hosts(HOST + KEEP + COUNTER).start(("keep", "c"))
+    f = tmp_path / "c.save"
+    h.xmp("save", "-c", "c", str(f))
+    data = f.read_bytes()
+    before = [d["domid"] for d in h.list()]
+    cut = tmp_path / "cut.save"
+    cut.write_bytes(data[:len(data) // 2])
+    out = h.xmp("restore", str(cut), check=False)
+    assert out.returncode == 1
+    assert re.search(r"not a valid image: PAGE_DATA at offset \d+: stream ends", out.stderr), out.stderr
+    bad = tmp_path / "bad.save"
+    bad.write_bytes(b"Xen saved domain, xm" + data[20:])
+    out = h.xmp("restore", str(bad), check=False)
+    assert out.returncode == 1 and "xl header at offset 0: magic" in out.stderr, out.stderr
+    assert [d["domid"] for d in h.list()] == before
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def checker(image, backend: str | None = None, size: str = "16M", args: str = "") -> str:
+    where = f"backend={backend}, " if backend else ""
+    return ('[[domain]]\nname = "d"\nkernel = "xmp.guests.diskcheck:main"\nmemory = 64\n'
+            f'disk = ["vdev=xvda, access=rw, {where}size={size}, target={image}"]\n'
+            f'args = {{ seed = 3{args} }}\n')
+
+
+def test_a_guest_saved_mid_disk_io_verifies_every_byte_after_restore(hosts, tmp_path):
+    image = tmp_path / "disk.img"
+    h = hosts(HOST + KEEP + checker(image, args=", interval = 0.03")).start(("keep", "d"))
+    h.wait(lambda: image.stat().st_blocks > 0, 30, "the writes to begin")
+    f = tmp_path / "d.save"
+    h.xmp("save", "d", str(f))
+    log = h.console_log("d")
+    assert "diskcheck: wrote" not in log, "saved after the writes: not mid-I/O"
+    h.xmp("restore", str(f))
+    h.wait(lambda: "diskcheck: OK" in h.console_log("d") or "FAILED" in h.console_log("d"), 90, "the verify")
+    assert f"diskcheck: OK {16 << 20} bytes verified" in h.console_log("d"), h.console_log("d")
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+STOR = '[[domain]]\nname = "stor"\ndriver_domain = true\nmemory = 64\n'
+
+
+def test_restore_refuses_a_missing_backend_domain_or_image(hosts, tmp_path):
+    image = tmp_path / "disk.img"
+    topology = HOST + KEEP + STOR + checker(image, backend="stor", size="4M", args=", hold = true")
+    src = hosts(topology, name="src").start(("keep", "stor", "d"))
+    src.wait(lambda: "flushed" in src.console_log("d"), 30, "the flush")
+    f = tmp_path / "d.save"
+    src.xmp("save", "d", str(f))
+    dst = hosts(HOST, name="dst").start()
+    out = dst.xmp("restore", str(f), check=False)
+    assert out.returncode == 1 and "xvda: backend domain 'stor' does not exist here" in out.stderr, out.stderr
+    assert [d["name"] for d in dst.list()] == ["Domain-0"]
+    moved = tmp_path / "moved.img"
+    image.rename(moved)
+    out = src.xmp("restore", str(f), check=False)
+    assert out.returncode == 1 and f"disk xvda: its image {image} is gone" in out.stderr, out.stderr
+    assert "d" not in [d["name"] for d in src.list()]
+    moved.rename(image)
+    src.xmp("restore", str(f))    # held after its flush: restored, it verifies
+    src.wait(lambda: "diskcheck: OK" in src.console_log("d"), 30, "the verify")
+    assert f"diskcheck: OK {4 << 20} bytes verified" in src.console_log("d")
+    for h in (src, dst):
+        assert h.stop() == 0
+        h.assert_clean()

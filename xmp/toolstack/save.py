@@ -1,0 +1,279 @@
+"""Save and restore: ``xmp save`` / ``xmp restore``, libxl's
+``libxl_domain_suspend`` and ``libxl_domain_create_restore``.
+
+Saving, from the supervisor's loop, never waiting inline:
+
+1. ask the guest to suspend (``control/shutdown`` = ``suspend``, as xl) and
+   poll until it is SHUTDOWN(suspend) -- its kernel has handed over its
+   context in the suspend hypercall -- or give up after
+   :data:`SUSPEND_TIMEOUT` (the guest keeps running; the save fails);
+2. let xenconsoled drain the console ring (a restored guest's xenconsoled
+   starts at the ring's indices: output left in it would show twice);
+3. write the image (:mod:`xmp.migration.image`) into a hidden file beside
+   the target, renamed to it only once every byte is written: a save killed
+   half-way -- the supervisor included -- leaves no file that claims to be
+   an image;
+4. without ``-c`` the domain is destroyed, as xl does; with ``-c``
+   (checkpoint) it resumes in place, its suspend call returning
+   "cancelled", and ``-p`` leaves it paused.  Any failure in 3 resumes it.
+
+Restoring reads and checks the whole image first (a fault is one error
+naming offset and record), then every device's backend domain and image,
+the name and the memory, and only then builds the domain: its RAM is
+filled before its process starts, start_info is rewritten with the new
+domid and ports, and the grant table starts fresh (the guest re-grants
+what it needs, as on Xen, where the new host's grant table is empty).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import errno
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from xmp import devices
+from xmp.errors import HypercallError, XmpError
+from xmp.hv.domain import Domain, DomState
+from xmp.migration.image import PAGE_SIZE, DomainImage, decode_image, encode_image
+from xmp.migration.stream import StreamError
+from xmp.startinfo import GNTTAB_PFN, START_INFO_PFN
+from xmp.toolstack.devices import Planned
+from xmp.toolstack.pending import Pending
+
+if TYPE_CHECKING:
+    from xmp.toolstack.domains import Toolstack
+
+SUSPEND_TIMEOUT = 60.0   # seconds a guest gets to suspend (libxl's)
+DRAIN_TIMEOUT = 2.0      # seconds xenconsoled gets to drain the console ring
+POLL = 0.005
+READ_CHUNK = 1 << 20
+
+
+class SaveRestore:
+    def __init__(self, ts: Toolstack):
+        self.ts = ts
+        self.sup = ts.sup
+        self.saving: set[int] = set()
+
+    # -- save --------------------------------------------------------------------
+
+    def save(self, dom: Domain, path: Path, checkpoint: bool = False, paused: bool = False) -> Pending:
+        if dom.domid == 0 or dom.cfg.driver_domain:
+            raise HypercallError(errno.EINVAL, "save", f"{dom.name} serves other domains: it cannot be saved")
+        if dom.domid in self.saving:
+            raise HypercallError(errno.EBUSY, "save", f"{dom.name} is being saved already")
+        if dom.state != DomState.RUNNING:
+            raise HypercallError(errno.EINVAL, "save", f"{dom.name} is {dom.state.value}, not running")
+        if not path.parent.is_dir():
+            raise HypercallError(errno.ENOENT, "save", f"{path.parent} is not a directory")
+        self.ts.record(dom)
+        done = Pending()
+        self.ts.request_shutdown(dom, "suspend")
+        self.saving.add(dom.domid)
+        started = time.monotonic()
+        self.sup.call_later(POLL, lambda: self._step(dom, path, checkpoint, paused, done, started, None))
+        return done
+
+    def _step(self, dom: Domain, path: Path, checkpoint: bool, paused: bool, done: Pending,
+              started: float, suspended_at: float | None) -> None:
+        def again(at: float | None) -> None:
+            self.sup.call_later(POLL, lambda: self._step(dom, path, checkpoint, paused, done, started, at))
+
+        def fail(code: int, msg: str) -> None:
+            self.saving.discard(dom.domid)
+            self.sup.log(f"save of dom{dom.domid} {dom.name!r} failed: {msg}")
+            done.fail(HypercallError(code, "save", msg))
+
+        now = time.monotonic()
+        alive = dom.domid in self.sup.domains and dom.state != DomState.DYING and dom.pid is not None
+        if not alive or (dom.state == DomState.SHUTDOWN and dom.shutdown_reason != "suspend"):
+            fail(errno.ESRCH, f"{dom.name} ended during the save ({dom.shutdown_reason or dom.state.value})")
+            return
+        if dom.state != DomState.SHUTDOWN:
+            if now - started > SUSPEND_TIMEOUT:
+                self.ts.xs.write(f"/local/domain/{dom.domid}/control/shutdown", "", "withdrawing a suspend")
+                fail(errno.ETIMEDOUT, f"{dom.name} did not suspend within {SUSPEND_TIMEOUT:.0f} s; "
+                                      "it goes on running")
+            else:
+                again(None)
+            return
+        suspended_at = suspended_at or now
+        if dom.console_undrained() and now - suspended_at < DRAIN_TIMEOUT:
+            again(suspended_at)
+            return
+        try:
+            stats = self._write(dom, path)
+        except (OSError, XmpError) as exc:
+            self.sup.resume_domain(dom)
+            fail(errno.EIO, f"writing {path}: {exc}")
+            return
+        self.saving.discard(dom.domid)
+        stats["seconds"] = round(time.monotonic() - started, 3)
+        if checkpoint:
+            self.sup.resume_domain(dom)
+            if paused:
+                self.sup.pause_domain(dom)
+        else:
+            self.sup.destroy_domain(dom, f"saved to {path}")
+        done.resolve(stats)
+
+    def _write(self, dom: Domain, path: Path) -> dict[str, Any]:
+        record = self.ts.record(dom).save(lambda domid: self.sup.domains[domid].name)
+        pfns = [pfn for pfn, present in enumerate(dom.populated) if present]
+        data = data_pages(dom.ram.fd, dom.max_pages)
+        ram = memoryview(dom.ram_map)
+        t0 = time.monotonic()
+        size = 0
+        try:
+            with _NewFile(path) as f:
+                for chunk in encode_image(record, ram, pfns, dom.suspend_context, dom.cfg.vcpus,
+                                          zero=lambda pfn: not data[pfn]):
+                    f.write(chunk)
+                    size += len(chunk)
+                f.commit()
+        finally:
+            ram.release()
+        dt = time.monotonic() - t0
+        self.sup.log(f"dom{dom.domid} {dom.name!r} saved to {path}: {len(pfns)} pages, {size} bytes "
+                     f"in {dt:.3f} s")
+        return {"domid": dom.domid, "name": dom.name, "path": str(path), "pages": len(pfns),
+                "bytes": size, "write_seconds": round(dt, 3)}
+
+    # -- restore -----------------------------------------------------------------
+
+    def restore(self, path: Path, paused: bool = False) -> dict[str, Any]:
+        t0 = time.monotonic()
+        try:
+            with open(path, "rb") as f:
+                image = decode_image(iter(lambda: f.read(READ_CHUNK), b""))
+        except OSError as exc:
+            raise HypercallError(exc.errno or errno.EIO, "restore", f"{path}: {exc.strerror}") from None
+        except StreamError as exc:
+            raise HypercallError(errno.EINVAL, "restore", f"{path}: not a valid image: {exc}") from None
+        cfg = image.config
+        if any(d.name == cfg.name and d.state != DomState.DYING for d in self.sup.domains.values()):
+            raise HypercallError(errno.EEXIST, "restore", f"a domain named {cfg.name!r} already exists")
+        planned = self._plan(image)
+        pool = self.sup.pool_pages
+        if image.tot_pages > pool:
+            raise HypercallError(errno.ENOMEM, "restore", f"{cfg.name} needs {image.tot_pages} pages, "
+                                 f"the host pool has {pool}")
+        context = base64.b64encode(image.context).decode()
+        dom = self.ts.create(cfg, planned=planned, restore={"restore": context},
+                             prepare=lambda d: fill(d, image))
+        if paused:
+            self.sup.pause_domain(dom)
+        dt = time.monotonic() - t0
+        self.sup.log(f"dom{dom.domid} {dom.name!r} restored from {path}: {image.tot_pages} pages "
+                     f"in {dt:.3f} s")
+        return {"domid": dom.domid, "name": dom.name, "pages": image.tot_pages, "bytes": image.size,
+                "seconds": round(dt, 3)}
+
+    def _plan(self, image: DomainImage) -> list[Planned]:
+        """The saved devices, each with its backend domain here and what its
+        class checks (a block device's image must still exist)."""
+        out = []
+        try:
+            for d in image.record["devices"]:
+                cls = next((c for c in devices.DEVICE_CLASSES if c.kind == d["class"]), None)
+                if cls is None:
+                    raise XmpError(f"a saved device is of class {d['class']!r}, which this host lacks")
+                keys = [d["back_keys"], d["front_keys"]]
+                if not all(map(devices.are_keys, keys)) or not isinstance(d["devid"], int) \
+                        or not isinstance(d["name"], str) or not isinstance(d["backend"], str):
+                    raise XmpError(f"a saved {cls.devtype} device is malformed")
+                try:
+                    back = self.sup.find(d["backend"])
+                except HypercallError:
+                    raise HypercallError(errno.ESRCH, "restore", f"{d['name']}: backend domain "
+                                         f"{d['backend']!r} does not exist here") from None
+                if back.state == DomState.DYING:
+                    raise HypercallError(errno.ESRCH, "restore", f"{d['name']}: backend domain "
+                                         f"{d['backend']!r} is dying")
+                spec = devices.DeviceSpec(d["devid"], d["name"], d["backend"], *keys)
+                check = getattr(cls.part("toolstack"), "check_restored", None)
+                if check is not None:
+                    check(spec)
+                out.append(Planned(cls, spec, back))
+        except (KeyError, TypeError) as exc:
+            raise HypercallError(errno.EINVAL, "restore", f"a saved device is malformed: {exc!r}") from None
+        except XmpError as exc:
+            raise HypercallError(errno.EINVAL, "restore", str(exc)) from None
+        return out
+
+
+def fill(dom: Domain, image: DomainImage) -> None:
+    """The saved RAM into a freshly built ``dom`` (before its process runs):
+    every page but start_info and the grant table, which the builder laid
+    out anew; start_info is the saved one with this domain's id and ports."""
+    assert image.start_info is not None
+    skip = {START_INFO_PFN, *range(GNTTAB_PFN, GNTTAB_PFN + dom.cfg.max_grant_frames)}
+    ram = dom.ram_map
+    for pfn, page in image.pages.items():
+        if page is not None and pfn not in skip:
+            ram[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE] = page
+    fresh = type(image.start_info).unpack_from(ram, START_INFO_PFN * PAGE_SIZE)
+    dataclasses.replace(image.start_info, domid=dom.domid, flags=fresh.flags, store_evtchn=dom.store_port,
+                        console_evtchn=dom.console_port).pack_into(ram, START_INFO_PFN * PAGE_SIZE)
+    populated = bytearray(dom.max_pages)
+    populated[:dom.reserved_pfns] = b"\1" * dom.reserved_pfns
+    for pfn in image.pages:
+        populated[pfn] = 1
+    dom.populated, dom.tot_pages = populated, sum(populated)
+
+
+def data_pages(fd: int, pages: int) -> bytearray:
+    """1 for each page of the RAM object that may hold data, 0 for its holes
+    (never written, or ballooned out): SEEK_DATA/SEEK_HOLE, so a hole is
+    known to be zero without reading it."""
+    out = bytearray(pages)
+    end, off = pages * PAGE_SIZE, 0
+    while off < end:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break
+            return bytearray(b"\1" * pages)   # a file system without SEEK_DATA: read everything
+        stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+        first, last = start // PAGE_SIZE, -(-stop // PAGE_SIZE)
+        out[first:last] = b"\1" * (last - first)
+        off = stop
+    return out
+
+
+class _NewFile:
+    """A file that appears under ``path`` only on :meth:`commit`: written
+    under a hidden temporary name beside it and renamed over ``path`` once
+    whole; removed if the write fails.  (O_TMPFILE would leave nothing
+    even after a SIGKILL, but linking it in goes through /proc/self/fd,
+    which a non-dumpable supervisor cannot follow.)  A partial file left by
+    a killed supervisor is ``.<name>.<pid>.partial`` and lacks the END
+    records: it claims to be nothing."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp: Path | None = path.parent / f".{path.name}.{os.getpid()}.partial"
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.f = os.fdopen(fd, "wb")
+
+    def __enter__(self) -> _NewFile:
+        return self
+
+    def write(self, data: bytes) -> None:
+        self.f.write(data)
+
+    def commit(self) -> None:
+        assert self.tmp is not None
+        self.f.flush()
+        os.replace(self.tmp, self.path)
+        self.tmp = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
