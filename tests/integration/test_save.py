@@ -5,12 +5,16 @@ another -- going on where it was."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import signal
+import subprocess
 
 import pytest
-from xmphost import HOST, guest
+from xmphost import ENV, HOST, XMP, guest
 
 from xmp.migration.image import ZERO_PAGE, decode_image
+from xmp.migration.stream import StreamError
 from xmp.startinfo import first_free_pfn
 
 pytestmark = pytest.mark.timeout(120)
@@ -167,3 +171,56 @@ def test_restore_refuses_a_missing_backend_domain_or_image(hosts, tmp_path):
     for h in (src, dst):
         assert h.stop() == 0
         h.assert_clean()
+
+
+def _never_half_suspended(h, f) -> str:
+    """Once things settle the guest runs, or is gone and ``f`` is a whole image."""
+    def settled():
+        info = h.info("c")
+        if info is None:
+            return "gone"
+        return "running" if info["state"] == "running" else None
+    outcome = h.wait(settled, 70, "the guest to run again or be gone")
+    if outcome == "gone":
+        assert decode_image([f.read_bytes()]).context   # complete: it reaches END
+    else:
+        assert not f.exists()
+    return outcome
+
+
+def test_sigkill_of_xmp_save_leaves_the_guest_running_or_saved(hosts, tmp_path):
+    h = hosts(HOST + KEEP + COUNTER).start(("keep", "c"))
+    h.wait(lambda: len(counts(h.console_log("c"))) > 3, 20, "counting")
+    f = tmp_path / "c.save"
+    proc = subprocess.Popen([*XMP, "save", "c", str(f), "--rundir", str(h.rundir)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = h.rundir / "logs" / "hypervisor.log"
+    h.wait(lambda: "to suspend" in log.read_text(), 20, "the suspend request")
+    proc.kill()
+    proc.wait(10)
+    assert _never_half_suspended(h, f) == "gone"   # the supervisor finished the save for nobody
+    h.xmp("restore", str(f))
+    assert h.info("c")["state"] == "running"
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_sigkill_of_the_supervisor_mid_save_leaves_no_image_that_claims_to_be_whole(hosts, tmp_path):
+    h = hosts(HOST + KEEP + guest("c", "counter", memory=256, args={"count": 0, "interval": 0.02}))
+    h.start(("keep", "c"))
+    h.wait(lambda: len(counts(h.console_log("c"))) > 3, 20, "counting")
+    f = tmp_path / "c.save"
+    proc = subprocess.Popen([*XMP, "save", "c", str(f), "--rundir", str(h.rundir)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = h.rundir / "logs" / "hypervisor.log"
+    h.wait(lambda: "shut down: suspend" in log.read_text(), 20, "the suspend")
+    h.descendants()
+    os.kill(h.pid, signal.SIGKILL)
+    h.proc.wait(10)
+    proc.wait(10)
+    h.assert_clean(sockets=False)        # every domain went with it: none is left suspended
+    if f.exists():                       # the save was done before the kill
+        assert decode_image([f.read_bytes()]).context
+    for partial in tmp_path.glob(".*.partial"):
+        with pytest.raises(StreamError):
+            decode_image([partial.read_bytes()])
