@@ -38,3 +38,29 @@ def ramhash(kernel) -> None:
         kernel.page(pfn + i)[:] = struct.pack("<QQ", gen, i) * (PAGE_SIZE // 16)
     kernel.print(f"ramhash: generation {gen} written")
     kernel.idle()
+
+
+def _data(i: int) -> bytes:
+    return struct.pack("<QQ", 0xAB5A, i) * (PAGE_SIZE // 16)
+
+
+INFLIGHT = 8
+
+
+def inflight(kernel) -> None:
+    """Its suspend hook submits INFLIGHT writes without waiting, so they are
+    on the ring when the domain suspends; restored, it waits for what
+    blkfront re-issues, then reads the sectors back and says what it found."""
+    disk = kernel.block("xvda")
+    if kernel.restored is None:
+        def hook() -> bytes:
+            for i in range(INFLIGHT):
+                disk.submit_write(8 * i, _data(i))
+            return b"submitted"
+        kernel.on_suspend(hook)
+        kernel.print("inflight: ready")
+        kernel.idle()
+    kernel.loop.run_until(lambda: not disk.inflight and not disk.pending, 20)
+    ok = all(disk.read(8 * i, 8) == _data(i) for i in range(INFLIGHT))
+    kernel.print(f"inflight: {disk.reissued} re-issued, data {'OK' if ok else 'BAD'}")
+    kernel.idle()

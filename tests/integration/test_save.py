@@ -224,3 +224,20 @@ def test_sigkill_of_the_supervisor_mid_save_leaves_no_image_that_claims_to_be_wh
     for partial in tmp_path.glob(".*.partial"):
         with pytest.raises(StreamError):
             decode_image([partial.read_bytes()])
+
+
+def test_blkfront_re_issues_what_was_on_its_ring_at_the_suspend(hosts, tmp_path):
+    image = tmp_path / "disk.img"
+    d = checker(image, size="4M").replace("xmp.guests.diskcheck:main", "save_kernels:inflight")
+    h = hosts(HOST + KEEP + d).start(("keep", "d"))
+    h.wait(lambda: "inflight: ready" in h.console_log("d"), 20, "the guest")
+    f = tmp_path / "d.save"
+    h.xmp("save", "d", str(f))
+    image.write_bytes(bytes(4 << 20))   # what the old backend wrote of them is gone: a re-issue must
+    h.xmp("restore", str(f))
+    h.wait(lambda: "inflight: " in h.console_log("d").split("inflight: ready")[-1], 30, "the check")
+    log = h.console_log("d")
+    assert "vbd: re-issuing 8 request(s) in flight at the suspend" in log
+    assert "inflight: 8 re-issued, data OK" in log, log
+    assert h.stop() == 0
+    h.assert_clean()

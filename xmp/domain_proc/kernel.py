@@ -80,6 +80,8 @@ class Kernel:
         self._freed: list[tuple[int, int]] = []  # runs given back: (pfn, pages)
         self._driver_runs: list[tuple[int, int]] = []  # runs drivers hold: free again after a restore
         self._suspend_hook: Callable[[], bytes] | None = None
+        self._driver_hooks: dict[str, Callable[[], bytes]] = {}
+        self._driver_contexts: dict[str, bytes] = {}   # restored, not yet taken by their driver
         self.restored: bytes | None = None
         if restore is not None:
             self._restore_context(restore)
@@ -183,15 +185,27 @@ class Kernel:
         domain suspends; a restore hands it back as :attr:`restored`."""
         self._suspend_hook = hook
 
+    def on_suspend_driver(self, key: str, hook: Callable[[], bytes]) -> None:
+        """A driver's own small context (``key``: its device, "vbd/51712"),
+        taken after the guest's hook; :meth:`driver_restored` gives it back."""
+        self._driver_hooks[key] = hook
+
+    def driver_restored(self, key: str) -> bytes | None:
+        """What the driver of ``key`` handed over before the move (once)."""
+        return self._driver_contexts.pop(key, None)
+
     def suspend_context(self) -> bytes:
         """What this kernel hands the hypervisor at suspend: its page
-        allocator and the guest's own context."""
+        allocator, the guest's own context, then its drivers' (a driver
+        sees what the guest's hook did: requests it submitted are in flight)."""
         guest = b"" if self._suspend_hook is None else self._suspend_hook()
         if not isinstance(guest, (bytes, bytearray)) or len(guest) > MAX_GUEST_CONTEXT:
             raise LocalError(f"a suspend hook returns at most {MAX_GUEST_CONTEXT} bytes, not {guest!r:.60}")
+        drivers = {key: base64.b64encode(hook()).decode() for key, hook in self._driver_hooks.items()}
         return json.dumps({"version": CONTEXT_VERSION, "next_free": self._next_free,
                            "freed": [*self._freed, *self._driver_runs],
-                           "guest": base64.b64encode(guest).decode() if self._suspend_hook else None},
+                           "guest": base64.b64encode(guest).decode() if self._suspend_hook else None,
+                           "drivers": drivers},
                           separators=(",", ":")).encode()
 
     def _restore_context(self, raw: bytes) -> None:
@@ -208,9 +222,11 @@ class Kernel:
                     any(p < self.first_free_pfn or n <= 0 or p + n > next_free for p, n in freed):
                 raise LocalError("the suspend context's page allocator does not fit this domain")
             guest = None if ctx["guest"] is None else base64.b64decode(ctx["guest"], validate=True)
-        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            drivers = {str(k): base64.b64decode(v, validate=True) for k, v in ctx["drivers"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as exc:
             raise LocalError(f"the suspend context is malformed: {exc!r}") from None
         self._next_free, self._freed, self.restored = next_free, freed, guest
+        self._driver_contexts = drivers
 
     def page(self, pfn: int) -> memoryview:
         """One page of the guest's own memory."""
