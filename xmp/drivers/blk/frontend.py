@@ -295,7 +295,7 @@ class BlkFront(FrontendDriver):
         try:
             shadow = json.loads(raw)
             limit = self.k.start_info.nr_pages * PAGE_SIZE
-            todo = []
+            todo: list[tuple[BlkifOp, int, int, bytes | None]] = []
             for op, sector, amount, at in shadow:
                 op = BlkifOp(op)
                 if op == BlkifOp.WRITE:
