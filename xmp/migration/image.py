@@ -101,10 +101,14 @@ def encode_image(record: dict[str, Any], ram: memoryview, pfns: Sequence[int], c
     for i in range(0, len(pfns), MAX_BATCH_SIZE):
         batch = pfns[i:i + MAX_BATCH_SIZE]
         types: list[int] = []
-        pages: list[Any] = []   # memoryviews of the RAM: copied once, into the record
+        pages: list[bytes] = []
         for pfn in batch:
-            page = ram[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE]
-            if (zero is not None and zero(pfn)) or page == ZERO_PAGE:
+            if zero is not None and zero(pfn):
+                types.append(PageType.XALLOC)
+                continue
+            # a copy, then memcmp: comparing a memoryview to bytes goes element by element
+            page = bytes(ram[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE])
+            if page == ZERO_PAGE:
                 types.append(PageType.XALLOC)
             else:
                 types.append(PageType.NOTAB)
