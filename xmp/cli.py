@@ -18,6 +18,7 @@ import sys
 import termios
 import time
 import tty
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ class CliError(Exception):
 # -- talking to a supervisor -------------------------------------------------
 
 
-def request(rundir: Path, cmd: str, **fields: Any) -> dict[str, Any]:
+def request(rundir: Path, cmd: str, *, waiting: Callable[[], None] | None = None,
+            **fields: Any) -> dict[str, Any]:
     path = rundir / "control.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -56,6 +58,9 @@ def request(rundir: Path, cmd: str, **fields: Any) -> dict[str, Any]:
         sock.sendall((json.dumps({"cmd": cmd, **fields}) + "\n").encode())
         buf = b""
         while not buf.endswith(b"\n"):
+            if waiting is not None:   # called every 0.1 s until the answer comes (progress)
+                while not select.select([sock], [], [], 0.1)[0]:
+                    waiting()
             chunk = sock.recv(65536)
             if not chunk:
                 raise CliError("the supervisor closed the connection")
@@ -198,13 +203,35 @@ def cmd_resume(args) -> int:
 
 def cmd_save(args) -> int:
     """xl save: the image is written by the supervisor (it holds the RAM),
-    into FILE, which appears only once complete."""
-    reply = request(_rundir(args), "save", dom=args.dom, path=os.path.abspath(args.file),
+    into FILE, which appears only once complete; on a terminal the growing
+    hidden file beside it shows the progress."""
+    path = os.path.abspath(args.file)
+    show = _save_progress(Path(path)) if sys.stderr.isatty() else None
+    reply = request(_rundir(args), "save", waiting=show, dom=args.dom, path=path,
                     checkpoint=args.checkpoint, paused=args.paused)
+    if show is not None:
+        sys.stderr.write("\r\033[K")
     rate = reply["bytes"] / max(reply["write_seconds"], 1e-6) / 1e6
     print(f"xmp: saved {reply['name']!r} to {reply['path']}: {reply['pages']} pages, "
           f"{reply['bytes'] / 1e6:.1f} MB in {reply['seconds']:.2f} s ({rate:.0f} MB/s written)")
     return 0
+
+
+def _save_progress(path: Path) -> Callable[[], None]:
+    t0 = time.monotonic()
+
+    def show() -> None:
+        partial = next(iter(path.parent.glob(f".{path.name}.*.partial")), None)
+        try:
+            size = partial.stat().st_size if partial is not None else 0
+        except OSError:
+            size = 0
+        dt = time.monotonic() - t0
+        what = (f"~{size >> 12} pages of data, {size / 1e6:.1f} MB, {size / dt / 1e6:.0f} MB/s" if size
+                else "suspending")
+        sys.stderr.write(f"\rxmp save: {what} ({dt:.1f} s)\033[K")
+        sys.stderr.flush()
+    return show
 
 
 def cmd_restore(args) -> int:
