@@ -157,7 +157,7 @@ def test_restore_refuses_a_missing_backend_domain_or_image(hosts, tmp_path):
     src.xmp("save", "d", str(f))
     dst = hosts(HOST, name="dst").start()
     out = dst.xmp("restore", str(f), check=False)
-    assert out.returncode == 1 and "xvda: backend domain 'stor' does not exist here" in out.stderr, out.stderr
+    assert out.returncode == 1 and "d: backend domain 'stor' does not exist here" in out.stderr, out.stderr
     assert [d["name"] for d in dst.list()] == ["Domain-0"]
     moved = tmp_path / "moved.img"
     image.rename(moved)

@@ -33,19 +33,16 @@ import errno
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from xmp import devices
 from xmp.errors import HypercallError, XmpError
 from xmp.hv.domain import Domain, DomState
 from xmp.migration.image import PAGE_SIZE, DomainImage, decode_image, encode_image
 from xmp.migration.stream import StreamError
 from xmp.startinfo import GNTTAB_PFN, START_INFO_PFN
 from xmp.toolstack.devices import Planned
+from xmp.toolstack.domains import DomainRecord, Toolstack
 from xmp.toolstack.pending import Pending
-
-if TYPE_CHECKING:
-    from xmp.toolstack.domains import Toolstack
 
 SUSPEND_TIMEOUT = 60.0   # seconds a guest gets to suspend (libxl's)
 DRAIN_TIMEOUT = 2.0      # seconds xenconsoled gets to drain the console ring
@@ -174,33 +171,26 @@ class SaveRestore:
                 "seconds": round(dt, 3)}
 
     def _plan(self, image: DomainImage) -> list[Planned]:
-        """The saved devices, each with its backend domain here and what its
-        class checks (a block device's image must still exist)."""
+        """The saved devices (checked as DomainRecord.restore checks them),
+        each with its backend domain here, by name, and what its class
+        checks (a block device's image must still exist)."""
+        def backend(name: str) -> int:
+            dom = next((d for d in self.sup.domains.values()
+                        if d.name == name and d.state != DomState.DYING), None)
+            if dom is None:
+                raise HypercallError(errno.ESRCH, "restore", f"backend domain {name!r} does not exist here")
+            return dom.domid
+
         out = []
         try:
-            for d in image.record["devices"]:
-                cls = next((c for c in devices.DEVICE_CLASSES if c.kind == d["class"]), None)
-                if cls is None:
-                    raise XmpError(f"a saved device is of class {d['class']!r}, which this host lacks")
-                keys = [d["back_keys"], d["front_keys"]]
-                if not all(map(devices.are_keys, keys)) or not isinstance(d["devid"], int) \
-                        or not isinstance(d["name"], str) or not isinstance(d["backend"], str):
-                    raise XmpError(f"a saved {cls.devtype} device is malformed")
-                try:
-                    back = self.sup.find(d["backend"])
-                except HypercallError:
-                    raise HypercallError(errno.ESRCH, "restore", f"{d['name']}: backend domain "
-                                         f"{d['backend']!r} does not exist here") from None
-                if back.state == DomState.DYING:
-                    raise HypercallError(errno.ESRCH, "restore", f"{d['name']}: backend domain "
-                                         f"{d['backend']!r} is dying")
-                spec = devices.DeviceSpec(d["devid"], d["name"], d["backend"], *keys)
-                check = getattr(cls.part("toolstack"), "check_restored", None)
+            rec = DomainRecord.restore(image.record, 0, backend)
+            for dev in rec.devices:
+                check = getattr(dev.cls.part("toolstack"), "check_restored", None)
                 if check is not None:
-                    check(spec)
-                out.append(Planned(cls, spec, back))
-        except (KeyError, TypeError) as exc:
-            raise HypercallError(errno.EINVAL, "restore", f"a saved device is malformed: {exc!r}") from None
+                    check(dev.spec)
+                out.append(Planned(dev.cls, dev.spec, self.sup.domains[dev.back_domid]))
+        except HypercallError as exc:
+            raise HypercallError(exc.errno, "restore", f"{image.config.name}: {exc.detail}") from None
         except XmpError as exc:
             raise HypercallError(errno.EINVAL, "restore", str(exc)) from None
         return out
