@@ -64,3 +64,16 @@ def inflight(kernel) -> None:
     ok = all(disk.read(8 * i, 8) == _data(i) for i in range(INFLIGHT))
     kernel.print(f"inflight: {disk.reissued} re-issued, data {'OK' if ok else 'BAD'}")
     kernel.idle()
+
+
+def balloon(kernel) -> None:
+    """Gives back its top MiB (decrease_reservation) on a fresh boot; says
+    so, or that it was restored, and idles."""
+    kernel.on_suspend(lambda: b"ballooned")
+    if kernel.restored is None:
+        top = kernel.start_info.nr_pages
+        released = kernel.xen.decrease_reservation(list(range(top - 256, top)))
+        kernel.print(f"balloon: released {released}")
+    else:
+        kernel.print("balloon: restored")
+    kernel.idle()

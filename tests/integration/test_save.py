@@ -241,3 +241,43 @@ def test_blkfront_re_issues_what_was_on_its_ring_at_the_suspend(hosts, tmp_path)
     assert "inflight: 8 re-issued, data OK" in log, log
     assert h.stop() == 0
     h.assert_clean()
+
+
+def test_a_ballooned_guest_comes_back_with_the_pages_it_had(hosts, tmp_path):
+    b = guest("b", "idle", maxmem=64).replace("xmp.guests.idle:main", "save_kernels:balloon")
+    h = hosts(HOST + KEEP + b).start(("keep", "b"))
+    h.wait(lambda: "balloon: released 256" in h.console_log("b"), 20, "the balloon")
+    assert h.info("b")["mem_kb"] == 31 * 1024
+    f = tmp_path / "b.save"
+    out = h.xmp("save", "b", str(f)).stdout
+    assert f"{31 * 256} pages" in out           # the populated ones only
+    h.xmp("restore", str(f))
+    h.wait(lambda: "balloon: restored" in h.console_log("b"), 20, "the restore")
+    info = h.info("b")
+    assert info["mem_kb"] == 31 * 1024 and info["maxmem_kb"] == 64 * 1024
+    h.xmp("destroy", "b")
+    # the pool got back exactly what the restored domain held: a guest of all the rest fits
+    rest = 1024 - 64 - 32
+    cfg = tmp_path / "big.toml"
+    cfg.write_text(guest("big", "idle", memory=rest))
+    h.wait(lambda: h.info("b") is None, 10, "b to go")
+    h.xmp("create", str(cfg))
+    assert h.info("big")["mem_kb"] == rest * 1024
+    assert h.stop() == 0
+    h.assert_clean()
+
+
+def test_paused_after_a_checkpoint_and_after_a_restore(hosts, tmp_path):
+    src = hosts(HOST + KEEP + COUNTER, name="src").start(("keep", "c"))
+    dst = hosts(HOST, name="dst").start()
+    src.wait(lambda: len(counts(src.console_log("c"))) > 3, 20, "counting")
+    f = tmp_path / "c.save"
+    src.xmp("save", "-c", "-p", "c", str(f))
+    assert src.info("c")["state_letters"] == "--p---"
+    dst.xmp("restore", "-p", str(f))
+    assert dst.info("c")["state_letters"] == "--p---"
+    dst.xmp("unpause", "c")
+    dst.wait(lambda: len(counts(dst.console_log("c"))) > 2, 20, "counting after unpause")
+    for h in (src, dst):
+        assert h.stop() == 0
+        h.assert_clean()
