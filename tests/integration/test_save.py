@@ -281,3 +281,20 @@ def test_paused_after_a_checkpoint_and_after_a_restore(hosts, tmp_path):
     for h in (src, dst):
         assert h.stop() == 0
         h.assert_clean()
+
+
+def test_a_domain_destroyed_mid_save_fails_the_save_and_leaves_no_file(hosts, tmp_path):
+    t = guest("t", "touch", memory=256, args={"fraction": 1.0})
+    h = hosts(HOST + KEEP + t).start(("keep", "t"))
+    h.wait(lambda: "pages touched" in h.console_log("t"), 30, "the guest to write its memory")
+    f = tmp_path / "t.save"
+    proc = subprocess.Popen([*XMP, "save", "t", str(f), "--rundir", str(h.rundir)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    h.wait(lambda: list(tmp_path.glob(".t.save.*.partial")), 20, "the image to be begun")
+    h.xmp("destroy", "t")           # served mid-save: the loop goes on between slices of the write
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and "t ended or went on during the save" in err, err
+    assert not f.exists() and not list(tmp_path.glob(".*partial"))
+    assert h.info("t") is None and h.info("keep")["state"] == "running"
+    assert h.stop() == 0
+    h.assert_clean()

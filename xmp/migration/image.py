@@ -28,7 +28,7 @@ the ports of the new domain.  Xen's tools skip the optional record.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -87,7 +87,7 @@ def _vcpu_context() -> bytes:
 
 def encode_image(record: dict[str, Any], ram: memoryview, pfns: Sequence[int], context: bytes,
                  vcpus: int, zero: Callable[[int], bool] | None = None,
-                 progress: Progress | None = None) -> Iterator[bytes]:
+                 progress: Progress | None = None) -> Generator[bytes, None, None]:
     """The image of a suspended domain, in chunks of at most one PAGE_DATA
     record.  ``pfns``: the populated pages, ascending; ``zero(pfn)`` may say
     a page is known to be zero without reading it (a hole in the RAM object)."""

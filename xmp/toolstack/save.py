@@ -9,8 +9,9 @@ Saving, from the supervisor's loop, never waiting inline:
    :data:`SUSPEND_TIMEOUT` (the guest keeps running; the save fails);
 2. let xenconsoled drain the console ring (a restored guest's xenconsoled
    starts at the ring's indices: output left in it would show twice);
-3. write the image (:mod:`xmp.migration.image`) into a hidden file beside
-   the target, renamed to it only once every byte is written: a save killed
+3. write the image (:mod:`xmp.migration.image`), a slice per loop turn
+   (every other domain is served meanwhile), into a hidden file beside the
+   target, renamed to it only once every byte is written: a save killed
    half-way -- the supervisor included -- leaves no file that claims to be
    an image;
 4. without ``-c`` the domain is destroyed, as xl does; with ``-c``
@@ -30,8 +31,10 @@ from __future__ import annotations
 import base64
 import dataclasses
 import errno
+import mmap
 import os
 import time
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,7 @@ from xmp.toolstack.pending import Pending
 SUSPEND_TIMEOUT = 60.0   # seconds a guest gets to suspend (libxl's)
 DRAIN_TIMEOUT = 2.0      # seconds xenconsoled gets to drain the console ring
 POLL = 0.005
+TURN = 0.02              # seconds of image writing per loop turn
 READ_CHUNK = 1 << 20
 
 
@@ -71,74 +75,8 @@ class SaveRestore:
         done = Pending()
         self.ts.request_shutdown(dom, "suspend")
         self.saving.add(dom.domid)
-        started = time.monotonic()
-        self.sup.call_later(POLL, lambda: self._step(dom, path, checkpoint, paused, done, started, None))
+        self.sup.call_later(POLL, _Save(self, dom, path, checkpoint, paused, done).step)
         return done
-
-    def _step(self, dom: Domain, path: Path, checkpoint: bool, paused: bool, done: Pending,
-              started: float, suspended_at: float | None) -> None:
-        def again(at: float | None) -> None:
-            self.sup.call_later(POLL, lambda: self._step(dom, path, checkpoint, paused, done, started, at))
-
-        def fail(code: int, msg: str) -> None:
-            self.saving.discard(dom.domid)
-            self.sup.log(f"save of dom{dom.domid} {dom.name!r} failed: {msg}")
-            done.fail(HypercallError(code, "save", msg))
-
-        now = time.monotonic()
-        alive = dom.domid in self.sup.domains and dom.state != DomState.DYING and dom.pid is not None
-        if not alive or (dom.state == DomState.SHUTDOWN and dom.shutdown_reason != "suspend"):
-            fail(errno.ESRCH, f"{dom.name} ended during the save ({dom.shutdown_reason or dom.state.value})")
-            return
-        if dom.state != DomState.SHUTDOWN:
-            if now - started > SUSPEND_TIMEOUT:
-                self.ts.xs.write(f"/local/domain/{dom.domid}/control/shutdown", "", "withdrawing a suspend")
-                fail(errno.ETIMEDOUT, f"{dom.name} did not suspend within {SUSPEND_TIMEOUT:.0f} s; "
-                                      "it goes on running")
-            else:
-                again(None)
-            return
-        suspended_at = suspended_at or now
-        if dom.console_undrained() and now - suspended_at < DRAIN_TIMEOUT:
-            again(suspended_at)
-            return
-        try:
-            stats = self._write(dom, path)
-        except (OSError, XmpError) as exc:
-            self.sup.resume_domain(dom)
-            fail(errno.EIO, f"writing {path}: {exc}")
-            return
-        self.saving.discard(dom.domid)
-        stats["seconds"] = round(time.monotonic() - started, 3)
-        if checkpoint:
-            self.sup.resume_domain(dom)
-            if paused:
-                self.sup.pause_domain(dom)
-        else:
-            self.sup.destroy_domain(dom, f"saved to {path}")
-        done.resolve(stats)
-
-    def _write(self, dom: Domain, path: Path) -> dict[str, Any]:
-        record = self.ts.record(dom).save(lambda domid: self.sup.domains[domid].name)
-        pfns = [pfn for pfn, present in enumerate(dom.populated) if present]
-        data = data_pages(dom.ram.fd, dom.max_pages)
-        ram = memoryview(dom.ram_map)
-        t0 = time.monotonic()
-        size = 0
-        try:
-            with _NewFile(path) as f:
-                for chunk in encode_image(record, ram, pfns, dom.suspend_context, dom.cfg.vcpus,
-                                          zero=lambda pfn: not data[pfn]):
-                    f.write(chunk)
-                    size += len(chunk)
-                f.commit()
-        finally:
-            ram.release()
-        dt = time.monotonic() - t0
-        self.sup.log(f"dom{dom.domid} {dom.name!r} saved to {path}: {len(pfns)} pages, {size} bytes "
-                     f"in {dt:.3f} s")
-        return {"domid": dom.domid, "name": dom.name, "path": str(path), "pages": len(pfns),
-                "bytes": size, "write_seconds": round(dt, 3)}
 
     # -- restore -----------------------------------------------------------------
 
@@ -196,6 +134,122 @@ class SaveRestore:
         return out
 
 
+class _Save:
+    """One save in progress, stepped from the supervisor's loop: waiting
+    for the suspend, for the console to drain, then writing the image a
+    slice (:data:`TURN`) per loop turn, so every other domain is served
+    meanwhile.  The RAM is read through a mapping of its own, which a
+    destroy of the domain half-way cannot pull away."""
+
+    def __init__(self, sr: SaveRestore, dom: Domain, path: Path, checkpoint: bool, paused: bool,
+                 done: Pending):
+        self.sr, self.sup, self.dom, self.path = sr, sr.sup, dom, path
+        self.checkpoint, self.paused, self.done = checkpoint, paused, done
+        self.started = time.monotonic()
+        self.suspended_at: float | None = None
+        self.file: _NewFile | None = None
+        self.chunks: Generator[bytes, None, None] | None = None
+        self.map: mmap.mmap | None = None
+        self.ram: memoryview | None = None
+        self.size = self.pages = 0
+        self.write_started = 0.0
+
+    def step(self) -> None:
+        try:
+            delay = self._step()
+        except (OSError, XmpError) as exc:
+            self._fail(errno.EIO, f"writing {self.path}: {exc}")
+            return
+        if delay is not None:
+            self.sup.call_later(delay, self.step)
+
+    def _step(self) -> float | None:
+        dom, now = self.dom, time.monotonic()
+        alive = dom.domid in self.sup.domains and dom.state != DomState.DYING and dom.pid is not None
+        if not alive or (dom.state == DomState.SHUTDOWN and dom.shutdown_reason != "suspend") \
+                or (self.suspended_at is not None and dom.state != DomState.SHUTDOWN):
+            self._fail(errno.ESRCH, f"{dom.name} ended or went on during the save "
+                                    f"({dom.shutdown_reason or dom.state.value})")
+            return None
+        if dom.state != DomState.SHUTDOWN:
+            if now - self.started > SUSPEND_TIMEOUT:
+                self.sr.ts.xs.write(f"/local/domain/{dom.domid}/control/shutdown", "",
+                                    "withdrawing a suspend")
+                self._fail(errno.ETIMEDOUT, f"{dom.name} did not suspend within {SUSPEND_TIMEOUT:.0f} s; "
+                                            "it goes on running")
+                return None
+            return POLL
+        if self.suspended_at is None:
+            self.suspended_at = now
+        if self.chunks is None:
+            if dom.console_undrained() and now - self.suspended_at < DRAIN_TIMEOUT:
+                return POLL
+            self._open()
+        assert self.chunks is not None and self.file is not None
+        until = time.monotonic() + TURN
+        for chunk in self.chunks:
+            self.file.write(chunk)
+            self.size += len(chunk)
+            if time.monotonic() > until:
+                return 0.0
+        self.file.commit()
+        self._close()
+        self._finish()
+        return None
+
+    def _open(self) -> None:
+        dom = self.dom
+        record = self.sr.ts.record(dom).save(lambda domid: self.sup.domains[domid].name)
+        pfns = [pfn for pfn, present in enumerate(dom.populated) if present]
+        data = data_pages(dom.ram.fd, dom.max_pages)
+        self.map = mmap.mmap(dom.ram.fd, dom.max_pages * PAGE_SIZE, prot=mmap.PROT_READ)
+        self.ram = memoryview(self.map)
+        self.pages = len(pfns)
+        self.write_started = time.monotonic()
+        self.file = _NewFile(self.path)
+        self.chunks = encode_image(record, self.ram, pfns, dom.suspend_context, dom.cfg.vcpus,
+                                   zero=lambda pfn: not data[pfn])
+
+    def _close(self) -> None:
+        if self.chunks is not None:
+            self.chunks.close()   # the generator lets go of its views of the RAM
+        if self.file is not None:
+            self.file.close()     # removes it unless committed
+        if self.ram is not None:
+            self.ram.release()
+        if self.map is not None:
+            self.map.close()
+        self.chunks = self.file = self.ram = self.map = None
+
+    def _fail(self, code: int, msg: str) -> None:
+        self._close()
+        dom = self.dom
+        suspended = dom.state == DomState.SHUTDOWN and dom.shutdown_reason == "suspend"
+        if self.suspended_at is not None and dom.domid in self.sup.domains and suspended \
+                and dom.sock is not None:
+            self.sup.resume_domain(dom)   # after the suspend, a failed save resumes the guest
+        self.sr.saving.discard(dom.domid)
+        self.sup.log(f"save of dom{dom.domid} {dom.name!r} failed: {msg}")
+        self.done.fail(HypercallError(code, "save", msg))
+
+    def _finish(self) -> None:
+        dom, sup = self.dom, self.sup
+        dt = time.monotonic() - self.write_started
+        sup.log(f"dom{dom.domid} {dom.name!r} saved to {self.path}: {self.pages} pages, {self.size} bytes "
+                f"in {dt:.3f} s")
+        self.sr.saving.discard(dom.domid)
+        stats = {"domid": dom.domid, "name": dom.name, "path": str(self.path), "pages": self.pages,
+                 "bytes": self.size, "write_seconds": round(dt, 3),
+                 "seconds": round(time.monotonic() - self.started, 3)}
+        if self.checkpoint:
+            sup.resume_domain(dom)
+            if self.paused:
+                sup.pause_domain(dom)
+        else:
+            sup.destroy_domain(dom, f"saved to {self.path}")
+        self.done.resolve(stats)
+
+
 def fill(dom: Domain, image: DomainImage) -> None:
     """The saved RAM into a freshly built ``dom`` (before its process runs):
     every page but start_info and the grant table, which the builder laid
@@ -239,20 +293,17 @@ def data_pages(fd: int, pages: int) -> bytearray:
 class _NewFile:
     """A file that appears under ``path`` only on :meth:`commit`: written
     under a hidden temporary name beside it and renamed over ``path`` once
-    whole; removed if the write fails.  (O_TMPFILE would leave nothing
-    even after a SIGKILL, but linking it in goes through /proc/self/fd,
-    which a non-dumpable supervisor cannot follow.)  A partial file left by
-    a killed supervisor is ``.<name>.<pid>.partial`` and lacks the END
-    records: it claims to be nothing."""
+    whole; :meth:`close` removes it if it was not committed.  (O_TMPFILE
+    would leave nothing even after a SIGKILL, but linking it in goes
+    through /proc/self/fd, which a non-dumpable supervisor cannot follow.)
+    A partial file left by a killed supervisor is ``.<name>.<pid>.partial``
+    and lacks the END records: it claims to be nothing."""
 
     def __init__(self, path: Path):
         self.path = path
         self.tmp: Path | None = path.parent / f".{path.name}.{os.getpid()}.partial"
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         self.f = os.fdopen(fd, "wb")
-
-    def __enter__(self) -> _NewFile:
-        return self
 
     def write(self, data: bytes) -> None:
         self.f.write(data)
@@ -263,7 +314,8 @@ class _NewFile:
         os.replace(self.tmp, self.path)
         self.tmp = None
 
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
         self.f.close()
         if self.tmp is not None:
             self.tmp.unlink(missing_ok=True)
+            self.tmp = None
