@@ -297,3 +297,21 @@ def test_a_domain_destroyed_mid_save_fails_the_save_and_leaves_no_file(hosts, tm
     assert h.info("t") is None and h.info("keep")["state"] == "running"
     assert h.stop() == 0
     h.assert_clean()
+
+
+def test_a_garbled_guest_context_crashes_that_guest_alone(hosts, tmp_path):
+    h = hosts(HOST + KEEP + COUNTER).start(("keep", "c"))
+    h.wait(lambda: len(counts(h.console_log("c"))) > 2, 20, "counting")
+    f = tmp_path / "c.save"
+    h.xmp("save", "c", str(f))
+    data = f.read_bytes()
+    at = data.index(b'{"version":1,"next_free":')   # the kernel's context, inside XMP_GUEST_CONTEXT
+    f.write_bytes(data[:at] + b'{"version":1,"next_free":-9' + data[at + 27:])
+    h.xmp("restore", str(f))   # the stream is sound: the context is the kernel's to check
+    log = h.rundir / "logs" / "c.log"
+    h.wait(lambda: "restoring: the suspend context's page allocator does not fit" in log.read_text(), 20,
+           "the restored kernel to refuse its context")
+    h.wait(lambda: h.info("c") is None, 20, "the crashed guest to go (on_crash = destroy)")
+    assert h.info("keep")["state"] == "running"
+    assert h.stop() == 1     # a crash fails the run, as any guest's crash does
+    h.assert_clean()
