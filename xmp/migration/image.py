@@ -123,66 +123,83 @@ def encode_image(record: dict[str, Any], ram: memoryview, pfns: Sequence[int], c
     yield b"".join(tail)
 
 
-def decode_image(chunks: Iterable[bytes], progress: Progress | None = None) -> DomainImage:
-    """Read a whole image and check it, as fresh input from a stranger:
-    every fault is one :class:`StreamError` naming the offset and the
-    record.  Nothing outside the returned object is touched."""
-    reader = SaveImageReader()
-    image: DomainImage | None = None
-    context: bytes | None = None
-    offset = 0
-    start_info_at = 0
+class ImageDecoder:
+    """Reads an image fed in any chunking and checks it, as fresh input from
+    a stranger: every fault is one :class:`StreamError` naming the offset
+    and the record.  :meth:`close` at EOF gives the :class:`DomainImage`."""
 
-    def fail(at: int, what: str, msg: str) -> NoReturn:
+    def __init__(self, progress: Progress | None = None):
+        self.reader = SaveImageReader()
+        self.progress = progress
+        self.image: DomainImage | None = None
+        self.context: bytes | None = None
+        self.offset = 0
+        self._start_info_at = 0
+
+    @staticmethod
+    def _fail(at: int, what: str, msg: str) -> NoReturn:
         raise StreamError(at, what, msg)
 
-    def take() -> None:
-        nonlocal image, context, offset, start_info_at
+    def feed(self, chunk: bytes) -> None:
+        self.reader.feed(chunk)
+        self._take()
+
+    def close(self) -> DomainImage:
+        self.reader.close()
+        self._take()
+        assert self.image is not None and self.context is not None
+        self.image.context = self.context
+        self.image.size = self.offset
+        return self.image
+
+    def _take(self) -> None:
         while True:
-            at = offset
-            event = reader.next_event()
+            at = self.offset
+            event = self.reader.next_event()
             if event is None:
                 return
-            offset = reader.offset
+            self.offset = self.reader.offset
+            image = self.image
             if isinstance(event, XlHeader):
-                image = _header(event, fail)
-                reader.limit(image.config.maxmem_mib * MIB // PAGE_SIZE - 1, image.config.maxvcpus)
+                self.image = image = _header(event, self._fail)
+                self.reader.limit(image.config.maxmem_mib * MIB // PAGE_SIZE - 1, image.config.maxvcpus)
             elif isinstance(event, PageData):
                 assert image is not None
-                k = 0
-                for pfn, ptype in zip(event.pfns, event.types, strict=True):
-                    if ptype in (PageType.XTAB, PageType.BROKEN):
-                        image.pages.pop(pfn, None)
-                        continue
-                    if ptype == PageType.XALLOC:
-                        image.pages[pfn] = None
-                        continue
-                    page = event.pages[k]
-                    k += 1
-                    image.pages[pfn] = None if page == ZERO_PAGE else page
-                    if pfn == START_INFO_PFN:
-                        start_info_at = at
-                if progress is not None:
-                    progress(len(image.pages), image.config.memory_mib * MIB // PAGE_SIZE)
+                self._pages(image, event, at)
             elif isinstance(event, XmpGuestContext):
-                if context is not None:
-                    fail(at, "XMP_GUEST_CONTEXT", "a second guest context")
-                context = event.context
+                if self.context is not None:
+                    self._fail(at, "XMP_GUEST_CONTEXT", "a second guest context")
+                self.context = event.context
             elif isinstance(event, End) and image is not None:
-                if context is None:
-                    fail(at, "END", "no XMP_GUEST_CONTEXT before END: not an image of a domain "
-                                    "xmp can resume")
-                image.start_info = _start_info(image, start_info_at, fail)
+                if self.context is None:
+                    self._fail(at, "END", "no XMP_GUEST_CONTEXT before END: not an image of a domain "
+                                          "xmp can resume")
+                image.start_info = _start_info(image, self._start_info_at, self._fail)
 
+    def _pages(self, image: DomainImage, rec: PageData, at: int) -> None:
+        k = 0
+        for pfn, ptype in zip(rec.pfns, rec.types, strict=True):
+            if ptype in (PageType.XTAB, PageType.BROKEN):
+                image.pages.pop(pfn, None)
+                continue
+            if ptype == PageType.XALLOC:
+                image.pages[pfn] = None
+                continue
+            page = rec.pages[k]
+            k += 1
+            image.pages[pfn] = None if page == ZERO_PAGE else page
+            if pfn == START_INFO_PFN:
+                self._start_info_at = at
+        if self.progress is not None:
+            self.progress(len(image.pages), image.config.memory_mib * MIB // PAGE_SIZE)
+
+
+def decode_image(chunks: Iterable[bytes], progress: Progress | None = None) -> DomainImage:
+    """:class:`ImageDecoder` over ``chunks``, in one go."""
+    dec = ImageDecoder(progress)
     for chunk in chunks:
-        reader.feed(chunk)
-        take()
-    reader.close()
-    take()
-    assert image is not None and context is not None
-    image.context = context
-    image.size = offset
-    return image
+        dec.feed(chunk)
+    return dec.close()
 
 
 def _header(hdr: XlHeader, fail: Callable[[int, str, str], NoReturn]) -> DomainImage:
@@ -217,4 +234,4 @@ def _start_info(image: DomainImage, at: int, fail: Callable[[int, str, str], NoR
     return si
 
 
-__all__ = ["PAGE_SIZE", "DomainImage", "decode_image", "encode_image"]
+__all__ = ["PAGE_SIZE", "DomainImage", "ImageDecoder", "decode_image", "encode_image"]

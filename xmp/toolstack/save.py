@@ -18,7 +18,7 @@ Saving, from the supervisor's loop, never waiting inline:
    (checkpoint) it resumes in place, its suspend call returning
    "cancelled", and ``-p`` leaves it paused.  Any failure in 3 resumes it.
 
-Restoring reads and checks the whole image first (a fault is one error
+Restoring reads (a slice per loop turn) and checks the whole image first (a fault is one error
 naming offset and record), then every device's backend domain and image,
 the name and the memory, and only then builds the domain: its RAM is
 filled before its process starts, start_info is rewritten with the new
@@ -40,7 +40,7 @@ from typing import Any
 
 from xmp.errors import HypercallError, XmpError
 from xmp.hv.domain import Domain, DomState
-from xmp.migration.image import PAGE_SIZE, DomainImage, decode_image, encode_image
+from xmp.migration.image import PAGE_SIZE, DomainImage, ImageDecoder, encode_image
 from xmp.migration.stream import StreamError
 from xmp.startinfo import GNTTAB_PFN, START_INFO_PFN
 from xmp.toolstack.devices import Planned
@@ -80,15 +80,49 @@ class SaveRestore:
 
     # -- restore -----------------------------------------------------------------
 
-    def restore(self, path: Path, paused: bool = False) -> dict[str, Any]:
-        t0 = time.monotonic()
+    def restore(self, path: Path, paused: bool = False) -> Pending:
+        """Read the image a slice per loop turn (the loop serves everyone
+        meanwhile), then check and build; answered once the domain runs."""
         try:
-            with open(path, "rb") as f:
-                image = decode_image(iter(lambda: f.read(READ_CHUNK), b""))
+            f = open(path, "rb")
         except OSError as exc:
             raise HypercallError(exc.errno or errno.EIO, "restore", f"{path}: {exc.strerror}") from None
-        except StreamError as exc:
-            raise HypercallError(errno.EINVAL, "restore", f"{path}: not a valid image: {exc}") from None
+        done = Pending()
+        decoder = ImageDecoder()
+        started = time.monotonic()
+
+        def step() -> None:
+            try:
+                until = time.monotonic() + TURN
+                while time.monotonic() < until:
+                    chunk = f.read(READ_CHUNK)
+                    if not chunk:
+                        break
+                    decoder.feed(chunk)
+                else:
+                    self.sup.call_later(0.0, step)
+                    return
+                f.close()
+                done.resolve(self._build(decoder.close(), path, paused, started))
+            except OSError as exc:
+                done.fail(HypercallError(exc.errno or errno.EIO, "restore", f"{path}: {exc.strerror}"))
+            except StreamError as exc:
+                done.fail(HypercallError(errno.EINVAL, "restore", f"{path}: not a valid image: {exc}"))
+            except HypercallError as exc:
+                done.fail(exc)
+            except XmpError as exc:
+                done.fail(HypercallError(errno.EINVAL, "restore", str(exc)))
+            except Exception:   # a bug: answered, and logged by the loop
+                done.fail(HypercallError(errno.EINVAL, "restore", "internal error (see xmp dmesg)"))
+                raise
+            finally:
+                if done.done:
+                    f.close()
+
+        self.sup.call_later(0.0, step)
+        return done
+
+    def _build(self, image: DomainImage, path: Path, paused: bool, started: float) -> dict[str, Any]:
         cfg = image.config
         if any(d.name == cfg.name and d.state != DomState.DYING for d in self.sup.domains.values()):
             raise HypercallError(errno.EEXIST, "restore", f"a domain named {cfg.name!r} already exists")
@@ -102,7 +136,7 @@ class SaveRestore:
                              prepare=lambda d: fill(d, image))
         if paused:
             self.sup.pause_domain(dom)
-        dt = time.monotonic() - t0
+        dt = time.monotonic() - started
         self.sup.log(f"dom{dom.domid} {dom.name!r} restored from {path}: {image.tot_pages} pages "
                      f"in {dt:.3f} s")
         return {"domid": dom.domid, "name": dom.name, "pages": image.tot_pages, "bytes": image.size,
@@ -160,6 +194,9 @@ class _Save:
         except (OSError, XmpError) as exc:
             self._fail(errno.EIO, f"writing {self.path}: {exc}")
             return
+        except Exception:   # a bug: the guest resumes, the client is answered, the loop logs it
+            self._fail(errno.EINVAL, "internal error (see xmp dmesg)")
+            raise
         if delay is not None:
             self.sup.call_later(delay, self.step)
 
