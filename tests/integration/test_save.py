@@ -119,6 +119,14 @@ def test_a_corrupt_image_creates_nothing(hosts, tmp_path):
     out = h.xmp("restore", str(bad), check=False)
     assert out.returncode == 1 and "xl header at offset 0: magic" in out.stderr, out.stderr
     assert [d["domid"] for d in h.list()] == before
+    for args, why in ((("Domain-0", str(f)), "Domain-0 serves other domains: it cannot be saved"),
+                      (("c", str(tmp_path / "no" / "f")), f"{tmp_path / 'no'} is not a directory")):
+        out = h.xmp("save", *args, check=False)
+        assert out.returncode == 1 and why in out.stderr, out.stderr
+    h.xmp("pause", "c")
+    out = h.xmp("save", "c", str(f), check=False)
+    assert out.returncode == 1 and "c is paused, not running" in out.stderr, out.stderr
+    assert h.info("c")["state_letters"] == "--p---"     # refused: nothing asked of the guest
     assert h.stop() == 0
     h.assert_clean()
 
