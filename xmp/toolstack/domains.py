@@ -95,7 +95,7 @@ class Toolstack:
         self.restarts: dict[str, deque[float]] = {}
         self.xs = XsConnection(sup.rundir / "xenstored.sock", sup.log, self._xs_wants_write, sup.unwatch)
         self.devices = DeviceManager(self)
-        from xmp.toolstack.save import SaveRestore  # it imports the devices of this module's records
+        from xmp.toolstack.save import SaveRestore  # here: it imports this module (DomainRecord)
         self.saves = SaveRestore(self)
         sup.events = self
         # No supervisor runs here (the control socket proved it): sockets left
