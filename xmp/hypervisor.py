@@ -193,12 +193,13 @@ class Supervisor(HypercallHandlers):
 
     def build(self, cfg: DomainConfig, kernel: str, *, domid: int | None = None, name: str | None = None,
               boot: dict[str, Any] | None = None, extra_fds: Iterable[int] = (),
-              prepare: Callable[[Domain], None] | None = None) -> Domain:
+              prepare: Callable[[Domain], None] | None = None, paused: bool = False) -> Domain:
         """Build a domain and start its process, running ``kernel``: memory
         from the pool, RAM and event objects, special pages, a domid (or
         ``domid``, for dom0).  ``boot`` adds to the boot message.
         ``prepare(dom)`` runs before the process exists (a restore fills the
-        RAM there); if it raises, nothing is left of the domain."""
+        RAM there); if it raises, nothing is left of the domain.  ``paused``:
+        stopped before its kernel runs a single instruction (xl's -p)."""
         name = name or cfg.name
         if any(d.name == name and d.state != DomState.DYING for d in self.domains.values()):
             raise HypercallError(errno.EEXIST, "createdomain", f"a domain named {name!r} already exists")
@@ -245,6 +246,9 @@ class Supervisor(HypercallHandlers):
             os.close(log_fd)
         dom.sock = ours
         self.domains[domid] = dom
+        if paused:   # stopped while it waits for its boot message: it runs nothing until unpaused
+            os.kill(dom.pid, signal.SIGSTOP)
+            dom.state = DomState.PAUSED
         send_handles(ours, encode({"domid": domid, "name": name, "config": cfg.to_dict(), "kernel": kernel,
                                    **(boot or {})}), [dom.ram.fd, dom.evt_obj.fd, dom.wake_fd, *extra_fds])
         self.watch(ours, selectors.EVENT_READ, functools.partial(self._on_channel, dom))

@@ -283,7 +283,10 @@ def test_paused_after_a_checkpoint_and_after_a_restore(hosts, tmp_path):
     assert src.info("c")["state_letters"] == "--p---"
     dst.xmp("restore", "-p", str(f))
     assert dst.info("c")["state_letters"] == "--p---"
+    log = dst.rundir / "logs" / "c.log"
+    assert "restored" not in log.read_text()        # stopped before its kernel ran at all
     dst.xmp("unpause", "c")
+    dst.wait(lambda: "c: restored xmp.guests.counter:main" in log.read_text(), 20, "the kernel to run")
     dst.wait(lambda: len(counts(dst.console_log("c"))) > 2, 20, "counting after unpause")
     for h in (src, dst):
         assert h.stop() == 0

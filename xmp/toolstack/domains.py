@@ -167,12 +167,13 @@ class Toolstack:
 
     def create(self, cfg: DomainConfig, domid: int | None = None, name: str | None = None, *,
                planned: list[Planned] | None = None, restore: dict[str, Any] | None = None,
-               prepare: Callable[[Domain], None] | None = None) -> Domain:
+               prepare: Callable[[Domain], None] | None = None, paused: bool = False) -> Domain:
         """libxl_domain_create_new: check every device first (nothing is
         built if one is wrong), build the domain, write its tree, add its
         devices.  A restore (libxl_domain_create_restore) brings its own
         ``planned`` devices, ``restore`` for the boot message and
-        ``prepare`` to fill the RAM before the domain runs."""
+        ``prepare`` to fill the RAM before the domain runs; ``paused``: it
+        runs nothing until unpaused."""
         if self.sup.stopping and domid != DOMID_DOM0:
             raise HypercallError(errno.ESHUTDOWN, "createdomain", "the host is stopping")
         if planned is None:
@@ -186,7 +187,7 @@ class Toolstack:
             if self.sup.echo_fd is not None:
                 fds.append(self.sup.echo_fd)
         dom = self.sup.build(cfg, kernel or "", domid=domid, name=name, boot=boot, extra_fds=fds,
-                             prepare=prepare)
+                             prepare=prepare, paused=paused)
         self.records[dom.domid] = DomainRecord(dom.domid, cfg)
         if dom.domid != DOMID_DOM0:
             tree = domain_tree(dom.domid, dom.name, dom.uuid, cfg.memory_mib * 1024, cfg.maxmem_mib * 1024,

@@ -133,9 +133,7 @@ class SaveRestore:
                                  f"the host pool has {pool}")
         context = base64.b64encode(image.context).decode()
         dom = self.ts.create(cfg, planned=planned, restore={"restore": context},
-                             prepare=lambda d: fill(d, image))
-        if paused:
-            self.sup.pause_domain(dom)
+                             prepare=lambda d: fill(d, image), paused=paused)
         dt = time.monotonic() - started
         self.sup.log(f"dom{dom.domid} {dom.name!r} restored from {path}: {image.tot_pages} pages "
                      f"in {dt:.3f} s")
