@@ -208,7 +208,7 @@ def cmd_save(args) -> int:
     path = os.path.abspath(args.file)
     show = _save_progress(Path(path)) if sys.stderr.isatty() else None
     reply = request(_rundir(args), "save", waiting=show, dom=args.dom, path=path,
-                    checkpoint=args.checkpoint, paused=args.paused)
+                    checkpoint=args.checkpoint, paused=args.paused, timeout=args.timeout)
     if show is not None:
         sys.stderr.write("\r\033[K")
     rate = reply["bytes"] / max(reply["write_seconds"], 1e-6) / 1e6
@@ -422,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("save", cmd_save, "save a guest to a file (xl save); without -c the guest is destroyed")
     p.add_argument("-c", dest="checkpoint", action="store_true", help="checkpoint: leave it running")
     p.add_argument("-p", dest="paused", action="store_true", help="with -c: leave it paused")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds it gets to suspend (default 60)")
     p.add_argument("dom", help="name or id")
     p.add_argument("file")
     p = add("restore", cmd_restore, "restore a guest from a file xmp save wrote (xl restore)")

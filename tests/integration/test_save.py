@@ -326,3 +326,16 @@ def test_a_garbled_guest_context_crashes_that_guest_alone(hosts, tmp_path):
     assert h.info("keep")["state"] == "running"
     assert h.stop() == 1     # a crash fails the run, as any guest's crash does
     h.assert_clean()
+
+
+def test_a_guest_that_does_not_suspend_goes_on_running(hosts, tmp_path):
+    h = hosts(HOST + KEEP + guest("spin", "busy")).start(("keep", "spin"))
+    f = tmp_path / "spin.save"
+    out = h.xmp("save", "--timeout", "1", "spin", str(f), check=False)
+    assert out.returncode == 1 and "spin did not suspend within 1 s; it goes on running" in out.stderr, \
+        out.stderr
+    assert h.info("spin")["state"] == "running" and not f.exists() and not list(tmp_path.glob(".*partial"))
+    request = h.xmp("xenstore", "read", f"/local/domain/{h.info('spin')['domid']}/control/shutdown").stdout
+    assert request.strip() == ""     # the request is withdrawn: a later look at it suspends nothing
+    assert h.stop() == 0
+    h.assert_clean()

@@ -62,7 +62,8 @@ class SaveRestore:
 
     # -- save --------------------------------------------------------------------
 
-    def save(self, dom: Domain, path: Path, checkpoint: bool = False, paused: bool = False) -> Pending:
+    def save(self, dom: Domain, path: Path, checkpoint: bool = False, paused: bool = False,
+             timeout: float = SUSPEND_TIMEOUT) -> Pending:
         if dom.domid == 0 or dom.cfg.driver_domain:
             raise HypercallError(errno.EINVAL, "save", f"{dom.name} serves other domains: it cannot be saved")
         if dom.domid in self.saving:
@@ -75,7 +76,7 @@ class SaveRestore:
         done = Pending()
         self.ts.request_shutdown(dom, "suspend")
         self.saving.add(dom.domid)
-        self.sup.call_later(POLL, _Save(self, dom, path, checkpoint, paused, done).step)
+        self.sup.call_later(POLL, _Save(self, dom, path, checkpoint, paused, done, timeout).step)
         return done
 
     # -- restore -----------------------------------------------------------------
@@ -174,10 +175,11 @@ class _Save:
     destroy of the domain half-way cannot pull away."""
 
     def __init__(self, sr: SaveRestore, dom: Domain, path: Path, checkpoint: bool, paused: bool,
-                 done: Pending):
+                 done: Pending, timeout: float):
         self.sr, self.sup, self.dom, self.path = sr, sr.sup, dom, path
         self.checkpoint, self.paused, self.done = checkpoint, paused, done
         self.started = time.monotonic()
+        self.timeout = timeout
         self.suspended_at: float | None = None
         self.file: _NewFile | None = None
         self.chunks: Generator[bytes, None, None] | None = None
@@ -207,10 +209,10 @@ class _Save:
                                     f"({dom.shutdown_reason or dom.state.value})")
             return None
         if dom.state != DomState.SHUTDOWN:
-            if now - self.started > SUSPEND_TIMEOUT:
+            if now - self.started > self.timeout:
                 self.sr.ts.xs.write(f"/local/domain/{dom.domid}/control/shutdown", "",
                                     "withdrawing a suspend")
-                self._fail(errno.ETIMEDOUT, f"{dom.name} did not suspend within {SUSPEND_TIMEOUT:.0f} s; "
+                self._fail(errno.ETIMEDOUT, f"{dom.name} did not suspend within {self.timeout:g} s; "
                                             "it goes on running")
                 return None
             return POLL
