@@ -177,6 +177,12 @@ class ImageDecoder:
                 image.start_info = _start_info(image, self._start_info_at, self._fail)
 
     def _pages(self, image: DomainImage, rec: PageData, at: int) -> None:
+        if START_INFO_PFN in rec.pfns:
+            self._start_info_at = at
+        if len(rec.pages) == len(rec.pfns):   # every page with data (xmp's own batches of touched pages)
+            image.pages.update(zip(rec.pfns, rec.pages, strict=True))
+            self._progress(image)
+            return
         k = 0
         for pfn, ptype in zip(rec.pfns, rec.types, strict=True):
             if ptype in (PageType.XTAB, PageType.BROKEN):
@@ -185,11 +191,11 @@ class ImageDecoder:
             if ptype == PageType.XALLOC:
                 image.pages[pfn] = None
                 continue
-            page = rec.pages[k]
+            image.pages[pfn] = rec.pages[k]   # a zero page sent with its data is written as sent
             k += 1
-            image.pages[pfn] = None if page == ZERO_PAGE else page
-            if pfn == START_INFO_PFN:
-                self._start_info_at = at
+        self._progress(image)
+
+    def _progress(self, image: DomainImage) -> None:
         if self.progress is not None:
             self.progress(len(image.pages), image.config.memory_mib * MIB // PAGE_SIZE)
 
