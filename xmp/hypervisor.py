@@ -230,7 +230,7 @@ class Supervisor(HypercallHandlers):
             if dom.tot_pages < mem_pages:
                 self.pool_give(mem_pages - dom.tot_pages)
             mem_pages = dom.tot_pages
-        dom.uuid = str(uuid.uuid4())
+        dom.uuid = dom.uuid or str(uuid.uuid4())   # a restore keeps the one it had (prepare set it)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         log_fd = os.open(self.rundir / "logs" / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:

@@ -42,7 +42,7 @@ def test_counter_saved_and_restored_twice_goes_on_without_gap_or_repeat(hosts, t
     for round_ in (1, 2):
         seen = len(counts(h.console_log("c")))
         h.wait(lambda seen=seen: len(counts(h.console_log("c"))) > seen + 5, 20, "counting")
-        old = h.info("c")["domid"]
+        old, uuid = h.info("c")["domid"], h.info("c")["uuid"]
         out = h.xmp("save", "c", str(f)).stdout
         assert f"saved 'c' to {f}" in out
         assert h.info("c") is None and f.exists()
@@ -50,7 +50,7 @@ def test_counter_saved_and_restored_twice_goes_on_without_gap_or_repeat(hosts, t
         out = h.xmp("restore", str(f)).stdout
         new = h.info("c")
         assert f"restored domain 'c' (id {new['domid']})" in out and new["domid"] > old
-        assert new["state"] == "running" and new["mem_kb"] == 32 * 1024
+        assert new["state"] == "running" and new["mem_kb"] == 32 * 1024 and new["uuid"] == uuid
         at = len(counts(h.console_log("c")))
         h.wait(lambda at=at: len(counts(h.console_log("c"))) > at + 5, 20, f"counting after restore {round_}")
     log = h.console_log("c")

@@ -34,6 +34,7 @@ import errno
 import mmap
 import os
 import time
+import uuid
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -236,7 +237,8 @@ class _Save:
 
     def _open(self) -> None:
         dom = self.dom
-        record = self.sr.ts.record(dom).save(lambda domid: self.sup.domains[domid].name)
+        record = {**self.sr.ts.record(dom).save(lambda domid: self.sup.domains[domid].name),
+                  "uuid": dom.uuid}   # as libxl's config keeps c_info.uuid: the domain keeps it
         pfns = [pfn for pfn, present in enumerate(dom.populated) if present]
         data = data_pages(dom.ram.fd, dom.max_pages)
         self.map = mmap.mmap(dom.ram.fd, dom.max_pages * PAGE_SIZE, prot=mmap.PROT_READ)
@@ -305,6 +307,12 @@ def fill(dom: Domain, image: DomainImage) -> None:
     for pfn in image.pages:
         populated[pfn] = 1
     dom.populated, dom.tot_pages = populated, sum(populated)
+    saved_uuid = image.record.get("uuid")
+    if isinstance(saved_uuid, str):
+        try:
+            dom.uuid = str(uuid.UUID(saved_uuid))
+        except ValueError:
+            pass   # not one: the domain gets a new one
 
 
 def data_pages(fd: int, pages: int) -> bytearray:
