@@ -7,7 +7,7 @@ I/O.
 What goes where::
 
     xl header            the domain's record as JSON (config + devices, hot-plugged
-                         ones included: DomainRecord.save()), the JSON flag set
+                         ones included: DomainRecord.save(); and its uuid), the JSON flag set
     libxl header, LIBXC_CONTEXT, then the libxc stream:
       image + domain header   x86 PV (xmp's memory map is PV's: start_info at pfn 0)
       X86_PV_INFO (64-bit, 4 levels), STATIC_DATA_END, X86_PV_P2M_FRAMES

@@ -292,7 +292,8 @@ class _Save:
 def fill(dom: Domain, image: DomainImage) -> None:
     """The saved RAM into a freshly built ``dom`` (before its process runs):
     every page but start_info and the grant table, which the builder laid
-    out anew; start_info is the saved one with this domain's id and ports."""
+    out anew; start_info is the saved one with this domain's id and ports;
+    the domain keeps its UUID."""
     assert image.start_info is not None
     skip = {START_INFO_PFN, *range(GNTTAB_PFN, GNTTAB_PFN + dom.cfg.max_grant_frames)}
     ram = dom.ram_map
