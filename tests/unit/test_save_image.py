@@ -173,3 +173,20 @@ def test_an_image_whose_start_info_does_not_fit_its_config_is_refused():
     with pytest.raises(StreamError, match="pfn 0 is not a start_info page") as info:
         decode_image([bytes(data)])
     assert info.value.offset == page[0]
+
+
+def test_holes_of_a_ram_object_are_known_zero_without_reading_them():
+    from xmp.sharedmem.shm import ShmNamespace, ShmObject
+    from xmp.toolstack.save import data_pages
+
+    ram = ShmObject.create(ShmNamespace(), "holes", 64 * PS)   # what a domain's RAM is
+    try:
+        view = ram.map()
+        for pfn in (0, 1, 40):
+            view[pfn * PS:(pfn + 1) * PS] = b"\x01" * PS
+        data = data_pages(ram.fd, 64)
+        view.close()
+    finally:
+        ram.close()
+    assert len(data) == 64 and data[0] and data[1] and data[40]
+    assert not any(data[2:40]) and not any(data[41:])
