@@ -17,6 +17,7 @@ import socket
 import sys
 import termios
 import time
+import traceback
 import tty
 from collections.abc import Callable
 from importlib.metadata import version
@@ -102,21 +103,30 @@ def cmd_run(args) -> int:
     if pid == 0:  # the detached supervisor
         os.close(r)
         os.setsid()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
+        os.dup2(os.open(os.devnull, os.O_RDWR), 0)
+        _to_log(rundir)  # no terminal: whatever it prints, a traceback above all, goes to its log
         code = 1
+        told: list[bool] = []  # once closed, w's number may be another descriptor's: never write it again
+        hosts = []
         try:
             def ready() -> None:
                 os.write(w, b"ok\n")
                 os.close(w)
+                told.append(True)
 
-            code = run_host(topo, rundir, echo=False, stop_when_guests_gone=False, ready=ready)
+            code = run_host(topo, rundir, echo=False, stop_when_guests_gone=False, ready=ready,
+                            started=hosts.append)
+            if not told:  # it stopped (a signal) before every domain ran
+                os.write(w, f"stopped during start-up ({hosts[0].stop_reason})\n".encode())
         except BaseException as exc:
-            try:
-                os.write(w, f"{exc}\n".encode())
-            except OSError:
-                pass
+            if not hosts:  # run() logs its own failure
+                traceback.print_exc()
+                sys.stderr.flush()
+            if not told:
+                try:
+                    os.write(w, f"{exc}\n".encode())
+                except OSError:
+                    pass
         os._exit(code)
     os.close(w)
     with os.fdopen(r) as f:
@@ -125,6 +135,17 @@ def cmd_run(args) -> int:
         raise CliError(f"the supervisor did not start: {status or 'it exited'}")
     print(f"xmp: supervisor {pid} running {args.topology} in {rundir}")
     return 0
+
+
+def _to_log(rundir: Path) -> None:
+    """A detached supervisor's stdout and stderr: logs/hypervisor.log."""
+    try:
+        (rundir / "logs").mkdir(parents=True, exist_ok=True, mode=0o700)
+        log = os.open(rundir / "logs" / "hypervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError:
+        log = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
 
 
 def _rundir(args) -> Path:
@@ -243,13 +264,16 @@ def cmd_restore(args) -> int:
     return 0
 
 
+XENSTORE_CLI_TIMEOUT = 5.0  # seconds `xmp xenstore` waits for an answer
+
+
 def cmd_xenstore(args) -> int:
     from xmp.errors import XenStoreError
     from xmp.xenstore.client import SocketTransport, XsClient
 
     path = os.environ.get("XENSTORED_PATH") or str(_rundir(args) / "xenstored.sock")
     try:
-        xs = XsClient(SocketTransport.connect(path))
+        xs = XsClient(SocketTransport.connect(path), timeout=XENSTORE_CLI_TIMEOUT)
     except OSError as exc:
         raise CliError(f"cannot reach xenstored at {path}: {exc}") from None
     try:
@@ -277,6 +301,9 @@ def cmd_xenstore(args) -> int:
                     print(event[0], flush=True)
                     seen += 1
     except XenStoreError as exc:
+        if exc.errno == "ETIMEDOUT":
+            raise CliError(f"xenstored did not answer within {XENSTORE_CLI_TIMEOUT:g} s "
+                           "(is Domain-0 paused?)") from None
         raise CliError(str(exc)) from None
     finally:
         xs.close()
@@ -378,10 +405,26 @@ def cmd_cleanup(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from xmp.hv.jail import describe
+    from xmp.limits import describe_capacity, nofile_limits
     from xmp.sharedmem import _ffi  # noqa: F401  (fails with instructions if not built)
 
     print(f"xmp {version('xmp')}")
     print("fast path: built (xmp.sharedmem._fast)")
+    soft, hard = nofile_limits()
+    print(f"descriptors: RLIMIT_NOFILE soft {soft}, hard {hard} (`xmp run` raises soft to hard)")
+    print(f"capacity: {describe_capacity(hard)}")
+    for line in describe():
+        print(f"isolation: {line}")
+    rundir = _rundir(args)
+    try:
+        host = request(rundir, "info")
+    except CliError as exc:
+        if args.rundir:
+            print(f"supervisor in {rundir}: {exc}")
+        return 0  # a report: the facts above are all there is
+    print(f"supervisor in {rundir}: {host['domains']} domains of {host['capacity']} it can hold "
+          f"(RLIMIT_NOFILE {host['nofile']}), {host['pool_free_mib']} MiB of its pool free")
     return 0
 
 
@@ -393,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, func, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
-        if name not in ("info", "cleanup"):
+        if name != "cleanup":
             p.add_argument("--rundir", help="the supervisor's run directory")
         return p
 

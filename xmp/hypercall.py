@@ -25,7 +25,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Container, Mapping
+from collections.abc import Callable, Container, Mapping
 from typing import Any
 
 from xmp.errors import DomainGone, GrantError, HypercallError, LocalError
@@ -37,19 +37,48 @@ MAX_FDS = 8
 # Hypercalls, by xen.h's __HYPERVISOR_* names; their sub-operations are
 # whatever the hypervisor has a handler for (xmp.hv.hypercalls).
 HYPERCALLS = ("domctl", "memory_op", "grant_table_op", "event_channel_op", "sched_op", "set_timer_op",
-              "console_io", "xen_version")
-DOM0_ONLY = frozenset({"domctl"})
+              "console_io", "xen_version", "sysctl")
+DOM0_ONLY = frozenset({"domctl", "sysctl"})
+# XEN_SYSCTL_getdomaininfolist pages: a page of this many entries (names of
+# 64 characters, every field at its widest) stays well inside MAX_MESSAGE.
+DOMAININFO_PAGE = 64
 
 # sched.h SHUTDOWN_* reasons
 SHUTDOWN_REASONS = {"poweroff": 0, "reboot": 1, "suspend": 2, "crash": 3, "watchdog": 4,
                     "soft_reset": 5}
 
 
+class MessageTooBig(LocalError):
+    """A message would not fit one datagram of the channel (E2BIG)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        super().__init__(size)
+
+    def __str__(self) -> str:
+        return f"hypercall message of {self.size} bytes exceeds {MAX_MESSAGE}"
+
+
 def encode(msg: dict[str, Any]) -> bytes:
     data = json.dumps(msg, separators=(",", ":")).encode()
     if len(data) > MAX_MESSAGE:
-        raise LocalError(f"hypercall message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+        raise MessageTooBig(len(data))
     return data
+
+
+def domain_info_list(call: Callable[..., Any]) -> list[dict[str, Any]]:
+    """Every domain's getdomaininfo record, a page at a time, as libxc's
+    xc_domain_getinfolist callers loop: ``call`` is a channel's
+    ``call(op, cmd, **args)``.  Ids only grow, so paging by "first id after
+    the last one seen" never skips a domain that was there all along."""
+    out: list[dict[str, Any]] = []
+    first = 0
+    while True:
+        page = call("sysctl", "getdomaininfolist", first_domain=first, max_domains=DOMAININFO_PAGE)
+        out += page
+        if len(page) < DOMAININFO_PAGE:
+            return out
+        first = page[-1]["domid"] + 1
 
 
 def decode_request(data: bytes, ops: Mapping[str, Container[str]]) -> tuple[str, str, dict[str, Any]]:

@@ -56,13 +56,24 @@ from xmp.hv.domain import (
 )
 from xmp.hv.hypercalls import DEFERRED, HypercallHandlers
 from xmp.hv.zygote import ZygoteClient
-from xmp.hypercall import DOM0_ONLY, MAX_FDS, MAX_MESSAGE, decode_request, encode
+from xmp.hypercall import DOM0_ONLY, MAX_FDS, MAX_MESSAGE, MessageTooBig, decode_request, encode
+from xmp.limits import (
+    FDS_RESERVED,
+    PORTS_RESERVED,
+    SUPERVISOR_FDS_PER_DOMAIN,
+    capacity,
+    describe_capacity,
+    domain_cost,
+    domain_ports,
+    raise_nofile,
+)
 from xmp.sharedmem._ffi import lib
 from xmp.sharedmem.evtchn import VIRQ_TIMER
 from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, recv_handles, remove_stale, send_handles
-from xmp.topology import DomainConfig, check_fits
+from xmp.topology import GUEST_UIDS, DomainConfig, check_fits
 
 DYING_GRACE = 5.0           # seconds a dying domain waits for its mappers to let go
+DOM0_NOTICE = 60.0          # ... and at most for dom0 to list it dying (it is behind)
 DOMAIN_BOOT = "xmp.domain_proc.main:domain_main"  # what every domain process runs first
 
 Handler = Callable[[int], object]  # called with the selector's event mask
@@ -100,15 +111,19 @@ class Alone:
 
 
 class Supervisor(HypercallHandlers):
-    def __init__(self, rundir: Path, pool_mib: int, *, echo: bool = True, preload: Iterable[str] = ()):
+    def __init__(self, rundir: Path, pool_mib: int, *, echo: bool = True, preload: Iterable[str] = (),
+                 guest_uids: tuple[int, int] = GUEST_UIDS):
         # Nobody may read the supervisor's memory (it maps every domain's RAM)
         # or its descriptors through /proc; the zygote and domains inherit this.
         lib.xmp_set_dumpable(0)
+        # Before the zygote: dom0 and every domain inherit this limit.
+        self.nofile = raise_nofile()
         # The zygote is forked first, while we hold nothing it should inherit.
-        self.zygote = ZygoteClient()
+        self.zygote = ZygoteClient(guest_uids)  # (the uids its jailed guests run as)
         self.rundir = Path(rundir)
         self.ns = ShmNamespace()
         self.domains: dict[int, Domain] = {}
+        self.pids: dict[int, tuple[int, str]] = {}  # domain process -> (domid, name), until its exit is told
         self.next_domid = 1
         self.pool_pages = pool_mib * MIB // PAGE_SIZE
         self.timers: list[tuple[int, int, int, int]] = []
@@ -128,7 +143,7 @@ class Supervisor(HypercallHandlers):
         for name in remove_stale():
             self.log(f"removed stale shared-memory object {name}")
         self.sel = selectors.DefaultSelector()
-        self.watch(self.zygote.sock, selectors.EVENT_READ, lambda _mask: self.zygote.drain())
+        self.watch(self.zygote.sock, selectors.EVENT_READ, lambda _mask: self._exits())
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -191,6 +206,50 @@ class Supervisor(HypercallHandlers):
         self.next_domid += 1
         return domid
 
+    def check_build(self, cfg: DomainConfig, name: str | None = None, *, dom0: bool = False) -> None:
+        """Refuse, before anything of it exists, a domain this host cannot
+        hold now: while stopping (teardown serves the loop, and `xmp create`
+        still reached it), a name in use, memory the pool lacks, descriptors
+        dom0 or the supervisor could not keep open (EMFILE half-way through a
+        build crashed the supervisor and left dom0 without xenstore or
+        consoles for later guests), or dom0's event channels (later guests
+        had no console).  :meth:`build` checks this too; the toolstack asks
+        first, before it makes a device's files."""
+        name = name or cfg.name
+        if self.stopping and not dom0:
+            raise HypercallError(errno.ESHUTDOWN, "createdomain",
+                                 f"the supervisor is stopping ({self.stop_reason}): no new domains")
+        if any(d.name == name and d.state != DomState.DYING for d in self.domains.values()):
+            raise HypercallError(errno.EEXIST, "createdomain", f"a domain named {name!r} already exists")
+        used = sum(d.tot_pages for d in self.domains.values()) * PAGE_SIZE // MIB
+        try:
+            check_fits(self.pool_pages * PAGE_SIZE // MIB + used, used, cfg)
+        except XmpError as exc:
+            raise HypercallError(errno.ENOMEM, "createdomain", str(exc)) from None
+        held = FDS_RESERVED + sum(domain_cost(_devices(d.cfg)) for d in self.domains.values())
+        # Our own count as well, when near: the model is per domain, this is exact for us.
+        own = len(os.listdir("/proc/self/fd")) if held * 2 > self.nofile else 0
+        if held + domain_cost(_devices(cfg)) > self.nofile \
+                or own + SUPERVISOR_FDS_PER_DOMAIN + FDS_RESERVED // 2 > self.nofile:
+            raise HypercallError(errno.EMFILE, "createdomain",
+                                 f"{describe_capacity(self.nofile)}: {len(self.domains)} exist, so "
+                                 f"{name!r} is refused; destroy a domain or raise the hard limit "
+                                 "(ulimit -Hn) before `xmp run`")
+        dom0_dom = self.domains.get(DOMID_DOM0)
+        if dom0_dom is not None:  # xenconsoled and xenstored bind a port to every guest, blkback one a queue
+            free = dom0_dom.ports.max_evtchns - 1 - len(dom0_dom.ports.bound())
+            need = domain_ports(_devices(cfg))
+            if need > free - PORTS_RESERVED // 4:
+                raise HypercallError(errno.ENOSPC, "createdomain",
+                                     f"{describe_capacity(self.nofile)}: dom0 has {free} of its "
+                                     f"{dom0_dom.ports.max_evtchns - 1} event channels free and {name!r} "
+                                     f"needs {need}; destroy a domain first")
+
+    def host_info(self) -> dict[str, int]:
+        """What `xmp info` says of a running supervisor."""
+        return {"nofile": self.nofile, "capacity": capacity(self.nofile), "domains": len(self.domains),
+                "max_domid": MAX_DOMID, "pool_free_mib": self.pool_pages * PAGE_SIZE // MIB}
+
     def build(self, cfg: DomainConfig, kernel: str, *, domid: int | None = None, name: str | None = None,
               boot: dict[str, Any] | None = None, extra_fds: Iterable[int] = (),
               prepare: Callable[[Domain], None] | None = None, paused: bool = False) -> Domain:
@@ -199,23 +258,25 @@ class Supervisor(HypercallHandlers):
         ``domid``, for dom0).  ``boot`` adds to the boot message.
         ``prepare(dom)`` runs before the process exists (a restore fills the
         RAM there); if it raises, nothing is left of the domain.  ``paused``:
-        stopped before its kernel runs a single instruction (xl's -p)."""
+        stopped before its kernel runs a single instruction (xl's -p).  Whatever
+        the host cannot hold is refused first (:meth:`check_build`); running
+        out of descriptors meanwhile is the same named refusal."""
         name = name or cfg.name
-        if any(d.name == name and d.state != DomState.DYING for d in self.domains.values()):
-            raise HypercallError(errno.EEXIST, "createdomain", f"a domain named {name!r} already exists")
-        used = sum(d.tot_pages for d in self.domains.values()) * PAGE_SIZE // MIB
-        try:
-            check_fits(self.pool_pages * PAGE_SIZE // MIB + used, used, cfg)
-        except XmpError as exc:
-            raise HypercallError(errno.ENOMEM, "createdomain", str(exc)) from None
+        self.check_build(cfg, name, dom0=domid == DOMID_DOM0)
         if domid is None:
             domid = self._alloc_domid()
+        try:  # a config too big for the channel is refused before anything is built
+            boot_msg = encode({"domid": domid, "name": name, "config": cfg.to_dict(), "kernel": kernel,
+                               **(boot or {})})
+        except MessageTooBig as exc:
+            raise HypercallError(errno.E2BIG, "createdomain", f"{name}: config too big ({exc})") from None
         mem_pages = cfg.memory_mib * MIB // PAGE_SIZE
         self.pool_take(mem_pages, "createdomain")
         try:
             dom = build_domain(self.ns, domid, cfg, name)
-        except BaseException:
+        except BaseException as exc:
             self.pool_give(mem_pages)
+            _out_of_descriptors(exc, self.nofile)
             raise
         if prepare is not None:
             try:
@@ -231,26 +292,38 @@ class Supervisor(HypercallHandlers):
                 self.pool_give(mem_pages - dom.tot_pages)
             mem_pages = dom.tot_pages
         dom.uuid = dom.uuid or str(uuid.uuid4())   # a restore keeps the one it had (prepare set it)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        log_fd = os.open(self.rundir / "logs" / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            dom.pid = self.zygote.spawn(domid, f"xmp:{domid}:{name}", theirs.fileno(), log_fd, DOMAIN_BOOT,
-                                        unprivileged=domid != DOMID_DOM0)
-        except OSError:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            dom.release()
+            self.pool_give(mem_pages)
+            _out_of_descriptors(exc, self.nofile)
+            raise
+        jail = None if domid == DOMID_DOM0 else "driver" if cfg.driver_domain else "guest"
+        try:
+            log_fd = os.open(self.rundir / "logs" / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                             0o600)
+            try:
+                dom.pid = self.zygote.spawn(domid, f"xmp:{domid}:{name}", theirs.fileno(), log_fd,
+                                            DOMAIN_BOOT, unprivileged=domid != DOMID_DOM0, jail=jail,
+                                            config=cfg.to_dict())
+            finally:
+                os.close(log_fd)
+        except OSError as exc:
             ours.close()
             dom.release()
             self.pool_give(mem_pages)
+            _out_of_descriptors(exc, self.nofile)
             raise
         finally:
             theirs.close()
-            os.close(log_fd)
         dom.sock = ours
         self.domains[domid] = dom
+        self.pids[dom.pid] = (domid, name)
         if paused:   # stopped while it waits for its boot message: it runs nothing until unpaused
             os.kill(dom.pid, signal.SIGSTOP)
             dom.state = DomState.PAUSED
-        send_handles(ours, encode({"domid": domid, "name": name, "config": cfg.to_dict(), "kernel": kernel,
-                                   **(boot or {})}), [dom.ram.fd, dom.evt_obj.fd, dom.wake_fd, *extra_fds])
+        send_handles(ours, boot_msg, [dom.ram.fd, dom.evt_obj.fd, dom.wake_fd, *extra_fds])
         self.watch(ours, selectors.EVENT_READ, functools.partial(self._on_channel, dom))
         self.log(f"created dom{domid} {name!r} ({cfg.memory_mib} MiB, {cfg.vcpus} vcpu, pid {dom.pid})")
         self.raise_dom_exc()
@@ -308,10 +381,26 @@ class Supervisor(HypercallHandlers):
         """Free dying domains that nobody maps any more and whose last
         console output dom0 has drained (or that waited long enough)."""
         now = time.monotonic()
-        for dom in [d for d in self.domains.values() if d.state == DomState.DYING]:
-            holders = self.mapped_by(dom)
+        dying = [d for d in self.domains.values() if d.state == DomState.DYING]
+        if not dying:
+            return
+        # Who maps whom, in one pass: asking mapped_by() for each dying domain
+        # made destroying 1,000 guests cubic (the supervisor missed SIGTERM's 30 s).
+        mappers: dict[int, list[int]] = {}
+        for d in self.domains.values():
+            for granter in {m.granter for m in d.maptrack.values()}:
+                mappers.setdefault(granter, []).append(d.domid)
+        for dom in dying:
+            holders = mappers.get(dom.domid, [])
             waiting = holders or (dom.console_undrained() and DOMID_DOM0 in self.domains)
             if waiting and not force and now - dom.dying_since < DYING_GRACE:
+                continue
+            # dom0 lets go of a domain once its domain list shows it dying.  Freed
+            # before dom0 looked, it left the list unseen: 1,000 destroyed at once
+            # left dom0 holding ~570 guests' consoles and rings (absent and newer
+            # than any listed domain reads as "not yet seen", not "gone").
+            if DOMID_DOM0 in holders and not dom.seen_dying and not force \
+                    and now - dom.dying_since < DOM0_NOTICE:
                 continue
             if holders:
                 self.log(f"dom{dom.domid} freed while still mapped by {holders}")
@@ -366,7 +455,7 @@ class Supervisor(HypercallHandlers):
                 "shutdown_reason": dom.shutdown_reason, "mem_kb": dom.tot_pages * PAGE_SIZE // 1024,
                 "maxmem_kb": dom.max_pages * PAGE_SIZE // 1024, "vcpus": dom.cfg.vcpus,
                 "cpu_time": round(cpu, 3), "console_port": dom.console_port, "console_gref": 0,
-                "store_port": dom.store_port, "driver_domain": dom.cfg.driver_domain}
+                "store_port": dom.store_port, "driver_domain": dom.cfg.driver_domain, "exit": dom.exit}
 
     def save_domain(self, dom: Domain) -> dict[str, Any]:
         """What the hypervisor holds for ``dom`` outside its RAM, written
@@ -396,6 +485,18 @@ class Supervisor(HypercallHandlers):
             self.unwatch(dom.sock)
             dom.sock.close()
             dom.sock = None
+
+    def _exits(self) -> None:
+        """The zygote's reports of domain processes that ended: how each
+        ended goes to dmesg and onto the domain's record (`xmp list --json`
+        ``exit``) -- its channel's EOF only says that it did."""
+        for pid, status in self.zygote.drain():
+            domid, name = self.pids.pop(pid, (None, "?"))
+            how = f"exited with status {status}" if status >= 0 else f"killed by {_signame(-status)}"
+            self.log(f"dom{domid} {name!r}: process {pid} {how}")
+            dom = self.domains.get(domid) if domid is not None else None
+            if dom is not None and dom.pid in (pid, None):
+                dom.exit = how
 
     def _gone(self, dom: Domain) -> None:
         """The domain's process has ended (its channel hit EOF)."""
@@ -496,6 +597,12 @@ class Supervisor(HypercallHandlers):
                     self.iterate(0.5)
             finally:
                 shutdown()
+        except BaseException:
+            # Into logs/hypervisor.log too: a detached supervisor has no terminal.
+            self.exit_code = 1
+            self.stop("supervisor failed")
+            self.log(f"supervisor failed:\n{traceback.format_exc().rstrip()}")
+            raise
         finally:
             self.teardown()
             for s, h in old.items():
@@ -509,6 +616,8 @@ class Supervisor(HypercallHandlers):
             key.data(mask)
         self._fire_timers()
         self.reap_dying()
+        if self.zygote.exits:  # reports that came while a spawn waited for its answer
+            self._exits()
 
     def _on_channel(self, dom: Domain, _mask: int) -> None:
         self._hypercall(dom)
@@ -526,6 +635,7 @@ class Supervisor(HypercallHandlers):
             self._gone(dom)
             return
         reply_fds: list[int] = []
+        op, cmd = "hypercall", ""
         try:
             op, cmd, args = decode_request(data, self.HYPERCALLS)
             if op in DOM0_ONLY and not dom.privileged:
@@ -544,7 +654,12 @@ class Supervisor(HypercallHandlers):
         if dom.sock is None:
             return  # the call destroyed the caller
         try:
-            send_handles(dom.sock, encode(reply), reply_fds)
+            data = encode(reply)
+        except MessageTooBig as exc:  # a reply that outgrew the channel is the caller's error, not ours
+            self.log(f"dom{dom.domid}: reply to {op}/{cmd} too big: {exc}")
+            data, reply_fds = encode({"errno": errno.E2BIG, "detail": str(exc)}), []
+        try:
+            send_handles(dom.sock, data, reply_fds)
         except OSError:
             self._gone(dom)
 
@@ -571,3 +686,21 @@ class Supervisor(HypercallHandlers):
             self.echo_fd = None
         self.log(f"stopped ({self.stop_reason or 'done'}), exit status {self.exit_code}")
         self.hvlog.close()
+
+
+def _devices(cfg: DomainConfig) -> int:
+    """How many split devices a config lists (each costs its backend)."""
+    return sum(len(specs) for specs in cfg.devices.values())
+
+
+def _out_of_descriptors(exc: BaseException, nofile: int) -> None:
+    """EMFILE/ENFILE while building is the named limit, not a crash."""
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+        raise HypercallError(errno.EMFILE, "createdomain", f"{describe_capacity(nofile)}: {exc}") from None
+
+
+def _signame(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

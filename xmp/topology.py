@@ -8,6 +8,9 @@ with xl's names, units (MiB) and defaults where xl has them; a complete file::
     memory = 4096               # MiB pool for all domains, dom0 included;
                                 # default: the host's available memory
     rundir = "/tmp/xmp-lab"     # optional run directory (control socket, ...)
+    guest_uids = "200000-265535"  # uids for jailed guests (as root), one per running guest
+    bridges = { xenbr0 = "10.0.0.1/24" }  # optional: bridges made as root, with the
+                                # host's address (removed when the host stops)
 
     [dom0]                      # optional; dom0 always exists, named "Domain-0"
     memory = 256                # MiB, default 256
@@ -19,7 +22,7 @@ with xl's names, units (MiB) and defaults where xl has them; a complete file::
 
     [[domain]]                  # zero or more guests and driver domains
     name = "web"                # required, unique, 1..64 of [A-Za-z0-9_.-]
-    type = "pvh"                # "pv" | "pvh" | "hvm", default "pvh"
+    type = "pvh"                # "pv" | "pvh", default "pvh" ("hvm": refused, not yet)
     memory = 128                # MiB, >= 1, default 128
     maxmem = 256                # MiB, >= memory, default = memory
     vcpus = 1                   # 1..32, default 1
@@ -34,15 +37,15 @@ with xl's names, units (MiB) and defaults where xl has them; a complete file::
     on_crash = "destroy"        # default destroy
     driver_domain = false       # hosts backends; needs no kernel
     trusted_backend = false     # ignored, kept for old files: only dom0 maps grants
-    max_event_channels = 1023   # 2..4096, default 1023
+    max_event_channels = 1023   # 2..4096, default 1023 (dom0: 4096)
     max_grant_frames = 64       # 1..64, default 64
     xenstore_quota = { nodes = 2000 }   # xenstored limits for this domain (C xenstored's
                                 # names: nodes, node-size, watches, transactions,
                                 # outstanding, permissions, transaction-nodes)
 
 Actions are xl's: destroy, restart, rename-restart, preserve,
-coredump-destroy, coredump-restart.  ``disk`` and ``vif`` are only checked
-to be lists of strings here; their own parsers read the specs.  ``kernel``
+coredump-destroy, coredump-restart.  ``disk`` and ``vif`` are lists of
+strings, each checked by its device class's own parser.  ``kernel``
 names a module that must be findable, but it is not imported: a topology is
 checked before anything runs, and importing a guest's module would run it.
 
@@ -69,17 +72,19 @@ from __future__ import annotations
 import difflib
 import importlib.machinery
 import importlib.util
+import ipaddress
 import os
 import re
 import socket
 import sys
 import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
 
-from xmp import devices
+from xmp import devices, limits
 from xmp.errors import XmpError
 
 MiB = 1 << 20
@@ -93,11 +98,12 @@ RESERVED_SUFFIXES = ("--incoming", "--migratedaway")
 EVTCHN_RANGE = (2, 4096)
 GRANT_FRAMES_RANGE = (1, 64)
 
-HOST_KEYS = ("name", "memory", "rundir")
+HOST_KEYS = ("name", "memory", "rundir", "guest_uids", "bridges")
+GUEST_UIDS = (200000, 265535)  # the default [host] guest_uids
 DOM0_KEYS = ("memory", "maxmem", "vcpus", "kernel", "args")
 # Each device class with an xl spec adds its key ("disk", …) through xmp.devices.
 DEVICE_KEYS = tuple(c.config_key for c in devices.with_config_key() if c.config_key)
-DOMAIN_KEYS = ("name", "type", "memory", "maxmem", "vcpus", "maxvcpus", "kernel", "args", *DEVICE_KEYS, "vif",
+DOMAIN_KEYS = ("name", "type", "memory", "maxmem", "vcpus", "maxvcpus", "kernel", "args", *DEVICE_KEYS,
                "on_poweroff", "on_reboot", "on_crash", "driver_domain", "trusted_backend",
                "max_event_channels", "max_grant_frames", "xenstore_quota")
 TABLES = {"host": "[host]", "dom0": "[dom0]", "domain": "[[domain]]"}
@@ -131,6 +137,9 @@ class HostConfig:
     name: str
     memory_mib: int
     rundir: str | None
+    guest_uids: tuple[int, int] = GUEST_UIDS
+    # bridges the host makes (as root), each with the host's own address on it
+    bridges: dict[str, str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -147,7 +156,6 @@ class DomainConfig:
     kernel: str | None
     args: dict[str, Any] = field(hash=False)
     devices: dict[str, tuple[str, ...]] = field(hash=False)  # device class key ("disk") -> its xl specs
-    vif: tuple[str, ...]
     on_poweroff: str
     on_reboot: str
     on_crash: str
@@ -168,7 +176,7 @@ class DomainConfig:
             "name": self.name, "type": self.type, "memory": self.memory_mib, "maxmem": self.maxmem_mib,
             "vcpus": self.vcpus, "maxvcpus": self.maxvcpus, "args": _copy_json(self.args),
             **{key: list(self.devices.get(key, ())) for key in DEVICE_KEYS},
-            "vif": list(self.vif), "on_poweroff": self.on_poweroff,
+            "on_poweroff": self.on_poweroff,
             "on_reboot": self.on_reboot, "on_crash": self.on_crash, "driver_domain": self.driver_domain,
             "trusted_backend": self.trusted_backend, "max_event_channels": self.max_event_channels,
             "max_grant_frames": self.max_grant_frames,
@@ -416,23 +424,34 @@ def _json_problem(value: Any, where: str) -> str | None:
     return f"{where} is {_describe(value)}; only strings, numbers, booleans, arrays and tables can be passed"
 
 
-def _devices(t: _Table, raw: dict) -> dict[str, tuple[str, ...]]:
+def _devices(t: _Table, raw: dict, base: str) -> dict[str, tuple[str, ...]]:
     """Each device class's xl specs: each must parse, by the class's own
-    parser, and name a different device."""
+    parser, name a different device, and be one that can be made (the
+    class's ``problem(spec, base)``, if it has one; ``base`` is the folder
+    relative paths are in)."""
     out: dict[str, tuple[str, ...]] = {}
     for cls in devices.with_config_key():
         key = cls.config_key or ""
         specs = _str_list(t, raw, key)
         part = cls.part("toolstack")
         names: set[str] = set()
-        for spec in specs:
+        if hasattr(part, "pinned"):  # what the spec leaves random is chosen once, here (a vif's MAC)
             try:
-                name = part.name_of(part.parse(spec))
+                specs = tuple(part.pinned(spec) for spec in specs)
             except XmpError as exc:
                 raise t.error(key, str(exc)) from None
+        for spec in specs:
+            try:
+                parsed = part.parse(spec)
+            except XmpError as exc:
+                raise t.error(key, str(exc)) from None
+            name = part.name_of(parsed)
             if name in names:
                 raise t.error(key, f"{cls.devtype} '{name}' is used twice")
             names.add(name)
+            problem = part.problem(parsed, Path(base)) if hasattr(part, "problem") else None
+            if problem:
+                raise t.error(key, problem)
         if specs:
             out[key] = specs
     return out
@@ -448,6 +467,13 @@ def device_backends(cfg: DomainConfig) -> list[tuple[str, str]]:
             if backend not in (None, DOM0_NAME, "0"):
                 out.append((cls.config_key or "", backend))
     return out
+
+
+def source_folder(source: str | None) -> str:
+    """The folder a domain's relative device paths are in: its file's."""
+    if source is None:
+        return os.getcwd()
+    return os.path.dirname(os.path.abspath(source.rsplit(":", 1)[0]))
 
 
 # xl.cfg xenstore_quota: this domain's limits in xenstored, by C xenstored's names.
@@ -560,24 +586,29 @@ def _domain(t: _Table, raw: dict, known: tuple[str, ...], *, dom0: bool) -> Doma
     source = raw["source"] if "source" in raw else t.source()
     if source is not None and not isinstance(source, str):
         raise t.error("source", f"expected a string, got {_describe(source)}")
+    # dom0 is PV, as on classic x86 Xen.
+    kind = _choice(t, raw, "type", "pv" if dom0 else "pvh", DOMAIN_TYPES)
+    if kind == "hvm":  # xl's name, kept so the message can be precise; it must not silently mean PV
+        raise t.error("type", "hvm guests are not supported yet; use pv or pvh")
     return DomainConfig(
         name=name,
-        # dom0 is PV, as on classic x86 Xen.
-        type=_choice(t, raw, "type", "pv" if dom0 else "pvh", DOMAIN_TYPES),
+        type=kind,
         memory_mib=memory,
         maxmem_mib=maxmem,
         vcpus=vcpus,
         maxvcpus=maxvcpus,
         kernel=kernel,
         args=_args(t, raw),
-        devices=_devices(t, raw),
-        vif=_str_list(t, raw, "vif"),
+        devices=_devices(t, raw, source_folder(source)),
         on_poweroff=_choice(t, raw, "on_poweroff", "destroy", ACTIONS),
         on_reboot=_choice(t, raw, "on_reboot", "restart", ACTIONS),
         on_crash=_choice(t, raw, "on_crash", "destroy", ACTIONS),
         driver_domain=driver_domain,
         trusted_backend=_bool(t, raw, "trusted_backend", dom0),
-        max_event_channels=_int(t, raw, "max_event_channels", 1023, *EVTCHN_RANGE),
+        # dom0 serves every guest's console and xenstore ring, two ports each: it gets
+        # all the 2-level ABI has (xl's 1023 is for guests; Xen does not cap dom0 so).
+        max_event_channels=_int(t, raw, "max_event_channels", EVTCHN_RANGE[1] if dom0 else 1023,
+                                *EVTCHN_RANGE),
         max_grant_frames=_int(t, raw, "max_grant_frames", 64, *GRANT_FRAMES_RANGE),
         source=source,
         xenstore_quota=_quota(t, raw),
@@ -593,7 +624,33 @@ def _host(t: _Table, raw: dict) -> HostConfig:
     name = _str(t, raw, "name") if "name" in raw else socket.gethostname()
     memory = _int(t, raw, "memory", 0, 1, unit=" MiB") if "memory" in raw else _available_mib()
     rundir = _str(t, raw, "rundir") if "rundir" in raw else None
-    return HostConfig(name=name, memory_mib=memory, rundir=rundir)
+    uids = GUEST_UIDS
+    if "guest_uids" in raw:
+        lo, sep, hi = _str(t, raw, "guest_uids").partition("-")
+        if not (sep and lo.isdigit() and hi.isdigit() and 0 < int(lo) <= int(hi) < 2**32 - 1):
+            raise t.error("guest_uids", f"'{raw['guest_uids']}' is not a range of uids "
+                                        "FIRST-LAST with 0 < FIRST <= LAST, like \"200000-265535\"")
+        uids = (int(lo), int(hi))
+    return HostConfig(name=name, memory_mib=memory, rundir=rundir, guest_uids=uids,
+                      bridges=_bridges(t, raw))
+
+
+def _bridges(t: _Table, raw: dict) -> dict[str, str]:
+    """``bridges = { xenbr0 = "10.0.0.1/24" }``: interface names to an
+    address with its prefix."""
+    value = raw.get("bridges", {})
+    if not isinstance(value, dict):
+        raise t.error("bridges", f"expected a table of bridge = \"address/prefix\", got {_describe(value)}")
+    for name, addr in value.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", name):
+            raise t.error("bridges", f"{name!r} is not an interface name (1 to 15 letters, digits, _ . -)")
+        try:
+            ipaddress.ip_interface(addr)
+        except (TypeError, ValueError):
+            raise t.error("bridges", f"{name}: {addr!r} is not an address like 10.0.0.1/24") from None
+        if "/" not in addr:
+            raise t.error("bridges", f"{name}: {addr!r} needs its prefix (10.0.0.1/24)")
+    return dict(value)
 
 
 # -- memory -----------------------------------------------------------------
@@ -693,6 +750,7 @@ def parse_topology(text: str, path: str = "<topology>") -> Topology:
     domains: list[DomainConfig] = []
     tables: list[_Table] = []
     first_line: dict[str, int | None] = {}
+    held = limits.FDS_RESERVED + limits.domain_cost(0)  # dom0's own place
     for i, raw in enumerate(doc.get("domain", [])):
         t = _Table(path, loc, "domain", i, f"[[domain]] #{i + 1}")
         if not isinstance(raw, dict):
@@ -703,13 +761,22 @@ def parse_topology(text: str, path: str = "<topology>") -> Topology:
             at = f"line {where}" if where is not None else "an earlier [[domain]]"
             raise t.error("name", f"duplicate name '{cfg.name}': already used by the [[domain]] at {at}; "
                                   "names must be unique")
-        first_line[cfg.name] = t.line("name")
         for key, backend in device_backends(cfg):  # a backend domain must exist before its frontends
+            if backend == cfg.name:
+                raise t.error(key, f"backend '{backend}' is this domain itself; a device is served by "
+                                   "another domain: Domain-0 (no backend=) or a driver domain above")
             if backend not in first_line:
                 raise t.error(key, f"backend '{backend}' is not a [[domain]] defined above '{cfg.name}'; "
                                    "define the driver domain first")
+            host_dom = next(d for d in domains if d.name == backend)
+            if not host_dom.driver_domain:
+                raise t.error(key, f"backend '{backend}' is not a driver domain (it runs no backends); "
+                                   f"set driver_domain = true in '{backend}' or drop backend=")
+        first_line[cfg.name] = t.line("name")
         domains.append(cfg)
         tables.append(t)
+        held += limits.domain_cost(sum(len(v) for v in cfg.devices.values()))
+        _check_count(t, 1 + len(domains), held)
 
     used = 0
     needed = dom0.memory_mib + sum(d.memory_mib for d in domains)
@@ -720,6 +787,25 @@ def parse_topology(text: str, path: str = "<topology>") -> Topology:
                                     "lower memory or raise [host] memory")
         used += cfg.memory_mib
     return Topology(host=host, dom0=dom0, domains=tuple(domains))
+
+
+def _check_count(t: _Table, count: int, held: int) -> None:
+    """The file's first ``count`` domains, dom0 included, must fit dom0's
+    event channels, Xen's domain ids and, needing ``held`` descriptors in
+    dom0, the descriptors it will have (the soft RLIMIT_NOFILE, which the
+    supervisor raises to the hard one): 5,000 idle guests were accepted and
+    ~4,000 spawned before descriptors ran out."""
+    ports = limits.PORTS_RESERVED + (count - 1) * limits.domain_ports()
+    if ports > limits.DOM0_PORTS - 1:
+        raise t.error(None, f"{limits.describe_capacity(limits.nofile_limits()[1])}, and this is domain "
+                            f"number {count} (dom0 first); run fewer domains")
+    if count - 1 > limits.MAX_DOMID:
+        raise t.error(None, f"domain number {count - 1} is past Xen's last domain id ({limits.MAX_DOMID}); "
+                            "split the topology over hosts")
+    nofile = limits.nofile_limits()[1]
+    if held > nofile:
+        raise t.error(None, f"{limits.describe_capacity(nofile)}, and this is domain number {count} "
+                            "(dom0 first); run fewer domains or raise the hard limit (ulimit -Hn) first")
 
 
 def load_topology(path: str | os.PathLike[str]) -> Topology:

@@ -837,3 +837,126 @@ def evtstorm(kernel) -> None:
         for _ in range(10000):
             notify(port)
         kernel.loop.poll(0)  # keep its own devices (console, control) served
+
+
+def blkdirty(kernel) -> None:
+    """A guest's whole life with a disk, for the lifecycle tests: dirty
+    ``args.mib`` MiB of its own RAM, write and read back xvda, say "ready",
+    then power off (``args.poweroff``) or idle until it is killed."""
+    disk = kernel.block("xvda")
+    pages = int(kernel.args.get("mib", 0)) * 256
+    if pages:
+        pfn = kernel.alloc_pages(pages)
+        memoryview(kernel.memory)[pfn * 4096:(pfn + pages) * 4096] = b"\xa5" * (pages * 4096)
+    data = blk_pattern(kernel.domid, 65536)
+    disk.write(0, data)
+    disk.flush()
+    ok = disk.read(0, 128) == data
+    kernel.print(f"blkdirty: {'ready' if ok else 'BAD'}")
+    if kernel.args.get("poweroff"):
+        kernel.poweroff()
+    kernel.idle()
+
+
+def conshostile(kernel) -> None:
+    """Breaks its own console ring: once its greeting is drained, it sets
+    ``out_prod`` 0x7FFFFFF0 past ``out_cons`` and kicks xenconsoled; then it
+    lives on, saying so in xenstore (its console is gone)."""
+    import struct
+
+    from xmp.sharedmem.bytering import CONSOLE_OUT
+
+    kernel.print("conshostile: breaking my console ring")
+    out = kernel.console.out
+    kernel.loop.run_until(lambda: out.available() == 0, 10)
+    page = kernel.page(kernel.start_info.console_mfn)
+    cons = struct.unpack_from("<I", page, CONSOLE_OUT.cons)[0]
+    struct.pack_into("<I", page, CONSOLE_OUT.prod, (cons + 0x7FFFFFF0) & 0xFFFFFFFF)
+    kernel.xen.notify(kernel.start_info.console_evtchn)
+    n = 0
+    while True:
+        n += 1
+        kernel.xenstore.write("data/alive", str(n))
+        kernel.sleep(0.1)
+
+
+def consflood(kernel) -> None:
+    """Writes its console as fast as it can, forever (a flood of ``args.line``-byte lines)."""
+    size = int(kernel.args.get("line", 1000))
+    n = 0
+    while True:
+        n += 1
+        kernel.print(f"flood {n:09d} " + "y" * (size - 17))
+
+
+def conssink(kernel) -> None:
+    """Reads nothing for ``args.delay`` seconds, then ``args.n`` bytes of
+    console input, and reports their length and sha256."""
+    import hashlib
+
+    kernel.print("conssink: ready")
+    kernel.sleep(float(kernel.args.get("delay", 3)))
+    want, got = int(kernel.args["n"]), bytearray()
+    while len(got) < want:
+        data = kernel.console.read()
+        if not data:
+            kernel.loop.run_until(lambda: kernel.console.inp.available() > 0, 1.0)
+        got += data
+    kernel.print(f"conssink: got {len(got)} bytes sha256 {hashlib.sha256(got).hexdigest()}")
+    kernel.idle()
+
+
+def xstimeout(kernel) -> None:
+    """Writes ``data/tick`` in a loop with a short xenstore timeout
+    (``args.timeout``); reports each ETIMEDOUT, and after the first, that a
+    value it writes reads back as itself (no late reply taken for another)."""
+    import time
+
+    from xmp.errors import XenStoreError
+
+    xs = kernel.xenstore
+    xs.timeout = float(kernel.args.get("timeout", 2))
+    n, timed_out = 0, False
+    while True:
+        n += 1
+        start = time.monotonic()
+        try:
+            xs.write("data/tick", str(n))
+            if timed_out:
+                xs.write("data/check", f"after-{n}")
+                got = xs.read("data/check").decode()
+                kernel.print(f"xstimeout: read back {got} for after-{n}")
+                timed_out = False
+        except XenStoreError as exc:
+            kernel.print(f"xstimeout: {exc.errno} after {time.monotonic() - start:.1f} s")
+            timed_out = True
+        kernel.sleep(0.1)
+
+
+def xsbadring(kernel) -> None:
+    """Breaks its xenstore ring (``args.mode``: "idx", a req_prod 5000 past
+    req_cons; "proto", a header claiming a 100000-byte payload), then
+    reports the page's ``error`` and ``server_features`` fields once
+    xenstored has set the error (or after 10 s)."""
+    import struct
+
+    from xmp.sharedmem.bytering import XENSTORE_REQ, XS_ERROR, XS_SERVER_FEATURES
+
+    xs = kernel.xenstore
+    xs.read("name")  # connected and served first
+    si = kernel.start_info
+    page = kernel.page(si.store_mfn)
+    if kernel.args.get("mode", "idx") == "idx":
+        cons = struct.unpack_from("<I", page, XENSTORE_REQ.cons)[0]
+        struct.pack_into("<I", page, XENSTORE_REQ.prod, (cons + 5000) & 0xFFFFFFFF)
+        kernel.xen.notify(si.store_evtchn)
+    else:
+        xs.t.send(struct.pack("<IIII", 2, 99, 0, 100000))
+    for _ in range(200):
+        if struct.unpack_from("<I", page, XS_ERROR)[0]:
+            break
+        kernel.sleep(0.05)
+    error = struct.unpack_from("<I", page, XS_ERROR)[0]
+    features = struct.unpack_from("<I", page, XS_SERVER_FEATURES)[0]
+    kernel.print(f"xsbadring: error={error} server_features={features}")
+    kernel.idle()

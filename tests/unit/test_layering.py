@@ -18,9 +18,9 @@ ROOT = Path(xmp.__file__).parent
 # The migration stream's format and the save image (pure: records in, bytes out) sit below the
 # toolstack, as libxc's stream code sits below libxl, which calls it to save and restore; the
 # rest of ``migration`` (live migration) drives the toolstack, above it.
-ORDER = ["errors", "domid", "sharedmem", "devices", "topology", "startinfo", "hypercall", "hv", "hypervisor",
-         "xenstore", "domain_proc", "drivers", "dom0", "guests", "migration.stream", "migration.image",
-         "toolstack", "migration", "libs", "testing", "cli"]
+ORDER = ["errors", "domid", "limits", "sharedmem", "devices", "topology", "startinfo", "hypercall", "hv",
+         "hypervisor", "xenstore", "domain_proc", "drivers", "dom0", "guests", "migration.stream",
+         "migration.image", "toolstack", "migration", "libs", "testing", "cli"]
 
 
 def imports_of(path: Path) -> set[str]:

@@ -50,7 +50,7 @@ args = { }
 
 [[domain]]
 name = "web"
-type = "hvm"
+type = "pv"
 memory = 256
 maxmem = 512
 vcpus = 2
@@ -79,20 +79,20 @@ def test_full_example_parses_with_defaults_filled():
         host=HostConfig(name="lab", memory_mib=4096, rundir="/tmp/xmp-lab"),
         dom0=DomainConfig(
             name="Domain-0", type="pv", memory_mib=512, maxmem_mib=1024, vcpus=2, maxvcpus=2,
-            kernel="json:dumps", args={}, devices={}, vif=(), on_poweroff="destroy", on_reboot="restart",
-            on_crash="destroy", driver_domain=True, trusted_backend=True, max_event_channels=1023,
+            kernel="json:dumps", args={}, devices={}, on_poweroff="destroy", on_reboot="restart",
+            on_crash="destroy", driver_domain=True, trusted_backend=True, max_event_channels=4096,
             max_grant_frames=64, source="lab.toml:7"),
         domains=(
             DomainConfig(
-                name="web", type="hvm", memory_mib=256, maxmem_mib=512, vcpus=2, maxvcpus=4,
+                name="web", type="pv", memory_mib=256, maxmem_mib=512, vcpus=2, maxvcpus=4,
                 kernel="json:dumps", args={"greeting": "hi", "sizes": [1, 2], "nested": {"ok": True}},
-                devices={"disk": ("format=raw, vdev=xvda, access=rw, target=a.img",)},
-                vif=("mac=00:16:3e:00:00:01, bridge=xenbr0",), on_poweroff="preserve",
+                devices={"disk": ("format=raw, vdev=xvda, access=rw, target=a.img",),
+                         "vif": ("mac=00:16:3e:00:00:01, bridge=xenbr0",)}, on_poweroff="preserve",
                 on_reboot="rename-restart", on_crash="coredump-restart", driver_domain=False,
                 trusted_backend=False, max_event_channels=2048, max_grant_frames=32, source="lab.toml:14"),
             DomainConfig(
                 name="net.0", type="pvh", memory_mib=128, maxmem_mib=128, vcpus=1, maxvcpus=1,
-                kernel=None, args={}, devices={}, vif=(), on_poweroff="destroy", on_reboot="restart",
+                kernel=None, args={}, devices={}, on_poweroff="destroy", on_reboot="restart",
                 on_crash="destroy", driver_domain=True, trusted_backend=True, max_event_channels=1023,
                 max_grant_frames=64, source="lab.toml:32"),
         ),
@@ -427,3 +427,20 @@ def test_xenstore_quota_is_checked_and_kept():
         parse_topology(base + "xenstore_quota = { nodes = 0 }\n")
     with pytest.raises(TopologyError, match=":4: .*xenstore_quota: expected a table"):
         parse_topology(base + 'xenstore_quota = "nodes=5"\n', "t.toml")
+
+
+@pytest.mark.parametrize("value, problem", [
+    ('"200000-265535"', None), ('"7-7"', None),
+    ('"0-10"', "is not a range of uids"), ('"10-5"', "is not a range of uids"),
+    ('"abc"', "is not a range of uids"), ("5", "expected a string, got an integer (5)"),
+])
+def test_host_guest_uids_is_a_range_of_uids(value, problem):
+    text = f"[host]\nmemory = 1024\nguest_uids = {value}\n"
+    if problem is None:
+        first, last = (int(x) for x in value.strip('"').split("-"))
+        assert topology.parse_topology(text).host.guest_uids == (first, last)
+        return
+    with pytest.raises(topology.TopologyError) as err:
+        topology.parse_topology(text, "t.toml")
+    assert str(err.value).startswith("t.toml:3: [host]: guest_uids: ") and problem in str(err.value)
+    assert topology.parse_topology("[host]\nmemory = 1024\n").host.guest_uids == topology.GUEST_UIDS

@@ -839,3 +839,29 @@ def test_quota_set_overrides_one_domains_limit():
     with pytest.raises(XenStoreError) as exc:  # not for guests
         one.request(XsType.CONTROL, b"quota-set\x001\x00nodes\x00999\x00")
     assert exc.value.errno == "EACCES"
+
+
+def test_introduce_asks_whether_the_domain_exists():
+    """INTRODUCE of a domid the hypervisor does not know is refused (EINVAL,
+    as C xenstored's failed map_interface), nothing is introduced and no
+    @introduceDomain fires; a re-introduction does not ask again."""
+    asked: list[int] = []
+
+    def exists(domid: int) -> bool:
+        asked.append(domid)
+        return domid == 5
+
+    xs = XenStore(domain_exists=exists)
+    dom0 = xs.connect(0, privileged=True)
+    xs.handle(dom0, Packet(T.WATCH, 1, 0, b"@introduceDomain\0t\0"))
+    dom0.take(1 << 30)
+    actions = xs.handle(dom0, Packet(T.INTRODUCE, 2, 0, b"7\x002\x005\0"))
+    reply = PacketParser().feed(dom0.take(1 << 30))
+    assert [(p.type, p.payload) for p in reply] == [(T.ERROR, b"EINVAL\0")]
+    assert actions == [] and not xs.is_introduced(7)
+    actions = xs.handle(dom0, Packet(T.INTRODUCE, 3, 0, b"5\x002\x005\0"))
+    assert actions == [Introduce(5, 2, 5)] and xs.is_introduced(5)
+    kinds = [p.type for p in PacketParser().feed(dom0.take(1 << 30))]
+    assert sorted(kinds) == sorted([T.INTRODUCE, T.WATCH_EVENT])
+    xs.handle(dom0, Packet(T.INTRODUCE, 4, 0, b"5\x002\x005\0"))
+    assert asked == [7, 5]

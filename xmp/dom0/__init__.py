@@ -5,15 +5,15 @@ VIRQ_DOM_EXC (one binding, shared).  The supervisor starts it as
 
 from __future__ import annotations
 
-import functools
-import traceback
 from pathlib import Path
 
 from xmp.dom0.xenconsoled import XenConsoled
 from xmp.dom0.xenstored import XenStored
 from xmp.domain_proc.kernel import Kernel
 from xmp.domain_proc.main import load_entry
+from xmp.domain_proc.service import guard_loop, guarded
 from xmp.drivers.backends import start_backends
+from xmp.hypercall import domain_info_list
 from xmp.sharedmem.evtchn import VIRQ_DOM_EXC
 
 
@@ -22,19 +22,12 @@ def service(kernel: Kernel):
     hypervisor log (and dom0's own log) and the others go on, as separate
     daemons would."""
     def wrap(handler):
-        @functools.wraps(handler)
-        def run(port: int) -> None:
-            try:
-                handler(port)
-            except Exception:
-                text = traceback.format_exc()
-                print(text, flush=True)
-                kernel.xen.console_io(f"dom0 service {handler.__name__} failed:\n{text}")
-        return run
+        return guarded(kernel.xen, f"dom0 service {handler.__name__}", handler)
     return wrap
 
 
 def main(kernel: Kernel) -> None:
+    guard_loop(kernel, "dom0")  # the backends' handlers too, not only the services'
     fds = kernel.boot_fds
     rundir = Path(kernel.rundir or ".")
     xenstored = XenStored(kernel, rundir)
@@ -42,7 +35,7 @@ def main(kernel: Kernel) -> None:
 
     @service(kernel)
     def domains_changed(_port: int) -> None:
-        infos = {i["domid"]: i for i in kernel.xen.domctl("getdomaininfo") if i["domid"] != kernel.domid}
+        infos = {i["domid"]: i for i in domain_info_list(kernel.xen.call) if i["domid"] != kernel.domid}
         consoled.scan(infos)
         xenstored.domains_changed(infos)
 

@@ -120,7 +120,7 @@ class Kernel:
 
     def start_control(self) -> None:
         """Answer the toolstack's shutdown requests (control/shutdown)."""
-        self.control = ControlDriver(self.xenstore, self.shutdown)
+        self.control = ControlDriver(self.xenstore, self.shutdown, self.print)
 
     # -- devices -------------------------------------------------------------
 

@@ -16,12 +16,14 @@ the supervisor says the set changed: our event loop's scan calls
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from xmp.domid import DOMID_SELF
+from xmp.errors import HypercallError
 from xmp.hypercall import MAX_FDS, Channel
 from xmp.sharedmem.evtchn import Doorbell, EventChannels
 from xmp.sharedmem.shm import PAGE_SIZE, ShmObject
@@ -149,7 +151,9 @@ class Xen:
         scan when the supervisor says the set changed."""
         while True:
             have = self.evt.doorbell_senders()
-            ret, fds = self.ch.call_with_fds("event_channel_op", "doorbells", have=have)
+            with self._lock:
+                peers = sorted(set(self._peers) | self._live_granters | {d for d, _ in self._foreign})
+            ret, fds = self.ch.call_with_fds("event_channel_op", "doorbells", have=have, peers=peers)
             if not isinstance(ret, dict):
                 for fd in fds:
                     os.close(fd)
@@ -159,8 +163,12 @@ class Xen:
                 self.evt.attach_doorbell(sender, obj.map(), closer=obj.close)
             for fd in fds[len(ret["new"]):]:
                 os.close(fd)
-            for sender in set(have) - set(ret["senders"]):
-                self.evt.detach_doorbell(sender)
+            # The hypervisor drops a sender's doorbells only when it destroys it
+            # (and then bumps the generation of every domain that rang it or was
+            # rung by it): what we hold of a dead peer goes -- its doorbell into
+            # us, ours into it and its wake page, its RAM once nothing maps it.
+            for peer in (set(have) - set(ret["senders"])) | set(ret.get("gone", ())):
+                self.forget_domain(peer)
             if len(ret["new"]) < MAX_FDS:  # else there may be more
                 return
 
@@ -188,31 +196,42 @@ class Xen:
 
     def map_grant_ref(self, granter: int, refs: list[int], readonly: bool = False) -> GrantMapping:
         key = (granter, not readonly)
-        ret, fds = self.ch.call_with_fds("grant_table_op", "map_grant_ref", dom=granter, refs=list(refs),
-                                         readonly=readonly, have_ram=key in self._foreign)
-        with self._lock:
-            self._live_granters.add(granter)
-            for fd in fds:
-                if key in self._foreign:  # another thread got it meanwhile: keep that one
-                    os.close(fd)
-                else:
-                    self._foreign[key] = ShmObject.from_fd(fd)
-            obj = self._foreign[key]
-            frames = ret["frames"]
-            maps: list = []
-            pages: list = []
-            where: list[tuple[int, int]] = []
-            i = 0
-            while i < len(frames):
-                n = 1
-                while i + n < len(frames) and frames[i + n] == frames[i] + n:
-                    n += 1
-                m = obj.map(frames[i], n, writable=not readonly)
-                where += [(len(maps), k) for k in range(n)]
-                maps.append(m)
-                pages += [m] if n == 1 else [memoryview(m)[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
-                                             for k in range(n)]
-                i += n
+        for _ in range(3):
+            ret, fds = self.ch.call_with_fds("grant_table_op", "map_grant_ref", dom=granter, refs=list(refs),
+                                             readonly=readonly, have_ram=key in self._foreign)
+            with self._lock:
+                self._live_granters.add(granter)
+                for fd in fds:
+                    if key in self._foreign:  # another thread got it meanwhile: keep that one
+                        os.close(fd)
+                    else:
+                        self._foreign[key] = ShmObject.from_fd(fd)
+                if key in self._foreign:
+                    return self._map_frames(ret, granter, refs, readonly, self._foreign[key])
+            # We said we held its RAM, and another thread forgot the granter
+            # meanwhile (xenstored releasing it as xenconsoled takes its last
+            # words): give the grant back and ask again, descriptor included.
+            self.call("grant_table_op", "unmap_grant_ref", handle=ret["handle"])
+        raise HypercallError(errno.ESRCH, "map_grant_ref", f"dom{granter} keeps being forgotten meanwhile")
+
+    def _map_frames(self, ret: dict, granter: int, refs: list[int], readonly: bool,
+                    obj: ShmObject) -> GrantMapping:
+        """mmap the frames the hypervisor named (lock held)."""
+        frames = ret["frames"]
+        maps: list = []
+        pages: list = []
+        where: list[tuple[int, int]] = []
+        i = 0
+        while i < len(frames):
+            n = 1
+            while i + n < len(frames) and frames[i + n] == frames[i] + n:
+                n += 1
+            m = obj.map(frames[i], n, writable=not readonly)
+            where += [(len(maps), k) for k in range(n)]
+            maps.append(m)
+            pages += [m] if n == 1 else [memoryview(m)[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
+                                         for k in range(n)]
+            i += n
         return GrantMapping(ret["handle"], granter, list(refs), readonly, pages, maps, where)
 
     def unmap_grant_ref(self, mapping: GrantMapping) -> None:

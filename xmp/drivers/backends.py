@@ -10,6 +10,7 @@ import functools
 
 from xmp import devices
 from xmp.domain_proc.kernel import Kernel
+from xmp.domain_proc.service import guard_loop
 from xmp.drivers.xenbus.device import Bus, backend_bus
 from xmp.xenstore.client import XsClient
 
@@ -21,6 +22,7 @@ def start_backends(kernel: Kernel, xs: XsClient) -> list[Bus]:
 
 
 def main(kernel: Kernel) -> None:
+    guard_loop(kernel, kernel.name)  # one frontend's bad data must not end every device's service
     start_backends(kernel, kernel.xenstore)  # the buses live on in the xenstore client's watches
     served = " and ".join(c.devtype for c in devices.DEVICE_CLASSES if c.has("backend"))
     kernel.print(f"{kernel.name}: serving {served} backends")

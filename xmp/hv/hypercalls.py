@@ -21,7 +21,7 @@ from typing import Any
 from xmp.domid import DOMID_DOM0, DOMID_SELF
 from xmp.errors import GrantError, HypercallError
 from xmp.hv.domain import Domain, DomState, Mapping
-from xmp.hypercall import HYPERCALLS, MAX_FDS, SHUTDOWN_REASONS, arg, int_list
+from xmp.hypercall import DOMAININFO_PAGE, HYPERCALLS, MAX_FDS, SHUTDOWN_REASONS, arg, int_list
 from xmp.sharedmem._ffi import lib
 from xmp.sharedmem.evtchn import (
     DOORBELL_SIZE,
@@ -89,10 +89,29 @@ class HypercallHandlers:
         return 0, []
 
     def hc_domctl_getdomaininfo(self, caller: Domain, args: dict) -> Reply:
+        """One domain's record; the list is sysctl getdomaininfolist (a reply
+        that grows with the domain count would outgrow the channel)."""
         domid = arg(args, "domid", int, "getdomaininfo", None)
         if domid is None:
-            return [self.domain_info(d) for d in sorted(self.domains.values(), key=lambda d: d.domid)], []
+            raise HypercallError(errno.EINVAL, "getdomaininfo",
+                                 "name a domid; sysctl getdomaininfolist pages through them all")
         return self.domain_info(self.lookup(domid, "getdomaininfo")), []
+
+    # -- sysctl (dom0 only) --------------------------------------------------
+
+    def hc_sysctl_getdomaininfolist(self, caller: Domain, args: dict) -> Reply:
+        """XEN_SYSCTL_getdomaininfolist: up to ``max_domains`` records of
+        domains numbered ``first_domain`` or above, in id order."""
+        op = "getdomaininfolist"
+        first = arg(args, "first_domain", int, op, 0)
+        count = arg(args, "max_domains", int, op, DOMAININFO_PAGE)
+        if first < 0 or not 1 <= count <= DOMAININFO_PAGE:
+            raise HypercallError(errno.EINVAL, op, f"first_domain >= 0, max_domains 1..{DOMAININFO_PAGE}")
+        doms = sorted((d for d in self.domains.values() if d.domid >= first), key=lambda d: d.domid)[:count]
+        for d in doms:
+            if d.state == DomState.DYING:
+                d.seen_dying = True  # dom0 lets go of it now (see reap_dying)
+        return [self.domain_info(d) for d in doms], []
 
     def hc_domctl_max_mem(self, caller: Domain, args: dict) -> Reply:
         dom = self.lookup(arg(args, "domid", int, "max_mem"), "max_mem")
@@ -342,6 +361,9 @@ class HypercallHandlers:
                 other.evt.bump_generation()
         for sender in list(dom.doorbells):
             dom.evt.detach_doorbell(sender)
+            peer = self.domains.get(sender)
+            if peer is not None and peer is not dom:
+                peer.evt.bump_generation()  # it rang dom: its refresh hears dom has gone
         dom.evt.sync(drain=True)
         for obj in dom.doorbells.values():
             obj.close()
@@ -351,11 +373,15 @@ class HypercallHandlers:
         """xmp's own: the doorbells the caller's peers ring it through.
         ``have`` names the senders whose doorbell it holds; the reply lists
         every live sender and brings, in ``new`` order, the ones it lacks
-        (at most MAX_FDS a call: it asks again for the rest)."""
+        (at most MAX_FDS a call: it asks again for the rest).  ``gone``:
+        which of the domains named in ``peers`` (those it holds anything
+        of) have been destroyed -- it may let go of them."""
         have = set(int_list(args, "have", "doorbells", limit=1 << 16))
+        peers = int_list(args, "peers", "doorbells", limit=1 << 16) if "peers" in args else []
         senders = sorted(caller.doorbells)
         new = [d for d in senders if d not in have][:MAX_FDS]
-        return {"senders": senders, "new": new}, [caller.doorbells[d].fd for d in new]
+        gone = sorted({d for d in peers if d not in self.domains or self.domains[d].state == DomState.DYING})
+        return {"senders": senders, "new": new, "gone": gone}, [caller.doorbells[d].fd for d in new]
 
     def hc_event_channel_op_bind_virq(self, caller: Domain, args: dict) -> Reply:
         virq, vcpu = arg(args, "virq", int, "bind_virq"), arg(args, "vcpu", int, "bind_virq", 0)

@@ -6,8 +6,18 @@ dies with the supervisor (PR_SET_PDEATHSIG), and forks one domain per
 request -- a few milliseconds instead of a fresh interpreter's fifty.  It
 is the parent of every domain, so it reaps them and reports each exit.
 
+Guests are jailed on the way (`xmp.hv.jail`: own uid, PID/mount/IPC/net
+namespaces, a read-only root of Python only, seccomp), driver domains a PID
+namespace, the seccomp filter and no capabilities, dom0 nothing of that.
+
+Preloaded guest modules are not trusted to stay as they were: before each
+spawn the zygote checks the source files of every module a preload brought
+in (mtime and size, as importlib's bytecode cache does) and imports a
+changed group afresh, so ``xmp create`` after an edit runs the new code.
+
 Protocol (SOCK_SEQPACKET, JSON):
-    supervisor -> zygote  {"cmd": "spawn", "domid", "title"} + [hypercall socket, log fd]
+    supervisor -> zygote  {"cmd": "spawn", "domid", "title", "entry", "unprivileged", "jail", "config"}
+                          + [hypercall socket, log fd]   (jail: "guest" | "driver" | null)
                           {"cmd": "preload", "modules": [...]}
     zygote -> supervisor  {"spawned": pid, "domid"} | {"error": "..."}
                           {"exited": pid, "status": code | -signal}   (any time)
@@ -15,9 +25,12 @@ Protocol (SOCK_SEQPACKET, JSON):
 
 from __future__ import annotations
 
+import errno
 import importlib
+import importlib.util
 import json
 import os
+import select
 import selectors
 import signal
 import socket
@@ -25,11 +38,14 @@ import sys
 import time
 import traceback
 
+from xmp.errors import HypercallError
+from xmp.hv.jail import Jailer, JailError
 from xmp.sharedmem._ffi import lib
 from xmp.sharedmem.shm import recv_handles, send_handles
+from xmp.topology import GUEST_UIDS
 
 
-def start_zygote() -> tuple[int, socket.socket]:
+def start_zygote(guest_uids: tuple[int, int] = GUEST_UIDS) -> tuple[int, socket.socket]:
     """Fork the zygote; return (pid, the supervisor's end of its socket)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     supervisor = os.getpid()
@@ -37,7 +53,7 @@ def start_zygote() -> tuple[int, socket.socket]:
     if pid == 0:  # the zygote
         try:
             ours.close()
-            _zygote_main(theirs, supervisor)
+            _zygote_main(theirs, supervisor, guest_uids)
         except BaseException:
             traceback.print_exc()
         finally:
@@ -46,7 +62,7 @@ def start_zygote() -> tuple[int, socket.socket]:
     return pid, ours
 
 
-def _zygote_main(sock: socket.socket, supervisor: int) -> None:
+def _zygote_main(sock: socket.socket, supervisor: int, guest_uids: tuple[int, int]) -> None:
     lib.xmp_set_pdeathsig(signal.SIGKILL)
     if os.getppid() != supervisor:  # it died before we could ask to follow it
         os._exit(1)
@@ -55,6 +71,14 @@ def _zygote_main(sock: socket.socket, supervisor: int) -> None:
     _set_title("xmp:zygote")
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
+    # Before the SIGCHLD handler: finding libseccomp may run ldconfig.
+    jailer = Jailer(guest_uids)
+    preloads = Preloads()
+    # A domain in its own PID namespace sees no parent (getppid() is 0): it
+    # learns that the zygote died before PR_SET_PDEATHSIG took hold by this
+    # pipe hanging up (the zygote holds the only lasting write end; each
+    # child closes its copy at once).
+    lifeline = os.pipe()
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
     wake_w.setblocking(False)
@@ -63,7 +87,7 @@ def _zygote_main(sock: socket.socket, supervisor: int) -> None:
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ, "req")
     sel.register(wake_r, selectors.EVENT_READ, "chld")
-    children: set[int] = set()
+    children: dict[int, socket.socket | None] = {}  # pid -> what holds its uid
     while True:
         for key, _ in sel.select():
             if key.data == "chld":
@@ -83,16 +107,13 @@ def _zygote_main(sock: socket.socket, supervisor: int) -> None:
             req = json.loads(data)
             if req["cmd"] == "preload":
                 for mod in req["modules"]:
-                    try:
-                        importlib.import_module(mod)
-                    except Exception:  # the domain will report it when it imports
-                        pass
+                    preloads.load(mod)
                 continue
             try:
-                pid = _spawn(req, fds)
-                children.add(pid)
+                preloads.refresh()
+                pid = _spawn(req, fds, jailer, lifeline, children)
                 reply = {"spawned": pid, "domid": req["domid"]}
-            except OSError as exc:
+            except (OSError, JailError) as exc:
                 reply = {"error": f"fork failed: {exc}", "domid": req["domid"]}
             finally:
                 for fd in fds:
@@ -101,7 +122,64 @@ def _zygote_main(sock: socket.socket, supervisor: int) -> None:
         _reap(sock, children)
 
 
-def _reap(sock: socket.socket, children: set[int]) -> None:
+def _source_signature(name: str) -> tuple[str, int, int] | None:
+    mod = sys.modules.get(name)
+    path = getattr(mod, "__file__", None)
+    if not isinstance(path, str) or not path.endswith(".py"):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path, -1, -1)  # deleted: changed
+    return (path, st.st_mtime_ns, st.st_size)
+
+
+def _is_workload(name: str) -> bool:
+    # xmp's own modules are the supervisor's code too: an edit there needs a
+    # restart, and importing them twice would split their classes in two.
+    return not (name == "xmp" or name.startswith("xmp.")) or name.startswith("xmp.guests.")
+
+
+class Preloads:
+    """The modules each preload brought in, with their sources' signatures."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, dict[str, tuple[str, int, int]]] = {}
+
+    def load(self, module: str) -> None:
+        before = set(sys.modules)
+        try:
+            importlib.import_module(module)
+        except Exception:  # the domain will report it when it imports
+            pass
+        group = {}
+        # (the module itself too, though the supervisor may have imported it)
+        for name in (set(sys.modules) - before) | {module}:
+            sig = _source_signature(name)
+            if sig is not None and _is_workload(name):
+                group[name] = sig
+        self.groups[module] = group
+
+    def stale(self) -> list[str]:
+        return [module for module, group in self.groups.items()
+                if any(_source_signature(name) != sig for name, sig in group.items())]
+
+    def refresh(self) -> None:
+        """Import every changed group afresh (stat only when nothing changed)."""
+        for module in self.stale():
+            for name, (path, _, _) in self.groups.pop(module).items():
+                sys.modules.pop(name, None)
+                # Its bytecode is stale too, yet an edit of the same size
+                # within the same second would pass importlib's check.
+                try:
+                    os.unlink(importlib.util.cache_from_source(path))
+                except (OSError, ValueError):
+                    pass
+            importlib.invalidate_caches()
+            self.load(module)
+
+
+def _reap(sock: socket.socket, children: dict[int, socket.socket | None]) -> None:
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -109,7 +187,9 @@ def _reap(sock: socket.socket, children: set[int]) -> None:
             return
         if pid == 0:
             return
-        children.discard(pid)
+        uid_lock = children.pop(pid, None)
+        if uid_lock is not None:  # its uid is free again
+            uid_lock.close()
         code = os.waitstatus_to_exitcode(status)
         try:
             sock.send(json.dumps({"exited": pid, "status": code}).encode())
@@ -117,7 +197,7 @@ def _reap(sock: socket.socket, children: set[int]) -> None:
             pass
 
 
-def _kill_all(children: set[int]) -> None:
+def _kill_all(children: dict[int, socket.socket | None]) -> None:
     for pid in children:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -130,23 +210,29 @@ def _kill_all(children: set[int]) -> None:
             pass
 
 
-def _spawn(req, fds) -> int:
+def _spawn(req, fds, jailer: Jailer, lifeline: tuple[int, int],
+           children: dict[int, socket.socket | None]) -> int:
     hc_fd, log_fd = fds
-    zygote = os.getpid()
-    pid = os.fork()
+    kind = req.get("jail") if req.get("unprivileged") else None
+    uid, uid_lock, pidns = jailer.prepare(kind, req["domid"])
+    try:
+        pid = os.fork()
+    except OSError:
+        jailer.after_fork(pidns)
+        if uid_lock is not None:
+            uid_lock.close()
+        raise
     if pid:
+        jailer.after_fork(pidns)
+        children[pid] = uid_lock
         return pid
     # -- the domain process --------------------------------------------
     code = 1
     try:
         lib.xmp_set_pdeathsig(signal.SIGKILL)
-        if os.getppid() != zygote:
-            os._exit(1)
+        os.close(lifeline[1])
+        _zygote_alive_or_exit(lifeline[0])
         lib.xmp_set_dumpable(0)
-        if req.get("unprivileged"):
-            rc = lib.xmp_drop_privileges()
-            if rc:
-                raise OSError(-rc, "dropping privileges")
         title = req["title"]
         lib.xmp_set_comm(title.encode()[:15])
         _set_title(title)
@@ -157,11 +243,24 @@ def _spawn(req, fds) -> int:
         os.dup2(devnull, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
-        keep = os.dup(hc_fd)
-        os.closerange(3, keep)
-        os.closerange(keep + 1, 65536)
         sys.stdout = os.fdopen(1, "w", buffering=1)
         sys.stderr = os.fdopen(2, "w", buffering=1)
+        kept: list[int] = []
+        if req.get("unprivileged"):
+            # Jailed with its log in place, so a failure is told there.
+            line, kept = jailer.enter(kind, uid, pidns, req["domid"], req.get("config") or {})
+            print(line, flush=True)
+            # A change of uid clears PR_SET_PDEATHSIG and resets dumpable.
+            lib.xmp_set_pdeathsig(signal.SIGKILL)
+            _zygote_alive_or_exit(lifeline[0])
+            lib.xmp_set_dumpable(0)
+        keep = os.dup(hc_fd)
+        _close_all_but(keep, *kept)
+        if req.get("unprivileged"):
+            rc = lib.xmp_drop_privileges()
+            if rc:
+                raise OSError(-rc, "dropping privileges")
+            jailer.seal()  # last: it denies what the steps above needed
         # The program every domain boots (the supervisor names it, as Xen is
         # handed a kernel image): looked up by name, never imported by the hypervisor.
         module, _, func = req["entry"].partition(":")
@@ -172,6 +271,21 @@ def _spawn(req, fds) -> int:
         os._exit(code)
 
 
+def _close_all_but(*keep: int) -> None:
+    low = 3
+    for fd in sorted(set(keep)):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 65536)
+
+
+def _zygote_alive_or_exit(lifeline: int) -> None:
+    """Exit if the zygote died before PR_SET_PDEATHSIG was (re)armed: the
+    lifeline hangs up once no zygote holds its write end."""
+    if select.select([lifeline], [], [], 0)[0]:
+        os._exit(1)
+
+
 def _set_title(title: str) -> None:
     try:
         import setproctitle
@@ -180,21 +294,31 @@ def _set_title(title: str) -> None:
     setproctitle.setproctitle(title)
 
 
+class SpawnRefused(HypercallError, OSError):  # type: ignore[misc]  # (both keep errno as an int)
+    """No domain process could be made (fork failed, no free guest uid).  An
+    OSError too: the supervisor's domain build undoes itself on OSError, and
+    the control socket answers a HypercallError instead of dying of it."""
+
+
 class ZygoteClient:
     """The supervisor's side."""
 
-    def __init__(self):
-        self.pid, self.sock = start_zygote()
+    def __init__(self, guest_uids: tuple[int, int] = GUEST_UIDS):
+        self.pid, self.sock = start_zygote(guest_uids)
         self.exits: list[tuple[int, int]] = []
 
     def preload(self, modules) -> None:
         self.sock.send(json.dumps({"cmd": "preload", "modules": sorted(set(modules))}).encode())
 
     def spawn(self, domid: int, title: str, hc_fd: int, log_fd: int, entry: str,
-              unprivileged: bool = True) -> int:
+              unprivileged: bool = True, jail: str | None = "guest", config: dict | None = None) -> int:
         """Fork a domain that runs ``entry`` ("module:function", called with
-        its hypercall channel)."""
-        req = {"cmd": "spawn", "domid": domid, "title": title, "entry": entry, "unprivileged": unprivileged}
+        its hypercall channel).  ``jail``: "guest" (the whole jail),
+        "driver" (own PID namespace, seccomp, no capabilities) or None; it applies only with
+        ``unprivileged``.  ``config`` (the domain's, as a dict) is for the
+        jail's network namespace hooks."""
+        req = {"cmd": "spawn", "domid": domid, "title": title, "entry": entry, "unprivileged": unprivileged,
+               "jail": jail, "config": config}
         send_handles(self.sock, json.dumps(req).encode(), [hc_fd, log_fd])
         while True:
             msg = self._recv()
@@ -202,7 +326,7 @@ class ZygoteClient:
                 self.exits.append((msg["exited"], msg["status"]))
             elif msg.get("domid") == domid:
                 if "error" in msg:
-                    raise OSError(msg["error"])
+                    raise SpawnRefused(errno.EAGAIN, "createdomain", msg["error"])
                 return msg["spawned"]
 
     def _recv(self) -> dict:

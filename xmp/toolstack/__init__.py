@@ -21,7 +21,8 @@ def run_host(topology: Topology, rundir: Path, *, echo: bool = True, stop_when_g
     stopped; returns the exit status.  The control socket is made first, so
     a second host on the same run directory is refused before anything
     starts."""
-    sup = Supervisor(rundir, topology.host.memory_mib, echo=echo, preload=preload_modules(topology))
+    sup = Supervisor(rundir, topology.host.memory_mib, echo=echo, preload=preload_modules(topology),
+                     guest_uids=topology.host.guest_uids)
     try:
         ts = Toolstack(sup, topology, stop_when_guests_gone=stop_when_guests_gone)
         control = ControlServer(rundir / "control.sock", ts)

@@ -4,6 +4,7 @@
 object per line and answers one per line, in order::
 
     {"cmd": "list"}                        -> {"ok": true, "domains": [...]}
+    {"cmd": "info"}                        -> {"ok": true, "domains": 3, "capacity": 2032, "nofile": ...}
     {"cmd": "create", "config": {...}}     -> {"ok": true, "domid": 7}
     {"cmd": "destroy" | "pause" | "unpause", "dom": "web" | 7}
     {"cmd": "device-add", "class": "block", "dom": "web", "spec": "...", "cwd": "/"}
@@ -186,6 +187,9 @@ class ControlServer:
     def cmd_list(self, req):
         return {"domains": [self.sup.domain_info(d) for d in
                             sorted(self.sup.domains.values(), key=lambda d: d.domid)]}
+
+    def cmd_info(self, req):
+        return self.sup.host_info()
 
     def cmd_create(self, req):
         cfg = req.get("config")

@@ -23,11 +23,11 @@ from xmp import devices
 from xmp.devices import DeviceClass, DeviceSpec
 from xmp.domid import DOMID_DOM0
 from xmp.drivers.xenbus.state import XenbusState
-from xmp.errors import HypercallError, XmpError
+from xmp.errors import HypercallError, LocalError, XmpError
 from xmp.hv.domain import Domain
 from xmp.toolstack.pending import Pending
 from xmp.toolstack.xs import _z, device_tree, move_backend_tree
-from xmp.topology import DomainConfig
+from xmp.topology import DomainConfig, HostConfig, source_folder
 from xmp.xenstore.wire import Packet, XsType
 
 if TYPE_CHECKING:
@@ -70,22 +70,36 @@ class DeviceManager:
         self.ts = ts
         self._tokens = itertools.count(1)
 
+    def open_host(self, host: HostConfig) -> None:
+        """Each class readies the host (``host_open`` in its toolstack.py:
+        the network's bridges); what they say goes to the hypervisor's log."""
+        for cls in devices.DEVICE_CLASSES:
+            opener = getattr(cls.part("toolstack"), "host_open", None) if cls.has("toolstack") else None
+            if opener is not None:
+                for line in opener(host):
+                    self.ts.sup.log(line)
+
     # -- adding ----------------------------------------------------------------
 
     def plan(self, cfg: DomainConfig) -> list[Planned]:
         """Every device a config lists, checked (and its files made) before
         the domain is built: a relative path is relative to the config's file."""
-        base = Path(cfg.source.rsplit(":", 1)[0]).parent if cfg.source else Path.cwd()
+        base = Path(source_folder(cfg.source))
         out = []
         for cls in devices.with_config_key():
-            for text in cfg.devices.get(cls.config_key or "", ()):
-                out.append(self._planned(cls, text, base, "createdomain"))
+            for i, text in enumerate(cfg.devices.get(cls.config_key or "", ())):
+                out.append(self._planned(cls, text, base, "createdomain", i))
         return out
 
-    def _planned(self, cls: DeviceClass, text: str, base: Path, op: str) -> Planned:
+    def _planned(self, cls: DeviceClass, text: str, base: Path, op: str, index: int = 0) -> Planned:
         part = cls.part("toolstack")
         try:
-            spec = part.device(part.parse(text), base)
+            parsed = part.parse(text)
+            if hasattr(part, "indexed"):  # a class whose devid defaults to the spec's place (vif)
+                parsed = part.indexed(parsed, index)
+            spec = part.device(parsed, base)
+        except HypercallError as exc:  # the class's own errno (a path it cannot create), under our op
+            raise HypercallError(exc.errno, op, exc.detail or str(exc)) from None
         except XmpError as exc:
             raise HypercallError(errno.EINVAL, op, str(exc)) from None
         return Planned(cls, spec, self._backend(spec, op))
@@ -111,35 +125,57 @@ class DeviceManager:
             raise HypercallError(errno.EEXIST, "device-add",
                                  f"{front.name} already has {plan.cls.devtype} {plan.spec.name}")
         dev = Device(front.domid, plan.back.domid, plan.cls, plan.spec)
+        try:
+            self.ts.xs.send(device_tree(front.domid, dev.back_domid, plan.cls.devtype, dev.devid,
+                                        plan.spec.back_keys, plan.spec.front_keys),
+                            f"adding {plan.cls.devtype} {dev.devid} to dom{front.domid}",
+                            None if done is None else _settle(done, self._result(dev)))
+        except LocalError as exc:  # more than xenstored takes: nothing was sent
+            raise HypercallError(errno.E2BIG, "device-add", str(exc)) from None
         rec.devices.append(dev)
-        self.ts.xs.send(device_tree(front.domid, dev.back_domid, plan.cls.devtype, dev.devid,
-                                    plan.spec.back_keys, plan.spec.front_keys),
-                        f"adding {plan.cls.devtype} {dev.devid} to dom{front.domid}",
-                        None if done is None else _settle(done, self._result(dev)))
         return dev
 
     def attach(self, front: Domain, cls: DeviceClass, text: str, base: Path) -> Pending:
         """xl <class>-attach: hot-plug one device from its xl spec."""
+        self._can_hotplug(f"{cls.command}-attach")
         done = Pending()
-        self.add(front, self._planned(cls, text, base, f"{cls.command}-attach"), done)
+        taken = [d.devid for d in self.ts.record(front).devices if d.cls == cls]
+        nextid = max(taken, default=-1) + 1  # libxl__device_nextid
+        self.add(front, self._planned(cls, text, base, f"{cls.command}-attach", nextid), done)
         return done
 
     def attach_keys(self, front: Domain, back: Domain, cls: DeviceClass, devid: int,
                     back_keys: dict[str, str], front_keys: dict[str, str]) -> Pending:
         """The generic device add, with the keys given (tests and tools)."""
+        self._can_hotplug("device-attach")
         done = Pending()
         self.add(front, Planned(cls, DeviceSpec(devid, str(devid), back.name, back_keys, front_keys), back),
                  done)
         return done
 
+    def _can_hotplug(self, op: str) -> None:
+        """Refuse a hot-plug that could not be written: while stopping
+        (teardown serves the loop, so one still reaches us), or with no
+        xenstore (the device would be recorded but never written)."""
+        sup = self.ts.sup
+        if sup.stopping:
+            raise HypercallError(errno.ESHUTDOWN, op, f"the supervisor is stopping ({sup.stop_reason}): "
+                                 "no new devices")
+        if self.ts.xs.sock is None:
+            raise HypercallError(errno.EIO, op, "xenstore unavailable: the device was not written")
+
     # -- removing ----------------------------------------------------------------
 
     def find(self, front: Domain, cls: DeviceClass, name: str) -> Device:
+        mine = [d for d in self.ts.record(front).devices if d.cls == cls]
         try:
             devid = cls.part("toolstack").devid_of(name)
         except XmpError as exc:
-            raise HypercallError(errno.EINVAL, f"{cls.command}-detach", str(exc)) from None
-        dev = next((d for d in self.ts.record(front).devices if d.cls == cls and d.devid == devid), None)
+            by_name = [d for d in mine if d.spec.name.lower() == name.lower()]  # a vif's MAC
+            if not by_name:
+                raise HypercallError(errno.EINVAL, f"{cls.command}-detach", str(exc)) from None
+            devid = by_name[0].devid
+        dev = next((d for d in mine if d.devid == devid), None)
         if dev is None:
             raise HypercallError(errno.ENOENT, f"{cls.command}-detach",
                                  f"{front.name} has no {cls.config_key or cls.devtype} {name}")
@@ -192,10 +228,13 @@ class DeviceManager:
                         None if done is None else _settle(done, self._result(dev), gone_is_fine=True))
 
     def forget(self, rec: DomainRecord) -> None:
-        """The frontend's domain is gone: its backend directories go too (its
-        own tree is removed with it)."""
-        for dev in rec.devices:
-            self.ts.xs.send([(XsType.RM, _z(dev.back_path))], f"removing the backend of {dev.front_path}")
+        """The frontend's domain is gone (RELEASEd already, so its backends
+        have seen it go): ``backend/<type>/<frontid>`` goes in every backend
+        domain it had devices in, as libxl removes it itself rather than
+        trust a driver domain to -- a dead or hostile one would keep the
+        nodes and fill its quota.  Its own tree is removed with it."""
+        for path in dict.fromkeys(dev.back_path.rsplit("/", 1)[0] for dev in rec.devices):
+            self.ts.xs.send([(XsType.RM, _z(path))], f"removing {path} of dom{rec.domid}")
         rec.devices.clear()
 
     # -- listing and moving --------------------------------------------------------
@@ -235,6 +274,18 @@ class DeviceManager:
             for dev in rec.devices:
                 if dev.back_domid == old and dev.front in self.ts.sup.domains:
                     self.move(dev, new)
+
+    def close(self) -> None:
+        """The host is going: each class gives back what it made on it
+        (``host_close`` in its toolstack.py: the network's bridges)."""
+        for cls in devices.DEVICE_CLASSES:
+            if cls.has("toolstack"):
+                close = getattr(cls.part("toolstack"), "host_close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception as exc:  # the others still get theirs
+                        self.ts.sup.log(f"{cls.kind}: cleanup failed: {exc}")
 
     @staticmethod
     def _result(dev: Device) -> dict[str, Any]:

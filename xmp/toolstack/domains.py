@@ -95,6 +95,7 @@ class Toolstack:
         self.restarts: dict[str, deque[float]] = {}
         self.xs = XsConnection(sup.rundir / "xenstored.sock", sup.log, self._xs_wants_write, sup.unwatch)
         self.devices = DeviceManager(self)
+        self.devices.open_host(topology.host)
         from xmp.toolstack.save import SaveRestore  # here: it imports this module (DomainRecord)
         self.saves = SaveRestore(self)
         sup.events = self
@@ -122,6 +123,8 @@ class Toolstack:
         self.xs.send(dom0_tree(), "dom0")
         for cfg in self.topology.domains:
             if self.sup.stopping:
+                self.sup.log(f"start-up interrupted: {len(self.records) - 1} of "
+                             f"{len(self.topology.domains)} domains created")
                 return
             self.create(cfg)
 
@@ -138,6 +141,7 @@ class Toolstack:
             self.sup.iterate(0.05)
 
     def close(self) -> None:
+        self.devices.close()
         self.xs.close()
         (self.sup.rundir / "xenstored.sock").unlink(missing_ok=True)
         for sock in (self.sup.rundir / "console").glob("*.sock"):  # dom0's, if it could not
@@ -174,8 +178,7 @@ class Toolstack:
         ``planned`` devices, ``restore`` for the boot message and
         ``prepare`` to fill the RAM before the domain runs; ``paused``: it
         runs nothing until unpaused."""
-        if self.sup.stopping and domid != DOMID_DOM0:
-            raise HypercallError(errno.ESHUTDOWN, "createdomain", "the host is stopping")
+        self.sup.check_build(cfg, name, dom0=domid == DOMID_DOM0)  # before a device's files are made
         if planned is None:
             planned = [] if domid == DOMID_DOM0 else self.devices.plan(cfg)
         kernel = cfg.kernel or (DOM0_KERNEL if domid == DOMID_DOM0 else
@@ -234,7 +237,13 @@ class Toolstack:
             self.sup.destroy_domain(dom, f"destroyed ({reason}: on_{reason} = {configured})")
         if action in ("restart", "rename-restart") and not self.sup.stopping:
             if self._restart_allowed(cfg.name):
-                self.devices.rehome(dom.domid, self.create(cfg))
+                try:
+                    new = self.create(cfg)
+                except HypercallError as exc:  # a limit reached meanwhile: it stays down, the rest run
+                    self.sup.exit_code = 1
+                    self.sup.log(f"{cfg.name!r} not restarted: {exc}")
+                    return
+                self.devices.rehome(dom.domid, new)
             else:
                 self.sup.exit_code = 1
                 self.sup.log(f"{cfg.name!r} restarted {RESTART_LIMIT[0]} times in {RESTART_LIMIT[1]:.0f} s: "

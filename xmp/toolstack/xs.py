@@ -22,9 +22,9 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from xmp.errors import RemoteProtocolError
+from xmp.errors import LocalError, RemoteProtocolError
 from xmp.startinfo import CONSOLE_PFN, XENSTORE_PFN
-from xmp.xenstore.wire import Packet, PacketParser, XsType
+from xmp.xenstore.wire import XENSTORE_PAYLOAD_MAX, Packet, PacketParser, XsType
 
 GUEST_OWNED_DIRS = ("data", "device", "drivers", "feature", "attr", "error")
 GUEST_OWNED_CONTROL = ("shutdown", "feature-poweroff", "feature-reboot", "feature-suspend", "sysrq")
@@ -172,7 +172,15 @@ class XsConnection:
 
     def send(self, reqs: list[tuple[XsType, bytes]], what: str, done: Done | None = None) -> None:
         """Send ``reqs``; ``done`` gets their replies once all are in.  An
-        error reply is logged (and handed to ``done``), never dropped."""
+        error reply is logged (and handed to ``done``), never dropped.  A
+        request larger than xenstore's payload is refused (LocalError) and
+        nothing of the batch is sent: xenstored would drop this connection,
+        which serves every domain."""
+        for op, payload in reqs:
+            if len(payload) > XENSTORE_PAYLOAD_MAX:
+                path = payload.split(b"\0")[0].decode(errors="replace")
+                raise LocalError(f"{what}: {op.name} {path[:80]}: {len(payload)} bytes, more than "
+                                 f"xenstore's {XENSTORE_PAYLOAD_MAX}")
         if self.sock is None:
             self.log(f"xenstore unavailable: {what} not done")
             if done is not None:

@@ -11,6 +11,14 @@ toolstack) or over a domain's xenstore ring page (guests).
 Watch events that arrive while waiting for a reply are queued;
 ``wait_watch`` returns them.  Errors raise XenStoreError with the wire's
 errno name.
+
+A request waits at most ``timeout`` seconds (``DEFAULT_TIMEOUT``; the CLI
+uses 5) and then raises XenStoreError("ETIMEDOUT"): a stopped or wedged
+xenstored costs its callers an error, not an endless hang.  Its req_id is
+remembered, so a reply that arrives later is discarded, never taken for
+another request's.  A posted request (``post``, fire-and-forget) that
+fails is handed to ``on_posted_error``, or, when none is set, raised by
+the next request -- a failure is never dropped.
 """
 
 from __future__ import annotations
@@ -28,10 +36,14 @@ from xmp.sharedmem.bytering import xenstore_rings
 from xmp.xenstore.wire import Packet, PacketParser, XsType
 
 XBT_NULL = 0
+DEFAULT_TIMEOUT = 10.0  # seconds a request waits for its reply
+TIMEOUT_SLACK = 0.1     # how far from what is asked a socket's wait may end
 
 
 class Transport(Protocol):
-    def send(self, data: bytes) -> None: ...
+    def send(self, data: bytes, timeout: float | None = None) -> None:
+        """All of ``data``, in order; TimeoutError if it cannot within ``timeout``."""
+        ...
 
     def recv(self, timeout: float | None, ready: Callable[[], bool] = ...) -> bytes:
         """Some bytes; b"" on timeout or as soon as ``ready()`` holds."""
@@ -48,14 +60,28 @@ class SocketTransport:
         sock.connect(str(path))
         return cls(sock)
 
-    def send(self, data: bytes) -> None:
+    def _arm(self, timeout: float | None) -> None:
+        """settimeout is a syscall: keep a timeout within TIMEOUT_SLACK of
+        what is asked (successive requests ask for nearly the same; a wait
+        that ends early only makes the caller wait again)."""
+        cur = self.sock.gettimeout()
+        if timeout is None or cur is None or abs(cur - timeout) > TIMEOUT_SLACK:
+            if cur != timeout:
+                self.sock.settimeout(timeout)
+
+    def send(self, data: bytes, timeout: float | None = None) -> None:
+        self._arm(timeout)
         self.sock.sendall(data)
 
     def recv(self, timeout: float | None, ready: Callable[[], bool] = lambda: False) -> bytes:
-        self.sock.settimeout(timeout)
         try:
+            if timeout == 0:  # (a socket with a timeout polls first, MSG_DONTWAIT or not)
+                if self.sock.gettimeout() != 0:
+                    self.sock.settimeout(0)
+            else:
+                self._arm(timeout)
             data = self.sock.recv(65536)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: nothing yet (timeout 0)
             return b""
         if not data:
             raise DomainGone(0)
@@ -76,17 +102,28 @@ class RingTransport:
         self.port = port
         self.notify = notify
         self.wait = wait
+        self._tail = bytearray()  # requests not yet in req: written before anything newer
 
-    def send(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = self.req.write(view)
-            view = view[n:]
+    def send(self, data: bytes, timeout: float | None = None) -> None:
+        """Write ``data`` after whatever is still queued.  TimeoutError if
+        xenstored has not made room within ``timeout``: the rest stays queued
+        (and goes first next time), so the packet stream stays whole."""
+        self._tail += data
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._tail:
+            n = self.req.write(self._tail)
+            del self._tail[:n]
             self.notify(self.port)
-            if view:
-                self.wait(lambda: self.req.space() > 0, 0.05)
+            if self._tail:
+                left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+                if left <= 0:
+                    raise TimeoutError("xenstore req ring full")
+                self.wait(lambda: self.req.space() > 0, left)
 
     def recv(self, timeout: float | None, ready: Callable[[], bool] = lambda: False) -> bytes:
+        if self._tail:
+            with contextlib.suppress(TimeoutError):
+                self.send(b"", 0)
         # ``ready``: an event handler may have pumped our reply meanwhile.
         if not self.wait(lambda: self.rsp.available() > 0 or ready(), timeout) or ready():
             return b""
@@ -104,16 +141,20 @@ class RingTransport:
 
 
 class XsClient:
-    def __init__(self, transport: Transport):
+    def __init__(self, transport: Transport, timeout: float | None = DEFAULT_TIMEOUT):
         self.t = transport
+        self.timeout = timeout  # seconds a request waits for its reply (None: for ever)
         self.parser = PacketParser()
         self._ids = itertools.count(1)
         self._replies: dict[int, Packet] = {}
         self.events: deque[tuple[str, str]] = deque()
         self._callbacks: dict[str, Callable[[str], None]] = {}
         self._dispatching = False
-        self._posted: set[int] = set()
-        self.posted_errors: list[tuple[str, str]] = []
+        self._posted: dict[int, tuple[XsType, str]] = {}  # req_id -> what was posted
+        self._abandoned: set[int] = set()  # timed out: their replies are dropped when they come
+        self.posted_errors: list[XenStoreError] = []  # failed posts no callback took, raised next
+        # Called with a failed posted request's error; unset, the next request raises it.
+        self.on_posted_error: Callable[[XenStoreError], None] | None = None
         # Called when a request returns with watch events queued; a domain
         # raises its own store port so its event loop dispatches them.
         self.events_pending: Callable[[], object] | None = None
@@ -121,10 +162,24 @@ class XsClient:
     # -- the protocol --------------------------------------------------------
 
     def request(self, op: XsType, payload: bytes, tx: int = XBT_NULL, path: str = "") -> bytes:
+        if self.posted_errors:
+            raise self.posted_errors.pop(0)
         req_id = next(self._ids) & 0xFFFFFFFF
-        self.t.send(Packet(int(op), req_id, tx, payload).encode())
-        while req_id not in self._replies:
-            self._pump(None, lambda: req_id in self._replies)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        try:
+            self.t.send(Packet(int(op), req_id, tx, payload).encode(), self.timeout)
+            while req_id not in self._replies:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    # One last look: a domain paused past the deadline may
+                    # have its answer waiting already.
+                    if not self._pump(0) or req_id not in self._replies:
+                        raise TimeoutError
+                    break
+                self._pump(left, lambda: req_id in self._replies)
+        except TimeoutError:
+            self._abandoned.add(req_id)
+            raise XenStoreError("ETIMEDOUT", path, op.name) from None
         reply = self._replies.pop(req_id)
         if self.events and self.events_pending is not None:
             self.events_pending()  # events came with the reply: have the owner's loop dispatch them
@@ -136,11 +191,11 @@ class XsClient:
 
     def post(self, op: XsType, payload: bytes, tx: int = XBT_NULL) -> None:
         """Send a request without waiting for its answer (boot-time writes and
-        watches): the reply is taken when it comes; an error one is kept in
-        ``posted_errors``."""
+        watches): the reply is taken when it comes; an error one goes to
+        ``on_posted_error`` (or is raised by the next request)."""
         req_id = next(self._ids) & 0xFFFFFFFF
-        self._posted.add(req_id)
-        self.t.send(Packet(int(op), req_id, tx, payload).encode())
+        self._posted[req_id] = (op, payload.split(b"\0", 1)[0].decode(errors="replace"))
+        self.t.send(Packet(int(op), req_id, tx, payload).encode(), self.timeout)
 
     def _pump(self, timeout: float | None, ready: Callable[[], bool] = lambda: False) -> bool:
         data = self.t.recv(timeout, ready)
@@ -151,13 +206,22 @@ class XsClient:
                 parts = pkt.payload.split(b"\0")
                 if len(parts) >= 2:
                     self.events.append((parts[0].decode(errors="replace"), parts[1].decode(errors="replace")))
+            elif pkt.req_id in self._abandoned:
+                self._abandoned.discard(pkt.req_id)  # its caller had its ETIMEDOUT already
             elif pkt.req_id in self._posted:
-                self._posted.discard(pkt.req_id)
+                op, path = self._posted.pop(pkt.req_id)
                 if pkt.type == XsType.ERROR:
-                    self.posted_errors.append((XsType(pkt.type).name, pkt.payload.rstrip(b"\0").decode()))
+                    self._posted_failed(XenStoreError(pkt.payload.rstrip(b"\0").decode(errors="replace"),
+                                                      path, op.name))
             else:
                 self._replies[pkt.req_id] = pkt
         return True
+
+    def _posted_failed(self, exc: XenStoreError) -> None:
+        if self.on_posted_error is not None:
+            self.on_posted_error(exc)
+        else:
+            self.posted_errors.append(exc)
 
     # -- operations, by their xs_* names -----------------------------------------
 

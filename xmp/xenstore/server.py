@@ -243,8 +243,12 @@ _NO_TX = frozenset({XsType.WATCH, XsType.UNWATCH})
 class XenStore:
     """The whole daemon state: store, connections, watches, domains."""
 
-    def __init__(self, quota: Quota | None = None, quota_overrides: dict[int, Quota] | None = None):
+    def __init__(self, quota: Quota | None = None, quota_overrides: dict[int, Quota] | None = None,
+                 domain_exists: Callable[[int], bool] | None = None):
         self.quota = quota if quota is not None else Quota()
+        # Asked before a domain is introduced (the daemon asks the hypervisor,
+        # getdomaininfo); None: every domid exists (the pure store's tests).
+        self.domain_exists = domain_exists
         self.quota_overrides = dict(quota_overrides or {})
         self.store = Store()
         self.connections: dict[int, Connection] = {}
@@ -695,6 +699,11 @@ class XenStore:
         mfn = _parse_int(args[1])
         port = _parse_int(args[2])
         if domid == 0 or domid >= DOMID_FIRST_RESERVED or port <= 0:
+            raise StoreError("EINVAL")
+        if domid not in self.introduced and self.domain_exists is not None and not self.domain_exists(domid):
+            # C xenstored fails here when mapping the page of a domain that
+            # does not exist (the grant map's GNTST_bad_domain is EINVAL from
+            # Linux's gntdev); we ask the hypervisor first, and answer the same.
             raise StoreError("EINVAL")
         if domid in self.introduced:
             # Re-introduction (resume, reconnect): domain_conn_reset() -- the

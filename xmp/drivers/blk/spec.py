@@ -32,8 +32,10 @@ number without leading zero, or ``d<disk>p<partition>``.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from xmp.errors import XmpError
 
@@ -330,3 +332,62 @@ class _Parser:
 def parse_diskspec(spec: str) -> DiskSpec:
     """Parse one xl ``disk=`` entry; raises :class:`DiskSpecError`."""
     return _Parser(spec).parse()
+
+
+# -- where a target lives --------------------------------------------------
+
+# The image path is the value of the backend's ``params`` node: one xenstore
+# write of at most XENSTORE_PAYLOAD_MAX (4096) bytes, its node path included.
+TARGET_MAX = 4096 - 128
+
+
+def target_path(target: str, base: str | os.PathLike[str]) -> Path:
+    """The image a target names: absolute as given (xl takes them), relative
+    to ``base`` (the folder of the file the disk was written in)."""
+    path = Path(target)
+    return path if path.is_absolute() else Path(base) / path
+
+
+def target_problem(spec: DiskSpec, base: str | os.PathLike[str]) -> str | None:
+    """Why this disk's image could not be what the spec says, or None.
+
+    * A relative target must stay inside ``base``: ``../../etc/x.img`` would
+      create a file outside the topology's folder (judged on the path as
+      written, ``..`` resolved, so a link the user placed is theirs).
+    * Its path must fit the backend's ``params`` node (:data:`TARGET_MAX`).
+    * An image to be created (missing, with ``size=``) must not be larger
+      than the whole filesystem it would live on -- the nearest existing
+      parent's ``statvfs`` -- or it fails on the first write past the end.
+
+    Checks only; creates nothing."""
+    if spec.target is None:
+        return None
+    base_dir = Path(os.path.abspath(base))
+    path = Path(os.path.normpath(target_path(spec.target, base_dir)))
+    if not Path(spec.target).is_absolute() and not path.is_relative_to(base_dir):
+        return (f"target '{spec.target}' resolves to {path}, outside {base_dir}, the folder the "
+                "target is relative to; move the image inside it or give an absolute path")
+    if len(os.fsencode(path)) > TARGET_MAX:
+        return (f"target's path is {len(os.fsencode(path))} bytes; a disk's xenstore params hold at most "
+                f"{TARGET_MAX}: use a shorter path")
+    if spec.size_bytes is None or path.exists():
+        return None
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        st = os.statvfs(parent)
+    except OSError as exc:
+        return f"target '{spec.target}': cannot look at {parent}: {exc.strerror or exc}"
+    whole = st.f_blocks * st.f_frsize
+    if spec.size_bytes > whole:
+        return (f"size {_human(spec.size_bytes)} is larger than the whole filesystem that would hold "
+                f"{path}: {_human(whole)} at {parent}; give a smaller size= or another target")
+    return None
+
+
+def _human(n: int) -> str:
+    for shift, unit in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit} ({n} bytes)"
+    return f"{n} bytes"
