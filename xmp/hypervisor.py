@@ -191,7 +191,7 @@ class Supervisor(HypercallHandlers):
         for dom in sorted(self.domains.values(), key=lambda d: d.state == DomState.DYING):
             if str(dom.domid) == str(ref) or dom.name == ref:
                 return dom
-        raise HypercallError(errno.ESRCH, "lookup", f"no domain named or numbered {ref!r}")
+        raise HypercallError(errno.ESRCH, "lookup", f"domain {str(ref)!r} does not exist")
 
     def create_domain(self, cfg_dict: dict) -> Domain:
         """XEN_DOMCTL_createdomain: the toolstack builds it."""
@@ -441,6 +441,22 @@ class Supervisor(HypercallHandlers):
             os.kill(dom.pid, signal.SIGCONT)
             dom.state = DomState.RUNNING
             self.log(f"dom{dom.domid} unpaused")
+
+    def remote_shutdown(self, dom: Domain, reason: str) -> None:
+        """SCHEDOP_remote_shutdown: the domain is shut down with ``reason``
+        now, without its cooperation (its process is killed); the end then
+        takes the usual path, so on_<reason> applies."""
+        if dom.domid == DOMID_DOM0:
+            raise HypercallError(errno.EINVAL, "remote_shutdown",
+                                 "dom0 is stopped with `xmp destroy Domain-0`")
+        if dom.pid is None or dom.state == DomState.DYING:
+            raise HypercallError(errno.EINVAL, "remote_shutdown", f"{dom.name} is not running")
+        self.log(f"dom{dom.domid} {dom.name!r}: remote shutdown ({reason})")
+        self.shutdown_requested(dom, reason)
+        try:
+            os.kill(dom.pid, signal.SIGKILL)  # a stopped (paused) process dies of it too
+        except ProcessLookupError:
+            pass
 
     def shutdown_requested(self, dom: Domain, reason: str) -> None:
         dom.state = DomState.SHUTDOWN

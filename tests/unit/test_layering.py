@@ -20,7 +20,7 @@ ROOT = Path(xmp.__file__).parent
 # rest of ``migration`` (live migration) drives the toolstack, above it.
 ORDER = ["errors", "domid", "limits", "sharedmem", "devices", "topology", "startinfo", "hypercall", "hv",
          "hypervisor", "xenstore", "domain_proc", "drivers", "dom0", "guests", "migration.stream",
-         "migration.image", "toolstack", "migration", "libs", "testing", "cli"]
+         "migration.image", "toolstack", "migration", "libs", "testing", "clitable", "cli"]
 
 
 def imports_of(path: Path) -> set[str]:
