@@ -25,6 +25,7 @@ import termios
 import time
 import traceback
 import tty
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,8 @@ def default_rundir(host: str | None = None) -> Path:
 # -- talking to a supervisor -------------------------------------------------
 
 
-def request(rundir: Path, cmd: str, **fields: Any) -> dict[str, Any]:
+def request(rundir: Path, cmd: str, *, waiting: Callable[[], None] | None = None,
+            **fields: Any) -> dict[str, Any]:
     path = rundir / "control.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -63,6 +65,9 @@ def request(rundir: Path, cmd: str, **fields: Any) -> dict[str, Any]:
         sock.sendall((json.dumps({"cmd": cmd, **fields}) + "\n").encode())
         buf = b""
         while not buf.endswith(b"\n"):
+            if waiting is not None:   # called every 0.1 s until the answer comes (progress)
+                while not select.select([sock], [], [], 0.1)[0]:
+                    waiting()
             chunk = sock.recv(65536)
             if not chunk:
                 raise CliError("the supervisor closed the connection")
@@ -350,6 +355,60 @@ def cmd_suspend(args) -> int:
 @command("resume", "Resume a domain from RAM", "<Domain>", DOM)
 def cmd_resume(args) -> int:
     request(_rundir(args), "resume", dom=args.dom)
+    return 0
+
+
+@command("save", "Save a domain state to restore later", "[options] <Domain> <CheckpointFile>",
+         arg("-c", dest="checkpoint", action="store_true",
+             help="Leave domain running after creating the snapshot."),
+         arg("-p", dest="paused", action="store_true",
+             help="Leave domain paused after creating the snapshot."),
+         arg("--timeout", type=float, default=60.0, help="Seconds the domain gets to suspend (default 60)."),
+         DOM, arg("file", metavar="CheckpointFile"))
+def cmd_save(args) -> int:
+    """xl save: the image is written by the supervisor (it holds the RAM),
+    into FILE, which appears only once complete; on a terminal the growing
+    hidden file beside it shows the progress."""
+    path = os.path.abspath(args.file)
+    show = _save_progress(Path(path)) if sys.stderr.isatty() else None
+    reply = request(_rundir(args), "save", waiting=show, dom=args.dom, path=path,
+                    checkpoint=args.checkpoint, paused=args.paused, timeout=args.timeout)
+    if show is not None:
+        sys.stderr.write("\r\033[K")
+    rate = reply["bytes"] / max(reply["write_seconds"], 1e-6) / 1e6
+    print(f"xmp: saved {reply['name']!r} to {reply['path']}: {reply['pages']} pages, "
+          f"{reply['bytes'] / 1e6:.1f} MB in {reply['seconds']:.2f} s ({rate:.0f} MB/s written)")
+    return 0
+
+
+def _save_progress(path: Path) -> Callable[[], None]:
+    t0 = time.monotonic()
+
+    def show() -> None:
+        partial = next(iter(path.parent.glob(f".{path.name}.*.partial")), None)
+        try:
+            size = partial.stat().st_size if partial is not None else 0
+        except OSError:
+            size = 0
+        dt = time.monotonic() - t0
+        what = (f"~{size >> 12} pages of data, {size / 1e6:.1f} MB, {size / dt / 1e6:.0f} MB/s" if size
+                else "suspending")
+        sys.stderr.write(f"\rxmp save: {what} ({dt:.1f} s)\033[K")
+        sys.stderr.flush()
+    return show
+
+
+@command("restore", "Restore a domain from a saved state", "[options] <CheckpointFile>",
+         arg("-p", dest="paused", action="store_true", help="Do not unpause domain after restoring it."),
+         arg("-c", dest="console", action="store_true",
+             help="Connect to the console after the domain is created."),
+         arg("file", metavar="CheckpointFile"))
+def cmd_restore(args) -> int:
+    reply = request(_rundir(args), "restore", path=os.path.abspath(args.file), paused=args.paused)
+    print(f"xmp: restored domain {reply['name']!r} (id {reply['domid']}): {reply['pages']} pages "
+          f"in {reply['seconds']:.2f} s")
+    if args.console:
+        return _attach(_rundir(args), str(reply["domid"]))
     return 0
 
 

@@ -83,6 +83,7 @@ class Domain:
     pid: int | None = None
     state: DomState = DomState.RUNNING
     shutdown_reason: str | None = None
+    suspend_context: bytes = b""     # the guest kernel's, from its last suspend (save carries it)
     tot_pages: int = 0
     max_pages: int = 0
     populated: bytearray = field(default_factory=bytearray)
