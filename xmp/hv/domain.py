@@ -16,6 +16,8 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+import psutil
+
 from xmp.domid import DOMID_DOM0
 from xmp.errors import RemoteProtocolError
 from xmp.hypercall import SHUTDOWN_REASONS
@@ -83,6 +85,7 @@ class Domain:
     pid: int | None = None
     state: DomState = DomState.RUNNING
     shutdown_reason: str | None = None
+    suspend_context: bytes = b""     # the guest kernel's, from its last suspend (save carries it)
     tot_pages: int = 0
     max_pages: int = 0
     populated: bytearray = field(default_factory=bytearray)
@@ -214,14 +217,14 @@ def build_domain(ns: ShmNamespace, domid: int, cfg: DomainConfig, name: str | No
 
 
 def process_cpu_seconds(pid: int | None) -> float:
+    """A domain's CPU time, as xl list's Time(s): its process's user + system."""
     if pid is None:
         return 0.0
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return 0.0
+    return times.user + times.system
 
 
 def process_running(pid: int | None) -> bool:

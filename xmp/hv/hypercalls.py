@@ -10,6 +10,8 @@ which mixes this class in.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import os
 import time
@@ -35,6 +37,7 @@ from xmp.sharedmem.wakepage import reopen_readonly, wake_page_sealed
 
 XEN_VERSION = {"major": 4, "minor": 19, "extra": "-xmp", "capabilities": "xen-3.0-x86_64 xmp"}
 Reply = tuple[Any, list[int]]
+MAX_SUSPEND_CONTEXT = 16384  # bytes: a small context; the guest's state lives in its RAM
 DEFERRED = object()  # a handler's "no reply now": the caller waits (a suspended guest)
 
 
@@ -467,6 +470,18 @@ class HypercallHandlers(LogDirtyOps):
         reason = arg(args, "reason", str, "shutdown")
         if reason not in SHUTDOWN_REASONS:
             raise HypercallError(errno.EINVAL, "shutdown", f"reason {reason!r}")
+        if reason == "suspend":
+            # The guest kernel's small context (what its suspend hook returned),
+            # kept as Xen keeps a suspended vCPU's context for the toolstack.
+            text = arg(args, "context", str, "shutdown", "")
+            try:
+                context = base64.b64decode(text, validate=True)
+            except (ValueError, binascii.Error):
+                raise HypercallError(errno.EINVAL, "shutdown", "context is not base64") from None
+            if len(context) > MAX_SUSPEND_CONTEXT:
+                raise HypercallError(errno.E2BIG, "shutdown", f"a suspend context of {len(context)} bytes "
+                                     f"exceeds {MAX_SUSPEND_CONTEXT}")
+            caller.suspend_context = context
         self.shutdown_requested(caller, reason)
         if reason == "suspend":
             return DEFERRED, []  # the guest sleeps in this call until resume (or is saved)
