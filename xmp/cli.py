@@ -97,15 +97,21 @@ def cmd_run(args) -> int:
     rundir = Path(args.rundir or topo.host.rundir or default_rundir(topo.host.name))
     if not args.detach:
         hosts: list[Supervisor] = []
+        key = _migration_key(topo)
+        listeners: list = []
 
         def started(sup: Supervisor) -> None:
             hosts.append(sup)
+            _listen(topo, key, sup, rundir, listeners)
             print(f"xmp: supervisor {os.getpid()} running {args.topology} in {rundir}", flush=True)
 
         try:
             code = run_host(topo, rundir, echo=True, started=started)
         except XmpError as exc:
             raise CliError(str(exc)) from None
+        finally:
+            for listener in listeners:
+                listener.close()
         print(f"xmp: stopped ({hosts[0].stop_reason}), exit status {code}", flush=True)
         return code
     from xmp.toolstack.runlock import RunLock
@@ -124,14 +130,21 @@ def cmd_run(args) -> int:
         code = 1
         told: list[bool] = []  # once closed, w's number may be another descriptor's: never write it again
         hosts = []
+        listeners = []
         try:
             def ready() -> None:
                 os.write(w, b"ok\n")
                 os.close(w)
                 told.append(True)
 
+            key = _migration_key(topo)
+
+            def started(sup: Supervisor) -> None:
+                hosts.append(sup)
+                _listen(topo, key, sup, rundir, listeners)
+
             code = run_host(topo, rundir, echo=False, stop_when_guests_gone=False, ready=ready,
-                            started=hosts.append)
+                            started=started)
             if not told:  # it stopped (a signal) before every domain ran
                 os.write(w, f"stopped during start-up ({hosts[0].stop_reason})\n".encode())
         except BaseException as exc:
@@ -143,6 +156,8 @@ def cmd_run(args) -> int:
                     os.write(w, f"{exc}\n".encode())
                 except OSError:
                     pass
+        for listener in listeners:
+            listener.close()
         os._exit(code)
     os.close(w)
     with os.fdopen(r) as f:
@@ -151,6 +166,39 @@ def cmd_run(args) -> int:
         raise CliError(f"the supervisor did not start: {status or 'it exited'}")
     print(f"xmp: supervisor {pid} running {args.topology} in {rundir}")
     return 0
+
+
+def _migration_key(topo) -> bytes | None:
+    """The host's migration key (``[host] migrate_key``), read and checked
+    before anything starts."""
+    if not topo.host.migrate:
+        return None
+    from xmp.migration.channel import load_key
+
+    try:
+        return load_key(topo.host.migrate_key)
+    except XmpError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _listen(topo, key: bytes | None, sup, rundir: Path, listeners: list) -> None:
+    """Listen for migrations (``[host] migrate``) once the supervisor -- and
+    its zygote, which must not inherit the socket -- exists; the address
+    (the port, when it was 0) goes to RUNDIR/migrate.address.  A host that
+    cannot listen stops, failed."""
+    if key is None:
+        return
+    from xmp.migration.channel import MigrationListener, not_yet_receiving
+
+    try:
+        listener = MigrationListener(topo.host.migrate, key, not_yet_receiving(topo.host.name), sup.log)
+    except (OSError, XmpError) as exc:
+        sup.exit_code = 1
+        sup.stop(f"cannot listen for migrations on {topo.host.migrate}: {exc}")
+        return
+    listeners.append(listener)
+    (rundir / "migrate.address").write_text(listener.address_text + "\n")
+    sup.log(f"listening for migrations on {listener.address_text}")
 
 
 def _to_log(rundir: Path) -> None:

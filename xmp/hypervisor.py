@@ -355,8 +355,9 @@ class Supervisor(HypercallHandlers):
         for m in dom.maptrack.values():
             granter = self.domains.get(m.granter)
             if granter is not None:
-                granter.grants.unmap_grant_ref(m.refs, m.readonly)
+                self.grant_unmapped(granter, m)
         dom.maptrack.clear()
+        self.logdirty_disable(dom)
         # Its ports: interdomain peers revert to unbound and are poked.
         for port in list(dom.ports.bound()):
             self.close_port(dom, port)

@@ -62,6 +62,7 @@ PROCESS_MACHINERY = {"os", "multiprocessing", "subprocess", "socket", "signal", 
                      "psutil"}
 PURE_CORES = ("xmp.sharedmem.ring", "xmp.sharedmem.bytering", "xmp.sharedmem.grant", "xmp.sharedmem.evtchn",
               "xmp.sharedmem.page", "xmp.xenstore.wire", "xmp.xenstore.store", "xmp.drivers.xenbus.state",
+              "xmp.migration.auth", "xmp.migration.precopy",
               "xmp.drivers.blk.protocol", "xmp.migration.stream")
 
 
