@@ -100,3 +100,32 @@ class PageAllocator:
             if self.state[pfn] != BALLOONED:
                 raise LocalError(f"pfn {pfn} is not ballooned out")
             self.state[pfn] = FREE
+
+    def runs(self, free: Iterable[tuple[int, int]] = ()) -> list[tuple[int, int, int]]:
+        """The allocator as ``(pfn, pages, state)`` runs of the pages past
+        the reserved ones that are not free -- what a suspend context
+        carries; the runs in ``free`` (a driver's pages) count as free."""
+        state = bytearray(self.state)
+        for pfn, n in free:
+            state[pfn:pfn + n] = bytes(n)
+        out: list[tuple[int, int, int]] = []
+        at, end = self.first, len(state)
+        while at < end:
+            kind = state[at]
+            stop = at + 1
+            while stop < end and state[stop] == kind:
+                stop += 1
+            if kind != FREE:
+                out.append((at, stop - at, kind))
+            at = stop
+        return out
+
+    def restore_runs(self, runs: Iterable[tuple[int, int, int]]) -> None:
+        """The allocator :meth:`runs` described, on this domain's map;
+        checked as fresh input (it came from another host)."""
+        state = bytearray(self.state[:self.first]) + bytes(len(self.state) - self.first)
+        for pfn, n, kind in runs:
+            if kind not in (USED, BALLOONED) or n <= 0 or pfn < self.first or pfn + n > len(state):
+                raise LocalError(f"run {pfn}+{n} ({kind}) does not fit pfns {self.first}..{len(state)}")
+            state[pfn:pfn + n] = bytes([kind]) * n
+        self.state = state

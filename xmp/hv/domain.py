@@ -34,6 +34,7 @@ from xmp.sharedmem.grant import (
     ActiveGrants,
     GrantTable,
 )
+from xmp.sharedmem.logdirty import Tracker
 from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, ShmObject
 from xmp.sharedmem.wakepage import create_wake_page
 from xmp.startinfo import (
@@ -63,7 +64,7 @@ class Mapping:
     granter: int
     refs: list[int]
     readonly: bool
-    frames: list[int] = field(default_factory=list)  # the granter's pfns, as mapped
+    frames: list[int] = field(default_factory=list)  # the granter's pfns as mapped (log-dirty marks them)
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Domain:
     pid: int | None = None
     state: DomState = DomState.RUNNING
     shutdown_reason: str | None = None
+    suspend_context: bytes = b""     # the guest kernel's, from its last suspend (save carries it)
     tot_pages: int = 0
     max_pages: int = 0
     populated: bytearray = field(default_factory=bytearray)
@@ -103,6 +105,7 @@ class Domain:
     wake_ro_fd: int = -1             # what senders get: read-only, once sealed
     # sender domid -> the doorbell that sender rings this domain through
     doorbells: dict[int, ShmObject] = field(default_factory=dict)
+    logdirty: Tracker | None = None  # XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY's, while enabled
 
     @property
     def privileged(self) -> bool:
@@ -140,6 +143,9 @@ class Domain:
 
     def release(self) -> None:
         """Drop the supervisor's hold on every object of this domain."""
+        if self.logdirty is not None:  # it holds a view of the RAM
+            self.logdirty.close()
+            self.logdirty = None
         for thing in (self.grants, self.own_table, self.evt, self.console_out):
             if thing is not None:
                 thing.release()
