@@ -466,6 +466,34 @@ def cmd_dump_core(args) -> int:
     return 0
 
 
+MEM_USAGE = "<Domain> <MemMB['b'[bytes]|'k'[KB]|'m'[MB]|'g'[GB]|'t'[TB]]>"  # xl's: a bare number is MiB
+
+
+def _mem_kb(text: str) -> int:
+    from xmp.toolstack.memory import parse_mem_size_kb
+
+    try:
+        return parse_mem_size_kb(text)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+@command("mem-max", "Set the maximum amount reservation for a domain", MEM_USAGE, DOM,
+         arg("size", metavar="Mem"))
+def cmd_mem_max(args) -> int:
+    request(_rundir(args), "mem-max", dom=args.dom, memkb=_mem_kb(args.size))
+    return 0
+
+
+@command("mem-set", "Set the current memory usage for a domain", f"[--timeout S] {MEM_USAGE}", DOM,
+         arg("size", metavar="Mem"),
+         arg("--timeout", type=float, default=10.0, metavar="S",
+             help="Seconds to wait for the guest to reach it (default 10; 0: do not wait)."))
+def cmd_mem_set(args) -> int:
+    request(_rundir(args), "mem-set", dom=args.dom, memkb=_mem_kb(args.size), timeout=args.timeout)
+    return 0
+
+
 @command("vm-list", "List guest domains, excluding dom0, stubdoms, etc.", "", table=True)
 def cmd_vm_list(args) -> int:
     doms = [d for d in _domains(args) if d["state"] != "dying"]

@@ -486,7 +486,7 @@ class Supervisor(HypercallHandlers):
         """Apply saved state to a freshly built ``dom``; its mappings are
         pinned again in their granters (checked as a fresh map is)."""
         def pin(m: Mapping) -> None:
-            self.lookup(m.granter, "restore").grants.map_grant_ref(m.refs, dom.domid, m.readonly)
+            m.frames = self.lookup(m.granter, "restore").grants.map_grant_ref(m.refs, dom.domid, m.readonly)
         now = time.monotonic_ns()
         for vcpu, remaining in state.restore_domain(dom, data, pin).items():
             self.set_timer(dom, vcpu, now + remaining)

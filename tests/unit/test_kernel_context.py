@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from xmp.domain_proc.kernel import MAX_GUEST_CONTEXT, Kernel
+from xmp.domain_proc.kernel import CONTEXT_VERSION, MAX_GUEST_CONTEXT, Kernel
 from xmp.errors import LocalError
 from xmp.sharedmem.shm import PAGE_SIZE
 from xmp.startinfo import StartInfo
@@ -64,21 +64,25 @@ def test_a_hook_returning_too_much_is_the_guests_error():
 
 
 def _ctx(**over) -> bytes:
-    ctx = {"version": 1, "next_free": 10, "freed": [], "guest": None, "drivers": {}}
+    ctx = {"version": CONTEXT_VERSION, "pages": [], "guest": None, "drivers": {}}
     return json.dumps({**ctx, **over}).encode()
+
+
+FIRST = kernel().first_free_pfn
 
 
 @pytest.mark.parametrize("raw, why", [
     (b"not json", "malformed"),
-    (_ctx(version=2), "version 2"),
-    (_ctx(next_free=PAGES + 1), "does not fit"),
-    (_ctx(next_free=2), "does not fit"),                  # inside the special pages
-    (_ctx(freed=[[8, 4]]), "does not fit"),               # a run past next_free
-    (_ctx(freed=[[1, 1]]), "does not fit"),
+    (_ctx(version=1), "version 1"),
+    (_ctx(pages=[[PAGES, 1, 1]]), "does not fit"),        # past the domain's pages
+    (_ctx(pages=[[FIRST - 1, 1, 1]]), "does not fit"),    # inside the special pages
+    (_ctx(pages=[[FIRST, 0, 1]]), "does not fit"),        # an empty run
+    (_ctx(pages=[[FIRST, 1, 7]]), "does not fit"),        # no such page state
+    (_ctx(pages=[[FIRST, 1]]), "malformed"),
     (_ctx(guest="@@@"), "malformed"),
     (_ctx(drivers={"vbd/1": "%%"}), "malformed"),
     (_ctx(drivers=[1]), "malformed"),
-    (json.dumps({"version": 1}).encode(), "malformed"),
+    (json.dumps({"version": CONTEXT_VERSION}).encode(), "malformed"),
 ])
 def test_a_context_from_elsewhere_is_checked(raw, why):
     with pytest.raises(LocalError, match=why):
@@ -86,5 +90,16 @@ def test_a_context_from_elsewhere_is_checked(raw, why):
 
 
 def test_a_good_context_from_elsewhere_is_taken():
-    k = kernel(_ctx(guest=base64.b64encode(b"x").decode(), freed=[[8, 2]]))
-    assert k.restored == b"x" and k.alloc_pages(2) == 8
+    k = kernel(_ctx(guest=base64.b64encode(b"x").decode(), pages=[[FIRST, 2, 1]]))
+    assert k.restored == b"x" and k.alloc_pages(2) == FIRST + 2
+
+
+def test_the_allocator_moves_but_a_drivers_pages_come_back_free():
+    k = kernel()
+    guest = k.alloc_pages(3)
+    drv = k.alloc_pages(2, driver=True)
+    k.free_pages(guest, 1)
+    moved = kernel(k.suspend_context())
+    assert moved.alloc_pages(1) == guest          # freed before the move: free after it
+    assert moved.alloc_pages(2) == drv            # the driver's run is free again
+    assert moved.alloc_pages(1) == drv + 2        # the guest's other two pages are still taken

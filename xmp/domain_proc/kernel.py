@@ -8,7 +8,8 @@ between a domain's kernel (and the drivers it loads) and xmp.
         kernel.poweroff()
 
 A guest kernel may use: ``domid``, ``name``, ``config``, ``args``,
-``start_info``, ``memory`` / ``page`` / ``alloc_pages`` / ``free_pages``,
+``start_info``, ``memory`` / ``page`` / ``alloc_pages`` / ``free_pages`` (``pages``, the
+one allocator the balloon driver shares),
 ``grant_table``, ``xen`` (hypercalls), ``loop`` (its event loop),
 ``console``, ``xenstore``, ``print``, ``sleep`` / ``monotonic`` / ``idle``,
 the device openers, ``detect``, ``shutdown`` / ``poweroff`` /
@@ -45,9 +46,11 @@ from typing import Any
 
 from xmp import devices
 from xmp.devices import DeviceClass
+from xmp.domain_proc.balloon import BalloonDriver
 from xmp.domain_proc.console import Console
 from xmp.domain_proc.control import ControlDriver
 from xmp.domain_proc.loop import EventLoop
+from xmp.domain_proc.pages import PageAllocator
 from xmp.domain_proc.xen import Xen
 from xmp.errors import LocalError, XmpError
 from xmp.sharedmem.evtchn import VIRQ_TIMER
@@ -57,7 +60,7 @@ from xmp.startinfo import StartInfo, first_free_pfn
 from xmp.xenstore.client import RingTransport, XsClient
 
 MAX_GUEST_CONTEXT = 8192   # bytes a guest's suspend hook may return: its state lives in RAM
-CONTEXT_VERSION = 1
+CONTEXT_VERSION = 2   # 2: the page allocator as runs of used / ballooned-out pages
 
 
 class ShutdownDone(BaseException):
@@ -76,8 +79,9 @@ class Kernel:
         self.start_info = start_info
         self.memory = ram
         self.first_free_pfn = first_free_pfn(start_info.nr_grant_frames)
-        self._next_free = self.first_free_pfn
-        self._freed: list[tuple[int, int]] = []  # runs given back: (pfn, pages)
+        # One allocator for every page the guest takes: the balloon gives back only free ones.
+        self.pages = PageAllocator(self.first_free_pfn, start_info.nr_pages,
+                                   min(start_info.max_pages, len(ram) // PAGE_SIZE))
         self._driver_runs: list[tuple[int, int]] = []  # runs drivers hold: free again after a restore
         self._suspend_hook: Callable[[], bytes] | None = None
         self._driver_hooks: dict[str, Callable[[], bytes]] = {}
@@ -95,6 +99,7 @@ class Kernel:
         loop.bind(self._timer_port, self._on_timer)
         self._xs: XsClient | None = None
         self.control: ControlDriver | None = None
+        self.balloon: BalloonDriver | None = None
         # dom0's alone: descriptors passed at boot (the terminal to echo consoles to), the run directory.
         self.boot_fds: list[int] = list(boot.get("fds", []))
         self.rundir: str | None = boot.get("rundir")
@@ -121,6 +126,13 @@ class Kernel:
     def start_control(self) -> None:
         """Answer the toolstack's shutdown requests (control/shutdown)."""
         self.control = ControlDriver(self.xenstore, self.shutdown, self.print)
+
+    def start_balloon(self) -> None:
+        """Follow the toolstack's memory target (memory/target)."""
+        si = self.start_info
+        table = memoryview(self.memory)[si.gnttab_pfn * PAGE_SIZE:
+                                        (si.gnttab_pfn + si.nr_grant_frames) * PAGE_SIZE]
+        self.balloon = BalloonDriver(self.xenstore, self.xen, self.pages, self.grant_table, table, self.print)
 
     # -- devices -------------------------------------------------------------
 
@@ -150,33 +162,26 @@ class Kernel:
     def alloc_pages(self, n: int = 1, *, driver: bool = False) -> int:
         """Take ``n`` pages of the guest's own memory (for rings and buffers
         it grants, or state that must survive a move), one run; returns the
-        first pfn.  Runs given back with :meth:`free_pages` are used again
-        first.  ``driver``: a device driver's pages, free again after a
-        restore (the driver is opened afresh there)."""
-        pfn = self._take(n)
+        first pfn.  The lowest free run is taken, so runs given back with
+        :meth:`free_pages` are used again first; pages ballooned out are not
+        the guest's to take.  ``driver``: a device driver's pages, free again
+        after a restore (the driver is opened afresh there)."""
+        try:
+            pfn = self.pages.alloc(n)
+        except MemoryError as exc:
+            raise MemoryError(f"{self.name}: {exc}") from None
         if driver:
             self._driver_runs.append((pfn, n))
-        return pfn
-
-    def _take(self, n: int) -> int:
-        for i, (pfn, m) in enumerate(self._freed):
-            if m >= n:
-                self._freed[i:i + 1] = [(pfn + n, m - n)] if m > n else []
-                return pfn
-        pfn = self._next_free
-        if pfn + n > self.start_info.nr_pages:
-            raise MemoryError(f"{self.name}: no {n} free pages left")
-        self._next_free += n
         return pfn
 
     def free_pages(self, pfn: int, n: int) -> None:
         """Give back a run from :meth:`alloc_pages`.  The caller makes sure no
         other domain can reach it any more (its grants have ended)."""
-        if not self.first_free_pfn <= pfn or pfn + n > self._next_free or n <= 0:
-            raise LocalError(f"pages {pfn}..{pfn + n} were not taken with alloc_pages")
+        self.pages.free(pfn, n)
         if (pfn, n) in self._driver_runs:
             self._driver_runs.remove((pfn, n))
-        self._freed.append((pfn, n))
+        if self.balloon is not None:
+            self.balloon.pages_freed()
 
     # -- moving: the suspend context ------------------------------------------
 
@@ -202,8 +207,7 @@ class Kernel:
         if not isinstance(guest, (bytes, bytearray)) or len(guest) > MAX_GUEST_CONTEXT:
             raise LocalError(f"a suspend hook returns at most {MAX_GUEST_CONTEXT} bytes, not {guest!r:.60}")
         drivers = {key: base64.b64encode(hook()).decode() for key, hook in self._driver_hooks.items()}
-        return json.dumps({"version": CONTEXT_VERSION, "next_free": self._next_free,
-                           "freed": [*self._freed, *self._driver_runs],
+        return json.dumps({"version": CONTEXT_VERSION, "pages": self.pages.runs(free=self._driver_runs),
                            "guest": base64.b64encode(guest).decode() if self._suspend_hook else None,
                            "drivers": drivers},
                           separators=(",", ":")).encode()
@@ -215,17 +219,17 @@ class Kernel:
             ctx = json.loads(raw)
             if ctx["version"] != CONTEXT_VERSION:
                 raise LocalError(f"suspend context version {ctx['version']!r}, expected {CONTEXT_VERSION}")
-            next_free = ctx["next_free"]
-            freed = [(int(p), int(n)) for p, n in ctx["freed"]]
-            if not isinstance(next_free, int) or \
-                    not self.first_free_pfn <= next_free <= self.start_info.nr_pages or \
-                    any(p < self.first_free_pfn or n <= 0 or p + n > next_free for p, n in freed):
-                raise LocalError("the suspend context's page allocator does not fit this domain")
+            runs = [(int(p), int(n), int(st)) for p, n, st in ctx["pages"]]
             guest = None if ctx["guest"] is None else base64.b64decode(ctx["guest"], validate=True)
             drivers = {str(k): base64.b64decode(v, validate=True) for k, v in ctx["drivers"].items()}
         except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as exc:
             raise LocalError(f"the suspend context is malformed: {exc!r}") from None
-        self._next_free, self._freed, self.restored = next_free, freed, guest
+        try:
+            self.pages.restore_runs(runs)
+        except LocalError as exc:
+            raise LocalError(f"the suspend context's page allocator does not fit this domain: {exc}") \
+                from None
+        self.restored = guest
         self._driver_contexts = drivers
 
     def page(self, pfn: int) -> memoryview:

@@ -63,6 +63,7 @@ def domain_main(sock: socket.socket) -> int:
         entry = load_entry(boot.get("dom0_kernel") or boot["kernel"])
         if not start_info.privileged:
             kernel.start_control()
+            kernel.start_balloon()
         entry(kernel)
         kernel.poweroff()
     except ShutdownDone:

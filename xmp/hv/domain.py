@@ -64,7 +64,7 @@ class Mapping:
     granter: int
     refs: list[int]
     readonly: bool
-    frames: list[int] = field(default_factory=list)  # as mapped: log-dirty marks them at unmap
+    frames: list[int] = field(default_factory=list)  # the granter's pfns as mapped (log-dirty marks them)
 
 
 @dataclass

@@ -144,12 +144,17 @@ class HypercallHandlers(LogDirtyOps):
 
     def hc_memory_op_decrease_reservation(self, caller: Domain, args: dict) -> Reply:
         """Ballooning out: the pages are punched out of the RAM object, so
-        the host really gets them back."""
+        the host really gets them back.  A page another domain has mapped
+        is not taken (Xen would keep it for the mapper; a hole here would
+        pull it from under the mapping)."""
         dom = self._target(caller, args, "decrease_reservation", "domid")
         pfns = int_list(args, "extent_start", "decrease_reservation", limit=1 << 20)
+        mapped = {f for d in self.domains.values() for m in d.maptrack.values()
+                  if m.granter == dom.domid for f in m.frames}
         done = 0
         for pfn in pfns:
-            if pfn >= len(dom.populated) or not dom.populated[pfn] or pfn < dom.reserved_pfns:
+            if pfn >= len(dom.populated) or not dom.populated[pfn] or pfn < dom.reserved_pfns \
+                    or pfn in mapped:
                 break  # Xen stops at the first bad extent and returns the count done
             rc = lib.xmp_punch_hole(dom.ram.fd, pfn * PAGE_SIZE, PAGE_SIZE)
             if rc:

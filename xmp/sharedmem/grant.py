@@ -77,11 +77,16 @@ class GrantTable:
         self._free: list[int] = []
         self._free_set: set[int] = set()
         self._deferred: list[int] = []  # ended while still mapped: see end_foreign_access_later
+        # One past the highest ref ever filled: entries above are zero, and a
+        # reader of the table (the balloon) need not fault the rest of it in.
+        self.high_water = 0
 
     def grant_access(self, ref: int, domid: int, frame: int, readonly: bool = False) -> None:
         """Fill ``ref``: domid and frame, a barrier, then the flags."""
         self._check_ref(ref)
         lib.xmp_gnttab_grant(self._tab, ref, domid, frame, int(readonly))
+        if ref >= self.high_water:
+            self.high_water = ref + 1
 
     def grant_foreign_access(self, domid: int, frame: int, readonly: bool = False) -> int:
         """Pick a free ref (never a reserved one), grant it, return it."""

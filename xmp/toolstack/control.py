@@ -11,6 +11,8 @@ object per line and answers one per line, in order::
     {"cmd": "device-remove", "class": "block", "dom": "web", "name": "xvdb", "force": false}
     {"cmd": "device-list", "class": "block", "dom": "web"} -> {"ok": true, "header": "...", "rows": [...]}
     {"cmd": "device-move", "class": "block", "dom": "web", "name": "xvda", "backend": "dd2"}
+    {"cmd": "mem-set", "dom": "web", "memkb": 65536, "timeout": 10} -> {"ok": true, "mem_kb": 65536, ...}
+    {"cmd": "mem-max", "dom": "web", "memkb": 131072}
     {"cmd": "save", "dom": "web", "path": "/abs/file", "checkpoint": false, "paused": false, "timeout": 60}
     {"cmd": "restore", "path": "/abs/file", "paused": false} -> {"ok": true, "domid": 9, ...}
     {"cmd": "rename", "dom": "web", "name": "www"}
@@ -47,6 +49,7 @@ from xmp.errors import HypercallError, XmpError
 from xmp.hv.domain import DomState
 from xmp.hypercall import from_a_domain
 from xmp.sharedmem.shm import PAGE_SIZE
+from xmp.toolstack import memory
 from xmp.toolstack.pending import Pending
 
 if TYPE_CHECKING:
@@ -240,6 +243,17 @@ class ControlServer:
         self.sup.resume_domain(dom)
         return {"domid": dom.domid}
 
+    def cmd_mem_set(self, req):
+        kb, timeout = req.get("memkb"), req.get("timeout", memory.TARGET_WAIT)
+        if not _number(kb, int) or not _number(timeout, (int, float)):
+            raise HypercallError(errno.EINVAL, "mem-set", "memkb is an integer, timeout a number")
+        return memory.set_memory_target(self.ts, self._dom(req), kb, float(timeout))
+
+    def cmd_mem_max(self, req):
+        kb = req.get("memkb")
+        if not _number(kb, int):
+            raise HypercallError(errno.EINVAL, "mem-max", "memkb is an integer")
+        return memory.set_max_memory(self.ts, self._dom(req), kb)
     def cmd_save(self, req):
         """{"cmd": "save", "dom": "web", "path": "/abs/web.save", "checkpoint": false, "paused": false}
         -> answered once the image is complete (xl save)."""
@@ -361,6 +375,10 @@ class ControlServer:
             self.path.unlink()
         except FileNotFoundError:
             pass
+
+
+def _number(value: Any, kind) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool) and value >= 0
 
 
 def _line(answer: dict[str, Any]) -> bytes:

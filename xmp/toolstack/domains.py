@@ -52,10 +52,11 @@ class DomainRecord:
     cfg: DomainConfig
     devices: list[Device] = field(default_factory=list)
     start_time: float = field(default_factory=time.time)  # wall clock, as libxl's /vm/<uuid>/start_time
+    target_kb: int = 0  # the balloon target last written (memory/target; xmp mem-set)
 
     def save(self, domain_name: Callable[[int], str]) -> dict[str, Any]:
         """JSON-safe; backends by name (ids differ from host to host)."""
-        return {"config": self.cfg.to_dict(),
+        return {"config": self.cfg.to_dict(), "target_kb": self.target_kb,
                 "devices": [{"class": d.cls.kind, "devid": d.devid, "name": d.spec.name,
                              "backend": domain_name(d.back_domid), "back_keys": dict(d.spec.back_keys),
                              "front_keys": dict(d.spec.front_keys)} for d in self.devices]}
@@ -174,13 +175,15 @@ class Toolstack:
 
     def create(self, cfg: DomainConfig, domid: int | None = None, name: str | None = None, *,
                planned: list[Planned] | None = None, restore: dict[str, Any] | None = None,
-               prepare: Callable[[Domain], None] | None = None, paused: bool = False) -> Domain:
+               prepare: Callable[[Domain], None] | None = None, paused: bool = False,
+               target_kb: int | None = None) -> Domain:
         """libxl_domain_create_new: check every device first (nothing is
         built if one is wrong), build the domain, write its tree, add its
         devices.  A restore (libxl_domain_create_restore) brings its own
         ``planned`` devices, ``restore`` for the boot message and
         ``prepare`` to fill the RAM before the domain runs; ``paused``: it
-        runs nothing until unpaused."""
+        runs nothing until unpaused; ``target_kb``: its balloon target, when
+        not the config's memory (a restored guest keeps the one it had)."""
         self.sup.check_build(cfg, name, dom0=domid == DOMID_DOM0)  # before a device's files are made
         if planned is None:
             planned = [] if domid == DOMID_DOM0 else self.devices.plan(cfg)
@@ -194,9 +197,10 @@ class Toolstack:
                 fds.append(self.sup.echo_fd)
         dom = self.sup.build(cfg, kernel or "", domid=domid, name=name, boot=boot, extra_fds=fds,
                              prepare=prepare, paused=paused)
-        rec = self.records[dom.domid] = DomainRecord(dom.domid, cfg)
+        target = cfg.memory_mib * 1024 if target_kb is None else target_kb
+        rec = self.records[dom.domid] = DomainRecord(dom.domid, cfg, target_kb=target)
         if dom.domid != DOMID_DOM0:
-            tree = domain_tree(dom.domid, dom.name, dom.uuid, cfg.memory_mib * 1024, cfg.maxmem_mib * 1024,
+            tree = domain_tree(dom.domid, dom.name, dom.uuid, target, cfg.maxmem_mib * 1024,
                                cfg.vcpus, cfg.maxvcpus, dom.console_port, dom.store_port, cfg.xenstore_quota)
             # libxl's format: seconds and hundredths (what `xl uptime` reads back)
             start = f"{int(rec.start_time)}.{int(rec.start_time * 100) % 100:02d}"

@@ -134,8 +134,11 @@ class SaveRestore:
             raise HypercallError(errno.ENOMEM, "restore", f"{cfg.name} needs {image.tot_pages} pages, "
                                  f"the host pool has {pool}")
         context = base64.b64encode(image.context).decode()
+        target = image.record.get("target_kb")
+        if not isinstance(target, int) or isinstance(target, bool) or target <= 0:
+            target = None   # an image from before balloon targets were recorded: the config's
         dom = self.ts.create(cfg, planned=planned, restore={"restore": context},
-                             prepare=lambda d: fill(d, image), paused=paused)
+                             prepare=lambda d: fill(d, image), paused=paused, target_kb=target)
         dt = time.monotonic() - started
         self.sup.log(f"dom{dom.domid} {dom.name!r} restored from {path}: {image.tot_pages} pages "
                      f"in {dt:.3f} s")

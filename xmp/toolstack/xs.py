@@ -52,6 +52,7 @@ def domain_tree(domid: int, name: str, uuid: str, memory_kb: int, maxmem_kb: int
         (XsType.WRITE, _z(f"{base}/vm") + vm.encode()),
         (XsType.WRITE, _z(f"{base}/memory/target") + str(memory_kb).encode()),
         (XsType.WRITE, _z(f"{base}/memory/static-max") + str(maxmem_kb).encode()),
+        (XsType.WRITE, _z(f"{base}/memory/videoram") + b"0"),  # libxl's video_memkb: PV and PVH have none
         (XsType.WRITE, _z(f"{base}/console/ring-ref") + str(CONSOLE_PFN).encode()),
         (XsType.WRITE, _z(f"{base}/console/port") + str(console_port).encode()),
         (XsType.WRITE, _z(f"{base}/console/type") + b"xenconsoled"),
