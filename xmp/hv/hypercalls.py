@@ -28,13 +28,24 @@ from xmp.sharedmem.evtchn import (
     bind_interdomain,
     close_port,
 )
-from xmp.sharedmem.grant import GNTTAB_COPY, ActiveGrants, CopyBatch, copy_records
+from xmp.sharedmem.grant import GNTTAB_COPY, GNTTAB_RESERVED_XENSTORE, ActiveGrants, CopyBatch, copy_records
 from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, ShmObject
 from xmp.sharedmem.wakepage import reopen_readonly, wake_page_sealed
 
 XEN_VERSION = {"major": 4, "minor": 19, "extra": "-xmp", "capabilities": "xen-3.0-x86_64 xmp"}
 Reply = tuple[Any, list[int]]
 DEFERRED = object()  # a handler's "no reply now": the caller waits (a suspended guest)
+
+# The xenstore domain's rights (Xen's XSM_XS_PRIV and the xenstore domain's
+# grant and VIRQ rights), exactly what serving the store needs and no more:
+# * the privileged hypercalls below, which only read (is a domain there,
+#   which are dying: INTRODUCE's check and VIRQ_DOM_EXC's scan);
+# * map_grant_ref of GNTTAB_RESERVED_XENSTORE alone, one ref a call, of a
+#   domain whose entry names it (the domain builder's, the grant check's);
+# * binding VIRQ_DOM_EXC (which it hears, as dom0 does).
+# The store ports it binds need nothing: the builder offers them to it.
+# Everything else a domain may not do, it may not do either.
+XS_DOMAIN_OPS = frozenset({("domctl", "getdomaininfo"), ("sysctl", "getdomaininfolist")})
 
 
 class HypercallHandlers:
@@ -197,11 +208,14 @@ class HypercallHandlers:
         and uses grant copy: a descriptor of a guest's whole RAM must not
         reach a process that is not dom0."""
         op = "map_grant_ref"
-        if not caller.privileged:
+        if not caller.privileged and not caller.xs_domain:
             raise HypercallError(errno.EPERM, op,
                                  f"dom{caller.domid} may not map grants (only dom0 does): use grant copy")
         granter = self.lookup(arg(args, "dom", int, op), op)
         refs = int_list(args, "refs", op, limit=1024)
+        if caller.xs_domain and not caller.privileged and refs != [GNTTAB_RESERVED_XENSTORE]:
+            raise HypercallError(errno.EPERM, op, f"dom{caller.domid} (xenstore) maps a domain's "
+                                 f"store page (gref {GNTTAB_RESERVED_XENSTORE}) and nothing else")
         readonly = bool(arg(args, "readonly", bool, op, False))
         # The caller says whether it still holds the descriptor of this kind
         # (it may have dropped it): asking again only gets it a duplicate.
@@ -375,6 +389,9 @@ class HypercallHandlers:
 
     def hc_event_channel_op_bind_virq(self, caller: Domain, args: dict) -> Reply:
         virq, vcpu = arg(args, "virq", int, "bind_virq"), arg(args, "vcpu", int, "bind_virq", 0)
+        if virq == VIRQ_DOM_EXC and not (caller.privileged or caller.xs_domain):
+            raise HypercallError(errno.EPERM, "bind_virq",
+                                 f"dom{caller.domid} may not hear VIRQ_DOM_EXC (dom0 and xenstore do)")
         if not 0 <= vcpu < caller.cfg.maxvcpus:
             raise HypercallError(errno.ENOENT, "bind_virq", f"no vcpu {vcpu}")
         return caller.ports.bind_virq(virq, vcpu), []
@@ -470,12 +487,15 @@ class HypercallHandlers:
 
     # -- dom0 notification -------------------------------------------------
 
+    xs_domid: int | None
+
     def raise_dom_exc(self) -> None:
-        dom0 = self.domains.get(DOMID_DOM0)
-        if dom0 is not None:
-            port = dom0.ports.virq_port(VIRQ_DOM_EXC)
-            if port is not None:
-                dom0.evt.send(port)
+        """VIRQ_DOM_EXC to dom0 (xenconsoled, the backends) and to the
+        xenstore domain (@releaseDomain)."""
+        for domid in (DOMID_DOM0, self.xs_domid):
+            dom = self.domains.get(domid) if domid is not None else None
+            if dom is not None and (port := dom.ports.virq_port(VIRQ_DOM_EXC)) is not None:
+                dom.evt.send(port)
 
     @staticmethod
     def now_ns() -> int:

@@ -468,6 +468,8 @@ class Jailer:
                          + (", /proc of itself only" if pidns else ""))
         elif kind == "guest":
             notes.append("not root: host uid and namespaces (no capabilities)")
+        elif kind == "xenstore":
+            notes.append("xenstore domain: host uid and namespaces (no capabilities)")
         elif pidns:
             notes.append("driver domain: host uid, mount and network, own PID namespace (no capabilities)")
         else:

@@ -100,10 +100,14 @@ class DeviceManager:
                 raise HypercallError(errno.ESRCH, op, f"{spec.name}: no backend domain (dom0 is gone)")
             return back
         try:
-            return sup.find(spec.backend)
+            back = sup.find(spec.backend)
         except HypercallError:
             raise HypercallError(errno.ESRCH, op, f"{spec.name}: backend domain {spec.backend!r} "
                                  "does not exist") from None
+        if back.xs_domain:
+            raise HypercallError(errno.EINVAL, op, f"{spec.name}: {back.name} is the xenstore domain, "
+                                 "which serves no devices")
+        return back
 
     def add(self, front: Domain, plan: Planned, done: Pending | None = None) -> Device:
         """Write a device's two directories (libxl__device_generic_add) and
