@@ -256,7 +256,7 @@ def cmd_xenstore(args) -> int:
     except XenStoreError as exc:
         if exc.errno == "ETIMEDOUT":
             raise CliError(f"xenstored did not answer within {XENSTORE_CLI_TIMEOUT:g} s "
-                           "(is Domain-0 paused?)") from None
+                           "(is Xenstore paused?)") from None
         raise CliError(str(exc)) from None
     finally:
         xs.close()

@@ -54,9 +54,9 @@ from xmp.hv.domain import (
     process_cpu_seconds,
     process_running,
 )
-from xmp.hv.hypercalls import DEFERRED, XS_DOMAIN_OPS, HypercallHandlers
+from xmp.hv.hypercalls import DEFERRED, HypercallHandlers, may_call
 from xmp.hv.zygote import ZygoteClient
-from xmp.hypercall import DOM0_ONLY, MAX_FDS, MAX_MESSAGE, MessageTooBig, decode_request, encode
+from xmp.hypercall import MAX_FDS, MAX_MESSAGE, MessageTooBig, decode_request, encode
 from xmp.limits import (
     FDS_RESERVED,
     PORTS_RESERVED,
@@ -222,7 +222,7 @@ class Supervisor(HypercallHandlers):
                                  f"the supervisor is stopping ({self.stop_reason}): no new domains")
         if any(d.name == name and d.state != DomState.DYING for d in self.domains.values()):
             raise HypercallError(errno.EEXIST, "createdomain", f"a domain named {name!r} already exists")
-        used = sum(d.tot_pages for d in self.domains.values()) * PAGE_SIZE // MIB
+        used = sum(d.tot_pages for d in self.domains.values() if not d.xs_domain) * PAGE_SIZE // MIB
         try:
             check_fits(self.pool_pages * PAGE_SIZE // MIB + used, used, cfg)
         except XmpError as exc:
@@ -273,7 +273,8 @@ class Supervisor(HypercallHandlers):
                                **(boot or {})})
         except MessageTooBig as exc:
             raise HypercallError(errno.E2BIG, "createdomain", f"{name}: config too big ({exc})") from None
-        mem_pages = cfg.memory_mib * MIB // PAGE_SIZE
+        # The xenstore domain's MiB is the host's own, as the supervisor's: `[host] memory` is the domains'.
+        mem_pages = 0 if xs_domain else cfg.memory_mib * MIB // PAGE_SIZE
         self.pool_take(mem_pages, "createdomain")
         try:
             dom = build_domain(self.ns, domid, cfg, name,
@@ -401,7 +402,8 @@ class Supervisor(HypercallHandlers):
                 continue
             if holders:
                 self.log(f"dom{dom.domid} freed while still mapped by {holders}")
-            self.pool_give(dom.tot_pages)
+            if not dom.xs_domain:
+                self.pool_give(dom.tot_pages)
             del self.domains[dom.domid]
             dom.release()
             self.raise_dom_exc()
@@ -635,7 +637,7 @@ class Supervisor(HypercallHandlers):
         op, cmd = "hypercall", ""
         try:
             op, cmd, args = decode_request(data, self.HYPERCALLS)
-            if op in DOM0_ONLY and not dom.privileged and not (dom.xs_domain and (op, cmd) in XS_DOMAIN_OPS):
+            if not may_call(dom, op, cmd):
                 raise HypercallError(errno.EPERM, f"{op}/{cmd}", f"dom{dom.domid} is not privileged")
             ret, reply_fds = self.HYPERCALLS[op][cmd](self, dom, args)
             if ret is DEFERRED:

@@ -437,5 +437,5 @@ def main(kernel: Kernel) -> None:
     port = kernel.xen.bind_virq(VIRQ_DOM_EXC)
     kernel.loop.bind(port, guarded(kernel.xen, "xenstored: VIRQ_DOM_EXC", domains_changed))
     domains_changed(port)
-    kernel.print(f"xenstored: serving {xenstored.path}")
+    print(f"xenstored: serving {xenstored.path}", flush=True)  # to its log, not the consoles
     kernel.idle()

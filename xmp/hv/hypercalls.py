@@ -19,7 +19,7 @@ from typing import Any
 from xmp.domid import DOMID_DOM0, DOMID_SELF
 from xmp.errors import GrantError, HypercallError
 from xmp.hv.domain import Domain, DomState, Mapping
-from xmp.hypercall import DOMAININFO_PAGE, HYPERCALLS, MAX_FDS, SHUTDOWN_REASONS, arg, int_list
+from xmp.hypercall import DOM0_ONLY, DOMAININFO_PAGE, HYPERCALLS, MAX_FDS, SHUTDOWN_REASONS, arg, int_list
 from xmp.sharedmem._ffi import lib
 from xmp.sharedmem.evtchn import (
     DOORBELL_SIZE,
@@ -46,6 +46,13 @@ DEFERRED = object()  # a handler's "no reply now": the caller waits (a suspended
 # The store ports it binds need nothing: the builder offers them to it.
 # Everything else a domain may not do, it may not do either.
 XS_DOMAIN_OPS = frozenset({("domctl", "getdomaininfo"), ("sysctl", "getdomaininfolist")})
+
+
+def may_call(dom: Domain, op: str, cmd: str) -> bool:
+    """May ``dom`` make this hypercall at all?  domctl and sysctl are
+    dom0's, but for what the xenstore domain needs (the handlers check
+    the rest: whose domain, which grant)."""
+    return op not in DOM0_ONLY or dom.privileged or (dom.xs_domain and (op, cmd) in XS_DOMAIN_OPS)
 
 
 class HypercallHandlers:
