@@ -85,7 +85,7 @@ def test_running_out_of_descriptors_is_a_named_refusal(hosts):
     naming the limit, and every domain that was accepted works."""
     h = hosts(HOST + guest("first", "idle", memory=4)).start(("first",), nofile=256)
     info = h.xmp("info").stdout
-    assert f"supervisor in {h.rundir}: 3 domains of 16 it can hold (RLIMIT_NOFILE 256)" in info, info
+    assert f"supervisor in {h.rundir}: 3 domains of 13 it can hold (RLIMIT_NOFILE 256)" in info, info
     sock = so.socket(so.AF_UNIX, so.SOCK_STREAM)
     sock.connect(str(h.rundir / "control.sock"))
     f = sock.makefile("rwb")
@@ -97,10 +97,10 @@ def test_running_out_of_descriptors_is_a_named_refusal(hosts):
         replies.append(json.loads(f.readline()))
     sock.close()
     ok = [r for r in replies if r["ok"]]
-    assert len(ok) == 13  # 16 with the xenstore domain, dom0 and "first"
-    for r in replies[13:]:
+    assert len(ok) == 10  # 13 with the xenstore domain, dom0 and "first"
+    for r in replies[10:]:
         assert r["errno"] == errno.EMFILE
-        assert r["error"].startswith("this host can hold 16 domains (RLIMIT_NOFILE 256"), r["error"]
+        assert r["error"].startswith("this host can hold 13 domains (RLIMIT_NOFILE 256"), r["error"]
     last = ok[-1]["domid"]
     h.wait(lambda: h.xmp("xenstore", "read", f"/local/domain/{last}/control/feature-poweroff",
                          check=False).stdout.strip() == "1", 30, "the last guest's xenstore")
