@@ -50,7 +50,13 @@ def test_the_xenstore_domain_is_listed_and_serves_every_domain(hosts):
     # dom0's backends and the guest's control driver reach it over their rings
     h.wait(lambda: h.xmp("xenstore", "read", "/local/domain/1/control/feature-poweroff",
                          check=False).stdout.strip() == "1", 10, "the guest's control driver")
-    assert h.xmp("shutdown", "Xenstore", check=False).returncode != 0  # not a guest
+    refused = h.xmp("shutdown", "Xenstore", check=False)
+    assert refused.returncode != 0 and "Xenstore is stopped with `xmp destroy Xenstore`" in refused.stderr
+    attach = h.xmp("vping-attach", "Xenstore", "devid=0", check=False)  # it serves and takes no devices
+    assert attach.returncode != 0 and "Xenstore is the xenstore domain: no devices" in attach.stderr
+    attach = h.xmp("vping-attach", "g", "devid=0, backend=Xenstore", check=False)
+    assert attach.returncode != 0 and "Xenstore is the xenstore domain, which serves no devices" in \
+        attach.stderr
     assert (h.rundir / "logs" / "Xenstore.log").read_text().count("xenstored: serving") == 1
     assert h.stop() == 0
     h.assert_clean()

@@ -14,7 +14,7 @@ A guest kernel may use: ``domid``, ``name``, ``config``, ``args``,
 the device openers, ``detect``, and ``shutdown`` / ``poweroff`` /
 ``reboot`` / ``crash`` / ``suspend``.  Drivers may also use ``close_port``.
 dom0's services use ``boot_fds`` and ``rundir``, which the supervisor
-hands dom0 alone.
+hands dom0 alone (and ``rundir`` to the xenstore domain, for its socket).
 
 Returning from the entry point powers the domain off; an exception is a
 crash (traceback on the console and in the domain's log).
@@ -68,7 +68,8 @@ class Kernel:
         loop.bind(self._timer_port, self._on_timer)
         self._xs: XsClient | None = None
         self.control: ControlDriver | None = None
-        # dom0's alone: descriptors passed at boot (the terminal to echo consoles to), the run directory.
+        # dom0's alone: descriptors passed at boot (the terminal to echo consoles to); the run
+        # directory, dom0's and the xenstore domain's.
         self.boot_fds: list[int] = list(boot.get("fds", []))
         self.rundir: str | None = boot.get("rundir")
 

@@ -112,6 +112,9 @@ class DeviceManager:
     def add(self, front: Domain, plan: Planned, done: Pending | None = None) -> Device:
         """Write a device's two directories (libxl__device_generic_add) and
         record it; ``done`` settles once xenstore has taken every write."""
+        if front.xs_domain:
+            raise HypercallError(errno.EINVAL, "device-add",
+                                 f"{front.name} is the xenstore domain: no devices")
         rec = self.ts.record(front)
         if any(d.cls == plan.cls and d.devid == plan.spec.devid for d in rec.devices):
             raise HypercallError(errno.EEXIST, "device-add",
