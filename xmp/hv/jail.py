@@ -496,4 +496,6 @@ def describe(rooted: bool | None = None) -> list[str]:
                 "and write this user's files)")
     drivers = "driver domains: host uid and files, " + ("own pid namespace, " if rooted else "") + \
         "no capabilities, no-new-privs, seccomp"
-    return [head, note, drivers, "dom0: not jailed"]
+    xenstore = "xenstore domain: host uid and files (it serves xenstored.sock), no capabilities, " \
+        "no-new-privs, seccomp"
+    return [head, note, drivers, xenstore, "dom0: not jailed"]
