@@ -839,6 +839,25 @@ def evtstorm(kernel) -> None:
         kernel.loop.poll(0)  # keep its own devices (console, control) served
 
 
+def blkdirty(kernel) -> None:
+    """A guest's whole life with a disk, for the lifecycle tests: dirty
+    ``args.mib`` MiB of its own RAM, write and read back xvda, say "ready",
+    then power off (``args.poweroff``) or idle until it is killed."""
+    disk = kernel.block("xvda")
+    pages = int(kernel.args.get("mib", 0)) * 256
+    if pages:
+        pfn = kernel.alloc_pages(pages)
+        memoryview(kernel.memory)[pfn * 4096:(pfn + pages) * 4096] = b"\xa5" * (pages * 4096)
+    data = blk_pattern(kernel.domid, 65536)
+    disk.write(0, data)
+    disk.flush()
+    ok = disk.read(0, 128) == data
+    kernel.print(f"blkdirty: {'ready' if ok else 'BAD'}")
+    if kernel.args.get("poweroff"):
+        kernel.poweroff()
+    kernel.idle()
+
+
 def conshostile(kernel) -> None:
     """Breaks its own console ring: once its greeting is drained, it sets
     ``out_prod`` 0x7FFFFFF0 past ``out_cons`` and kicks xenconsoled; then it

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import psutil
 
+from xmp.errors import XenStoreError, XmpError
 from xmp.sharedmem.shm import leftovers
+from xmp.xenstore.client import SocketTransport, XsClient
 
 XMP = [sys.executable, "-m", "xmp.cli"]
 # Test-only guest kernels (tests/integration/kernels.py) are importable by the domains.
@@ -82,11 +84,17 @@ class Host:
         raise AssertionError(f"no process for domain {name!r}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        """Stop the supervisor; first, while it runs, check that no domain's
+        backend keeps a directory for a frontend domain that has gone."""
         assert self.proc is not None
         self.descendants()
+        stale: list[str] = []
         if self.proc.poll() is None:
+            stale = self.stale_backends()
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
+        code = self.proc.wait(timeout)
+        assert not stale, f"backend directories of domains that have gone: {stale}"
+        return code
 
     def wait_exit(self, timeout: float = 20) -> int:
         assert self.proc is not None
@@ -97,17 +105,83 @@ class Host:
         """Nothing of this host is left: processes, /dev/shm, sockets (the
         socket files of a supervisor killed with SIGKILL stay until the next
         start in that run directory removes them: ``sockets=False``)."""
+        left = self.leaks(timeout, sockets)
+        assert not left, "; ".join(left)
+
+    def leaks(self, timeout: float = 5, sockets: bool = True) -> list[str]:
+        """What of this host is still there, waiting up to ``timeout`` for it
+        to go: its processes, its /dev/shm names, sockets in its run
+        directory, network objects; empty when nothing is."""
+        if self.proc is None:
+            return []
+        self.descendants()
         deadline = time.monotonic() + timeout
         while True:
-            alive = [pid for pid in self.seen if _alive(pid)]
+            alive = [pid for pid in [self.pid, *self.seen] if _alive(pid) and (pid != self.pid or
+                                                                           self.proc.poll() is None)]
             shm = [n for n in leftovers() if n.startswith(f"xmp.{self.pid}.")]
             socks = list(self.rundir.glob("**/*.sock")) if self.rundir.exists() and sockets else []
-            if not (alive or shm or socks) or time.monotonic() > deadline:
+            net = self.network_leftovers()
+            if not (alive or shm or socks or net) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        assert not alive, f"processes left: {alive}"
-        assert not shm, f"shared memory left: {shm}"
-        assert not socks, f"sockets left: {socks}"
+        return [f"{what} left: {items}" for what, items in
+                (("processes", [_describe(pid) for pid in alive]), ("shared memory", shm),
+                 ("sockets", [str(p) for p in socks]), ("network objects", net)) if items]
+
+    @property
+    def killed(self) -> bool:
+        """Its supervisor died by SIGKILL (the test's or cleanup's): its
+        sockets stay until the next start in that run directory."""
+        return self.proc is not None and self.proc.returncode == -signal.SIGKILL
+
+    def network_leftovers(self) -> list[str]:
+        """The hook for network objects (interfaces, namespaces, bridges named
+        with this supervisor's prefix) left behind.  None exist yet: when
+        netback makes them, list the ones still there here."""
+        return []
+
+    def stale_backends(self, timeout: float = 5) -> list[str]:
+        """``/local/domain/<back>/backend/<type>/<front>`` directories whose
+        frontend domain has gone (its ``/local/domain/<front>`` is no more),
+        waiting up to ``timeout`` for a teardown under way; [] when xenstored
+        cannot be reached (dom0 gone)."""
+        try:
+            xs = self.xs()
+        except OSError:
+            return []
+        try:
+            deadline = time.monotonic() + timeout
+            while (stale := _stale_backends(xs)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return stale
+        except (XmpError, OSError):
+            return []  # xenstored went meanwhile (the supervisor stopped by itself)
+        finally:
+            xs.close()
+
+    # -- what this host holds (the lifecycle and leak checks) -------------------
+
+    def xs(self):
+        """A xenstore client on this host's socket (close it with ``.close()``)."""
+        return XsClient(SocketTransport.connect(str(self.rundir / "xenstored.sock")))
+
+    def shm_held(self) -> dict[tuple[int, int], tuple[str, int, list[str]]]:
+        """Every shared-memory object of this supervisor that any of its
+        processes still holds, by descriptor or by mapping:
+        (dev, inode) -> (name, allocated bytes, holders as "<title or pid>:<fd or 'map'>")."""
+        prefix = f"/dev/shm/xmp.{self.pid}."
+        held: dict[tuple[int, int], tuple[str, int, list[str]]] = {}
+        for pid in [self.pid, *(p.pid for p in self.descendants())]:
+            for where, path in _shm_refs(pid, prefix):
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue  # gone meanwhile
+                key = (st.st_dev, st.st_ino)
+                name, _, holders = held.get(key, (os.readlink(path), 0, []))
+                held[key] = (name, st.st_blocks * 512, [*holders, f"{_title(pid)}:{where}"])
+        return held
 
     def cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -167,6 +241,66 @@ class Host:
                                      f"{what}:\n{self.output()}")
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what}:\n{self.output()}")
+
+
+def _stale_backends(xs: XsClient) -> list[str]:
+    live = set(xs.directory("/local/domain"))
+    stale = []
+    for back in live:
+        for devtype in _children(xs, f"/local/domain/{back}/backend"):
+            path = f"/local/domain/{back}/backend/{devtype}"
+            stale += [f"{path}/{front}" for front in _children(xs, path) if front not in live]
+    return stale
+
+
+def _children(xs: XsClient, path: str) -> list[str]:
+    try:
+        return xs.directory(path)
+    except XenStoreError as exc:
+        if exc.errno == "ENOENT":
+            return []
+        raise
+
+
+def _title(pid: int) -> str:
+    """A domain's process title (``xmp:3:web``), or the pid of another process."""
+    try:
+        cmd = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return str(pid)
+    return cmd[0] if cmd and cmd[0].startswith("xmp:") else str(pid)
+
+
+def _describe(pid: int) -> str:
+    try:
+        return f"{pid} ({' '.join(psutil.Process(pid).cmdline())[:80]})"
+    except psutil.Error:
+        return str(pid)
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _shm_refs(pid: int, prefix: str) -> list[tuple[str, str]]:
+    """(where, a /proc path that stats as the object) for each descriptor and
+    mapping of ``pid`` on an object whose name starts with ``prefix``."""
+    out = []
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                    out.append((fd, f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                continue
+        with open(f"/proc/{pid}/maps") as maps:
+            for line in maps:
+                fields = line.split(None, 5)
+                if len(fields) == 6 and fields[5].startswith(prefix):
+                    out.append(("map", f"/proc/{pid}/map_files/{fields[0]}"))
+    except OSError:
+        pass  # the process has gone
+    return out
 
 
 def _alive(pid: int) -> bool:

@@ -151,7 +151,9 @@ class Xen:
         scan when the supervisor says the set changed."""
         while True:
             have = self.evt.doorbell_senders()
-            ret, fds = self.ch.call_with_fds("event_channel_op", "doorbells", have=have)
+            with self._lock:
+                peers = sorted(set(self._peers) | self._live_granters | {d for d, _ in self._foreign})
+            ret, fds = self.ch.call_with_fds("event_channel_op", "doorbells", have=have, peers=peers)
             if not isinstance(ret, dict):
                 for fd in fds:
                     os.close(fd)
@@ -161,8 +163,12 @@ class Xen:
                 self.evt.attach_doorbell(sender, obj.map(), closer=obj.close)
             for fd in fds[len(ret["new"]):]:
                 os.close(fd)
-            for sender in set(have) - set(ret["senders"]):
-                self.evt.detach_doorbell(sender)
+            # The hypervisor drops a sender's doorbells only when it destroys it
+            # (and then bumps the generation of every domain that rang it or was
+            # rung by it): what we hold of a dead peer goes -- its doorbell into
+            # us, ours into it and its wake page, its RAM once nothing maps it.
+            for peer in (set(have) - set(ret["senders"])) | set(ret.get("gone", ())):
+                self.forget_domain(peer)
             if len(ret["new"]) < MAX_FDS:  # else there may be more
                 return
 

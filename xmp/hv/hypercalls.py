@@ -379,6 +379,9 @@ class HypercallHandlers:
                 other.evt.bump_generation()
         for sender in list(dom.doorbells):
             dom.evt.detach_doorbell(sender)
+            peer = self.domains.get(sender)
+            if peer is not None and peer is not dom:
+                peer.evt.bump_generation()  # it rang dom: its refresh hears dom has gone
         dom.evt.sync(drain=True)
         for obj in dom.doorbells.values():
             obj.close()
@@ -388,11 +391,15 @@ class HypercallHandlers:
         """xmp's own: the doorbells the caller's peers ring it through.
         ``have`` names the senders whose doorbell it holds; the reply lists
         every live sender and brings, in ``new`` order, the ones it lacks
-        (at most MAX_FDS a call: it asks again for the rest)."""
+        (at most MAX_FDS a call: it asks again for the rest).  ``gone``:
+        which of the domains named in ``peers`` (those it holds anything
+        of) have been destroyed -- it may let go of them."""
         have = set(int_list(args, "have", "doorbells", limit=1 << 16))
+        peers = int_list(args, "peers", "doorbells", limit=1 << 16) if "peers" in args else []
         senders = sorted(caller.doorbells)
         new = [d for d in senders if d not in have][:MAX_FDS]
-        return {"senders": senders, "new": new}, [caller.doorbells[d].fd for d in new]
+        gone = sorted({d for d in peers if d not in self.domains or self.domains[d].state == DomState.DYING})
+        return {"senders": senders, "new": new, "gone": gone}, [caller.doorbells[d].fd for d in new]
 
     def hc_event_channel_op_bind_virq(self, caller: Domain, args: dict) -> Reply:
         virq, vcpu = arg(args, "virq", int, "bind_virq"), arg(args, "vcpu", int, "bind_virq", 0)

@@ -217,10 +217,13 @@ class DeviceManager:
                         None if done is None else _settle(done, self._result(dev), gone_is_fine=True))
 
     def forget(self, rec: DomainRecord) -> None:
-        """The frontend's domain is gone: its backend directories go too (its
-        own tree is removed with it)."""
-        for dev in rec.devices:
-            self.ts.xs.send([(XsType.RM, _z(dev.back_path))], f"removing the backend of {dev.front_path}")
+        """The frontend's domain is gone (RELEASEd already, so its backends
+        have seen it go): ``backend/<type>/<frontid>`` goes in every backend
+        domain it had devices in, as libxl removes it itself rather than
+        trust a driver domain to -- a dead or hostile one would keep the
+        nodes and fill its quota.  Its own tree is removed with it."""
+        for path in dict.fromkeys(dev.back_path.rsplit("/", 1)[0] for dev in rec.devices):
+            self.ts.xs.send([(XsType.RM, _z(path))], f"removing {path} of dom{rec.domid}")
         rec.devices.clear()
 
     # -- listing and moving --------------------------------------------------------

@@ -56,7 +56,6 @@ from xmp.drivers.blk.protocol import (
     Response,
 )
 from xmp.drivers.xenbus.device import BackendDriver, XenbusDevice
-from xmp.drivers.xenbus.state import XenbusState
 from xmp.errors import GrantError, HypercallError, RemoteProtocolError, XmpError
 from xmp.sharedmem.ring import BackRing, ring_bytes
 
@@ -268,18 +267,8 @@ class BlkBack(BackendDriver):
             self._fail("vbd backend failure: " + text.strip().splitlines()[-1])
 
     def _fail(self, message: str) -> None:
-        dev = self.dev
-        if dev is None:
-            return
-        try:
-            dev.write("error", message[:200])
-        except XmpError:
-            pass
-        self.disconnect(dev)
-        try:
-            dev.switch(XenbusState.CLOSING)
-        except XmpError:  # its directory is gone (the frontend's domain died): nobody to tell
-            pass
+        if self.dev is not None:
+            self.dev.fatal(message)  # disconnects us (or removes the device, if its frontend has gone)
 
     def _serve(self, q: _Queue) -> None:
         ring = q.ring

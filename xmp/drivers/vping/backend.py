@@ -10,7 +10,6 @@ import errno
 from xmp.drivers import grantcopy
 from xmp.drivers.vping import protocol
 from xmp.drivers.xenbus.device import BackendDriver, XenbusDevice
-from xmp.drivers.xenbus.state import XenbusState
 from xmp.errors import HypercallError, RemoteProtocolError, XmpError
 from xmp.sharedmem.ring import BackRing
 from xmp.sharedmem.shm import PAGE_SIZE
@@ -73,12 +72,7 @@ class VpingBack(BackendDriver):
                     return
         except RemoteProtocolError as exc:  # a broken frontend: close its device, serve the rest
             if self.dev is not None:
-                self.disconnect(self.dev)
-                try:
-                    self.dev.write("error", str(exc)[:200])
-                    self.dev.switch(XenbusState.CLOSING)
-                except XmpError:  # its directory is gone (the frontend's domain died): nobody to tell
-                    pass
+                self.dev.fatal(str(exc))  # disconnects us (or removes the device, if its frontend has gone)
 
     def disconnect(self, dev: XenbusDevice) -> None:
         if self.port is not None:
@@ -88,8 +82,11 @@ class VpingBack(BackendDriver):
             self.ring.release()
             self.ring = None
         if self.mapping is not None:
-            self.k.xen.unmap_grant_ref(self.mapping)
-            self.mapping = None
+            mapping, self.mapping = self.mapping, None
+            try:
+                self.k.xen.unmap_grant_ref(mapping)
+            except XmpError:
+                pass  # the hypervisor forgot it already (the frontend's domain is gone)
 
     def release(self) -> None:
         if self.bounce is not None:  # copies are synchronous: none is in flight now

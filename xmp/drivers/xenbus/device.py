@@ -80,10 +80,14 @@ class XenbusDevice:
         self.state = parse_state(xs.read_or(f"{nodename}/state"))
         self.error: str | None = None
         self.data: dict = {}  # the driver's per-device state
+        self.removed = False
+        self._seen_otherend = False  # we have read the other end's state at least once
+        self.on_removed: Callable[[XenbusDevice], None] | None = None  # the bus forgets it
         self._token = f"xenbus-{next(_tokens)}"
         xs.on_watch(self._token, lambda _path: self.changed())
         xs.watch(f"{self.otherend}/state", self._token)  # fires once now
         self._other_key = f"{nodename}/{other}"
+        self._online_token = self._move_token = ""
         if not self.frontend:
             # The toolstack unplugs a device by writing online = 0 (xl block-detach).
             self._online_token = f"xenbus-online-{next(_tokens)}"
@@ -123,6 +127,7 @@ class XenbusDevice:
             self._xs_try(functools.partial(self.driver.disconnect, self))
             self.switch(XenbusState.INITIALISING)
         self.otherend = path
+        self._seen_otherend = False
         self.otherend_id = int(self.xs.read(f"{self.nodename}/backend-id"))
         # Our nodes let the old backend read them: let the new one instead.
         perms = [self.xs.get_perms(self.nodename)[0], f"r{self.otherend_id}"]
@@ -155,25 +160,31 @@ class XenbusDevice:
             return None
 
     def changed(self) -> None:
+        if self.removed:
+            return
         try:
             other = self.other_state()
-        except XenStoreError:
-            if self.frontend:
+        except XenStoreError as exc:
+            if self.frontend and not (exc.errno == "EACCES" and self._seen_otherend):
                 return  # not readable (yet): the next event retries
             # A backend need not see its frontend to publish its features and
-            # wait (InitWait); the frontend may not have let it read yet.
+            # wait (InitWait); the frontend may not have let it read yet.  An
+            # end that could read the other and no longer may finds it gone
+            # (see _otherend_vanished): Unknown, as if it read nothing.
             other = XenbusState.UNKNOWN
+        if other != XenbusState.UNKNOWN:
+            self._seen_otherend = True
+        elif not self.frontend and self._otherend_vanished():
+            self.frontend_gone()
+            return
         step = frontend_step(self.state, other) if self.frontend else backend_step(self.state, other)
         try:
             for act in step.actions:
                 self._do(act)
         except (XmpError, ValueError) as exc:
-            # the other end's garbage or a failure here: report it and close, as
-            # xenbus_dev_fatal does; this process goes on serving its other devices
-            error = self.error = str(exc)
-            self._xs_try(lambda: self.write("error", error[:200]))
-            self._xs_try(lambda: self.driver.disconnect(self))
-            self.switch(XenbusState.CLOSING)
+            # the other end's garbage or a failure here: this process goes on
+            # serving its other devices
+            self.fatal(str(exc))
             return
         if step.switch_to is not None:
             self.switch(step.switch_to)
@@ -192,7 +203,7 @@ class XenbusDevice:
             d.disconnect(self)
 
     def switch(self, state: XenbusState) -> None:
-        if state == self.state:
+        if state == self.state or self.removed:
             return
         self.state = state
         self.xs.write(f"{self.nodename}/state", str(int(state)))
@@ -208,8 +219,82 @@ class XenbusDevice:
         except (XmpError, ValueError):
             pass
 
+    def fatal(self, message: str) -> None:
+        """xenbus_dev_fatal: the driver cannot go on serving the device (the
+        other end's garbage, or our own failure): disconnect, say why in
+        ``error`` and close.  Never raises.  A backend whose frontend has
+        gone meanwhile (a ring that fails because its domain died, before
+        the watch says so) removes the device instead: writing there would
+        make nodes again in a directory the toolstack has just removed (dom0
+        may write anywhere), or be refused (a driver domain)."""
+        if self.removed:
+            return
+        if not self.frontend and self._otherend_vanished():
+            self.frontend_gone()
+            return
+        self.error = message
+        self._xs_try(lambda: self.write("error", message[:200]))
+        self._xs_try(functools.partial(self.driver.disconnect, self))
+        self._xs_try(functools.partial(self.switch, XenbusState.CLOSING))
+
+    def _otherend_vanished(self) -> bool:
+        """Is the other end's directory gone?  The toolstack writes the
+        frontend's directory before the backend's, so a backend that finds
+        none finds one that was there and is no more.  An unprivileged
+        backend asking for a node that has gone is told EACCES when the
+        nearest node left is not its to read (C xenstored hides what
+        exists): once it has read the frontend, that is gone too -- a
+        frontend that locks its backend out cannot be served either.
+        Before that, EACCES is a frontend that has not let it read yet."""
+        try:
+            return self.xs.read_or(self.otherend) is None
+        except XenStoreError as exc:
+            return exc.errno == "EACCES" and self._seen_otherend
+        except (XmpError, ValueError):
+            return False
+
+    def frontend_gone(self) -> None:
+        """The frontend's directory has vanished -- its domain died (RELEASE
+        deletes what it owned) or it was unplugged: give back everything we
+        hold of it and remove our own directory, as xen-blkback does when
+        its frontend turns XenbusStateUnknown.  The toolstack removes the
+        directory too (libxl does); doing it here as well keeps a toolstack
+        that does not from filling this domain's xenstore quota."""
+        if self.removed:
+            return
+        self.remove()
+        self._xs_try(lambda: self.xs.rm(self.nodename))
+
+    def remove(self) -> None:
+        """Stop serving the device and give back everything it holds: the
+        driver unmaps its grants (persistent ones too) and closes its ports,
+        the watches go, the driver is released and the bus told (once; later
+        calls do nothing)."""
+        if self.removed:
+            return
+        self.removed = True
+        try:
+            self.driver.disconnect(self)
+        except Exception as exc:  # a dead peer's leftovers must not stop the rest of the clean-up
+            print(f"xenbus: {self.nodename}: disconnect on removal failed: {exc!r}", flush=True)
+        self.close()
+        self.driver.release()
+        if self.on_removed is not None:
+            self.on_removed(self)
+
     def close(self) -> None:
-        self._xs_try(lambda: self.xs.unwatch(f"{self.otherend}/state", self._token))
+        """Drop this device's watches.  Their callbacks become no-ops rather
+        than going: the client keeps events whose token has no callback."""
+        watches = [(f"{self.otherend}/state", self._token), (f"{self.nodename}/online", self._online_token),
+                   (self._other_key, self._move_token)]
+        for path, token in watches:
+            if token:
+                self._xs_try(functools.partial(self.xs.unwatch, path, token))
+                self.xs.on_watch(token, _ignore)
+
+
+def _ignore(_path: str) -> None:
+    pass
 
 
 class Bus:
@@ -222,9 +307,41 @@ class Bus:
         self.factory = driver_factory
         self.depth = depth  # 1: device/<type>/<devid>; 2: backend/<type>/<frontid>/<devid>
         self.devices: dict[str, XenbusDevice] = {}
+        self._frontend_introduced: dict[str, bool] = {}  # a backend device's node -> its frontend's, at first
         self._token = f"xenbus-bus-{next(_tokens)}"
         xs.on_watch(self._token, lambda _path: self._scan_guarded())
         xs.watch(root, self._token)
+        if depth == 2:
+            # A frontend domain released: its devices go even if no watch on its
+            # directory fired.  Only a privileged backend (dom0) gets these events
+            # (XSA-115); a driver domain sees the frontend's directory vanish.
+            self._release_token = f"xenbus-release-{next(_tokens)}"
+            xs.on_watch(self._release_token, lambda _path: self._domain_released())
+            try:
+                xs.watch("@releaseDomain", self._release_token)
+            except XenStoreError:
+                pass  # the frontend-state watches still see frontends go
+
+    def _introduced(self, domid: int) -> bool | None:
+        try:
+            return self.xs.is_domain_introduced(domid)
+        except (XmpError, ValueError):
+            return None  # not ours to ask (unprivileged)
+
+    def _domain_released(self) -> None:
+        # Only a frontend domain that was introduced when its device came and
+        # is not now has gone (one never introduced -- a test's, dom0 -- stays).
+        for node, was in list(self._frontend_introduced.items()):
+            dev = self.devices.get(node)
+            if dev is None:
+                self._frontend_introduced.pop(node, None)
+            elif was and self._introduced(dev.otherend_id) is False:
+                dev.frontend_gone()
+
+    def _removed(self, dev: XenbusDevice) -> None:
+        if self.devices.get(dev.nodename) is dev:
+            del self.devices[dev.nodename]
+        self._frontend_introduced.pop(dev.nodename, None)
 
     def _scan_guarded(self) -> None:
         try:
@@ -255,12 +372,12 @@ class Bus:
             except (XenStoreError, ValueError, MemoryError):
                 continue  # half-written by the toolstack: the next event brings the rest
             self.devices[node] = dev
+            dev.on_removed = self._removed
+            if not dev.frontend:
+                self._frontend_introduced[node] = bool(self._introduced(dev.otherend_id))
             dev.start()
         for node in [n for n in self.devices if n not in present]:
-            dev = self.devices.pop(node)
-            dev.driver.disconnect(dev)
-            dev.close()
-            dev.driver.release()
+            self.devices[node].remove()
 
 
 def frontend_bus(xs: XsClient, devtype: str, factory: Callable[[], FrontendDriver]) -> Bus:
