@@ -36,6 +36,7 @@ from xmp.sharedmem.evtchn import EventChannels, Wake
 SPIN_MIN = 50e-6
 SPIN_MAX = 400e-6
 RATE_PERIOD = 0.01   # seconds over which a port's events are counted
+CLOSE_AFTER = 0.05   # seconds an idle loop waits before it closes detached doorbells
 RATE_BUDGET = 512    # events a port may raise per period (~51k/s) before it is throttled
 BACKOFF_MIN = 0.001
 BACKOFF_MAX = 0.256
@@ -72,6 +73,8 @@ class EventLoop:
             wake_at = self._next_unmask - start
             timeout = wake_at if timeout is None else min(timeout, wake_at)
             timeout = max(timeout, 0.0)
+        if self.evt.closing():  # a dead peer's doorbell is closed by the next scan: come back for it
+            timeout = CLOSE_AFTER if timeout is None else min(timeout, CLOSE_AFTER)
         woke = self.evt.wait(self.vcpu, timeout, self.spin)
         if woke == Wake.SHUTDOWN:
             raise DomainGone(-1)
