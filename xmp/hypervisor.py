@@ -393,12 +393,14 @@ class Supervisor(HypercallHandlers):
             waiting = holders or (dom.console_undrained() and DOMID_DOM0 in self.domains)
             if waiting and not force and now - dom.dying_since < DYING_GRACE:
                 continue
-            # dom0 lets go of a domain once its domain list shows it dying.  Freed
-            # before dom0 looked, it left the list unseen: 1,000 destroyed at once
-            # left dom0 holding ~570 guests' consoles and rings (absent and newer
-            # than any listed domain reads as "not yet seen", not "gone").
-            if DOMID_DOM0 in holders and not dom.seen_dying and not force \
-                    and now - dom.dying_since < DOM0_NOTICE:
+            # dom0 and the xenstore domain let go of a domain once their domain
+            # list shows it dying.  Freed before one looked, it left that one's list
+            # unseen: 1,000 destroyed at once left dom0 holding ~570 guests'
+            # consoles and rings (absent and newer than any listed domain reads as
+            # "not yet seen", not "gone").  Each must have looked itself: the
+            # xenstore domain's look freed guests dom0 had not seen go.
+            if any(w in holders and w not in dom.seen_dying_by for w in (DOMID_DOM0, self.xs_domid)) \
+                    and not force and now - dom.dying_since < DOM0_NOTICE:
                 continue
             if holders:
                 self.log(f"dom{dom.domid} freed while still mapped by {holders}")

@@ -90,7 +90,7 @@ class Domain:
     created: float = field(default_factory=time.monotonic)
     cpu_time_final: float = 0.0
     dying_since: float = 0.0
-    seen_dying: bool = False  # dom0 fetched a domain list that showed it dying
+    seen_dying_by: set[int] = field(default_factory=set)  # who fetched a domain list showing it dying
     exit: str | None = None  # how its process ended, once the zygote said ("exited with status 1")
     uuid: str = ""
     console_out: ByteRing | None = None

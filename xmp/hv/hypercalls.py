@@ -125,7 +125,7 @@ class HypercallHandlers:
         doms = sorted((d for d in self.domains.values() if d.domid >= first), key=lambda d: d.domid)[:count]
         for d in doms:
             if d.state == DomState.DYING:
-                d.seen_dying = True  # dom0 lets go of it now (see reap_dying)
+                d.seen_dying_by.add(caller.domid)  # the caller lets go of it now (see reap_dying)
         return [self.domain_info(d) for d in doms], []
 
     def hc_domctl_max_mem(self, caller: Domain, args: dict) -> Reply:
