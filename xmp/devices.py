@@ -100,6 +100,8 @@ DEVICE_CLASSES: tuple[DeviceClass, ...] = (
                 summary="the smallest split driver (echo over a ring)"),
     DeviceClass("blk", "vbd", config_key="disk", command="block", opener="block",
                 summary="virtual block devices (blkfront / blkback over image files)"),
+    DeviceClass("net", "vif", config_key="vif", command="network", opener="net",
+                summary="virtual network interfaces (netfront / netback on a bridge or switch)"),
 )
 
 

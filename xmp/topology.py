@@ -9,6 +9,8 @@ with xl's names, units (MiB) and defaults where xl has them; a complete file::
                                 # default: the host's available memory
     rundir = "/tmp/xmp-lab"     # optional run directory (control socket, ...)
     guest_uids = "200000-265535"  # uids for jailed guests (as root), one per running guest
+    bridges = { xenbr0 = "10.0.0.1/24" }  # optional: bridges made as root, with the
+                                # host's address (removed when the host stops)
 
     [dom0]                      # optional; dom0 always exists, named "Domain-0"
     memory = 256                # MiB, default 256
@@ -42,8 +44,8 @@ with xl's names, units (MiB) and defaults where xl has them; a complete file::
                                 # outstanding, permissions, transaction-nodes)
 
 Actions are xl's: destroy, restart, rename-restart, preserve,
-coredump-destroy, coredump-restart.  ``disk`` and ``vif`` are only checked
-to be lists of strings here; their own parsers read the specs.  ``kernel``
+coredump-destroy, coredump-restart.  ``disk`` and ``vif`` are lists of
+strings, each checked by its device class's own parser.  ``kernel``
 names a module that must be findable, but it is not imported: a topology is
 checked before anything runs, and importing a guest's module would run it.
 
@@ -70,6 +72,7 @@ from __future__ import annotations
 import difflib
 import importlib.machinery
 import importlib.util
+import ipaddress
 import os
 import re
 import socket
@@ -95,12 +98,12 @@ RESERVED_SUFFIXES = ("--incoming", "--migratedaway")
 EVTCHN_RANGE = (2, 4096)
 GRANT_FRAMES_RANGE = (1, 64)
 
-HOST_KEYS = ("name", "memory", "rundir", "guest_uids")
+HOST_KEYS = ("name", "memory", "rundir", "guest_uids", "bridges")
 GUEST_UIDS = (200000, 265535)  # the default [host] guest_uids
 DOM0_KEYS = ("memory", "maxmem", "vcpus", "kernel", "args")
 # Each device class with an xl spec adds its key ("disk", …) through xmp.devices.
 DEVICE_KEYS = tuple(c.config_key for c in devices.with_config_key() if c.config_key)
-DOMAIN_KEYS = ("name", "type", "memory", "maxmem", "vcpus", "maxvcpus", "kernel", "args", *DEVICE_KEYS, "vif",
+DOMAIN_KEYS = ("name", "type", "memory", "maxmem", "vcpus", "maxvcpus", "kernel", "args", *DEVICE_KEYS,
                "on_poweroff", "on_reboot", "on_crash", "driver_domain", "trusted_backend",
                "max_event_channels", "max_grant_frames", "xenstore_quota")
 TABLES = {"host": "[host]", "dom0": "[dom0]", "domain": "[[domain]]"}
@@ -135,6 +138,8 @@ class HostConfig:
     memory_mib: int
     rundir: str | None
     guest_uids: tuple[int, int] = GUEST_UIDS
+    # bridges the host makes (as root), each with the host's own address on it
+    bridges: dict[str, str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -151,7 +156,6 @@ class DomainConfig:
     kernel: str | None
     args: dict[str, Any] = field(hash=False)
     devices: dict[str, tuple[str, ...]] = field(hash=False)  # device class key ("disk") -> its xl specs
-    vif: tuple[str, ...]
     on_poweroff: str
     on_reboot: str
     on_crash: str
@@ -172,7 +176,7 @@ class DomainConfig:
             "name": self.name, "type": self.type, "memory": self.memory_mib, "maxmem": self.maxmem_mib,
             "vcpus": self.vcpus, "maxvcpus": self.maxvcpus, "args": _copy_json(self.args),
             **{key: list(self.devices.get(key, ())) for key in DEVICE_KEYS},
-            "vif": list(self.vif), "on_poweroff": self.on_poweroff,
+            "on_poweroff": self.on_poweroff,
             "on_reboot": self.on_reboot, "on_crash": self.on_crash, "driver_domain": self.driver_domain,
             "trusted_backend": self.trusted_backend, "max_event_channels": self.max_event_channels,
             "max_grant_frames": self.max_grant_frames,
@@ -431,6 +435,11 @@ def _devices(t: _Table, raw: dict, base: str) -> dict[str, tuple[str, ...]]:
         specs = _str_list(t, raw, key)
         part = cls.part("toolstack")
         names: set[str] = set()
+        if hasattr(part, "pinned"):  # what the spec leaves random is chosen once, here (a vif's MAC)
+            try:
+                specs = tuple(part.pinned(spec) for spec in specs)
+            except XmpError as exc:
+                raise t.error(key, str(exc)) from None
         for spec in specs:
             try:
                 parsed = part.parse(spec)
@@ -591,7 +600,6 @@ def _domain(t: _Table, raw: dict, known: tuple[str, ...], *, dom0: bool) -> Doma
         kernel=kernel,
         args=_args(t, raw),
         devices=_devices(t, raw, source_folder(source)),
-        vif=_str_list(t, raw, "vif"),
         on_poweroff=_choice(t, raw, "on_poweroff", "destroy", ACTIONS),
         on_reboot=_choice(t, raw, "on_reboot", "restart", ACTIONS),
         on_crash=_choice(t, raw, "on_crash", "destroy", ACTIONS),
@@ -623,7 +631,26 @@ def _host(t: _Table, raw: dict) -> HostConfig:
             raise t.error("guest_uids", f"'{raw['guest_uids']}' is not a range of uids "
                                         "FIRST-LAST with 0 < FIRST <= LAST, like \"200000-265535\"")
         uids = (int(lo), int(hi))
-    return HostConfig(name=name, memory_mib=memory, rundir=rundir, guest_uids=uids)
+    return HostConfig(name=name, memory_mib=memory, rundir=rundir, guest_uids=uids,
+                      bridges=_bridges(t, raw))
+
+
+def _bridges(t: _Table, raw: dict) -> dict[str, str]:
+    """``bridges = { xenbr0 = "10.0.0.1/24" }``: interface names to an
+    address with its prefix."""
+    value = raw.get("bridges", {})
+    if not isinstance(value, dict):
+        raise t.error("bridges", f"expected a table of bridge = \"address/prefix\", got {_describe(value)}")
+    for name, addr in value.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", name):
+            raise t.error("bridges", f"{name!r} is not an interface name (1 to 15 letters, digits, _ . -)")
+        try:
+            ipaddress.ip_interface(addr)
+        except (TypeError, ValueError):
+            raise t.error("bridges", f"{name}: {addr!r} is not an address like 10.0.0.1/24") from None
+        if "/" not in addr:
+            raise t.error("bridges", f"{name}: {addr!r} needs its prefix (10.0.0.1/24)")
+    return dict(value)
 
 
 # -- memory -----------------------------------------------------------------

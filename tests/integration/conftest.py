@@ -105,3 +105,5 @@ def hosts(tmp_path, request):
         h.cleanup()
         if getattr(request.node, "call_failed", False):
             print(h.log_tails())  # in the failure's report: what each domain and the hypervisor said
+    for h in made:
+        h.assert_no_interfaces()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -183,7 +184,32 @@ class Host:
                 held[key] = (name, st.st_blocks * 512, [*holders, f"{_title(pid)}:{where}"])
         return held
 
+    def interfaces(self) -> list[str]:
+        """The network interfaces this host's topology names (``bridge=``,
+        ``vifname=``) that exist now -- tests name them uniquely."""
+        names = set(re.findall(r"\b(?:bridge|vifname)=([A-Za-z0-9_.-]+)", self.topology.read_text()))
+        if not names or not os.path.isdir("/sys/class/net"):
+            return []
+        return sorted(names & set(os.listdir("/sys/class/net")))
+
+    def assert_no_interfaces(self, timeout: float = 5) -> None:
+        """No TAP or bridge of this host outlives it (a guest's network
+        namespace goes with its process, which assert_clean checks)."""
+        deadline = time.monotonic() + timeout
+        while self.interfaces() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = self.interfaces()
+        assert not left, f"network interfaces left: {left}"
+
     def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None and self.interfaces():
+            # a host that made bridges removes them when it stops (not when it is killed)
+            self.descendants()
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
         if self.proc is not None and self.proc.poll() is None:
             self.descendants()
             self.proc.kill()

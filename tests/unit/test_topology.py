@@ -79,20 +79,20 @@ def test_full_example_parses_with_defaults_filled():
         host=HostConfig(name="lab", memory_mib=4096, rundir="/tmp/xmp-lab"),
         dom0=DomainConfig(
             name="Domain-0", type="pv", memory_mib=512, maxmem_mib=1024, vcpus=2, maxvcpus=2,
-            kernel="json:dumps", args={}, devices={}, vif=(), on_poweroff="destroy", on_reboot="restart",
+            kernel="json:dumps", args={}, devices={}, on_poweroff="destroy", on_reboot="restart",
             on_crash="destroy", driver_domain=True, trusted_backend=True, max_event_channels=4096,
             max_grant_frames=64, source="lab.toml:7"),
         domains=(
             DomainConfig(
                 name="web", type="pv", memory_mib=256, maxmem_mib=512, vcpus=2, maxvcpus=4,
                 kernel="json:dumps", args={"greeting": "hi", "sizes": [1, 2], "nested": {"ok": True}},
-                devices={"disk": ("format=raw, vdev=xvda, access=rw, target=a.img",)},
-                vif=("mac=00:16:3e:00:00:01, bridge=xenbr0",), on_poweroff="preserve",
+                devices={"disk": ("format=raw, vdev=xvda, access=rw, target=a.img",),
+                         "vif": ("mac=00:16:3e:00:00:01, bridge=xenbr0",)}, on_poweroff="preserve",
                 on_reboot="rename-restart", on_crash="coredump-restart", driver_domain=False,
                 trusted_backend=False, max_event_channels=2048, max_grant_frames=32, source="lab.toml:14"),
             DomainConfig(
                 name="net.0", type="pvh", memory_mib=128, maxmem_mib=128, vcpus=1, maxvcpus=1,
-                kernel=None, args={}, devices={}, vif=(), on_poweroff="destroy", on_reboot="restart",
+                kernel=None, args={}, devices={}, on_poweroff="destroy", on_reboot="restart",
                 on_crash="destroy", driver_domain=True, trusted_backend=True, max_event_channels=1023,
                 max_grant_frames=64, source="lab.toml:32"),
         ),

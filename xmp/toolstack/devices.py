@@ -27,7 +27,7 @@ from xmp.errors import HypercallError, LocalError, XmpError
 from xmp.hv.domain import Domain
 from xmp.toolstack.pending import Pending
 from xmp.toolstack.xs import _z, device_tree, move_backend_tree
-from xmp.topology import DomainConfig, source_folder
+from xmp.topology import DomainConfig, HostConfig, source_folder
 from xmp.xenstore.wire import Packet, XsType
 
 if TYPE_CHECKING:
@@ -70,6 +70,15 @@ class DeviceManager:
         self.ts = ts
         self._tokens = itertools.count(1)
 
+    def open_host(self, host: HostConfig) -> None:
+        """Each class readies the host (``host_open`` in its toolstack.py:
+        the network's bridges); what they say goes to the hypervisor's log."""
+        for cls in devices.DEVICE_CLASSES:
+            opener = getattr(cls.part("toolstack"), "host_open", None) if cls.has("toolstack") else None
+            if opener is not None:
+                for line in opener(host):
+                    self.ts.sup.log(line)
+
     # -- adding ----------------------------------------------------------------
 
     def plan(self, cfg: DomainConfig) -> list[Planned]:
@@ -78,14 +87,17 @@ class DeviceManager:
         base = Path(source_folder(cfg.source))
         out = []
         for cls in devices.with_config_key():
-            for text in cfg.devices.get(cls.config_key or "", ()):
-                out.append(self._planned(cls, text, base, "createdomain"))
+            for i, text in enumerate(cfg.devices.get(cls.config_key or "", ())):
+                out.append(self._planned(cls, text, base, "createdomain", i))
         return out
 
-    def _planned(self, cls: DeviceClass, text: str, base: Path, op: str) -> Planned:
+    def _planned(self, cls: DeviceClass, text: str, base: Path, op: str, index: int = 0) -> Planned:
         part = cls.part("toolstack")
         try:
-            spec = part.device(part.parse(text), base)
+            parsed = part.parse(text)
+            if hasattr(part, "indexed"):  # a class whose devid defaults to the spec's place (vif)
+                parsed = part.indexed(parsed, index)
+            spec = part.device(parsed, base)
         except HypercallError as exc:  # the class's own errno (a path it cannot create), under our op
             raise HypercallError(exc.errno, op, exc.detail or str(exc)) from None
         except XmpError as exc:
@@ -134,7 +146,9 @@ class DeviceManager:
         """xl <class>-attach: hot-plug one device from its xl spec."""
         self._can_hotplug(f"{cls.command}-attach")
         done = Pending()
-        self.add(front, self._planned(cls, text, base, f"{cls.command}-attach"), done)
+        taken = [d.devid for d in self.ts.record(front).devices if d.cls == cls]
+        nextid = max(taken, default=-1) + 1  # libxl__device_nextid
+        self.add(front, self._planned(cls, text, base, f"{cls.command}-attach", nextid), done)
         return done
 
     def attach_keys(self, front: Domain, back: Domain, cls: DeviceClass, devid: int,
@@ -160,11 +174,15 @@ class DeviceManager:
     # -- removing ----------------------------------------------------------------
 
     def find(self, front: Domain, cls: DeviceClass, name: str) -> Device:
+        mine = [d for d in self.ts.record(front).devices if d.cls == cls]
         try:
             devid = cls.part("toolstack").devid_of(name)
         except XmpError as exc:
-            raise HypercallError(errno.EINVAL, f"{cls.command}-detach", str(exc)) from None
-        dev = next((d for d in self.ts.record(front).devices if d.cls == cls and d.devid == devid), None)
+            by_name = [d for d in mine if d.spec.name.lower() == name.lower()]  # a vif's MAC
+            if not by_name:
+                raise HypercallError(errno.EINVAL, f"{cls.command}-detach", str(exc)) from None
+            devid = by_name[0].devid
+        dev = next((d for d in mine if d.devid == devid), None)
         if dev is None:
             raise HypercallError(errno.ENOENT, f"{cls.command}-detach",
                                  f"{front.name} has no {cls.config_key or cls.devtype} {name}")
@@ -263,6 +281,18 @@ class DeviceManager:
             for dev in rec.devices:
                 if dev.back_domid == old and dev.front in self.ts.sup.domains:
                     self.move(dev, new)
+
+    def close(self) -> None:
+        """The host is going: each class gives back what it made on it
+        (``host_close`` in its toolstack.py: the network's bridges)."""
+        for cls in devices.DEVICE_CLASSES:
+            if cls.has("toolstack"):
+                close = getattr(cls.part("toolstack"), "host_close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception as exc:  # the others still get theirs
+                        self.ts.sup.log(f"{cls.kind}: cleanup failed: {exc}")
 
     @staticmethod
     def _result(dev: Device) -> dict[str, Any]:

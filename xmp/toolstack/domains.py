@@ -104,6 +104,7 @@ class Toolstack:
         self.restarts: dict[str, deque[float]] = {}
         self.xs = XsConnection(sup.rundir / "xenstored.sock", sup.log, self._xs_wants_write, sup.unwatch)
         self.devices = DeviceManager(self)
+        self.devices.open_host(topology.host)
         sup.events = self
         # No supervisor runs here (the control socket proved it): sockets left
         # by one that was killed are stale.
@@ -152,6 +153,7 @@ class Toolstack:
             self.sup.iterate(0.05)
 
     def close(self) -> None:
+        self.devices.close()
         self.xs.close()
         (self.sup.rundir / "xenstored.sock").unlink(missing_ok=True)
         for sock in (self.sup.rundir / "console").glob("*.sock"):  # dom0's, if it could not

@@ -71,6 +71,7 @@ too small) is dropped and counted, never queued without bound (XSA-392).
 from __future__ import annotations
 
 import struct
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -527,6 +528,16 @@ class RxBuilder:
         if nposted < needed:
             return f"frame needs {needed} rx slots, the frontend posted {nposted}"
         return None
+
+
+def flow_hash(frame: bytes) -> int:
+    """A frame's flow, as a number: its MACs, and for IPv4 its addresses
+    and (TCP/UDP) ports -- frames of one flow always hash alike."""
+    key = frame[:12]
+    if frame[12:14] == b"\x08\x00" and len(frame) >= 34:
+        ihl = (frame[14] & 0x0F) * 4
+        key += frame[26:34] + frame[14 + ihl:18 + ihl]
+    return zlib.crc32(key)
 
 
 def pack_tx_responses(responses: Sequence[TxResponse]) -> bytes:

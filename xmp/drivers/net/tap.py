@@ -1,0 +1,128 @@
+"""Linux TAP devices and bridges, over netlink (pyroute2), never a shell.
+
+A TAP is made non-persistent with TUNSETIFF on ``/dev/net/tun``: it exists
+exactly as long as its descriptor, so a backend that dies -- SIGKILL
+included -- leaves no interface behind.  A bridge xmp had to create is
+removed when the last port xmp put on it leaves; one that existed already
+(the host's ``xenbr0``) is left alone, as Xen's vif-bridge script does.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+CAP_NET_ADMIN = 12
+
+
+def privileged() -> bool:
+    """Whether this process may make network devices (CAP_NET_ADMIN in
+    its effective set) and has /dev/net/tun."""
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return bool(caps & (1 << CAP_NET_ADMIN)) and os.path.exists("/dev/net/tun")
+
+
+def open_tap(name: str) -> int:
+    """A non-blocking descriptor of a new TAP ``name`` (no packet info header)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _ipr():
+    from pyroute2 import IPRoute  # imported late: only TAP mode needs it
+
+    return IPRoute()
+
+
+def _index(ipr, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+def ensure_bridge(bridge: str) -> bool:
+    """Make ``bridge`` (up) unless it exists; True if made here."""
+    with _ipr() as ipr:
+        if _index(ipr, bridge) is not None:
+            return False
+        try:
+            ipr.link("add", ifname=bridge, kind="bridge")
+        except Exception as exc:
+            if getattr(exc, "code", None) == errno.EEXIST:
+                return False
+            raise OSError(getattr(exc, "code", errno.EIO), str(exc)) from None
+        br = _index(ipr, bridge)
+        if br is not None:
+            ipr.link("set", index=br, state="up")
+        return True
+
+
+def remove_bridge(bridge: str) -> None:
+    with _ipr() as ipr:
+        br = _index(ipr, bridge)
+        if br is not None:
+            try:
+                ipr.link("del", index=br)
+            except Exception:  # gone meanwhile
+                pass
+
+
+def attach(name: str, bridge: str, mtu: int) -> None:
+    """Put TAP ``name`` on ``bridge`` and bring it up (vif-bridge's job);
+    the bridge must exist (the toolstack makes a missing one)."""
+    with _ipr() as ipr:
+        br = _index(ipr, bridge)
+        if br is None:
+            raise OSError(errno.ENODEV, f"no bridge {bridge}")
+        idx = _index(ipr, name)
+        if idx is None:
+            raise OSError(errno.ENODEV, f"TAP {name} vanished")
+        ipr.link("set", index=idx, mtu=mtu)
+        ipr.link("set", index=idx, master=br, state="up")
+
+
+def set_address(name: str, address: str) -> None:
+    """Give interface ``name`` an address (``10.0.0.1/24``) and bring it up."""
+    addr, _, prefix = address.partition("/")
+    with _ipr() as ipr:
+        idx = _index(ipr, name)
+        if idx is None:
+            raise OSError(errno.ENODEV, f"no interface {name}")
+        try:
+            ipr.addr("add", index=idx, address=addr, prefixlen=int(prefix or 24))
+        except Exception as exc:
+            if getattr(exc, "code", None) != errno.EEXIST:  # there already: fine
+                raise
+        ipr.link("set", index=idx, state="up")
+
+
+def configure(name: str, *, mac: str, mtu: int, addresses: list[str], gateway: str | None = None) -> None:
+    """Set up interface ``name`` in this thread's network namespace: its
+    MAC and MTU, its addresses, up; ``lo`` up; a default route if given."""
+    with _ipr() as ipr:
+        lo = _index(ipr, "lo")
+        if lo is not None:
+            ipr.link("set", index=lo, state="up")
+        idx = _index(ipr, name)
+        if idx is None:
+            raise OSError(errno.ENODEV, f"no interface {name}")
+        ipr.link("set", index=idx, address=mac, mtu=mtu)
+        for address in addresses:
+            addr, _, prefix = address.partition("/")
+            ipr.addr("add", index=idx, address=addr, prefixlen=int(prefix or (24 if ":" not in addr else 64)))
+        ipr.link("set", index=idx, state="up")
+        if gateway:
+            ipr.route("add", dst="default", gateway=gateway)

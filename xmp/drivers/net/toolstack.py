@@ -1,0 +1,116 @@
+"""The network driver's part of the toolstack (libxl's ``libxl_nic.c``):
+an xl vif spec becomes the two xenstore directories of a vif.
+
+A vif without ``devid=`` gets its index in the domain's ``vif`` list, or,
+hot-plugged, the next free devid (libxl__device_nextid).  The device is
+named by its MAC, so ``xmp network-detach DOM MAC`` works as xl's does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from xmp.devices import DeviceSpec
+from xmp.drivers.net import tap
+from xmp.drivers.net.spec import VifSpec, parse_vifspec
+from xmp.errors import XmpError
+
+LIST_HEADER = (f"{'Idx':<3} {'BE':<2} {'Mac Addr.':<17} {'handle':<6} {'state':<5} {'evt-ch':<6} "
+               f"{'tx-':>5}/{'rx-ring-ref':<11} BE-path")
+LIST_KEYS = ("backend-id", "mac", "handle", "state", "event-channel", "event-channel-tx",
+             "tx-ring-ref", "rx-ring-ref", "backend")
+
+
+def parse(text: str) -> VifSpec:
+    return parse_vifspec(text)
+
+
+def pinned(text: str) -> str:
+    """The spec with a MAC: a random one is chosen once, when the config is
+    read, so the guest keeps it across reboots (as xl writes it into the
+    domain's config) and its network namespace is made with it."""
+    spec = parse_vifspec(text)
+    if not spec.mac_generated:
+        return text
+    rest = [p for p in text.split(",") if p.strip() and not p.strip().startswith("mac")]
+    return ", ".join([*(p.strip() for p in rest), f"mac={spec.mac}"])
+
+
+def indexed(spec: VifSpec, index: int) -> VifSpec:
+    """The spec with its default devid: its place in the list."""
+    return spec if spec.devid is not None else dataclasses.replace(spec, devid=index)
+
+
+def name_of(spec: VifSpec) -> str:
+    return spec.mac
+
+
+def devid_of(name: str) -> int:
+    """A vif by its devid; a MAC is matched by the device manager."""
+    if not name.isdigit():
+        raise XmpError(f"a vif is named by its devid or its MAC, not {name!r}")
+    return int(name)
+
+
+_made_bridges: list[str] = []   # by this supervisor, removed when it goes
+
+
+def device(spec: VifSpec, base: Path) -> DeviceSpec:
+    """The vif's keys, as libxl writes them.  As root, a ``vif-bridge``
+    vif served by dom0 has its bridge made here if the host has none of
+    that name (the backend only puts its TAP on it), removed when this host
+    stops."""
+    in_dom0 = spec.backend in (None, "Domain-0", "0")  # a driver domain holds no privilege: its switch
+    if spec.script == "vif-bridge" and in_dom0 and tap.privileged() and spec.bridge not in _made_bridges:
+        try:
+            if tap.ensure_bridge(spec.bridge):
+                _made_bridges.append(spec.bridge)
+        except OSError as exc:
+            raise XmpError(f"vif {spec.mac}: cannot make bridge {spec.bridge}: {exc}") from None
+    devid = spec.devid or 0
+    back = {"mac": spec.mac, "bridge": spec.bridge, "script": spec.script, "handle": str(devid),
+            "mtu": str(spec.mtu), "type": "vif"}
+    if spec.ip:
+        back["ip"] = " ".join(spec.ip)
+    if spec.vifname:
+        back["vifname"] = spec.vifname
+    if spec.rate is not None:
+        back["rate"] = spec.rate.xenstore()
+    front = {"mac": spec.mac, "handle": str(devid), "mtu": str(spec.mtu)}
+    if spec.ip:
+        front["ip"] = " ".join(spec.ip)  # xmp's guests configure eth0 from it (no DHCP)
+    return DeviceSpec(devid, spec.mac, spec.backend, back_keys=back, front_keys=front)
+
+
+def host_open(host) -> list[str]:
+    """Make the ``[host] bridges`` with the host's address on each (root
+    only: otherwise the vifs meet in netback's switch and the host has no
+    way in); returns what to log."""
+    if not host.bridges:
+        return []
+    if not tap.privileged():
+        return [f"network: not root: bridges {', '.join(host.bridges)} not made; vifs on them meet "
+                "in netback's learning switch, unreachable from the host"]
+    out = []
+    for name, address in host.bridges.items():
+        if tap.ensure_bridge(name):
+            _made_bridges.append(name)
+        tap.set_address(name, address)
+        out.append(f"network: bridge {name} with the host at {address}")
+    return out
+
+
+def host_close() -> None:
+    """Remove the bridges this host made (their TAPs went with their backends)."""
+    while _made_bridges:
+        tap.remove_bridge(_made_bridges.pop())
+
+
+def list_row(devid: int, front: dict[str, str]) -> str:
+    """One line of xl network-list (split channels show the tx one)."""
+    evtch = front.get("event-channel", front.get("event-channel-tx", "-1"))
+    return (f"{devid:<3} {front.get('backend-id', '-'):<2} {front.get('mac', '-'):<17} "
+            f"{front.get('handle', '-'):<6} {front.get('state', '-'):<5} {evtch:<6} "
+            f"{front.get('tx-ring-ref', '-1'):>5}/{front.get('rx-ring-ref', '-1'):<11} "
+            f"{front.get('backend', '-')}")
