@@ -57,6 +57,7 @@ def may_call(dom: Domain, op: str, cmd: str) -> bool:
 
 class HypercallHandlers:
     domains: dict[int, Domain]
+    xs_domid: int | None  # the xenstore domain's, once built
     HYPERCALLS: dict[str, dict[str, Callable[..., Reply]]]
     ns: ShmNamespace
 
@@ -213,7 +214,10 @@ class HypercallHandlers:
         ever be written; the writable one comes only with a writable grant.
         Every other domain -- driver domains included -- is refused (EPERM)
         and uses grant copy: a descriptor of a guest's whole RAM must not
-        reach a process that is not dom0."""
+        reach a process that is not dom0.  The one exception is the
+        xenstore domain, for the store page alone (ref 1, granted to it by
+        the builder); it is handed the granter's RAM descriptor as dom0 is,
+        and maps that one page."""
         op = "map_grant_ref"
         if not caller.privileged and not caller.xs_domain:
             raise HypercallError(errno.EPERM, op,
@@ -500,8 +504,6 @@ class HypercallHandlers:
         return dict(XEN_VERSION), []
 
     # -- dom0 notification -------------------------------------------------
-
-    xs_domid: int | None
 
     def raise_dom_exc(self) -> None:
         """VIRQ_DOM_EXC to dom0 (xenconsoled, the backends) and to the
