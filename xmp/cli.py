@@ -5,11 +5,17 @@ background with ``--detach``); every other command talks to a running one
 through ``<rundir>/control.sock``.  The run directory defaults to
 ``$XMP_RUNDIR``, else ``$XDG_RUNTIME_DIR/xmp/<host>``, else
 ``/tmp/xmp-<uid>/<host>``.
+
+Every command is one :func:`~xmp.clitable.command` registration next to
+its function below: its name, xl's one-line summary and usage
+(``tools/xl/xl_cmdtable.c``), and its arguments.  ``xmp help`` and each
+command's ``--help`` are printed from that table in xl's layout; every
+command takes ``--rundir``, and those that print a table take ``--json``.
+A new command is one more registration here, in xl's order.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import select
@@ -24,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from xmp import devices
+from xmp.clitable import COMMANDS, DOM, CliError, UsageError, arg, command, overview, unknown
 from xmp.errors import XmpError
+from xmp.hypercall import SHUTDOWN_REASONS
 from xmp.sharedmem.shm import remove_stale
 
 ESCAPE = b"\x1d"  # Ctrl-], as xl console
@@ -38,9 +46,7 @@ def default_rundir(host: str | None = None) -> Path:
     return Path(base) / "xmp" / host if base else Path(f"/tmp/xmp-{os.getuid()}") / host
 
 
-class CliError(Exception):
-    """One clear message for the user, and exit status 1."""
-
+# -- the command table (xmp.clitable) ---------------------------------------
 
 # -- talking to a supervisor -------------------------------------------------
 
@@ -51,8 +57,8 @@ def request(rundir: Path, cmd: str, **fields: Any) -> dict[str, Any]:
     try:
         sock.connect(str(path))
     except (FileNotFoundError, ConnectionRefusedError):
-        raise CliError(f"no supervisor runs in {rundir} (start one with `xmp run TOPOLOGY`, "
-                       "or give --rundir)") from None
+        raise CliError(f"no supervisor runs in {rundir} (start one with "
+                       f"`xmp run TOPOLOGY --rundir {rundir}`)") from None
     with sock:
         sock.sendall((json.dumps({"cmd": cmd, **fields}) + "\n").encode())
         buf = b""
@@ -70,6 +76,10 @@ def request(rundir: Path, cmd: str, **fields: Any) -> dict[str, Any]:
 # -- commands ------------------------------------------------------------------
 
 
+@command("run", "Start a supervisor and the domains of a topology file (xmp's own)", "[options] <Topology>",
+         arg("topology", metavar="Topology"),
+         arg("--detach", action="store_true", help="Return once every domain runs (stop it with "
+             "`xmp destroy Domain-0`)."))
 def cmd_run(args) -> int:
     from xmp.hypervisor import Supervisor
     from xmp.toolstack import run_host
@@ -93,6 +103,12 @@ def cmd_run(args) -> int:
             raise CliError(str(exc)) from None
         print(f"xmp: stopped ({hosts[0].stop_reason}), exit status {code}", flush=True)
         return code
+    from xmp.toolstack.runlock import RunLock
+
+    try:  # refused here, in the same words as in the foreground (the child takes the lock again)
+        RunLock(rundir).release()
+    except XmpError as exc:
+        raise CliError(str(exc)) from None
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the detached supervisor
@@ -143,23 +159,37 @@ def _to_log(rundir: Path) -> None:
     os.dup2(log, 2)
 
 
+# -- looking domains up --------------------------------------------------------
+
+
 def _rundir(args) -> Path:
     return Path(args.rundir) if args.rundir else default_rundir()
 
 
-def cmd_list(args) -> int:
-    doms = request(_rundir(args), "list")["domains"]
-    if args.json:
-        print(json.dumps(doms, indent=2))
-        return 0
-    # xl list's exact header and row formats (tools/xl/xl_info.c)
-    print(f"{'Name':<40}ID   Mem VCPUs\tState\tTime(s)")
-    for d in doms:
-        print(f"{d['name']:<40}{d['domid']:5d} {d['mem_kb'] // 1024:5d} {d['vcpus']:5d}     "
-              f"{d['state_letters']:6}  {d['cpu_time']:8.1f}")
-    return 0
+def _domains(args) -> list[dict[str, Any]]:
+    return request(_rundir(args), "list")["domains"]
 
 
+def _find(doms: list[dict[str, Any]], ref: str) -> dict[str, Any]:
+    """A domain by name or id, as the hypervisor's find (the living first)."""
+    for d in sorted(doms, key=lambda d: d.get("state") == "dying"):
+        if str(d["domid"]) == ref or d["name"] == ref:
+            return d
+    raise CliError(f"domain '{ref}' does not exist")
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+# -- commands, in xl's order (xl_cmdtable.c) ----------------------------------
+
+
+@command("create", "Create a domain from config file <filename>", "<ConfigFile> [options]",
+         arg("file", metavar="ConfigFile"),
+         arg("-p", dest="paused", action="store_true", help="Leave the domain paused after it is created."),
+         arg("-c", dest="console", action="store_true",
+             help="Connect to the console after the domain is created."))
 def cmd_create(args) -> int:
     from xmp.topology import load_domain
 
@@ -174,6 +204,40 @@ def cmd_create(args) -> int:
     return 0
 
 
+@command("list", "List information about all/some domains", "[options] [Domain...]",
+         arg("doms", nargs="*", metavar="Domain"),
+         arg("-l", "--long", dest="json", action="store_true", help="The same as --json, as xl list -l."),
+         arg("-v", "--verbose", action="store_true", help="Prints out UUIDs and the shutdown reason code."),
+         table=True)
+def cmd_list(args) -> int:
+    doms = _domains(args)
+    if args.doms:
+        doms = [_find(doms, ref) for ref in args.doms]
+    if args.json:
+        _print_json(doms)
+        return 0
+    sys.stdout.write(list_table(doms, args.verbose))
+    return 0
+
+
+def list_table(doms: list[dict[str, Any]], verbose: bool = False) -> str:
+    """xl list's exact header and rows (tools/xl/xl_info.c, list_domains):
+    ``%-40s %5d %5lu %5d     %c%c%c%c%c%c  %8.1f``; -v adds
+    `` <uuid> %8x|%8s %16s`` (reason code, and the security label xmp does
+    not have: "-")."""
+    out = ["Name" + " " * 40 + "ID   Mem VCPUs\tState\tTime(s)"
+           + ("   UUID                            Reason-Code\tSecurity Label" if verbose else "") + "\n"]
+    for d in doms:
+        row = (f"{d['name']:<40} {d['domid']:5d} {d['mem_kb'] // 1024:5d} {d['vcpus']:5d}     "
+               f"{d['state_letters']:6}  {d['cpu_time']:8.1f}")
+        if verbose:
+            code = SHUTDOWN_REASONS.get(d.get("shutdown_reason") or "", 0)
+            reason = f"{code:8x}" if d["state"] == "shutdown" else f"{'-':>8}"
+            row += f" {d['uuid']} {reason} {'-':>16}"
+        out.append(row + "\n")
+    return "".join(out)
+
+
 def _simple(cmd: str):
     def run(args) -> int:
         request(_rundir(args), cmd, dom=args.dom)
@@ -181,45 +245,322 @@ def _simple(cmd: str):
     return run
 
 
+command("destroy", "Terminate a domain immediately", "<Domain>", DOM)(_simple("destroy"))
+
+_SHUTDOWN_ARGS = (arg("dom", nargs="?", metavar="Domain"),
+                  arg("-a", "--all", action="store_true", help="Every guest (all but Domain-0)."),
+                  arg("-w", "--wait", dest="wait", action="store_true", help="Wait for the guest(s) to go."),
+                  arg("-F", "--force", action="store_true",
+                      help="Destroy a guest that has not gone within the timeout."),
+                  arg("--timeout", type=float, default=30.0, metavar="S",
+                      help="Seconds -w and -F wait (default 30)."))
+
+
+@command("shutdown", "Issue a shutdown signal to a domain", "[options] <-a|Domain>", *_SHUTDOWN_ARGS)
 def cmd_shutdown(args, reason: str = "poweroff") -> int:
     rundir = _rundir(args)
-    domid = request(rundir, "shutdown", dom=args.dom, reason=reason)["domid"]
-    if not getattr(args, "wait", False) and not getattr(args, "force", False):
+    if bool(args.all) == bool(args.dom):
+        raise UsageError("name one domain, or give -a for every guest")
+    if args.all:
+        refs = [str(d["domid"]) for d in _domains(args)
+                if d["domid"] != 0 and not d.get("xenstore_domain") and d["state"] == "running"]
+    else:
+        refs = [args.dom]
+    asked = {request(rundir, "shutdown", dom=ref, reason=reason)["domid"]: ref for ref in refs}
+    if not args.wait and not args.force:
         return 0
     deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline:
+    while asked and time.monotonic() < deadline:
         try:
             doms = request(rundir, "list")["domains"]
         except CliError:
-            return 0  # the supervisor stopped (its last guest went): so did this one
-        if not [d for d in doms if d["domid"] == domid and d["state"] != "dying"]:
-            return 0
-        time.sleep(0.05)
-    if args.force:
-        request(rundir, "destroy", dom=str(domid))
-        print(f"xmp shutdown: {args.dom} did not shut down within {args.timeout:g} s: destroyed",
-              file=sys.stderr)
+            return 0  # the supervisor stopped (its last guest went): so did these
+        alive = {d["domid"] for d in doms if d["state"] != "dying"}
+        asked = {domid: ref for domid, ref in asked.items() if domid in alive}
+        if asked:
+            time.sleep(0.05)
+    if not asked:
         return 0
-    raise CliError(f"{args.dom} did not shut down within {args.timeout:g} s (-F destroys it)")
+    late = ", ".join(asked.values())
+    if args.force:
+        for domid in asked:
+            request(rundir, "destroy", dom=str(domid))
+        print(f"xmp: {late} did not shut down within {args.timeout:g} s: destroyed", file=sys.stderr)
+        return 0
+    raise CliError(f"{late} did not shut down within {args.timeout:g} s (-F destroys it)")
 
 
+@command("reboot", "Issue a reboot signal to a domain", "[options] <-a|Domain>", *_SHUTDOWN_ARGS)
 def cmd_reboot(args) -> int:
     return cmd_shutdown(args, "reboot")
 
 
+command("pause", "Pause execution of a domain", "<Domain>", DOM)(_simple("pause"))
+command("unpause", "Unpause a paused domain", "<Domain>", DOM)(_simple("unpause"))
+
+
+@command("console", "Attach to domain's console", "<Domain>", DOM)
+def cmd_console(args) -> int:
+    return _attach(_rundir(args), args.dom)
+
+
+def _attach(rundir: Path, dom: str) -> int:
+    info = request(rundir, "console", dom=dom)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(info["socket"])
+    except OSError as exc:
+        raise CliError(f"console of {info['name']!r} is not available: {exc}") from None
+    stdin = sys.stdin.fileno()
+    raw = os.isatty(stdin)
+    saved = termios.tcgetattr(stdin) if raw else None
+    if raw:
+        tty.setraw(stdin)
+        os.write(1, f"xmp: attached to {info['name']} (Ctrl-] detaches)\r\n".encode())
+    try:
+        stdin_open = True
+        while True:
+            ready, _, _ = select.select([sock] + ([stdin] if stdin_open else []), [], [])
+            if sock in ready:
+                data = sock.recv(65536)
+                if not data:
+                    return 0
+                os.write(1, data)
+            if stdin in ready:
+                data = os.read(stdin, 4096)
+                if not data:
+                    stdin_open = False  # keep showing output until the console goes
+                    continue
+                if ESCAPE in data:
+                    sock.sendall(data.split(ESCAPE)[0])
+                    return 0
+                sock.sendall(data)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+            os.write(1, b"\r\n")
+        sock.close()
+
+
+@command("suspend", "Suspend a domain to RAM", "<Domain>", DOM)
 def cmd_suspend(args) -> int:
     request(_rundir(args), "shutdown", dom=args.dom, reason="suspend")
     return 0
 
 
+@command("resume", "Resume a domain from RAM", "<Domain>", DOM)
 def cmd_resume(args) -> int:
     request(_rundir(args), "resume", dom=args.dom)
     return 0
 
 
+@command("dump-core", "Core dump a domain", "<Domain> <filename>", DOM, arg("file", metavar="filename"))
+def cmd_dump_core(args) -> int:
+    request(_rundir(args), "dump-core", dom=args.dom, path=os.path.abspath(args.file))
+    return 0
+
+
+@command("vm-list", "List guest domains, excluding dom0, stubdoms, etc.", "", table=True)
+def cmd_vm_list(args) -> int:
+    doms = [d for d in _domains(args) if d["state"] != "dying"]
+    if args.json:
+        _print_json([{"uuid": d["uuid"], "domid": d["domid"], "name": d["name"]} for d in doms])
+        return 0
+    sys.stdout.write(vm_list_table(doms))
+    return 0
+
+
+def vm_list_table(doms: list[dict[str, Any]]) -> str:
+    """xl vm-list (xl_info.c, list_vm): a header, then ``%s  %d    %-30s``
+    (dom0 included, as libxl_list_vm gives it, whatever the summary says)."""
+    return "UUID                                  ID    name\n" + "".join(
+        f"{d['uuid']}  {d['domid']}    {d['name']:<30}\n" for d in doms)
+
+
+@command("info", "Get information about Xen host", "[options] [Key]", arg("key", nargs="?", metavar="Key"),
+         table=True)
+def cmd_info(args) -> int:
+    """xl info's facts (:mod:`xmp.toolstack.physinfo`), then xmp's own:
+    descriptors, capacity, isolation, and the supervisor in the run
+    directory if one runs there."""
+    from xmp.hv.jail import describe
+    from xmp.limits import describe_capacity, nofile_limits
+    from xmp.sharedmem import _ffi  # noqa: F401  (fails with instructions if not built)
+    from xmp.toolstack import physinfo
+
+    rundir = _rundir(args)
+    host: dict[str, Any] | None = None
+    try:
+        host = request(rundir, "info")
+        supervisor = (f"{rundir}: {host['domains']} domains of {host['capacity']} it can hold "
+                      f"(RLIMIT_NOFILE {host['nofile']}), {host['pool_free_mib']} MiB of its pool free")
+    except CliError as exc:
+        supervisor = str(exc)
+    soft, hard = nofile_limits()
+    facts = physinfo.host_facts(host) + [
+        ("xmp_version", version("xmp")), ("xmp_fast_path", "built (xmp.sharedmem._fast)"),
+        ("xmp_descriptors", f"RLIMIT_NOFILE soft {soft}, hard {hard} (`xmp run` raises soft to hard)"),
+        ("xmp_capacity", describe_capacity(hard)),
+        *(("xmp_isolation", line) for line in describe()),
+        ("xmp_supervisor", supervisor)]
+    if args.json:
+        merged: dict[str, Any] = {}
+        for key, value in facts:
+            if key == "xmp_isolation":  # several lines
+                merged.setdefault(key, []).append(value)
+            else:
+                merged[key] = value
+        _print_json(merged)
+        return 0
+    sys.stdout.write(physinfo.render(facts, args.key))
+    return 0
+
+
+@command("domid", "Convert a domain name to domain id", "<DomainName>", arg("name", metavar="DomainName"))
+def cmd_domid(args) -> int:
+    found = [d for d in _domains(args) if d["name"] == args.name]
+    if not found:
+        raise CliError(f"domain '{args.name}' does not exist")
+    print(_find(found, args.name)["domid"])
+    return 0
+
+
+@command("domname", "Convert a domain id to domain name", "<DomainId>", arg("domid", metavar="DomainId"))
+def cmd_domname(args) -> int:
+    if not args.domid.isdigit():
+        raise CliError(f"'{args.domid}' is not a domain id")
+    found = [d for d in _domains(args) if d["domid"] == int(args.domid)]
+    if not found:
+        raise CliError(f"domain '{args.domid}' does not exist")
+    print(found[0]["name"])
+    return 0
+
+
+@command("rename", "Rename a domain", "<Domain> <NewDomainName>", DOM, arg("name", metavar="NewDomainName"))
+def cmd_rename(args) -> int:
+    request(_rundir(args), "rename", dom=args.dom, name=args.name)
+    return 0
+
+
+TRIGGERS = ("nmi", "reset", "init", "power", "sleep", "s3resume")
+
+
+@command("trigger", "Send a trigger to a domain", f"<Domain> <{'|'.join(TRIGGERS)}> [<VCPU>]",
+         DOM, arg("trigger", metavar="Trigger"), arg("vcpu", nargs="?", type=int, default=0, metavar="VCPU"))
+def cmd_trigger(args) -> int:
+    if args.trigger not in TRIGGERS:
+        raise CliError(f"Invalid trigger \"{args.trigger}\" (one of {', '.join(TRIGGERS)})")
+    request(_rundir(args), "trigger", dom=args.dom, trigger=args.trigger, vcpu=args.vcpu)
+    return 0
+
+
+@command("sysrq", "Send a sysrq to a domain", "<Domain> <letter>", DOM, arg("key", metavar="letter"))
+def cmd_sysrq(args) -> int:
+    if len(args.key) != 1:
+        raise CliError(f"a sysrq is one letter, not '{args.key}'")
+    request(_rundir(args), "sysrq", dom=args.dom, key=args.key)
+    return 0
+
+
+@command("dmesg", "Read and/or clear dmesg buffer", "[-c]",
+         arg("-c", dest="clear", action="store_true", help="Clear dmesg buffer as well as printing it."))
+def cmd_dmesg(args) -> int:
+    for line in request(_rundir(args), "dmesg", clear=args.clear)["lines"]:
+        print(line)
+    return 0
+
+
+def _device_attach(cls):
+    def run(args) -> int:
+        reply = request(_rundir(args), "device-add", **{"class": cls.command}, dom=args.dom, spec=args.spec,
+                        cwd=os.getcwd())
+        print(f"xmp: {cls.config_key} {reply['devid']} attached to dom{reply['domid']} "
+              f"(backend dom{reply['backend']})")
+        return 0
+    return run
+
+
+def _device_detach(cls):
+    """As xl: the toolstack asks the backend to close, waits for Closed,
+    then removes the device (--force: at once)."""
+    def run(args) -> int:
+        request(_rundir(args), "device-remove", **{"class": cls.command}, dom=args.dom, name=args.device,
+                force=args.force, timeout=args.timeout)
+        return 0
+    return run
+
+
+def _device_list(cls):
+    def run(args) -> int:
+        reply = request(_rundir(args), "device-list", **{"class": cls.command}, dom=args.dom)
+        if args.json:
+            _print_json(reply["devices"])
+            return 0
+        print(reply["header"])
+        for row in reply["rows"]:
+            print(row)
+        return 0
+    return run
+
+
+for _cls in devices.DEVICE_CLASSES:  # <command>-attach / -list / -detach for each device class
+    if _cls.command is None:
+        continue
+    _stem = _cls.command
+    command(f"{_stem}-attach", f"Create a new virtual {_stem} device", f"<Domain> <{_cls.config_key}-spec>",
+            DOM, arg("spec", metavar="Spec"))(_device_attach(_cls))
+    command(f"{_stem}-list", f"List virtual {_stem} devices for a domain", "<Domain>", DOM,
+            table=True)(_device_list(_cls))
+    command(f"{_stem}-detach", f"Destroy a domain's virtual {_stem} device", "[options] <Domain> <DevId>",
+            DOM, arg("device", metavar="DevId"),
+            arg("--force", action="store_true", help="Remove it without waiting for the guest."),
+            arg("--timeout", type=float, default=10.0, metavar="S",
+                help="Seconds to wait for Closed (default 10)."))(_device_detach(_cls))
+
+
+def uptime_string(seconds: int, short: bool) -> str:
+    """xl's uptime_to_string: ``[N day(s), ]H:MM[:SS]``."""
+    day, rest = divmod(seconds, 86400)
+    hour, rest = divmod(rest, 3600)
+    minute, sec = divmod(rest, 60)
+    clock = f"{hour:2d}:{minute:02d}" if short else f"{hour:2d}:{minute:02d}:{sec:02d}"
+    return f"{day} days, {clock}" if day > 1 else f"{day} day, {clock}" if day == 1 else clock
+
+
+@command("uptime", "Print uptime for all/some domains", "[-s] [Domain...]",
+         arg("-s", dest="short", action="store_true", help="Print a short uptime output."),
+         arg("doms", nargs="*", metavar="Domain"), table=True)
+def cmd_uptime(args) -> int:
+    doms = request(_rundir(args), "uptime")["domains"]
+    if args.doms:
+        doms = [_find(doms, ref) for ref in args.doms]
+    now = int(time.time())
+    rows = [(d["name"], d["domid"], max(0, now - int(d["start_time"]))) for d in doms]
+    if args.json:
+        _print_json([{"name": n, "domid": i, "uptime": s} for n, i, s in rows])
+        return 0
+    sys.stdout.write(uptime_table(rows, now, args.short))
+    return 0
+
+
+def uptime_table(rows: list[tuple[str, int, int]], now: int, short: bool) -> str:
+    """xl uptime's formats (xl_info.c, print_uptime): ``%-33s %4d %s``, or
+    with -s `` %s up %s, %s (%d)``."""
+    if short:
+        clock = time.strftime("%H:%M:%S", time.localtime(now))
+        return "".join(f" {clock} up {uptime_string(s, True)}, {n} ({i})\n" for n, i, s in rows)
+    return f"{'Name':<33} {'ID':>4} Uptime\n" + "".join(f"{n:<33} {i:4d} {uptime_string(s, False)}\n"
+                                                       for n, i, s in rows)
+
+
 XENSTORE_CLI_TIMEOUT = 5.0  # seconds `xmp xenstore` waits for an answer
 
 
+@command("xenstore", "Read and change xenstore (xenstore-ls/-read/-write/-rm/-watch/-chmod; xmp's own)",
+         "<ls|read|write|rm|watch|chmod> <Path> [Value|Perm...|Count]",
+         arg("op", choices=["ls", "read", "write", "rm", "watch", "chmod"], metavar="Op"),
+         arg("path", metavar="Path"),
+         arg("values", nargs="*", metavar="Value"))
 def cmd_xenstore(args) -> int:
     from xmp.errors import XenStoreError
     from xmp.xenstore.client import SocketTransport, XsClient
@@ -271,187 +612,73 @@ def _xs_ls(xs, path: str, depth: int) -> None:
         _xs_ls(xs, child, depth + 1)
 
 
-def _device_attach(cls):
-    def run(args) -> int:
-        reply = request(_rundir(args), "device-add", **{"class": cls.command}, dom=args.dom, spec=args.spec,
-                        cwd=os.getcwd())
-        print(f"xmp: {cls.config_key} {reply['devid']} attached to dom{reply['domid']} "
-              f"(backend dom{reply['backend']})")
-        return 0
-    return run
 
 
-def _device_detach(cls):
-    """As xl: the toolstack asks the backend to close, waits for Closed,
-    then removes the device (--force: at once)."""
-    def run(args) -> int:
-        request(_rundir(args), "device-remove", **{"class": cls.command}, dom=args.dom, name=args.device,
-                force=args.force, timeout=args.timeout)
-        return 0
-    return run
-
-
-def _device_list(cls):
-    def run(args) -> int:
-        reply = request(_rundir(args), "device-list", **{"class": cls.command}, dom=args.dom)
-        print(reply["header"])
-        for row in reply["rows"]:
-            print(row)
-        return 0
-    return run
-
-
-def cmd_dmesg(args) -> int:
-    for line in request(_rundir(args), "dmesg", clear=args.clear)["lines"]:
-        print(line)
-    return 0
-
-
-def cmd_console(args) -> int:
-    return _attach(_rundir(args), args.dom)
-
-
-def _attach(rundir: Path, dom: str) -> int:
-    info = request(rundir, "console", dom=dom)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(info["socket"])
-    except OSError as exc:
-        raise CliError(f"console of {info['name']!r} is not available: {exc}") from None
-    stdin = sys.stdin.fileno()
-    raw = os.isatty(stdin)
-    saved = termios.tcgetattr(stdin) if raw else None
-    if raw:
-        tty.setraw(stdin)
-        os.write(1, f"xmp: attached to {info['name']} (Ctrl-] detaches)\r\n".encode())
-    try:
-        stdin_open = True
-        while True:
-            ready, _, _ = select.select([sock] + ([stdin] if stdin_open else []), [], [])
-            if sock in ready:
-                data = sock.recv(65536)
-                if not data:
-                    return 0
-                os.write(1, data)
-            if stdin in ready:
-                data = os.read(stdin, 4096)
-                if not data:
-                    stdin_open = False  # keep showing output until the console goes
-                    continue
-                if ESCAPE in data:
-                    sock.sendall(data.split(ESCAPE)[0])
-                    return 0
-                sock.sendall(data)
-    finally:
-        if saved is not None:
-            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
-            os.write(1, b"\r\n")
-        sock.close()
-
-
+@command("cleanup", "Remove what dead supervisors left: shared memory, and a run directory's sockets "
+         "(xmp's own)", "[options]")
 def cmd_cleanup(args) -> int:
+    from xmp.toolstack.runlock import RunLock
+
     removed = remove_stale()
     for name in removed:
         print(f"removed /dev/shm/{name}")
     print(f"{len(removed)} stale object(s) of dead supervisors removed")
+    rundir = Path(args.rundir) if args.rundir else default_rundir()
+    if rundir.is_dir():
+        try:
+            lock = RunLock(rundir)  # held by a live supervisor: its sockets are in use
+        except XmpError as exc:
+            print(f"kept the sockets of {rundir}: {str(exc).partition(':')[0]}")
+            return 0
+        try:
+            for sock in [*rundir.glob("*.sock"), *rundir.glob("console/*.sock")]:
+                sock.unlink(missing_ok=True)
+                print(f"removed {sock}")
+        finally:
+            lock.release()
     return 0
 
 
-def cmd_info(args) -> int:
-    from xmp.hv.jail import describe
-    from xmp.limits import describe_capacity, nofile_limits
-    from xmp.sharedmem import _ffi  # noqa: F401  (fails with instructions if not built)
-
-    print(f"xmp {version('xmp')}")
-    print("fast path: built (xmp.sharedmem._fast)")
-    soft, hard = nofile_limits()
-    print(f"descriptors: RLIMIT_NOFILE soft {soft}, hard {hard} (`xmp run` raises soft to hard)")
-    print(f"capacity: {describe_capacity(hard)}")
-    for line in describe():
-        print(f"isolation: {line}")
-    rundir = _rundir(args)
-    try:
-        host = request(rundir, "info")
-    except CliError as exc:
-        if args.rundir:
-            print(f"supervisor in {rundir}: {exc}")
-        return 0  # a report: the facts above are all there is
-    print(f"supervisor in {rundir}: {host['domains']} domains of {host['capacity']} it can hold "
-          f"(RLIMIT_NOFILE {host['nofile']}), {host['pool_free_mib']} MiB of its pool free")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xmp", description="Xen's architecture as Linux processes.")
-    parser.add_argument("--version", action="version", version=f"xmp {version('xmp')}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name: str, func, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(func=func)
-        if name != "cleanup":
-            p.add_argument("--rundir", help="the supervisor's run directory")
-        return p
-
-    p = add("run", cmd_run, "start a supervisor and the domains of a topology file")
-    p.add_argument("topology")
-    p.add_argument("--detach", action="store_true", help="return once every domain runs")
-    p = add("list", cmd_list, "list domains (xl list)")
-    p.add_argument("--json", action="store_true")
-    p = add("create", cmd_create, "create one more domain from a TOML file")
-    p.add_argument("file")
-    p.add_argument("-p", dest="paused", action="store_true", help="leave it paused")
-    p.add_argument("-c", dest="console", action="store_true", help="attach to its console")
-    for name, help in (("destroy", "destroy a domain at once (pull the plug)"),
-                       ("pause", "stop scheduling a domain"), ("unpause", "resume a paused domain")):
-        add(name, _simple(name), help).add_argument("dom", help="name or id")
-    for name, func, help in (("shutdown", cmd_shutdown, "ask a guest to power off (control/shutdown)"),
-                             ("reboot", cmd_reboot, "ask a guest to reboot (control/shutdown)")):
-        p = add(name, func, help)
-        p.add_argument("dom", help="name or id")
-        p.add_argument("-w", dest="wait", action="store_true", help="wait until it has gone")
-        p.add_argument("-F", "--force", action="store_true", help="destroy it if it does not answer in time")
-        p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
-    add("suspend", cmd_suspend, "ask a guest to suspend (control/shutdown)").add_argument(
-        "dom", help="name or id")
-    add("resume", cmd_resume, "resume a suspended guest in place").add_argument("dom", help="name or id")
-    for cls in devices.DEVICE_CLASSES:  # <command>-attach / -detach / -list for each device class
-        if cls.command is None:
-            continue
-        p = add(f"{cls.command}-attach", _device_attach(cls), f"hot-plug a {cls.devtype} device into a guest")
-        p.add_argument("dom", help="name or id")
-        p.add_argument("spec", help=f"an xl {cls.config_key} spec")
-        p = add(f"{cls.command}-detach", _device_detach(cls),
-                f"unplug a guest's {cls.devtype} device (the guest is asked first)")
-        p.add_argument("dom", help="name or id")
-        p.add_argument("device", help="its name (e.g. xvdb) or number")
-        p.add_argument("--force", action="store_true", help="remove it without waiting for the guest")
-        p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for Closed (default 10)")
-        p = add(f"{cls.command}-list", _device_list(cls),
-                f"a guest's {cls.devtype} devices (xl {cls.command}-list)")
-        p.add_argument("dom", help="name or id")
-    p = add("xenstore", cmd_xenstore, "read and change xenstore (ls, read, write, rm, watch, chmod)")
-    p.add_argument("op", choices=["ls", "read", "write", "rm", "watch", "chmod"])
-    p.add_argument("path")
-    p.add_argument("values", nargs="*", help="write: VALUE; chmod: PERM...; watch: how many events")
-    p = add("console", cmd_console, "attach to a domain's console (Ctrl-] detaches)")
-    p.add_argument("dom", help="name or id")
-    p = add("dmesg", cmd_dmesg, "the hypervisor's log")
-    p.add_argument("-c", dest="clear", action="store_true", help="clear it after printing")
-    add("info", cmd_info, "what this installation has")
-    add("cleanup", cmd_cleanup, "remove shared-memory objects left by dead supervisors")
-    return parser
+# -- the entry point -------------------------------------------------------------
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return args.func(args)
+        if not argv:
+            sys.stdout.write(overview())
+            return 1  # as xl with no subcommand
+        name, rest = argv[0], argv[1:]
+        if name in ("-h", "--help") or (name == "help" and rest[:1] in ([], ["help"])):
+            sys.stdout.write(overview())
+            return 0
+        if name == "--version":
+            print(f"xmp {version('xmp')}")
+            return 0
+        if name == "help":
+            if rest[0] not in COMMANDS:
+                raise unknown(rest[0])
+            sys.stdout.write(COMMANDS[rest[0]].help())
+            return 0
+        cmd = COMMANDS.get(name)
+        if cmd is None:
+            raise unknown(name)
+        try:
+            args = cmd.parser().parse_args(rest)
+        except SystemExit as exc:  # --help has printed it
+            return int(exc.code or 0)
+        return cmd.run(args)
+    except UsageError as exc:
+        print(f"xmp: {exc}", file=sys.stderr)
+        return 2
     except CliError as exc:
-        print(f"xmp {args.command}: {exc}", file=sys.stderr)
+        print(f"xmp: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `xmp ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ class Supervisor(HypercallHandlers):
         for dom in sorted(self.domains.values(), key=lambda d: d.state == DomState.DYING):
             if str(dom.domid) == str(ref) or dom.name == ref:
                 return dom
-        raise HypercallError(errno.ESRCH, "lookup", f"no domain named or numbered {ref!r}")
+        raise HypercallError(errno.ESRCH, "lookup", f"domain {str(ref)!r} does not exist")
 
     def create_domain(self, cfg_dict: dict) -> Domain:
         """XEN_DOMCTL_createdomain: the toolstack builds it."""
@@ -443,6 +443,22 @@ class Supervisor(HypercallHandlers):
             dom.state = DomState.RUNNING
             self.log(f"dom{dom.domid} unpaused")
 
+    def remote_shutdown(self, dom: Domain, reason: str) -> None:
+        """SCHEDOP_remote_shutdown: the domain is shut down with ``reason``
+        now, without its cooperation (its process is killed); the end then
+        takes the usual path, so on_<reason> applies."""
+        if dom.domid == DOMID_DOM0:
+            raise HypercallError(errno.EINVAL, "remote_shutdown",
+                                 "dom0 is stopped with `xmp destroy Domain-0`")
+        if dom.pid is None or dom.state == DomState.DYING:
+            raise HypercallError(errno.EINVAL, "remote_shutdown", f"{dom.name} is not running")
+        self.log(f"dom{dom.domid} {dom.name!r}: remote shutdown ({reason})")
+        self.shutdown_requested(dom, reason)
+        try:
+            os.kill(dom.pid, signal.SIGKILL)  # a stopped (paused) process dies of it too
+        except ProcessLookupError:
+            pass
+
     def shutdown_requested(self, dom: Domain, reason: str) -> None:
         dom.state = DomState.SHUTDOWN
         dom.shutdown_reason = reason
@@ -456,7 +472,8 @@ class Supervisor(HypercallHandlers):
                 "shutdown_reason": dom.shutdown_reason, "mem_kb": dom.tot_pages * PAGE_SIZE // 1024,
                 "maxmem_kb": dom.max_pages * PAGE_SIZE // 1024, "vcpus": dom.cfg.vcpus,
                 "cpu_time": round(cpu, 3), "console_port": dom.console_port, "console_gref": 0,
-                "store_port": dom.store_port, "driver_domain": dom.cfg.driver_domain, "exit": dom.exit}
+                "store_port": dom.store_port, "driver_domain": dom.cfg.driver_domain, "exit": dom.exit,
+                "xenstore_domain": dom.xs_domain}
 
     def save_domain(self, dom: Domain) -> dict[str, Any]:
         """What the hypervisor holds for ``dom`` outside its RAM, written

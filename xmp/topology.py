@@ -544,17 +544,31 @@ def _check_keys(t: _Table, raw: dict, known: tuple[str, ...]) -> None:
             raise t.error(key, f"unknown key; {_suggest(key, known)}")
 
 
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a guest, or None."""
+    if not _NAME_RE.fullmatch(name):
+        return f"'{name}' is not 1..{NAME_MAX} characters of A-Z a-z 0-9 _ . -"
+    if name == DOM0_NAME:
+        return f"'{DOM0_NAME}' is dom0's name; configure dom0 in [dom0]"
+    for suffix in RESERVED_SUFFIXES:
+        if name.endswith(suffix):
+            return f"'{name}' ends in '{suffix}', which xl reserves for migration"
+    return None
+
+
+def check_name(name: str) -> None:
+    problem = name_problem(name)
+    if problem:
+        raise XmpError(f"domain name {problem}")
+
+
 def _name(t: _Table, raw: dict) -> str:
     if "name" not in raw:
         raise t.error("name", 'missing: every domain needs name = "..."')
     name = _str(t, raw, "name")
-    if not _NAME_RE.fullmatch(name):
-        raise t.error("name", f"'{name}' is not 1..{NAME_MAX} characters of A-Z a-z 0-9 _ . -")
-    if name == DOM0_NAME:
-        raise t.error("name", f"'{DOM0_NAME}' is dom0's name; configure dom0 in [dom0]")
-    for suffix in RESERVED_SUFFIXES:
-        if name.endswith(suffix):
-            raise t.error("name", f"'{name}' ends in '{suffix}', which xl reserves for migration")
+    problem = name_problem(name)
+    if problem:
+        raise t.error("name", problem)
     return name
 
 

@@ -227,12 +227,13 @@ def test_xmp_info_says_what_isolation_guests_get():
 
     out = subprocess.run([*xmphost.XMP, "info"], capture_output=True, text=True, timeout=30, check=True,
                          env=xmphost.ENV).stdout
-    lines = [ln for ln in out.splitlines() if ln.startswith("isolation: ")]
+    lines = [ln for ln in out.splitlines() if ln.startswith("xmp_isolation          : ")]
     want = "own uid (from [host] guest_uids)" if os.geteuid() == 0 else "not root, so no own uid"
     assert any(want in ln for ln in lines), out
     assert any("calls denied" in ln for ln in lines), out  # libseccomp is there (a dependency of apt)
-    assert any(ln.startswith("isolation: driver domains: ") for ln in lines), out
-    assert any(ln.startswith("isolation: xenstore domain: host uid and files") for ln in lines), out
+    assert any(ln.startswith("xmp_isolation          : driver domains: ") for ln in lines), out
+    assert any(ln.startswith("xmp_isolation          : xenstore domain: host uid and files")
+               for ln in lines), out
 
 
 def test_without_root_the_isolation_said_is_the_weaker_one():

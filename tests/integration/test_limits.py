@@ -85,7 +85,8 @@ def test_running_out_of_descriptors_is_a_named_refusal(hosts):
     naming the limit, and every domain that was accepted works."""
     h = hosts(HOST + guest("first", "idle", memory=4)).start(("first",), nofile=256)
     info = h.xmp("info").stdout
-    assert f"supervisor in {h.rundir}: 3 domains of 13 it can hold (RLIMIT_NOFILE 256)" in info, info
+    assert f"xmp_supervisor         : {h.rundir}: 3 domains of 13 it can hold (RLIMIT_NOFILE 256)" in info, \
+        info
     sock = so.socket(so.AF_UNIX, so.SOCK_STREAM)
     sock.connect(str(h.rundir / "control.sock"))
     f = sock.makefile("rwb")

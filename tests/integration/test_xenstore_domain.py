@@ -50,6 +50,9 @@ def test_the_xenstore_domain_is_listed_and_serves_every_domain(hosts):
     # dom0's backends and the guest's control driver reach it over their rings
     h.wait(lambda: h.xmp("xenstore", "read", "/local/domain/1/control/feature-poweroff",
                          check=False).stdout.strip() == "1", 10, "the guest's control driver")
+    assert h.info("Xenstore")["xenstore_domain"] and not h.info("g")["xenstore_domain"]
+    for cmd in (("rename", "Xenstore", "other"), ("sysrq", "Xenstore", "s")):
+        assert h.xmp(*cmd, check=False).returncode != 0  # it keeps its name and runs no control driver
     refused = h.xmp("shutdown", "Xenstore", check=False)
     assert refused.returncode != 0 and "Xenstore is stopped with `xmp destroy Xenstore`" in refused.stderr
     attach = h.xmp("vping-attach", "Xenstore", "devid=0", check=False)  # it serves and takes no devices
@@ -58,7 +61,8 @@ def test_the_xenstore_domain_is_listed_and_serves_every_domain(hosts):
     assert attach.returncode != 0 and "Xenstore is the xenstore domain, which serves no devices" in \
         attach.stderr
     assert (h.rundir / "logs" / "Xenstore.log").read_text().count("xenstored: serving") == 1
-    assert h.stop() == 0
+    h.xmp("shutdown", "-a", "-w", "--timeout", "20", timeout=40)  # every guest: the xenstore domain is none
+    assert h.wait_exit(20) == 0  # the last guest gone, the host stops (the xenstore domain is not one)
     h.assert_clean()
 
 

@@ -17,7 +17,7 @@ ROOT = Path(xmp.__file__).parent
 # drivers run on; dom0's services (xenstored's daemon among them) run the drivers' backends.
 ORDER = ["errors", "domid", "limits", "sharedmem", "devices", "topology", "startinfo", "hypercall", "hv",
          "hypervisor", "xenstore", "domain_proc", "drivers", "dom0", "guests", "toolstack", "migration",
-         "libs", "testing", "cli"]
+         "libs", "testing", "clitable", "cli"]
 
 
 def imports_of(path: Path) -> set[str]:

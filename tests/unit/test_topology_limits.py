@@ -127,7 +127,7 @@ def test_xmp_run_refuses_5000_domains_before_anything_starts(tmp_path):
                          capture_output=True, text=True, timeout=60, check=False,
                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024)))
     assert out.returncode == 1
-    assert out.stderr.startswith(f"xmp run: {topo}:269: [[domain]] 'g66': this host can hold 68 domains "
+    assert out.stderr.startswith(f"xmp: {topo}:269: [[domain]] 'g66': this host can hold 68 domains "
                                  "(RLIMIT_NOFILE 1024, hard limit 1024"), out.stderr
     assert not rundir.exists()
 

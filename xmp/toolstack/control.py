@@ -11,6 +11,11 @@ object per line and answers one per line, in order::
     {"cmd": "device-remove", "class": "block", "dom": "web", "name": "xvdb", "force": false}
     {"cmd": "device-list", "class": "block", "dom": "web"} -> {"ok": true, "header": "...", "rows": [...]}
     {"cmd": "device-move", "class": "block", "dom": "web", "name": "xvda", "backend": "dd2"}
+    {"cmd": "rename", "dom": "web", "name": "www"}
+    {"cmd": "sysrq", "dom": "web", "key": "t"}
+    {"cmd": "trigger", "dom": "web", "trigger": "nmi" | "reset" | "power" | ...}
+    {"cmd": "dump-core", "dom": "web", "path": "/abs/file"}
+    {"cmd": "uptime"}                      -> {"ok": true, "domains": [{"domid", "name", "start_time"}, ...]}
     {"cmd": "dmesg", "clear": false}       -> {"ok": true, "lines": [...]}
     {"cmd": "console", "dom": "web"}       -> {"ok": true, "socket": "<rundir>/console/7.sock", ...}
     failures                               -> {"ok": false, "error": "...", "errno": 3}
@@ -30,13 +35,16 @@ import json
 import os
 import selectors
 import socket
+import sys
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xmp import devices
 from xmp.errors import HypercallError, XmpError
+from xmp.hv.domain import DomState
 from xmp.hypercall import from_a_domain
+from xmp.sharedmem.shm import PAGE_SIZE
 from xmp.toolstack.pending import Pending
 
 if TYPE_CHECKING:
@@ -187,7 +195,11 @@ class ControlServer:
                             sorted(self.sup.domains.values(), key=lambda d: d.domid)]}
 
     def cmd_info(self, req):
-        return self.sup.host_info()
+        """The hypervisor's share of xl info (its pool, the command line it
+        runs), and xmp's limits."""
+        used = sum(d.tot_pages for d in self.sup.domains.values())
+        return {**self.sup.host_info(), "pool_total_mib": (self.sup.pool_pages + used) * PAGE_SIZE >> 20,
+                "commandline": " ".join(sys.orig_argv)}
 
     def cmd_create(self, req):
         cfg = req.get("config")
@@ -225,6 +237,44 @@ class ControlServer:
         dom = self._dom(req)
         self.sup.resume_domain(dom)
         return {"domid": dom.domid}
+
+    def _string(self, req: dict[str, Any], key: str, op: str) -> str:
+        value = req.get(key)
+        if not isinstance(value, str):
+            raise HypercallError(errno.EINVAL, op, f"{key} is a string")
+        return value
+
+    def cmd_rename(self, req):
+        dom, name = self._dom(req), self._string(req, "name", "rename")
+        self.ts.rename(dom, name)
+        return {"domid": dom.domid, "name": name}
+
+    def cmd_sysrq(self, req):
+        dom = self._dom(req)
+        self.ts.sysrq(dom, self._string(req, "key", "sysrq"))
+        return {"domid": dom.domid}
+
+    def cmd_trigger(self, req):
+        dom, vcpu = self._dom(req), req.get("vcpu", 0)
+        # as XEN_DOMCTL_sendtrigger: the vCPU must exist (every trigger here acts on the whole domain)
+        if not isinstance(vcpu, int) or isinstance(vcpu, bool) or not 0 <= vcpu < dom.cfg.maxvcpus:
+            raise HypercallError(errno.EINVAL, "trigger", f"{dom.name} has no vCPU {vcpu!r}")
+        self.ts.trigger(dom, self._string(req, "trigger", "trigger"))
+        return {"domid": dom.domid}
+
+    def cmd_dump_core(self, req):
+        dom, path = self._dom(req), Path(self._string(req, "path", "dump-core"))
+        if not path.is_absolute():
+            raise HypercallError(errno.EINVAL, "dump-core", "the path is absolute")
+        return {"domid": dom.domid, "path": str(self.ts.coredump(dom, path))}
+
+    def cmd_uptime(self, req):
+        """libxl_vm_get_start_time for every domain the toolstack built."""
+        recs = self.ts.records
+        doms = sorted((d for d in self.sup.domains.values() if d.state != DomState.DYING and d.domid in recs),
+                      key=lambda d: d.domid)
+        return {"domains": [{"domid": d.domid, "name": d.name, "start_time": recs[d.domid].start_time}
+                            for d in doms]}
 
     def cmd_dmesg(self, req):
         lines = list(self.sup.dmesg)

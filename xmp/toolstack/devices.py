@@ -256,11 +256,12 @@ class DeviceManager:
         def rows(replies: list[Packet]) -> None:
             values = iter(r.payload.decode(errors="replace") if r.type == XsType.READ else None
                           for r in replies)
-            out = []
+            out, found = [], []
             for dev in devs:
                 keys = {k: v for k in part.LIST_KEYS if (v := next(values)) is not None}
                 out.append(part.list_row(dev.devid, keys))
-            done.resolve({"domid": front.domid, "header": part.LIST_HEADER, "rows": out})
+                found.append({"devid": dev.devid, "name": dev.spec.name, **keys})
+            done.resolve({"domid": front.domid, "header": part.LIST_HEADER, "rows": out, "devices": found})
 
         self.ts.xs.send(reads, f"listing dom{front.domid}'s {cls.devtype}", rows)
         return done

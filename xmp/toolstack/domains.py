@@ -21,6 +21,7 @@ not counted among the guests, and listed as ``Xenstore``.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import selectors
 import time
@@ -36,8 +37,9 @@ from xmp.errors import HypercallError, XmpError
 from xmp.hv.domain import Domain, DomState
 from xmp.hypervisor import Supervisor
 from xmp.toolstack.devices import Device, DeviceManager
-from xmp.toolstack.xs import XsConnection, dom0_tree, domain_tree, teardown_tree
-from xmp.topology import DomainConfig, Topology
+from xmp.toolstack.xs import XsConnection, _z, dom0_tree, domain_tree, teardown_tree
+from xmp.topology import DomainConfig, Topology, check_name
+from xmp.xenstore.wire import XsType
 
 DOM0_KERNEL = "xmp.dom0:main"
 XENSTORED_KERNEL = "xmp.dom0.xenstored:main"  # the xenstore domain's
@@ -57,6 +59,7 @@ class DomainRecord:
     domid: int
     cfg: DomainConfig
     devices: list[Device] = field(default_factory=list)
+    start_time: float = field(default_factory=time.time)  # wall clock, as libxl's /vm/<uuid>/start_time
 
     def save(self, domain_name: Callable[[int], str]) -> dict[str, Any]:
         """JSON-safe; backends by name (ids differ from host to host)."""
@@ -196,10 +199,13 @@ class Toolstack:
             if self.sup.echo_fd is not None:
                 fds.append(self.sup.echo_fd)
         dom = self.sup.build(cfg, kernel or "", domid=domid, name=name, boot=boot, extra_fds=fds)
-        self.records[dom.domid] = DomainRecord(dom.domid, cfg)
+        rec = self.records[dom.domid] = DomainRecord(dom.domid, cfg)
         if dom.domid != DOMID_DOM0:
             tree = domain_tree(dom.domid, dom.name, dom.uuid, cfg.memory_mib * 1024, cfg.maxmem_mib * 1024,
                                cfg.vcpus, cfg.maxvcpus, dom.console_port, dom.store_port, cfg.xenstore_quota)
+            # libxl's format: seconds and hundredths (what `xl uptime` reads back)
+            start = f"{int(rec.start_time)}.{int(rec.start_time * 100) % 100:02d}"
+            tree.append((XsType.WRITE, _z(f"/vm/{dom.uuid}/start_time") + start.encode()))
             self.xs.send(tree, f"building dom{dom.domid}")
             for plan in planned:
                 self.devices.add(dom, plan)
@@ -224,6 +230,73 @@ class Toolstack:
                       f"{reason} request to dom{dom.domid}")
         self.sup.log(f"asked dom{dom.domid} {dom.name!r} to {reason}")
 
+    def rename(self, dom: Domain, name: str) -> None:
+        """libxl_domain_rename: the hypervisor's name, xenstore's
+        (``/local/domain/N/name``, ``/vm/<uuid>/name``) and the record's
+        config, so a restart keeps the new name."""
+        if dom.domid == DOMID_DOM0 or dom.xs_domain:
+            raise HypercallError(errno.EINVAL, "rename", f"{dom.name} keeps its name")
+        if dom.state == DomState.DYING:
+            raise HypercallError(errno.EINVAL, "rename", f"{dom.name} is dying")
+        try:
+            check_name(name)
+        except XmpError as exc:
+            raise HypercallError(errno.EINVAL, "rename", str(exc)) from None
+        if any(d.name == name and d is not dom and d.state != DomState.DYING
+               for d in self.sup.domains.values()):
+            raise HypercallError(errno.EEXIST, "rename", f"a domain named {name!r} already exists")
+        rec = self.record(dom)
+        self.sup.rename(dom, name)
+        rec.cfg = dataclasses.replace(rec.cfg, name=name)
+        dom.cfg = rec.cfg
+        self.xs.send([(XsType.WRITE, _z(f"/local/domain/{dom.domid}/name") + name.encode()),
+                      (XsType.WRITE, _z(f"/vm/{dom.uuid}/name") + name.encode())], f"renaming dom{dom.domid}")
+
+    def sysrq(self, dom: Domain, key: str) -> None:
+        """libxl_send_sysrq: the key goes to the guest's ``control/sysrq``,
+        where its control driver takes it (and clears it), as Linux's does."""
+        if len(key) != 1 or not key.isprintable():
+            raise HypercallError(errno.EINVAL, "sysrq", f"a sysrq is one letter, not {key!r}")
+        if dom.domid == DOMID_DOM0 or dom.xs_domain:
+            raise HypercallError(errno.EINVAL, "sysrq",
+                                 f"{dom.name} takes no sysrq (it runs no control driver)")
+        if dom.state == DomState.DYING:
+            raise HypercallError(errno.EINVAL, "sysrq", f"{dom.name} is dying")
+        self.xs.write(f"/local/domain/{dom.domid}/control/sysrq", key, f"sysrq {key!r} to dom{dom.domid}")
+        self.sup.log(f"sysrq {key!r} sent to dom{dom.domid} {dom.name!r}")
+
+    def trigger(self, dom: Domain, what: str) -> None:
+        """libxl_send_trigger, for what an xmp domain has:
+
+        * ``nmi``: the guest panics, as a Linux guest booted with
+          ``unknown_nmi_panic`` does (what admins send a hung guest for a
+          dump): a crash, so ``on_crash`` applies -- even to a guest that
+          does not answer anything;
+        * ``reset``: the reset line: the domain ends at once as if it
+          rebooted, so ``on_reboot`` applies;
+        * ``power``: the ACPI power button; an xmp guest has no ACPI, so it
+          gets what the button makes Linux do, an orderly poweroff, through
+          ``control/shutdown``.
+
+        ``init`` (an INIT IPI), ``sleep`` and ``s3resume`` (ACPI S3) are
+        refused: xmp's vCPUs have no local APIC and its guests no S3 state
+        (``xmp suspend`` is Xen's checkpoint suspend, a different thing)."""
+        if what == "nmi":
+            self.sup.remote_shutdown(dom, "crash")
+        elif what == "reset":
+            self.sup.remote_shutdown(dom, "reboot")
+        elif what == "power":
+            self.request_shutdown(dom, "poweroff")
+        elif what == "init":
+            raise HypercallError(errno.ENOSYS, "trigger",
+                                 "init: xmp's vCPUs have no local APIC to send an INIT to")
+        elif what in ("sleep", "s3resume"):
+            raise HypercallError(errno.ENOSYS, "trigger", f"{what}: xmp guests have no ACPI S3 sleep state")
+        else:
+            raise HypercallError(errno.EINVAL, "trigger",
+                                 f"Invalid trigger \"{what}\" (nmi, reset, init, power, sleep or s3resume)")
+        self.sup.log(f"trigger {what} sent to dom{dom.domid} {dom.name!r}")
+
     def domain_ended(self, dom: Domain, reason: str) -> None:
         """on_poweroff / on_reboot / on_crash, as libxl's domain death handling."""
         cfg = dom.cfg
@@ -233,7 +306,10 @@ class Toolstack:
             self.sup.exit_code = 1
         configured = action
         if action.startswith("coredump-"):
-            self.coredump(dom)
+            try:
+                self.coredump(dom)
+            except HypercallError as exc:  # the action goes on without its dump
+                self.sup.log(f"dom{dom.domid}: no core dump: {exc.detail}")
             action = action.removeprefix("coredump-")
         if action == "preserve":
             return
@@ -282,9 +358,17 @@ class Toolstack:
         times.append(now)
         return True
 
-    def coredump(self, dom: Domain) -> Path:
-        path = self.sup.rundir / "dumps" / f"{dom.name}-{dom.domid}.core"
-        with open(path, "wb") as f:
-            f.write(self.sup.domain_memory(dom))
+    def coredump(self, dom: Domain, path: Path | None = None) -> Path:
+        """The domain's RAM to ``path`` (default: the run directory's dumps/),
+        as on_crash = coredump-* and xl dump-core do."""
+        path = path or self.sup.rundir / "dumps" / f"{dom.name}-{dom.domid}.core"
+        if dom.state == DomState.DYING:
+            raise HypercallError(errno.EINVAL, "dump-core", f"{dom.name} is dying")
+        try:
+            with open(path, "wb") as f:
+                f.write(self.sup.domain_memory(dom))
+        except OSError as exc:
+            raise HypercallError(exc.errno or errno.EIO, "dump-core",
+                                 f"cannot write {path}: {exc.strerror}") from None
         self.sup.log(f"dom{dom.domid} memory written to {path}")
         return path
