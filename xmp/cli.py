@@ -25,6 +25,7 @@ import termios
 import time
 import traceback
 import tty
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,8 @@ def default_rundir(host: str | None = None) -> Path:
 # -- talking to a supervisor -------------------------------------------------
 
 
-def request(rundir: Path, cmd: str, **fields: Any) -> dict[str, Any]:
+def request(rundir: Path, cmd: str, *, waiting: Callable[[], None] | None = None,
+            **fields: Any) -> dict[str, Any]:
     path = rundir / "control.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -63,6 +65,9 @@ def request(rundir: Path, cmd: str, **fields: Any) -> dict[str, Any]:
         sock.sendall((json.dumps({"cmd": cmd, **fields}) + "\n").encode())
         buf = b""
         while not buf.endswith(b"\n"):
+            if waiting is not None:   # called every 0.1 s until the answer comes (progress)
+                while not select.select([sock], [], [], 0.1)[0]:
+                    waiting()
             chunk = sock.recv(65536)
             if not chunk:
                 raise CliError("the supervisor closed the connection")
@@ -92,15 +97,21 @@ def cmd_run(args) -> int:
     rundir = Path(args.rundir or topo.host.rundir or default_rundir(topo.host.name))
     if not args.detach:
         hosts: list[Supervisor] = []
+        key = _migration_key(topo)
+        listeners: list = []
 
         def started(sup: Supervisor) -> None:
             hosts.append(sup)
+            _listen(topo, key, sup, rundir, listeners)
             print(f"xmp: supervisor {os.getpid()} running {args.topology} in {rundir}", flush=True)
 
         try:
             code = run_host(topo, rundir, echo=True, started=started)
         except XmpError as exc:
             raise CliError(str(exc)) from None
+        finally:
+            for listener in listeners:
+                listener.close()
         print(f"xmp: stopped ({hosts[0].stop_reason}), exit status {code}", flush=True)
         return code
     from xmp.toolstack.runlock import RunLock
@@ -119,14 +130,21 @@ def cmd_run(args) -> int:
         code = 1
         told: list[bool] = []  # once closed, w's number may be another descriptor's: never write it again
         hosts = []
+        listeners = []
         try:
             def ready() -> None:
                 os.write(w, b"ok\n")
                 os.close(w)
                 told.append(True)
 
+            key = _migration_key(topo)
+
+            def started(sup: Supervisor) -> None:
+                hosts.append(sup)
+                _listen(topo, key, sup, rundir, listeners)
+
             code = run_host(topo, rundir, echo=False, stop_when_guests_gone=False, ready=ready,
-                            started=hosts.append)
+                            started=started)
             if not told:  # it stopped (a signal) before every domain ran
                 os.write(w, f"stopped during start-up ({hosts[0].stop_reason})\n".encode())
         except BaseException as exc:
@@ -138,6 +156,8 @@ def cmd_run(args) -> int:
                     os.write(w, f"{exc}\n".encode())
                 except OSError:
                     pass
+        for listener in listeners:
+            listener.close()
         os._exit(code)
     os.close(w)
     with os.fdopen(r) as f:
@@ -146,6 +166,39 @@ def cmd_run(args) -> int:
         raise CliError(f"the supervisor did not start: {status or 'it exited'}")
     print(f"xmp: supervisor {pid} running {args.topology} in {rundir}")
     return 0
+
+
+def _migration_key(topo) -> bytes | None:
+    """The host's migration key (``[host] migrate_key``), read and checked
+    before anything starts."""
+    if not topo.host.migrate:
+        return None
+    from xmp.migration.channel import load_key
+
+    try:
+        return load_key(topo.host.migrate_key)
+    except XmpError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _listen(topo, key: bytes | None, sup, rundir: Path, listeners: list) -> None:
+    """Listen for migrations (``[host] migrate``) once the supervisor -- and
+    its zygote, which must not inherit the socket -- exists; the address
+    (the port, when it was 0) goes to RUNDIR/migrate.address.  A host that
+    cannot listen stops, failed."""
+    if key is None:
+        return
+    from xmp.migration.channel import MigrationListener, not_yet_receiving
+
+    try:
+        listener = MigrationListener(topo.host.migrate, key, not_yet_receiving(topo.host.name), sup.log)
+    except (OSError, XmpError) as exc:
+        sup.exit_code = 1
+        sup.stop(f"cannot listen for migrations on {topo.host.migrate}: {exc}")
+        return
+    listeners.append(listener)
+    (rundir / "migrate.address").write_text(listener.address_text + "\n")
+    sup.log(f"listening for migrations on {listener.address_text}")
 
 
 def _to_log(rundir: Path) -> None:
@@ -351,6 +404,60 @@ def cmd_suspend(args) -> int:
 @command("resume", "Resume a domain from RAM", "<Domain>", DOM)
 def cmd_resume(args) -> int:
     request(_rundir(args), "resume", dom=args.dom)
+    return 0
+
+
+@command("save", "Save a domain state to restore later", "[options] <Domain> <CheckpointFile>",
+         arg("-c", dest="checkpoint", action="store_true",
+             help="Leave domain running after creating the snapshot."),
+         arg("-p", dest="paused", action="store_true",
+             help="Leave domain paused after creating the snapshot."),
+         arg("--timeout", type=float, default=60.0, help="Seconds the domain gets to suspend (default 60)."),
+         DOM, arg("file", metavar="CheckpointFile"))
+def cmd_save(args) -> int:
+    """xl save: the image is written by the supervisor (it holds the RAM),
+    into FILE, which appears only once complete; on a terminal the growing
+    hidden file beside it shows the progress."""
+    path = os.path.abspath(args.file)
+    show = _save_progress(Path(path)) if sys.stderr.isatty() else None
+    reply = request(_rundir(args), "save", waiting=show, dom=args.dom, path=path,
+                    checkpoint=args.checkpoint, paused=args.paused, timeout=args.timeout)
+    if show is not None:
+        sys.stderr.write("\r\033[K")
+    rate = reply["bytes"] / max(reply["write_seconds"], 1e-6) / 1e6
+    print(f"xmp: saved {reply['name']!r} to {reply['path']}: {reply['pages']} pages, "
+          f"{reply['bytes'] / 1e6:.1f} MB in {reply['seconds']:.2f} s ({rate:.0f} MB/s written)")
+    return 0
+
+
+def _save_progress(path: Path) -> Callable[[], None]:
+    t0 = time.monotonic()
+
+    def show() -> None:
+        partial = next(iter(path.parent.glob(f".{path.name}.*.partial")), None)
+        try:
+            size = partial.stat().st_size if partial is not None else 0
+        except OSError:
+            size = 0
+        dt = time.monotonic() - t0
+        what = (f"~{size >> 12} pages of data, {size / 1e6:.1f} MB, {size / dt / 1e6:.0f} MB/s" if size
+                else "suspending")
+        sys.stderr.write(f"\rxmp save: {what} ({dt:.1f} s)\033[K")
+        sys.stderr.flush()
+    return show
+
+
+@command("restore", "Restore a domain from a saved state", "[options] <CheckpointFile>",
+         arg("-p", dest="paused", action="store_true", help="Do not unpause domain after restoring it."),
+         arg("-c", dest="console", action="store_true",
+             help="Connect to the console after the domain is created."),
+         arg("file", metavar="CheckpointFile"))
+def cmd_restore(args) -> int:
+    reply = request(_rundir(args), "restore", path=os.path.abspath(args.file), paused=args.paused)
+    print(f"xmp: restored domain {reply['name']!r} (id {reply['domid']}): {reply['pages']} pages "
+          f"in {reply['seconds']:.2f} s")
+    if args.console:
+        return _attach(_rundir(args), str(reply["domid"]))
     return 0
 
 

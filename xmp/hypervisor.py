@@ -253,10 +253,14 @@ class Supervisor(HypercallHandlers):
 
     def build(self, cfg: DomainConfig, kernel: str, *, domid: int | None = None, name: str | None = None,
               boot: dict[str, Any] | None = None, extra_fds: Iterable[int] = (),
-              xs_domain: bool = False) -> Domain:
+              xs_domain: bool = False, prepare: Callable[[Domain], None] | None = None,
+              paused: bool = False) -> Domain:
         """Build a domain and start its process, running ``kernel``: memory
         from the pool, RAM and event objects, special pages, a domid (or
-        ``domid``, for dom0).  ``boot`` adds to the boot message.  Whatever
+        ``domid``, for dom0).  ``boot`` adds to the boot message.
+        ``prepare(dom)`` runs before the process exists (a restore fills the
+        RAM there); if it raises, nothing is left of the domain.  ``paused``:
+        stopped before its kernel runs a single instruction (xl's -p).  Whatever
         the host cannot hold is refused first (:meth:`check_build`); running
         out of descriptors meanwhile is the same named refusal.
         ``xs_domain`` (XEN_DOMCTL_CDF_xs_domain): the xenstore domain, one
@@ -283,7 +287,20 @@ class Supervisor(HypercallHandlers):
             self.pool_give(mem_pages)
             _out_of_descriptors(exc, self.nofile)
             raise
-        dom.uuid = str(uuid.uuid4())
+        if prepare is not None:
+            try:
+                prepare(dom)
+                # prepare may set the populated pages (a restored balloon): the pool follows
+                if dom.tot_pages > mem_pages:
+                    self.pool_take(dom.tot_pages - mem_pages, "createdomain")
+            except BaseException:
+                dom.release()
+                self.pool_give(mem_pages)
+                raise
+            if dom.tot_pages < mem_pages:
+                self.pool_give(mem_pages - dom.tot_pages)
+            mem_pages = dom.tot_pages
+        dom.uuid = dom.uuid or str(uuid.uuid4())   # a restore keeps the one it had (prepare set it)
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError as exc:
@@ -316,6 +333,9 @@ class Supervisor(HypercallHandlers):
             self.xs_domid = domid
         self.domains[domid] = dom
         self.pids[dom.pid] = (domid, name)
+        if paused:   # stopped while it waits for its boot message: it runs nothing until unpaused
+            os.kill(dom.pid, signal.SIGSTOP)
+            dom.state = DomState.PAUSED
         send_handles(ours, boot_msg, [dom.ram.fd, dom.evt_obj.fd, dom.wake_fd, *extra_fds])
         self.watch(ours, selectors.EVENT_READ, functools.partial(self._on_channel, dom))
         self.log(f"created dom{domid} {name!r} ({cfg.memory_mib} MiB, {cfg.vcpus} vcpu, pid {dom.pid})")
@@ -348,8 +368,9 @@ class Supervisor(HypercallHandlers):
         for m in dom.maptrack.values():
             granter = self.domains.get(m.granter)
             if granter is not None:
-                granter.grants.unmap_grant_ref(m.refs, m.readonly)
+                self.grant_unmapped(granter, m)
         dom.maptrack.clear()
+        self.logdirty_disable(dom)
         # Its ports: interdomain peers revert to unbound and are poked.
         for port in list(dom.ports.bound()):
             self.close_port(dom, port)

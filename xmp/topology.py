@@ -11,6 +11,10 @@ with xl's names, units (MiB) and defaults where xl has them; a complete file::
     guest_uids = "200000-265535"  # uids for jailed guests (as root), one per running guest
     bridges = { xenbr0 = "10.0.0.1/24" }  # optional: bridges made as root, with the
                                 # host's address (removed when the host stops)
+    migrate = "10.0.0.1:8002"   # optional: receive migrations on ADDR:PORT
+                                # ("[v6addr]:PORT"; port 0: any free one)
+    migrate_key = "lab.key"     # required with migrate: the key file both hosts
+                                # hold (mode 0600; relative to this file)
 
     [dom0]                      # optional; dom0 always exists, named "Domain-0"
     memory = 256                # MiB, default 256
@@ -98,7 +102,7 @@ RESERVED_SUFFIXES = ("--incoming", "--migratedaway")
 EVTCHN_RANGE = (2, 4096)
 GRANT_FRAMES_RANGE = (1, 64)
 
-HOST_KEYS = ("name", "memory", "rundir", "guest_uids", "bridges")
+HOST_KEYS = ("name", "memory", "rundir", "guest_uids", "bridges", "migrate", "migrate_key")
 GUEST_UIDS = (200000, 265535)  # the default [host] guest_uids
 DOM0_KEYS = ("memory", "maxmem", "vcpus", "kernel", "args")
 # Each device class with an xl spec adds its key ("disk", …) through xmp.devices.
@@ -140,6 +144,8 @@ class HostConfig:
     guest_uids: tuple[int, int] = GUEST_UIDS
     # bridges the host makes (as root), each with the host's own address on it
     bridges: dict[str, str] = field(default_factory=dict, hash=False)
+    migrate: str | None = None      # "ADDR:PORT" the host receives migrations on
+    migrate_key: str | None = None  # its key file, absolute
 
 
 @dataclass(frozen=True)
@@ -645,8 +651,9 @@ def _host(t: _Table, raw: dict) -> HostConfig:
             raise t.error("guest_uids", f"'{raw['guest_uids']}' is not a range of uids "
                                         "FIRST-LAST with 0 < FIRST <= LAST, like \"200000-265535\"")
         uids = (int(lo), int(hi))
+    migrate, key = _migrate(t, raw)
     return HostConfig(name=name, memory_mib=memory, rundir=rundir, guest_uids=uids,
-                      bridges=_bridges(t, raw))
+                      bridges=_bridges(t, raw), migrate=migrate, migrate_key=key)
 
 
 def _bridges(t: _Table, raw: dict) -> dict[str, str]:
@@ -665,6 +672,22 @@ def _bridges(t: _Table, raw: dict) -> dict[str, str]:
         if "/" not in addr:
             raise t.error("bridges", f"{name}: {addr!r} needs its prefix (10.0.0.1/24)")
     return dict(value)
+
+
+def _migrate(t: _Table, raw: dict) -> tuple[str | None, str | None]:
+    if "migrate" not in raw:
+        if "migrate_key" in raw:
+            raise t.error("migrate_key", "a key without migrate = \"ADDR:PORT\" to listen on")
+        return None, None
+    address = _str(t, raw, "migrate")
+    host, sep, port = address.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+        raise t.error("migrate", f"'{address}' is not ADDR:PORT (an IPv6 address as [ADDR]:PORT)")
+    if "migrate_key" not in raw:
+        raise t.error("migrate", "needs migrate_key, the key file both hosts hold")
+    # read (and its mode checked) when the host starts, before anything runs
+    key = os.path.join(os.path.dirname(os.path.abspath(t.path)), _str(t, raw, "migrate_key"))
+    return address, key
 
 
 # -- memory -----------------------------------------------------------------

@@ -95,8 +95,8 @@ def hosts(tmp_path, request):
     made: list[Host] = []
     request.node.xmp_hosts = made
 
-    def make(topology: str, name: str = "host") -> Host:
-        h = Host(tmp_path, topology, name)
+    def make(topology: str, name: str = "host", netns: str | None = None) -> Host:
+        h = Host(tmp_path, topology, name, netns)
         made.append(h)
         return h
 

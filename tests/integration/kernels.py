@@ -985,3 +985,103 @@ def xsreads(kernel) -> None:
         assert xs.read("name") == kernel.name.encode()
     xs.write("data/xs-elapsed", f"{time.monotonic() - t0:.3f}")
     kernel.idle()
+
+
+def scribbler(kernel) -> None:
+    """Write a counter into each of ``args.pages`` pages of its own, pass
+    after pass, and never anywhere else; grant dom0 one more page (ref 8)
+    that it never writes itself; says which pfns first."""
+    n = int(kernel.args.get("pages", 16))
+    pfn = kernel.alloc_pages(n + 1)
+    pages = [kernel.page(pfn + i) for i in range(n)]
+    kernel.grant_table.grant_access(REF, 0, pfn + n)
+    kernel.print(f"scribbler: pfns {pfn} {n} granted {pfn + n}")
+    count = 0
+    while True:
+        count += 1
+        word = count.to_bytes(8, "little")
+        for i, page in enumerate(pages):
+            off = (count * 8 + i * 64) % 4096
+            page[off:off + 8] = word
+        kernel.sleep(0.002)
+
+
+def logdirty(kernel) -> None:
+    """dom0's workload: put dom``args.guest`` in log-dirty mode
+    (``args.tracker``), CLEAN ``args.rounds`` rounds 50 ms apart, write its
+    granted page through a grant mapping and CLEAN, grant-copy into it (both
+    forms) and CLEAN after each, PEEK once, turn it off,
+    and report each round's dirty pfns (the reserved ones only as whether
+    all were there): ``logdirty: {json}``."""
+    import base64
+    import json
+
+    from xmp.errors import HypercallError
+    from xmp.sharedmem.logdirty import bitmap_pfns
+    from xmp.startinfo import first_free_pfn
+
+    guest = int(kernel.args.get("guest", 1))
+    reserved = set(range(first_free_pfn(64)))  # the guest's rings and grant table
+    report: dict = {"rounds": [], "reserved_dirty": []}
+
+    def pfns(r) -> list[int]:
+        """The round's dirty pfns but the reserved ones (noting whether those were all in)."""
+        got = bitmap_pfns(base64.b64decode(r["bitmap"]), r["first"])
+        report["reserved_dirty"].append(reserved <= set(got))
+        return [p for p in got if p not in reserved]
+
+    for _ in range(400):
+        try:
+            report["tracker"] = kernel.xen.call("domctl", "shadow_op", domid=guest, sop=2,
+                                                tracker=kernel.args.get("tracker", "userfaultfd"))["tracker"]
+            break
+        except HypercallError:  # ESRCH until the guest exists
+            kernel.sleep(0.02)
+    try:
+        kernel.xen.call("domctl", "shadow_op", domid=guest, sop=2)
+    except HypercallError as exc:
+        report["enable_twice"] = exc.errno
+    for _ in range(int(kernel.args.get("rounds", 10))):
+        kernel.sleep(0.05)
+        r = kernel.xen.call("domctl", "shadow_op", domid=guest, sop=11)
+        report["rounds"].append(pfns(r))
+        report["broken"] = r["broken"]
+    m = kernel.xen.map_grant_ref(guest, [REF])  # written only through dom0's mapping
+    m.pages[0][:8] = b"dom0-was"
+    kernel.xen.unmap_grant_ref(m)
+    r = kernel.xen.call("domctl", "shadow_op", domid=guest, sop=11)
+    report["after_unmap"] = pfns(r)
+    # grant copies into the page (the hypervisor writes it), in both of GNTTABOP_copy's forms
+    from xmp.sharedmem.grant import GNTTAB_COPY, GNTCOPY_dest_gref
+
+    bounce = kernel.alloc_pages(2)
+    kernel.page(bounce)[:8] = b"copied!!"
+    seg = {"source": {"domid": 0x7FF0, "frame": bounce, "offset": 0},
+           "dest": {"domid": guest, "ref": REF, "offset": 8}, "len": 8}
+    report["copy_status"] = kernel.xen.grant_copy([seg])
+    r = kernel.xen.call("domctl", "shadow_op", domid=guest, sop=11)
+    report["after_copy"] = pfns(r)
+    GNTTAB_COPY.pack_into(kernel.page(bounce + 1), 0, bounce, 0x7FF0, 0, REF, guest, 16, 8,
+                          GNTCOPY_dest_gref, 1)
+    kernel.xen.grant_copy_records(bounce + 1, 1)
+    report["records_status"] = GNTTAB_COPY.unpack_from(kernel.page(bounce + 1))[-1]
+    r = kernel.xen.call("domctl", "shadow_op", domid=guest, sop=11)
+    report["after_records"] = pfns(r)
+    r = kernel.xen.call("domctl", "shadow_op", domid=guest, sop=12, first=8, pages=8)
+    report["peek_window"] = [r["first"], r["pages"], bitmap_pfns(base64.b64decode(r["bitmap"]), r["first"])]
+    report["refusals"] = {}
+    for name, kw in (("unknown_op", {"domid": guest, "sop": 99}),
+                     ("no_pages", {"domid": guest, "sop": 11, "pages": 0}),
+                     ("no_domain", {"domid": 999, "sop": 11}), ("dom0", {"domid": 0, "sop": 2}),
+                     ("not_int", {"domid": guest, "sop": "11"})):
+        try:
+            kernel.xen.call("domctl", "shadow_op", **kw)
+            report["refusals"][name] = 0
+        except HypercallError as exc:
+            report["refusals"][name] = exc.errno
+    kernel.xen.call("domctl", "shadow_op", domid=guest, sop=0)
+    try:
+        kernel.xen.call("domctl", "shadow_op", domid=guest, sop=11)
+    except HypercallError as exc:
+        report["clean_when_off"] = exc.errno
+    kernel.xen.console_io("logdirty: " + json.dumps(report))

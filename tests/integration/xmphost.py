@@ -31,7 +31,8 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
 
 
 class Host:
-    def __init__(self, tmp_path: Path, topology: str, name: str = "host"):
+    def __init__(self, tmp_path: Path, topology: str, name: str = "host", netns: str | None = None):
+        self.netns = netns  # run the supervisor in this network namespace (tests/integration/netns.py)
         self.dir = tmp_path / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.topology = self.dir / "topology.toml"
@@ -50,7 +51,8 @@ class Host:
         def limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-        self.proc = subprocess.Popen([*XMP, "run", "--rundir", str(self.rundir), str(self.topology)],
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []  # it execs: the pid is xmp's
+        self.proc = subprocess.Popen([*prefix, *XMP, "run", "--rundir", str(self.rundir), str(self.topology)],
                                      stdout=out, stderr=subprocess.STDOUT, env=ENV,
                                      preexec_fn=limit if nofile else None)
         out.close()

@@ -15,9 +15,12 @@ ROOT = Path(xmp.__file__).parent
 # ``devices`` is the drivers' registration table, read by layers below the drivers (it imports
 # driver modules by name only when used); ``domain_proc`` is a domain's own kernel, which the
 # drivers run on; dom0's services (xenstored's daemon among them) run the drivers' backends.
+# The migration stream's format and the save image (pure: records in, bytes out) sit below the
+# toolstack, as libxc's stream code sits below libxl, which calls it to save and restore; the
+# rest of ``migration`` (live migration) drives the toolstack, above it.
 ORDER = ["errors", "domid", "limits", "sharedmem", "devices", "topology", "startinfo", "hypercall", "hv",
-         "hypervisor", "xenstore", "domain_proc", "drivers", "dom0", "guests", "toolstack", "migration",
-         "libs", "testing", "clitable", "cli"]
+         "hypervisor", "xenstore", "domain_proc", "drivers", "dom0", "guests", "migration.stream",
+         "migration.image", "toolstack", "migration", "libs", "testing", "clitable", "cli"]
 
 
 def imports_of(path: Path) -> set[str]:
@@ -35,6 +38,9 @@ def layer(module: str) -> int | None:
     parts = module.split(".")
     if parts[0] != "xmp" or len(parts) < 2:
         return None
+    sub = ".".join(parts[1:3])
+    if sub in ORDER:
+        return ORDER.index(sub)
     return ORDER.index(parts[1]) if parts[1] in ORDER else None
 
 
@@ -56,7 +62,8 @@ PROCESS_MACHINERY = {"os", "multiprocessing", "subprocess", "socket", "signal", 
                      "psutil"}
 PURE_CORES = ("xmp.sharedmem.ring", "xmp.sharedmem.bytering", "xmp.sharedmem.grant", "xmp.sharedmem.evtchn",
               "xmp.sharedmem.page", "xmp.xenstore.wire", "xmp.xenstore.store", "xmp.drivers.xenbus.state",
-              "xmp.drivers.blk.protocol")
+              "xmp.migration.auth", "xmp.migration.precopy",
+              "xmp.drivers.blk.protocol", "xmp.migration.stream")
 
 
 def module_path(module: str) -> Path | None:

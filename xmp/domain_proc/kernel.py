@@ -11,8 +11,21 @@ A guest kernel may use: ``domid``, ``name``, ``config``, ``args``,
 ``start_info``, ``memory`` / ``page`` / ``alloc_pages`` / ``free_pages``,
 ``grant_table``, ``xen`` (hypercalls), ``loop`` (its event loop),
 ``console``, ``xenstore``, ``print``, ``sleep`` / ``monotonic`` / ``idle``,
-the device openers, ``detect``, and ``shutdown`` / ``poweroff`` /
-``reboot`` / ``crash`` / ``suspend``.  Drivers may also use ``close_port``.
+the device openers, ``detect``, ``shutdown`` / ``poweroff`` /
+``reboot`` / ``crash`` / ``suspend``, and for moving ``on_suspend`` /
+``restored``.  Drivers may also use ``close_port``.
+
+Moving (save / restore / migration), as a Xen PV guest moves: what
+survives is the guest's RAM and one small context.  ``on_suspend(hook)``
+names a function returning bytes (at most ``MAX_GUEST_CONTEXT``), called
+when the domain suspends; on the new host the entry point is entered
+again, with the RAM as it was (pages from ``alloc_pages`` included) and
+``kernel.restored`` holding those bytes (None on a fresh boot).  Nothing
+else survives: the Python objects, ports, grants and device connections
+are new -- the kernel re-opens its devices (their frontends go through the
+xenbus handshake with this host's backends) and re-grants what it needs.
+A driver takes its pages with ``alloc_pages(n, driver=True)``: those go
+back to the free list on restore, since the driver starts afresh.
 dom0's services use ``boot_fds`` and ``rundir``, which the supervisor
 hands dom0 alone (and ``rundir`` to the xenstore domain, for its socket).
 
@@ -22,7 +35,10 @@ crash (traceback on the console and in the domain's log).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,13 +56,17 @@ from xmp.sharedmem.shm import PAGE_SIZE
 from xmp.startinfo import StartInfo, first_free_pfn
 from xmp.xenstore.client import RingTransport, XsClient
 
+MAX_GUEST_CONTEXT = 8192   # bytes a guest's suspend hook may return: its state lives in RAM
+CONTEXT_VERSION = 1
+
 
 class ShutdownDone(BaseException):
     """Raised after a shutdown hypercall: the domain must stop running."""
 
 
 class Kernel:
-    def __init__(self, xen: Xen, loop: EventLoop, boot: dict[str, Any], ram, start_info: StartInfo):
+    def __init__(self, xen: Xen, loop: EventLoop, boot: dict[str, Any], ram, start_info: StartInfo,
+                 restore: bytes | None = None):
         self.xen = xen
         self.loop = loop
         self.domid: int = boot["domid"]
@@ -58,6 +78,13 @@ class Kernel:
         self.first_free_pfn = first_free_pfn(start_info.nr_grant_frames)
         self._next_free = self.first_free_pfn
         self._freed: list[tuple[int, int]] = []  # runs given back: (pfn, pages)
+        self._driver_runs: list[tuple[int, int]] = []  # runs drivers hold: free again after a restore
+        self._suspend_hook: Callable[[], bytes] | None = None
+        self._driver_hooks: dict[str, Callable[[], bytes]] = {}
+        self._driver_contexts: dict[str, bytes] = {}   # restored, not yet taken by their driver
+        self.restored: bytes | None = None
+        if restore is not None:
+            self._restore_context(restore)
         page = memoryview(ram)[start_info.console_mfn * PAGE_SIZE:(start_info.console_mfn + 1) * PAGE_SIZE]
         self.console = Console(page, start_info.console_evtchn, xen, loop)
         gnt = start_info.gnttab_pfn * PAGE_SIZE
@@ -121,10 +148,18 @@ class Kernel:
 
     # -- console -----------------------------------------------------------
 
-    def alloc_pages(self, n: int = 1) -> int:
+    def alloc_pages(self, n: int = 1, *, driver: bool = False) -> int:
         """Take ``n`` pages of the guest's own memory (for rings and buffers
-        it grants), one run; returns the first pfn.  Runs given back with
-        :meth:`free_pages` are used again first."""
+        it grants, or state that must survive a move), one run; returns the
+        first pfn.  Runs given back with :meth:`free_pages` are used again
+        first.  ``driver``: a device driver's pages, free again after a
+        restore (the driver is opened afresh there)."""
+        pfn = self._take(n)
+        if driver:
+            self._driver_runs.append((pfn, n))
+        return pfn
+
+    def _take(self, n: int) -> int:
         for i, (pfn, m) in enumerate(self._freed):
             if m >= n:
                 self._freed[i:i + 1] = [(pfn + n, m - n)] if m > n else []
@@ -140,7 +175,59 @@ class Kernel:
         other domain can reach it any more (its grants have ended)."""
         if not self.first_free_pfn <= pfn or pfn + n > self._next_free or n <= 0:
             raise LocalError(f"pages {pfn}..{pfn + n} were not taken with alloc_pages")
+        if (pfn, n) in self._driver_runs:
+            self._driver_runs.remove((pfn, n))
         self._freed.append((pfn, n))
+
+    # -- moving: the suspend context ------------------------------------------
+
+    def on_suspend(self, hook: Callable[[], bytes]) -> None:
+        """``hook()`` returns the guest's context (bytes, small) when the
+        domain suspends; a restore hands it back as :attr:`restored`."""
+        self._suspend_hook = hook
+
+    def on_suspend_driver(self, key: str, hook: Callable[[], bytes]) -> None:
+        """A driver's own small context (``key``: its device, "vbd/51712"),
+        taken after the guest's hook; :meth:`driver_restored` gives it back."""
+        self._driver_hooks[key] = hook
+
+    def driver_restored(self, key: str) -> bytes | None:
+        """What the driver of ``key`` handed over before the move (once)."""
+        return self._driver_contexts.pop(key, None)
+
+    def suspend_context(self) -> bytes:
+        """What this kernel hands the hypervisor at suspend: its page
+        allocator, the guest's own context, then its drivers' (a driver
+        sees what the guest's hook did: requests it submitted are in flight)."""
+        guest = b"" if self._suspend_hook is None else self._suspend_hook()
+        if not isinstance(guest, (bytes, bytearray)) or len(guest) > MAX_GUEST_CONTEXT:
+            raise LocalError(f"a suspend hook returns at most {MAX_GUEST_CONTEXT} bytes, not {guest!r:.60}")
+        drivers = {key: base64.b64encode(hook()).decode() for key, hook in self._driver_hooks.items()}
+        return json.dumps({"version": CONTEXT_VERSION, "next_free": self._next_free,
+                           "freed": [*self._freed, *self._driver_runs],
+                           "guest": base64.b64encode(guest).decode() if self._suspend_hook else None,
+                           "drivers": drivers},
+                          separators=(",", ":")).encode()
+
+    def _restore_context(self, raw: bytes) -> None:
+        """The context of :meth:`suspend_context`, from another host: checked
+        as fresh input (a bad one crashes this domain, nothing else)."""
+        try:
+            ctx = json.loads(raw)
+            if ctx["version"] != CONTEXT_VERSION:
+                raise LocalError(f"suspend context version {ctx['version']!r}, expected {CONTEXT_VERSION}")
+            next_free = ctx["next_free"]
+            freed = [(int(p), int(n)) for p, n in ctx["freed"]]
+            if not isinstance(next_free, int) or \
+                    not self.first_free_pfn <= next_free <= self.start_info.nr_pages or \
+                    any(p < self.first_free_pfn or n <= 0 or p + n > next_free for p, n in freed):
+                raise LocalError("the suspend context's page allocator does not fit this domain")
+            guest = None if ctx["guest"] is None else base64.b64decode(ctx["guest"], validate=True)
+            drivers = {str(k): base64.b64decode(v, validate=True) for k, v in ctx["drivers"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as exc:
+            raise LocalError(f"the suspend context is malformed: {exc!r}") from None
+        self._next_free, self._freed, self.restored = next_free, freed, guest
+        self._driver_contexts = drivers
 
     def page(self, pfn: int) -> memoryview:
         """One page of the guest's own memory."""
@@ -185,10 +272,14 @@ class Kernel:
         raise ShutdownDone(reason)
 
     def suspend(self) -> bool:
-        """Suspend in place: returns True when the toolstack resumes us
-        (``xmp resume``; the hypercall reports the suspend as cancelled)."""
+        """SCHEDOP_shutdown(suspend), handing over :meth:`suspend_context`.
+        Returns True when the toolstack resumes us in place (``xmp resume``,
+        ``xmp save -c``: the hypercall reports the suspend as cancelled); a
+        save without -c never returns here -- the domain goes on, if
+        restored, from its entry point."""
         self.print(f"{self.name}: suspending")
-        resumed = bool(self.xen.call("sched_op", "shutdown", reason="suspend"))
+        context = base64.b64encode(self.suspend_context()).decode()
+        resumed = bool(self.xen.call("sched_op", "shutdown", reason="suspend", context=context))
         self.print(f"{self.name}: resumed")
         return resumed
 

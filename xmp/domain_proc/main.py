@@ -11,6 +11,7 @@ PR_SET_PDEATHSIG chain, ends it.
 
 from __future__ import annotations
 
+import base64
 import importlib
 import mmap
 import os
@@ -21,7 +22,7 @@ import traceback
 from xmp.domain_proc.kernel import Kernel, ShutdownDone
 from xmp.domain_proc.loop import EventLoop
 from xmp.domain_proc.xen import Xen
-from xmp.errors import DomainGone
+from xmp.errors import DomainGone, XmpError
 from xmp.hypercall import Channel
 from xmp.sharedmem.evtchn import EVTCHN_WAKE_SIZE, EventChannels
 from xmp.sharedmem.shm import PAGE_SIZE, ShmObject
@@ -47,8 +48,16 @@ def domain_main(sock: socket.socket) -> int:
     xen = Xen(ch, boot["domid"], evt)
     start_info = StartInfo.unpack_from(ram, START_INFO_PFN * PAGE_SIZE)
     loop = EventLoop(evt)
-    kernel = Kernel(xen, loop, {**boot, "fds": extra_fds}, ram, start_info)
-    print(f"dom{kernel.domid} {kernel.name}: running {boot['kernel']}", flush=True)
+    restore = boot.get("restore")  # a restored domain: its kernel's suspend context
+    try:
+        kernel = Kernel(xen, loop, {**boot, "fds": extra_fds}, ram, start_info,
+                        None if restore is None else base64.b64decode(restore))
+    except XmpError as exc:  # a context that does not fit: this domain crashes, reported
+        sys.stderr.write(f"restoring: {exc}\n")
+        xen.shutdown("crash")
+        return 1
+    print(f"dom{kernel.domid} {kernel.name}: {'restored' if restore is not None else 'running'} "
+          f"{boot['kernel']}", flush=True)
     try:
         # dom0 runs its services (xmp.dom0:main), which start its own kernel beside them
         entry = load_entry(boot.get("dom0_kernel") or boot["kernel"])

@@ -6,7 +6,16 @@ and last one line ``diskcheck: OK <N> bytes verified`` or
 args: vdev ("xvda"), bytes (how much of the disk, default all), seed (default 1),
 verify_only (only check a pattern an earlier run left: kill everything, start
 again, verify), hold (after the flush, wait to be killed or shut down), front
-(blkfront settings: see ``xmp.drivers.blk.frontend.configure``)."""
+(blkfront settings: see ``xmp.drivers.blk.frontend.configure``), interval
+(seconds to sleep between writes, default 0: a slow writer, to be caught
+mid-way).
+
+Saved and restored (or migrated) at any point, it goes on where it was: a
+page of its RAM holds how many writes the disk has acknowledged and
+whether the flush was answered, and only that page's pfn is its suspend
+context.  On the new host it re-opens the disk, writes again from the first
+write not acknowledged (a request in flight at the suspend), flushes, and
+verifies every byte -- so every acknowledged write must have survived."""
 
 from __future__ import annotations
 
@@ -14,6 +23,7 @@ import struct
 import time
 
 SECTOR = 512
+_STATE = struct.Struct("<QQ")   # writes acknowledged, flushed (0/1)
 WRITE_SIZES = (1, 8, 88, 2048, 3, 256)     # sectors: 512 B, 4 KiB, 44 KiB, 1 MiB, odd, 128 KiB
 READ_SIZES = (2048, 7, 1, 512, 88)
 
@@ -38,19 +48,33 @@ def main(kernel) -> None:
         from xmp.drivers.blk import frontend
 
         frontend.configure(kernel, **args["front"])
+    if kernel.restored is not None:
+        (pfn,) = struct.unpack("<Q", kernel.restored)
+    else:
+        pfn = kernel.alloc_pages(1)
+    kernel.on_suspend(lambda: struct.pack("<Q", pfn))
+    state = kernel.page(pfn)
+    acked, flushed = _STATE.unpack_from(state)
     disk = kernel.block(args.get("vdev", "xvda"))
     seed = int(args.get("seed", 1))
     total = min(disk.sectors, int(args.get("bytes", disk.sectors * SECTOR)) // SECTOR)
-    if not args.get("verify_only"):
+    interval = float(args.get("interval", 0))
+    if not args.get("verify_only") and not flushed:
         t0 = time.perf_counter()
-        for sector, n in _chunks(total, WRITE_SIZES):
+        for i, (sector, n) in enumerate(_chunks(total, WRITE_SIZES)):
+            if i < acked:
+                continue
             disk.write(sector, pattern(seed, sector, n))
+            _STATE.pack_into(state, 0, i + 1, 0)
+            if interval:
+                kernel.sleep(interval)
         disk.flush()
+        _STATE.pack_into(state, 0, _STATE.unpack_from(state)[0], 1)
         dt = time.perf_counter() - t0
         kernel.print(f"diskcheck: wrote {total * SECTOR} bytes in {dt:.2f} s "
                      f"({total * SECTOR / dt / 1e6:.1f} MB/s), flushed")
         if args.get("hold"):
-            kernel.idle()
+            kernel.idle()   # restored from here, it goes on to verify
     t0 = time.perf_counter()
     for sector, n in _chunks(total, READ_SIZES):
         data = disk.read(sector, n)

@@ -34,6 +34,7 @@ from xmp.sharedmem.grant import (
     ActiveGrants,
     GrantTable,
 )
+from xmp.sharedmem.logdirty import Tracker
 from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, ShmObject
 from xmp.sharedmem.wakepage import create_wake_page
 from xmp.startinfo import (
@@ -63,6 +64,7 @@ class Mapping:
     granter: int
     refs: list[int]
     readonly: bool
+    frames: list[int] = field(default_factory=list)  # as mapped: log-dirty marks them at unmap
 
 
 @dataclass
@@ -83,6 +85,7 @@ class Domain:
     pid: int | None = None
     state: DomState = DomState.RUNNING
     shutdown_reason: str | None = None
+    suspend_context: bytes = b""     # the guest kernel's, from its last suspend (save carries it)
     tot_pages: int = 0
     max_pages: int = 0
     populated: bytearray = field(default_factory=bytearray)
@@ -103,6 +106,7 @@ class Domain:
     # sender domid -> the doorbell that sender rings this domain through
     doorbells: dict[int, ShmObject] = field(default_factory=dict)
     xs_domain: bool = False  # XEN_DOMCTL_CDF_xs_domain: the xenstore domain (see HypercallHandlers)
+    logdirty: Tracker | None = None  # XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY's, while enabled
 
     @property
     def privileged(self) -> bool:
@@ -140,6 +144,9 @@ class Domain:
 
     def release(self) -> None:
         """Drop the supervisor's hold on every object of this domain."""
+        if self.logdirty is not None:  # it holds a view of the RAM
+            self.logdirty.close()
+            self.logdirty = None
         for thing in (self.grants, self.own_table, self.evt, self.console_out):
             if thing is not None:
                 thing.release()

@@ -10,6 +10,8 @@ which mixes this class in.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import os
 import time
@@ -19,6 +21,7 @@ from typing import Any
 from xmp.domid import DOMID_DOM0, DOMID_SELF
 from xmp.errors import GrantError, HypercallError
 from xmp.hv.domain import Domain, DomState, Mapping
+from xmp.hv.logdirty import LogDirtyOps
 from xmp.hypercall import DOM0_ONLY, DOMAININFO_PAGE, HYPERCALLS, MAX_FDS, SHUTDOWN_REASONS, arg, int_list
 from xmp.sharedmem._ffi import lib
 from xmp.sharedmem.evtchn import (
@@ -28,12 +31,20 @@ from xmp.sharedmem.evtchn import (
     bind_interdomain,
     close_port,
 )
-from xmp.sharedmem.grant import GNTTAB_COPY, GNTTAB_RESERVED_XENSTORE, ActiveGrants, CopyBatch, copy_records
+from xmp.sharedmem.grant import (
+    GNTTAB_COPY,
+    GNTTAB_RESERVED_XENSTORE,
+    ActiveGrants,
+    CopyBatch,
+    GNTCOPY_dest_gref,
+    copy_records,
+)
 from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, ShmObject
 from xmp.sharedmem.wakepage import reopen_readonly, wake_page_sealed
 
 XEN_VERSION = {"major": 4, "minor": 19, "extra": "-xmp", "capabilities": "xen-3.0-x86_64 xmp"}
 Reply = tuple[Any, list[int]]
+MAX_SUSPEND_CONTEXT = 16384  # bytes: a small context; the guest's state lives in its RAM
 DEFERRED = object()  # a handler's "no reply now": the caller waits (a suspended guest)
 
 # The xenstore domain's rights (Xen's XSM_XS_PRIV and the xenstore domain's
@@ -55,7 +66,7 @@ def may_call(dom: Domain, op: str, cmd: str) -> bool:
     return op not in DOM0_ONLY or dom.privileged or (dom.xs_domain and (op, cmd) in XS_DOMAIN_OPS)
 
 
-class HypercallHandlers:
+class HypercallHandlers(LogDirtyOps):
     domains: dict[int, Domain]
     xs_domid: int | None  # the xenstore domain's, once built
     HYPERCALLS: dict[str, dict[str, Callable[..., Reply]]]
@@ -236,7 +247,7 @@ class HypercallHandlers:
         frames = granter.grants.map_grant_ref(refs, caller.domid, readonly)
         handle = caller.next_handle
         caller.next_handle += 1
-        caller.maptrack[handle] = Mapping(granter.domid, refs, readonly)
+        caller.maptrack[handle] = Mapping(granter.domid, refs, readonly, frames)
         return {"handle": handle, "frames": frames, "ram_size": granter.ram.size}, fds
 
     def hc_grant_table_op_unmap_grant_ref(self, caller: Domain, args: dict) -> Reply:
@@ -246,7 +257,7 @@ class HypercallHandlers:
             raise HypercallError(errno.EINVAL, "unmap_grant_ref", f"no mapping with handle {handle}")
         granter = self.domains.get(m.granter)
         if granter is not None:
-            granter.grants.unmap_grant_ref(m.refs, m.readonly)
+            self.grant_unmapped(granter, m)
         return 0, []
 
     def hc_grant_table_op_copy(self, caller: Domain, args: dict) -> Reply:
@@ -264,7 +275,13 @@ class HypercallHandlers:
                 raise HypercallError(errno.EINVAL, "copy", "1 to 512 segments per call")
             if not 0 <= frame or (frame * PAGE_SIZE + count * GNTTAB_COPY.size) > caller.ram.size:
                 raise HypercallError(errno.EFAULT, "copy", f"{count} records at pfn {frame} leave its memory")
-            copy_records(caller.grants, caller.domid, frame * PAGE_SIZE, count, self._grants_of)
+            ops = copy_records(caller.grants, caller.domid, frame * PAGE_SIZE, count, self._grants_of)
+            if self.logdirty_domains:
+                for i in range(count):
+                    o = ops[i]
+                    if o.status == 0:
+                        dest = o.dest.u.ref if o.flags & GNTCOPY_dest_gref else None
+                        self._copied_into(caller, o.dest.domid, dest, o.dest.u.gmfn)
             return 0, []
         ops = arg(args, "ops", list, "copy")
         if len(ops) > 512:
@@ -283,7 +300,13 @@ class HypercallHandlers:
                 batch.fail(i, exc.status)
             except (HypercallError, TypeError, ValueError):
                 batch.fail(i, -10)  # GNTST_bad_copy_arg
-        return batch.run(caller.domid), []
+        status = batch.run(caller.domid)
+        if self.logdirty_domains:
+            for seg, st in zip(ops, status, strict=True):
+                if st == 0:
+                    d = seg["dest"]
+                    self._copied_into(caller, d["domid"], d.get("ref"), d.get("frame", 0))
+        return status, []
 
     def _grants_of(self, domid: int) -> ActiveGrants | None:
         dom = self.domains.get(domid)
@@ -482,6 +505,18 @@ class HypercallHandlers:
         reason = arg(args, "reason", str, "shutdown")
         if reason not in SHUTDOWN_REASONS:
             raise HypercallError(errno.EINVAL, "shutdown", f"reason {reason!r}")
+        if reason == "suspend":
+            # The guest kernel's small context (what its suspend hook returned),
+            # kept as Xen keeps a suspended vCPU's context for the toolstack.
+            text = arg(args, "context", str, "shutdown", "")
+            try:
+                context = base64.b64decode(text, validate=True)
+            except (ValueError, binascii.Error):
+                raise HypercallError(errno.EINVAL, "shutdown", "context is not base64") from None
+            if len(context) > MAX_SUSPEND_CONTEXT:
+                raise HypercallError(errno.E2BIG, "shutdown", f"a suspend context of {len(context)} bytes "
+                                     f"exceeds {MAX_SUSPEND_CONTEXT}")
+            caller.suspend_context = context
         self.shutdown_requested(caller, reason)
         if reason == "suspend":
             return DEFERRED, []  # the guest sleeps in this call until resume (or is saved)

@@ -41,6 +41,7 @@ import traceback
 from xmp.errors import HypercallError
 from xmp.hv.jail import Jailer, JailError
 from xmp.sharedmem._ffi import lib
+from xmp.sharedmem.logdirty import guest_uffd
 from xmp.sharedmem.shm import recv_handles, send_handles
 from xmp.topology import GUEST_UIDS
 
@@ -245,6 +246,10 @@ def _spawn(req, fds, jailer: Jailer, lifeline: tuple[int, int],
         os.dup2(log_fd, 2)
         sys.stdout = os.fdopen(1, "w", buffering=1)
         sys.stderr = os.fdopen(2, "w", buffering=1)
+        # Log-dirty mode's userfaultfd (xmp.sharedmem.logdirty): made here,
+        # still root and before the jail's seccomp denies the call, kept past
+        # the close below; the supervisor takes a duplicate with pidfd_getfd.
+        uffd = guest_uffd() if req["domid"] != 0 else -1
         kept: list[int] = []
         if req.get("unprivileged"):
             # Jailed with its log in place, so a failure is told there.
@@ -255,7 +260,7 @@ def _spawn(req, fds, jailer: Jailer, lifeline: tuple[int, int],
             _zygote_alive_or_exit(lifeline[0])
             lib.xmp_set_dumpable(0)
         keep = os.dup(hc_fd)
-        _close_all_but(keep, *kept)
+        _close_all_but(keep, *kept, *([uffd] if uffd >= 0 else []))
         if req.get("unprivileged"):
             rc = lib.xmp_drop_privileges()
             if rc:

@@ -132,14 +132,24 @@ int xmp_bench_sem_init(uint8_t *area);
 void xmp_bench_sem_destroy(uint8_t *area);
 void xmp_bench_sem_pingpong(uint8_t *area, int initiator, uint32_t rounds, int64_t spin_ns,
                             int64_t *lat);
+
+int xmp_uffd_open(void);
+int xmp_pidfd_getfd(int pid, int target);
+int xmp_uffd_wp_start(int uffd, uint64_t start, uint64_t len);
+int xmp_uffd_wp_stop(int uffd, uint64_t start, uint64_t len);
+int64_t xmp_logdirty_scan(int pagemap_fd, uint64_t start, uint64_t npages, int clean, uint8_t *bitmap);
+int64_t xmp_hash_scan(const uint8_t *mem, const uint8_t *populated, uint64_t first, uint64_t n,
+                      uint64_t *hashes, int clean, uint8_t *bitmap);
 """
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
-_src = Path(__file__).with_name("fast.c")
+_here = Path(__file__).parent
+# logdirty.c is log-dirty tracking (migration's), kept apart from the ring and
+# event-channel fast path; one extension holds both.
 ffibuilder.set_source(
     "xmp.sharedmem._fast",
-    _src.read_text(),
+    (_here / "fast.c").read_text() + "\n" + (_here / "logdirty.c").read_text(),
     extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
     libraries=["pthread"],
 )

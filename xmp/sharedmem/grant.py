@@ -26,6 +26,7 @@ import errno
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from xmp.errors import GNTST_NAMES, GrantError, HypercallError, LocalError
 from xmp.sharedmem._ffi import ffi, lib
@@ -291,7 +292,7 @@ GNTCOPY_dest_gref = 2
 
 
 def copy_records(own: ActiveGrants, caller: int, offset: int, count: int,
-                 grants_of: Callable[[int], ActiveGrants | None]) -> None:
+                 grants_of: Callable[[int], ActiveGrants | None]) -> Any:
     """GNTTABOP_copy of the ``count`` records at byte ``offset`` of the
     caller's memory (``own``: the caller's grants, built with its RAM).
     The records are copied out once (the caller may rewrite them meanwhile:
@@ -318,6 +319,7 @@ def copy_records(own: ActiveGrants, caller: int, offset: int, count: int,
             n += 1
     lib.xmp_gnttab_copy_ops(ops, count, caller, doms, n)
     lib.xmp_gnttab_copy_status_out(own._ram + offset, ops, count)
+    return ops  # the records as run, statuses in: what log-dirty marks from
 
 
 def _copy_dom(c, domid: int, grants: ActiveGrants) -> None:

@@ -11,6 +11,8 @@ object per line and answers one per line, in order::
     {"cmd": "device-remove", "class": "block", "dom": "web", "name": "xvdb", "force": false}
     {"cmd": "device-list", "class": "block", "dom": "web"} -> {"ok": true, "header": "...", "rows": [...]}
     {"cmd": "device-move", "class": "block", "dom": "web", "name": "xvda", "backend": "dd2"}
+    {"cmd": "save", "dom": "web", "path": "/abs/file", "checkpoint": false, "paused": false, "timeout": 60}
+    {"cmd": "restore", "path": "/abs/file", "paused": false} -> {"ok": true, "domid": 9, ...}
     {"cmd": "rename", "dom": "web", "name": "www"}
     {"cmd": "sysrq", "dom": "web", "key": "t"}
     {"cmd": "trigger", "dom": "web", "trigger": "nmi" | "reset" | "power" | ...}
@@ -237,6 +239,25 @@ class ControlServer:
         dom = self._dom(req)
         self.sup.resume_domain(dom)
         return {"domid": dom.domid}
+
+    def cmd_save(self, req):
+        """{"cmd": "save", "dom": "web", "path": "/abs/web.save", "checkpoint": false, "paused": false}
+        -> answered once the image is complete (xl save)."""
+        path = req.get("path")
+        if not isinstance(path, str) or not os.path.isabs(path):
+            raise HypercallError(errno.EINVAL, "save", "path is an absolute file name")
+        timeout = req.get("timeout", 60.0)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise HypercallError(errno.EINVAL, "save", "timeout is a positive number of seconds")
+        return self.ts.saves.save(self._dom(req), Path(path), bool(req.get("checkpoint")),
+                                  bool(req.get("paused")), float(timeout))
+
+    def cmd_restore(self, req):
+        """{"cmd": "restore", "path": "/abs/web.save", "paused": false} -> {"domid": 9, "name": "web"}"""
+        path = req.get("path")
+        if not isinstance(path, str) or not os.path.isabs(path):
+            raise HypercallError(errno.EINVAL, "restore", "path is an absolute file name")
+        return self.ts.saves.restore(Path(path), bool(req.get("paused")))
 
     def _string(self, req: dict[str, Any], key: str, op: str) -> str:
         value = req.get(key)

@@ -36,7 +36,7 @@ from xmp.domid import DOMID_DOM0, DOMID_XENSTORE
 from xmp.errors import HypercallError, XmpError
 from xmp.hv.domain import Domain, DomState
 from xmp.hypervisor import Supervisor
-from xmp.toolstack.devices import Device, DeviceManager
+from xmp.toolstack.devices import Device, DeviceManager, Planned
 from xmp.toolstack.xs import XsConnection, _z, dom0_tree, domain_tree, teardown_tree
 from xmp.topology import DomainConfig, Topology, check_name
 from xmp.xenstore.wire import XsType
@@ -108,6 +108,8 @@ class Toolstack:
         self.xs = XsConnection(sup.rundir / "xenstored.sock", sup.log, self._xs_wants_write, sup.unwatch)
         self.devices = DeviceManager(self)
         self.devices.open_host(topology.host)
+        from xmp.toolstack.save import SaveRestore  # here: it imports this module (DomainRecord)
+        self.saves = SaveRestore(self)
         sup.events = self
         # No supervisor runs here (the control socket proved it): sockets left
         # by one that was killed are stale.
@@ -184,21 +186,28 @@ class Toolstack:
 
     createdomain = create_config  # XEN_DOMCTL_createdomain from dom0 (DomainEvents)
 
-    def create(self, cfg: DomainConfig, domid: int | None = None, name: str | None = None) -> Domain:
+    def create(self, cfg: DomainConfig, domid: int | None = None, name: str | None = None, *,
+               planned: list[Planned] | None = None, restore: dict[str, Any] | None = None,
+               prepare: Callable[[Domain], None] | None = None, paused: bool = False) -> Domain:
         """libxl_domain_create_new: check every device first (nothing is
         built if one is wrong), build the domain, write its tree, add its
-        devices."""
+        devices.  A restore (libxl_domain_create_restore) brings its own
+        ``planned`` devices, ``restore`` for the boot message and
+        ``prepare`` to fill the RAM before the domain runs; ``paused``: it
+        runs nothing until unpaused."""
         self.sup.check_build(cfg, name, dom0=domid == DOMID_DOM0)  # before a device's files are made
-        planned = [] if domid == DOMID_DOM0 else self.devices.plan(cfg)
+        if planned is None:
+            planned = [] if domid == DOMID_DOM0 else self.devices.plan(cfg)
         kernel = cfg.kernel or (DOM0_KERNEL if domid == DOMID_DOM0 else
                                 DRIVER_DOMAIN_KERNEL if cfg.driver_domain else None)
-        boot: dict[str, Any] = {}
+        boot: dict[str, Any] = dict(restore or {})
         fds: list[int] = []
         if domid == DOMID_DOM0:
             boot = {"rundir": str(self.sup.rundir), "dom0_kernel": DOM0_KERNEL}
             if self.sup.echo_fd is not None:
                 fds.append(self.sup.echo_fd)
-        dom = self.sup.build(cfg, kernel or "", domid=domid, name=name, boot=boot, extra_fds=fds)
+        dom = self.sup.build(cfg, kernel or "", domid=domid, name=name, boot=boot, extra_fds=fds,
+                             prepare=prepare, paused=paused)
         rec = self.records[dom.domid] = DomainRecord(dom.domid, cfg)
         if dom.domid != DOMID_DOM0:
             tree = domain_tree(dom.domid, dom.name, dom.uuid, cfg.memory_mib * 1024, cfg.maxmem_mib * 1024,

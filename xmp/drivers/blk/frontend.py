@@ -26,10 +26,17 @@ grants, split again if the new backend takes smaller requests) once the
 device is connected again: the guest sees neither an error nor a lost
 write, and a re-issued write writes the same bytes again.  A FLUSH covers
 the writes answered before it was issued, as Xen's.
+
+Moved (save / restore, migration), the frontend is opened afresh on the new
+host, but what was on its rings is not lost: at the suspend it hands the
+kernel its shadow -- each write, discard and flush in flight, a write's
+data where it lies in the pool, in the guest's RAM -- and the restored
+frontend issues those again before anything new (Linux's blkif_recover).
 """
 
 from __future__ import annotations
 
+import json
 import struct
 import weakref
 from collections import deque
@@ -141,7 +148,7 @@ class BlkFront(FrontendDriver):
         ring_pages = 1 << int(self.opts["ring_page_order"])
         nq = int(self.opts["num_queues"])
         self.area_pages = self.pool_pages + self.nr_indirect + nq * ring_pages
-        self.area = self.pool_pfn = self.k.alloc_pages(self.area_pages)
+        self.area = self.pool_pfn = self.k.alloc_pages(self.area_pages, driver=True)
         self.indirect_pfn = self.pool_pfn + self.pool_pages
         first_ring = self.indirect_pfn + self.nr_indirect
         self.queues = [_FrontQueue(i, first_ring + i * ring_pages) for i in range(nq)]
@@ -164,6 +171,11 @@ class BlkFront(FrontendDriver):
     def setup(self, dev: XenbusDevice) -> None:
         self.dev = dev
         if self.area is None:
+            key = f"vbd/{dev.nodename.rsplit('/', 1)[-1]}"
+            saved = self.k.driver_restored(key)
+            if saved is not None:
+                self._carry(saved)   # before our pages are taken: the data is in the old pool's
+            self.k.on_suspend_driver(key, self._suspend_state)
             self._allocate()
         gt = self.k.grant_table
         gt.retry_deferred()
@@ -260,6 +272,50 @@ class BlkFront(FrontendDriver):
         for p in self.inflight.values():  # their grants die with the connection
             self._end(p.grefs)
             p.grefs = []
+
+    # -- moving: the shadow of requests in flight, in RAM --------------------------
+
+    def _suspend_state(self) -> bytes:
+        """The writes, discards and flushes on the rings at the suspend, as
+        ``[op, sector, amount, RAM offset of the data]``: their data is in our
+        pool, in the guest's RAM, so it moves with the memory."""
+        shadow = []
+        for _, p in sorted(self.inflight.items()):
+            if p.op == BlkifOp.READ or p.io.cancelled:
+                continue   # a read's waiter does not move: nobody would take its data
+            at = (self.pool_pfn + p.extent) * PAGE_SIZE if p.extent is not None else 0
+            shadow.append([int(p.op), p.sector, p.amount, at])
+        return json.dumps(shadow).encode()
+
+    def _carry(self, raw: bytes) -> None:
+        """Re-issue what was in flight before the move, ahead of anything the
+        guest asks now (the pending queue is FIFO): an unacknowledged write
+        lands, and the guest's own redo of it writes the same bytes again.
+        Checked as fresh input: a bad shadow is ignored, reported."""
+        try:
+            shadow = json.loads(raw)
+            limit = self.k.start_info.nr_pages * PAGE_SIZE
+            todo: list[tuple[BlkifOp, int, int, bytes | None]] = []
+            for op, sector, amount, at in shadow:
+                op = BlkifOp(op)
+                if op == BlkifOp.WRITE:
+                    if amount <= 0 or amount % SECTOR_SIZE or not 0 < at <= limit - amount:
+                        raise ValueError(f"a write of {amount} bytes at {at}")
+                    todo.append((op, sector, amount, bytes(self.k.memory[at:at + amount])))
+                elif op == BlkifOp.DISCARD:
+                    todo.append((op, sector, amount * SECTOR_SIZE, None))
+                elif op == BlkifOp.FLUSH_DISKCACHE:
+                    todo.append((op, 0, 0, None))
+                else:
+                    raise ValueError(f"op {op.name}")
+        except (TypeError, ValueError) as exc:
+            self.k.print(f"vbd: the shadow of requests before the move is malformed ({exc}); ignored")
+            return
+        for op, sector, nbytes, data in todo:
+            self._submit(op, sector, nbytes, data)
+        self.reissued += len(todo)
+        if todo:
+            self.k.print(f"vbd: re-issuing {len(todo)} request(s) in flight at the suspend")
 
     def _end(self, grefs: list[int]) -> None:
         gt = self.k.grant_table

@@ -11,11 +11,12 @@ STATE = MoveState(
         "the negotiated features (queues, ring-page-order, persistent, indirect)",
     ),
     frontend_rebuild=(
-        "the frontend sees its backend change (backend / backend-id rewritten, or the backend "
-        "directory recreated) and goes back through the handshake: new rings and ports, features "
-        "negotiated again with the new backend, then every request of its shadow is issued again, "
-        "so no acknowledged write is lost and none is applied twice (a re-issued write carries the "
-        "same data)"
+        "at the suspend the frontend hands the kernel its shadow (each write, discard and flush in "
+        "flight; a write's data is in its pool, in RAM); on the new host it is opened afresh, goes "
+        "back through the handshake with that host's backend (new rings, ports and grants, features "
+        "negotiated again), and issues the shadow's requests again before anything new, so no "
+        "acknowledged write is lost and none is applied twice (a re-issued write carries the same "
+        "data); a read's waiter does not move, so reads in flight are not carried"
     ),
     backend_outside_ram=(
         "the open image file and its descriptor",

@@ -70,6 +70,13 @@ def device(spec: DiskSpec, base: Path) -> DeviceSpec:
                       front_keys={"virtual-device": str(spec.devid), "device-type": spec.devtype})
 
 
+def check_restored(spec: DeviceSpec) -> None:
+    """A saved vbd about to be re-attached: its image must still be there."""
+    image = spec.back_keys.get("params", "")
+    if not Path(image).is_file():
+        raise XmpError(f"disk {spec.name}: its image {image} is gone")
+
+
 LIST_KEYS = ("backend-id", "state", "event-channel", "ring-ref", "backend")  # of the frontend's directory
 
 

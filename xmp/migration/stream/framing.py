@@ -118,7 +118,8 @@ class Input:
         return bytes(self._buf[self._pos : self._pos + n])
 
     def take(self, n: int) -> bytes:
-        data = bytes(self._buf[self._pos : self._pos + n])
+        with memoryview(self._buf) as view:   # one copy (a bytearray slice would be a second)
+            data = bytes(view[self._pos : self._pos + n])
         assert len(data) == n
         self._pos += n
         self.offset += n

@@ -147,6 +147,17 @@ class SaveImageReader(LayerReader):
             return self.header
         return self._parser.step(self._inp)
 
+    @property
+    def offset(self) -> int:
+        """Octets of the stream consumed so far: where the next event starts."""
+        return self._inp.offset
+
+    def limit(self, max_pfn: int, max_vcpus: int) -> None:
+        """The bounds of the domain the header describes, for every later
+        record's checks (pfns beyond it, vCPUs it lacks)."""
+        libxc = self._parser._libxc
+        libxc.max_pfn, libxc.max_vcpus = max_pfn, max_vcpus
+
     def close(self) -> None:
         if self.header is None:
             self._inp.eof = True
