@@ -664,7 +664,6 @@ def blktwo(kernel) -> None:
 def blkcycle(kernel) -> None:
     """xvdb hot-plugged and unplugged again and again: each time it comes,
     write and check a block, say so, and wait for it to go."""
-    from xmp.drivers.blk import frontend
 
     i = 0
     while True:
@@ -672,8 +671,7 @@ def blkcycle(kernel) -> None:
         disk.write(0, blk_pattern(i, 4096))
         ok = disk.read(0, 8) == blk_pattern(i, 4096)
         kernel.print(f"blkcycle: {i} {'ok' if ok else 'BAD'}")
-        bus = frontend._buses[kernel]
-        kernel.loop.run_until(lambda bus=bus: "device/vbd/51728" not in bus.devices)
+        kernel.loop.run_until(lambda bus=disk.bus: "device/vbd/51728" not in bus.devices)
         i += 1
 
 

@@ -56,7 +56,7 @@ from xmp.drivers.blk.protocol import (
 )
 from xmp.drivers.blk.requests import BlkIO, BlockIOError, Extents, Part
 from xmp.drivers.blk.spec import vdev_devid
-from xmp.drivers.xenbus.device import Bus, FrontendDriver, XenbusDevice, frontend_bus
+from xmp.drivers.xenbus.device import Bus, FrontendDriver, XenbusDevice, attach_frontend
 from xmp.drivers.xenbus.state import XenbusState
 from xmp.errors import LocalError, RemoteProtocolError, XmpError
 from xmp.sharedmem.ring import FrontRing
@@ -575,25 +575,10 @@ def _other_num(dev: XenbusDevice, key: str) -> int:
     return int(raw) if raw is not None and raw.isdigit() and len(raw) < 12 else 0
 
 
-_buses: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def attach(kernel, devid: int, timeout: float = 30.0) -> BlkFront:
     """Start the vbd frontend bus and return device ``devid``'s driver once
     the toolstack has created it and it is connected."""
-    bus = _buses.get(kernel)
-    if bus is None:  # one bus per guest, whatever number of disks it attaches
-        bus = _buses[kernel] = frontend_bus(kernel.xenstore, "vbd", lambda: BlkFront(kernel))
-    node = f"device/vbd/{devid}"
-
-    def ready() -> bool:
-        dev = bus.devices.get(node)
-        return dev is not None and isinstance(dev.driver, BlkFront) and dev.driver.is_connected
-
-    if not kernel.loop.run_until(ready, timeout):
-        raise TimeoutError(f"vbd {devid}: no connected device/vbd/{devid}")
-    front = bus.devices[node].driver
-    assert isinstance(front, BlkFront)
+    bus, front = attach_frontend(kernel, "vbd", BlkFront, devid, timeout)
     front.bus = bus
     return front
 

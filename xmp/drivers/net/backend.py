@@ -41,7 +41,7 @@ import itertools
 import struct
 import traceback
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from xmp.domain_proc.xen import GrantMapping
@@ -84,23 +84,6 @@ SCRIPTS = ("vif-bridge", "vif-switch")
 RING_BOUNCE_TOTAL = 2 * MAX_QUEUES * RING_BOUNCE_PAGES   # a driver domain's, for every ring
 
 
-@dataclass
-class VifStats:
-    """One vif's counters; tx is the guest's sending side, rx its receiving one."""
-
-    tx_packets: int = 0
-    tx_bytes: int = 0
-    tx_errors: int = 0
-    tx_dropped: int = 0
-    rx_packets: int = 0
-    rx_bytes: int = 0
-    rx_errors: int = 0
-    rx_dropped: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-
 Ring = BackRing | grantcopy.CopyBackRing
 
 
@@ -136,7 +119,7 @@ class NetBack(BackendDriver, switch.SwitchPort):
         self.tx_pages: dict[int, Any] = {}       # dom0: gref -> its page, mapped read-only
         self.tx_maps: list[GrantMapping] = []
         self.copying = False
-        self.stats = VifStats()
+        self.stats = protocol.IfStats()
         self._published: dict[str, int] | None = None
         self.builder = RxBuilder()
         self.mac = b""

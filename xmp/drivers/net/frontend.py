@@ -32,7 +32,7 @@ import struct
 import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from xmp.drivers.net import protocol
 from xmp.drivers.net.packets import flow_hash
@@ -54,7 +54,7 @@ from xmp.drivers.net.protocol import (
     NETTXF_more_data,
     parse_rx_response,
 )
-from xmp.drivers.xenbus.device import Bus, FrontendDriver, XenbusDevice, frontend_bus
+from xmp.drivers.xenbus.device import Bus, FrontendDriver, XenbusDevice, attach_frontend
 from xmp.drivers.xenbus.state import XenbusState
 from xmp.errors import LocalError, RemoteProtocolError, XmpError
 from xmp.sharedmem.ring import FrontRing
@@ -85,23 +85,6 @@ def configure(kernel, **options: bool | int) -> None:
         elif not isinstance(value, bool):
             raise LocalError(f"netfront: {key} = {value!r} is not a boolean")
     _options[kernel] = {**DEFAULTS, **_options.get(kernel, {}), **options}
-
-
-@dataclass
-class NetStats:
-    """The guest's own counters (what ``ip -s link`` shows for eth0)."""
-
-    tx_packets: int = 0
-    tx_bytes: int = 0
-    tx_errors: int = 0
-    tx_dropped: int = 0
-    rx_packets: int = 0
-    rx_bytes: int = 0
-    rx_errors: int = 0
-    rx_dropped: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 PAGES_PER_QUEUE = 2 + NTX + NRX   # its two rings, then its tx and rx buffers
@@ -155,7 +138,7 @@ class NetFront(FrontendDriver):
         self.sink: Callable[[bytes], None] | None = None   # takes frames instead of rxq
         self.on_connect: list[Callable[[], None]] = []
         self.on_tx_room: Callable[[], None] | None = None   # called when tx slots came free
-        self.stats = NetStats()
+        self.stats = protocol.IfStats()
         self.mac = b""
         self.mtu = protocol.DEFAULT_MTU
         self.sg = self.gso = self.split = False
@@ -490,25 +473,10 @@ class NetFront(FrontendDriver):
         return self.stats.as_dict()
 
 
-_buses: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def attach(kernel, devid: int, timeout: float = 30.0) -> NetFront:
     """Start the vif frontend bus and return device ``devid``'s driver once
     the toolstack has created it and it is connected."""
-    bus = _buses.get(kernel)
-    if bus is None:
-        bus = _buses[kernel] = frontend_bus(kernel.xenstore, "vif", lambda: NetFront(kernel))
-    node = f"device/vif/{devid}"
-
-    def ready() -> bool:
-        dev = bus.devices.get(node)
-        return dev is not None and isinstance(dev.driver, NetFront) and dev.driver.is_connected
-
-    if not kernel.loop.run_until(ready, timeout):
-        raise TimeoutError(f"vif {devid}: no connected device/vif/{devid}")
-    front = bus.devices[node].driver
-    assert isinstance(front, NetFront)
+    bus, front = attach_frontend(kernel, "vif", NetFront, devid, timeout)
     front.bus = bus
     return front
 

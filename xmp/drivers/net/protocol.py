@@ -43,7 +43,7 @@ builder live in :mod:`xmp.drivers.net.packets`.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import IntEnum
 
 from xmp.errors import LocalError, RemoteProtocolError
@@ -372,3 +372,21 @@ def parse_extra(buf: bytes | bytearray | memoryview) -> ExtraInfo:
         _, _, hash_type, algorithm, value = _EXTRA_HASH.unpack(data)
         return HashExtra(hash_type, algorithm, value, flags)
     raise RemoteProtocolError(f"netif extra info of unknown type {etype}")
+
+
+@dataclass
+class IfStats:
+    """One interface's counters, as ``ip -s link`` shows them: netback keeps
+    one per vif (tx: what the guest sent), netfront one for its eth."""
+
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    tx_errors: int = 0
+    tx_dropped: int = 0
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    rx_errors: int = 0
+    rx_dropped: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import weakref
-
 from xmp.drivers.vping import protocol
-from xmp.drivers.xenbus.device import FrontendDriver, XenbusDevice, frontend_bus
+from xmp.drivers.xenbus.device import FrontendDriver, XenbusDevice, attach_frontend
 from xmp.sharedmem.ring import FrontRing
 
 
@@ -87,20 +85,10 @@ class VpingFront(FrontendDriver):
             self.k.xen.notify(self.port)
 
 
-_buses: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def attach(kernel, devid: int = 0) -> VpingFront:
     """Start the vping frontend bus (once per guest) and return device
     ``devid``'s driver once the toolstack has created it."""
-    bus = _buses.get(kernel)
-    if bus is None:
-        bus = _buses[kernel] = frontend_bus(kernel.xenstore, "vping", lambda: VpingFront(kernel))
-    node = f"device/vping/{devid}"
-    kernel.loop.run_until(lambda: node in bus.devices, 10.0)
-    if node not in bus.devices:
-        raise TimeoutError(f"no {node} in xenstore")
-    return bus.devices[node].driver  # type: ignore[return-value]
+    return attach_frontend(kernel, "vping", VpingFront, devid, 10.0, connected=False)[1]
 
 
 def open(kernel, ref: str | int = 0) -> VpingFront:

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+import weakref
 from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 from xmp.drivers.xenbus.state import Act, XenbusState, backend_step, frontend_step, parse_state
 from xmp.errors import XenStoreError, XmpError
@@ -382,6 +384,36 @@ class Bus:
 
 def frontend_bus(xs: XsClient, devtype: str, factory: Callable[[], FrontendDriver]) -> Bus:
     return Bus(xs, f"device/{devtype}", factory, 1)
+
+
+Front = TypeVar("Front", bound=FrontendDriver)
+# a guest kernel's frontend buses, one per device type it has opened
+_frontend_buses: weakref.WeakKeyDictionary[Any, dict[str, Bus]] = weakref.WeakKeyDictionary()
+
+
+def attach_frontend(kernel: Any, devtype: str, driver: type[Front], devid: int, timeout: float, *,
+                    connected: bool = True) -> tuple[Bus, Front]:
+    """A guest's device ``device/<devtype>/<devid>``: start the guest's bus
+    for ``devtype`` (once), wait until the toolstack has created the device
+    (and, with ``connected``, until its driver has connected) and return the
+    bus and the driver -- what every frontend's ``open`` does."""
+    buses = _frontend_buses.setdefault(kernel, {})
+    bus = buses.get(devtype)
+    if bus is None:
+        make = cast(Callable[[Any], Front], driver)   # a frontend driver is made from its kernel
+        bus = buses[devtype] = frontend_bus(kernel.xenstore, devtype, lambda: make(kernel))
+    node = f"device/{devtype}/{devid}"
+
+    def ready() -> bool:
+        dev = bus.devices.get(node)
+        return dev is not None and isinstance(dev.driver, driver) \
+            and (not connected or bool(getattr(dev.driver, "is_connected", False)))
+
+    if not kernel.loop.run_until(ready, timeout):
+        raise TimeoutError(f"{devtype} {devid}: no {'connected ' if connected else ''}{node}")
+    front = bus.devices[node].driver
+    assert isinstance(front, driver)
+    return bus, front
 
 
 def backend_bus(xs: XsClient, backend_domid: int, devtype: str,
