@@ -24,8 +24,8 @@ supervisor raises its own the same way) and a host pool sized for the guests
     reaped, dom0 done with their consoles and rings).
 
 Resources, before (after start-up) / peak / after: descriptors and RSS of
-the supervisor, of dom0 and of the xenstore domain (``/proc/<pid>/fd``,
-psutil), the shared memory those three map (``/proc/<pid>/maps``: ``/dev/shm`` objects and memfds, as
+the supervisor and of dom0 (``/proc/<pid>/fd``, psutil), the shared memory
+those two map (``/proc/<pid>/maps``: ``/dev/shm`` objects and memfds, as
 mapped, resident or not), bytes in use on ``/dev/shm`` (statvfs: xmp's
 objects are unlinked at birth, so they are counted by the filesystem, not
 by name -- every other user of /dev/shm on the machine shows up too, so it
@@ -53,7 +53,6 @@ from bench_domains import Control  # one JSON line out, one back
 from harness import BenchError, BenchHost  # benchmarks/harness.py: a supervisor under measurement
 
 from xmp import limits
-from xmp.domid import DOMID_XENSTORE
 from xmp.xenstore.client import XBT_NULL, SocketTransport, XsClient
 from xmp.xenstore.wire import XsType
 
@@ -121,20 +120,14 @@ class Host(BenchHost):
         return self.ctl.call(cmd, **fields)
 
     def dom0_pid(self) -> int:
-        return self.domain_pid("xmp:0:Domain-0")
-
-    def xenstored_pid(self) -> int:
-        return self.domain_pid(f"xmp:{DOMID_XENSTORE}:Xenstore")
-
-    def domain_pid(self, title: str) -> int:
         for p in self.descendants():
             try:
                 cmd = p.cmdline()
             except psutil.Error:
                 continue
-            if cmd and cmd[0] == title:
+            if cmd and cmd[0] == "xmp:0:Domain-0":
                 return p.pid
-        raise BenchError(f"no {title} process")
+        raise BenchError("no dom0 process")
 
     def xs(self) -> XsClient:
         return XsClient(SocketTransport.connect(str(self.rundir / "xenstored.sock")))
@@ -208,15 +201,15 @@ def node_count(xs: XsClient, path: str = "/") -> int:
 
 def resources(host: Host) -> dict:
     assert host.proc is not None
-    sup, dom0, xsd = host.proc.pid, host.dom0_pid(), host.xenstored_pid()
+    sup, dom0 = host.proc.pid, host.dom0_pid()
     # Descriptors before the walk, the least of a few looks: xenstored holds one
     # for a connection of ours a moment after it closed.
-    pids = {"supervisor_fds": sup, "dom0_fds": dom0, "xenstored_fds": xsd}
-    fds = dict.fromkeys(pids, 1 << 30)
+    fds = {"supervisor_fds": 1 << 30, "dom0_fds": 1 << 30}
     for look in range(3):
         if look:
             time.sleep(0.05)
-        fds = {key: min(fds[key], len(os.listdir(f"/proc/{pid}/fd"))) for key, pid in pids.items()}
+        fds = {"supervisor_fds": min(fds["supervisor_fds"], len(os.listdir(f"/proc/{sup}/fd"))),
+               "dom0_fds": min(fds["dom0_fds"], len(os.listdir(f"/proc/{dom0}/fd")))}
     xs = host.xs()
     try:
         nodes = node_count(xs)
@@ -225,8 +218,7 @@ def resources(host: Host) -> dict:
     return {**fds,
             "supervisor_rss_mib": psutil.Process(sup).memory_info().rss / MIB,
             "dom0_rss_mib": psutil.Process(dom0).memory_info().rss / MIB,
-            "xenstored_rss_mib": psutil.Process(xsd).memory_info().rss / MIB,
-            "shm_mapped_mib": (shm_mapped(sup) + shm_mapped(dom0) + shm_mapped(xsd)) / MIB,
+            "shm_mapped_mib": (shm_mapped(sup) + shm_mapped(dom0)) / MIB,
             "shm_used_mib": shm_used() / MIB, "xenstore_nodes": nodes}
 
 
@@ -274,13 +266,11 @@ def run(n: int, seed: int) -> tuple[dict, list[str]]:
             mapped = peak["shm_mapped_mib"] - base["shm_mapped_mib"]
             results["per_domain"] = {"supervisor_fds": (peak["supervisor_fds"] - base["supervisor_fds"]) / k,
                                      "dom0_fds": (peak["dom0_fds"] - base["dom0_fds"]) / k,
-                                     "xenstored_fds": (peak["xenstored_fds"] - base["xenstored_fds"]) / k,
                                      "xenstore_nodes": (peak["xenstore_nodes"] - base["xenstore_nodes"]) / k,
                                      "mapped_kib": mapped * 1024 / k,
                                      "shm_kib": (peak["shm_used_mib"] - base["shm_used_mib"]) * 1024 / k}
             for who, assumed in (("supervisor_fds", limits.SUPERVISOR_FDS_PER_DOMAIN),
-                                 ("dom0_fds", limits.DOM0_FDS_PER_DOMAIN),
-                                 ("xenstored_fds", limits.XENSTORED_FDS_PER_DOMAIN)):
+                                 ("dom0_fds", limits.DOM0_FDS_PER_DOMAIN)):
                 if results["per_domain"][who] > assumed:
                     errors.append(f"{who}: {results['per_domain'][who]:.2f} a domain, "
                                   f"xmp.limits assumes {assumed}")
@@ -293,19 +283,19 @@ def run(n: int, seed: int) -> tuple[dict, list[str]]:
 
         def settled() -> bool:
             names = {d["name"] for d in host.call("list")["domains"]}
-            if names != {"Domain-0", "keeper", "Xenstore"}:
+            if names != {"Domain-0", "keeper"}:
                 return False
             now = resources(host)
-            return all(now[key] <= base[key] for key in ("supervisor_fds", "dom0_fds", "xenstored_fds",
-                                                         "xenstore_nodes"))
+            return now["supervisor_fds"] <= base["supervisor_fds"] and now["dom0_fds"] <= base["dom0_fds"] \
+                and now["xenstore_nodes"] <= base["xenstore_nodes"]
         try:
             host.wait(settled, "the host to settle", SETTLE_TIMEOUT)
         except BenchError as exc:
             errors.append(str(exc))
         after = resources(host)
         results["after"] = after
-        results["fds_left"] = sum(after[key] - base[key] for key in ("supervisor_fds", "dom0_fds",
-                                                                     "xenstored_fds"))
+        results["fds_left"] = (after["supervisor_fds"] - base["supervisor_fds"]) + \
+            (after["dom0_fds"] - base["dom0_fds"])
         results["nodes_left"] = after["xenstore_nodes"] - base["xenstore_nodes"]
         results["shm_left_mib"] = after["shm_used_mib"] - base["shm_used_mib"]
         results["mapped_left_mib"] = after["shm_mapped_mib"] - base["shm_mapped_mib"]
@@ -335,12 +325,11 @@ def print_report(results: dict, targets: dict, errors: list[str], elapsed: float
               f"{results['create_all_s']:.2f} s, every one up after {results['up_s']:.2f} s; destroyed in "
               f"{results.get('destroy_all_s', 0):.2f} s")
     print()
-    keys = ("supervisor_fds", "dom0_fds", "xenstored_fds", "supervisor_rss_mib", "dom0_rss_mib",
-            "xenstored_rss_mib", "shm_mapped_mib", "shm_used_mib", "xenstore_nodes")
+    keys = ("supervisor_fds", "dom0_fds", "supervisor_rss_mib", "dom0_rss_mib", "shm_mapped_mib",
+            "shm_used_mib", "xenstore_nodes")
     print(f"  {'':<22}{'before':>12}{'peak':>12}{'after':>12}{'per domain':>12}")
     per = results.get("per_domain", {})
-    per_key = {"supervisor_fds": "supervisor_fds", "dom0_fds": "dom0_fds", "xenstored_fds": "xenstored_fds",
-               "xenstore_nodes": "xenstore_nodes",
+    per_key = {"supervisor_fds": "supervisor_fds", "dom0_fds": "dom0_fds", "xenstore_nodes": "xenstore_nodes",
                "shm_mapped_mib": "mapped_kib", "shm_used_mib": "shm_kib"}
     for key in keys:
         row = [results.get(s, {}).get(key) for s in ("before", "peak", "after")]

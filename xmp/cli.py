@@ -315,8 +315,7 @@ def cmd_shutdown(args, reason: str = "poweroff") -> int:
     if bool(args.all) == bool(args.dom):
         raise UsageError("name one domain, or give -a for every guest")
     if args.all:
-        refs = [str(d["domid"]) for d in _domains(args)
-                if d["domid"] != 0 and not d.get("xenstore_domain") and d["state"] == "running"]
+        refs = [str(d["domid"]) for d in _domains(args) if d["domid"] != 0 and d["state"] == "running"]
     else:
         refs = [args.dom]
     asked = {request(rundir, "shutdown", dom=ref, reason=reason)["domid"]: ref for ref in refs}
@@ -732,7 +731,7 @@ def cmd_xenstore(args) -> int:
     except XenStoreError as exc:
         if exc.errno == "ETIMEDOUT":
             raise CliError(f"xenstored did not answer within {XENSTORE_CLI_TIMEOUT:g} s "
-                           "(is Xenstore paused?)") from None
+                           "(is Domain-0 paused?)") from None
         raise CliError(str(exc)) from None
     finally:
         xs.close()

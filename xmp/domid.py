@@ -11,6 +11,3 @@ DOMID_COW = 0x7FF3
 DOMID_INVALID = 0x7FF4
 DOMID_IDLE = 0x7FFF
 MAX_DOMID = DOMID_FIRST_RESERVED - 1  # the highest id a domain may have
-# xmp's xenstore domain (Xen's xenstore stub domain, XEN_DOMCTL_CDF_xs_domain)
-# takes the highest ordinary id, so the guests keep theirs from 1 up.
-DOMID_XENSTORE = MAX_DOMID

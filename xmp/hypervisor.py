@@ -54,9 +54,9 @@ from xmp.hv.domain import (
     process_cpu_seconds,
     process_running,
 )
-from xmp.hv.hypercalls import DEFERRED, HypercallHandlers, may_call
+from xmp.hv.hypercalls import DEFERRED, HypercallHandlers
 from xmp.hv.zygote import ZygoteClient
-from xmp.hypercall import MAX_FDS, MAX_MESSAGE, MessageTooBig, decode_request, encode
+from xmp.hypercall import DOM0_ONLY, MAX_FDS, MAX_MESSAGE, MessageTooBig, decode_request, encode
 from xmp.limits import (
     FDS_RESERVED,
     PORTS_RESERVED,
@@ -135,7 +135,6 @@ class Supervisor(HypercallHandlers):
         self.stopping = False
         self.stop_reason = ""
         self.events: DomainEvents = Alone(self)
-        self.xs_domid: int | None = None  # the xenstore domain, once built
         self.echo_fd = os.dup(sys.stdout.fileno()) if echo else None
         for sub in ("console", "logs", "dumps"):
             (self.rundir / sub).mkdir(parents=True, exist_ok=True)
@@ -202,7 +201,7 @@ class Supervisor(HypercallHandlers):
         # Ids are not reused within a supervisor's life, as in Xen: nothing
         # keyed by an old id can reach the new domain.
         domid = self.next_domid
-        if domid >= (MAX_DOMID if self.xs_domid == MAX_DOMID else MAX_DOMID + 1):
+        if domid > MAX_DOMID:
             raise HypercallError(errno.ENOSPC, "createdomain", "out of domain ids")
         self.next_domid += 1
         return domid
@@ -222,7 +221,7 @@ class Supervisor(HypercallHandlers):
                                  f"the supervisor is stopping ({self.stop_reason}): no new domains")
         if any(d.name == name and d.state != DomState.DYING for d in self.domains.values()):
             raise HypercallError(errno.EEXIST, "createdomain", f"a domain named {name!r} already exists")
-        used = sum(d.tot_pages for d in self.domains.values() if not d.xs_domain) * PAGE_SIZE // MIB
+        used = sum(d.tot_pages for d in self.domains.values()) * PAGE_SIZE // MIB
         try:
             check_fits(self.pool_pages * PAGE_SIZE // MIB + used, used, cfg)
         except XmpError as exc:
@@ -253,8 +252,7 @@ class Supervisor(HypercallHandlers):
 
     def build(self, cfg: DomainConfig, kernel: str, *, domid: int | None = None, name: str | None = None,
               boot: dict[str, Any] | None = None, extra_fds: Iterable[int] = (),
-              xs_domain: bool = False, prepare: Callable[[Domain], None] | None = None,
-              paused: bool = False) -> Domain:
+              prepare: Callable[[Domain], None] | None = None, paused: bool = False) -> Domain:
         """Build a domain and start its process, running ``kernel``: memory
         from the pool, RAM and event objects, special pages, a domid (or
         ``domid``, for dom0).  ``boot`` adds to the boot message.
@@ -262,14 +260,9 @@ class Supervisor(HypercallHandlers):
         RAM there); if it raises, nothing is left of the domain.  ``paused``:
         stopped before its kernel runs a single instruction (xl's -p).  Whatever
         the host cannot hold is refused first (:meth:`check_build`); running
-        out of descriptors meanwhile is the same named refusal.
-        ``xs_domain`` (XEN_DOMCTL_CDF_xs_domain): the xenstore domain, one
-        a host, built before dom0; every later domain offers it its store
-        page and port, and its end is the host's (:meth:`destroy_domain`)."""
+        out of descriptors meanwhile is the same named refusal."""
         name = name or cfg.name
-        if xs_domain and self.xs_domid is not None:
-            raise HypercallError(errno.EEXIST, "createdomain", f"dom{self.xs_domid} is the xenstore domain")
-        self.check_build(cfg, name, dom0=domid == DOMID_DOM0 or xs_domain)
+        self.check_build(cfg, name, dom0=domid == DOMID_DOM0)
         if domid is None:
             domid = self._alloc_domid()
         try:  # a config too big for the channel is refused before anything is built
@@ -277,12 +270,10 @@ class Supervisor(HypercallHandlers):
                                **(boot or {})})
         except MessageTooBig as exc:
             raise HypercallError(errno.E2BIG, "createdomain", f"{name}: config too big ({exc})") from None
-        # The xenstore domain's MiB is the host's own, as the supervisor's: `[host] memory` is the domains'.
-        mem_pages = 0 if xs_domain else cfg.memory_mib * MIB // PAGE_SIZE
+        mem_pages = cfg.memory_mib * MIB // PAGE_SIZE
         self.pool_take(mem_pages, "createdomain")
         try:
-            dom = build_domain(self.ns, domid, cfg, name,
-                               DOMID_DOM0 if self.xs_domid is None else self.xs_domid)
+            dom = build_domain(self.ns, domid, cfg, name)
         except BaseException as exc:
             self.pool_give(mem_pages)
             _out_of_descriptors(exc, self.nofile)
@@ -308,8 +299,7 @@ class Supervisor(HypercallHandlers):
             self.pool_give(mem_pages)
             _out_of_descriptors(exc, self.nofile)
             raise
-        jail = None if domid == DOMID_DOM0 else "xenstore" if xs_domain else \
-            "driver" if cfg.driver_domain else "guest"
+        jail = None if domid == DOMID_DOM0 else "driver" if cfg.driver_domain else "guest"
         try:
             log_fd = os.open(self.rundir / "logs" / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                              0o600)
@@ -328,9 +318,6 @@ class Supervisor(HypercallHandlers):
         finally:
             theirs.close()
         dom.sock = ours
-        dom.xs_domain = xs_domain
-        if xs_domain:
-            self.xs_domid = domid
         self.domains[domid] = dom
         self.pids[dom.pid] = (domid, name)
         if paused:   # stopped while it waits for its boot message: it runs nothing until unpaused
@@ -382,11 +369,6 @@ class Supervisor(HypercallHandlers):
             self.events.domain_destroyed(dom)
             self.host_down(f"dom0 {reason}", failed=failed)
             return
-        if dom.xs_domain:  # as a Xen host without xenstored, this one cannot go on (nothing is persisted)
-            self.events.domain_destroyed(dom)
-            self.host_down(f"xenstored (dom{dom.domid}) {reason}: the host cannot go on without xenstore",
-                           failed=failed)
-            return
         self.events.domain_destroyed(dom)
         self.raise_dom_exc()
         self.reap_dying()
@@ -414,19 +396,16 @@ class Supervisor(HypercallHandlers):
             waiting = holders or (dom.console_undrained() and DOMID_DOM0 in self.domains)
             if waiting and not force and now - dom.dying_since < DYING_GRACE:
                 continue
-            # dom0 and the xenstore domain let go of a domain once their domain
-            # list shows it dying.  Freed before one looked, it left that one's list
-            # unseen: 1,000 destroyed at once left dom0 holding ~570 guests'
-            # consoles and rings (absent and newer than any listed domain reads as
-            # "not yet seen", not "gone").  Each must have looked itself: the
-            # xenstore domain's look freed guests dom0 had not seen go.
-            if any(w in holders and w not in dom.seen_dying_by for w in (DOMID_DOM0, self.xs_domid)) \
-                    and not force and now - dom.dying_since < DOM0_NOTICE:
+            # dom0 lets go of a domain once its domain list shows it dying.  Freed
+            # before dom0 looked, it left the list unseen: 1,000 destroyed at once
+            # left dom0 holding ~570 guests' consoles and rings (absent and newer
+            # than any listed domain reads as "not yet seen", not "gone").
+            if DOMID_DOM0 in holders and not dom.seen_dying and not force \
+                    and now - dom.dying_since < DOM0_NOTICE:
                 continue
             if holders:
                 self.log(f"dom{dom.domid} freed while still mapped by {holders}")
-            if not dom.xs_domain:
-                self.pool_give(dom.tot_pages)
+            self.pool_give(dom.tot_pages)
             del self.domains[dom.domid]
             dom.release()
             self.raise_dom_exc()
@@ -493,8 +472,7 @@ class Supervisor(HypercallHandlers):
                 "shutdown_reason": dom.shutdown_reason, "mem_kb": dom.tot_pages * PAGE_SIZE // 1024,
                 "maxmem_kb": dom.max_pages * PAGE_SIZE // 1024, "vcpus": dom.cfg.vcpus,
                 "cpu_time": round(cpu, 3), "console_port": dom.console_port, "console_gref": 0,
-                "store_port": dom.store_port, "driver_domain": dom.cfg.driver_domain, "exit": dom.exit,
-                "xenstore_domain": dom.xs_domain}
+                "store_port": dom.store_port, "driver_domain": dom.cfg.driver_domain, "exit": dom.exit}
 
     def save_domain(self, dom: Domain) -> dict[str, Any]:
         """What the hypervisor holds for ``dom`` outside its RAM, written
@@ -549,7 +527,7 @@ class Supervisor(HypercallHandlers):
             self.log(f"dom{dom.domid} {dom.name!r} crashed")
         dom.pid = None
         self.raise_dom_exc()
-        if dom.domid == DOMID_DOM0 or dom.xs_domain:  # ending by itself takes the host down, as a failure
+        if dom.domid == DOMID_DOM0:  # dom0 ending by itself takes the host down, as a failure
             self.destroy_domain(dom, "crashed" if reason == "crash" else f"shut down ({reason})", failed=True)
             return
         self.events.domain_ended(dom, reason or "poweroff")
@@ -677,7 +655,7 @@ class Supervisor(HypercallHandlers):
         op, cmd = "hypercall", ""
         try:
             op, cmd, args = decode_request(data, self.HYPERCALLS)
-            if not may_call(dom, op, cmd):
+            if op in DOM0_ONLY and not dom.privileged:
                 raise HypercallError(errno.EPERM, f"{op}/{cmd}", f"dom{dom.domid} is not privileged")
             ret, reply_fds = self.HYPERCALLS[op][cmd](self, dom, args)
             if ret is DEFERRED:
@@ -704,17 +682,17 @@ class Supervisor(HypercallHandlers):
 
     def teardown(self) -> None:
         """Destroy whatever still runs (the toolstack has asked the guests to
-        go already), then xenstored, dom0 last so it drains what they wrote."""
+        go already), dom0 last so it drains what they wrote."""
         for dom in sorted(self.domains.values(), key=lambda d: -d.domid):
-            if dom.domid != DOMID_DOM0 and not dom.xs_domain:
+            if dom.domid != DOMID_DOM0:
                 self.destroy_domain(dom, "destroyed (supervisor stopping)")
         deadline = time.monotonic() + 2
         while [d for d in self.domains.values() if d.state == DomState.DYING] \
                 and time.monotonic() < deadline and DOMID_DOM0 in self.domains:
             self.iterate(0.05)
-        for last in [self.domains.get(i) for i in (self.xs_domid, DOMID_DOM0) if i is not None]:
-            if last is not None:
-                self.destroy_domain(last, "destroyed (supervisor stopping)")
+        dom0 = self.domains.get(DOMID_DOM0)
+        if dom0 is not None:
+            self.destroy_domain(dom0, "destroyed (supervisor stopping)")
         self.reap_dying(force=True)
         self.zygote.close()
         self.sel.close()

@@ -1,23 +1,21 @@
 """What one host can hold: the ordinary limits a topology runs into.
 
-Every domain costs open descriptors in three long-lived processes: the
+Every domain costs open descriptors in two long-lived processes: the
 supervisor (its RAM and event objects, its wake page, the doorbells others
-ring it through -- dom0's and the xenstore domain's --, its hypercall
-channel), dom0 (xenconsoled's mapping of the guest's RAM, the doorbell and
-wake page of its console port, its console log and socket; a backend's
-files for each device it serves -- blkback's image) and the xenstore
-domain (its mapping of the store page, the doorbell and wake page of the
-store port).  All are forked from the supervisor's zygote and inherit its
-``RLIMIT_NOFILE``, so one soft limit bounds them.  The costs here were
-measured (``/proc/<pid>/fd`` with 100 idle guests: +14, +8 and +8 a
-domain); ``benchmarks/bench_scale.py`` re-measures them.  A domain that
-would cross the limit is refused before anything of it is built, with the
-limit named, instead of EMFILE half-way through (the supervisor crashed;
-dom0 lost xenstore and consoles for later guests).
+ring it through, its hypercall channel) and dom0 (xenconsoled's and
+xenstored's mappings of the guest's RAM, the doorbells and wake pages of
+their two interdomain ports, its console log and socket; a backend's files
+for each device it serves -- blkback's image).  dom0 is forked from the
+supervisor's zygote and inherits its ``RLIMIT_NOFILE``, so one soft limit
+bounds both.  The costs here were measured (``/proc/<pid>/fd`` of both
+processes with 30 and 1,000 idle guests: +12 and +11 a domain);
+``benchmarks/bench_scale.py`` re-measures them.  A domain that would cross the limit is refused before
+anything of it is built, with the limit named, instead of EMFILE half-way
+through (the supervisor crashed; dom0 lost xenstore and consoles for later
+guests).
 
-Every guest also takes two event channels of the service domains
-(xenconsoled's in dom0, xenstored's in the xenstore domain: counted
-against dom0's, as when both ran there) and each device up to one a queue
+Every guest also takes dom0 two event channels (xenconsoled's and
+xenstored's interdomain ports) and each device up to one a queue
 (blkback), out of dom0's ``max_event_channels`` -- 4096, all the 2-level
 ABI has (Xen does not cap dom0 at xl's 1023 for guests).  1,000 idle
 guests ran dom0 out of ports at ~510 before dom0 had that default.
@@ -32,9 +30,8 @@ import resource
 
 from xmp.domid import MAX_DOMID
 
-SUPERVISOR_FDS_PER_DOMAIN = 14
-DOM0_FDS_PER_DOMAIN = 8
-XENSTORED_FDS_PER_DOMAIN = 8  # the xenstore domain's
+SUPERVISOR_FDS_PER_DOMAIN = 12
+DOM0_FDS_PER_DOMAIN = 11
 DOM0_FDS_PER_DEVICE = 2     # a disk's image, and room for the backend's own objects
 FDS_RESERVED = 64           # each process's base set, `xmp` clients, descriptors in flight while building
 DOM0_PORTS = 4096           # dom0's max_event_channels: EVTCHN_2L_NR_CHANNELS
@@ -67,8 +64,7 @@ def raise_nofile() -> int:
 def domain_cost(devices: int = 0) -> int:
     """Descriptors one domain costs its costliest holder (the supervisor,
     or dom0 once it serves the domain's devices)."""
-    return max(SUPERVISOR_FDS_PER_DOMAIN, XENSTORED_FDS_PER_DOMAIN,
-               DOM0_FDS_PER_DOMAIN + DOM0_FDS_PER_DEVICE * devices)
+    return max(SUPERVISOR_FDS_PER_DOMAIN, DOM0_FDS_PER_DOMAIN + DOM0_FDS_PER_DEVICE * devices)
 
 
 def domain_ports(devices: int = 0) -> int:
@@ -85,7 +81,7 @@ def _by_ports() -> int:
 
 
 def capacity(nofile: int) -> int:
-    """How many deviceless domains (dom0 and the xenstore domain included) a host holds whose soft
+    """How many deviceless domains (dom0 included) a host holds whose soft
     RLIMIT_NOFILE is ``nofile``: the least of descriptors, dom0's event
     channels and domain ids."""
     return min(_by_fds(nofile), _by_ports(), MAX_DOMID + 1)

@@ -787,7 +787,7 @@ def parse_topology(text: str, path: str = "<topology>") -> Topology:
     domains: list[DomainConfig] = []
     tables: list[_Table] = []
     first_line: dict[str, int | None] = {}
-    held = limits.FDS_RESERVED + 2 * limits.domain_cost(0)  # dom0's and the xenstore domain's places
+    held = limits.FDS_RESERVED + limits.domain_cost(0)  # dom0's own place
     for i, raw in enumerate(doc.get("domain", [])):
         t = _Table(path, loc, "domain", i, f"[[domain]] #{i + 1}")
         if not isinstance(raw, dict):
@@ -813,7 +813,7 @@ def parse_topology(text: str, path: str = "<topology>") -> Topology:
         domains.append(cfg)
         tables.append(t)
         held += limits.domain_cost(sum(len(v) for v in cfg.devices.values()))
-        _check_count(t, 2 + len(domains), held)
+        _check_count(t, 1 + len(domains), held)
 
     used = 0
     needed = dom0.memory_mib + sum(d.memory_mib for d in domains)
@@ -827,25 +827,22 @@ def parse_topology(text: str, path: str = "<topology>") -> Topology:
 
 
 def _check_count(t: _Table, count: int, held: int) -> None:
-    """The file's first ``count`` domains, dom0 and the xenstore domain
-    included, must fit dom0's event channels, Xen's domain ids (the
-    highest is the xenstore domain's) and, needing ``held`` descriptors in
+    """The file's first ``count`` domains, dom0 included, must fit dom0's
+    event channels, Xen's domain ids and, needing ``held`` descriptors in
     dom0, the descriptors it will have (the soft RLIMIT_NOFILE, which the
     supervisor raises to the hard one): 5,000 idle guests were accepted and
     ~4,000 spawned before descriptors ran out."""
-    ports = limits.PORTS_RESERVED + (count - 2) * limits.domain_ports()
+    ports = limits.PORTS_RESERVED + (count - 1) * limits.domain_ports()
     if ports > limits.DOM0_PORTS - 1:
         raise t.error(None, f"{limits.describe_capacity(limits.nofile_limits()[1])}, and this is domain "
-                            f"number {count} (dom0 and the xenstore domain first); run fewer domains")
-    if count - 2 >= limits.MAX_DOMID:
-        raise t.error(None, f"domain number {count - 2} is past Xen's last domain id for a guest "
-                            f"({limits.MAX_DOMID - 1}; {limits.MAX_DOMID} is the xenstore domain's); "
+                            f"number {count} (dom0 first); run fewer domains")
+    if count - 1 > limits.MAX_DOMID:
+        raise t.error(None, f"domain number {count - 1} is past Xen's last domain id ({limits.MAX_DOMID}); "
                             "split the topology over hosts")
     nofile = limits.nofile_limits()[1]
     if held > nofile:
         raise t.error(None, f"{limits.describe_capacity(nofile)}, and this is domain number {count} "
-                            "(dom0 and the xenstore domain first); run fewer domains or raise the hard "
-                            "limit (ulimit -Hn) first")
+                            "(dom0 first); run fewer domains or raise the hard limit (ulimit -Hn) first")
 
 
 def load_topology(path: str | os.PathLike[str]) -> Topology:

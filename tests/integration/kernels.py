@@ -960,31 +960,6 @@ def xsbadring(kernel) -> None:
     kernel.idle()
 
 
-def dom0spin(kernel) -> None:
-    """dom0 kept busy, as by a backend handler that spins: dom0's event loop
-    is not served for ``args.seconds`` (one core pinned meanwhile)."""
-    import time
-
-    end = time.monotonic() + kernel.args.get("seconds", 60)
-    while time.monotonic() < end:
-        pass
-
-
-def xsreads(kernel) -> None:
-    """Once ``data/go`` exists, ``args.n`` xenstore READs over the ring, one
-    after another; the seconds they took go to ``data/xs-elapsed``."""
-    import time
-
-    xs = kernel.xenstore
-    while xs.read_or("data/go") is None:
-        kernel.sleep(0.05)
-    t0 = time.monotonic()
-    for _ in range(kernel.args.get("n", 100)):
-        assert xs.read("name") == kernel.name.encode()
-    xs.write("data/xs-elapsed", f"{time.monotonic() - t0:.3f}")
-    kernel.idle()
-
-
 def scribbler(kernel) -> None:
     """Write a counter into each of ``args.pages`` pages of its own, pass
     after pass, and never anywhere else; grant dom0 one more page (ref 8)

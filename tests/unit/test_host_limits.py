@@ -19,14 +19,14 @@ from xmp.limits import (
 
 
 def test_capacity_is_what_the_supervisor_and_dom0_can_keep_open():
-    assert capacity(256) == (256 - FDS_RESERVED) // SUPERVISOR_FDS_PER_DOMAIN == 13
+    assert capacity(256) == (256 - FDS_RESERVED) // SUPERVISOR_FDS_PER_DOMAIN == 16
     assert capacity(FDS_RESERVED) == 0 and capacity(10) == 0
     # with descriptors to spare, dom0's event channels bind: 2 a guest of 4095, 32 kept for itself
     assert capacity(1 << 30) == 1 + (4095 - 32) // 2 == 2032 < MAX_DOMID
     assert describe_capacity(1 << 30).startswith(
         "this host can hold 2032 domains (dom0's 4096 event channels: 2 a guest and up to 4 a device; ")
     assert domain_cost(3) == DOM0_FDS_PER_DOMAIN + 3 * DOM0_FDS_PER_DEVICE
-    assert describe_capacity(256).startswith("this host can hold 13 domains (RLIMIT_NOFILE 256, hard limit ")
+    assert describe_capacity(256).startswith("this host can hold 16 domains (RLIMIT_NOFILE 256, hard limit ")
 
 
 def test_the_soft_limit_is_raised_to_the_hard_one():

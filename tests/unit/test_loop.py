@@ -71,36 +71,3 @@ def test_a_port_its_owner_masked_is_left_alone(setup):
     ev.mask(STORMY)
     loop._throttle(STORMY, time.perf_counter())
     assert loop.throttles == 0 and STORMY not in loop._throttled
-
-
-@pytest.mark.timeout(30)
-def test_a_handler_waiting_inside_is_not_reentered_and_hears_the_event_after(setup):
-    """A backend's ticker wrote to xenstore from its handler; the write waits
-    in a nested loop, which ran the same handler again for each event
-    meanwhile: nesting without bound (RecursionError in dom0's netback)."""
-    ev, loop, _ = setup
-    TICK, REPLY = 7, 8
-    depth, deepest, runs, replied = [0], [0], [0], [False]
-
-    def reply(_port):
-        replied[0] = True
-
-    def tick(_port):
-        depth[0] += 1
-        deepest[0] = max(deepest[0], depth[0])
-        runs[0] += 1
-        if runs[0] == 1:  # the first run waits for a "reply", while its port fires again
-            replied[0] = False
-            ev.send(TICK)
-            ev.send(REPLY)
-            assert loop.run_until(lambda: replied[0], 5)
-        depth[0] -= 1
-
-    loop.bind(TICK, tick)
-    loop.bind(REPLY, reply)
-    ev.send(TICK)
-    loop.poll(0)
-    assert deepest[0] == 1 and runs[0] == 1  # not entered again while it waited
-    assert ev.is_pending(TICK)  # what came meanwhile is raised again ...
-    loop.poll(0)
-    assert runs[0] == 2 and deepest[0] == 1  # ... and delivered once it had returned

@@ -101,19 +101,19 @@ def test_more_domains_than_descriptors_allow(monkeypatch):
     text = "".join(GUEST.format(name=f"g{i}") for i in range(40))
     with pytest.raises(TopologyError) as info:
         parse_topology(text, "t.toml")
-    # 13 fit: dom0, the xenstore domain and g0..g10; g11 is the 14th domain, at line 11 * 4 + 1
+    # 16 fit: dom0 and g0..g14; g15 is the 17th domain, at line 15 * 4 + 1
     assert str(info.value) == (
-        "t.toml:45: [[domain]] 'g11': this host can hold 13 domains (RLIMIT_NOFILE 256, hard limit 256; "
-        "the supervisor keeps 14 descriptors a domain, dom0 8 and 2 a device), and this is domain number 14 "
-        "(dom0 and the xenstore domain first); run fewer domains or raise the hard limit (ulimit -Hn) first")
+        "t.toml:61: [[domain]] 'g15': this host can hold 16 domains (RLIMIT_NOFILE 256, hard limit 256; "
+        "the supervisor keeps 12 descriptors a domain, dom0 11 and 2 a device), and this is domain number 17 "
+        "(dom0 first); run fewer domains or raise the hard limit (ulimit -Hn) first")
     assert len(parse_topology(text[:len(GUEST.format(name="g0")) * 10], "t.toml").domains) == 10
 
 
 def test_more_domains_than_xen_has_ids(monkeypatch):
     monkeypatch.setattr(limits, "MAX_DOMID", 5)
     monkeypatch.setattr(limits, "nofile_limits", lambda: (1 << 20, 1 << 20))
-    with pytest.raises(TopologyError, match=r"t.toml:17: \[\[domain\]\] 'g4': domain number 5 is past Xen's "
-                                            r"last domain id for a guest \(4; 5 is the xenstore domain's\)"):
+    with pytest.raises(TopologyError, match=r"t.toml:21: \[\[domain\]\] 'g5': domain number 6 is past Xen's "
+                                            r"last domain id \(5\)"):
         parse_topology("".join(GUEST.format(name=f"g{i}") for i in range(8)), "t.toml")
 
 
@@ -127,7 +127,7 @@ def test_xmp_run_refuses_5000_domains_before_anything_starts(tmp_path):
                          capture_output=True, text=True, timeout=60, check=False,
                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024)))
     assert out.returncode == 1
-    assert out.stderr.startswith(f"xmp: {topo}:269: [[domain]] 'g66': this host can hold 68 domains "
+    assert out.stderr.startswith(f"xmp: {topo}:321: [[domain]] 'g79': this host can hold 80 domains "
                                  "(RLIMIT_NOFILE 1024, hard limit 1024"), out.stderr
     assert not rundir.exists()
 

@@ -1,18 +1,14 @@
-"""dom0's own kernel: xenconsoled and the backends of the split drivers,
-told of domains coming and going by VIRQ_DOM_EXC.  The supervisor starts
-it as ``xmp.dom0:main``.
-
-xenstored is not here: it runs in a domain of its own, the xenstore domain
-(:mod:`xmp.dom0.xenstored`, Xen's xenstore stub domain), so that a backend
-keeping dom0's loop busy never delays another domain's xenstore.  dom0
-reaches it as every domain does, over its xenstore ring page and store
-port (the toolstack INTRODUCEs dom0, whose connection is privileged)."""
+"""dom0's own kernel: its services -- xenstored, xenconsoled -- and the
+backends of the split drivers, all told of domains coming and going by
+VIRQ_DOM_EXC (one binding, shared).  The supervisor starts it as
+``xmp.dom0:main``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from xmp.dom0.xenconsoled import XenConsoled
+from xmp.dom0.xenstored import XenStored
 from xmp.domain_proc.kernel import Kernel
 from xmp.domain_proc.main import load_entry
 from xmp.domain_proc.service import guard_loop, guarded
@@ -34,15 +30,18 @@ def main(kernel: Kernel) -> None:
     guard_loop(kernel, "dom0")  # the backends' handlers too, not only the services'
     fds = kernel.boot_fds
     rundir = Path(kernel.rundir or ".")
+    xenstored = XenStored(kernel, rundir)
     consoled = XenConsoled(kernel, rundir, fds[0] if fds else None)
 
     @service(kernel)
     def domains_changed(_port: int) -> None:
         infos = {i["domid"]: i for i in domain_info_list(kernel.xen.call) if i["domid"] != kernel.domid}
         consoled.scan(infos)
+        xenstored.domains_changed(infos)
 
-    # backends: one bus per driver dom0 serves, on dom0's own xenstore ring
-    start_backends(kernel, kernel.xenstore)
+    # backends: one bus per driver dom0 serves
+    local = xenstored.local_client()
+    start_backends(kernel, local)
 
     port = kernel.xen.bind_virq(VIRQ_DOM_EXC)
     kernel.loop.bind(port, domains_changed)

@@ -1,28 +1,18 @@
-"""xenstored, in a domain of its own: the xenstore domain (Xen's xenstore
-stub domain, ``XEN_DOMCTL_CDF_xs_domain``), which the toolstack builds
-before dom0 and whose kernel is :func:`main`.  It serves the pure store
-(``xmp.xenstore``) behind its two real ways in.
+"""xenstored, as one of dom0's services: the pure store (``xmp.xenstore``)
+behind its two real ways in.
 
 * ``<rundir>/xenstored.sock``: the wire protocol on a Unix stream socket,
-  for the toolstack and the tools (``xmp xenstore``); standard clients
-  work against it with ``XENSTORED_PATH`` pointing there.  Domain
-  processes are refused (they run as our uid, so the file mode alone
-  cannot keep them out).
-* For every domain, dom0 included, its xenstore page
-  (``xenstore_domain_interface``, grant ref 1, which the domain builder
-  offers this domain) and its store event channel, attached when the
-  toolstack sends INTRODUCE and dropped on RELEASE (or when VIRQ_DOM_EXC
-  shows the domain gone).  dom0's connection is privileged, as C
-  xenstored's is.
-
-Its own process means no backend, console flood or dom0 kernel busy on
-dom0's loop can delay anyone's xenstore; its hypervisor rights are the
-few :data:`xmp.hv.hypercalls.XS_DOMAIN_OPS` says.  If it dies the host
-stops: the store lives only here.
+  for dom0's tools and the toolstack; standard clients work against it with
+  ``XENSTORED_PATH`` pointing there.  Domain processes are refused (they
+  run as our uid, so the file mode alone cannot keep them out).
+* For every other domain, its xenstore page (``xenstore_domain_interface``,
+  grant ref 1 pre-filled by the domain builder) and its store event channel,
+  attached when the toolstack sends INTRODUCE and dropped on RELEASE (or
+  when VIRQ_DOM_EXC shows the domain gone).
 
 Theory of operation.  One lock guards the store and every transport write.
 The socket side runs in its own thread (a selectors loop); ring events run
-in the domain's event loop.  After each request the connections the store marked
+in dom0's event loop.  After each request the connections the store marked
 dirty are flushed: sockets get what they take without blocking (the rest
 waits in a bounded buffer for the socket to be writable), rings as much
 as fits in ``rsp`` (the rest waits for the guest to consume and kick us).
@@ -49,20 +39,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xmp.domain_proc.kernel import Kernel
-from xmp.domain_proc.service import guard_loop, guarded, report
+from xmp.domain_proc.service import guarded, report
 from xmp.domain_proc.xen import GrantMapping
-from xmp.domid import DOMID_DOM0, DOMID_XENSTORE
 from xmp.errors import DomainGone, HypercallError, RemoteProtocolError, XmpError
-from xmp.hypercall import domain_info_list, from_a_domain
+from xmp.hypercall import from_a_domain
 from xmp.sharedmem.bytering import XS_ERROR, XS_SERVER_FEATURES, ByteRing, xenstore_rings
-from xmp.sharedmem.evtchn import VIRQ_DOM_EXC
 from xmp.sharedmem.grant import GNTTAB_RESERVED_XENSTORE
+from xmp.xenstore.client import XsClient
 from xmp.xenstore.server import Close, Connection, Introduce, Release, XenStore
 from xmp.xenstore.wire import Packet, PacketParser
 
 # xs_wire.h: xenstore_domain_interface's server_features and error fields
 XENSTORE_SERVER_FEATURE_ERROR = 2
 XENSTORE_ERROR_COMM, XENSTORE_ERROR_RINGIDX, XENSTORE_ERROR_PROTO = 1, 2, 3
+
+
+class LocalTransport:
+    """An XsClient transport into the daemon's own store (same process)."""
+
+    def __init__(self, daemon: XenStored, conn: Connection):
+        self.d = daemon
+        self.conn = conn
+        self.parser = PacketParser()
+
+    def send(self, data: bytes, timeout: float | None = None) -> None:  # handled at once
+        with self.d.lock:
+            for pkt in self.parser.feed(data):
+                self.d._apply(self.d.store.handle(self.conn, pkt))
+            self.d._flush()
+
+    def recv(self, timeout: float | None, ready=lambda: False) -> bytes:
+        with self.d.lock:
+            data = self.conn.take(1 << 30)
+        if data or ready() or timeout == 0:
+            return data
+        self.d.k.loop.run_until(lambda: bool(self.conn.out) or ready(), timeout)
+        with self.d.lock:
+            return self.conn.take(1 << 30)
 
 
 @dataclass
@@ -102,6 +115,8 @@ class XenStored:
         self.store.domain_exists = self._domain_exists
         self.lock = threading.RLock()
         self.rings: dict[int, RingConn] = {}
+        self.locals: dict[int, XsClient] = {}  # by Connection.id
+        self._ipi: int | None = None
         self.socks: dict[int, SockConn] = {}   # by Connection.id
         self._closing: list[SockConn] = []     # dropped: for the socket thread to close
         self.path = rundir / "xenstored.sock"
@@ -273,8 +288,7 @@ class XenStored:
         features = struct.unpack_from("<I", page, XS_SERVER_FEATURES)[0]
         struct.pack_into("<I", page, XS_SERVER_FEATURES, features | XENSTORE_SERVER_FEATURE_ERROR)
         local = self.xen.bind_interdomain(domid, port)
-        conn = self.store.connect(domid, privileged=domid == DOMID_DOM0)  # C xenstored's dom0 is privileged
-        rc = RingConn(domid, conn, mapping, req, rsp, local)
+        rc = RingConn(domid, self.store.connect(domid), mapping, req, rsp, local)
         self.rings[domid] = rc
         self.k.loop.bind(local, guarded(self.xen, f"xenstored: serving dom{domid}",
                                         functools.partial(self._ring_event, rc),
@@ -346,6 +360,27 @@ class XenStored:
                 pass
         self.xen.forget_domain(domid)
 
+    # -- dom0's own services (in-process) ---------------------------------------------
+
+    def local_client(self) -> XsClient:
+        """A privileged client for dom0's own services (the backends), with
+        no socket: requests go straight into the store.  Watch events that
+        other threads queue for it wake dom0's event loop through an IPI."""
+        if self._ipi is None:
+            self._ipi = self.xen.bind_ipi(0)
+            self.k.loop.bind(self._ipi, guarded(self.xen, "xenstored: dom0's own clients", self._local_event))
+        with self.lock:
+            conn = self.store.connect(self.k.domid, privileged=True)
+        client = XsClient(LocalTransport(self, conn))
+        client.events_pending = functools.partial(self.xen.evt.send, self._ipi)
+        self.locals[conn.id] = client
+        return client
+
+    def _local_event(self, _port: int) -> None:
+        for client in list(self.locals.values()):
+            client.pump_nowait()
+            client.dispatch()
+
     # -- both ----------------------------------------------------------------------
 
     def _apply(self, actions) -> None:
@@ -367,6 +402,10 @@ class XenStored:
 
     def _flush(self) -> None:
         for conn in self.store.dirty():
+            if conn.id in self.locals:  # its transport takes the output; wake its loop
+                if self._ipi is not None:
+                    self.xen.evt.send(self._ipi)
+                continue
             sc = self.socks.get(conn.id)
             if sc is not None:
                 self._send_sock(sc)
@@ -392,17 +431,8 @@ class XenStored:
         return rc if rc is not None and rc.conn is conn else None
 
     def domains_changed(self, infos: dict[int, dict]) -> None:
-        """VIRQ_DOM_EXC: forget domains that are gone even if nobody said RELEASE;
-        attach dom0 when it appears.  dom0 is never INTRODUCEd (C xenstored's
-        dom0_init attaches it at start from what the builder says of it,
-        here its getdomaininfo: its store port; its page is grant ref 1)."""
+        """VIRQ_DOM_EXC: forget domains that are gone even if nobody said RELEASE."""
         with self.lock:
-            dom0 = infos.get(DOMID_DOM0)
-            if dom0 is not None and DOMID_DOM0 not in self.rings and dom0["state"] != "dying":
-                try:
-                    self.introduce(DOMID_DOM0, 0, dom0["store_port"])
-                except XmpError as exc:
-                    report(self.xen, "xenstored", f"attaching dom0: {exc}")
             for domid in [d for d in self.rings if gone(infos, d)]:
                 self.store.release_domain(domid)
                 self.release(domid)
@@ -418,24 +448,7 @@ def _wanted(sc: SockConn) -> int:
 def gone(infos: dict[int, dict], domid: int) -> bool:
     """Is ``domid`` dying or gone by this getdomaininfo snapshot?  A domain
     absent from it but newer than all it lists was created after it was
-    taken (ids only grow): that one is new, not gone.  (The xenstore
-    domain's id is the highest there is: it says nothing of the others'.)"""
+    taken (ids only grow): that one is new, not gone."""
     if domid in infos:
         return infos[domid]["state"] == "dying"
-    return domid <= max((d for d in infos if d != DOMID_XENSTORE), default=-1)
-
-
-def main(kernel: Kernel) -> None:
-    """The xenstore domain's kernel: serve the store until the host stops."""
-    guard_loop(kernel, "xenstored")
-    xenstored = XenStored(kernel, Path(kernel.rundir or "."))
-
-    def domains_changed(_port: int) -> None:
-        infos = {i["domid"]: i for i in domain_info_list(kernel.xen.call) if i["domid"] != kernel.domid}
-        xenstored.domains_changed(infos)
-
-    port = kernel.xen.bind_virq(VIRQ_DOM_EXC)
-    kernel.loop.bind(port, guarded(kernel.xen, "xenstored: VIRQ_DOM_EXC", domains_changed))
-    domains_changed(port)
-    print(f"xenstored: serving {xenstored.path}", flush=True)  # to its log, not the consoles
-    kernel.idle()
+    return domid <= max(infos, default=-1)

@@ -28,7 +28,7 @@ xenbus handshake with this host's backends) and re-grants what it needs.
 A driver takes its pages with ``alloc_pages(n, driver=True)``: those go
 back to the free list on restore, since the driver starts afresh.
 dom0's services use ``boot_fds`` and ``rundir``, which the supervisor
-hands dom0 alone (and ``rundir`` to the xenstore domain, for its socket).
+hands dom0 alone.
 
 Returning from the entry point powers the domain off; an exception is a
 crash (traceback on the console and in the domain's log).
@@ -100,8 +100,7 @@ class Kernel:
         self._xs: XsClient | None = None
         self.control: ControlDriver | None = None
         self.balloon: BalloonDriver | None = None
-        # dom0's alone: descriptors passed at boot (the terminal to echo consoles to); the run
-        # directory, dom0's and the xenstore domain's.
+        # dom0's alone: descriptors passed at boot (the terminal to echo consoles to), the run directory.
         self.boot_fds: list[int] = list(boot.get("fds", []))
         self.rundir: str | None = boot.get("rundir")
 

@@ -5,10 +5,7 @@ One vCPU, one thread, like a PV kernel with one CPU: a guest's blocking
 calls (sleep, console writes, later block I/O) run this loop until their
 condition holds -- ``run_until(cond)`` -- so devices are serviced while the
 guest waits.  Handlers may be called spuriously and must re-check their
-ring.  A handler is never re-entered: an event on its port while it waits
-inside (a backend's xenstore write waiting for its reply runs this loop)
-is delivered again once it has returned -- re-entered, a ticker that
-writes to xenstore nested without bound while replies were slow.
+ring.
 
 The wait polls before it sleeps, for as long as events have lately come
 soon: when the last one arrived within ``SPIN_MAX`` of starting to wait
@@ -39,7 +36,6 @@ from xmp.sharedmem.evtchn import EventChannels, Wake
 SPIN_MIN = 50e-6
 SPIN_MAX = 400e-6
 RATE_PERIOD = 0.01   # seconds over which a port's events are counted
-CLOSE_AFTER = 0.05   # seconds an idle loop waits before it closes detached doorbells
 RATE_BUDGET = 512    # events a port may raise per period (~51k/s) before it is throttled
 BACKOFF_MIN = 0.001
 BACKOFF_MAX = 0.256
@@ -58,8 +54,6 @@ class EventLoop:
         self._backoff: dict[int, tuple[float, float]] = {}  # port -> (last back-off, when)
         self._next_unmask = float("inf")
         self.throttles = 0  # how often a port was throttled (statistics)
-        self._active: set[int] = set()     # ports whose handler is running (waiting in a nested loop)
-        self._reentered: set[int] = set()  # ... that fired meanwhile: raised again once it returns
 
     def bind(self, port: int, handler: Callable[[int], None]) -> None:
         self.handlers[port] = handler
@@ -78,8 +72,6 @@ class EventLoop:
             wake_at = self._next_unmask - start
             timeout = wake_at if timeout is None else min(timeout, wake_at)
             timeout = max(timeout, 0.0)
-        if self.evt.closing():  # a dead peer's doorbell is closed by the next scan: come back for it
-            timeout = CLOSE_AFTER if timeout is None else min(timeout, CLOSE_AFTER)
         woke = self.evt.wait(self.vcpu, timeout, self.spin)
         if woke == Wake.SHUTDOWN:
             raise DomainGone(-1)
@@ -97,17 +89,7 @@ class EventLoop:
             counts[port] = n
             handler = self.handlers.get(port)
             if handler is not None:
-                if port in self._active:
-                    self._reentered.add(port)
-                else:
-                    self._active.add(port)
-                    try:
-                        handler(port)
-                    finally:
-                        self._active.discard(port)
-                    if port in self._reentered:
-                        self._reentered.discard(port)
-                        self.evt.send(port, self.vcpu)
+                handler(port)
             if n > RATE_BUDGET:
                 self._throttle(port, now)
         return bool(ports)

@@ -61,7 +61,7 @@ def domain_main(sock: socket.socket) -> int:
     try:
         # dom0 runs its services (xmp.dom0:main), which start its own kernel beside them
         entry = load_entry(boot.get("dom0_kernel") or boot["kernel"])
-        if not start_info.privileged and not boot.get("xenstore_domain"):  # it serves the store: no client
+        if not start_info.privileged:
             kernel.start_control()
             kernel.start_balloon()
         entry(kernel)

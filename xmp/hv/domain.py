@@ -95,7 +95,7 @@ class Domain:
     created: float = field(default_factory=time.monotonic)
     cpu_time_final: float = 0.0
     dying_since: float = 0.0
-    seen_dying_by: set[int] = field(default_factory=set)  # who fetched a domain list showing it dying
+    seen_dying: bool = False  # dom0 fetched a domain list that showed it dying
     exit: str | None = None  # how its process ended, once the zygote said ("exited with status 1")
     uuid: str = ""
     console_out: ByteRing | None = None
@@ -105,7 +105,6 @@ class Domain:
     wake_ro_fd: int = -1             # what senders get: read-only, once sealed
     # sender domid -> the doorbell that sender rings this domain through
     doorbells: dict[int, ShmObject] = field(default_factory=dict)
-    xs_domain: bool = False  # XEN_DOMCTL_CDF_xs_domain: the xenstore domain (see HypercallHandlers)
     logdirty: Tracker | None = None  # XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY's, while enabled
 
     @property
@@ -169,12 +168,9 @@ class Domain:
             self.sock = None
 
 
-def build_domain(ns: ShmNamespace, domid: int, cfg: DomainConfig, name: str | None = None,
-                 store_domid: int = DOMID_DOM0) -> Domain:
+def build_domain(ns: ShmNamespace, domid: int, cfg: DomainConfig, name: str | None = None) -> Domain:
     """Allocate a domain's memory and event object and lay out its special
-    pages, as Xen's domain builder does.  No process yet.  ``store_domid``
-    is the domain xenstored runs in: the store port and grant ref 1 are
-    offered to it (as libxl's ``xenstore_domid``)."""
+    pages, as Xen's domain builder does.  No process yet."""
     max_pages = cfg.maxmem_mib * MIB // PAGE_SIZE
     mem_pages = cfg.memory_mib * MIB // PAGE_SIZE
     ram = ShmObject.create(ns, f"ram{domid}", max_pages * PAGE_SIZE)
@@ -187,15 +183,15 @@ def build_domain(ns: ShmNamespace, domid: int, cfg: DomainConfig, name: str | No
         wake_map = mmap.mmap(wake_fd, EVTCHN_WAKE_SIZE)
         evt = EventChannels(evt_obj.map(), wake_map, init_vcpus=cfg.maxvcpus)
         ports = PortTable(domid, cfg.max_event_channels)
-        # Ports the guest offers dom0's xenconsoled and xenstored (console/port, store evtchn).
+        # Ports the guest offers dom0 for the console and xenstore (console/port, store evtchn).
         console_port = ports.alloc_unbound(DOMID_DOM0)
-        store_port = ports.alloc_unbound(store_domid)
+        store_port = ports.alloc_unbound(DOMID_DOM0)
         whole = memoryview(ram_map)
         gnttab = whole[GNTTAB_PFN * PAGE_SIZE:(GNTTAB_PFN + cfg.max_grant_frames) * PAGE_SIZE]
         own_table = GrantTable(gnttab, domid)
-        # The builder pre-fills the reserved refs: 0 console (for dom0), 1 xenstore (for xenstored's domain).
+        # The builder pre-fills the reserved refs: 0 console, 1 xenstore, both for dom0.
         own_table.grant_access(GNTTAB_RESERVED_CONSOLE, DOMID_DOM0, CONSOLE_PFN)
-        own_table.grant_access(GNTTAB_RESERVED_XENSTORE, store_domid, XENSTORE_PFN)
+        own_table.grant_access(GNTTAB_RESERVED_XENSTORE, DOMID_DOM0, XENSTORE_PFN)
         grants = ActiveGrants(gnttab, domid, ram_map)
         console = whole[CONSOLE_PFN * PAGE_SIZE:(CONSOLE_PFN + 1) * PAGE_SIZE]
         console_out = console_rings(console)[1]

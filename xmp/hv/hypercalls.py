@@ -22,7 +22,7 @@ from xmp.domid import DOMID_DOM0, DOMID_SELF
 from xmp.errors import GrantError, HypercallError
 from xmp.hv.domain import Domain, DomState, Mapping
 from xmp.hv.logdirty import LogDirtyOps
-from xmp.hypercall import DOM0_ONLY, DOMAININFO_PAGE, HYPERCALLS, MAX_FDS, SHUTDOWN_REASONS, arg, int_list
+from xmp.hypercall import DOMAININFO_PAGE, HYPERCALLS, MAX_FDS, SHUTDOWN_REASONS, arg, int_list
 from xmp.sharedmem._ffi import lib
 from xmp.sharedmem.evtchn import (
     DOORBELL_SIZE,
@@ -31,14 +31,7 @@ from xmp.sharedmem.evtchn import (
     bind_interdomain,
     close_port,
 )
-from xmp.sharedmem.grant import (
-    GNTTAB_COPY,
-    GNTTAB_RESERVED_XENSTORE,
-    ActiveGrants,
-    CopyBatch,
-    GNTCOPY_dest_gref,
-    copy_records,
-)
+from xmp.sharedmem.grant import GNTTAB_COPY, ActiveGrants, CopyBatch, GNTCOPY_dest_gref, copy_records
 from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, ShmObject
 from xmp.sharedmem.wakepage import reopen_readonly, wake_page_sealed
 
@@ -47,28 +40,9 @@ Reply = tuple[Any, list[int]]
 MAX_SUSPEND_CONTEXT = 16384  # bytes: a small context; the guest's state lives in its RAM
 DEFERRED = object()  # a handler's "no reply now": the caller waits (a suspended guest)
 
-# The xenstore domain's rights (Xen's XSM_XS_PRIV and the xenstore domain's
-# grant and VIRQ rights), exactly what serving the store needs and no more:
-# * the privileged hypercalls below, which only read (is a domain there,
-#   which are dying: INTRODUCE's check and VIRQ_DOM_EXC's scan);
-# * map_grant_ref of GNTTAB_RESERVED_XENSTORE alone, one ref a call, of a
-#   domain whose entry names it (the domain builder's, the grant check's);
-# * binding VIRQ_DOM_EXC (which it hears, as dom0 does).
-# The store ports it binds need nothing: the builder offers them to it.
-# Everything else a domain may not do, it may not do either.
-XS_DOMAIN_OPS = frozenset({("domctl", "getdomaininfo"), ("sysctl", "getdomaininfolist")})
-
-
-def may_call(dom: Domain, op: str, cmd: str) -> bool:
-    """May ``dom`` make this hypercall at all?  domctl and sysctl are
-    dom0's, but for what the xenstore domain needs (the handlers check
-    the rest: whose domain, which grant)."""
-    return op not in DOM0_ONLY or dom.privileged or (dom.xs_domain and (op, cmd) in XS_DOMAIN_OPS)
-
 
 class HypercallHandlers(LogDirtyOps):
     domains: dict[int, Domain]
-    xs_domid: int | None  # the xenstore domain's, once built
     HYPERCALLS: dict[str, dict[str, Callable[..., Reply]]]
     ns: ShmNamespace
 
@@ -137,7 +111,7 @@ class HypercallHandlers(LogDirtyOps):
         doms = sorted((d for d in self.domains.values() if d.domid >= first), key=lambda d: d.domid)[:count]
         for d in doms:
             if d.state == DomState.DYING:
-                d.seen_dying_by.add(caller.domid)  # the caller lets go of it now (see reap_dying)
+                d.seen_dying = True  # dom0 lets go of it now (see reap_dying)
         return [self.domain_info(d) for d in doms], []
 
     def hc_domctl_max_mem(self, caller: Domain, args: dict) -> Reply:
@@ -230,19 +204,13 @@ class HypercallHandlers(LogDirtyOps):
         ever be written; the writable one comes only with a writable grant.
         Every other domain -- driver domains included -- is refused (EPERM)
         and uses grant copy: a descriptor of a guest's whole RAM must not
-        reach a process that is not dom0.  The one exception is the
-        xenstore domain, for the store page alone (ref 1, granted to it by
-        the builder); it is handed the granter's RAM descriptor as dom0 is,
-        and maps that one page."""
+        reach a process that is not dom0."""
         op = "map_grant_ref"
-        if not caller.privileged and not caller.xs_domain:
+        if not caller.privileged:
             raise HypercallError(errno.EPERM, op,
                                  f"dom{caller.domid} may not map grants (only dom0 does): use grant copy")
         granter = self.lookup(arg(args, "dom", int, op), op)
         refs = int_list(args, "refs", op, limit=1024)
-        if caller.xs_domain and not caller.privileged and refs != [GNTTAB_RESERVED_XENSTORE]:
-            raise HypercallError(errno.EPERM, op, f"dom{caller.domid} (xenstore) maps a domain's "
-                                 f"store page (gref {GNTTAB_RESERVED_XENSTORE}) and nothing else")
         readonly = bool(arg(args, "readonly", bool, op, False))
         # The caller says whether it still holds the descriptor of this kind
         # (it may have dropped it): asking again only gets it a duplicate.
@@ -435,9 +403,6 @@ class HypercallHandlers(LogDirtyOps):
 
     def hc_event_channel_op_bind_virq(self, caller: Domain, args: dict) -> Reply:
         virq, vcpu = arg(args, "virq", int, "bind_virq"), arg(args, "vcpu", int, "bind_virq", 0)
-        if virq == VIRQ_DOM_EXC and not (caller.privileged or caller.xs_domain):
-            raise HypercallError(errno.EPERM, "bind_virq",
-                                 f"dom{caller.domid} may not hear VIRQ_DOM_EXC (dom0 and xenstore do)")
         if not 0 <= vcpu < caller.cfg.maxvcpus:
             raise HypercallError(errno.ENOENT, "bind_virq", f"no vcpu {vcpu}")
         return caller.ports.bind_virq(virq, vcpu), []
@@ -546,12 +511,11 @@ class HypercallHandlers(LogDirtyOps):
     # -- dom0 notification -------------------------------------------------
 
     def raise_dom_exc(self) -> None:
-        """VIRQ_DOM_EXC to dom0 (xenconsoled, the backends) and to the
-        xenstore domain (@releaseDomain)."""
-        for domid in (DOMID_DOM0, self.xs_domid):
-            dom = self.domains.get(domid) if domid is not None else None
-            if dom is not None and (port := dom.ports.virq_port(VIRQ_DOM_EXC)) is not None:
-                dom.evt.send(port)
+        dom0 = self.domains.get(DOMID_DOM0)
+        if dom0 is not None:
+            port = dom0.ports.virq_port(VIRQ_DOM_EXC)
+            if port is not None:
+                dom0.evt.send(port)
 
     @staticmethod
     def now_ns() -> int:

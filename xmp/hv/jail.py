@@ -468,8 +468,6 @@ class Jailer:
                          + (", /proc of itself only" if pidns else ""))
         elif kind == "guest":
             notes.append("not root: host uid and namespaces (no capabilities)")
-        elif kind == "xenstore":
-            notes.append("xenstore domain: host uid and namespaces (no capabilities)")
         elif pidns:
             notes.append("driver domain: host uid, mount and network, own PID namespace (no capabilities)")
         else:
@@ -496,6 +494,4 @@ def describe(rooted: bool | None = None) -> list[str]:
                 "and write this user's files)")
     drivers = "driver domains: host uid and files, " + ("own pid namespace, " if rooted else "") + \
         "no capabilities, no-new-privs, seccomp"
-    xenstore = "xenstore domain: host uid and files (it serves xenstored.sock), no capabilities, " \
-        "no-new-privs, seccomp"
-    return [head, note, drivers, xenstore, "dom0: not jailed"]
+    return [head, note, drivers, "dom0: not jailed"]

@@ -280,11 +280,6 @@ class EventChannels:
             if closer is not None:
                 closer()
 
-    def closing(self) -> bool:
-        """Are detached doorbells waiting for the next sync to be closed?
-        The scanning thread must come back for them even if nothing rings."""
-        return bool(self._dying)
-
     def _kick_self(self) -> None:
         # the scanning thread may be asleep in wait(): make it scan (and sync)
         for vcpu in range(max(self.nr_vcpus, 1)):

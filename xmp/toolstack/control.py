@@ -202,7 +202,7 @@ class ControlServer:
     def cmd_info(self, req):
         """The hypervisor's share of xl info (its pool, the command line it
         runs), and xmp's limits."""
-        used = sum(d.tot_pages for d in self.sup.domains.values() if not d.xs_domain)  # its MiB is the host's
+        used = sum(d.tot_pages for d in self.sup.domains.values())
         return {**self.sup.host_info(), "pool_total_mib": (self.sup.pool_pages + used) * PAGE_SIZE >> 20,
                 "commandline": " ".join(sys.orig_argv)}
 

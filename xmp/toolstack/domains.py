@@ -9,14 +9,9 @@ and stops the host in order.  What it made is recorded once, in its
 
 It runs in the supervisor's process and loop (as libxl runs in xl's), is
 told of domain ends by the hypervisor (:class:`~xmp.hypervisor.DomainEvents`),
-and reaches xenstore over the xenstored socket, asynchronously: an
+and reaches xenstore over dom0's xenstored socket, asynchronously: an
 INTRODUCE needs hypercalls the loop serves, so nothing here may wait
 inline for a reply.
-
-xenstored runs in the xenstore domain (Xen's xenstore stub domain), which
-the toolstack builds first: every domain after it, dom0 included, offers
-it its store page and port.  It is not a guest: never asked to shut down,
-not counted among the guests, and listed as ``Xenstore``.
 """
 
 from __future__ import annotations
@@ -32,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from xmp import devices
-from xmp.domid import DOMID_DOM0, DOMID_XENSTORE
+from xmp.domid import DOMID_DOM0
 from xmp.errors import HypercallError, XmpError
 from xmp.hv.domain import Domain, DomState
 from xmp.hypervisor import Supervisor
@@ -42,12 +37,9 @@ from xmp.topology import DomainConfig, Topology, check_name
 from xmp.xenstore.wire import XsType
 
 DOM0_KERNEL = "xmp.dom0:main"
-XENSTORED_KERNEL = "xmp.dom0.xenstored:main"  # the xenstore domain's
-XENSTORE_DOMAIN = {"name": "Xenstore", "memory": 1, "kernel": XENSTORED_KERNEL,
-                   "max_event_channels": 4096}  # a store port a domain
 DRIVER_DOMAIN_KERNEL = "xmp.drivers.backends:main"  # a driver domain without a kernel of its own
 RESTART_LIMIT = (10, 10.0)  # at most 10 restarts of one name in 10 s
-XENSTORED_START = 15.0      # seconds the xenstore domain gets to bring xenstored up
+XENSTORED_START = 15.0      # seconds dom0 gets to bring xenstored up
 SHUTDOWN_GRACE = 5.0        # seconds guests get to power off when the host stops
 
 
@@ -95,8 +87,7 @@ class DomainRecord:
 def preload_modules(topology: Topology) -> set[str]:
     """What the zygote imports once for every domain it forks."""
     return ({d.kernel.split(":")[0] for d in topology.domains if d.kernel}
-            | {DOM0_KERNEL.split(":")[0], DRIVER_DOMAIN_KERNEL.split(":")[0], XENSTORED_KERNEL.split(":")[0],
-               *devices.frontend_modules()})
+            | {DOM0_KERNEL.split(":")[0], DRIVER_DOMAIN_KERNEL.split(":")[0], *devices.frontend_modules()})
 
 
 class Toolstack:
@@ -120,28 +111,23 @@ class Toolstack:
     # -- the host's start and stop ----------------------------------------
 
     def boot(self) -> None:
-        """The xenstore domain, then dom0 (its backends need xenstore), then
-        every domain of the topology in order; a stop asked meanwhile
-        (Ctrl-C, SIGTERM) is honoured at once."""
-        xs_cfg = DomainConfig.from_dict(XENSTORE_DOMAIN, "<the xenstore domain>")
-        xsdom = self.sup.build(xs_cfg, XENSTORED_KERNEL, domid=DOMID_XENSTORE, xs_domain=True,
-                               boot={"rundir": str(self.sup.rundir), "xenstore_domain": True})
-        self.records[xsdom.domid] = DomainRecord(xsdom.domid, xs_cfg)
+        """dom0, its xenstored, then every domain of the topology in order;
+        a stop asked meanwhile (Ctrl-C, SIGTERM) is honoured at once."""
+        self.create(self.topology.dom0, domid=DOMID_DOM0)
         deadline = time.monotonic() + XENSTORED_START
         while not self.xs.connect():
             if self.sup.stopping:
                 return
-            if time.monotonic() > deadline or xsdom.domid not in self.sup.domains:
-                raise XmpError(f"xenstored did not start within {XENSTORED_START:.0f} s "
-                               f"(see {self.sup.rundir / 'logs' / (xsdom.name + '.log')})")
+            if time.monotonic() > deadline or DOMID_DOM0 not in self.sup.domains:
+                raise XmpError(f"dom0's xenstored did not start within {XENSTORED_START:.0f} s "
+                               f"(see {self.sup.rundir / 'logs' / 'Domain-0.log'})")
             self.sup.iterate(0.01)
         assert self.xs.sock is not None
         self.sup.watch(self.xs.sock, selectors.EVENT_READ, self._xs_ready)
-        self.create(self.topology.dom0, domid=DOMID_DOM0)
         self.xs.send(dom0_tree(), "dom0")
         for cfg in self.topology.domains:
             if self.sup.stopping:
-                self.sup.log(f"start-up interrupted: {len(self.records) - 2} of "
+                self.sup.log(f"start-up interrupted: {len(self.records) - 1} of "
                              f"{len(self.topology.domains)} domains created")
                 return
             self.create(cfg)
@@ -149,8 +135,8 @@ class Toolstack:
     def shutdown(self) -> None:
         """The host stops: guests are asked to power off; those that do not
         within :data:`SHUTDOWN_GRACE` are destroyed by the supervisor."""
-        asked = [d for d in self.sup.domains.values() if d.domid != DOMID_DOM0 and not d.xs_domain
-                 and d.state == DomState.RUNNING and self.xs.sock is not None]
+        asked = [d for d in self.sup.domains.values()
+                 if d.domid != DOMID_DOM0 and d.state == DomState.RUNNING and self.xs.sock is not None]
         for dom in asked:
             self.request_shutdown(dom, "poweroff")
         deadline = time.monotonic() + (SHUTDOWN_GRACE if asked else 0)
@@ -234,9 +220,8 @@ class Toolstack:
 
     def request_shutdown(self, dom: Domain, reason: str) -> None:
         """xl shutdown/reboot: ask the guest through control/shutdown."""
-        if dom.domid == DOMID_DOM0 or dom.xs_domain:
-            raise HypercallError(errno.EINVAL, "shutdown",
-                                 f"{dom.name} is stopped with `xmp destroy {dom.name}`")
+        if dom.domid == DOMID_DOM0:
+            raise HypercallError(errno.EINVAL, "shutdown", "dom0 is stopped with `xmp destroy Domain-0`")
         if dom.state != DomState.RUNNING:
             raise HypercallError(errno.EINVAL, "shutdown", f"{dom.name} is {dom.state.value}")
         self.xs.write(f"/local/domain/{dom.domid}/control/shutdown", reason,
@@ -247,8 +232,8 @@ class Toolstack:
         """libxl_domain_rename: the hypervisor's name, xenstore's
         (``/local/domain/N/name``, ``/vm/<uuid>/name``) and the record's
         config, so a restart keeps the new name."""
-        if dom.domid == DOMID_DOM0 or dom.xs_domain:
-            raise HypercallError(errno.EINVAL, "rename", f"{dom.name} keeps its name")
+        if dom.domid == DOMID_DOM0:
+            raise HypercallError(errno.EINVAL, "rename", "Domain-0 keeps its name")
         if dom.state == DomState.DYING:
             raise HypercallError(errno.EINVAL, "rename", f"{dom.name} is dying")
         try:
@@ -270,9 +255,8 @@ class Toolstack:
         where its control driver takes it (and clears it), as Linux's does."""
         if len(key) != 1 or not key.isprintable():
             raise HypercallError(errno.EINVAL, "sysrq", f"a sysrq is one letter, not {key!r}")
-        if dom.domid == DOMID_DOM0 or dom.xs_domain:
-            raise HypercallError(errno.EINVAL, "sysrq",
-                                 f"{dom.name} takes no sysrq (it runs no control driver)")
+        if dom.domid == DOMID_DOM0:
+            raise HypercallError(errno.EINVAL, "sysrq", "Domain-0 takes no sysrq (it runs no control driver)")
         if dom.state == DomState.DYING:
             raise HypercallError(errno.EINVAL, "sysrq", f"{dom.name} is dying")
         self.xs.write(f"/local/domain/{dom.domid}/control/sysrq", key, f"sysrq {key!r} to dom{dom.domid}")
@@ -349,7 +333,7 @@ class Toolstack:
         directories of its devices (a driver domain that is gone, or
         hostile, would leave them)."""
         rec = self.records.pop(dom.domid, None)
-        if dom.domid == DOMID_DOM0 or dom.xs_domain:
+        if dom.domid == DOMID_DOM0:
             self.close()
             return
         self.xs.send(teardown_tree(dom.domid, dom.uuid), f"releasing dom{dom.domid}")
@@ -359,8 +343,8 @@ class Toolstack:
             self.sup.call_later(0, self._stop_if_guests_gone)  # after a restart this turn may make
 
     def _stop_if_guests_gone(self) -> None:
-        if not [d for d in self.sup.domains.values() if d.domid != DOMID_DOM0 and not d.xs_domain
-                and not d.cfg.driver_domain and d.state != DomState.DYING]:
+        if not [d for d in self.sup.domains.values()
+                if d.domid != DOMID_DOM0 and not d.cfg.driver_domain and d.state != DomState.DYING]:
             self.sup.stop("every guest has gone")
 
     def _restart_allowed(self, name: str) -> bool:
