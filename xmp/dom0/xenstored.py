@@ -233,9 +233,15 @@ class XenStored:
         """Handle a client's requests while its unread output is small
         (lock held): one that pipelines more than it reads waits, its
         requests unread (back-pressure), instead of being cut off."""
-        while sc.backlog and not sc.dead and len(sc.out) + sc.conn.out_bytes < SOCK_READ_STOP:
-            self._apply(self.store.handle(sc.conn, sc.backlog.popleft()))
-        self._flush()
+        while True:
+            while sc.backlog and not sc.dead and len(sc.out) + sc.conn.out_bytes < SOCK_READ_STOP:
+                self._apply(self.store.handle(sc.conn, sc.backlog.popleft()))
+            self._flush()
+            # The flush may have sent it all: then go on, for a client with a
+            # backlog and nothing unsent waits for neither READ nor WRITE and
+            # would never be served again (seen: a pipelining client stalled).
+            if not sc.backlog or sc.dead or len(sc.out) >= SOCK_READ_STOP:
+                break
 
     def _sock_writable(self, sc: SockConn) -> None:
         with self.lock:
