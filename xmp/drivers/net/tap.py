@@ -53,29 +53,30 @@ def _index(ipr, name: str) -> int | None:
     return found[0] if found else None
 
 
-def ensure_bridge(bridge: str) -> bool:
-    """Make ``bridge`` (up) unless it exists; True if made here."""
+def ensure_bridge(bridge: str) -> int | None:
+    """Make ``bridge`` (up) unless it exists; its ifindex if made here."""
     with _ipr() as ipr:
         if _index(ipr, bridge) is not None:
-            return False
+            return None
         try:
             ipr.link("add", ifname=bridge, kind="bridge")
         except Exception as exc:
             if getattr(exc, "code", None) == errno.EEXIST:
-                return False
+                return None
             raise OSError(getattr(exc, "code", errno.EIO), str(exc)) from None
         br = _index(ipr, bridge)
-        if br is not None:
-            ipr.link("set", index=br, state="up")
-        return True
+        if br is None:
+            raise OSError(errno.ENODEV, f"bridge {bridge} vanished as it was made")
+        ipr.link("set", index=br, state="up")
+        return br
 
 
-def remove_bridge(bridge: str) -> None:
+def remove_link(index: int, name: str) -> None:
+    """Delete link ``index`` if it is still ``name`` (not a later namesake)."""
     with _ipr() as ipr:
-        br = _index(ipr, bridge)
-        if br is not None:
+        if _index(ipr, name) == index:
             try:
-                ipr.link("del", index=br)
+                ipr.link("del", index=index)
             except Exception:  # gone meanwhile
                 pass
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from xmp.devices import DeviceSpec
 from xmp.drivers.net import tap
+from xmp.drivers.net.reaper import Reaper
 from xmp.drivers.net.spec import VifSpec, parse_vifspec
 from xmp.errors import XmpError
 
@@ -53,7 +54,17 @@ def devid_of(name: str) -> int:
     return int(name)
 
 
-_made_bridges: list[str] = []   # by this supervisor, removed when it goes
+# Bridges made by this supervisor (name -> ifindex): removed when it stops,
+# and by its reaper should it be killed (xmp.drivers.net.reaper).
+_made_bridges: dict[str, int] = {}
+_reaper = Reaper()
+
+
+def _ensure_bridge(name: str) -> None:
+    index = tap.ensure_bridge(name)
+    if index is not None:
+        _made_bridges[name] = index
+        _reaper.made(index, name)
 
 
 def device(spec: VifSpec, base: Path) -> DeviceSpec:
@@ -64,8 +75,7 @@ def device(spec: VifSpec, base: Path) -> DeviceSpec:
     in_dom0 = spec.backend in (None, "Domain-0", "0")  # a driver domain holds no privilege: its switch
     if spec.script == "vif-bridge" and in_dom0 and tap.privileged() and spec.bridge not in _made_bridges:
         try:
-            if tap.ensure_bridge(spec.bridge):
-                _made_bridges.append(spec.bridge)
+            _ensure_bridge(spec.bridge)
         except OSError as exc:
             raise XmpError(f"vif {spec.mac}: cannot make bridge {spec.bridge}: {exc}") from None
     devid = spec.devid or 0
@@ -94,8 +104,7 @@ def host_open(host) -> list[str]:
                 "in netback's learning switch, unreachable from the host"]
     out = []
     for name, address in host.bridges.items():
-        if tap.ensure_bridge(name):
-            _made_bridges.append(name)
+        _ensure_bridge(name)
         tap.set_address(name, address)
         out.append(f"network: bridge {name} with the host at {address}")
     return out
@@ -104,7 +113,10 @@ def host_open(host) -> list[str]:
 def host_close() -> None:
     """Remove the bridges this host made (their TAPs went with their backends)."""
     while _made_bridges:
-        tap.remove_bridge(_made_bridges.pop())
+        name, index = _made_bridges.popitem()
+        tap.remove_link(index, name)
+        _reaper.removed(index, name)
+    _reaper.close()
 
 
 def list_row(devid: int, front: dict[str, str]) -> str:
