@@ -209,3 +209,22 @@ def test_guest_announces_itself_with_a_gratuitous_arp(hosts):
             idx = ipr.link_lookup(ifname=br)
             if idx:
                 ipr.link("del", index=idx[0])
+
+
+def test_hot_plugged_vif_gets_the_guests_own_stack(hosts):
+    """A vif given by ``xmp network-attach`` to a running (jailed, capability-
+    less) guest gets its TAP eth0 like a boot-time one: the host curls it."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed (apt-get install curl)")
+    br, net = lan()
+    h = hosts(f'[host]\nmemory = 1024\nbridges = {{ {br} = "{net}.1/24" }}\n[dom0]\nmemory = 64\n'
+              + guest("web", "httpd", 48, args={"port": 8080})).start(("web",))
+    h.xmp("network-attach", "web", f"mac=00:16:3e:4e:05:02, bridge={br}, ip={net}.2/24, vifname={br}a")
+    h.wait(lambda: "httpd: serving" in h.console_log("web"), 30, "the web guest serving on its new vif")
+    got = h.wait(lambda: (r := run("curl", "-s", "--max-time", "3", f"http://{net}.2:8080/")).returncode == 0
+                 and r, 20, "curl through the hot-plugged vif")
+    assert got.stdout.startswith("hello from web"), got
+    s = wait_stats(h, "web", lambda v: v["rx_packets"] > 0 and v["tx_packets"] > 0)
+    assert s["tx_errors"] == s["rx_errors"] == 0
+    h.stop()
+    assert h.wait_exit() == 0

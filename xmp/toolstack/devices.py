@@ -141,7 +141,14 @@ class DeviceManager:
         done = Pending()
         taken = [d.devid for d in self.ts.record(front).devices if d.cls == cls]
         nextid = max(taken, default=-1) + 1  # libxl__device_nextid
-        self.add(front, self._planned(cls, text, base, f"{cls.command}-attach", nextid), done)
+        plan = self._planned(cls, text, base, f"{cls.command}-attach", nextid)
+        hotplug = getattr(cls.part("toolstack"), "hotplug", None)  # the guest's side of it (a vif's TAP)
+        if hotplug is not None:
+            try:
+                hotplug(front, plan.spec)
+            except XmpError as exc:
+                raise HypercallError(errno.EIO, f"{cls.command}-attach", str(exc)) from None
+        self.add(front, plan, done)
         return done
 
     def attach_keys(self, front: Domain, back: Domain, cls: DeviceClass, devid: int,

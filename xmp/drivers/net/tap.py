@@ -15,6 +15,10 @@ import os
 import struct
 
 TUNSETIFF = 0x400454CA
+TUNSETPERSIST = 0x400454CB
+TUNSETOWNER = 0x400454CC
+TUNSETGROUP = 0x400454CE
+CLONE_NEWNET = 0x40000000
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 CAP_NET_ADMIN = 12
@@ -31,15 +35,70 @@ def privileged() -> bool:
     return bool(caps & (1 << CAP_NET_ADMIN)) and os.path.exists("/dev/net/tun")
 
 
+def open_tun() -> int:
+    """A non-blocking ``/dev/net/tun`` descriptor, not yet a TAP: the network
+    namespace it was opened in is the one its TAP will be in."""
+    return os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def set_iff(fd: int, name: str) -> None:
+    """TUNSETIFF: make ``fd`` TAP ``name`` -- a new one, or an existing
+    persistent one this process's uid owns (no capability needed then)."""
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI))
+
+
 def open_tap(name: str) -> int:
     """A non-blocking descriptor of a new TAP ``name`` (no packet info header)."""
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = open_tun()
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI))
+        set_iff(fd, name)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def in_netns(pid: int, fn):
+    """``fn()`` run in process ``pid``'s network namespace, on a thread of
+    its own (setns moves only the calling thread, which then ends)."""
+    import ctypes
+    import threading
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns into the network namespace of {pid}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            out["value"] = fn()
+        except BaseException as exc:  # re-raised by the caller's thread
+            out["error"] = exc
+
+    t = threading.Thread(target=run, name=f"netns-{pid}")
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def make_owned_tap(name: str, uid: int, gid: int) -> None:
+    """A persistent TAP ``name`` in this thread's namespace that process
+    of ``uid`` may attach to with TUNSETIFF, no capability needed (it goes
+    with its namespace)."""
+    fd = open_tap(name)
+    try:
+        fcntl.ioctl(fd, TUNSETOWNER, uid)
+        fcntl.ioctl(fd, TUNSETGROUP, gid)
+        fcntl.ioctl(fd, TUNSETPERSIST, 1)
+    finally:
+        os.close(fd)
 
 
 def _ipr():

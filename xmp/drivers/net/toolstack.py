@@ -9,6 +9,7 @@ named by its MAC, so ``xmp network-detach DOM MAC`` works as xl's does.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from xmp.devices import DeviceSpec
@@ -91,6 +92,40 @@ def device(spec: VifSpec, base: Path) -> DeviceSpec:
     if spec.ip:
         front["ip"] = " ".join(spec.ip)  # xmp's guests configure eth0 from it (no DHCP)
     return DeviceSpec(devid, spec.mac, spec.backend, back_keys=back, front_keys=front)
+
+
+def hotplug(front, dev: DeviceSpec) -> None:
+    """A vif hot-plugged into a guest with a network namespace of its own
+    (jailed, as root) gets the TAP ``ethN`` its TCP/IP stack needs, as a
+    boot-time vif gets it from the jail's hook: made here in the guest's
+    namespace (the guest holds no capability by now) with the vif's MAC,
+    MTU and ``ip=``, persistent and owned by the guest's uid, so that
+    :func:`xmp.drivers.net.stack.start` attaches to it with one TUNSETIFF.
+    It goes with the guest's namespace."""
+    pid = getattr(front, "pid", None)
+    if pid is None or not tap.privileged():
+        return
+    try:
+        if os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino:
+            return  # dom0 or a driver domain: no stack of its own to feed
+        with open(f"/proc/{pid}/status") as f:
+            ids = {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in f)
+                   if k in ("Uid", "Gid")}
+    except (OSError, ValueError):
+        return  # gone meanwhile: the attach fails on its own
+    keys = dev.front_keys
+    name = f"eth{dev.devid}"
+
+    def make() -> None:
+        tap.make_owned_tap(name, ids["Uid"], ids["Gid"])
+        tap.configure(name, mac=keys["mac"], mtu=int(keys.get("mtu", "1500")),
+                      addresses=keys.get("ip", "").split())
+
+    try:
+        tap.in_netns(pid, make)
+    except OSError as exc:
+        raise XmpError(f"vif {dev.name}: cannot make {name} in the guest's network namespace: "
+                       f"{exc}") from None
 
 
 def host_open(host) -> list[str]:
