@@ -125,6 +125,7 @@ class DeviceManager:
             raise HypercallError(errno.EEXIST, "device-add",
                                  f"{front.name} already has {plan.cls.devtype} {plan.spec.name}")
         dev = Device(front.domid, plan.back.domid, plan.cls, plan.spec)
+        self._join(plan.back, plan.cls, plan.spec, "device-add")
         try:
             self.ts.xs.send(device_tree(front.domid, dev.back_domid, plan.cls.devtype, dev.devid,
                                         plan.spec.back_keys, plan.spec.front_keys),
@@ -270,6 +271,10 @@ class DeviceManager:
         """Point a device at another backend domain; the frontend follows
         (it starts over with the new backend, as after a migration)."""
         dev.back_domid = back.domid
+        try:
+            self._join(back, dev.cls, dev.spec, "device-move")
+        except HypercallError as exc:  # the device still moves: its backend says why it fails
+            self.ts.sup.log(str(exc))
         self.ts.xs.send(move_backend_tree(dev.front, back.domid, dev.cls.devtype, dev.devid,
                                           dev.spec.back_keys),
                         f"moving {dev.cls.devtype} {dev.devid} of dom{dev.front} to dom{back.domid}")
@@ -294,6 +299,17 @@ class DeviceManager:
                         close()
                     except Exception as exc:  # the others still get theirs
                         self.ts.sup.log(f"{cls.kind}: cleanup failed: {exc}")
+
+    @staticmethod
+    def _join(back: Domain, cls: DeviceClass, spec: DeviceSpec, op: str) -> None:
+        """The class joins its backend domain to the host (``join_backend``
+        in its toolstack.py: a network driver domain's bridge to the host's)."""
+        join = getattr(cls.part("toolstack"), "join_backend", None) if cls.has("toolstack") else None
+        if join is not None:
+            try:
+                join(back, spec)
+            except XmpError as exc:
+                raise HypercallError(errno.EIO, op, str(exc)) from None
 
     @staticmethod
     def _result(dev: Device) -> dict[str, Any]:

@@ -186,3 +186,49 @@ def configure(name: str, *, mac: str, mtu: int, addresses: list[str], gateway: s
         ipr.link("set", index=idx, state="up")
         if gateway:
             ipr.route("add", dst="default", gateway=gateway)
+
+
+def uplink_name(bridge: str) -> str:
+    """A driver domain's end of the veth joining its ``bridge`` to the host's."""
+    return f"up-{bridge}"[:15]
+
+
+def veth_join(outer: str, bridge: str, pid: int) -> None:
+    """Join ``bridge`` of this namespace to the bridge of that name in
+    process ``pid``'s namespace by a veth pair: ``outer`` here, its peer
+    there (:func:`uplink_name`).  The pair goes when that namespace does."""
+    import secrets
+
+    temp = f"xj{secrets.token_hex(6)}"  # the peer's name while it is still here
+    with _ipr() as ipr:
+        br = _index(ipr, bridge)
+        if br is None:
+            raise OSError(errno.ENODEV, f"no bridge {bridge}")
+        ipr.link("add", ifname=outer, kind="veth", peer={"ifname": temp})
+        try:
+            inner = _index(ipr, temp)
+            if inner is None:
+                raise OSError(errno.ENODEV, f"veth peer {temp} vanished")
+            ipr.link("set", index=inner, net_ns_pid=pid)
+        except BaseException:
+            idx = _index(ipr, outer)
+            if idx is not None:
+                ipr.link("del", index=idx)
+            raise
+        outer_idx = _index(ipr, outer)
+        ipr.link("set", index=outer_idx, master=br, state="up")
+
+    def inside() -> None:
+        ensure_bridge(bridge)
+        with _ipr() as ipr:
+            idx = _index(ipr, temp)
+            if idx is None:
+                raise OSError(errno.ENODEV, f"veth peer {temp} did not arrive")
+            ipr.link("set", index=idx, ifname=uplink_name(bridge))
+            ipr.link("set", index=idx, master=_index(ipr, bridge), state="up")
+
+    in_netns(pid, inside)
+
+
+def exists(name: str) -> bool:
+    return os.path.isdir(f"/sys/class/net/{name}")

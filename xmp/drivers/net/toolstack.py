@@ -106,7 +106,7 @@ def hotplug(front, dev: DeviceSpec) -> None:
     if pid is None or not tap.privileged():
         return
     try:
-        if os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino:
+        if not _own_netns(pid) or front.cfg.driver_domain:
             return  # dom0 or a driver domain: no stack of its own to feed
         with open(f"/proc/{pid}/status") as f:
             ids = {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in f)
@@ -125,6 +125,33 @@ def hotplug(front, dev: DeviceSpec) -> None:
         tap.in_netns(pid, make)
     except OSError as exc:
         raise XmpError(f"vif {dev.name}: cannot make {name} in the guest's network namespace: "
+                       f"{exc}") from None
+
+
+def _own_netns(pid: int) -> bool:
+    return os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+
+
+def join_backend(back, dev: DeviceSpec) -> None:
+    """A ``vif-bridge`` vif served by a network driver domain (as root: it
+    has a network namespace of its own and CAP_NET_ADMIN there, so its TAPs
+    go on a bridge of its own): that bridge is joined to the host's bridge
+    of the same name -- made here if missing -- by a veth pair, ``<bridge>.d<domid>``
+    on the host, so the host and dom0's guests reach the guests behind it.
+    Once per bridge and driver domain; the pair goes with the domain."""
+    pid = getattr(back, "pid", None)
+    keys = dev.back_keys
+    if pid is None or back.domid == 0 or keys.get("script") != "vif-bridge" or not tap.privileged():
+        return
+    bridge = keys["bridge"]
+    outer = f"{bridge[:9]}.d{back.domid}"[:15]
+    try:
+        if not _own_netns(pid) or tap.exists(outer):
+            return
+        _ensure_bridge(bridge)
+        tap.veth_join(outer, bridge, pid)
+    except OSError as exc:
+        raise XmpError(f"vif {dev.name}: cannot join bridge {bridge} of dom{back.domid} to the host's: "
                        f"{exc}") from None
 
 
