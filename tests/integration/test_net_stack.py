@@ -228,6 +228,13 @@ def test_hot_plugged_vif_gets_the_guests_own_stack(hosts):
     assert got.stdout.startswith("hello from web"), got
     s = wait_stats(h, "web", lambda v: v["rx_packets"] > 0 and v["tx_packets"] > 0)
     assert s["tx_errors"] == s["rx_errors"] == 0
+    # unplugged, its TAP leaves the guest's namespace, so the devid can be plugged again
+    pid = h.domain_pid("web")
+    assert tap.in_netns(pid, lambda: tap.present("eth0"))
+    h.xmp("network-detach", "web", "0", "--force")
+    h.wait(lambda: not tap.in_netns(pid, lambda: tap.present("eth0")), 10, "eth0 gone from the guest")
+    h.xmp("network-attach", "web", f"mac=00:16:3e:4e:05:03, bridge={br}, ip={net}.4/24, vifname={br}c")
+    assert tap.in_netns(pid, lambda: tap.present("eth0"))
     h.stop()
     assert h.wait_exit() == 0
 

@@ -231,6 +231,10 @@ class DeviceManager:
         rec = self.ts.records.get(dev.front)
         if rec is not None and dev in rec.devices:
             rec.devices.remove(dev)
+        unplug = getattr(dev.cls.part("toolstack"), "unplug", None) if dev.cls.has("toolstack") else None
+        front = self.ts.sup.domains.get(dev.front)
+        if unplug is not None and front is not None:
+            unplug(front, dev.spec)  # the guest's side of it (a vif's TAP in its namespace)
         self.ts.xs.send([(XsType.RM, _z(dev.front_path)), (XsType.RM, _z(dev.back_path))],
                         f"removing {dev.cls.devtype} {dev.devid} of dom{dev.front}",
                         None if done is None else _settle(done, self._result(dev), gone_is_fine=True))

@@ -140,6 +140,23 @@ def remove_link(index: int, name: str) -> None:
                 pass
 
 
+def remove_named(name: str) -> bool:
+    """Delete link ``name`` of this thread's namespace; whether there was one."""
+    with _ipr() as ipr:
+        idx = _index(ipr, name)
+        if idx is None:
+            return False
+        ipr.link("del", index=idx)
+        return True
+
+
+def present(name: str) -> bool:
+    """Whether this thread's namespace has link ``name`` (asked over netlink:
+    /sys/class/net shows the namespace sysfs was mounted in)."""
+    with _ipr() as ipr:
+        return _index(ipr, name) is not None
+
+
 def attach(name: str, bridge: str, mtu: int) -> None:
     """Put TAP ``name`` on ``bridge`` and bring it up (vif-bridge's job);
     the bridge must exist (the toolstack makes a missing one)."""

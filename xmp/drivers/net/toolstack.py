@@ -128,6 +128,21 @@ def hotplug(front, dev: DeviceSpec) -> None:
                        f"{exc}") from None
 
 
+def unplug(front, dev: DeviceSpec) -> None:
+    """The vif is gone from a guest with a namespace of its own: its TAP
+    ``ethN`` there goes too (the guest's stack sees its descriptor fail),
+    so a later vif of that devid gets a fresh one."""
+    pid = getattr(front, "pid", None)
+    if pid is None or not tap.privileged():
+        return
+    name = f"eth{dev.devid}"
+    try:
+        if _own_netns(pid) and not front.cfg.driver_domain:
+            tap.in_netns(pid, lambda: tap.remove_named(name))
+    except OSError:
+        pass  # the guest (and its namespace) went meanwhile
+
+
 def _own_netns(pid: int) -> bool:
     return os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
 
