@@ -39,7 +39,9 @@ zygote jails each guest between fork and kernel entry, in this order:
 Driver domains open image files by path, so they keep the host's mount
 and uid; as root they get a PID namespace of their own (1. above: they
 signal no other process, the supervisor included) and a network namespace
-of their own with CAP_NET_ADMIN kept, their only capability: a network
+of their own, owned by a user namespace of their own (uid and gid 0 mapped
+to themselves), with CAP_NET_ADMIN kept there, their only capability -- so
+it reaches nothing of the host's network: a network
 driver domain makes its TAPs and bridges there, as a Xen one owns its
 NICs, and the toolstack joins each of its bridges to the host's of that
 name by a veth pair (which goes with the namespace).  Always the seccomp
@@ -344,6 +346,17 @@ def claim_uid(first: int, last: int, preferred: int) -> tuple[int, socket.socket
     raise JailError(f"every uid of {first}-{last} is held by a running guest", errno.EAGAIN)
 
 
+def _map_own_ids(uid: int, gid: int) -> None:
+    """In a new user namespace: map our own uid and gid (the parent's, taken
+    before the unshare) to themselves -- the one mapping a process may write
+    for itself (setgroups denied first, as the kernel asks then)."""
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    for name, own in (("uid_map", uid), ("gid_map", gid)):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(f"{own} {own} 1")
+
+
 def _up_loopback() -> None:
     """``lo`` up in this (new) network namespace: SIOCSIFFLAGS, no netlink."""
     import fcntl
@@ -487,10 +500,16 @@ class Jailer:
             # A network driver domain owns its NICs and bridges, as in Xen: a
             # network namespace of its own, CAP_NET_ADMIN over it alone (kept_caps);
             # the toolstack joins its bridges to the host's with a veth pair.
-            unshare(CLONE_NEWNET)
+            # Owned by a user namespace of its own (uid and gid 0 mapped to themselves):
+            # CAP_NET_ADMIN then counts there only, never in the host's namespaces --
+            # without it the capability would also reach the host's network (a link
+            # moved in by a descriptor of /proc/1/ns/net).
+            ids = os.geteuid(), os.getegid()
+            unshare(CLONE_NEWUSER | CLONE_NEWNET)
+            _map_own_ids(*ids)
             _up_loopback()
             notes.append("driver domain: host uid and mount, own network namespace (CAP_NET_ADMIN "
-                         f"there only){', own PID namespace' if pidns else ''}")
+                         f"there only, through a user namespace of its own){', own PID namespace' if pidns else ''}")
         else:
             notes.append("driver domain: host uid and namespaces (no capabilities)")
         notes.append(self._filter_note)
