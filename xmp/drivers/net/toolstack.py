@@ -117,6 +117,8 @@ def hotplug(front, dev: DeviceSpec) -> None:
     name = f"eth{dev.devid}"
 
     def make() -> None:
+        if tap.present(name):
+            return  # made at its boot already (a restored or migrated guest's config has it)
         tap.make_owned_tap(name, ids["Uid"], ids["Gid"])
         tap.configure(name, mac=keys["mac"], mtu=int(keys.get("mtu", "1500")),
                       addresses=keys.get("ip", "").split())
