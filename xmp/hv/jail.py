@@ -508,8 +508,9 @@ class Jailer:
             unshare(CLONE_NEWUSER | CLONE_NEWNET)
             _map_own_ids(*ids)
             _up_loopback()
+            own_pid = ", own PID namespace" if pidns else ""
             notes.append("driver domain: host uid and mount, own network namespace (CAP_NET_ADMIN "
-                         f"there only, through a user namespace of its own){', own PID namespace' if pidns else ''}")
+                         f"there only, through a user namespace of its own){own_pid}")
         else:
             notes.append("driver domain: host uid and namespaces (no capabilities)")
         notes.append(self._filter_note)
