@@ -171,6 +171,8 @@ class IoreqSlot:
 
     def complete(self, data: int | None = None) -> None:
         """Answer: a read's data (write requests keep theirs), IORESP_READY."""
+        if self.state != IoreqState.INPROCESS:
+            raise LocalError(f"ioreq complete: slot is in state {self.state}, not INPROCESS")
         if data is not None:
             struct.pack_into("<Q", self.buf, self.off + 8, data & (1 << 64) - 1)
         self._move("complete")
