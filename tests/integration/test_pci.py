@@ -155,3 +155,25 @@ def test_a_guest_killed_mid_op_frees_its_device(hosts):
     xs.close()
     assert h.stop() == 1  # a guest crashed (SIGKILL) with on_crash = destroy: xmp run says so
     h.assert_clean()
+
+
+def test_a_frontend_publishing_garbage_is_closed_and_others_are_served(hosts):
+    h = hosts(DEVICES + kernel_table("user", "pcikernels:hammer", pci=["0000:00:04.0"],
+                                     args={"bdf": "0000:00:04.0"}) + guest("liar", "idle"))
+    h.start(("user", "liar"))
+    h.wait(lambda: "hammer: 20 rounds" in h.console_log("user"), 30, "the user's rounds")
+    h.xmp("pci-attach", "liar", "0000:00:05.0")
+    xs = h.xs()
+    front, back = "/local/domain/2/device/pci/0", "/local/domain/0/backend/pci/2/0"
+    h.wait(lambda: xs.read_or(f"{back}/state") == b"2", 10, "pciback InitWait")
+    # written here as if by the idle guest's pcifront: a wrong magic, then a ref that grants nothing
+    for key, value in (("pci-op-ref", "8"), ("event-channel", "1"), ("magic", "6"), ("state", "3")):
+        xs.write(f"{front}/{key}", value)
+    h.wait(lambda: xs.read_or(f"{back}/state") == b"5", 10, "the bad device to close")
+    assert b"magic b'6', not '7'" in xs.read(f"{back}/error")
+    n = h.console_log("user").count("hammer:")
+    h.wait(lambda: h.console_log("user").count("hammer:") > n + 1, 20, "the good one to go on")
+    assert "Traceback" not in h.output()
+    xs.close()
+    assert h.stop() == 0
+    h.assert_clean()
