@@ -657,7 +657,7 @@ def _host_command(cls, hc):
     def run(args) -> int:
         fields: dict[str, Any] = {"class": cls.command, "op": hc.op, "arg": getattr(args, "arg", None)}
         reply = request(_rundir(args), "class-op", **fields)
-        if args.json:
+        if getattr(args, "json", False):
             _print_json(reply.get("devices", []))
             return 0
         for row in reply.get("rows", []):
@@ -669,7 +669,8 @@ def _host_command(cls, hc):
 for _cls in devices.DEVICE_CLASSES:  # a class's own host commands (xl's pci-assignable-*)
     for _hc in _cls.host_commands:
         command(f"{_cls.command}-{_hc.op}", _hc.summary, f"<{_hc.arg}>" if _hc.arg else "",
-                *([arg("arg", metavar=_hc.arg)] if _hc.arg else []), table=True)(_host_command(_cls, _hc))
+                *([arg("arg", metavar=_hc.arg)] if _hc.arg else []),
+                table=_hc.arg is None)(_host_command(_cls, _hc))  # a list takes --json
 
 
 def uptime_string(seconds: int, short: bool) -> str:

@@ -85,8 +85,11 @@ class PciFront(FrontendDriver):
             raise LocalError("pci: an op is already in flight")
         shared.post(op)
         self.k.xen.notify(port)
-        if not self.k.loop.run_until(lambda: shared.result() is not None, timeout):
+        if not self.k.loop.run_until(lambda: self.shared is not shared or shared.result() is not None,
+                                     timeout):
             raise TimeoutError(f"pci: pciback did not answer op {op.cmd} within {timeout:g} s")
+        if self.shared is not shared:
+            raise LocalError("pci: the device disconnected during the op")
         answer = shared.result()
         assert answer is not None
         return answer
