@@ -81,6 +81,11 @@ def test_assignable_devices_as_xl(hosts):
     gone = h.xmp("pci-attach", "a", "0000:00:07.0", check=False)
     assert gone.returncode == 1 and "does not exist on this host" in gone.stderr
     assert h.xmp("pci-list", "a").stdout.count("\n") == 1           # the header: nothing was added
+    cfg = h.dir / "c.toml"
+    cfg.write_text(guest("c", "idle", pci=["0000:00:06.0"]))
+    made = h.xmp("create", str(cfg), check=False)                  # a new guest: refused before it is built
+    assert made.returncode == 1 and "0000:00:06.0 is not assignable" in made.stderr
+    assert h.info("c") is None
     h.xmp("pci-assignable-add", "00:06.0")
     assert "0000:00:06.0" in h.xmp("pci-assignable-list").stdout
     again = h.xmp("pci-assignable-add", "0000:00:06.0", check=False)
