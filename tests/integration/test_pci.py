@@ -63,6 +63,11 @@ def test_a_guest_enumerates_configures_maps_and_gets_interrupts(hosts):
     listed = json.loads(h.xmp("pci-list", "demo", "--json").stdout)
     assert [(d["name"], d["state"]) for d in listed] == [("0000:00:04.0", "4")]
     assert assignable(h) == {"0000:00:04.0": 1, "0000:00:05.0": None}
+    saved = h.xmp("save", "demo", str(h.dir / "demo.save"), check=False)  # xl refuses too
+    assert saved.returncode == 1
+    assert "demo: PCI device 0000:00:04.0 is passed through: pci-detach it first" in saved.stderr
+    assert h.info("demo") is not None                               # still running, never suspended
+    assert not (h.dir / "demo.save").exists()
     h.xmp("pci-detach", "demo", "0000:00:04.0")                      # the guest lets go: Closed, removed
     assert xs.read_or(back) is None and xs.read_or(front) is None
     assert assignable(h) == {"0000:00:04.0": None, "0000:00:05.0": None}

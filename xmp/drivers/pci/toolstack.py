@@ -69,6 +69,13 @@ def host_problem(table: tuple[HostPci, ...], spec: PciSpec) -> str | None:
     return None
 
 
+def check_save(spec: DeviceSpec) -> None:
+    """A guest holding a host device is not saved (nor, later, migrated), as
+    libxl refuses: the device's state is the host's, not the guest's, and a
+    save destroys the guest."""
+    raise XmpError(f"PCI device {spec.name} is passed through: pci-detach it first")
+
+
 def check_restored(spec: DeviceSpec) -> None:
     raise XmpError(f"pci {spec.name}: a domain with a passed-through PCI device cannot be restored "
                    "(xl refuses to save one: the device's state is not the guest's)")
