@@ -91,3 +91,22 @@ def test_counter_migrates_and_counts_on_there_without_gap_or_repeat(pair, hosts,
     assert after[0] == before[-1] + 1, (before[-5:], after[:5])
     assert after == list(range(after[0], after[0] + len(after)))
     two.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_refused_migration_leaves_the_guest_running_on_the_source_only(pair, hosts, tmp_path):
+    """The receiver already has a domain of that name: it refuses before a
+    page moves; the guest was never suspended and counts on at home."""
+    two = Two(pair, hosts, tmp_path, KEEP + COUNTER, KEEP + COUNTER)
+    a, b = two.hosts
+    a.wait(lambda: len(counts(a.console_log("c"))) > 5, 20, "counting")
+    domid = a.info("c")["domid"]
+    out = two.migrate(0, "c", "--live", check=False)
+    assert out.returncode == 1 and "a domain named 'c' already exists" in out.stderr, out.stderr
+    assert "EEXIST (10.99.0.2" in a.dmesg()
+    assert a.info("c")["domid"] == domid and a.info("c")["state"] == "running"
+    n = len(counts(a.console_log("c")))
+    a.wait(lambda: len(counts(a.console_log("c"))) > n + 5, 20, "counting on at home")
+    assert "c: suspending" not in a.console_log("c")
+    assert [d["name"] for d in b.list()].count("c") == 1
+    two.stop()
