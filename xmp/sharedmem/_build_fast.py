@@ -127,6 +127,7 @@ int xmp_set_dumpable(int on);
 int xmp_set_comm(const char *name);
 int xmp_punch_hole(int fd, int64_t offset, int64_t len);
 int xmp_drop_privileges(void);
+int xmp_drop_privileges_but(unsigned long long keep);
 
 int xmp_bench_sem_init(uint8_t *area);
 void xmp_bench_sem_destroy(uint8_t *area);
