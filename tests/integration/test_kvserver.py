@@ -15,6 +15,7 @@ from xmphost import guest
 
 from xmp.drivers.net import tap
 from xmp.guests.kvclient import KvClient
+from xmp.guests.kvserver import MAX_CONNECTIONS
 
 pytestmark = [pytest.mark.timeout(180),
               pytest.mark.skipif(not tap.privileged(),
@@ -69,6 +70,16 @@ def test_thousands_of_keys_survive_save_and_restore_here_and_on_a_second_supervi
     with socket.create_connection((f"{net}.2", 7000), timeout=10) as s:   # a line that never ends
         s.sendall(b"y" * 200_000)
         assert s.recv(100) == b"ERR line too long\n"
+    held = [socket.create_connection((f"{net}.2", 7000), timeout=10) for _ in range(MAX_CONNECTIONS)]
+    try:
+        for s in held:   # each one served (so each holds its slot) before the one too many
+            s.sendall(b"COUNT\n")
+            assert s.recv(100) == b"OK 1\n"
+        with socket.create_connection((f"{net}.2", 7000), timeout=10) as s:
+            assert s.recv(100) == b"ERR busy\n" and s.recv(100) == b""
+    finally:
+        for s in held:
+            s.close()
     data = values(3000, 1)
     with KvClient(f"{net}.2", 7000) as c:
         c.delete(b"ok")

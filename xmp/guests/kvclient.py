@@ -75,12 +75,15 @@ class KvClient:
 
     def request(self, line: bytes) -> bytes:
         """One request line's answer line (without LF), sent again on a new
-        connection until answered; TimeoutError past the deadline."""
+        connection until answered (``ERR busy``, the server's "too many
+        connections", is tried again too); TimeoutError past the deadline."""
         t0 = time.monotonic()
         while True:
             try:
                 reply = self._once(line)
-                break
+                if reply != b"ERR busy":
+                    break
+                raise ConnectionRefusedError("the server is busy (all its connections taken)")
             except OSError as exc:
                 self.close()
                 if time.monotonic() - t0 > self.deadline:

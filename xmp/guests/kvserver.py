@@ -41,6 +41,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from collections import deque
 
 from xmp.drivers.net import stack
@@ -93,10 +94,16 @@ class KvServer:
 
     def serve(self, srv: socket.socket) -> None:
         while True:
-            conn, _ = srv.accept()
+            try:
+                conn, _ = srv.accept()
+            except OSError:      # out of descriptors, or a connection reset before it was taken
+                time.sleep(0.01)
+                continue
             if not self.slots.acquire(blocking=False):
                 try:
                     conn.sendall(b"ERR busy\n")
+                except OSError:
+                    pass
                 finally:
                     conn.close()
                 continue

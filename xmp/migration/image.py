@@ -28,8 +28,10 @@ the ports of the new domain.  Xen's tools skip the optional record.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Any, NoReturn
 
 from xmp.errors import XmpError
@@ -39,6 +41,7 @@ from xmp.topology import DomainConfig
 from .stream import LibxcWriter, LibxlWriter, SaveImageReader, StreamError, XlHeader
 from .stream.libxc import (
     MAX_BATCH_SIZE,
+    NO_DATA_PAGE_TYPES,
     DomainType,
     End,
     PageData,
@@ -71,7 +74,7 @@ class DomainImage:
 
     record: dict[str, Any]          # DomainRecord.save(): config and devices
     config: DomainConfig
-    pages: dict[int, bytes | None] = field(default_factory=dict)  # pfn -> contents (None: zeros)
+    pages: dict[int, bytes | memoryview | None] = field(default_factory=dict)  # pfn -> contents (None: zeros)
     start_info: StartInfo | None = None
     context: bytes = b""            # the guest kernel's suspend context
     size: int = 0                   # octets of the image
@@ -169,9 +172,20 @@ class ImageDecoder:
     def _fail(at: int, what: str, msg: str) -> NoReturn:
         raise StreamError(at, what, msg)
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | memoryview) -> None:
         self.reader.feed(chunk)
         self._take()
+
+    def feed_nowait(self, chunk: bytes | memoryview) -> None:
+        """:meth:`feed` without decoding yet: :meth:`decode_until` does, in
+        slices (a whole image fed at once, as a restore does: a read-only
+        view is decoded in place, its pages never copied)."""
+        self.reader.feed(chunk)
+
+    def decode_until(self, deadline: float) -> bool:
+        """Decode what was fed until ``time.monotonic()`` passes
+        ``deadline``; True once everything fed is decoded."""
+        return self._take(deadline)
 
     def close(self) -> DomainImage:
         self.reader.close()
@@ -181,12 +195,14 @@ class ImageDecoder:
         self.image.size = self.offset
         return self.image
 
-    def _take(self) -> None:
+    def _take(self, deadline: float | None = None) -> bool:
         while True:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
             at = self.offset
             event = self.reader.next_event()
             if event is None:
-                return
+                return True
             self.offset = self.reader.offset
             image = self.image
             if isinstance(event, XlHeader):
@@ -210,6 +226,14 @@ class ImageDecoder:
             self._start_info_at = at
         if len(rec.pages) == len(rec.pfns):   # every page with data (xmp's own batches of touched pages)
             image.pages.update(zip(rec.pfns, rec.pages, strict=True))
+            self._progress(image)
+            return
+        if PageType.XTAB not in rec.types and PageType.BROKEN not in rec.types:
+            # data pages and XALLOC zero pages only (xmp's own batches of a part-touched
+            # guest): two dict updates in C instead of a loop over the batch in Python
+            image.pages.update(dict.fromkeys(rec.pfns))
+            image.pages.update(zip(compress(rec.pfns, [t not in NO_DATA_PAGE_TYPES for t in rec.types]),
+                                   rec.pages, strict=True))
             self._progress(image)
             return
         k = 0

@@ -174,7 +174,7 @@ class NetFront(FrontendDriver):
         self.dev = dev
         if self.area is None:
             n = int(self.opts["queues"])
-            self.area = self.k.alloc_pages(PAGES_PER_QUEUE * n)
+            self.area = self.k.alloc_pages(PAGES_PER_QUEUE * n, driver=True)
             self.all_queues = [_Queue(i, self.area + i * PAGES_PER_QUEUE) for i in range(n)]
         gt = self.k.grant_table
         gt.retry_deferred()

@@ -12,7 +12,7 @@ class VpingFront(FrontendDriver):
 
     def __init__(self, kernel) -> None:
         self.k = kernel
-        self.pfn = kernel.alloc_pages(1)  # the ring page, kept across reconnections
+        self.pfn = kernel.alloc_pages(1, driver=True)  # the ring page, kept across reconnections
         self.ring: FrontRing | None = None
         self.gref: int | None = None
         self.port: int | None = None

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from xmp.errors import LocalError, RemoteProtocolError
 
@@ -95,14 +95,27 @@ class Input:
     and takes it back after, without copying."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._buf: bytearray | bytes | memoryview = bytearray()
         self._pos = 0          # index of the first unconsumed byte in _buf
         self.offset = 0        # absolute stream offset of _buf[_pos]
         self.eof = False
+        self._adopted = False  # _buf is the caller's immutable buffer, not ours
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
+        """More bytes.  ``bytes``, or a read-only memoryview whose bytes the
+        caller leaves alone, fed when nothing is buffered is adopted, not
+        copied (a restore feeds a whole image read in place), and
+        :meth:`take_view` hands out views of it."""
         if self.eof:
             raise LocalError("feed() after close()")
+        fixed = type(data) is bytes or (isinstance(data, memoryview) and data.readonly)
+        if self._adopted:
+            rest = memoryview(self._buf)[self._pos:]
+            self._buf, self._pos, self._adopted = bytearray(rest), 0, False
+        if fixed and self.available() == 0:
+            self._buf, self._pos, self._adopted = data, 0, True
+            return
+        assert isinstance(self._buf, bytearray)
         if self._pos > 1 << 16 and self._pos * 2 > len(self._buf):
             del self._buf[: self._pos]   # compact, amortised O(1) per byte
             self._pos = 0
@@ -125,6 +138,17 @@ class Input:
         self.offset += n
         return data
 
+    def take_view(self, n: int) -> bytes | memoryview:
+        """:meth:`take`, without the copy when the bytes are an adopted
+        buffer's (they never change, so a view of them is as good)."""
+        if not self._adopted:
+            return self.take(n)
+        data = memoryview(self._buf)[self._pos : self._pos + n]
+        assert len(data) == n
+        self._pos += n
+        self.offset += n
+        return data
+
     def skip(self, n: int) -> None:
         assert self.available() >= n
         self._pos += n
@@ -140,8 +164,9 @@ class RecordFramer:
     it is complete, before any body is buffered; a record is returned only
     once its body and padding are all here."""
 
-    def __init__(self, names: dict[int, str]):
+    def __init__(self, names: dict[int, str], views: frozenset[int] = frozenset()):
         self._names = names
+        self._views = views   # record types whose decoders take a memoryview body (no copy)
 
     def name(self, rec_type: int) -> str:
         if rec_type in self._names:
@@ -163,7 +188,9 @@ class RecordFramer:
             return None
         offset = inp.offset
         inp.skip(REC_HEADER_SIZE)
-        body = inp.take(length)   # one copy of the body, none of the padding
+        # one copy of the body (none for the types in _views, of an adopted buffer), none of the padding
+        # (a view is read as bytes are: struct, len, slices -- what the decoders of _views do)
+        body = cast(bytes, inp.take_view(length)) if rec_type in self._views else inp.take(length)
         inp.skip(padding(length))
         return offset, rec_type, body
 
@@ -188,7 +215,7 @@ class LayerReader:
     _inp: Input
     _parser: Any
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         self._inp.feed(data)
 
     def next_event(self) -> object | None:

@@ -201,7 +201,7 @@ class LibxcParser:
         self.image_header: ImageHeader | None = None
         self.domain_header: DomainHeader | None = None
         self._order: _Order | None = None
-        self._framer = RecordFramer(_NAMES)
+        self._framer = RecordFramer(_NAMES, views=frozenset({RecType.PAGE_DATA}))  # pages: no copy
         self._guest_width = 8
 
     @property
