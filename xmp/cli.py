@@ -494,6 +494,65 @@ def cmd_mem_set(args) -> int:
     return 0
 
 
+@command("vcpu-list", "List the VCPUs for all/some domains", "[Domain, ...]",
+         arg("doms", nargs="*", metavar="Domain"), table=True)
+def cmd_vcpu_list(args) -> int:
+    rows = request(_rundir(args), "vcpu-list", doms=args.doms)["vcpus"]
+    if args.json:
+        _print_json(rows)
+        return 0
+    sys.stdout.write(vcpu_table(rows))
+    return 0
+
+
+def vcpu_table(rows: list[dict[str, Any]]) -> str:
+    """xl vcpu-list's header and rows (tools/xl/xl_vcpu.c, print_vcpuinfo):
+    ``%-32s %5u %5u`` then ``%5u %3c%c- `` (``%5c %3c%cp `` offline), ``%9.1f  ``,
+    the hard / soft maps as print_bitmap writes them."""
+    out = ["%-32s %5s %5s %5s %5s %9s %s\n" % ("Name", "ID", "VCPU", "CPU", "State",  # noqa: UP031
+                                              "Time(s)", "Affinity (Hard / Soft)")]
+    for r in rows:
+        line = f"{r['name']:<32} {r['domid']:5d} {r['vcpu']:5d}"
+        if r["online"]:
+            line += f"{r['cpu']:5d} {'r' if r['running'] else '-':>3}{'b' if r['blocked'] else '-'}- "
+        else:
+            line += f"{'-':>5} {'-':>3}-p "
+        every = r["all_cpus"]
+        line += f"{r['cpu_time']:9.1f}  {_bitmap(r['hard'], every)} / {_bitmap(r['soft'], every)}"
+        out.append(line + "\n")
+    return "".join(out)
+
+
+def _bitmap(cpus: list[int], every: list[int]) -> str:
+    """xl's print_bitmap: ``all``, else ranges ``0-2,5``."""
+    if set(every) <= set(cpus):
+        return "all"
+    runs: list[list[int]] = []
+    for c in sorted(cpus):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+@command("vcpu-pin", "Set which CPUs a VCPU can use",
+         "<Domain> <VCPU|all> <Hard affinity|-> [Soft affinity|-]", DOM, arg("vcpu", metavar="VCPU"),
+         arg("hard", metavar="Hard"), arg("soft", nargs="?", metavar="Soft"))
+def cmd_vcpu_pin(args) -> int:
+    request(_rundir(args), "vcpu-pin", dom=args.dom, vcpu=args.vcpu, hard=args.hard, soft=args.soft)
+    return 0
+
+
+@command("vcpu-set", "Set the number of active VCPUs allowed for the domain", "<Domain> <vCPUs>",
+         DOM, arg("vcpus", metavar="vCPUs"))
+def cmd_vcpu_set(args) -> int:
+    if not args.vcpus.isdigit():
+        raise CliError(f"invalid number of vCPUs '{args.vcpus}'")
+    request(_rundir(args), "vcpu-set", dom=args.dom, vcpus=int(args.vcpus))
+    return 0
+
+
 @command("vm-list", "List guest domains, excluding dom0, stubdoms, etc.", "", table=True)
 def cmd_vm_list(args) -> int:
     doms = [d for d in _domains(args) if d["state"] != "dying"]

@@ -49,7 +49,7 @@ from xmp.errors import HypercallError, XmpError
 from xmp.hv.domain import DomState
 from xmp.hypercall import from_a_domain
 from xmp.sharedmem.shm import PAGE_SIZE
-from xmp.toolstack import memory
+from xmp.toolstack import memory, vcpus
 from xmp.toolstack.pending import Pending
 
 if TYPE_CHECKING:
@@ -296,6 +296,24 @@ class ControlServer:
             raise HypercallError(errno.EINVAL, "trigger", f"{dom.name} has no vCPU {vcpu!r}")
         self.ts.trigger(dom, self._string(req, "trigger", "trigger"))
         return {"domid": dom.domid}
+
+    def cmd_vcpu_set(self, req):
+        n = req.get("vcpus")
+        if not _number(n, int):
+            raise HypercallError(errno.EINVAL, "vcpu-set", "vcpus is an integer")
+        return vcpus.set_vcpus(self.ts, self._dom(req), n)
+
+    def cmd_vcpu_list(self, req):
+        refs = req.get("doms") or []
+        doms = [self.sup.find(r) for r in refs] if refs else \
+            sorted(self.sup.domains.values(), key=lambda d: d.domid)
+        return {"vcpus": vcpus.list_vcpus(doms)}
+
+    def cmd_vcpu_pin(self, req):
+        vcpu, hard, soft = req.get("vcpu"), req.get("hard"), req.get("soft")
+        if not all(isinstance(v, str) for v in (vcpu, hard)) or not isinstance(soft, (str, type(None))):
+            raise HypercallError(errno.EINVAL, "vcpu-pin", "vcpu, hard (and soft) are strings")
+        return {"vcpus": vcpus.pin(self.sup, self._dom(req), vcpu, hard, soft)}
 
     def cmd_dump_core(self, req):
         dom, path = self._dom(req), Path(self._string(req, "path", "dump-core"))
