@@ -67,3 +67,44 @@ def test_events_ipis_timers_per_vcpu_and_hotplug(hosts):
     assert bad.returncode == 1 and "smp may have 1 to 4 vCPUs (maxvcpus), not 5" in bad.stderr
     assert h.stop() == 0
     h.assert_clean()
+
+
+def cpus_allowed(pid: int, tid: int) -> str:
+    with open(f"/proc/{pid}/task/{tid}/status") as f:
+        return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("Cpus_allowed_list:"))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs")
+def test_vcpu_list_columns_and_pinning_reach_the_threads(hosts):
+    h = hosts(HOST + vguest("pin", "spinners", 2, 3)).start(("pin",))
+    h.wait(lambda: "spinners: spinning on [0, 1]" in h.console_log("pin"), 20, "two spinning vCPUs")
+    pid = h.domain_pid("pin")
+    cpus = sorted(os.sched_getaffinity(0))
+    h.xmp("vcpu-pin", "pin", "1", f"{cpus[1]}")
+    h.xmp("vcpu-pin", "pin", "0", f"all,^{cpus[1]}", f"{cpus[0]}")
+    rows = {r["vcpu"]: r for r in json.loads(h.xmp("vcpu-list", "--json", "pin").stdout)}
+    assert cpus_allowed(pid, rows[1]["tid"]) == str(cpus[1])
+    assert cpus_allowed(pid, pid) == ",".join(str(c) for c in cpus if c != cpus[1])
+    # the spinning threads show their CPU time and run where they are pinned
+    h.wait(lambda: json.loads(h.xmp("vcpu-list", "--json", "pin").stdout)[1]["cpu_time"] >= 0.3, 20,
+           "vCPU 1 to burn CPU")
+    out = h.xmp("vcpu-list", "pin").stdout.splitlines()
+    # xl_vcpu.c: "%-32s %5s %5s %5s %5s %9s %s" header; rows "%-32s %5u %5u" +
+    # "%5u %3c%c- " (offline "%5c %3c%cp ") + "%9.1f  " + hard " / " soft
+    assert out[0] == "%-32s %5s %5s %5s %5s %9s %s" % (  # noqa: UP031  (xl's printf)
+        "Name", "ID", "VCPU", "CPU", "State", "Time(s)", "Affinity (Hard / Soft)")
+    rows = {r["vcpu"]: r for r in json.loads(h.xmp("vcpu-list", "--json", "pin").stdout)}
+    v1 = next(ln for ln in out if re.match(r"pin\s+\d+\s+1", ln))
+    assert re.fullmatch(rf"pin {{29}}\s+1     1{cpus[1]:5d}   [r-][b-]- +[0-9.]+  {cpus[1]} / all", v1), v1
+    assert rows[1]["cpu"] == cpus[1] and rows[1]["cpu_time"] > 0
+    v2 = next(ln for ln in out if re.match(r"pin\s+\d+\s+2", ln))
+    assert v2 == "%-32s %5d %5d%5s %3s-p %9.1f  all / all" % ("pin", 1, 2, "-", "-", 0.0)  # noqa: UP031
+    v0 = next(ln for ln in out if re.match(r"pin\s+\d+\s+0", ln))
+    assert v0.endswith(f"  {','.join(str(c) for c in cpus if c != cpus[1])} / {cpus[0]}")
+    bad = h.xmp("vcpu-pin", "pin", "7", "0", check=False)
+    assert bad.returncode == 1 and "has no vCPU 7" in bad.stderr
+    bad = h.xmp("vcpu-pin", "pin", "1", "0-99", check=False)
+    assert bad.returncode == 1 and "outside this host's cpus" in bad.stderr
+    assert cpus_allowed(pid, rows[1]["tid"]) == str(cpus[1])   # nothing changed
+    assert h.stop() == 0
+    h.assert_clean()
