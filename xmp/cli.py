@@ -35,6 +35,7 @@ from xmp.clitable import COMMANDS, DOM, CliError, UsageError, arg, command, over
 from xmp.errors import XmpError
 from xmp.hypercall import SHUTDOWN_REASONS
 from xmp.sharedmem.shm import remove_stale
+from xmp.toolstack import sched
 
 ESCAPE = b"\x1d"  # Ctrl-], as xl console
 
@@ -494,6 +495,30 @@ def cmd_mem_set(args) -> int:
     return 0
 
 
+@command("sched-credit", "Get/set credit scheduler parameters", "[-d <Domain> [-w[=WEIGHT]|-c[=CAP]]]",
+         arg("-d", "--domain", dest="dom", metavar="Domain", help="Domain to modify"),
+         arg("-w", "--weight", type=int, metavar="WEIGHT", help="Weight (int, 1..65535, default 256)"),
+         arg("-c", "--cap", type=int, metavar="CAP", help="Cap (int, percent of one CPU, 0 = none)"),
+         table=True)
+def cmd_sched_credit(args) -> int:
+    if args.dom is None and (args.weight is not None or args.cap is not None):
+        raise CliError("Must specify a domain.")
+    reply = request(_rundir(args), "sched-credit", dom=args.dom, weight=args.weight, cap=args.cap)
+    if args.json:
+        _print_json(reply["domains"])
+        return 0
+    if args.weight is not None or args.cap is not None:
+        return 0  # xl sets silently
+    # xl_sched.c: the pool line (listing all), then "%-33s %4s %6s %4s" and "%-33s %4d %6d %4d" rows
+    if args.dom is None:
+        print(f"Cpupool {reply['pool']}: tslice={reply['tslice_ms']}ms ratelimit={reply['ratelimit_us']}us "
+              f"migration-delay={reply['migration_delay_us']}us")
+    print(f"{'Name':<33} {'ID':>4} {'Weight':>6} {'Cap':>4}")
+    for d in reply["domains"]:
+        print(f"{d['name']:<33} {d['domid']:4d} {d['weight']:6d} {d['cap']:4d}")
+    return 0
+
+
 @command("vcpu-list", "List the VCPUs for all/some domains", "[Domain, ...]",
          arg("doms", nargs="*", metavar="Domain"), table=True)
 def cmd_vcpu_list(args) -> int:
@@ -816,6 +841,8 @@ def cmd_cleanup(args) -> int:
     for name in removed:
         print(f"removed /dev/shm/{name}")
     print(f"{len(removed)} stale object(s) of dead supervisors removed")
+    for group in sched.remove_stale():
+        print(f"removed the cgroup {group} of a dead supervisor")
     rundir = Path(args.rundir) if args.rundir else default_rundir()
     if rundir.is_dir():
         try:

@@ -297,6 +297,27 @@ class ControlServer:
         self.ts.trigger(dom, self._string(req, "trigger", "trigger"))
         return {"domid": dom.domid}
 
+    def cmd_sched_credit(self, req):
+        """{"cmd": "sched-credit", "dom": "web", "weight": 512, "cap": 50} (either or
+        neither); without "dom" every domain's."""
+        weight, cap = req.get("weight"), req.get("cap")
+        if any(v is not None and not _number(v, int) for v in (weight, cap)):
+            raise HypercallError(errno.EINVAL, "sched-credit", "weight and cap are integers")
+        if req.get("dom") is None:
+            if weight is not None or cap is not None:
+                raise HypercallError(errno.EINVAL, "sched-credit", "Must specify a domain.")
+            doms = sorted(self.sup.domains.values(), key=lambda d: d.domid)
+        else:
+            doms = [self._dom(req)]
+            if weight is not None or cap is not None:
+                self.sup.credit.set(doms[0].domid, doms[0].pid, weight, cap)
+        rows = []
+        for d in doms:
+            p = self.sup.credit.get(d.domid)
+            rows.append({"name": d.name, "domid": d.domid, "weight": p.weight, "cap": p.cap})
+        return {"domains": rows, "pool": "Pool-0", "tslice_ms": 30, "ratelimit_us": 1000,
+                "migration_delay_us": 0}
+
     def cmd_vcpu_set(self, req):
         n = req.get("vcpus")
         if not _number(n, int):
