@@ -70,7 +70,6 @@ from xmp.limits import (
 from xmp.sharedmem._ffi import lib
 from xmp.sharedmem.evtchn import VIRQ_TIMER
 from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, recv_handles, remove_stale, send_handles
-from xmp.toolstack import sched
 from xmp.topology import GUEST_UIDS, DomainConfig, check_fits
 
 DYING_GRACE = 5.0           # seconds a dying domain waits for its mappers to let go
@@ -143,9 +142,6 @@ class Supervisor(HypercallHandlers):
         self.hvlog = open(self.rundir / "logs" / "hypervisor.log", "a", buffering=1)
         for name in remove_stale():
             self.log(f"removed stale shared-memory object {name}")
-        for name in sched.remove_stale():
-            self.log(f"removed the cgroup {name} of a supervisor that is gone")
-        self.credit = sched.CreditScheduler()
         self.sel = selectors.DefaultSelector()
         self.watch(self.zygote.sock, selectors.EVENT_READ, lambda _mask: self._exits())
         self._wake_r, self._wake_w = socket.socketpair()
@@ -412,7 +408,6 @@ class Supervisor(HypercallHandlers):
                 self.log(f"dom{dom.domid} freed while still mapped by {holders}")
             self.pool_give(dom.tot_pages)
             del self.domains[dom.domid]
-            self.credit.forget(dom.domid)
             dom.release()
             self.raise_dom_exc()
 
@@ -704,7 +699,6 @@ class Supervisor(HypercallHandlers):
         if dom0 is not None:
             self.destroy_domain(dom0, "destroyed (supervisor stopping)")
         self.reap_dying(force=True)
-        self.credit.close()
         self.zygote.close()
         self.sel.close()
         self._wake_r.close()

@@ -310,10 +310,10 @@ class ControlServer:
         else:
             doms = [self._dom(req)]
             if weight is not None or cap is not None:
-                self.sup.credit.set(doms[0].domid, doms[0].pid, weight, cap)
+                self.ts.credit.set(doms[0].domid, doms[0].pid, weight, cap)
         rows = []
         for d in doms:
-            p = self.sup.credit.get(d.domid)
+            p = self.ts.credit.get(d.domid)
             rows.append({"name": d.name, "domid": d.domid, "weight": p.weight, "cap": p.cap})
         return {"domains": rows, "pool": "Pool-0", "tslice_ms": 30, "ratelimit_us": 1000,
                 "migration_delay_us": 0}
