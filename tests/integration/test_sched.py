@@ -52,9 +52,14 @@ def test_weights_share_a_core_and_a_cap_holds(hosts):
     h.xmp("pause", "light")
     h.xmp("pause", "heavy")
     h.xmp("unpause", "capped")
+    (u,), uwall = measure([capped], 2.0)   # what the core gives it uncapped (other load shares it)
     h.xmp("sched-credit", "-d", "capped", "-c", "50")
     (c,), wall = measure([capped], 3.0)
-    assert c / wall == pytest.approx(0.5, abs=0.10), (c, wall)
+    # a cap is a ceiling: 50% within 10 points when the core had room for more;
+    # on a core the rest of the machine keeps busy it can only be checked from above
+    assert c / wall <= 0.60, (u, uwall, c, wall)
+    if u / uwall >= 0.8:
+        assert c / wall >= 0.40, (u, uwall, c, wall)
 
     out = h.xmp("sched-credit").stdout.splitlines()
     assert out[0] == "Cpupool Pool-0: tslice=30ms ratelimit=1000us migration-delay=0us"
