@@ -736,6 +736,27 @@ for _cls in devices.DEVICE_CLASSES:  # <command>-attach / -list / -detach for ea
                 help="Seconds to wait for Closed (default 10)."))(_device_detach(_cls))
 
 
+def _host_command(cls, hc):
+    """xmp <command>-<op> [ARG]: a class's host command (xmp.devices.HostCommand)."""
+    def run(args) -> int:
+        fields: dict[str, Any] = {"class": cls.command, "op": hc.op, "arg": getattr(args, "arg", None)}
+        reply = request(_rundir(args), "class-op", **fields)
+        if getattr(args, "json", False):
+            _print_json(reply.get("devices", []))
+            return 0
+        for row in reply.get("rows", []):
+            print(row)
+        return 0
+    return run
+
+
+for _cls in devices.DEVICE_CLASSES:  # a class's own host commands (xl's pci-assignable-*)
+    for _hc in _cls.host_commands:
+        command(f"{_cls.command}-{_hc.op}", _hc.summary, f"<{_hc.arg}>" if _hc.arg else "",
+                *([arg("arg", metavar=_hc.arg)] if _hc.arg else []),
+                table=_hc.arg is None)(_host_command(_cls, _hc))  # a list takes --json
+
+
 def uptime_string(seconds: int, short: bool) -> str:
     """xl's uptime_to_string: ``[N day(s), ]H:MM[:SS]``."""
     day, rest = divmod(seconds, 86400)

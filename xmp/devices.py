@@ -42,6 +42,18 @@ from xmp.errors import LocalError
 
 
 @dataclass(frozen=True)
+class HostCommand:
+    """A host-level command of a class (xl's ``pci-assignable-add``): ``xmp
+    <command>-<op> [ARG]``, answered by ``control(ts, op, req)`` in its
+    toolstack.py (``req["arg"]`` the argument); a reply's ``rows`` are printed,
+    its ``devices`` are the ``--json`` form."""
+
+    op: str
+    summary: str          # xl's one-line summary
+    arg: str | None = None  # the one argument's metavar, if it takes one
+
+
+@dataclass(frozen=True)
 class DeviceClass:
     kind: str                      # its folder: xmp/drivers/<kind>/
     devtype: str                   # xenbus device type: device/<devtype>/<devid>
@@ -49,6 +61,11 @@ class DeviceClass:
     command: str | None = None     # xl's command stem: "block" -> block-attach / -detach / -list
     opener: str | None = None      # kernel.<opener>(ref) opens one in a guest
     summary: str = ""
+    # the [host] key declaring the host's own devices of the class ([[host.pci]]): its
+    # toolstack.py's host_table(value) checks it, host_problem(table, spec) checks a guest's spec
+    # against it, and no two guests of a file may name the same one
+    host_key: str | None = None
+    host_commands: tuple[HostCommand, ...] = ()
 
     def part(self, name: str) -> ModuleType:
         """One of the folder's files, imported on first use."""
@@ -102,6 +119,13 @@ DEVICE_CLASSES: tuple[DeviceClass, ...] = (
                 summary="virtual block devices (blkfront / blkback over image files)"),
     DeviceClass("net", "vif", config_key="vif", command="network", opener="net",
                 summary="virtual network interfaces (netfront / netback on a bridge or switch)"),
+    DeviceClass("pci", "pci", config_key="pci", command="pci", opener="pci",
+                summary="PCI pass-through (pcifront / pciback over io/pciif.h; the host's [[host.pci]])",
+                host_key="pci",
+                host_commands=(
+                    HostCommand("assignable-add", "Make a device assignable for pci-passthru", "BDF"),
+                    HostCommand("assignable-remove", "Remove a device from being assignable", "BDF"),
+                    HostCommand("assignable-list", "List all the assignable pci devices"))),
 )
 
 
@@ -115,6 +139,10 @@ def by_command(command: str) -> DeviceClass:
 
 def by_opener(opener: str) -> DeviceClass | None:
     return next((c for c in DEVICE_CLASSES if c.opener == opener), None)
+
+
+def with_host_key() -> tuple[DeviceClass, ...]:
+    return tuple(c for c in DEVICE_CLASSES if c.host_key)
 
 
 def with_config_key() -> tuple[DeviceClass, ...]:

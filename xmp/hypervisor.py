@@ -51,9 +51,11 @@ from xmp.hv.domain import (
     DomState,
     Mapping,
     build_domain,
+    entry_registers,
     process_cpu_seconds,
     process_running,
 )
+from xmp.hv.hvm import HvmState
 from xmp.hv.hypercalls import DEFERRED, HypercallHandlers
 from xmp.hv.zygote import ZygoteClient
 from xmp.hypercall import DOM0_ONLY, MAX_FDS, MAX_MESSAGE, MessageTooBig, decode_request, encode
@@ -157,11 +159,14 @@ class Supervisor(HypercallHandlers):
         self.dmesg.append(line)
         self.hvlog.write(line + "\n")
 
-    def console_line(self, dom: Domain, text: str) -> None:
-        for line in text.splitlines() or [""]:
-            self.dmesg.append(f"(d{dom.domid}) {line}")
-            self.hvlog.write(f"(d{dom.domid}) {line}\n")
-        if dom.domid == DOMID_DOM0:
+    def console_line(self, dom: Domain, text: str, serial: bool = False) -> None:
+        """A domain's console_io line (dmesg; dom0's console log too), or with
+        ``serial`` an HVM guest's emulated UART, which goes to its console log."""
+        if not serial:
+            for line in text.splitlines() or [""]:
+                self.dmesg.append(f"(d{dom.domid}) {line}")
+                self.hvlog.write(f"(d{dom.domid}) {line}\n")
+        if dom.domid == DOMID_DOM0 or serial:
             with open(self.rundir / "console" / f"{dom.name}.log", "a") as f:
                 f.write(text if text.endswith("\n") else text + "\n")
             if self.echo_fd is not None:
@@ -252,7 +257,8 @@ class Supervisor(HypercallHandlers):
 
     def build(self, cfg: DomainConfig, kernel: str, *, domid: int | None = None, name: str | None = None,
               boot: dict[str, Any] | None = None, extra_fds: Iterable[int] = (),
-              prepare: Callable[[Domain], None] | None = None, paused: bool = False) -> Domain:
+              prepare: Callable[[Domain], None] | None = None, paused: bool = False,
+              paused_for_dm: bool = False) -> Domain:
         """Build a domain and start its process, running ``kernel``: memory
         from the pool, RAM and event objects, special pages, a domid (or
         ``domid``, for dom0).  ``boot`` adds to the boot message.
@@ -267,13 +273,15 @@ class Supervisor(HypercallHandlers):
             domid = self._alloc_domid()
         try:  # a config too big for the channel is refused before anything is built
             boot_msg = encode({"domid": domid, "name": name, "config": cfg.to_dict(), "kernel": kernel,
-                               **(boot or {})})
+                               "entry": entry_registers(cfg.type), **(boot or {})})
         except MessageTooBig as exc:
             raise HypercallError(errno.E2BIG, "createdomain", f"{name}: config too big ({exc})") from None
         mem_pages = cfg.memory_mib * MIB // PAGE_SIZE
         self.pool_take(mem_pages, "createdomain")
         try:
             dom = build_domain(self.ns, domid, cfg, name)
+            if cfg.type == "hvm":
+                dom.hvm = HvmState(awaiting_dm=paused_for_dm and not paused)
         except BaseException as exc:
             self.pool_give(mem_pages)
             _out_of_descriptors(exc, self.nofile)
@@ -321,7 +329,9 @@ class Supervisor(HypercallHandlers):
         dom.sock = ours
         self.domains[domid] = dom
         self.pids[dom.pid] = (domid, name)
-        if paused:   # stopped while it waits for its boot message: it runs nothing until unpaused
+        # stopped while it waits for its boot message: it runs nothing until unpaused (an HVM
+        # guest: until its device model has enabled its ioreq server, or until asked, with -p)
+        if paused or paused_for_dm and cfg.type == "hvm":
             os.kill(dom.pid, signal.SIGSTOP)
             dom.state = DomState.PAUSED
         send_handles(ours, boot_msg, [dom.ram.fd, dom.evt_obj.fd, dom.wake_fd, *extra_fds])
@@ -363,6 +373,7 @@ class Supervisor(HypercallHandlers):
         for port in list(dom.ports.bound()):
             self.close_port(dom, port)
         self.drop_doorbells(dom)
+        self.hvm_destroyed(dom)
         for key in [k for k in self.timer_gen if k[0] == dom.domid]:
             del self.timer_gen[key]
         self.log(f"dom{dom.domid} {dom.name!r} {reason}")

@@ -15,6 +15,10 @@ with xl's names, units (MiB) and defaults where xl has them; a complete file::
                                 # ("[v6addr]:PORT"; port 0: any free one)
     migrate_key = "lab.key"     # required with migrate: the key file both hosts
                                 # hold (mode 0600; relative to this file)
+    [[host.pci]]                # the host's own devices of a class that has them (PCI:
+    bdf = "0000:00:04.0"        # bdf, vendor, device required; class, bars, pin,
+    vendor = 0x1af4             # assignable -- see the class's toolstack.py)
+    device = 0x10f0
 
     [dom0]                      # optional; dom0 always exists, named "Domain-0"
     memory = 256                # MiB, default 256
@@ -102,7 +106,9 @@ RESERVED_SUFFIXES = ("--incoming", "--migratedaway")
 EVTCHN_RANGE = (2, 4096)
 GRANT_FRAMES_RANGE = (1, 64)
 
-HOST_KEYS = ("name", "memory", "rundir", "guest_uids", "bridges", "migrate", "migrate_key")
+# A device class handing out the host's own devices ([[host.pci]]) adds its key through xmp.devices.
+HOST_DEVICE_KEYS = tuple(c.host_key for c in devices.with_host_key() if c.host_key)
+HOST_KEYS = ("name", "memory", "rundir", "guest_uids", "bridges", "migrate", "migrate_key", *HOST_DEVICE_KEYS)
 GUEST_UIDS = (200000, 265535)  # the default [host] guest_uids
 DOM0_KEYS = ("memory", "maxmem", "vcpus", "kernel", "args")
 # Each device class with an xl spec adds its key ("disk", …) through xmp.devices.
@@ -146,6 +152,8 @@ class HostConfig:
     bridges: dict[str, str] = field(default_factory=dict, hash=False)
     migrate: str | None = None      # "ADDR:PORT" the host receives migrations on
     migrate_key: str | None = None  # its key file, absolute
+    # each class's host devices ([[host.pci]]), by its kind, as its toolstack's host_table made them
+    host_devices: dict[str, tuple[Any, ...]] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -653,7 +661,40 @@ def _host(t: _Table, raw: dict) -> HostConfig:
         uids = (int(lo), int(hi))
     migrate, key = _migrate(t, raw)
     return HostConfig(name=name, memory_mib=memory, rundir=rundir, guest_uids=uids,
-                      bridges=_bridges(t, raw), migrate=migrate, migrate_key=key)
+                      bridges=_bridges(t, raw), migrate=migrate, migrate_key=key,
+                      host_devices=_host_devices(t, raw))
+
+
+def _host_devices(t: _Table, raw: dict) -> dict[str, tuple[Any, ...]]:
+    """The host's own devices of each class that has them, checked by the class."""
+    out = {}
+    for cls in devices.with_host_key():
+        key = cls.host_key or ""
+        if key in raw:
+            try:
+                out[cls.kind] = tuple(cls.part("toolstack").host_table(raw[key]))
+            except XmpError as exc:
+                raise t.error(key, str(exc)) from None
+    return out
+
+
+def _host_devices_given(t: _Table, host: HostConfig, cfg: DomainConfig,
+                        given: dict[tuple[str, str], str]) -> None:
+    """A domain's specs of such a class name host devices that exist and
+    that no domain above was given: a host device goes to one guest."""
+    for cls in devices.with_host_key():
+        key = cls.config_key or ""
+        part = cls.part("toolstack")
+        for text in cfg.devices.get(key, ()):
+            parsed = part.parse(text)
+            problem = part.host_problem(host.host_devices.get(cls.kind, ()), parsed)
+            if problem:
+                raise t.error(key, problem)
+            name = (cls.kind, part.name_of(parsed))
+            if name in given:
+                raise t.error(key, f"{name[1]} is already given to '{given[name]}': a host device goes to "
+                                   "one guest")
+            given[name] = cfg.name
 
 
 def _bridges(t: _Table, raw: dict) -> dict[str, str]:
@@ -788,6 +829,7 @@ def parse_topology(text: str, path: str = "<topology>") -> Topology:
     tables: list[_Table] = []
     first_line: dict[str, int | None] = {}
     held = limits.FDS_RESERVED + limits.domain_cost(0)  # dom0's own place
+    given: dict[tuple[str, str], str] = {}  # (class, host device) -> the domain it went to
     for i, raw in enumerate(doc.get("domain", [])):
         t = _Table(path, loc, "domain", i, f"[[domain]] #{i + 1}")
         if not isinstance(raw, dict):
@@ -809,6 +851,7 @@ def parse_topology(text: str, path: str = "<topology>") -> Topology:
             if not host_dom.driver_domain:
                 raise t.error(key, f"backend '{backend}' is not a driver domain (it runs no backends); "
                                    f"set driver_domain = true in '{backend}' or drop backend=")
+        _host_devices_given(t, host, cfg, given)
         first_line[cfg.name] = t.line("name")
         domains.append(cfg)
         tables.append(t)

@@ -53,3 +53,15 @@ def test_driver_domain_example_serves_two_guests(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     for guest in ("alpha", "beta"):
         assert f"{guest} | diskcheck: OK {8 << 20} bytes verified" in out.stdout
+
+
+@pytest.mark.timeout(120)
+def test_pci_example_drives_two_passed_through_devices(tmp_path):
+    out = _run_example(tmp_path, "pci.toml")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "pci-a | pcidemo: 0000:00:04.0 vendor 1af4 device 10f0 BAR0 0xc2000000 size 4096" in out.stdout
+    assert "pci-a | pcidemo: 0000:00:04.0 round 2: interrupt 3" in out.stdout
+    assert "pci-b | pcidemo: found 0000:00:05.0\n" in out.stdout      # each sees its own device only
+    assert "pci-b | pcidemo: 0000:00:05.0 round 1: interrupt 2" in out.stdout
+    for name in ("pci-a", "pci-b"):
+        assert f"{name} | pcidemo: done with 1 device(s)" in out.stdout

@@ -12,8 +12,10 @@ A guest kernel may use: ``domid``, ``name``, ``config``, ``args``,
 one allocator the balloon driver shares),
 ``grant_table``, ``xen`` (hypercalls), ``loop`` (its event loop),
 ``console``, ``xenstore``, ``print``, ``sleep`` / ``monotonic`` / ``idle``,
-the device openers, ``detect``, ``vcpu(n)`` / ``smp_processor_id`` /
-``online_vcpus`` (its vCPUs: :mod:`xmp.domain_proc.vcpus`), ``shutdown`` / ``poweroff`` /
+the device openers, ``detect`` / ``cpuid``, ``vcpu(n)`` / ``smp_processor_id`` /
+``online_vcpus`` (its vCPUs: :mod:`xmp.domain_proc.vcpus`), the emulated-hardware accesses
+``inb`` / ``inw`` / ``inl`` / ``outb`` / ``outw`` / ``outl`` / ``mmio_read`` /
+``mmio_write`` (an HVM guest's device model answers them), ``shutdown`` / ``poweroff`` /
 ``reboot`` / ``crash`` / ``suspend``, and for moving ``on_suspend`` /
 ``restored``.  Drivers may also use ``close_port``.
 
@@ -56,10 +58,12 @@ from xmp.domain_proc.pages import PageAllocator
 from xmp.domain_proc.vcpus import Vcpu, VcpuHotplug, current
 from xmp.domain_proc.xen import Xen
 from xmp.errors import HypercallError, LocalError, XmpError
+from xmp.hv.hvm import XEN_CPUID_BASE, XEN_CPUID_SIGNATURE
+from xmp.hvm.trap import IoTrap
 from xmp.sharedmem.evtchn import VIRQ_TIMER
 from xmp.sharedmem.grant import GrantTable
 from xmp.sharedmem.shm import PAGE_SIZE
-from xmp.startinfo import StartInfo, first_free_pfn
+from xmp.startinfo import HvmStartInfo, StartInfo, first_free_pfn
 from xmp.xenstore.client import RingTransport, XsClient
 
 MAX_GUEST_CONTEXT = 8192   # bytes a guest's suspend hook may return: its state lives in RAM
@@ -108,6 +112,8 @@ class Kernel:
         # dom0's alone: descriptors passed at boot (the terminal to echo consoles to), the run directory.
         self.boot_fds: list[int] = list(boot.get("fds", []))
         self.rundir: str | None = boot.get("rundir")
+        self.hvm_start_info: HvmStartInfo | None = None   # set when entered the PVH way
+        self._io: IoTrap | None = None
 
     # -- xenstore -------------------------------------------------------------
 
@@ -311,9 +317,58 @@ class Kernel:
 
     # -- lifecycle -----------------------------------------------------------
 
+    def cpuid(self, leaf: int, subleaf: int = 0, *, forced: bool = False) -> tuple[int, int, int, int]:
+        """The CPUID instruction (eax, ebx, ecx, edx); ``forced``: with PV's
+        forced-emulation prefix, which an HVM-family guest cannot execute."""
+        eax, ebx, ecx, edx = self.xen.call("cpuid", leaf=leaf, subleaf=subleaf, forced=forced,
+                                           vcpu=self.loop.vcpu)
+        return eax, ebx, ecx, edx
+
     def detect(self) -> str:
-        """Like xen-detect: the kind of guest this is."""
-        return {"pv": "PV", "pvh": "PVH", "hvm": "HVM"}[self.config.get("type", "pvh")]
+        """As xen-detect: the Xen signature through the PV forced-emulation
+        CPUID means PV; through plain CPUID, an HVM container -- PVH when we
+        were entered through the PVH entry point (hvm_start_info), else HVM.
+        "none" when no Xen signature is found."""
+        try:
+            if self.cpuid(XEN_CPUID_BASE, forced=True)[1:] == XEN_CPUID_SIGNATURE:
+                return "PV"
+        except HypercallError:  # #UD: not a PV guest
+            pass
+        if self.cpuid(XEN_CPUID_BASE)[1:] != XEN_CPUID_SIGNATURE:
+            return "none"
+        return "PVH" if self.hvm_start_info is not None else "HVM"
+
+    # -- emulated hardware: port and MMIO accesses (trapped to the device model) --
+
+    @property
+    def io(self) -> IoTrap:
+        if self._io is None:
+            self._io = IoTrap(self)
+        return self._io
+
+    def inb(self, port: int) -> int:
+        return self.io.pio(port, 1)
+
+    def inw(self, port: int) -> int:
+        return self.io.pio(port, 2)
+
+    def inl(self, port: int) -> int:
+        return self.io.pio(port, 4)
+
+    def outb(self, port: int, value: int) -> None:
+        self.io.pio(port, 1, value & 0xFF)
+
+    def outw(self, port: int, value: int) -> None:
+        self.io.pio(port, 2, value & 0xFFFF)
+
+    def outl(self, port: int, value: int) -> None:
+        self.io.pio(port, 4, value & 0xFFFFFFFF)
+
+    def mmio_read(self, addr: int, size: int) -> int:
+        return self.io.mmio(addr, size)
+
+    def mmio_write(self, addr: int, size: int, value: int) -> None:
+        self.io.mmio(addr, size, value)
 
     def shutdown(self, reason: str) -> None:
         """SCHEDOP_shutdown.  Every reason but "suspend" ends the domain."""

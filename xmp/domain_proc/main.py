@@ -3,7 +3,8 @@
 The zygote forks us with the hypercall channel; the supervisor's boot
 message brings our RAM, event object and wake page by descriptor.  We map
 them, seal the wake page (from then on it can be handed to peers read-only),
-read start_info, and run the kernel named in the config.  Returning powers off,
+find our special pages (start_info, or the PVH / HVM way:
+xmp.domain_proc.discover), and run the kernel named in the config.  Returning powers off,
 an exception crashes (traceback on the console and in our log).  A domain
 whose supervisor is gone exits at once: the channel's EOF, or the
 PR_SET_PDEATHSIG chain, ends it.
@@ -19,15 +20,15 @@ import socket
 import sys
 import traceback
 
+from xmp.domain_proc.discover import discover
 from xmp.domain_proc.kernel import Kernel, ShutdownDone
 from xmp.domain_proc.loop import EventLoop
 from xmp.domain_proc.xen import Xen
 from xmp.errors import DomainGone, XmpError
 from xmp.hypercall import Channel
 from xmp.sharedmem.evtchn import EVTCHN_WAKE_SIZE, EventChannels
-from xmp.sharedmem.shm import PAGE_SIZE, ShmObject
+from xmp.sharedmem.shm import ShmObject
 from xmp.sharedmem.wakepage import seal_wake_page
-from xmp.startinfo import START_INFO_PFN, StartInfo
 
 
 def load_entry(spec: str):
@@ -46,12 +47,13 @@ def domain_main(sock: socket.socket) -> int:
     ram = ram_obj.map()
     evt = EventChannels(evt_obj.map(), wake)
     xen = Xen(ch, boot["domid"], evt)
-    start_info = StartInfo.unpack_from(ram, START_INFO_PFN * PAGE_SIZE)
+    start_info, pvh = discover(xen, ram, boot)
     loop = EventLoop(evt)
     restore = boot.get("restore")  # a restored domain: its kernel's suspend context
     try:
         kernel = Kernel(xen, loop, {**boot, "fds": extra_fds}, ram, start_info,
                         None if restore is None else base64.b64decode(restore))
+        kernel.hvm_start_info = pvh
     except XmpError as exc:  # a context that does not fit: this domain crashes, reported
         sys.stderr.write(f"restoring: {exc}\n")
         xen.shutdown("crash")

@@ -40,12 +40,14 @@ from xmp.sharedmem.wakepage import create_wake_page
 from xmp.startinfo import (
     CONSOLE_PFN,
     GNTTAB_PFN,
+    HVM_START_INFO_OFFSET,
     SIF_INITDOMAIN,
     SIF_PRIVILEGED,
     START_INFO_PFN,
     XENSTORE_PFN,
     StartInfo,
     first_free_pfn,
+    pvh_start_info,
 )
 from xmp.topology import DomainConfig
 
@@ -131,6 +133,8 @@ class Domain:
     doorbells: dict[int, ShmObject] = field(default_factory=dict)
     logdirty: Tracker | None = None  # XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY's, while enabled
     vcpu_table: VcpuTable = field(default_factory=VcpuTable)
+    target: int | None = None        # XEN_DOMCTL_set_target: the one guest this (device model) serves
+    hvm: object | None = None        # an HVM guest's ioreq server and emulation state (xmp.hv.hvm)
 
     @property
     def privileged(self) -> bool:
@@ -168,6 +172,9 @@ class Domain:
 
     def release(self) -> None:
         """Drop the supervisor's hold on every object of this domain."""
+        if self.hvm is not None:
+            self.hvm.close()  # type: ignore[attr-defined]
+            self.hvm = None
         if self.logdirty is not None:  # it holds a view of the RAM
             self.logdirty.close()
             self.logdirty = None
@@ -191,6 +198,17 @@ class Domain:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+
+def entry_registers(kind: str) -> dict[str, int]:
+    """The registers a domain is entered with, by its type's boot ABI:
+    PV's %rsi = start_info, PVH's %ebx = hvm_start_info, HVM none (it
+    starts in firmware and finds Xen by CPUID)."""
+    if kind == "pv":
+        return {"rsi": START_INFO_PFN * PAGE_SIZE}
+    if kind == "pvh":
+        return {"ebx": START_INFO_PFN * PAGE_SIZE + HVM_START_INFO_OFFSET}
+    return {}
 
 
 def build_domain(ns: ShmNamespace, domid: int, cfg: DomainConfig, name: str | None = None) -> Domain:
@@ -225,6 +243,9 @@ def build_domain(ns: ShmNamespace, domid: int, cfg: DomainConfig, name: str | No
                   store_evtchn=store_port, console_evtchn=console_port, vcpus=cfg.vcpus,
                   max_vcpus=cfg.maxvcpus, nr_grant_frames=cfg.max_grant_frames,
                   ).pack_into(ram_map, START_INFO_PFN * PAGE_SIZE)
+        if cfg.type == "pvh":  # what the PVH entry's %ebx points at
+            pvh_start_info(name or cfg.name, mem_pages, first_free_pfn(cfg.max_grant_frames)).pack_into(
+                ram_map, START_INFO_PFN * PAGE_SIZE + HVM_START_INFO_OFFSET)
         populated = bytearray(max_pages)
         populated[:mem_pages] = b"\1" * mem_pages  # above `memory`: pre-ballooned
         return Domain(domid=domid, cfg=cfg, name=name or cfg.name, ram=ram, ram_map=ram_map,

@@ -20,6 +20,7 @@ from typing import Any
 from xmp.domid import DOMID_DOM0, DOMID_SELF
 from xmp.errors import GrantError, HypercallError
 from xmp.hv.domain import Domain, DomState, Mapping
+from xmp.hv.hvm import XEN_VERSION_MAJOR, XEN_VERSION_MINOR, HvmOps
 from xmp.hv.logdirty import LogDirtyOps
 from xmp.hv.vcpu import VcpuOps
 from xmp.hypercall import DOMAININFO_PAGE, HYPERCALLS, MAX_FDS, SHUTDOWN_REASONS, arg, int_list
@@ -35,13 +36,14 @@ from xmp.sharedmem.grant import GNTTAB_COPY, ActiveGrants, CopyBatch, GNTCOPY_de
 from xmp.sharedmem.shm import PAGE_SIZE, ShmNamespace, ShmObject
 from xmp.sharedmem.wakepage import reopen_readonly, wake_page_sealed
 
-XEN_VERSION = {"major": 4, "minor": 19, "extra": "-xmp", "capabilities": "xen-3.0-x86_64 xmp"}
+XEN_VERSION = {"major": XEN_VERSION_MAJOR, "minor": XEN_VERSION_MINOR, "extra": "-xmp",
+               "capabilities": "xen-3.0-x86_64 xmp"}
 Reply = tuple[Any, list[int]]
 MAX_SUSPEND_CONTEXT = 16384  # bytes: a small context; the guest's state lives in its RAM
 DEFERRED = object()  # a handler's "no reply now": the caller waits (a suspended guest)
 
 
-class HypercallHandlers(LogDirtyOps, VcpuOps):
+class HypercallHandlers(LogDirtyOps, HvmOps, VcpuOps):
     domains: dict[int, Domain]
     HYPERCALLS: dict[str, dict[str, Callable[..., Reply]]]
     ns: ShmNamespace
@@ -50,7 +52,7 @@ class HypercallHandlers(LogDirtyOps, VcpuOps):
     def lookup(self, domid: int, op: str) -> Domain:
         raise NotImplementedError
     def log(self, msg: str) -> None: ...
-    def console_line(self, dom: Domain, text: str) -> None: ...
+    def console_line(self, dom: Domain, text: str, serial: bool = False) -> None: ...
     def create_domain(self, cfg_dict: dict) -> Domain:
         raise NotImplementedError
     def destroy_domain(self, dom: Domain, reason: str = "destroyed") -> None: ...

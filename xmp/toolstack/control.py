@@ -11,6 +11,7 @@ object per line and answers one per line, in order::
     {"cmd": "device-remove", "class": "block", "dom": "web", "name": "xvdb", "force": false}
     {"cmd": "device-list", "class": "block", "dom": "web"} -> {"ok": true, "header": "...", "rows": [...]}
     {"cmd": "device-move", "class": "block", "dom": "web", "name": "xvda", "backend": "dd2"}
+    {"cmd": "class-op", "class": CMD, "op": OP, "arg": "..."}  (a class's xmp.devices.HostCommand)
     {"cmd": "mem-set", "dom": "web", "memkb": 65536, "timeout": 10} -> {"ok": true, "mem_kb": 65536, ...}
     {"cmd": "mem-max", "dom": "web", "memkb": 131072}
     {"cmd": "save", "dom": "web", "path": "/abs/file", "checkpoint": false, "paused": false, "timeout": 60}
@@ -399,6 +400,16 @@ class ControlServer:
 
     def cmd_device_list(self, req):
         return self.ts.devices.list(self._dom(req), self._class(req))
+
+    def cmd_class_op(self, req):
+        """{"cmd": "class-op", "class": CMD, "op": OP, "arg": ...}: a device
+        class's own host command (:class:`xmp.devices.HostCommand`), answered
+        by ``control(ts, op, req)`` in its toolstack.py."""
+        cls, op = self._class(req), req.get("op")
+        control = getattr(cls.part("toolstack"), "control", None)
+        if control is None or not isinstance(op, str):
+            raise HypercallError(errno.ENOSYS, "class-op", f"{cls.command} has no operation {op!r}")
+        return control(self.ts, op, req)
 
     def cmd_console(self, req):
         dom = self._dom(req)

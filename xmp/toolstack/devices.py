@@ -97,7 +97,10 @@ class DeviceManager:
             parsed = part.parse(text)
             if hasattr(part, "indexed"):  # a class whose devid defaults to the spec's place (vif)
                 parsed = part.indexed(parsed, index)
-            spec = part.device(parsed, base)
+            if hasattr(part, "host_device"):  # a class handing out the host's own devices (pci)
+                spec = part.host_device(self.ts, parsed, op)
+            else:
+                spec = part.device(parsed, base)
         except HypercallError as exc:  # the class's own errno (a path it cannot create), under our op
             raise HypercallError(exc.errno, op, exc.detail or str(exc)) from None
         except XmpError as exc:

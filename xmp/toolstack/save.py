@@ -73,7 +73,13 @@ class SaveRestore:
             raise HypercallError(errno.EINVAL, "save", f"{dom.name} is {dom.state.value}, not running")
         if not path.parent.is_dir():
             raise HypercallError(errno.ENOENT, "save", f"{path.parent} is not a directory")
-        self.ts.record(dom)
+        for dev in self.ts.record(dom).devices:  # a class whose devices cannot move says so (pci)
+            check = getattr(dev.cls.part("toolstack"), "check_save", None)
+            if check is not None:
+                try:
+                    check(dev.spec)
+                except XmpError as exc:
+                    raise HypercallError(errno.EINVAL, "save", f"{dom.name}: {exc}") from None
         done = Pending()
         self.ts.request_shutdown(dom, "suspend")
         self.saving.add(dom.domid)

@@ -1,0 +1,1 @@
+"""HVM: the ioreq mechanism, the device model and its emulated devices."""
