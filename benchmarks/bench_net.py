@@ -5,7 +5,8 @@ a veth pair (the kernel's ceiling) and over ``multiprocessing.Pipe``
 carrying the same bytes between two processes (what a Python user would
 write).  Two xmp paths: netback in dom0 (it maps the guests' tx pages; vifs
 are TAPs on a Linux bridge) and in an untrusted network driver domain
-(grant copy both ways; its own learning switch); and dom0 again with the
+(grant copy both ways; its vifs TAPs on its own bridge, in its own network
+namespace, joined to the host's by a veth pair); and dom0 again with the
 vifs' MTU at 65000 (jumbo frames: what veth's GSO gives the kernel for
 free, netif carries as multi-slot frames).  Needs root.
 

@@ -98,21 +98,15 @@ def cmd_run(args) -> int:
     rundir = Path(args.rundir or topo.host.rundir or default_rundir(topo.host.name))
     if not args.detach:
         hosts: list[Supervisor] = []
-        key = _migration_key(topo)
-        listeners: list = []
 
         def started(sup: Supervisor) -> None:
             hosts.append(sup)
-            _listen(topo, key, sup, rundir, listeners)
             print(f"xmp: supervisor {os.getpid()} running {args.topology} in {rundir}", flush=True)
 
         try:
             code = run_host(topo, rundir, echo=True, started=started)
         except XmpError as exc:
             raise CliError(str(exc)) from None
-        finally:
-            for listener in listeners:
-                listener.close()
         print(f"xmp: stopped ({hosts[0].stop_reason}), exit status {code}", flush=True)
         return code
     from xmp.toolstack.runlock import RunLock
@@ -131,21 +125,14 @@ def cmd_run(args) -> int:
         code = 1
         told: list[bool] = []  # once closed, w's number may be another descriptor's: never write it again
         hosts = []
-        listeners = []
         try:
             def ready() -> None:
                 os.write(w, b"ok\n")
                 os.close(w)
                 told.append(True)
 
-            key = _migration_key(topo)
-
-            def started(sup: Supervisor) -> None:
-                hosts.append(sup)
-                _listen(topo, key, sup, rundir, listeners)
-
             code = run_host(topo, rundir, echo=False, stop_when_guests_gone=False, ready=ready,
-                            started=started)
+                            started=hosts.append)
             if not told:  # it stopped (a signal) before every domain ran
                 os.write(w, f"stopped during start-up ({hosts[0].stop_reason})\n".encode())
         except BaseException as exc:
@@ -157,8 +144,6 @@ def cmd_run(args) -> int:
                     os.write(w, f"{exc}\n".encode())
                 except OSError:
                     pass
-        for listener in listeners:
-            listener.close()
         os._exit(code)
     os.close(w)
     with os.fdopen(r) as f:
@@ -167,39 +152,6 @@ def cmd_run(args) -> int:
         raise CliError(f"the supervisor did not start: {status or 'it exited'}")
     print(f"xmp: supervisor {pid} running {args.topology} in {rundir}")
     return 0
-
-
-def _migration_key(topo) -> bytes | None:
-    """The host's migration key (``[host] migrate_key``), read and checked
-    before anything starts."""
-    if not topo.host.migrate:
-        return None
-    from xmp.migration.channel import load_key
-
-    try:
-        return load_key(topo.host.migrate_key)
-    except XmpError as exc:
-        raise CliError(str(exc)) from None
-
-
-def _listen(topo, key: bytes | None, sup, rundir: Path, listeners: list) -> None:
-    """Listen for migrations (``[host] migrate``) once the supervisor -- and
-    its zygote, which must not inherit the socket -- exists; the address
-    (the port, when it was 0) goes to RUNDIR/migrate.address.  A host that
-    cannot listen stops, failed."""
-    if key is None:
-        return
-    from xmp.migration.channel import MigrationListener, not_yet_receiving
-
-    try:
-        listener = MigrationListener(topo.host.migrate, key, not_yet_receiving(topo.host.name), sup.log)
-    except (OSError, XmpError) as exc:
-        sup.exit_code = 1
-        sup.stop(f"cannot listen for migrations on {topo.host.migrate}: {exc}")
-        return
-    listeners.append(listener)
-    (rundir / "migrate.address").write_text(listener.address_text + "\n")
-    sup.log(f"listening for migrations on {listener.address_text}")
 
 
 def _to_log(rundir: Path) -> None:
@@ -459,6 +411,75 @@ def cmd_restore(args) -> int:
     if args.console:
         return _attach(_rundir(args), str(reply["domid"]))
     return 0
+
+
+@command("migrate", "Migrate a domain to another host", "[options] <Domain> <Host[:Port]>",
+         arg("--live", action="store_true", help="Pre-copy: the domain runs while its memory is copied "
+             "(without: suspend, then copy)."),
+         arg("-p", dest="paused", action="store_true", help="Do not unpause domain after migrating it."),
+         arg("--json", action="store_true", help="Print the result (rounds, downtime, times) as JSON."),
+         arg("--shared", metavar="DIR", help="A directory both hosts see, for the handover's decision "
+             "(default: the directory of the domain's first disk image)."),
+         DOM, arg("host", metavar="Host[:Port]"))
+def cmd_migrate(args) -> int:
+    """xl migrate: the source's supervisor sends the domain to the other
+    host's (its ``[host] migrate`` address; port 8002 when not given)."""
+    address = args.host if args.host.rpartition(":")[2].isdigit() and not args.host.endswith("]") \
+        else f"{args.host}:{MIGRATE_PORT}"
+    rundir = _rundir(args)
+    show = _migrate_progress(rundir, args.dom) if sys.stderr.isatty() and not args.json else None
+    try:
+        reply = request(rundir, "migrate", waiting=show, dom=args.dom, address=address, live=args.live,
+                        paused=args.paused, shared=os.path.abspath(args.shared) if args.shared else None)
+    finally:
+        if show is not None:
+            show.stop()  # type: ignore[attr-defined]
+    if args.json:
+        reply.pop("ok", None)
+        print(json.dumps(reply))
+        return 0
+    for r in reply["rounds"]:
+        what = "suspended" if r.get("suspended") else f"{r['mb_s']:.0f} MB/s, {r['dirty']} dirtied"
+        print(f"  round {r['round']}: {r['pages']} pages in {r['seconds'] * 1000:.0f} ms ({what})")
+    print(f"xmp: migrated {reply['name']!r} to {reply['address']} (id {reply['remote_domid']} there): "
+          f"{len(reply['rounds'])} rounds, {reply['pages_sent']} pages sent for {reply['tot_pages']}, "
+          f"{reply['seconds']:.2f} s in all, downtime {reply['downtime_ms']:.1f} ms")
+    return 0
+
+
+MIGRATE_PORT = 8002
+
+
+def _migrate_progress(rundir: Path, dom: str) -> Callable[[], None]:
+    """A progress bar per round (rich), from the supervisor's status of the migration."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                   console=Console(stderr=True),
+                   transient=False)
+    bar.start()
+    tasks: dict[int, Any] = {}
+    last = [0.0]
+
+    def show() -> None:
+        now = time.monotonic()
+        if now - last[0] < 0.2:
+            return
+        last[0] = now
+        try:
+            st = request(rundir, "migrate-status", dom=dom)
+        except CliError:
+            return
+        for r in st["rounds"]:
+            n = r["round"]
+            if n not in tasks:
+                tasks[n] = bar.add_task(f"round {n}", total=max(r["pages"], 1), info="")
+            info = "suspended" if r.get("suspended") else \
+                f"{r['pages']} pages, {r['mb_s']:.0f} MB/s, dirty {r['dirty_pages_s']} pages/s"
+            bar.update(tasks[n], completed=max(r["pages"], 1), info=info)
+    show.stop = bar.stop  # type: ignore[attr-defined]
+    return show
 
 
 @command("dump-core", "Core dump a domain", "<Domain> <filename>", DOM, arg("file", metavar="filename"))

@@ -169,7 +169,18 @@ def test_a_driver_domain_signals_no_other_process(hosts, tmp_path):
     assert results["uid"]["value"] == 0  # (its own uid only once its images are made its own)
     assert results["unshare_user"]["errno"] == errno.EPERM
     log = (h.rundir / "logs" / "ddprobe.log").read_text()
-    assert "jail: driver domain: host uid, mount and network, own PID namespace" in log
+    assert ("jail: driver domain: host uid and mount, own network namespace (CAP_NET_ADMIN there only, "
+            "through a user namespace of its own), own PID namespace") in log
+    # a network driver domain's one capability, over a network namespace of its own
+    pid = h.domain_pid("ddprobe")
+    with open(f"/proc/{pid}/status") as f:
+        caps = {k: int(v, 16) for k, _, v in (line.partition(":\t") for line in f) if k.startswith("Cap")}
+    assert caps["CapEff"] == caps["CapPrm"] == caps["CapBnd"] == 1 << 12, caps  # CAP_NET_ADMIN
+    assert os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+    # ... held in a user namespace of its own (uid 0 is itself, no capability in the host's)
+    assert os.stat(f"/proc/{pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino
+    with open(f"/proc/{pid}/uid_map") as f:
+        assert f.read().split() == ["0", "0", "1"]
     assert h.stop() == 0
     h.assert_clean()
 

@@ -101,3 +101,36 @@ def test_vif_default_name_and_existing_bridge_kept(hosts):
             idx = ipr.link_lookup(ifname=tap_bridge)
             if idx:
                 ipr.link("del", index=idx[0])
+
+
+@pytest.mark.timeout(90)
+def test_supervisor_killed_leaves_no_bridge_tap_or_reaper(hosts):
+    """kill -9 of the supervisor leaves nothing behind: its TAPs go with
+    their descriptors, a driver domain's veth with its namespace, and the
+    bridge it made (with the host's address on it) goes by its reaper,
+    which then exits."""
+    import signal
+    import subprocess
+
+    import psutil
+
+    br, va, vb = names()
+    h = hosts(f'[host]\nmemory = 1024\nbridges = {{ {br} = "10.251.7.1/24" }}\n[dom0]\nmemory = 64\n'
+              '[[domain]]\nname = "netdd"\ndriver_domain = true\nmemory = 48\n'
+              + guest("a", "echo", "00:16:3e:4e:01:21", br, script="vif-bridge",
+                      extra_vif=f", vifname={va}")
+              + guest("b", "echo", "00:16:3e:4e:01:22", br, script="vif-bridge", backend="netdd",
+                      extra_vif=f", vifname={vb}")).start(("netdd", "a", "b"))
+    report(h, "a", "ready")
+    report(h, "b", "ready")
+    ls = links()
+    uplink = f"{br[:9]}.d{h.info('netdd')['domid']}"  # the driver domain's bridge joined to the host's
+    assert ls[va]["master"] == ls[br]["index"] == ls[uplink]["master"]
+    reapers = [p for p in h.descendants() if "xmp.drivers.net.reaper" in " ".join(p.cmdline())]
+    assert len(reapers) == 1
+    h.proc.send_signal(signal.SIGKILL)
+    h.proc.wait(10)
+    h.assert_no_interfaces(timeout=15)
+    shown = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    assert br not in shown and va not in shown and uplink not in shown, shown
+    assert psutil.wait_procs(reapers, timeout=10)[1] == [], "the reaper outlived its work"

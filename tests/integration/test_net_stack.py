@@ -103,11 +103,13 @@ def test_example_net_toml_host_reaches_both_guests(hosts):
     assert h.wait_exit() == 0
 
 
-def test_example_net_driver_domain_guests_meet_in_its_switch(hosts):
+def test_example_net_driver_domain_guests_meet_on_its_bridge_the_host_reaches(hosts):
     br, net = lan()
     h = hosts(example("net-driver-domain.toml", br, net)).start(("netdd", "web", "pinger"))
     h.wait(lambda: "netpinger: 3/3 answers" in h.console_log("pinger"), 30, "the pinger's answers")
-    assert read(h, backend_dir(h, "web", "netdd") + "/mode") == "switch"
+    assert read(h, backend_dir(h, "web", "netdd") + "/mode") == "bridge"
+    h.wait(lambda: "httpd: serving" in h.console_log("web"), 20, "the web guest serving")
+    assert run("ping", "-c", "2", "-W", "2", f"{net}.2").returncode == 0
     s = wait_stats(h, "pinger", lambda v: v["rx_packets"] >= 3, "netdd")
     assert s["tx_errors"] == s["rx_errors"] == 0
 
@@ -209,3 +211,60 @@ def test_guest_announces_itself_with_a_gratuitous_arp(hosts):
             idx = ipr.link_lookup(ifname=br)
             if idx:
                 ipr.link("del", index=idx[0])
+
+
+def test_hot_plugged_vif_gets_the_guests_own_stack(hosts):
+    """A vif given by ``xmp network-attach`` to a running (jailed, capability-
+    less) guest gets its TAP eth0 like a boot-time one: the host curls it."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed (apt-get install curl)")
+    br, net = lan()
+    h = hosts(f'[host]\nmemory = 1024\nbridges = {{ {br} = "{net}.1/24" }}\n[dom0]\nmemory = 64\n'
+              + guest("web", "httpd", 48, args={"port": 8080})).start(("web",))
+    h.xmp("network-attach", "web", f"mac=00:16:3e:4e:05:02, bridge={br}, ip={net}.2/24, vifname={br}a")
+    h.wait(lambda: "httpd: serving" in h.console_log("web"), 30, "the web guest serving on its new vif")
+    got = h.wait(lambda: (r := run("curl", "-s", "--max-time", "3", f"http://{net}.2:8080/")).returncode == 0
+                 and r, 20, "curl through the hot-plugged vif")
+    assert got.stdout.startswith("hello from web"), got
+    s = wait_stats(h, "web", lambda v: v["rx_packets"] > 0 and v["tx_packets"] > 0)
+    assert s["tx_errors"] == s["rx_errors"] == 0
+    # unplugged, its TAP leaves the guest's namespace, so the devid can be plugged again
+    pid = h.domain_pid("web")
+    assert tap.in_netns(pid, lambda: tap.present("eth0"))
+    h.xmp("network-detach", "web", "0", "--force")
+    h.wait(lambda: not tap.in_netns(pid, lambda: tap.present("eth0")), 10, "eth0 gone from the guest")
+    h.xmp("network-attach", "web", f"mac=00:16:3e:4e:05:03, bridge={br}, ip={net}.4/24, vifname={br}c")
+    assert tap.in_netns(pid, lambda: tap.present("eth0"))
+    h.stop()
+    assert h.wait_exit() == 0
+
+
+def test_host_reaches_a_guest_behind_a_network_driver_domain(hosts):
+    """A network driver domain owns its bridge (its own namespace, CAP_NET_ADMIN
+    there only): its vifs are TAPs on it, joined to the host's bridge by a veth
+    pair, so the host curls a guest it serves and a dom0 guest's pings reach it."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed (apt-get install curl)")
+    br, net = lan()
+    h = hosts(f'[host]\nmemory = 1024\nbridges = {{ {br} = "{net}.1/24" }}\n[dom0]\nmemory = 64\n'
+              '[[domain]]\nname = "netdd"\ndriver_domain = true\nmemory = 48\n'
+              + guest("web", "httpd", 48, args={"port": 8080},
+                      vif=[f"mac=00:16:3e:4e:06:02, bridge={br}, backend=netdd, ip={net}.2/24"])
+              + guest("pinger", "netpinger", 48, args={"target": f"{net}.2", "count": 3},
+                      vif=[f"mac=00:16:3e:4e:06:03, bridge={br}, ip={net}.3/24, vifname={br}b"]))
+    h.start(("netdd", "web", "pinger"))
+    h.wait(lambda: "httpd: serving" in h.console_log("web"), 30, "the web guest serving")
+    assert read(h, backend_dir(h, "web", "netdd") + "/mode") == "bridge"
+    assert any("CAP_NET_ADMIN there only" in p.read_text() for p in (h.rundir / "logs").glob("*netdd*.log"))
+    got = h.wait(lambda: (r := run("curl", "-s", "--max-time", "3", f"http://{net}.2:8080/")).returncode == 0
+                 and r, 20, "curl to the guest behind the driver domain")
+    assert got.stdout.startswith("hello from web"), got
+    # a guest of dom0's bridge reaches it too: host bridge -> veth -> netdd's bridge -> its vif
+    h.wait(lambda: "netpinger: 3/3 answers" in h.console_log("pinger"), 30, "the pinger's answers")
+    s = wait_stats(h, "web", lambda v: v["rx_packets"] > 3 and v["tx_packets"] > 3, "netdd")
+    assert s["tx_errors"] == s["rx_errors"] == 0
+    dd = h.info("netdd")["domid"]
+    assert tap.exists(f"{br[:9]}.d{dd}")  # the host's end of the join
+    h.stop()
+    assert h.wait_exit() == 0
+    assert not tap.exists(f"{br[:9]}.d{dd}")

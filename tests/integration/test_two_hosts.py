@@ -26,7 +26,7 @@ CLIENT = textwrap.dedent("""
     from xmp.migration.channel import MigrationRefused, connect, load_key
     try:
         with connect(sys.argv[1], load_key(sys.argv[2])) as s:
-            print(json.dumps({"answer": json.loads(s.recv())}))
+            print(json.dumps({"answer": json.loads(s.recv()[1:])}))
     except MigrationRefused as exc:
         print(json.dumps({"refused": str(exc)}))
 """)

@@ -15,12 +15,13 @@ ROOT = Path(xmp.__file__).parent
 # ``devices`` is the drivers' registration table, read by layers below the drivers (it imports
 # driver modules by name only when used); ``domain_proc`` is a domain's own kernel, which the
 # drivers run on; dom0's services (xenstored's daemon among them) run the drivers' backends.
-# The migration stream's format and the save image (pure: records in, bytes out) sit below the
-# toolstack, as libxc's stream code sits below libxl, which calls it to save and restore; the
-# rest of ``migration`` (live migration) drives the toolstack, above it.
+# ``migration`` is libxc's share of save, restore and live migration -- the stream's format, the
+# save image (pure: records in, bytes out), the authenticated channel, log-dirty rounds and the
+# pre-copy policy -- and sits below the toolstack, as libxc sits below libxl, which drives it
+# (``xl migrate`` and its receiver are the toolstack's); within it the stream is lowest.
 ORDER = ["errors", "domid", "limits", "sharedmem", "devices", "topology", "startinfo", "hypercall", "hv",
          "hypervisor", "xenstore", "domain_proc", "drivers", "dom0", "guests", "migration.stream",
-         "migration.image", "toolstack", "migration", "libs", "testing", "clitable", "cli"]
+         "migration.image", "migration", "toolstack", "libs", "testing", "clitable", "cli"]
 
 
 def imports_of(path: Path) -> set[str]:

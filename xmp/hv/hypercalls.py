@@ -171,6 +171,26 @@ class HypercallHandlers(LogDirtyOps, HvmOps, VcpuOps):
         dom.tot_pages += len(fresh)
         return len(fresh), []
 
+    def hc_memory_op_foreign_map(self, caller: Domain, args: dict) -> Reply:
+        """xmp's back end of privcmd's IOCTL_PRIVCMD_MMAPBATCH_V2: dom0 maps
+        ``pfns`` of domain ``dom`` (xenforeignmemory_map).  Refused (EPERM)
+        to every other domain, as /dev/xen/privcmd is dom0's.  Returns one
+        errno per pfn (0, or -ENOENT: not populated, ballooned out -- that
+        page is not to be mapped) and the domain's RAM descriptor, O_RDONLY
+        unless ``writable``."""
+        op = "foreign_map"
+        if not caller.privileged:
+            raise HypercallError(errno.EPERM, op,
+                                 f"dom{caller.domid} may not map foreign pages (only dom0 does)")
+        dom = self.lookup(arg(args, "dom", int, op), op)
+        pfns = int_list(args, "pfns", op, limit=1 << 16)
+        if not pfns or any(not 0 <= p < len(dom.populated) for p in pfns):
+            raise HypercallError(errno.EINVAL, op,
+                                 f"pfns outside dom{dom.domid}'s {len(dom.populated)} pages")
+        errs = [0 if dom.populated[p] else -errno.ENOENT for p in pfns]
+        fd = dom.ram.fd if arg(args, "writable", bool, op, False) else dom.ram.readonly_fd()
+        return {"errs": errs}, [fd]
+
     # -- grant_table_op ----------------------------------------------------
 
     def hc_grant_table_op_setup_table(self, caller: Domain, args: dict) -> Reply:

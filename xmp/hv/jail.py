@@ -36,11 +36,16 @@ zygote jails each guest between fork and kernel entry, in this order:
    ``clone3`` with ENOSYS, so libc falls back to ``clone``, whose namespace
    flags the filter can see.
 
-Driver domains open image files by path and may run backends to the host
-(a TAP, later), so they keep the host's mount, network and uid; as root
-they get a PID namespace of their own (1. above: they signal no other
-process, the supervisor included), and always the seccomp filter,
-no-new-privs and no capabilities.  A uid 0 process without capabilities
+Driver domains open image files by path, so they keep the host's mount
+and uid; as root they get a PID namespace of their own (1. above: they
+signal no other process, the supervisor included) and a network namespace
+of their own, owned by a user namespace of their own (uid and gid 0 mapped
+to themselves), with CAP_NET_ADMIN kept there, their only capability -- so
+it reaches nothing of the host's network: a network
+driver domain makes its TAPs and bridges there, as a Xen one owns its
+NICs, and the toolstack joins each of its bridges to the host's of that
+name by a veth pair (which goes with the namespace).  Always the seccomp
+filter and no-new-privs.  A uid 0 process without capabilities
 can still write root's files that have an owner write bit: a driver domain
 is trusted with the host's files, as Xen's storage driver domains are
 trusted with their disks.  dom0 is not jailed at all.
@@ -78,6 +83,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 PR_CAPBSET_DROP = 24
+CAP_NET_ADMIN = 12
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 
@@ -340,6 +346,28 @@ def claim_uid(first: int, last: int, preferred: int) -> tuple[int, socket.socket
     raise JailError(f"every uid of {first}-{last} is held by a running guest", errno.EAGAIN)
 
 
+def _map_own_ids(uid: int, gid: int) -> None:
+    """In a new user namespace: map our own uid and gid (the parent's, taken
+    before the unshare) to themselves -- the one mapping a process may write
+    for itself (setgroups denied first, as the kernel asks then)."""
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    for name, own in (("uid_map", uid), ("gid_map", gid)):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(f"{own} {own} 1")
+
+
+def _up_loopback() -> None:
+    """``lo`` up in this (new) network namespace: SIOCSIFFLAGS, no netlink."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH22x", b"lo", 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(s, 0x8913, req))[1]  # SIOCGIFFLAGS
+        fcntl.ioctl(s, 0x8914, struct.pack("16sH22x", b"lo", flags | 1))  # SIOCSIFFLAGS, IFF_UP
+
+
 def drop_to(uid: int) -> None:
     """The bounding set emptied (no exec can regain a capability), the
     process limit set for this uid, then every uid and gid set to `uid`: the
@@ -468,12 +496,30 @@ class Jailer:
                          + (", /proc of itself only" if pidns else ""))
         elif kind == "guest":
             notes.append("not root: host uid and namespaces (no capabilities)")
-        elif pidns:
-            notes.append("driver domain: host uid, mount and network, own PID namespace (no capabilities)")
+        elif kind == "driver" and self.rooted:
+            # A network driver domain owns its NICs and bridges, as in Xen: a
+            # network namespace of its own, CAP_NET_ADMIN over it alone (kept_caps);
+            # the toolstack joins its bridges to the host's with a veth pair.
+            # Owned by a user namespace of its own (uid and gid 0 mapped to themselves):
+            # CAP_NET_ADMIN then counts there only, never in the host's namespaces --
+            # without it the capability would also reach the host's network (a link
+            # moved in by a descriptor of /proc/1/ns/net).
+            ids = os.geteuid(), os.getegid()
+            unshare(CLONE_NEWUSER | CLONE_NEWNET)
+            _map_own_ids(*ids)
+            _up_loopback()
+            own_pid = ", own PID namespace" if pidns else ""
+            notes.append("driver domain: host uid and mount, own network namespace (CAP_NET_ADMIN "
+                         f"there only, through a user namespace of its own){own_pid}")
         else:
             notes.append("driver domain: host uid and namespaces (no capabilities)")
         notes.append(self._filter_note)
         return "jail: " + "; ".join(notes), keep
+
+    def kept_caps(self, kind: str | None) -> int:
+        """The capabilities a jailed domain keeps (a bit per CAP_*): a
+        driver domain, CAP_NET_ADMIN over the network namespace it got."""
+        return 1 << CAP_NET_ADMIN if kind == "driver" and self.rooted else 0
 
     # last, once nothing needs a denied call any more
     def seal(self) -> None:
@@ -492,6 +538,6 @@ def describe(rooted: bool | None = None) -> list[str]:
         head = ("guests: not root, so no own uid or namespaces: they run as this user with no "
                 "capabilities, no-new-privs, non-dumpable (they can signal this user's processes "
                 "and write this user's files)")
-    drivers = "driver domains: host uid and files, " + ("own pid namespace, " if rooted else "") + \
-        "no capabilities, no-new-privs, seccomp"
+    caps = "own pid and network namespaces, CAP_NET_ADMIN there only, " if rooted else "no capabilities, "
+    drivers = "driver domains: host uid and files, " + caps + "no-new-privs, seccomp"
     return [head, note, drivers, "dom0: not jailed"]

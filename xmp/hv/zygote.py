@@ -262,7 +262,7 @@ def _spawn(req, fds, jailer: Jailer, lifeline: tuple[int, int],
         keep = os.dup(hc_fd)
         _close_all_but(keep, *kept, *([uffd] if uffd >= 0 else []))
         if req.get("unprivileged"):
-            rc = lib.xmp_drop_privileges()
+            rc = lib.xmp_drop_privileges_but(jailer.kept_caps(kind))
             if rc:
                 raise OSError(-rc, "dropping privileges")
             jailer.seal()  # last: it denies what the steps above needed

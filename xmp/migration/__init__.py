@@ -7,6 +7,8 @@ records in and bytes out and back, with every check a restore needs.
 context, the domain's record) and reads it back checked -- what
 ``xmp save`` writes.  Both sit below the toolstack, as libxc's stream code
 sits below libxl: ``xmp.toolstack.save`` drives them for ``xmp save`` and
-``xmp restore``.  Live migration (files, sockets, pre-copy rounds) sits
-above the toolstack.
+``xmp restore``.  The rest -- the authenticated channel between hosts, the
+dirty log, the pre-copy policy and its rounds -- is libxc's share of live
+migration, below the toolstack too: ``xmp.toolstack.migrate`` (xl migrate
+and migrate-receive) drives it.
 """

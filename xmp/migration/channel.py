@@ -282,15 +282,3 @@ class MigrationListener:
                 self._sessions.discard(session)
                 self._workers.discard(threading.current_thread())
 
-
-def not_yet_receiving(host_name: str) -> Callable[[Session], None]:
-    """The receiving side until save/restore lands: an authenticated sender
-    is told, in an authenticated frame, that this host cannot take a domain
-    yet (ENOSYS) -- proof the channel works, and a clean refusal."""
-    import json
-
-    def handler(session: Session) -> None:
-        session.send(json.dumps({"host": host_name, "error": "ENOSYS",
-                                 "detail": "receiving a domain is not implemented yet"}).encode())
-
-    return handler

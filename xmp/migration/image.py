@@ -91,36 +91,65 @@ def encode_image(record: dict[str, Any], ram: memoryview, pfns: Sequence[int], c
     """The image of a suspended domain, in chunks of at most one PAGE_DATA
     record.  ``pfns``: the populated pages, ascending; ``zero(pfn)`` may say
     a page is known to be zero without reading it (a hole in the RAM object)."""
-    xc, xl = LibxcWriter(DomainType.X86_PV), LibxlWriter()
-    max_pfn = len(ram) // PAGE_SIZE - 1
-    yield (XlHeader(json.dumps(record, sort_keys=True), config_is_json=True).encode()
-           + xl.header() + xl.libxc_context() + xc.header()
-           + xc.record(X86PvInfo(8, 4)) + xc.record(StaticDataEnd())
-           + xc.record(X86PvP2mFrames(0, max_pfn, (0,) * (max_pfn // (PAGE_SIZE // 8) + 1))))
-    done = 0
-    for i in range(0, len(pfns), MAX_BATCH_SIZE):
-        batch = pfns[i:i + MAX_BATCH_SIZE]
-        types: list[int] = []
-        pages: list[bytes] = []
-        for pfn in batch:
-            if zero is not None and zero(pfn):
-                types.append(PageType.XALLOC)
-                continue
-            # a copy, then memcmp: comparing a memoryview to bytes goes element by element
-            page = bytes(ram[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE])
-            if page == ZERO_PAGE:
-                types.append(PageType.XALLOC)
-            else:
-                types.append(PageType.NOTAB)
-                pages.append(page)
-        yield xc.record(PageData(tuple(batch), tuple(types), tuple(pages)))
-        done += len(batch)
-        if progress is not None:
-            progress(done, len(pfns))
-    tail = [xc.record(X86TscInfo()), xc.record(SharedInfo(ZERO_PAGE))]
-    tail += [xc.record(X86PvVcpu(RecType.X86_PV_VCPU_BASIC, v, _vcpu_context())) for v in range(vcpus)]
-    tail += [xc.record(XmpGuestContext(context)), xc.record(End()), xl.record(LibxlEnd())]
-    yield b"".join(tail)
+    enc = ImageEncoder(record, len(ram) // PAGE_SIZE - 1)
+    yield enc.head()
+    yield from enc.pages(ram, pfns, zero, progress)
+    yield enc.tail(context, vcpus)
+
+
+class ImageEncoder:
+    """The image in three parts, for a live migration's stream: the head,
+    then any number of page batches (a pre-copy round each: a page sent
+    again overrides the earlier copy, as Xen's restore writes each
+    PAGE_DATA where it says), then the tail with the guest's context.
+    ``gone``: pfns sent earlier that are no longer populated (ballooned out
+    meanwhile), sent as XTAB so the restoring side drops them."""
+
+    def __init__(self, record: dict[str, Any], max_pfn: int):
+        self.record, self.max_pfn = record, max_pfn
+        self.xc, self.xl = LibxcWriter(DomainType.X86_PV), LibxlWriter()
+
+    def head(self) -> bytes:
+        xc, xl, max_pfn = self.xc, self.xl, self.max_pfn
+        return (XlHeader(json.dumps(self.record, sort_keys=True), config_is_json=True).encode()
+                + xl.header() + xl.libxc_context() + xc.header()
+                + xc.record(X86PvInfo(8, 4)) + xc.record(StaticDataEnd())
+                + xc.record(X86PvP2mFrames(0, max_pfn, (0,) * (max_pfn // (PAGE_SIZE // 8) + 1))))
+
+    def pages(self, ram: memoryview, pfns: Sequence[int], zero: Callable[[int], bool] | None = None,
+              progress: Progress | None = None) -> Generator[bytes, None, None]:
+        """PAGE_DATA records of ``pfns`` (ascending), 1024 pages a record."""
+        xc = self.xc
+        done = 0
+        for i in range(0, len(pfns), MAX_BATCH_SIZE):
+            batch = pfns[i:i + MAX_BATCH_SIZE]
+            types: list[int] = []
+            pages: list[bytes] = []
+            for pfn in batch:
+                if zero is not None and zero(pfn):
+                    types.append(PageType.XALLOC)
+                    continue
+                # a copy, then memcmp: comparing a memoryview to bytes goes element by element
+                page = bytes(ram[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE])
+                if page == ZERO_PAGE:
+                    types.append(PageType.XALLOC)
+                else:
+                    types.append(PageType.NOTAB)
+                    pages.append(page)
+            yield xc.record(PageData(tuple(batch), tuple(types), tuple(pages)))
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(pfns))
+
+    def tail(self, context: bytes, vcpus: int, gone: Sequence[int] = ()) -> bytes:
+        xc = self.xc
+        out = [xc.record(PageData(tuple(gone[i:i + MAX_BATCH_SIZE]),
+                                  (PageType.XTAB,) * len(gone[i:i + MAX_BATCH_SIZE]), ()))
+               for i in range(0, len(gone), MAX_BATCH_SIZE)]
+        out += [xc.record(X86TscInfo()), xc.record(SharedInfo(ZERO_PAGE))]
+        out += [xc.record(X86PvVcpu(RecType.X86_PV_VCPU_BASIC, v, _vcpu_context())) for v in range(vcpus)]
+        out += [xc.record(XmpGuestContext(context)), xc.record(End()), self.xl.record(LibxlEnd())]
+        return b"".join(out)
 
 
 class ImageDecoder:
@@ -240,4 +269,4 @@ def _start_info(image: DomainImage, at: int, fail: Callable[[int, str, str], NoR
     return si
 
 
-__all__ = ["PAGE_SIZE", "DomainImage", "ImageDecoder", "decode_image", "encode_image"]
+__all__ = ["PAGE_SIZE", "DomainImage", "ImageDecoder", "ImageEncoder", "decode_image", "encode_image"]

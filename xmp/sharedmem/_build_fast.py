@@ -128,6 +128,7 @@ int xmp_set_dumpable(int on);
 int xmp_set_comm(const char *name);
 int xmp_punch_hole(int fd, int64_t offset, int64_t len);
 int xmp_drop_privileges(void);
+int xmp_drop_privileges_but(unsigned long long keep);
 
 int xmp_bench_sem_init(uint8_t *area);
 void xmp_bench_sem_destroy(uint8_t *area);
@@ -141,16 +142,22 @@ int xmp_uffd_wp_stop(int uffd, uint64_t start, uint64_t len);
 int64_t xmp_logdirty_scan(int pagemap_fd, uint64_t start, uint64_t npages, int clean, uint8_t *bitmap);
 int64_t xmp_hash_scan(const uint8_t *mem, const uint8_t *populated, uint64_t first, uint64_t n,
                       uint64_t *hashes, int clean, uint8_t *bitmap);
+
+uint8_t xmp_vchan_fetch_or8(uint8_t *p, uint8_t bits);
+uint8_t xmp_vchan_fetch_and8(uint8_t *p, uint8_t bits);
+uint8_t xmp_vchan_load8(const uint8_t *p);
+void xmp_vchan_store8(uint8_t *p, uint8_t v);
 """
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 _here = Path(__file__).parent
 # logdirty.c is log-dirty tracking (migration's), kept apart from the ring and
-# event-channel fast path; one extension holds both.
+# event-channel fast path, and vchan.c is libxenvchan's notify bytes
+# (xmp.libs.vchan); one extension holds them all.
 ffibuilder.set_source(
     "xmp.sharedmem._fast",
-    (_here / "fast.c").read_text() + "\n" + (_here / "logdirty.c").read_text(),
+    "\n".join((_here / name).read_text() for name in ("fast.c", "logdirty.c", "vchan.c")),
     extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
     libraries=["pthread"],
 )

@@ -1247,3 +1247,24 @@ int xmp_drop_privileges(void)
         return -errno;
     return 0;
 }
+
+/* As xmp_drop_privileges, but the capabilities in `keep` (a bit per
+ * CAP_*) stay permitted and effective -- a network driver domain keeps
+ * CAP_NET_ADMIN over the network namespace of its own it was given. */
+int xmp_drop_privileges_but(unsigned long long keep)
+{
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+        return -errno;
+    for (int cap = 0; cap <= 63; cap++)
+        if (!(keep & (1ULL << cap)))
+            prctl(PR_CAPBSET_DROP, cap, 0, 0, 0);
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof(data));
+    data[0].effective = data[0].permitted = (uint32_t)keep;
+    data[1].effective = data[1].permitted = (uint32_t)(keep >> 32);
+    if (syscall(SYS_capset, &hdr, data))
+        return -errno;
+    return 0;
+}

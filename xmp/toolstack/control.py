@@ -16,6 +16,7 @@ object per line and answers one per line, in order::
     {"cmd": "mem-max", "dom": "web", "memkb": 131072}
     {"cmd": "save", "dom": "web", "path": "/abs/file", "checkpoint": false, "paused": false, "timeout": 60}
     {"cmd": "restore", "path": "/abs/file", "paused": false} -> {"ok": true, "domid": 9, ...}
+    {"cmd": "migrate", "dom": "web", "address": "10.0.0.2:8002", "live": true} -> {"ok": true, ...}
     {"cmd": "rename", "dom": "web", "name": "www"}
     {"cmd": "sysrq", "dom": "web", "key": "t"}
     {"cmd": "trigger", "dom": "web", "trigger": "nmi" | "reset" | "power" | ...}
@@ -273,6 +274,27 @@ class ControlServer:
         if not isinstance(path, str) or not os.path.isabs(path):
             raise HypercallError(errno.EINVAL, "restore", "path is an absolute file name")
         return self.ts.saves.restore(Path(path), bool(req.get("paused")))
+
+    def cmd_migrate(self, req):
+        """{"cmd": "migrate", "dom": "web", "address": "10.0.0.2:8002", "live": true, "paused": false,
+        "shared": null} -> answered once the guest runs there, or runs on here (xl migrate)."""
+        key = self.ts.migrate_key
+        if key is None:
+            raise HypercallError(errno.EINVAL, "migrate",
+                                 "this host has no migration key ([host] migrate_key)")
+        shared = req.get("shared")
+        if shared is not None and (not isinstance(shared, str) or not shared.startswith("/")):
+            raise HypercallError(errno.EINVAL, "migrate", "shared is an absolute directory name")
+        return self.ts.migrations.migrate(self._dom(req), self._string(req, "address", "migrate"), key,
+                                          live=bool(req.get("live")), paused=bool(req.get("paused")),
+                                          shared=shared)
+
+    def cmd_migrate_status(self, req):
+        """{"cmd": "migrate-status", "dom": "web"} -> the rounds so far of its migration in progress."""
+        status = self.ts.migrations.status.get(str(req.get("dom")))
+        if status is None:
+            raise HypercallError(errno.ESRCH, "migrate", f"no migration of {req.get('dom')!r} in progress")
+        return {"phase": status["phase"], "rounds": list(status["rounds"]), "tot_pages": status["tot_pages"]}
 
     def _string(self, req: dict[str, Any], key: str, op: str) -> str:
         value = req.get(key)

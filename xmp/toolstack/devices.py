@@ -128,6 +128,7 @@ class DeviceManager:
             raise HypercallError(errno.EEXIST, "device-add",
                                  f"{front.name} already has {plan.cls.devtype} {plan.spec.name}")
         dev = Device(front.domid, plan.back.domid, plan.cls, plan.spec)
+        self._join(plan.back, plan.cls, plan.spec, "device-add")
         try:
             self.ts.xs.send(device_tree(front.domid, dev.back_domid, plan.cls.devtype, dev.devid,
                                         plan.spec.back_keys, plan.spec.front_keys),
@@ -144,7 +145,14 @@ class DeviceManager:
         done = Pending()
         taken = [d.devid for d in self.ts.record(front).devices if d.cls == cls]
         nextid = max(taken, default=-1) + 1  # libxl__device_nextid
-        self.add(front, self._planned(cls, text, base, f"{cls.command}-attach", nextid), done)
+        plan = self._planned(cls, text, base, f"{cls.command}-attach", nextid)
+        hotplug = getattr(cls.part("toolstack"), "hotplug", None)  # the guest's side of it (a vif's TAP)
+        if hotplug is not None:
+            try:
+                hotplug(front, plan.spec)
+            except XmpError as exc:
+                raise HypercallError(errno.EIO, f"{cls.command}-attach", str(exc)) from None
+        self.add(front, plan, done)
         return done
 
     def attach_keys(self, front: Domain, back: Domain, cls: DeviceClass, devid: int,
@@ -226,6 +234,10 @@ class DeviceManager:
         rec = self.ts.records.get(dev.front)
         if rec is not None and dev in rec.devices:
             rec.devices.remove(dev)
+        unplug = getattr(dev.cls.part("toolstack"), "unplug", None) if dev.cls.has("toolstack") else None
+        front = self.ts.sup.domains.get(dev.front)
+        if unplug is not None and front is not None:
+            unplug(front, dev.spec)  # the guest's side of it (a vif's TAP in its namespace)
         self.ts.xs.send([(XsType.RM, _z(dev.front_path)), (XsType.RM, _z(dev.back_path))],
                         f"removing {dev.cls.devtype} {dev.devid} of dom{dev.front}",
                         None if done is None else _settle(done, self._result(dev), gone_is_fine=True))
@@ -266,6 +278,10 @@ class DeviceManager:
         """Point a device at another backend domain; the frontend follows
         (it starts over with the new backend, as after a migration)."""
         dev.back_domid = back.domid
+        try:
+            self._join(back, dev.cls, dev.spec, "device-move")
+        except HypercallError as exc:  # the device still moves: its backend says why it fails
+            self.ts.sup.log(str(exc))
         self.ts.xs.send(move_backend_tree(dev.front, back.domid, dev.cls.devtype, dev.devid,
                                           dev.spec.back_keys),
                         f"moving {dev.cls.devtype} {dev.devid} of dom{dev.front} to dom{back.domid}")
@@ -290,6 +306,17 @@ class DeviceManager:
                         close()
                     except Exception as exc:  # the others still get theirs
                         self.ts.sup.log(f"{cls.kind}: cleanup failed: {exc}")
+
+    @staticmethod
+    def _join(back: Domain, cls: DeviceClass, spec: DeviceSpec, op: str) -> None:
+        """The class joins its backend domain to the host (``join_backend``
+        in its toolstack.py: a network driver domain's bridge to the host's)."""
+        join = getattr(cls.part("toolstack"), "join_backend", None) if cls.has("toolstack") else None
+        if join is not None:
+            try:
+                join(back, spec)
+            except XmpError as exc:
+                raise HypercallError(errno.EIO, op, str(exc)) from None
 
     @staticmethod
     def _result(dev: Device) -> dict[str, Any]:

@@ -106,6 +106,9 @@ class Toolstack:
         self.devices.open_host(topology.host)
         from xmp.toolstack.save import SaveRestore  # here: it imports this module (DomainRecord)
         self.saves = SaveRestore(self)
+        from xmp.toolstack.migrate import Migrations  # here: it imports this module too
+        self.migrations = Migrations(self)
+        self.migrate_key: bytes | None = None   # the host's migration key, when it has one
         sup.events = self
         # No supervisor runs here (the control socket proved it): sockets left
         # by one that was killed are stale.
@@ -150,6 +153,7 @@ class Toolstack:
 
     def close(self) -> None:
         self.credit.close()
+        self.migrations.close()
         self.devices.close()
         self.xs.close()
         (self.sup.rundir / "xenstored.sock").unlink(missing_ok=True)

@@ -54,31 +54,38 @@ def garp(mac: bytes, ip: str) -> bytes:
 _prepared: dict[str, tuple[int, list[str]]] = {}
 
 
+# Unattached /dev/net/tun descriptors opened in the guest's namespace while it
+# was still root, one per vif that may be hot-plugged later (see start()).
+SPARE_TUNS = 4
+_spare: list[int] = []
+
+
 @on_guest_netns
 def setup_guest_netns(domid: int, config: dict) -> list[int]:
     """The jail's network namespace hook (:func:`xmp.hv.jail.on_guest_netns`):
     in the guest's process, in its new network namespace, still root: one
     TAP ``ethN`` per vif of its config (N = devid), its MAC, MTU and
-    ``ip=`` addresses set, up.  Returns the TAPs' descriptors (the domain
-    keeps them); :func:`start` connects one to netfront."""
+    ``ip=`` addresses set, up; and :data:`SPARE_TUNS` descriptors of
+    ``/dev/net/tun`` not yet bound to a TAP, for vifs hot-plugged later
+    (the toolstack makes their TAP, owned by this guest's uid).  Returns
+    the descriptors (the domain keeps them); :func:`start` connects one
+    to netfront."""
     from xmp.drivers.net.spec import parse_vifspec
 
-    specs = config.get("vif") or []
-    if not specs:
-        return []
     # Unprivileged ICMP echo sockets (what ping uses without CAP_NET_RAW) and any
     # port for its servers: in this namespace only, which is the guest's own host.
     for key, value in (("ping_group_range", "0 2147483647"), ("ip_unprivileged_port_start", "0")):
         with open(f"/proc/sys/net/ipv4/{key}", "w") as f:
             f.write(value)
-    for i, text in enumerate(specs):
+    for i, text in enumerate(config.get("vif") or []):
         spec = parse_vifspec(text)
         name = f"eth{spec.devid if spec.devid is not None else i}"
         fd = tap.open_tap(name)
         addresses = list(spec.ip)
         tap.configure(name, mac=spec.mac, mtu=spec.mtu, addresses=addresses)
         _prepared[name] = (fd, addresses)
-    return [fd for fd, _ in _prepared.values()]
+    _spare[:] = [tap.open_tun() for _ in range(SPARE_TUNS)]
+    return [fd for fd, _ in _prepared.values()] + _spare
 
 
 class NetStack:
@@ -148,12 +155,29 @@ class NetStack:
             nic.push()  # the burst, published at once
 
 
-def start(kernel, ref: str = "eth0") -> NetStack:
-    """Connect this guest's TCP/IP stack (its namespace's ``ref``, made at
-    boot with the vif spec's ``ip=`` addresses) to netfront."""
-    if ref not in _prepared:
+def start(kernel, ref: str = "eth0", timeout: float = 30.0) -> NetStack:
+    """Connect this guest's TCP/IP stack (its namespace's ``ref``) to
+    netfront: a boot-time vif's TAP, made by the jail's hook, or a
+    hot-plugged one's, made by the toolstack at ``network-attach`` -- then
+    this waits (up to ``timeout``) for the vif and attaches a spare
+    descriptor to its TAP."""
+    if ref in _prepared:
+        fd, addresses = _prepared.pop(ref)
+        return NetStack(kernel, kernel.net(ref), fd, addresses)
+    if not _spare:
         why = ("xmp makes a guest's network namespace only when it runs as root (the jail's)"
-               if not _prepared else f"its config has no vif for {ref}")
+               if not _prepared else f"its config has no vif for {ref} and no spare TAP descriptor is left")
         raise LocalError(f"netstack: no network namespace with {ref}: {why}")
-    fd, addresses = _prepared.pop(ref)
-    return NetStack(kernel, kernel.net(ref), fd, addresses)
+    from xmp.drivers.net import frontend  # (it imports this module)
+
+    nic = frontend.open(kernel, ref, timeout)  # hot-plugged: its TAP was made before its xenstore nodes
+    fd = _spare.pop()
+    try:
+        tap.set_iff(fd, ref)
+    except OSError as exc:
+        _spare.append(fd)
+        raise LocalError(f"netstack: cannot attach to {ref} (the toolstack makes it at network-attach, "
+                         f"as root): {exc}") from None
+    assert nic.dev is not None
+    ip = nic.dev.xs.read_or(f"{nic.dev.nodename}/ip") or b""
+    return NetStack(kernel, nic, fd, ip.decode(errors="replace").split())

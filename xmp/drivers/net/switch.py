@@ -104,6 +104,10 @@ class TapPort:
         self.write_errors = 0
         self.fd = tap.open_tap(name)
         try:
+            if service.k.domid != 0:
+                # a driver domain's bridges are its own, in its own namespace (they go with it);
+                # the toolstack joins each to the host's by a veth pair
+                tap.ensure_bridge(bridge)
             tap.attach(name, bridge, mtu)
         except BaseException:
             os.close(self.fd)
