@@ -35,6 +35,7 @@ from xmp.clitable import COMMANDS, DOM, CliError, UsageError, arg, command, over
 from xmp.errors import XmpError
 from xmp.hypercall import SHUTDOWN_REASONS
 from xmp.sharedmem.shm import remove_stale
+from xmp.toolstack import sched
 
 ESCAPE = b"\x1d"  # Ctrl-], as xl console
 
@@ -515,6 +516,89 @@ def cmd_mem_set(args) -> int:
     return 0
 
 
+@command("sched-credit", "Get/set credit scheduler parameters", "[-d <Domain> [-w[=WEIGHT]|-c[=CAP]]]",
+         arg("-d", "--domain", dest="dom", metavar="Domain", help="Domain to modify"),
+         arg("-w", "--weight", type=int, metavar="WEIGHT", help="Weight (int, 1..65535, default 256)"),
+         arg("-c", "--cap", type=int, metavar="CAP", help="Cap (int, percent of one CPU, 0 = none)"),
+         table=True)
+def cmd_sched_credit(args) -> int:
+    if args.dom is None and (args.weight is not None or args.cap is not None):
+        raise CliError("Must specify a domain.")
+    reply = request(_rundir(args), "sched-credit", dom=args.dom, weight=args.weight, cap=args.cap)
+    if args.json:
+        _print_json(reply["domains"])
+        return 0
+    if args.weight is not None or args.cap is not None:
+        return 0  # xl sets silently
+    # xl_sched.c: the pool line (listing all), then "%-33s %4s %6s %4s" and "%-33s %4d %6d %4d" rows
+    if args.dom is None:
+        print(f"Cpupool {reply['pool']}: tslice={reply['tslice_ms']}ms ratelimit={reply['ratelimit_us']}us "
+              f"migration-delay={reply['migration_delay_us']}us")
+    print(f"{'Name':<33} {'ID':>4} {'Weight':>6} {'Cap':>4}")
+    for d in reply["domains"]:
+        print(f"{d['name']:<33} {d['domid']:4d} {d['weight']:6d} {d['cap']:4d}")
+    return 0
+
+
+@command("vcpu-list", "List the VCPUs for all/some domains", "[Domain, ...]",
+         arg("doms", nargs="*", metavar="Domain"), table=True)
+def cmd_vcpu_list(args) -> int:
+    rows = request(_rundir(args), "vcpu-list", doms=args.doms)["vcpus"]
+    if args.json:
+        _print_json(rows)
+        return 0
+    sys.stdout.write(vcpu_table(rows))
+    return 0
+
+
+def vcpu_table(rows: list[dict[str, Any]]) -> str:
+    """xl vcpu-list's header and rows (tools/xl/xl_vcpu.c, print_vcpuinfo):
+    ``%-32s %5u %5u`` then ``%5u %3c%c- `` (``%5c %3c%cp `` offline), ``%9.1f  ``,
+    the hard / soft maps as print_bitmap writes them."""
+    out = ["%-32s %5s %5s %5s %5s %9s %s\n" % ("Name", "ID", "VCPU", "CPU", "State",  # noqa: UP031
+                                              "Time(s)", "Affinity (Hard / Soft)")]
+    for r in rows:
+        line = f"{r['name']:<32} {r['domid']:5d} {r['vcpu']:5d}"
+        if r["online"]:
+            line += f"{r['cpu']:5d} {'r' if r['running'] else '-':>3}{'b' if r['blocked'] else '-'}- "
+        else:
+            line += f"{'-':>5} {'-':>3}-p "
+        every = r["all_cpus"]
+        line += f"{r['cpu_time']:9.1f}  {_bitmap(r['hard'], every)} / {_bitmap(r['soft'], every)}"
+        out.append(line + "\n")
+    return "".join(out)
+
+
+def _bitmap(cpus: list[int], every: list[int]) -> str:
+    """xl's print_bitmap: ``all``, else ranges ``0-2,5``."""
+    if set(every) <= set(cpus):
+        return "all"
+    runs: list[list[int]] = []
+    for c in sorted(cpus):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+@command("vcpu-pin", "Set which CPUs a VCPU can use",
+         "<Domain> <VCPU|all> <Hard affinity|-> [Soft affinity|-]", DOM, arg("vcpu", metavar="VCPU"),
+         arg("hard", metavar="Hard"), arg("soft", nargs="?", metavar="Soft"))
+def cmd_vcpu_pin(args) -> int:
+    request(_rundir(args), "vcpu-pin", dom=args.dom, vcpu=args.vcpu, hard=args.hard, soft=args.soft)
+    return 0
+
+
+@command("vcpu-set", "Set the number of active VCPUs allowed for the domain", "<Domain> <vCPUs>",
+         DOM, arg("vcpus", metavar="vCPUs"))
+def cmd_vcpu_set(args) -> int:
+    if not args.vcpus.isdigit():
+        raise CliError(f"invalid number of vCPUs '{args.vcpus}'")
+    request(_rundir(args), "vcpu-set", dom=args.dom, vcpus=int(args.vcpus))
+    return 0
+
+
 @command("vm-list", "List guest domains, excluding dom0, stubdoms, etc.", "", table=True)
 def cmd_vm_list(args) -> int:
     doms = [d for d in _domains(args) if d["state"] != "dying"]
@@ -799,6 +883,8 @@ def cmd_cleanup(args) -> int:
     for name in removed:
         print(f"removed /dev/shm/{name}")
     print(f"{len(removed)} stale object(s) of dead supervisors removed")
+    for group in sched.remove_stale():
+        print(f"removed the cgroup {group} of a dead supervisor")
     rundir = Path(args.rundir) if args.rundir else default_rundir()
     if rundir.is_dir():
         try:

@@ -37,7 +37,7 @@ MAX_FDS = 8
 # Hypercalls, by xen.h's __HYPERVISOR_* names; their sub-operations are
 # whatever the hypervisor has a handler for (xmp.hv.hypercalls).
 HYPERCALLS = ("domctl", "memory_op", "grant_table_op", "event_channel_op", "sched_op", "set_timer_op",
-              "console_io", "xen_version", "sysctl", "hvm_op", "dm_op",
+              "console_io", "xen_version", "sysctl", "hvm_op", "dm_op", "vcpu_op",
               "cpuid")  # cpuid: the instruction's trap into the hypervisor, not a hypercall
 DOM0_ONLY = frozenset({"domctl", "sysctl"})
 # XEN_SYSCTL_getdomaininfolist pages: a page of this many entries (names of

@@ -317,6 +317,7 @@ class Supervisor(HypercallHandlers):
                                             config=cfg.to_dict())
             finally:
                 os.close(log_fd)
+            dom.vcpu_table.get(0).tid = dom.pid  # vCPU 0 is the process's main thread
         except OSError as exc:
             ours.close()
             dom.release()
@@ -481,7 +482,9 @@ class Supervisor(HypercallHandlers):
         return {"domid": dom.domid, "name": dom.name, "uuid": dom.uuid,
                 "state": dom.state.value, "state_letters": dom.state_letters(process_running(dom.pid)),
                 "shutdown_reason": dom.shutdown_reason, "mem_kb": dom.tot_pages * PAGE_SIZE // 1024,
-                "maxmem_kb": dom.max_pages * PAGE_SIZE // 1024, "vcpus": dom.cfg.vcpus,
+                "maxmem_kb": dom.max_pages * PAGE_SIZE // 1024,
+                "vcpus": len(dom.vcpu_table.online()) if dom.vcpu_table.started else dom.cfg.vcpus,
+                "maxvcpus": dom.cfg.maxvcpus,
                 "cpu_time": round(cpu, 3), "console_port": dom.console_port, "console_gref": 0,
                 "store_port": dom.store_port, "driver_domain": dom.cfg.driver_domain, "exit": dom.exit}
 
@@ -537,6 +540,8 @@ class Supervisor(HypercallHandlers):
             dom.state, dom.shutdown_reason = DomState.SHUTDOWN, "crash"
             self.log(f"dom{dom.domid} {dom.name!r} crashed")
         dom.pid = None
+        for st in dom.vcpu_table.vcpus.values():
+            st.tid = None
         self.raise_dom_exc()
         if dom.domid == DOMID_DOM0:  # dom0 ending by itself takes the host down, as a failure
             self.destroy_domain(dom, "crashed" if reason == "crash" else f"shut down ({reason})", failed=True)

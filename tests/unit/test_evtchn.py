@@ -84,12 +84,36 @@ def test_masked_port_stays_pending_until_unmask(ev):
     assert ev.unmask(9) is False  # nothing pending any more
 
 
-def test_events_go_to_the_vcpu_named(ev):
-    ev.send(4, vcpu=1)
+def test_events_go_to_the_ports_vcpu(ev):
+    """As Xen's notify_vcpu_id: the port's binding decides, not the sender."""
+    ev.set_vcpu(4, 1)
+    ev.send(4, vcpu=0)
     assert not ev.upcall_pending(0) and ev.upcall_pending(1)
     assert ev.wait(vcpu=0, timeout=0) == Wake.TIMEOUT
     assert ev.wait(vcpu=1, timeout=0) == Wake.EVENT
     assert ev.scan(vcpu=1) == [4]
+    assert ev.notify_vcpu(4) == 1
+
+
+def test_a_vcpu_scans_only_its_own_ports(ev):
+    ev.set_vcpu(5, 1)
+    ev.send(4)        # vCPU 0's, in the same selector word as port 5
+    ev.send(5)
+    assert ev.scan(vcpu=0) == [4]   # port 5 stays pending for vCPU 1
+    assert ev.is_pending(5)
+    assert ev.scan(vcpu=1) == [5]
+
+
+def test_bind_vcpu_tells_the_new_vcpu_what_is_pending(ev):
+    ev.send(6)
+    ev.set_vcpu(6, 1)
+    assert ev.scan(vcpu=0) == []
+    assert ev.wait(vcpu=1, timeout=0) == Wake.EVENT and ev.scan(vcpu=1) == [6]
+    ev.mask(7)
+    ev.send(7)
+    ev.set_vcpu(7, 1)
+    ev.unmask(7)      # re-delivered to the vCPU it is bound to now
+    assert ev.scan(vcpu=0) == [] and ev.scan(vcpu=1) == [7]
 
 
 def test_send_during_scan_is_not_lost(ev):
@@ -240,9 +264,15 @@ def test_doorbell_send_scan_and_summary_word(rx):
     assert taken == bytes(DOORBELL_KICK + 512)  # summary and pending bits all clear
     assert struct.unpack_from("<I", page, DOORBELL_KICK)[0] == 2  # vcpu 0's kick word: bumped on each telling
     assert rx.ev.wait(timeout=0) == Wake.TIMEOUT
+    # a port bound to vCPU 1: the doorbell is vCPU 0's (the sender cannot see
+    # the binding, whatever vCPU it names); vCPU 0's scan hands it over
+    rx.ev.set_vcpu(70, 1)
+    assert rx.ev.scan(vcpu=0) == [] and rx.ev.scan(vcpu=1) == []  # the attach's own kicks
     db.send(70, vcpu=1)
-    assert rx.ev.wait(vcpu=0, timeout=0) == Wake.TIMEOUT and rx.ev.scan(vcpu=0) == []
+    assert rx.ev.wait(vcpu=1, timeout=0) == Wake.TIMEOUT
+    assert rx.ev.wait(vcpu=0, timeout=0) == Wake.EVENT and rx.ev.scan(vcpu=0) == []
     assert rx.ev.wait(vcpu=1, timeout=0) == Wake.EVENT and rx.ev.scan(vcpu=1) == [70]
+    assert rx.ev.scan(vcpu=0) == [] and not rx.ev.is_pending(70)
 
 
 def test_doorbell_masked_port_stays_pending_and_unmask_delivers(rx):

@@ -12,7 +12,8 @@ A guest kernel may use: ``domid``, ``name``, ``config``, ``args``,
 one allocator the balloon driver shares),
 ``grant_table``, ``xen`` (hypercalls), ``loop`` (its event loop),
 ``console``, ``xenstore``, ``print``, ``sleep`` / ``monotonic`` / ``idle``,
-the device openers, ``detect`` / ``cpuid``, the emulated-hardware accesses
+the device openers, ``detect`` / ``cpuid``, ``vcpu(n)`` / ``smp_processor_id`` /
+``online_vcpus`` (its vCPUs: :mod:`xmp.domain_proc.vcpus`), the emulated-hardware accesses
 ``inb`` / ``inw`` / ``inl`` / ``outb`` / ``outw`` / ``outl`` / ``mmio_read`` /
 ``mmio_write`` (an HVM guest's device model answers them), ``shutdown`` / ``poweroff`` /
 ``reboot`` / ``crash`` / ``suspend``, and for moving ``on_suspend`` /
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import functools
 import json
 import time
@@ -53,6 +55,7 @@ from xmp.domain_proc.console import Console
 from xmp.domain_proc.control import ControlDriver
 from xmp.domain_proc.loop import EventLoop
 from xmp.domain_proc.pages import PageAllocator
+from xmp.domain_proc.vcpus import Vcpu, VcpuHotplug, current
 from xmp.domain_proc.xen import Xen
 from xmp.errors import HypercallError, LocalError, XmpError
 from xmp.hv.hvm import XEN_CPUID_BASE, XEN_CPUID_SIGNATURE
@@ -104,6 +107,8 @@ class Kernel:
         self._xs: XsClient | None = None
         self.control: ControlDriver | None = None
         self.balloon: BalloonDriver | None = None
+        self._vcpus: dict[int, Vcpu] = {}
+        self.vcpu_hotplug: VcpuHotplug | None = None
         # dom0's alone: descriptors passed at boot (the terminal to echo consoles to), the run directory.
         self.boot_fds: list[int] = list(boot.get("fds", []))
         self.rundir: str | None = boot.get("rundir")
@@ -139,6 +144,42 @@ class Kernel:
         table = memoryview(self.memory)[si.gnttab_pfn * PAGE_SIZE:
                                         (si.gnttab_pfn + si.nr_grant_frames) * PAGE_SIZE]
         self.balloon = BalloonDriver(self.xenstore, self.xen, self.pages, self.grant_table, table, self.print)
+
+    # -- vCPUs -----------------------------------------------------------------
+
+    def start_vcpus(self) -> None:
+        """Bring up vCPUs 1 .. vcpus-1 and follow cpu/N/availability
+        (nothing to do with one vCPU at most)."""
+        si = self.start_info
+        if si.max_vcpus <= 1:
+            return
+        self._vcpus = {0: Vcpu(self.xen, self.loop, 0)}
+        self._vcpus[0].start_boot()
+        for n in range(1, si.max_vcpus):
+            self._vcpus[n] = Vcpu(self.xen, EventLoop(self.xen.evt, n), n)
+        for n in range(1, min(si.vcpus, si.max_vcpus)):
+            self._vcpus[n].start()
+        self.vcpu_hotplug = VcpuHotplug(self.xenstore, self._vcpus, self.print)
+
+    def vcpu(self, n: int) -> Vcpu:
+        """vCPU ``n``: ``kernel.vcpu(2).call(fn, *args)`` runs ``fn`` there
+        (``.run`` returns a Future); ``.bind(port, handler)`` moves a port
+        there.  EINVAL past maxvcpus; ENXIO (from run / call) while offline."""
+        if not 0 <= n < self.start_info.max_vcpus:
+            raise HypercallError(errno.EINVAL, "vcpu", f"{self.name} has no vCPU {n} (maxvcpus = "
+                                                       f"{self.start_info.max_vcpus}: vCPUs 0.."
+                                                       f"{self.start_info.max_vcpus - 1})")
+        if not self._vcpus:
+            self._vcpus = {0: Vcpu(self.xen, self.loop, 0)}
+            self._vcpus[0].start_boot()
+        return self._vcpus[n]
+
+    def smp_processor_id(self) -> int:
+        """The vCPU the caller runs on (Linux's name)."""
+        return current()
+
+    def online_vcpus(self) -> list[int]:
+        return [n for n, v in sorted(self._vcpus.items()) if v.online] or [0]
 
     # -- devices -------------------------------------------------------------
 
@@ -243,7 +284,11 @@ class Kernel:
         return memoryview(self.memory)[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE]
 
     def print(self, *parts: Any, sep: str = " ", end: str = "\n") -> None:
-        self.console.write(sep.join(str(p) for p in parts) + end)
+        text = sep.join(str(p) for p in parts) + end
+        if current():  # the console is vCPU 0's: hand it over, in order
+            self._vcpus[0].run(self.console.write, text)
+            return
+        self.console.write(text)
 
     # -- time --------------------------------------------------------------
 
@@ -255,7 +300,11 @@ class Kernel:
 
     def sleep(self, seconds: float) -> None:
         """Block for ``seconds``: a one-shot timer (set_timer_op) whose
-        VIRQ_TIMER ends the wait; devices are serviced meanwhile."""
+        VIRQ_TIMER ends the wait; devices are serviced meanwhile.  On
+        vCPU N > 0: that vCPU's own timer and events."""
+        if current():
+            self._vcpus[current()].sleep(seconds)
+            return
         deadline = time.monotonic_ns() + max(0, int(seconds * 1e9))
         while time.monotonic_ns() < deadline:
             self._timer_fired = False

@@ -66,6 +66,7 @@ def domain_main(sock: socket.socket) -> int:
         if not start_info.privileged:
             kernel.start_control()
             kernel.start_balloon()
+            kernel.start_vcpus()
         entry(kernel)
         kernel.poweroff()
     except ShutdownDone:

@@ -65,6 +65,7 @@ class Xen:
         # maps go through an O_RDONLY one, so they can never be made writable
         self._foreign: dict[tuple[int, bool], ShmObject] = {}
         self._port_peer: dict[int, int] = {}
+        self._ipis: set[int] = set()   # our own IPI ports: raised in our own shared_info
         # dom0's services call from more than one thread: the caches are shared
         self._lock = threading.RLock()
         self._live_granters: set[int] = set()
@@ -87,9 +88,16 @@ class Xen:
         return self.call("event_channel_op", "bind_virq", virq=virq, vcpu=vcpu)
 
     def bind_ipi(self, vcpu: int = 0) -> int:
-        return self.call("event_channel_op", "bind_ipi", vcpu=vcpu)
+        port = self.call("event_channel_op", "bind_ipi", vcpu=vcpu)
+        self._ipis.add(port)
+        return port
+
+    def bind_vcpu(self, port: int, vcpu: int) -> None:
+        """EVTCHNOP_bind_vcpu: deliver ``port`` to ``vcpu`` from now on."""
+        self.call("event_channel_op", "bind_vcpu", port=port, vcpu=vcpu)
 
     def close(self, port: int) -> None:
+        self._ipis.discard(port)
         self._route.pop(port, None)
         self._port_peer.pop(port, None)
         self.call("event_channel_op", "close", port=port)
@@ -105,6 +113,9 @@ class Xen:
         # socket thread, xenconsoled) may forget the peer and unmap its
         # event page meanwhile -- sending into it then would fault.
         with self._lock:
+            if port in self._ipis:  # EVTCHNOP_send on an IPI: no round trip needed
+                self.evt.send(port)
+                return
             route = self._route.get(port)
             if route is not None:
                 evt, remote_port, vcpu = route

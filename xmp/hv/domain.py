@@ -70,6 +70,30 @@ class Mapping:
 
 
 @dataclass
+class VcpuState:
+    """The supervisor's record of one vCPU."""
+
+    tid: int | None = None          # its thread while it is up
+    hard: list[int] | None = None   # vcpu-pin's hard affinity (None: all pCPUs)
+    soft: list[int] | None = None   # soft affinity: recorded and shown, as Xen's credit1 prefers it
+    final_time: float = 0.0         # CPU time of its threads that went down
+
+
+@dataclass
+class VcpuTable:
+    """A domain's vCPUs as the supervisor knows them (xmp.hv.vcpu)."""
+
+    vcpus: dict[int, VcpuState] = field(default_factory=dict)
+    started: bool = False   # the guest has brought a vCPU up or down: count what it did
+
+    def get(self, vcpu: int) -> VcpuState:
+        return self.vcpus.setdefault(vcpu, VcpuState())
+
+    def online(self) -> list[int]:
+        return sorted(v for v, s in self.vcpus.items() if s.tid is not None)
+
+
+@dataclass
 class Domain:
     domid: int
     cfg: DomainConfig
@@ -108,6 +132,7 @@ class Domain:
     # sender domid -> the doorbell that sender rings this domain through
     doorbells: dict[int, ShmObject] = field(default_factory=dict)
     logdirty: Tracker | None = None  # XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY's, while enabled
+    vcpu_table: VcpuTable = field(default_factory=VcpuTable)
     target: int | None = None        # XEN_DOMCTL_set_target: the one guest this (device model) serves
     hvm: object | None = None        # an HVM guest's ioreq server and emulation state (xmp.hv.hvm)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +22,7 @@ from xmp.errors import GrantError, HypercallError
 from xmp.hv.domain import Domain, DomState, Mapping
 from xmp.hv.hvm import XEN_VERSION_MAJOR, XEN_VERSION_MINOR, HvmOps
 from xmp.hv.logdirty import LogDirtyOps
+from xmp.hv.vcpu import VcpuOps
 from xmp.hypercall import DOMAININFO_PAGE, HYPERCALLS, MAX_FDS, SHUTDOWN_REASONS, arg, int_list
 from xmp.sharedmem._ffi import lib
 from xmp.sharedmem.evtchn import (
@@ -43,7 +43,7 @@ MAX_SUSPEND_CONTEXT = 16384  # bytes: a small context; the guest's state lives i
 DEFERRED = object()  # a handler's "no reply now": the caller waits (a suspended guest)
 
 
-class HypercallHandlers(LogDirtyOps, HvmOps):
+class HypercallHandlers(LogDirtyOps, HvmOps, VcpuOps):
     domains: dict[int, Domain]
     HYPERCALLS: dict[str, dict[str, Callable[..., Reply]]]
     ns: ShmNamespace
@@ -123,17 +123,6 @@ class HypercallHandlers(LogDirtyOps, HvmOps):
             raise HypercallError(errno.EINVAL, "max_mem",
                                  f"{pages} pages is below the current reservation or above maxmem")
         dom.max_pages = pages
-        return 0, []
-
-    def hc_domctl_setvcpuaffinity(self, caller: Domain, args: dict) -> Reply:
-        dom = self.lookup(arg(args, "domid", int, "setvcpuaffinity"), "setvcpuaffinity")
-        cpus = int_list(args, "cpumap", "setvcpuaffinity", limit=1024)
-        if not cpus or dom.pid is None:
-            raise HypercallError(errno.EINVAL, "setvcpuaffinity", "an empty cpumap or no process")
-        try:
-            os.sched_setaffinity(dom.pid, cpus)
-        except OSError as exc:
-            raise HypercallError(exc.errno or errno.EINVAL, "setvcpuaffinity", str(exc)) from None
         return 0, []
 
     # -- memory_op ---------------------------------------------------------
@@ -427,13 +416,17 @@ class HypercallHandlers(LogDirtyOps, HvmOps):
         virq, vcpu = arg(args, "virq", int, "bind_virq"), arg(args, "vcpu", int, "bind_virq", 0)
         if not 0 <= vcpu < caller.cfg.maxvcpus:
             raise HypercallError(errno.ENOENT, "bind_virq", f"no vcpu {vcpu}")
-        return caller.ports.bind_virq(virq, vcpu), []
+        port = caller.ports.bind_virq(virq, vcpu)
+        caller.evt.set_vcpu(port, vcpu)
+        return port, []
 
     def hc_event_channel_op_bind_ipi(self, caller: Domain, args: dict) -> Reply:
         vcpu = arg(args, "vcpu", int, "bind_ipi", 0)
         if not 0 <= vcpu < caller.cfg.maxvcpus:
             raise HypercallError(errno.ENOENT, "bind_ipi", f"no vcpu {vcpu}")
-        return caller.ports.bind_ipi(vcpu), []
+        port = caller.ports.bind_ipi(vcpu)
+        caller.evt.set_vcpu(port, vcpu)
+        return port, []
 
     def hc_event_channel_op_close(self, caller: Domain, args: dict) -> Reply:
         port = arg(args, "port", int, "close")
@@ -445,6 +438,7 @@ class HypercallHandlers(LogDirtyOps, HvmOps):
         peers = {d.domid: d.ports for d in self.domains.values()}
         close_port(dom.ports, port, peers)
         dom.evt.set_owner(port, None)
+        dom.evt.set_vcpu(port, 0)
         if p.state == PortState.INTERDOMAIN:
             peer = self.domains.get(p.remote_dom)
             if peer is not None:

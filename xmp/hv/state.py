@@ -123,6 +123,8 @@ def restore_domain(dom: Domain, data: dict[str, Any],
         timers = {int(v): int(t) for v, t in data["timers"].items()}
         if any(not 0 <= v < dom.cfg.maxvcpus or t < 0 for v, t in timers.items()):
             raise LocalError(f"saved timers {timers!r} name a vCPU the domain lacks")
+        if any(not 0 <= p.vcpu < dom.cfg.maxvcpus for p in ports.bound().values()):
+            raise LocalError("a saved port is bound to a vCPU the domain lacks")
     except (KeyError, TypeError, ValueError) as exc:
         raise LocalError(f"saved domain state is malformed: {exc!r}") from None
     for m in maptrack.values():
@@ -131,6 +133,8 @@ def restore_domain(dom: Domain, data: dict[str, Any],
     dom.ports, dom.populated, dom.tot_pages, dom.max_pages = ports, populated, tot_pages, max_pages
     dom.maptrack = maptrack
     dom.next_handle = max(maptrack, default=0) + 1
+    for port, p in ports.bound().items():
+        dom.evt.set_vcpu(port, p.vcpu)
     for port in masked:
         dom.evt.mask(port)
     for port in pending:

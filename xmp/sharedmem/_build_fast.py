@@ -110,6 +110,7 @@ void xmp_evtchn_destroy(uint8_t *ev, uint32_t nr_vcpus);
 int xmp_evtchn_send(xmp_evtchn_t *e, uint32_t port, uint32_t vcpu);
 int xmp_doorbell_send(uint8_t *db, const uint32_t *wake, uint32_t port, uint32_t vcpu);
 void xmp_evtchn_set_owner(uint8_t *ev, uint32_t port, uint32_t owner);
+int xmp_evtchn_set_vcpu(xmp_evtchn_t *e, uint32_t port, uint32_t vcpu);
 void xmp_evtchn_bump_gen(xmp_evtchn_t *e, uint32_t nr_vcpus);
 void xmp_evtchn_kick(xmp_evtchn_t *e, uint32_t vcpu);
 uint32_t xmp_evtchn_db_gen(const xmp_evtchn_t *e);

@@ -11,6 +11,7 @@ fast.c)::
         page 1     per-vCPU upcall records (shutdown word, private kick
                    futex word), doorbell generation
         pages 2-3  owner[4096] u16: 1 + the domid each port is bound to
+        page 4     notify_vcpu[4096] u8: the vCPU each port is delivered to
     wake page             one word per vCPU, 1 while the vCPU sleeps; the
                           domain writes it, senders hold it sealed read-only
     doorbell (R, S)       one per receiver R and sender S, the only thing S
@@ -43,6 +44,15 @@ masked port stays pending -- in the doorbell its bit stays set, so its
 sender stops telling -- and is delivered by ``unmask``.  A post can at worst
 be spurious, which every handler tolerates by re-checking its ring.
 
+vCPUs.  A port is delivered to its notify vCPU (Xen's notify_vcpu_id:
+bind_virq / bind_ipi name it, ``set_vcpu`` -- EVTCHNOP_bind_vcpu -- moves
+it), whoever sends: ``send`` raises that vCPU's selector and wakes it, and
+a vCPU's scan takes only its own ports.  Doorbells are vCPU 0's: a sender
+cannot see the receiver's bindings, so vCPU 0's scan hands a port bound
+elsewhere to its vCPU (one more kick, only for such ports).  So only
+vCPU 0 ever touches the doorbell array, and the other vCPUs' threads can
+wait and scan beside it without a lock.
+
 Doorbells come and go (a peer binds, a peer dies): the supervisor bumps
 the generation and kicks; the receiver's next :meth:`EventChannels.scan`
 calls its ``refresh`` hook (the domain asks the supervisor for its set).
@@ -64,7 +74,7 @@ from xmp.errors import HypercallError, LocalError
 from xmp.sharedmem._ffi import ffi, lib
 from xmp.sharedmem.page import PAGE_SIZE
 
-EVTCHN_OBJECT_SIZE = 4 * PAGE_SIZE
+EVTCHN_OBJECT_SIZE = 5 * PAGE_SIZE
 EVTCHN_WAKE_SIZE = PAGE_SIZE
 DOORBELL_SIZE = PAGE_SIZE
 EVTCHN_2L_NR_CHANNELS = 4096  # 64 * 64 on a 64-bit guest
@@ -114,6 +124,7 @@ class EventChannels:
         self._ct.ev = self._mem
         self._ct.wake = self._wake
         self._ports = ffi.new("uint32_t[]", EVTCHN_2L_NR_CHANNELS)
+        self._vcpu_ports: dict[int, Any] = {}   # vCPU > 0: each thread its own buffer
         # Doorbells: changed from any thread, applied by sync() in the
         # thread that scans, so the array a waiter in C reads never moves
         # under it; what it replaced is kept one more sync.
@@ -168,9 +179,25 @@ class EventChannels:
         only that domain's doorbell may raise it."""
         lib.xmp_evtchn_set_owner(self._mem, _port(port), 0 if remote_dom is None else remote_dom + 1)
 
+    def set_vcpu(self, port: int, vcpu: int) -> None:
+        """Supervisor: deliver ``port`` to ``vcpu`` from now on (what is
+        pending is told to it)."""
+        rc = lib.xmp_evtchn_set_vcpu(self._ct, _port(port), vcpu)
+        if rc < 0:
+            raise HypercallError(-rc, "evtchn_bind_vcpu", f"port {port} vcpu {vcpu}")
+
+    def notify_vcpu(self, port: int) -> int:
+        return self._mem[4 * PAGE_SIZE + _port(port)]
+
     def scan(self, vcpu: int = 0) -> list[int]:
-        """Take every pending, unmasked port (clearing its pending bit),
-        private ones first, then each doorbell's."""
+        """Take every pending, unmasked port of ``vcpu`` (clearing its
+        pending bit), private ones first, then (vCPU 0) each doorbell's."""
+        if vcpu:
+            buf = self._vcpu_ports.get(vcpu)
+            if buf is None:
+                buf = self._vcpu_ports[vcpu] = ffi.new("uint32_t[]", EVTCHN_2L_NR_CHANNELS)
+            n = lib.xmp_evtchn_scan(self._ct, vcpu, buf, EVTCHN_2L_NR_CHANNELS)
+            return list(buf[0:n])
         if self._dbs_dirty:
             self.sync()
         n = lib.xmp_evtchn_scan(self._ct, vcpu, self._ports, EVTCHN_2L_NR_CHANNELS)

@@ -627,7 +627,9 @@ void xmp_gnttab_copy_status_out(uint8_t *dst, const xmp_gnttab_copy_t *ops, uint
  *    2048, evtchn_mask at 2560); page 1 xmp's per-vCPU upcall records and
  *    the doorbell generation; pages 2-3 the owner table, owner[port] =
  *    1 + the domid a port is bound to (written by the supervisor), so that
- *    a doorbell's bits count only for ports bound to its sender;
+ *    a doorbell's bits count only for ports bound to its sender; page 4
+ *    notify_vcpu[port] u8, the vCPU a port is delivered to (Xen's
+ *    notify_vcpu_id, set by bind_virq / bind_ipi / bind_vcpu);
  *  - the wake page, one word per vCPU ("I am about to sleep"): the domain
  *    writes it, everyone else holds it sealed read-only;
  *  - one doorbell per (receiver, sender): summary[32] u64 (per-vCPU
@@ -670,6 +672,7 @@ void xmp_gnttab_copy_status_out(uint8_t *dst, const xmp_gnttab_copy_t *ops, uint
 #define SHINFO_MASK 2560
 #define UPCALL_PAGE 4096
 #define OWNER_PAGE 8192
+#define NOTIFY_PAGE 16384
 #define DB_KICK 256
 #define DB_PENDING 512
 
@@ -713,6 +716,11 @@ static inline xmp_vcpu_info_t *vcpu_info(uint8_t *ev, uint32_t vcpu)
 static inline uint64_t *pending_words(uint8_t *ev) { return (uint64_t *)(ev + SHINFO_PENDING); }
 static inline uint64_t *mask_words(uint8_t *ev) { return (uint64_t *)(ev + SHINFO_MASK); }
 static inline uint16_t *owners(uint8_t *ev) { return (uint16_t *)(ev + OWNER_PAGE); }
+static inline uint32_t notify_vcpu(uint8_t *ev, uint32_t port)
+{
+    uint32_t v = __atomic_load_n(ev + NOTIFY_PAGE + port, __ATOMIC_ACQUIRE);
+    return v < XMP_MAX_VCPUS ? v : 0;
+}
 static inline xmp_upcall_t *upcall(uint8_t *ev, uint32_t vcpu)
 {
     return (xmp_upcall_t *)(ev + UPCALL_PAGE) + vcpu;
@@ -779,6 +787,7 @@ int xmp_evtchn_send(xmp_evtchn_t *e, uint32_t port, uint32_t vcpu)
 {
     if (port >= NR_PORTS || vcpu >= XMP_MAX_VCPUS)
         return -EINVAL;
+    vcpu = notify_vcpu(e->ev, port);   /* as Xen: the port's notify vCPU decides */
     uint64_t bit = 1ULL << (port % 64);
     uint64_t old = __atomic_fetch_or(&pending_words(e->ev)[port / 64], bit, __ATOMIC_SEQ_CST);
     if (old & bit)
@@ -794,11 +803,14 @@ int xmp_evtchn_send(xmp_evtchn_t *e, uint32_t port, uint32_t vcpu)
  * receiver if it sleeps (a set summary bit is one the receiver has not
  * taken yet, so it will look).  The sender cannot see the receiver's mask:
  * a masked port costs at most one spurious wake, after which its bit stays
- * set and further sends stop here.  Returns 1 if the receiver was told. */
+ * set and further sends stop here.  Returns 1 if the receiver was told.
+ * Doorbells are vCPU 0's alone (the sender cannot see which vCPU a port is
+ * bound to): vCPU 0's scan forwards a port bound elsewhere to its vCPU. */
 int xmp_doorbell_send(uint8_t *db, const uint32_t *wake, uint32_t port, uint32_t vcpu)
 {
     if (port >= NR_PORTS || vcpu >= XMP_MAX_VCPUS)
         return -EINVAL;
+    vcpu = 0;
     uint64_t bit = 1ULL << (port % 64);
     if (__atomic_fetch_or(&db_pending(db)[port / 64], bit, __ATOMIC_SEQ_CST) & bit)
         return 0;
@@ -813,6 +825,24 @@ void xmp_evtchn_set_owner(uint8_t *ev, uint32_t port, uint32_t owner)
 {
     if (port < NR_PORTS)
         __atomic_store_n(&owners(ev)[port], (uint16_t)owner, __ATOMIC_SEQ_CST);
+}
+
+void xmp_evtchn_kick(xmp_evtchn_t *e, uint32_t vcpu);
+
+/* EVTCHNOP_bind_vcpu (and the binds that name a vCPU): deliver `port` to
+ * `vcpu` from now on.  What is pending is told to the new vCPU (and to
+ * vCPU 0, which forwards what waits in a doorbell): at worst spurious. */
+int xmp_evtchn_set_vcpu(xmp_evtchn_t *e, uint32_t port, uint32_t vcpu)
+{
+    if (port >= NR_PORTS || vcpu >= XMP_MAX_VCPUS)
+        return -EINVAL;
+    __atomic_store_n(e->ev + NOTIFY_PAGE + port, (uint8_t)vcpu, __ATOMIC_SEQ_CST);
+    uint64_t bit = 1ULL << (port % 64);
+    if ((LOAD_ACQ(&pending_words(e->ev)[port / 64]) & bit) && !(LOAD_ACQ(&mask_words(e->ev)[port / 64]) & bit))
+        kick(e->ev, e->wake, vcpu, port);
+    if (LOAD_ACQ(&owners(e->ev)[port]))
+        xmp_evtchn_kick(e, 0);
+    return 0;
 }
 
 /* A doorbell was added or has gone: make every vCPU look (evtchn.py then
@@ -867,15 +897,15 @@ int xmp_evtchn_unmask(xmp_evtchn_t *e, uint32_t port, uint32_t vcpu)
     uint64_t bit = 1ULL << (port % 64);
     __atomic_fetch_and(&mask_words(e->ev)[port / 64], ~bit, __ATOMIC_SEQ_CST);
     if (LOAD_ACQ(&pending_words(e->ev)[port / 64]) & bit) {
-        kick(e->ev, e->wake, vcpu, port);
+        kick(e->ev, e->wake, notify_vcpu(e->ev, port), port);
         return 1;
     }
     xmp_doorbell_ref_t *d = db_holding(e, port);
-    if (d != NULL) {
-        __atomic_fetch_or(db_summary(d->db, vcpu), 1ULL << (port / 64), __ATOMIC_SEQ_CST);
-        xmp_vcpu_info_t *vi = vcpu_info(e->ev, vcpu);
+    if (d != NULL) {   /* doorbells are vCPU 0's: it forwards */
+        __atomic_fetch_or(db_summary(d->db, 0), 1ULL << (port / 64), __ATOMIC_SEQ_CST);
+        xmp_vcpu_info_t *vi = vcpu_info(e->ev, 0);
         if (__atomic_exchange_n(&vi->evtchn_upcall_pending, 1, __ATOMIC_SEQ_CST) == 0)
-            wake_if_sleeping(e->ev, e->wake, vcpu);
+            wake_if_sleeping(e->ev, e->wake, 0);
         return 1;
     }
     return 0;
@@ -921,7 +951,7 @@ static uint32_t scan_doorbell(xmp_evtchn_t *e, xmp_doorbell_ref_t *d, uint32_t v
     uint64_t *sum = db_summary(d->db, vcpu);
     if (__atomic_load_n(sum, __ATOMIC_RELAXED) == 0 || muted(d))
         return n;   /* the common case with many peers: one plain load each */
-    uint32_t before = n;
+    uint32_t before = n, n_fwd = 0;
     uint64_t sel = __atomic_exchange_n(sum, 0, __ATOMIC_SEQ_CST);
     uint64_t *pend = db_pending(d->db);
     uint16_t *own = owners(e->ev);
@@ -939,11 +969,18 @@ static uint32_t scan_doorbell(xmp_evtchn_t *e, xmp_doorbell_ref_t *d, uint32_t v
             }
             uint32_t port = w * 64 + b;
             int taken = (__atomic_fetch_and(&pend[w], ~bit, __ATOMIC_SEQ_CST) & bit) != 0;
-            if (taken && LOAD_ACQ(&own[port]) == d->owner)
+            if (!taken || LOAD_ACQ(&own[port]) != d->owner)
+                continue;
+            uint32_t to = notify_vcpu(e->ev, port);
+            if (to == vcpu) {
                 ports[n++] = port;
+            } else if (!(__atomic_fetch_or(&pending_words(e->ev)[w], bit, __ATOMIC_SEQ_CST) & bit)) {
+                kick(e->ev, e->wake, to, port);   /* bound to another vCPU: hand it over */
+                n_fwd++;
+            }
         }
     }
-    if (n > before) {
+    if (n > before || n_fwd) {
         d->empty = d->strikes = 0;
     } else if (++d->empty >= XMP_EMPTY_LIMIT) {
         d->empty = 0;
@@ -963,7 +1000,9 @@ static uint32_t scan_doorbell(xmp_evtchn_t *e, xmp_doorbell_ref_t *d, uint32_t v
 uint32_t xmp_evtchn_scan(xmp_evtchn_t *e, uint32_t vcpu, uint32_t *ports, uint32_t max)
 {
     uint8_t *ev = e->ev;
-    if (LOAD_ACQ(&upcall(ev, 0)->db_gen) != e->seen_gen)
+    if (vcpu >= XMP_MAX_VCPUS)
+        return 0;
+    if (vcpu == 0 && LOAD_ACQ(&upcall(ev, 0)->db_gen) != e->seen_gen)
         return XMP_SCAN_RESYNC;
     xmp_vcpu_info_t *vi = vcpu_info(ev, vcpu);
     uint32_t n = 0;
@@ -976,6 +1015,8 @@ uint32_t xmp_evtchn_scan(xmp_evtchn_t *e, uint32_t vcpu, uint32_t *ports, uint32
         while (live) {
             uint32_t b = (uint32_t)__builtin_ctzll(live);
             live &= live - 1;
+            if (notify_vcpu(ev, w * 64 + b) != vcpu)
+                continue;   /* another vCPU's port: its own selector bit tells it */
             if (n == max) {
                 /* out of room: leave the rest pending and come back */
                 __atomic_fetch_or(&vi->evtchn_pending_sel, (1ULL << w) | sel, __ATOMIC_SEQ_CST);
@@ -987,7 +1028,7 @@ uint32_t xmp_evtchn_scan(xmp_evtchn_t *e, uint32_t vcpu, uint32_t *ports, uint32
                 ports[n++] = w * 64 + b;
         }
     }
-    for (uint32_t i = 0; i < e->nr_dbs; i++) {
+    for (uint32_t i = 0; vcpu == 0 && i < e->nr_dbs; i++) {
         n = scan_doorbell(e, &e->dbs[i], vcpu, ports, n, max);
         if (n > max) {
             __atomic_store_n(&vi->evtchn_upcall_pending, 1, __ATOMIC_SEQ_CST);
@@ -1007,7 +1048,7 @@ static inline int news(xmp_evtchn_t *e, uint32_t vcpu)
         return WAIT_SHUTDOWN;
     if (LOAD_ACQ(&vcpu_info(e->ev, vcpu)->evtchn_upcall_pending))
         return WAIT_EVENT;
-    for (uint32_t i = 0; i < e->nr_dbs; i++)
+    for (uint32_t i = 0; vcpu == 0 && i < e->nr_dbs; i++)
         if (__atomic_load_n(db_summary(e->dbs[i].db, vcpu), __ATOMIC_SEQ_CST) && !muted(&e->dbs[i]))
             return WAIT_EVENT;
     return -1;
@@ -1054,7 +1095,7 @@ int xmp_evtchn_wait(xmp_evtchn_t *e, uint32_t vcpu, int64_t timeout_ns, int64_t 
         uint32_t *pk = &upcall(e->ev, vcpu)->kick;
         fw[nw++] = (struct futex_waitv){.val = LOAD_ACQ(pk), .uaddr = (uintptr_t)pk,
                                         .flags = XMP_FUTEX2_SIZE_U32};
-        for (uint32_t i = 0; i < e->nr_dbs; i++) {
+        for (uint32_t i = 0; vcpu == 0 && i < e->nr_dbs; i++) {
             if (muted(&e->dbs[i])) {   /* not waited on: come back when it ends */
                 if (e->dbs[i].muted_until < unmute)
                     unmute = e->dbs[i].muted_until;

@@ -51,7 +51,7 @@ from xmp.errors import HypercallError, XmpError
 from xmp.hv.domain import DomState
 from xmp.hypercall import from_a_domain
 from xmp.sharedmem.shm import PAGE_SIZE
-from xmp.toolstack import memory
+from xmp.toolstack import memory, vcpus
 from xmp.toolstack.pending import Pending
 
 if TYPE_CHECKING:
@@ -319,6 +319,45 @@ class ControlServer:
             raise HypercallError(errno.EINVAL, "trigger", f"{dom.name} has no vCPU {vcpu!r}")
         self.ts.trigger(dom, self._string(req, "trigger", "trigger"))
         return {"domid": dom.domid}
+
+    def cmd_sched_credit(self, req):
+        """{"cmd": "sched-credit", "dom": "web", "weight": 512, "cap": 50} (either or
+        neither); without "dom" every domain's."""
+        weight, cap = req.get("weight"), req.get("cap")
+        if any(v is not None and not _number(v, int) for v in (weight, cap)):
+            raise HypercallError(errno.EINVAL, "sched-credit", "weight and cap are integers")
+        if req.get("dom") is None:
+            if weight is not None or cap is not None:
+                raise HypercallError(errno.EINVAL, "sched-credit", "Must specify a domain.")
+            doms = sorted(self.sup.domains.values(), key=lambda d: d.domid)
+        else:
+            doms = [self._dom(req)]
+            if weight is not None or cap is not None:
+                self.ts.credit.set(doms[0].domid, doms[0].pid, weight, cap)
+        rows = []
+        for d in doms:
+            p = self.ts.credit.get(d.domid)
+            rows.append({"name": d.name, "domid": d.domid, "weight": p.weight, "cap": p.cap})
+        return {"domains": rows, "pool": "Pool-0", "tslice_ms": 30, "ratelimit_us": 1000,
+                "migration_delay_us": 0}
+
+    def cmd_vcpu_set(self, req):
+        n = req.get("vcpus")
+        if not _number(n, int):
+            raise HypercallError(errno.EINVAL, "vcpu-set", "vcpus is an integer")
+        return vcpus.set_vcpus(self.ts, self._dom(req), n)
+
+    def cmd_vcpu_list(self, req):
+        refs = req.get("doms") or []
+        doms = [self.sup.find(r) for r in refs] if refs else \
+            sorted(self.sup.domains.values(), key=lambda d: d.domid)
+        return {"vcpus": vcpus.list_vcpus(doms)}
+
+    def cmd_vcpu_pin(self, req):
+        vcpu, hard, soft = req.get("vcpu"), req.get("hard"), req.get("soft")
+        if not all(isinstance(v, str) for v in (vcpu, hard)) or not isinstance(soft, (str, type(None))):
+            raise HypercallError(errno.EINVAL, "vcpu-pin", "vcpu, hard (and soft) are strings")
+        return {"vcpus": vcpus.pin(self.sup, self._dom(req), vcpu, hard, soft)}
 
     def cmd_dump_core(self, req):
         dom, path = self._dom(req), Path(self._string(req, "path", "dump-core"))

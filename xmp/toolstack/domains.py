@@ -31,6 +31,7 @@ from xmp.domid import DOMID_DOM0
 from xmp.errors import HypercallError, XmpError
 from xmp.hv.domain import Domain, DomState
 from xmp.hypervisor import Supervisor
+from xmp.toolstack import sched
 from xmp.toolstack.devices import Device, DeviceManager, Planned
 from xmp.toolstack.xs import XsConnection, _z, dom0_tree, domain_tree, teardown_tree
 from xmp.topology import DomainConfig, Topology, check_name
@@ -98,6 +99,9 @@ class Toolstack:
         self.records: dict[int, DomainRecord] = {}
         self.restarts: dict[str, deque[float]] = {}
         self.xs = XsConnection(sup.rundir / "xenstored.sock", sup.log, self._xs_wants_write, sup.unwatch)
+        for group in sched.remove_stale():
+            sup.log(f"removed the cgroup {group} of a supervisor that is gone")
+        self.credit = sched.CreditScheduler()   # sched-credit's cgroups: removed by close()
         self.devices = DeviceManager(self)
         self.devices.open_host(topology.host)
         from xmp.toolstack.save import SaveRestore  # here: it imports this module (DomainRecord)
@@ -148,6 +152,7 @@ class Toolstack:
             self.sup.iterate(0.05)
 
     def close(self) -> None:
+        self.credit.close()
         self.migrations.close()
         self.devices.close()
         self.xs.close()
@@ -337,6 +342,7 @@ class Toolstack:
         directories of its devices (a driver domain that is gone, or
         hostile, would leave them)."""
         rec = self.records.pop(dom.domid, None)
+        self.credit.forget(dom.domid)
         if dom.domid == DOMID_DOM0:
             self.close()
             return
