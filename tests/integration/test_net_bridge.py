@@ -126,7 +126,7 @@ def test_supervisor_killed_leaves_no_bridge_tap_or_reaper(hosts):
     ls = links()
     uplink = f"{br[:9]}.d{h.info('netdd')['domid']}"  # the driver domain's bridge joined to the host's
     assert ls[va]["master"] == ls[br]["index"] == ls[uplink]["master"]
-    reapers = [p for p in h.descendants() if "xmp.drivers.net.reaper" in " ".join(p.cmdline())]
+    reapers = [p for p in h.descendants() if "xmp.reaper" in " ".join(p.cmdline())]
     assert len(reapers) == 1
     h.proc.send_signal(signal.SIGKILL)
     h.proc.wait(10)

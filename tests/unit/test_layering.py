@@ -19,8 +19,8 @@ ROOT = Path(xmp.__file__).parent
 # save image (pure: records in, bytes out), the authenticated channel, log-dirty rounds and the
 # pre-copy policy -- and sits below the toolstack, as libxc sits below libxl, which drives it
 # (``xl migrate`` and its receiver are the toolstack's); within it the stream is lowest.
-ORDER = ["errors", "domid", "limits", "sharedmem", "devices", "topology", "startinfo", "hypercall", "hv",
-         "hypervisor", "xenstore", "domain_proc", "drivers", "dom0", "guests", "migration.stream",
+ORDER = ["errors", "domid", "limits", "reaper", "sharedmem", "devices", "topology", "startinfo", "hypercall",
+         "hv", "hypervisor", "xenstore", "domain_proc", "drivers", "dom0", "guests", "migration.stream",
          "migration.image", "migration", "toolstack", "libs", "testing", "clitable", "cli"]
 
 

@@ -31,6 +31,7 @@ from xmp.domid import DOMID_DOM0
 from xmp.errors import HypercallError, XmpError
 from xmp.hv.domain import Domain, DomState
 from xmp.hypervisor import Supervisor
+from xmp.reaper import REAPER
 from xmp.toolstack import sched
 from xmp.toolstack.devices import Device, DeviceManager, Planned
 from xmp.toolstack.xs import XsConnection, _z, dom0_tree, domain_tree, teardown_tree
@@ -156,6 +157,7 @@ class Toolstack:
         self.migrations.close()
         self.devices.close()
         self.xs.close()
+        REAPER.close()   # what is still listed (nothing, after a clean stop) goes now
         (self.sup.rundir / "xenstored.sock").unlink(missing_ok=True)
         for sock in (self.sup.rundir / "console").glob("*.sock"):  # dom0's, if it could not
             sock.unlink(missing_ok=True)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xmp.errors import HypercallError
+from xmp.reaper import REAPER, _rmtree
 
 DEFAULT_WEIGHT = 256
 WEIGHT_MAX = 65535
@@ -118,6 +119,7 @@ class CreditScheduler:
                 if version == 2:
                     (sub / "cgroup.subtree_control").write_text("+cpu")
                 self.subtree = sub
+                REAPER.made_cgroup(str(sub))   # removed even if this supervisor is killed
             group = self.subtree / f"dom{domid}"
             group.mkdir(exist_ok=True)
             if version == 2:
@@ -145,21 +147,9 @@ class CreditScheduler:
 
     def close(self) -> None:
         if self.subtree is not None:
-            _rmtree(self.subtree)
+            if _rmtree(self.subtree):
+                REAPER.removed_cgroup(str(self.subtree))
             self.subtree = None
-
-
-def _rmtree(sub: Path) -> bool:
-    """rmdir a cgroup and its children (cgroup files cannot be unlinked;
-    empty groups can be removed)."""
-    ok = True
-    for child in sorted((p for p in sub.iterdir() if p.is_dir()), reverse=True):
-        ok = _rmtree(child) and ok
-    try:
-        sub.rmdir()
-    except OSError:
-        return False
-    return ok
 
 
 def _alive(pid: int) -> bool:

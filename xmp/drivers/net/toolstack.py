@@ -14,9 +14,9 @@ from pathlib import Path
 
 from xmp.devices import DeviceSpec
 from xmp.drivers.net import tap
-from xmp.drivers.net.reaper import Reaper
 from xmp.drivers.net.spec import VifSpec, parse_vifspec
 from xmp.errors import XmpError
+from xmp.reaper import REAPER
 
 LIST_HEADER = (f"{'Idx':<3} {'BE':<2} {'Mac Addr.':<17} {'handle':<6} {'state':<5} {'evt-ch':<6} "
                f"{'tx-':>5}/{'rx-ring-ref':<11} BE-path")
@@ -56,16 +56,15 @@ def devid_of(name: str) -> int:
 
 
 # Bridges made by this supervisor (name -> ifindex): removed when it stops,
-# and by its reaper should it be killed (xmp.drivers.net.reaper).
+# and by its reaper should it be killed (xmp.reaper).
 _made_bridges: dict[str, int] = {}
-_reaper = Reaper()
 
 
 def _ensure_bridge(name: str) -> None:
     index = tap.ensure_bridge(name)
     if index is not None:
         _made_bridges[name] = index
-        _reaper.made(index, name)
+        REAPER.made(index, name)
 
 
 def device(spec: VifSpec, base: Path) -> DeviceSpec:
@@ -194,8 +193,7 @@ def host_close() -> None:
     while _made_bridges:
         name, index = _made_bridges.popitem()
         tap.remove_link(index, name)
-        _reaper.removed(index, name)
-    _reaper.close()
+        REAPER.removed(index, name)
 
 
 def list_row(devid: int, front: dict[str, str]) -> str:
