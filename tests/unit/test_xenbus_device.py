@@ -12,6 +12,7 @@ from xmp.errors import RemoteProtocolError, XenStoreError
 from xmp.testing import settle, store_client
 from xmp.toolstack.xs import device_tree, move_backend_tree
 from xmp.xenstore.server import XenStore
+from xmp.xenstore.wire import PacketParser, XsType
 
 S = XenbusState
 FRONT, BACK = "/local/domain/1/device/vtest/0", "/local/domain/0/backend/vtest/1/0"
@@ -402,3 +403,33 @@ def test_teardown_removes_every_backend_frontid_directory_of_the_dead_domain():
     assert tool.read("/local/domain/0/backend/vbd/4/51712/state") == b"4"
     assert tool.directory("/local/domain/2/backend/vbd") == []
     assert tool.directory("/local/domain/2/backend/vping") == []
+
+
+def test_keys_written_inside_a_known_device_cost_its_bus_no_scan(world):
+    """netback writes its statistics into its own device every tick; each
+    write fires the bus's watch on backend/<type>.  A full scan for each
+    (directories of every frontend, a read of every state) made dom0 fall
+    behind its own writes (net.toml's guests, under load)."""
+    store, tool, guest, back = world
+    log: list[str] = []
+    bus = backend_bus(back, 0, "vtest", lambda: Back(log))
+    frontend_bus(guest, "vtest", lambda: Front(log))
+    settle(guest, back)
+    assert states(tool) == (S.CONNECTED, S.CONNECTED)
+    sent: list[XsType] = []
+    parser, send = PacketParser(), back.t.send
+
+    def counting(data: bytes, timeout: float | None = None) -> None:
+        sent.extend(XsType(p.type) for p in parser.feed(data))
+        send(data, timeout)
+
+    back.t.send = counting  # type: ignore[method-assign]
+    for i in range(50):
+        back.write(f"{BACK}/statistics/rx_packets", str(i))
+    settle(guest, back)
+    assert sent.count(XsType.WRITE) == 50
+    assert XsType.DIRECTORY not in sent and XsType.READ not in sent, sorted({t.name for t in sent})
+    # a device removed still goes
+    tool.rm(f"{BACK}")
+    settle(guest, back)
+    assert bus.devices == {}

@@ -311,7 +311,7 @@ class Bus:
         self.devices: dict[str, XenbusDevice] = {}
         self._frontend_introduced: dict[str, bool] = {}  # a backend device's node -> its frontend's, at first
         self._token = f"xenbus-bus-{next(_tokens)}"
-        xs.on_watch(self._token, lambda _path: self._scan_guarded())
+        xs.on_watch(self._token, self._changed)
         xs.watch(root, self._token)
         if depth == 2:
             # A frontend domain released: its devices go even if no watch on its
@@ -345,9 +345,23 @@ class Bus:
             del self.devices[dev.nodename]
         self._frontend_introduced.pop(dev.nodename, None)
 
-    def _scan_guarded(self) -> None:
+    def _changed(self, path: str) -> None:
+        """A watch event under the root.  As Linux's xenbus_dev_changed, only
+        the device the path names is looked at: a key written inside a known
+        device (netback's statistics, every tick) costs nothing.  A full
+        scan for each made a busy dom0 fall behind its own writes, its
+        start-up waiting beneath the dispatch for ever."""
+        parts = path[len(self.root):].strip("/").split("/") if path.startswith(self.root + "/") else []
+        if len(parts) <= self.depth:  # the root, a frontend's directory, a device's: made or removed
+            self._scan_guarded()
+            return
+        node = "/".join([self.root, *parts[:self.depth]])
+        if node not in self.devices:
+            self._scan_guarded(lambda: self._consider(node))
+
+    def _scan_guarded(self, scan: Callable[[], object] | None = None) -> None:
         try:
-            self.scan()
+            (scan or self.scan)()
         except XenStoreError:
             pass  # half-written by the toolstack: the next event brings the rest
 
@@ -367,19 +381,23 @@ class Bus:
         present = set()
         for node in self._nodes():
             present.add(node)
-            if node in self.devices or self.xs.read_or(f"{node}/state") is None:
-                continue
-            try:
-                dev = XenbusDevice(self.xs, node, self.factory())
-            except (XenStoreError, ValueError, MemoryError):
-                continue  # half-written by the toolstack: the next event brings the rest
-            self.devices[node] = dev
-            dev.on_removed = self._removed
-            if not dev.frontend:
-                self._frontend_introduced[node] = bool(self._introduced(dev.otherend_id))
-            dev.start()
+            self._consider(node)
         for node in [n for n in self.devices if n not in present]:
             self.devices[node].remove()
+
+    def _consider(self, node: str) -> None:
+        """Start serving ``node`` if it is new and complete (it has a state)."""
+        if node in self.devices or self.xs.read_or(f"{node}/state") is None:
+            return
+        try:
+            dev = XenbusDevice(self.xs, node, self.factory())
+        except (XenStoreError, ValueError, MemoryError):
+            return  # half-written by the toolstack: the next event brings the rest
+        self.devices[node] = dev
+        dev.on_removed = self._removed
+        if not dev.frontend:
+            self._frontend_introduced[node] = bool(self._introduced(dev.otherend_id))
+        dev.start()
 
 
 def frontend_bus(xs: XsClient, devtype: str, factory: Callable[[], FrontendDriver]) -> Bus:
