@@ -103,3 +103,54 @@ def test_a_failed_posted_request_goes_to_on_posted_error(pair):
     assert xs.read("/x") == b"/x@2"
     assert [(e.errno, e.path, e.op) for e in got] == [("EACCES", "control/shutdown", "WATCH")]
     assert xs.read("/y") == b"/y@3"
+
+
+def test_a_dispatch_with_an_owner_loop_takes_only_what_was_queued_and_asks_for_another_turn():
+    """A callback whose every write brings another event (netback's ticker
+    under the bus's watch): drained to the end, the dispatch never returned
+    to whoever waited beneath it in the domain's loop (dom0's start-up, its
+    VIRQ_DOM_EXC not yet bound: no guest's console ever read)."""
+    from xmp.testing import store_client
+    from xmp.xenstore.server import XenStore
+
+    xs = store_client(XenStore(), 0, privileged=True)
+    turns: list[int] = []
+    xs.events_pending = lambda: turns.append(len(xs.events))
+    calls = []
+
+    def busy(path: str) -> None:
+        calls.append(path)
+        if len(calls) < 1000:
+            xs.write("/busy/x", str(len(calls)))  # fires this watch again
+
+    xs.on_watch("busy", busy)
+    xs.watch("/busy", "busy")
+    xs.pump_nowait()
+    xs.events.append(("/other", "no-callback"))  # kept, in order, for wait_watch
+    turns.clear()
+    xs.dispatch()
+    assert len(calls) == 1
+    assert turns and turns[-1] == 2  # the new event waits, and its owner is told
+    assert list(xs.events) == [("/other", "no-callback"), ("/busy/x", "busy")]
+    xs.dispatch()
+    assert len(calls) == 2
+    assert xs.wait_watch(0) == ("/other", "no-callback")
+
+
+def test_a_dispatch_without_an_owner_loop_still_drains_every_event():
+    from xmp.testing import store_client
+    from xmp.xenstore.server import XenStore
+
+    xs = store_client(XenStore(), 0, privileged=True)
+    calls = []
+
+    def busy(path: str) -> None:
+        calls.append(path)
+        if len(calls) < 5:
+            xs.write("/busy/x", str(len(calls)))
+
+    xs.on_watch("busy", busy)
+    xs.watch("/busy", "busy")
+    xs.pump_nowait()
+    xs.dispatch()
+    assert len(calls) == 5 and not xs.events

@@ -302,22 +302,31 @@ class XsClient:
 
     def dispatch(self) -> None:
         """Run the callbacks of queued watch events; not re-entered by a
-        callback's own requests."""
+        callback's own requests.  With an owner loop (``events_pending``)
+        only the events queued when it started: those that come meanwhile
+        are left for the next turn, which it asks for.  A callback's request
+        waits in that loop, and so may whoever waits beneath this dispatch
+        (dom0's start-up): draining to the end, a stream of events kept it
+        from ever returning to them."""
         if self._dispatching:
             return
         self._dispatching = True
+        kept: deque[tuple[str, str]] = deque()  # no callback (yet): for wait_watch, in order
         try:
-            kept: deque[tuple[str, str]] = deque()
-            while self.events:
+            todo = len(self.events) if self.events_pending is not None else -1
+            while self.events and todo != 0:
+                todo -= 1
                 path, token = self.events.popleft()
                 cb = self._callbacks.get(token)
                 if cb is None:
                     kept.append((path, token))
                 else:
                     cb(path)
-            self.events.extend(kept)
-        finally:
+        finally:  # (a callback that raised leaves the rest for the next turn too)
             self._dispatching = False
+            self.events.extendleft(reversed(kept))
+            if self.events_pending is not None and any(t in self._callbacks for _, t in self.events):
+                self.events_pending()
 
     def wait_watch(self, timeout: float | None = None) -> tuple[str, str] | None:
         deadline = None if timeout is None else time.monotonic() + timeout
