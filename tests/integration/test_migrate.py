@@ -8,11 +8,14 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
 
 import pytest
 from netns import NetnsPair, namespaces
-from xmphost import HOST, guest
+from xmphost import ENV, HOST, XMP, guest
 
+from xmp.cli import request
 from xmp.migration.channel import generate_key
 
 pytestmark = [pytest.mark.timeout(180),
@@ -110,3 +113,46 @@ def test_a_refused_migration_leaves_the_guest_running_on_the_source_only(pair, h
     assert "c: suspending" not in a.console_log("c")
     assert [d["name"] for d in b.list()].count("c") == 1
     two.stop()
+
+
+def _phase(h, dom: str) -> str | None:
+    try:
+        return request(h.rundir, "migrate-status", dom=dom)["phase"]
+    except Exception:   # no migration (yet, or any more)
+        return None
+
+
+@pytest.mark.timeout(150)
+def test_the_destination_killed_mid_stream_leaves_the_guest_running_on_the_source_only(pair, hosts, tmp_path):
+    """beta's supervisor is SIGKILLed while round 0 streams: the migration
+    fails with an error, the guest was never suspended and counts on at home
+    without a gap or a repeat, and neither host keeps anything of it."""
+    two = Two(pair, hosts, tmp_path, KEEP + guest("c", "counter", 256, args={"count": 0, "interval": 0.01}))
+    a, b = two.hosts
+    a.wait(lambda: len(counts(a.console_log("c"))) > 5, 20, "counting")
+    domid = a.info("c")["domid"]
+    proc = subprocess.Popen([*XMP, "migrate", "--json", "--live", "--shared", str(two.shared), "c",
+                             two.address[1], "--rundir", str(a.rundir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        a.wait(lambda: _phase(a, "c") == "pre-copy", 30, "round 0 under way")
+        os.kill(b.pid, signal.SIGKILL)
+        b.proc.wait(10)
+        _out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1 and "the connection to " in err and "was lost" in err \
+        and "before the handover: c goes on here" in err, err
+    info = a.info("c")
+    assert info["domid"] == domid and info["state"] == "running", info
+    n = len(counts(a.console_log("c")))
+    a.wait(lambda: len(counts(a.console_log("c"))) > n + 20, 20, "counting on at home")
+    seen = counts(a.console_log("c"))
+    assert seen == list(range(seen[0], seen[0] + len(seen)))    # no gap, no repeat
+    assert "c: suspending" not in a.console_log("c")             # never suspended: killed before
+    b.assert_clean(sockets=False)                                # the killed host: nothing of it left
+    assert a.stop() == 0
+    a.assert_clean()
+    assert not list(two.shared.iterdir()), "a decision file was left on the shared storage"

@@ -319,8 +319,7 @@ class _Send:
         try:
             result = self._run(started)
         except BaseException as exc:
-            err = exc if isinstance(exc, HypercallError) else \
-                HypercallError(errno.EIO, "migrate", f"{type(exc).__name__}: {exc}")
+            err = exc if isinstance(exc, HypercallError) else self._error(exc)
             self._failed(err)
             if not isinstance(exc, (HypercallError, XmpError, OSError, concurrent.futures.TimeoutError)):
                 raise
@@ -328,6 +327,15 @@ class _Send:
             self.bridge.post(lambda: self._settle(result, None))
         finally:
             self.m.threads.discard(threading.current_thread())
+
+    def _error(self, exc: BaseException) -> HypercallError:
+        """One clear line for a failure that is not ours to name (the link)."""
+        if isinstance(exc, OSError):
+            where = (f"after the commit: {self.dom.name} is the receiver's now" if self.committed else
+                     f"before the handover: {self.dom.name} goes on here")
+            return HypercallError(errno.EIO, "migrate", f"the connection to {self.address} was lost "
+                                  f"({exc.strerror or type(exc).__name__}) {where}")
+        return HypercallError(errno.EIO, "migrate", f"{type(exc).__name__}: {exc}")
 
     def _settle(self, result: dict[str, Any] | None, exc: HypercallError | None) -> None:
         self.m.outgoing.discard(self.dom.domid)
