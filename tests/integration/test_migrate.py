@@ -115,6 +115,13 @@ def test_a_refused_migration_leaves_the_guest_running_on_the_source_only(pair, h
     two.stop()
 
 
+def _migrating(two: Two, dom: str) -> subprocess.Popen:
+    """``xmp migrate --live DOM`` from alpha to beta, in the background."""
+    return subprocess.Popen([*XMP, "migrate", "--json", "--live", "--shared", str(two.shared), dom,
+                             two.address[1], "--rundir", str(two.hosts[0].rundir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
 def _phase(h, dom: str) -> str | None:
     try:
         return request(h.rundir, "migrate-status", dom=dom)["phase"]
@@ -131,9 +138,7 @@ def test_the_destination_killed_mid_stream_leaves_the_guest_running_on_the_sourc
     a, b = two.hosts
     a.wait(lambda: len(counts(a.console_log("c"))) > 5, 20, "counting")
     domid = a.info("c")["domid"]
-    proc = subprocess.Popen([*XMP, "migrate", "--json", "--live", "--shared", str(two.shared), "c",
-                             two.address[1], "--rundir", str(a.rundir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = _migrating(two, "c")
     try:
         a.wait(lambda: _phase(a, "c") == "pre-copy", 30, "round 0 under way")
         os.kill(b.pid, signal.SIGKILL)
@@ -156,3 +161,55 @@ def test_the_destination_killed_mid_stream_leaves_the_guest_running_on_the_sourc
     assert a.stop() == 0
     a.assert_clean()
     assert not list(two.shared.iterdir()), "a decision file was left on the shared storage"
+
+
+BIG = guest("c", "counter", 256, args={"count": 0, "interval": 0.01})   # round 0 takes a while
+
+
+@pytest.mark.timeout(150)
+def test_the_source_killed_mid_stream_leaves_nothing_on_the_destination(pair, hosts, tmp_path):
+    """alpha's supervisor is SIGKILLed while round 0 streams: its guest dies
+    with its host (as on a crashed Xen host), and beta drops the half-received
+    domain -- it never ran there, and nothing of it is left."""
+    two = Two(pair, hosts, tmp_path, KEEP + BIG)
+    a, b = two.hosts
+    a.wait(lambda: len(counts(a.console_log("c"))) > 5, 20, "counting")
+    proc = _migrating(two, "c")
+    try:
+        a.wait(lambda: _phase(a, "c") == "pre-copy", 30, "round 0 under way")
+        os.kill(a.pid, signal.SIGKILL)
+        a.proc.wait(10)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    b.wait(lambda: "migration: receiving 'c'" in b.dmesg(), 10, "the receiver to have begun")
+    b.wait(lambda: b.info("c") is None and "c" not in b.console_log("c"), 20, "beta without c")
+    assert [d["name"] for d in b.list()] == ["Domain-0", "keep"]
+    a.assert_clean(sockets=False)
+    assert b.stop() == 0
+    b.assert_clean()
+    assert not list(two.shared.iterdir()), "a decision file was left on the shared storage"
+
+
+@pytest.mark.timeout(150)
+def test_a_domain_already_migrating_is_refused_ebusy(pair, hosts, tmp_path):
+    two = Two(pair, hosts, tmp_path, KEEP + BIG)
+    a, b = two.hosts
+    a.wait(lambda: len(counts(a.console_log("c"))) > 5, 20, "counting")
+    proc = _migrating(two, "c")
+    try:
+        a.wait(lambda: _phase(a, "c") == "pre-copy", 30, "round 0 under way")
+        second = two.migrate(0, "c", "--live", check=False)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert second.returncode == 1 and "c is being migrated or saved already" in second.stderr, second.stderr
+    assert proc.returncode == 0, err          # the first one was not disturbed
+    assert json.loads(out)["name"] == "c"
+    assert two.where("c") == ["beta"]
+    two.stop()
