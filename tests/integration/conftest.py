@@ -9,6 +9,7 @@ from multiprocessing import resource_tracker
 
 import psutil
 import pytest
+from netns import NetnsPair, namespaces
 from xmphost import Host
 
 from xmp.sharedmem.shm import ShmNamespace, leftovers
@@ -20,6 +21,15 @@ def ns():
     space = ShmNamespace()
     yield space
     assert [n for n in leftovers() if n.startswith(space.prefix)] == []
+
+
+@pytest.fixture
+def pair():
+    """Two network namespaces joined by a veth pair (two hosts on one machine)."""
+    p = NetnsPair.create()
+    yield p
+    p.delete()
+    assert not set(p.names) & set(namespaces()), "a namespace was left behind"
 
 
 @pytest.hookimpl(wrapper=True)

@@ -12,10 +12,10 @@ import signal
 import subprocess
 
 import pytest
-from netns import NetnsPair, namespaces
 from xmphost import ENV, HOST, XMP, guest
 
 from xmp.cli import request
+from xmp.clitable import CliError
 from xmp.migration.channel import generate_key
 
 pytestmark = [pytest.mark.timeout(180),
@@ -24,18 +24,11 @@ pytestmark = [pytest.mark.timeout(180),
 
 KEEP = guest("keep", "idle")   # a guest that stays, so neither host stops when the migrated one leaves
 COUNTER = guest("c", "counter", args={"count": 0, "interval": 0.01})
+BIG = guest("c", "counter", 256, args={"count": 0, "interval": 0.01})   # round 0 takes a while
 
 
 def counts(log: str) -> list[int]:
     return [int(m) for m in re.findall(r"^count (\d+)$", log, re.M)]
-
-
-@pytest.fixture
-def pair():
-    p = NetnsPair.create()
-    yield p
-    p.delete()
-    assert not set(p.names) & set(namespaces()), "a namespace was left behind"
 
 
 class Two:
@@ -115,17 +108,33 @@ def test_a_refused_migration_leaves_the_guest_running_on_the_source_only(pair, h
     two.stop()
 
 
-def _migrating(two: Two, dom: str) -> subprocess.Popen:
-    """``xmp migrate --live DOM`` from alpha to beta, in the background."""
-    return subprocess.Popen([*XMP, "migrate", "--json", "--live", "--shared", str(two.shared), dom,
-                             two.address[1], "--rundir", str(two.hosts[0].rundir)],
+def _during_round0(two: Two, dom: str, act, timeout: float = 90) -> tuple[subprocess.Popen, str, str]:
+    """``xmp migrate --live DOM`` from alpha to beta in the background,
+    ``act()`` once round 0 streams; the finished command and its output."""
+    a = two.hosts[0]
+    proc = subprocess.Popen([*XMP, "migrate", "--json", "--live", "--shared", str(two.shared), dom,
+                             two.address[1], "--rundir", str(a.rundir)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        a.wait(lambda: _phase(a, dom) == "pre-copy", 30, "round 0 under way")
+        act()
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc, out, err
+
+
+def _kill(h) -> None:
+    os.kill(h.pid, signal.SIGKILL)
+    h.proc.wait(10)
 
 
 def _phase(h, dom: str) -> str | None:
     try:
         return request(h.rundir, "migrate-status", dom=dom)["phase"]
-    except Exception:   # no migration (yet, or any more)
+    except CliError:   # no migration (yet, or any more)
         return None
 
 
@@ -134,20 +143,11 @@ def test_the_destination_killed_mid_stream_leaves_the_guest_running_on_the_sourc
     """beta's supervisor is SIGKILLed while round 0 streams: the migration
     fails with an error, the guest was never suspended and counts on at home
     without a gap or a repeat, and neither host keeps anything of it."""
-    two = Two(pair, hosts, tmp_path, KEEP + guest("c", "counter", 256, args={"count": 0, "interval": 0.01}))
+    two = Two(pair, hosts, tmp_path, KEEP + BIG)
     a, b = two.hosts
     a.wait(lambda: len(counts(a.console_log("c"))) > 5, 20, "counting")
     domid = a.info("c")["domid"]
-    proc = _migrating(two, "c")
-    try:
-        a.wait(lambda: _phase(a, "c") == "pre-copy", 30, "round 0 under way")
-        os.kill(b.pid, signal.SIGKILL)
-        b.proc.wait(10)
-        _out, err = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc, _out, err = _during_round0(two, "c", lambda: _kill(b))
     assert proc.returncode == 1 and "the connection to " in err and "was lost" in err \
         and "before the handover: c goes on here" in err, err
     info = a.info("c")
@@ -163,9 +163,6 @@ def test_the_destination_killed_mid_stream_leaves_the_guest_running_on_the_sourc
     assert not list(two.shared.iterdir()), "a decision file was left on the shared storage"
 
 
-BIG = guest("c", "counter", 256, args={"count": 0, "interval": 0.01})   # round 0 takes a while
-
-
 @pytest.mark.timeout(150)
 def test_the_source_killed_mid_stream_leaves_nothing_on_the_destination(pair, hosts, tmp_path):
     """alpha's supervisor is SIGKILLed while round 0 streams: its guest dies
@@ -174,16 +171,7 @@ def test_the_source_killed_mid_stream_leaves_nothing_on_the_destination(pair, ho
     two = Two(pair, hosts, tmp_path, KEEP + BIG)
     a, b = two.hosts
     a.wait(lambda: len(counts(a.console_log("c"))) > 5, 20, "counting")
-    proc = _migrating(two, "c")
-    try:
-        a.wait(lambda: _phase(a, "c") == "pre-copy", 30, "round 0 under way")
-        os.kill(a.pid, signal.SIGKILL)
-        a.proc.wait(10)
-        proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc, _out, _err = _during_round0(two, "c", lambda: _kill(a), timeout=60)
     assert proc.returncode != 0
     b.wait(lambda: "migration: receiving 'c'" in b.dmesg(), 10, "the receiver to have begun")
     b.wait(lambda: b.info("c") is None and "c" not in b.console_log("c"), 20, "beta without c")
@@ -199,16 +187,14 @@ def test_a_domain_already_migrating_is_refused_ebusy(pair, hosts, tmp_path):
     two = Two(pair, hosts, tmp_path, KEEP + BIG)
     a, b = two.hosts
     a.wait(lambda: len(counts(a.console_log("c"))) > 5, 20, "counting")
-    proc = _migrating(two, "c")
-    try:
-        a.wait(lambda: _phase(a, "c") == "pre-copy", 30, "round 0 under way")
-        second = two.migrate(0, "c", "--live", check=False)
-        out, err = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert second.returncode == 1 and "c is being migrated or saved already" in second.stderr, second.stderr
+    refused = []
+
+    def again() -> None:   # straight to the control socket: no CLI start-up while round 0 runs
+        with pytest.raises(CliError) as info:
+            request(a.rundir, "migrate", dom="c", address=two.address[1], live=True, shared=str(two.shared))
+        refused.append(str(info.value))
+    proc, out, err = _during_round0(two, "c", again)
+    assert refused == ["c is being migrated or saved already"], refused
     assert proc.returncode == 0, err          # the first one was not disturbed
     assert json.loads(out)["name"] == "c"
     assert two.where("c") == ["beta"]

@@ -32,14 +32,6 @@ CLIENT = textwrap.dedent("""
 """)
 
 
-@pytest.fixture
-def pair():
-    p = NetnsPair.create()
-    yield p
-    p.delete()
-    assert not set(p.names) & set(namespaces()), "a namespace was left behind"
-
-
 def _topology(name: str, address: str, key) -> str:
     host = f'[host]\nname = "{name}"\nmigrate = "{address}:0"\nmigrate_key = "{key}"\n'
     return HOST.replace("[host]\n", host)
