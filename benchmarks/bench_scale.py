@@ -45,6 +45,7 @@ import random
 import signal
 import sys
 import time
+from collections import Counter
 from typing import Any
 
 import psutil
@@ -168,6 +169,36 @@ def shm_mapped(pid: int) -> int:
     return total
 
 
+def holdings(pid: int) -> Counter:
+    """What ``pid`` holds, by kind: its descriptors' targets (sockets and
+    pipes without their inode) and the shared memory it maps."""
+    held: Counter = Counter()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        held["fd " + target.split(":[")[0] if ":[" in target else "fd " + target] += 1
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            path = fields[5].strip() if len(fields) > 5 else ""
+            if path.startswith(("/dev/shm/", "/memfd:")):
+                start, _, end = fields[0].partition("-")
+                held[f"map {path.split(' (')[0]} {(int(end, 16) - int(start, 16)) // 1024} KiB"] += 1
+    return held
+
+
+def leftovers(before: dict[str, Counter], host: Host) -> list[str]:
+    """What each process holds now beyond what it held before the guests."""
+    out = []
+    for who, pid in (("supervisor", host.proc.pid), ("dom0", host.dom0_pid())):
+        extra = holdings(pid) - before[who]
+        if extra:
+            out.append(f"{who} still holds " + ", ".join(f"{k} x{v}" for k, v in sorted(extra.items())))
+    return out
+
+
 def shm_used() -> int:
     st = os.statvfs("/dev/shm")
     return (st.f_blocks - st.f_bfree) * st.f_frsize
@@ -230,6 +261,7 @@ def run(n: int, seed: int) -> tuple[dict, list[str]]:
         host.start()
         base = resources(host)
         results["before"] = base
+        held = {"supervisor": holdings(host.proc.pid), "dom0": holdings(host.dom0_pid())}
         lat: list[float] = []
         domids: dict[str, int] = {}
         t_all = time.monotonic()
@@ -302,6 +334,8 @@ def run(n: int, seed: int) -> tuple[dict, list[str]]:
         for key, bound in (("fds_left", 0), ("nodes_left", 0), ("mapped_left_mib", 1.0)):
             if results[key] > bound:
                 errors.append(f"{key}: {results[key]} after every guest was destroyed")
+        if results["fds_left"] > 0 or results["mapped_left_mib"] > 0:
+            errors += leftovers(held, host)
     except BenchError as exc:
         errors.append(str(exc))
     except KeyboardInterrupt:

@@ -8,7 +8,7 @@ import pytest
 
 from xmp.domain_proc import loop as loopmod
 from xmp.domain_proc.loop import EventLoop
-from xmp.sharedmem.evtchn import EVTCHN_OBJECT_SIZE, EventChannels
+from xmp.sharedmem.evtchn import DOORBELL_SIZE, EVTCHN_OBJECT_SIZE, EventChannels
 
 STORMY, QUIET = 5, 6
 
@@ -71,3 +71,19 @@ def test_a_port_its_owner_masked_is_left_alone(setup):
     ev.mask(STORMY)
     loop._throttle(STORMY, time.perf_counter())
     assert loop.throttles == 0 and STORMY not in loop._throttled
+
+
+@pytest.mark.timeout(30)
+def test_a_quiet_loop_still_closes_a_dead_peers_doorbell(setup):
+    # The close is two-phase (swapped out at one scan, closed at the next);
+    # a domain no event wakes after the detach must come back for the
+    # second phase by itself, or it holds the dead peer's page for ever.
+    ev, loop, _calls = setup
+    closed = []
+    ev.attach_doorbell(9, bytearray(DOORBELL_SIZE), closer=lambda: closed.append(9))
+    loop.poll(0)
+    assert ev.detach_doorbell(9) is True
+    deadline = time.monotonic() + 5
+    while not closed and time.monotonic() < deadline:
+        loop.poll(None)  # without the grace timeout the second poll sleeps for ever
+    assert closed == [9] and not ev.closing

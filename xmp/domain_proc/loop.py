@@ -40,6 +40,7 @@ RATE_BUDGET = 512    # events a port may raise per period (~51k/s) before it is 
 BACKOFF_MIN = 0.001
 BACKOFF_MAX = 0.256
 STORM_MEMORY = 1.0   # throttled again within this: the back-off doubles
+DOORBELL_GRACE = 0.01  # a detached doorbell is closed one scan later, at most this much after
 
 
 class EventLoop:
@@ -72,6 +73,8 @@ class EventLoop:
             wake_at = self._next_unmask - start
             timeout = wake_at if timeout is None else min(timeout, wake_at)
             timeout = max(timeout, 0.0)
+        if self.evt.closing:  # a quiet domain would otherwise hold a dead peer's doorbell for ever
+            timeout = DOORBELL_GRACE if timeout is None else min(timeout, DOORBELL_GRACE)
         woke = self.evt.wait(self.vcpu, timeout, self.spin)
         if woke == Wake.SHUTDOWN:
             raise DomainGone(-1)

@@ -307,6 +307,12 @@ class EventChannels:
             if closer is not None:
                 closer()
 
+    @property
+    def closing(self) -> bool:
+        """Detached doorbells wait for a later :meth:`sync` to be closed: the
+        scanning thread must come back even if no event wakes it."""
+        return bool(self._dying or self._dead)
+
     def _kick_self(self) -> None:
         # the scanning thread may be asleep in wait(): make it scan (and sync)
         for vcpu in range(max(self.nr_vcpus, 1)):
