@@ -35,7 +35,14 @@ def main(kernel: Kernel) -> None:
 
     @service(kernel)
     def domains_changed(_port: int) -> None:
+        # Whose doorbells we hold, read before the list: a domain named here and
+        # absent from the list after has been freed (ids are never reused), and
+        # what we hold of it goes even if the refresh that should have dropped
+        # it never came (a lost doorbell kept a dead guest's fd and map for ever).
+        held = kernel.xen.evt.doorbell_senders()
         infos = {i["domid"]: i for i in domain_info_list(kernel.xen.call) if i["domid"] != kernel.domid}
+        for domid in set(held) - set(infos) - {kernel.domid}:
+            kernel.xen.forget_domain(domid)
         consoled.scan(infos)
         xenstored.domains_changed(infos)
 
