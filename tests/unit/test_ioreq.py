@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from xmp.errors import LocalError, RemoteProtocolError
@@ -135,6 +135,9 @@ def test_the_state_machine_allows_exactly_ioreq_h_transitions(ops, vcpu):
 @given(st.lists(st.tuples(st.integers(0, (1 << 20) - 1), st.sampled_from([1, 2, 4, 8]),
                           st.integers(0, (1 << 64) - 1)), max_size=600),
        st.integers(0, (1 << 32) - 1))
+# at the wrap: an 8-byte write's halves, and queued writes the restarted slot index would overwrite
+@example(writes=[(0, 1, 0), (0, 8, 1 << 32)], start=(1 << 32) - 2)
+@example(writes=[(i, 1, i & 0xFF) for i in range(80)], start=(1 << 32) - 20)
 def test_buffered_writes_come_out_in_order_across_pointer_wrap(writes, start):
     page = bytearray(4096)
     struct.pack_into("<II", page, 0, start, start)

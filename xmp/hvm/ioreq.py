@@ -209,12 +209,20 @@ class BufferedIoPage:
             return False
         rd, wr = self._pointers()
         slots = 2 if size == 8 else 1
-        if (wr - rd) % (1 << 32) + slots > IOREQ_BUFFER_SLOT_NUM:
+        pending = (wr - rd) % (1 << 32)
+        if pending + slots > IOREQ_BUFFER_SLOT_NUM:
+            return False
+        # 2**32 is no multiple of the 511 slots: past the pointers' wrap the slot
+        # index restarts at 0 and would land on writes still queued before it.
+        # Xen canonicalises both pointers with a cmpxchg; here the write goes
+        # synchronously instead (which drains this ring first) unless it is empty.
+        if pending and rd + pending + slots > 1 << 32:
             return False
         word = (kind & 0xFF) | (IOREQ_WRITE << 9) | (_SIZE_CODE[size] << 10) | (addr << 12)
         _BUF.pack_into(self.buf, 8 + (wr % IOREQ_BUFFER_SLOT_NUM) * 8, word, data & 0xFFFFFFFF)
-        if slots == 2:
-            _BUF.pack_into(self.buf, 8 + ((wr + 1) % IOREQ_BUFFER_SLOT_NUM) * 8, word, data >> 32)
+        if slots == 2:  # the slot the consumer reads next: of the wrapped pointer
+            high = ((wr + 1) % (1 << 32)) % IOREQ_BUFFER_SLOT_NUM
+            _BUF.pack_into(self.buf, 8 + high * 8, word, data >> 32)
         struct.pack_into("<I", self.buf, 4, (wr + slots) % (1 << 32))  # published last
         return True
 
