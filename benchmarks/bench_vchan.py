@@ -102,7 +102,8 @@ def _check(name: str, total: int, pings: int, sent_sha: str, got: dict, rtt: dic
     if got["received"] != total:
         raise BenchError(f"{name}: received {got['received']} of {total} bytes")
     if got["sha"] != sent_sha:
-        raise BenchError(f"{name}: the receiver's sha256 {got['sha'][:16]} is not the sender's {sent_sha[:16]}")
+        raise BenchError(f"{name}: the receiver's sha256 {got['sha'][:16]} "
+                         f"is not the sender's {sent_sha[:16]}")
     if rtt["echoed_ok"] != pings:
         raise BenchError(f"{name}: {pings - rtt['echoed_ok']} of {pings} pings came back wrong")
     return {"mib_s": total / MiB / got["seconds"], "rtt_us": rtt["seconds"] / pings * 1e6,
@@ -191,7 +192,8 @@ def main(argv=None) -> int:
               f"{len(os.sched_getaffinity(0))} CPUs")
         print(f"{'':<30}{'vchan (2 guests)':>18}{'Pipe (2 procs)':>18}{'vchan / Pipe':>14}")
         for m, label in (("mib_s", "64 KiB writes, MiB/s"), ("rtt_us", "64 B round trip, us")):
-            cells = "".join(f"{results[p][m]:>18.1f}" if p in results else f"{'-':>18}" for p in ("vchan", "pipe"))
+            cells = "".join(f"{results[p][m]:>18.1f}" if p in results else f"{'-':>18}"
+                            for p in ("vchan", "pipe"))
             r = ratios[m]
             print(f"{label:<30}{cells}" + (f"{r:>14.3f}" if r is not None else f"{'-':>14}"))
         print()
