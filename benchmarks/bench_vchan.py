@@ -106,8 +106,12 @@ def _check(name: str, total: int, pings: int, sent_sha: str, got: dict, rtt: dic
                          f"is not the sender's {sent_sha[:16]}")
     if rtt["echoed_ok"] != pings:
         raise BenchError(f"{name}: {pings - rtt['echoed_ok']} of {pings} pings came back wrong")
-    return {"mib_s": total / MiB / got["seconds"], "rtt_us": rtt["seconds"] / pings * 1e6,
-            "bytes": total, "pings": pings, "sha256": sent_sha}
+    res = {"mib_s": total / MiB / got["seconds"], "rtt_us": rtt["seconds"] / pings * 1e6,
+           "bytes": total, "pings": pings, "sha256": sent_sha}
+    if "hypercalls" in got:  # the guest client's: what each step costs it
+        res["client_hypercalls_per_64k"] = got["hypercalls"] / (total / vchanbench.CHUNK)
+        res["client_hypercalls_per_ping"] = rtt["hypercalls"] / pings
+    return res
 
 
 def _pipe_server(conn, total: int, pings: int) -> None:
@@ -196,6 +200,10 @@ def main(argv=None) -> int:
                             for p in ("vchan", "pipe"))
             r = ratios[m]
             print(f"{label:<30}{cells}" + (f"{r:>14.3f}" if r is not None else f"{'-':>14}"))
+        if "vchan" in results:
+            r = results["vchan"]
+            print(f"the guest client's hypercalls: {r['client_hypercalls_per_64k']:.1f} per 64 KiB, "
+                  f"{r['client_hypercalls_per_ping']:.1f} per round trip")
         print()
         report.print_targets("targets (vchan over Pipe, same run)", targets, 24, 3)
         report.print_list("ERRORS:", errors)

@@ -61,8 +61,23 @@ def _connect(kernel, server: int, path: str, timeout: float = 20) -> vchan.Vchan
             kernel.sleep(0.05)
 
 
+def _count_hypercalls(kernel) -> list[int]:
+    """A counter of this domain's hypercalls (what a grant-copying client
+    pays per step): one cell, bumped by every ``kernel.xen.call``."""
+    count = [0]
+    call = kernel.xen.call
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return call(*args, **kwargs)
+
+    kernel.xen.call = counted
+    return count
+
+
 def _client(kernel, server: int, path: str, total: int, pings: int) -> None:
     v = _connect(kernel, server, f"/local/domain/{server}/{path}")
+    calls = _count_hypercalls(kernel)
     h = hashlib.sha256()
     buf = bytearray(256 * 1024)
     view = memoryview(buf)
@@ -75,7 +90,8 @@ def _client(kernel, server: int, path: str, total: int, pings: int) -> None:
         h.update(view[:n])
         got += n
     dt = time.perf_counter() - t0
-    _say(kernel, received=got, sha=h.hexdigest(), seconds=dt)
+    _say(kernel, received=got, sha=h.hexdigest(), seconds=dt, hypercalls=calls[0])
+    calls[0] = 0
     msg = bytes(range(PING))
     t0 = time.perf_counter()
     ok = 0
@@ -83,7 +99,7 @@ def _client(kernel, server: int, path: str, total: int, pings: int) -> None:
         v.write(msg)
         ok += v.recv(PING) == msg
     dt = time.perf_counter() - t0
-    _say(kernel, pings=pings, echoed_ok=ok, seconds=dt)
+    _say(kernel, pings=pings, echoed_ok=ok, seconds=dt, hypercalls=calls[0])
     kernel.sleep(0.5)
     v.close()
 
