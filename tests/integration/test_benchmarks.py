@@ -16,7 +16,8 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 @pytest.mark.timeout(300)
 @pytest.mark.xdist_group("heavy")
 @pytest.mark.parametrize("name", ["bench_ring.py", "bench_domains.py", "bench_xenstore.py",
-                                  "bench_blk.py", "bench_scale.py", "bench_save.py"])
+                                  "bench_blk.py", "bench_scale.py", "bench_save.py",
+                                  "bench_vchan.py"])
 def test_benchmark_smoke_run_reports_every_target(name):
     out = subprocess.run([sys.executable, str(BENCH / name), "--smoke", "--json"], capture_output=True,
                          text=True, timeout=280, check=False)
