@@ -9,7 +9,6 @@ import hashlib
 import json
 import time
 
-from xmp.errors import XenStoreError
 from xmp.libs import vchan
 
 MiB = 1 << 20
@@ -47,20 +46,6 @@ def _server(kernel, peer: int, path: str, total: int, pings: int) -> None:
     v.close()
 
 
-def _connect(kernel, server: int, path: str, timeout: float = 20) -> vchan.Vchan:
-    """client_init, again until the server has announced: before it has,
-    a guest reading under another guest's tree is refused (EACCES, not
-    ENOENT: the nearest existing node is the server's, unreadable to us)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return vchan.client_init(kernel, server, path, blocking=True, timeout=1)
-        except XenStoreError as exc:
-            if exc.errno not in ("EACCES", "ENOENT") or time.monotonic() > deadline:
-                raise
-            kernel.sleep(0.05)
-
-
 def _count_hypercalls(kernel) -> list[int]:
     """A counter of this domain's hypercalls (what a grant-copying client
     pays per step): one cell, bumped by every ``kernel.xen.call``."""
@@ -76,7 +61,7 @@ def _count_hypercalls(kernel) -> list[int]:
 
 
 def _client(kernel, server: int, path: str, total: int, pings: int) -> None:
-    v = _connect(kernel, server, f"/local/domain/{server}/{path}")
+    v = vchan.client_init(kernel, server, f"/local/domain/{server}/{path}", blocking=True, timeout=20)
     calls = _count_hypercalls(kernel)
     h = hashlib.sha256()
     buf = bytearray(256 * 1024)

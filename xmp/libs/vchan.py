@@ -556,11 +556,22 @@ def client_init(kernel, domid: int, xs_path: str, blocking: bool = False, timeou
     path = _abs(kernel, xs_path)
     deadline = time.monotonic() + timeout
     while True:
-        ref = xs.read_or(f"{path}/ring-ref")
-        evt = xs.read_or(f"{path}/event-channel")
+        try:
+            ref = xs.read_or(f"{path}/ring-ref")
+            evt = xs.read_or(f"{path}/event-channel")
+            refused = None
+        except XenStoreError as exc:
+            # Not there yet under a tree we may not read: xenstored answers EACCES,
+            # not ENOENT, so as not to say what exists there.
+            if exc.errno != "EACCES":
+                raise
+            ref = evt = None
+            refused = exc
         if ref is not None and evt is not None:
             break
         if time.monotonic() >= deadline:
+            if refused is not None:
+                raise refused
             raise XenStoreError("ENOENT", f"{path}/ring-ref", "vchan client_init")
         kernel.sleep(0.02)
     try:
