@@ -19,9 +19,11 @@ ROOT = Path(xmp.__file__).parent
 # save image (pure: records in, bytes out), the authenticated channel, log-dirty rounds and the
 # pre-copy policy -- and sits below the toolstack, as libxc sits below libxl, which drives it
 # (``xl migrate`` and its receiver are the toolstack's); within it the stream is lowest.
+# ``libs`` (Xen's tools/libs) stands on a domain's kernel alone: guests use it as Linux
+# userland uses libxenvchan.
 ORDER = ["errors", "domid", "limits", "reaper", "sharedmem", "devices", "topology", "startinfo", "hypercall",
-         "hv", "hypervisor", "xenstore", "domain_proc", "drivers", "dom0", "guests", "migration.stream",
-         "migration.image", "migration", "toolstack", "libs", "testing", "clitable", "cli"]
+         "hv", "hypervisor", "xenstore", "domain_proc", "drivers", "dom0", "libs", "guests",
+         "migration.stream", "migration.image", "migration", "toolstack", "testing", "clitable", "cli"]
 
 
 def imports_of(path: Path) -> set[str]:
